@@ -1,0 +1,95 @@
+"""The common case in one call: ``quantize`` and ``evaluate``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.model.quant_model import QuantModel
+from lowbit.ptq.batches import as_batches
+from lowbit.recipes.recipe import Recipe, load_recipe
+from lowbit.steps import run_step
+
+
+def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
+    """First/last layer bits, then name-pattern overrides (later entries win)."""
+    table = qm.layers
+    if recipe.first_last_bits is not None and len(table) > 0:
+        first, last = table[0], table[len(table) - 1]
+        for r in (first, last):
+            r.w_bits = max(r.w_bits, recipe.first_last_bits)
+        # The network input and the head's input are 8-bit in every integer runtime.
+        first.a_bits = max(first.a_bits, recipe.first_last_bits)
+        last.a_bits = max(last.a_bits, recipe.first_last_bits)
+    for i, o in enumerate(recipe.overrides):
+        matched = table.match(o["pattern"])
+        if not matched:
+            raise LowbitError(f"overrides[{i}]: pattern {o['pattern']!r} matches no layer; layers: {table.names()}")
+        for r in matched:
+            if "w_bits" in o:
+                r.w_bits = o["w_bits"]
+            if "a_bits" in o:
+                r.a_bits = o["a_bits"]
+
+
+def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8") -> QuantModel:
+    """Wrap without calibrating: for algorithms that drive calibration themselves."""
+    if not isinstance(model, nn.Module):
+        raise LowbitError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    r = load_recipe(recipe)
+    qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float)
+    apply_bit_overrides(qm, r)
+    qm.meta["recipe"] = r.to_dict()
+    return qm
+
+
+def quantize(
+    model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8", calib: Any = None,
+    progress: bool = True,
+) -> QuantModel:
+    """Quantize a copy of ``model`` with a recipe; the float model is left unchanged.
+
+    ``calib``: a DataLoader, an iterable of input batches or (input, label) pairs, or a
+    tensor; the recipe's ``calibration.samples`` inputs are used.
+    """
+    r = load_recipe(recipe)
+    start = time.perf_counter()
+    was_training = model.training
+    qm = prepare(model, r)
+    model.train(was_training)
+    batches = as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])
+    torch.manual_seed(r.calibration["seed"])
+    for name, params in r.steps:
+        run_step(name, params, qm, batches, r, progress)
+    if not qm.calibrated:
+        raise LowbitError(f"recipe {r.name!r} finished without calibrating every quantizer: "
+                          "its steps must include `calibrate`")
+    qm.meta["quantize_seconds"] = time.perf_counter() - start
+    qm.meta["calibration_samples"] = sum(b.shape[0] for b in batches)
+    return qm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable[Any], progress: bool = False, desc: str = "evaluate") -> float:
+    """Top-1 accuracy in [0, 1] over (input, label) batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for batch in tqdm(data, desc=desc, unit="batch", disable=not progress, leave=False):
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise LowbitError("evaluate needs (input, label) batches")
+            x, y = batch[0], batch[1]
+            logits = model(x)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise LowbitError("evaluate got no data")
+    return correct / total

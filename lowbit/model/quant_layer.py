@@ -1,0 +1,75 @@
+"""The quantized layer: a float Conv/Linear whose weight passes through a quantizer."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.spec import QuantSpec
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """Kind label for the layer table (depthwise/grouped convolutions named as such)."""
+    name = type(module).__name__
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1:
+        depthwise = module.groups == module.in_channels == module.out_channels
+        return f"{name}-{'dw' if depthwise else 'g' + str(module.groups)}"
+    return name
+
+
+class QuantLayer(nn.Module):
+    """Runs the wrapped layer's own op with a fake-quantized weight.
+
+    The float weight stays the master copy (algorithms such as AdaRound or QAT update it
+    or the quantizer); ``input_quantizer`` is used only in the hook fallback, where no
+    graph exists to place activation quantizers on tensors.
+    """
+
+    def __init__(self, module: nn.Module, weight_spec: QuantSpec, name: str) -> None:
+        super().__init__()
+        if not isinstance(module, QUANTIZABLE):
+            raise TypeError(f"cannot wrap {type(module).__name__}")
+        self.module = module
+        self.name = name
+        self.kind = layer_kind(module)
+        self.weight_quantizer = UniformQuantizer(weight_spec.with_(per_channel=weight_spec.per_channel, ch_axis=0),
+                                                 name=f"{name}.weight")
+        self.input_quantizer: UniformQuantizer | None = None
+        self.quantize_weight = True
+        self.macs: int | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.module.bias
+
+    def quantized_weight(self) -> torch.Tensor:
+        if not self.quantize_weight:
+            return self.module.weight
+        return self.weight_quantizer(self.module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.quantized_weight()
+        m = self.module
+        if isinstance(m, nn.Linear):
+            out = F.linear(x, w, m.bias)
+        else:
+            out = m._conv_forward(x, w, m.bias)
+        if self.macs is None:
+            self.macs = self._count_macs(out)
+        return out
+
+    def _count_macs(self, out: torch.Tensor) -> int:
+        """Multiply-accumulates per sample: output elements × inputs each one reads."""
+        w = self.module.weight
+        per_output = w[0].numel()  # in_channels/groups × kernel (conv) or in_features
+        batch = out.shape[0] if out.dim() > 1 else 1
+        return int(out.numel() // batch * per_output)

@@ -1,0 +1,222 @@
+"""QuantModel: a float network with quantized layers, the object every algorithm edits."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+
+from lowbit.errors import NumericalError, UnsupportedModelError
+from lowbit.model import graph as G
+from lowbit.model.fold_bn import BNPrior, fold_batchnorms
+from lowbit.model.layer_table import LayerRecord, LayerTable
+from lowbit.model.quant_layer import QUANTIZABLE, QuantLayer
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.spec import QuantSpec
+
+# Layers whose parameters stay float by design (they fold away or are cheap).
+FLOAT_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.PReLU)
+
+
+def check_supported(model: nn.Module, keep_float: list[str]) -> None:
+    """Refuse models with weights lowbit cannot quantize, instead of leaving them float."""
+    unknown = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if isinstance(module, QUANTIZABLE + FLOAT_LAYERS):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in keep_float):
+            continue
+        unknown.append(f"{name or '<root>'} ({type(module).__name__})")
+    if unknown:
+        raise UnsupportedModelError(
+            "lowbit cannot quantize these layers' weights: " + ", ".join(unknown)
+            + ". Supported: Conv1d, Conv2d (grouped/depthwise too), Linear. To keep them in "
+            "float deliberately, list their names under `keep_float` in the recipe."
+        )
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NumericalError(f"parameter {name!r} holds NaN/Inf; fix the checkpoint before quantizing")
+
+
+class QuantModel(nn.Module):
+    """Wraps a copy of a float model (the original is never modified).
+
+    ``mode`` is "graph" when torch.fx could trace the model (activation quantizers on
+    tensors, BN folding available) or "hooks" as the documented fallback for untraceable
+    models (each quantized layer quantizes its own input; BN stays unfolded).
+    """
+
+    def __init__(
+        self, model: nn.Module, weights: QuantSpec, activations: QuantSpec,
+        fold_bn: bool = True, keep_float: list[str] | None = None, trace: bool = True,
+    ) -> None:
+        super().__init__()
+        keep_float = list(keep_float or [])
+        check_supported(model, keep_float)
+        net = copy.deepcopy(model).eval()
+        self.bn_priors: dict[str, tuple[BNPrior, bool]] = {}
+        self.fold_bn = fold_bn
+        self.trace_error: str | None = None
+        gm = None
+        if trace:
+            try:
+                gm = fx.symbolic_trace(net)
+            except Exception as err:  # noqa: BLE001 - any tracer failure takes the fallback
+                self.trace_error = f"{type(err).__name__}: {err}"
+                warnings.warn(
+                    f"torch.fx could not trace {type(model).__name__} ({self.trace_error}); using the "
+                    "hook fallback: each layer quantizes its own input and BatchNorm is not folded",
+                    stacklevel=2,
+                )
+        if gm is not None:
+            self.mode = "graph"
+            self.net, records = self._build_graph(gm, weights, activations, fold_bn, keep_float)
+        else:
+            self.mode = "hooks"
+            self.fold_bn = False
+            self.net, records = self._build_hooks(net, weights, activations, keep_float)
+        if not records:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer to quantize"
+                + (" outside `keep_float`" if keep_float else "")
+            )
+        self.layers = LayerTable(records)
+        self.meta: dict[str, Any] = {}
+
+    # -- construction -------------------------------------------------------------------
+    def _skip(self, name: str, keep_float: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in keep_float)
+
+    def _build_graph(self, gm, weights, activations, fold_bn, keep_float):
+        folded = fold_batchnorms(gm, QUANTIZABLE) if fold_bn else {}
+        modules = dict(gm.named_modules())
+        act_for: dict[fx.Node, UniformQuantizer] = {}
+        quant_source: dict[fx.Node, fx.Node] = {}
+        records: list[LayerRecord] = []
+        for node in G.quantizable_nodes(gm):
+            name = str(node.target)
+            if self._skip(name, keep_float):
+                continue
+            module = modules[name]
+            if isinstance(module, QuantLayer):  # a layer called twice: wrap once
+                layer = module
+            else:
+                layer = QuantLayer(module, weights, name)
+                G.set_submodule(gm, name, layer)
+            inp = node.args[0]
+            inp = quant_source.get(inp, inp)  # already rewired to a shared quantizer
+            if inp not in act_for:
+                key = f"act_quant_{len(act_for)}"
+                q = UniformQuantizer(activations, name=f"input of {name}")
+                gm.add_submodule(key, q)
+                prior = G.find_bn_prior(inp, modules, folded)
+                if prior is not None:
+                    self.bn_priors[key] = prior
+                with gm.graph.inserting_after(G.insertion_point(gm.graph, inp)):
+                    qnode = gm.graph.call_module(key, (inp,))
+                inp.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+                act_for[inp] = q
+                quant_source[qnode] = inp
+            records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp], index=len(records)))
+        gm.graph.lint()
+        gm.recompile()
+        return gm, records
+
+    def _build_hooks(self, net, weights, activations, keep_float):
+        records: list[LayerRecord] = []
+        targets = [(n, m) for n, m in net.named_modules() if isinstance(m, QUANTIZABLE) and not self._skip(n, keep_float)]
+        for name, module in targets:
+            layer = QuantLayer(module, weights, name)
+            layer.input_quantizer = UniformQuantizer(activations, name=f"input of {name}")
+            G.set_submodule(net, name, layer)
+            records.append(LayerRecord(name=name, layer=layer, input_quantizer=layer.input_quantizer, index=len(records)))
+        return net, records
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.net(*args, **kwargs)
+
+    def weight_quantizers(self) -> list[UniformQuantizer]:
+        return [r.layer.weight_quantizer for r in self.layers]
+
+    def act_quantizers(self) -> dict[str, UniformQuantizer]:
+        """Distinct activation quantizers by module name, in first-use order."""
+        out: dict[str, UniformQuantizer] = {}
+        names = {id(m): n for n, m in self.net.named_modules()}
+        for r in self.layers:
+            q = r.input_quantizer
+            if q is not None and names[id(q)] not in out:
+                out[names[id(q)]] = q
+        return out
+
+    @contextlib.contextmanager
+    def quantization(self, weights: bool = True, activations: bool = True) -> Iterator[None]:
+        """Temporarily switch weight and/or activation quantization off (float runs)."""
+        saved_w = [r.layer.quantize_weight for r in self.layers]
+        saved_a = {n: q.enabled for n, q in self.act_quantizers().items()}
+        try:
+            for r, s in zip(self.layers, saved_w):
+                r.layer.quantize_weight = s and weights
+            for n, q in self.act_quantizers().items():
+                q.enabled = saved_a[n] and activations
+            yield
+        finally:
+            for r, s in zip(self.layers, saved_w):
+                r.layer.quantize_weight = s
+            for n, q in self.act_quantizers().items():
+                q.enabled = saved_a[n]
+
+    @property
+    def calibrated(self) -> bool:
+        ws = all(r.layer.weight_quantizer.calibrated or not r.layer.quantize_weight for r in self.layers)
+        acts = all(q.calibrated or not q.enabled for q in self.act_quantizers().values())
+        return ws and acts
+
+    # -- size accounting --------------------------------------------------------------------
+    def size_bits(self) -> dict[str, int]:
+        """Exact stored bits vs the same tensors in float32.
+
+        Stored: weight codes at their bit width + per-channel scales (+ zero points) +
+        activation scales + every other float tensor (biases, unfolded BN) at 32 bits.
+        """
+        quant_ids = {id(r.layer.module.weight) for r in self.layers}
+        quantizer_buffers = {id(b) for m in self.net.modules() if isinstance(m, UniformQuantizer) for b in m.buffers()}
+        weight_float = weight_stored = other = 0
+        for r in self.layers:
+            n = r.params
+            weight_float += 32 * n
+            weight_stored += n * r.w_bits + (r.layer.weight_quantizer.param_bits() if r.layer.quantize_weight else 0)
+        for t in list(self.net.parameters()) + list(self.net.buffers()):
+            if id(t) in quant_ids or id(t) in quantizer_buffers or not t.is_floating_point():
+                continue
+            other += 32 * t.numel()
+        act = sum(q.param_bits() for q in self.act_quantizers().values() if q.enabled)
+        return {
+            "float_bits": weight_float + other,
+            "stored_bits": weight_stored + other + act,
+            "weight_float_bits": weight_float,
+            "weight_stored_bits": weight_stored,
+        }
+
+    def compression_ratio(self, weights_only: bool = False) -> float:
+        """float32 bits / stored bits of the same tensors."""
+        s = self.size_bits()
+        if weights_only:
+            return s["weight_float_bits"] / s["weight_stored_bits"]
+        return s["float_bits"] / s["stored_bits"]
+
+    def mean_bits(self) -> dict[str, float]:
+        """Parameter-weighted mean weight bits and MAC-weighted mean activation bits."""
+        params = sum(r.params for r in self.layers)
+        w = sum(r.params * r.w_bits for r in self.layers) / params
+        macs = [r.macs or 0 for r in self.layers]
+        total = sum(macs)
+        a = (sum(m * r.a_bits for m, r in zip(macs, self.layers)) / total) if total else float("nan")
+        return {"w_bits": w, "a_bits": a}

@@ -1,0 +1,95 @@
+"""Calibration: give every quantizer a scale/zero point with a range estimator."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.model.quant_model import QuantModel
+from lowbit.ptq.bn_ranges import bn_implied_sample
+from lowbit.quant.estimators import DATA_FREE, ESTIMATORS, estimate_range
+from lowbit.quant.observer import SampleObserver
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.errors import RecipeError
+
+BN_FALLBACK = "mse"
+
+
+def _rows(t: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
+    return t.detach().reshape(t.shape[0], -1) if q.spec.per_channel else t.detach().reshape(1, -1)
+
+
+def _apply(q: UniformQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    if not q.spec.per_channel:
+        lo, hi = lo.reshape(()), hi.reshape(())
+    q.set_range(lo, hi)
+
+
+def calibrate_weights(qm: QuantModel, estimator: str = "mse", options: dict[str, Any] | None = None) -> None:
+    if estimator in DATA_FREE:
+        raise RecipeError(f"estimator {estimator!r} sets activation ranges only; pick a weight estimator from {sorted(ESTIMATORS)}")
+    for r in qm.layers:
+        if not r.layer.quantize_weight:
+            continue
+        q = r.layer.weight_quantizer
+        if q.signed is None:
+            q.signed = True
+        lo, hi = estimate_range(estimator, _rows(r.layer.weight, q), q.spec, q.signed, **(options or {}))
+        _apply(q, lo, hi)
+
+
+@torch.no_grad()
+def calibrate_activations(
+    qm: QuantModel, batches: list[torch.Tensor], estimator: str = "mse",
+    options: dict[str, Any] | None = None, seed: int = 0, progress: bool = True,
+) -> dict[str, str]:
+    """Observe activations (weights quantized, activations float) and set their ranges.
+
+    Returns the estimator actually used per quantizer: "bn" falls back to data-based
+    MSE for tensors no BatchNorm describes (the network input, residual sums).
+    """
+    if estimator not in ESTIMATORS and estimator not in DATA_FREE:
+        raise RecipeError(f"unknown range estimator {estimator!r}; known: {sorted(ESTIMATORS) + sorted(DATA_FREE)}")
+    acts = {n: q for n, q in qm.act_quantizers().items() if q.enabled}
+    used = {n: ("bn" if estimator == "bn" and n in qm.bn_priors else (BN_FALLBACK if estimator == "bn" else estimator))
+            for n in acts}
+    observers = {n: SampleObserver(n, seed=seed) for n in acts if used[n] != "bn"}
+    if observers or any(r.macs is None for r in qm.layers):
+        for n, obs in observers.items():
+            acts[n].observer = obs
+        try:
+            with qm.quantization(weights=True, activations=False):
+                for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
+                    qm(x)
+        finally:
+            for q in acts.values():
+                q.observer = None
+    for n, q in acts.items():
+        if used[n] == "bn":
+            prior, rectified = qm.bn_priors[n]
+            sample = bn_implied_sample(prior, rectified, seed=seed)
+            if q.signed is None:
+                q.signed = not rectified
+            lo, hi = estimate_range("mse", sample, q.spec, q.signed)
+        else:
+            sample = observers[n].sample()
+            if q.signed is None:
+                q.signed = bool(sample.min() < 0)
+            opts = (options or {}) if used[n] == estimator else {}
+            lo, hi = estimate_range(used[n], sample, q.spec, q.signed, **opts)
+        _apply(q, lo, hi)
+    return used
+
+
+def calibrate(
+    qm: QuantModel, batches: list[torch.Tensor], weight_estimator: str = "mse", act_estimator: str = "mse",
+    weight_options: dict[str, Any] | None = None, act_options: dict[str, Any] | None = None,
+    seed: int = 0, progress: bool = True,
+) -> QuantModel:
+    """Weights first (their ranges need no data), then activations given quantized weights."""
+    calibrate_weights(qm, weight_estimator, weight_options)
+    used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress)
+    qm.meta["calibration"] = {"weight_estimator": weight_estimator, "act_estimator": act_estimator,
+                              "act_estimators_used": used, "seed": seed}
+    return qm

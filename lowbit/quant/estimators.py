@@ -1,0 +1,218 @@
+"""Range estimators: data in, clipping range (lo, hi) out. They hold no state.
+
+Every estimator takes ``x`` as a 2-D tensor [rows, values] — one row per output channel
+for per-channel weights, a single row for a per-tensor quantizer — and returns ``lo`` and
+``hi`` of shape [rows]. The quantizer turns the range into scale/zero point
+(:func:`lowbit.quant.functional.range_to_scale_zero_point`), so the search-based
+estimators score candidates with exactly the arithmetic that will run.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from lowbit.errors import NumericalError, RecipeError
+from lowbit.quant import functional as F
+from lowbit.quant.gaussian import optimal_gaussian_step
+from lowbit.quant.spec import QuantSpec
+
+Range = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise NumericalError(f"{what} holds {bad} NaN/Inf value(s); quantization needs finite numbers")
+
+
+def _minmax(x: torch.Tensor) -> Range:
+    return x.min(dim=1).values, x.max(dim=1).values
+
+
+def minmax(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
+    """Full observed range: no clipping noise, the largest rounding noise."""
+    return _minmax(x)
+
+
+def percentile(x: torch.Tensor, spec: QuantSpec, signed: bool, q: float = 99.99) -> Range:
+    """Clip at the q-th percentile (of |x| when symmetric): drops rare outliers."""
+    if not 50.0 < q <= 100.0:
+        raise RecipeError(f"percentile q={q} must be in (50, 100]")
+    if spec.symmetric:
+        amax = torch.quantile(x.abs(), q / 100.0, dim=1)
+        return -amax, amax
+    lo = torch.quantile(x, 1 - q / 100.0, dim=1)
+    hi = torch.quantile(x, q / 100.0, dim=1)
+    return lo, hi
+
+
+def _scaled_candidates(x: torch.Tensor, spec: QuantSpec, fractions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate ranges as fractions of the full range: lo/hi of shape [K, rows]."""
+    lo, hi = _minmax(x)
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        lo, hi = -amax, amax
+    return fractions[:, None] * lo[None], fractions[:, None] * hi[None]
+
+
+def _search(
+    x: torch.Tensor, spec: QuantSpec, signed: bool, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    grid_points: int = 100, refine_points: int = 20,
+) -> Range:
+    """Coarse-to-fine search over a shrink factor of the full range, per row; ``score`` is
+    minimised. Costs (grid_points + refine_points) fake-quant passes over x."""
+    qmin, qmax = spec.code_range(signed)
+
+    def best_of(fractions: torch.Tensor) -> torch.Tensor:
+        lo_k, hi_k = _scaled_candidates(x, spec, fractions)
+        scores = torch.empty(len(fractions), x.shape[0])
+        for k in range(len(fractions)):
+            s, z = F.range_to_scale_zero_point(lo_k[k], hi_k[k], spec, signed)
+            xq = F.fake_quantize(x, s, z, qmin, qmax, spec.grid, ch_axis=0)
+            scores[k] = score(x, xq)
+        return fractions[scores.argmin(dim=0)]  # [rows]
+
+    coarse = torch.linspace(1.0 / grid_points, 1.0, grid_points)
+    best = best_of(coarse)
+    step = 1.0 / grid_points
+    # Refine each row around its own coarse optimum (a shared set of offsets).
+    offsets = torch.linspace(-step, step, refine_points)
+    lo0, hi0 = _scaled_candidates(x, spec, torch.ones(1))
+    best_scores = torch.full((x.shape[0],), float("inf"))
+    best_frac = best.clone()
+    for off in offsets:
+        frac = torch.clamp(best + off, min=1e-4, max=1.0)
+        s, z = F.range_to_scale_zero_point(frac * lo0[0], frac * hi0[0], spec, signed)
+        xq = F.fake_quantize(x, s, z, qmin, qmax, spec.grid, ch_axis=0)
+        sc = score(x, xq)
+        better = sc < best_scores
+        best_scores = torch.where(better, sc, best_scores)
+        best_frac = torch.where(better, frac, best_frac)
+    return best_frac * lo0[0], best_frac * hi0[0]
+
+
+def mse(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
+    """QMSE (seed 004): the clip that minimises rounding noise + clipping noise together,
+    measured as the mean squared error of the actual quantizer over the data."""
+    return _search(x, spec, signed, lambda a, b: ((a - b) ** 2).mean(dim=1))
+
+
+def cosine(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
+    """Seed 002's weight init / seed 003's EasyQuant criterion: maximise the cosine
+    similarity between the float and the quantized tensor."""
+    def neg_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return -torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+    return _search(x, spec, signed, neg_cos)
+
+
+def gaussian(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
+    """μL2Q (seed 000): standardise, then use the minimum-MSE step of a unit Gaussian.
+
+    Symmetric grids take σ = RMS(x) (the distribution is centred on 0 by the grid). A
+    non-negative tensor (post-ReLU) is treated as one half of a symmetric distribution:
+    its b-bit unsigned grid is the positive half of a (b+1)-bit mid-tread grid. Affine
+    grids centre on the mean and use the 2^b-level (mid-rise) optimum for the spread.
+    """
+    if spec.symmetric:
+        rms = x.float().pow(2).mean(dim=1).sqrt()
+        if spec.grid == "midrise":
+            step, _ = optimal_gaussian_step(spec.bits, "midrise")
+            amax = rms * step * 2 ** (spec.bits - 1)
+        elif signed:
+            step, _ = optimal_gaussian_step(spec.bits, "midtread")
+            amax = rms * step * (2 ** (spec.bits - 1) - 1)
+        else:
+            step, _ = optimal_gaussian_step(spec.bits + 1, "midtread")
+            amax = rms * step * (2**spec.bits - 1)
+        return -amax, amax
+    mu = x.float().mean(dim=1)
+    sigma = x.float().std(dim=1, unbiased=False)
+    step, _ = optimal_gaussian_step(spec.bits, "midrise")
+    half = sigma * step * 2 ** (spec.bits - 1)
+    return mu - half, mu + half
+
+
+def kl(x: torch.Tensor, spec: QuantSpec, signed: bool, bins: int = 2048) -> Range:
+    """Entropy calibration: the threshold whose quantized histogram is closest in KL
+    divergence to the clipped float histogram (of |x| for symmetric grids)."""
+    qmin, qmax = spec.code_range(signed)
+    n_levels = qmax + 1 if (spec.symmetric or not signed) else (qmax - qmin + 2) // 2
+    lo_all, hi_all = _minmax(x)
+    out_lo, out_hi = torch.empty_like(lo_all), torch.empty_like(hi_all)
+    for r in range(x.shape[0]):
+        row = x[r].abs() if (spec.symmetric or signed) else x[r].clamp(min=0)
+        amax = float(row.max())
+        if amax == 0.0:
+            out_lo[r], out_hi[r] = lo_all[r], hi_all[r]
+            continue
+        nb = int(min(bins, max(4 * n_levels, row.numel() // 4)))
+        nb = max(nb, n_levels)
+        hist = torch.histc(row.float(), bins=nb, min=0.0, max=amax).double()
+        t = _kl_threshold(hist, n_levels) * amax / nb
+        if spec.symmetric:
+            out_lo[r], out_hi[r] = -t, t
+        else:
+            out_lo[r], out_hi[r] = max(float(lo_all[r]), -t), min(float(hi_all[r]), t)
+    return out_lo, out_hi
+
+
+def _kl_threshold(hist: torch.Tensor, n_levels: int) -> int:
+    """Number of histogram bins to keep (TensorRT-style entropy calibration)."""
+    nb = hist.numel()
+    if nb <= n_levels:
+        return nb
+    best_i, best_kl = nb, float("inf")
+    stride = max(1, (nb - n_levels) // 256)
+    for i in range(n_levels, nb + 1, stride):
+        p = hist[:i].clone()
+        p[-1] += hist[i:].sum()
+        nonzero = hist[:i] > 0
+        # Merge the i kept bins into n_levels groups, spread each group's mass back over
+        # its non-empty bins.
+        edges = torch.linspace(0, i, n_levels + 1).round().long()
+        q = torch.zeros(i, dtype=torch.float64)
+        for j in range(n_levels):
+            a, b = int(edges[j]), int(edges[j + 1])
+            if b <= a:
+                continue
+            nz = nonzero[a:b]
+            cnt = int(nz.sum())
+            if cnt:
+                q[a:b][nz] = hist[a:b][nz].sum() / cnt
+        p_sum, q_sum = p.sum(), q.sum()
+        if q_sum == 0:
+            continue
+        pn, qn = p / p_sum, q / q_sum
+        mask = pn > 0
+        div = float((pn[mask] * torch.log(pn[mask] / qn[mask].clamp(min=1e-12))).sum())
+        if div < best_kl:
+            best_kl, best_i = div, i
+    return best_i
+
+
+ESTIMATORS: dict[str, Callable[..., Range]] = {
+    "minmax": minmax,
+    "percentile": percentile,
+    "mse": mse,
+    "cosine": cosine,
+    "gaussian": gaussian,
+    "kl": kl,
+}
+# "bn" is resolved by the calibration step: it synthesises the BN-implied distribution and
+# scores it with the MSE criterion (lowbit.ptq.bn_ranges).
+DATA_FREE = {"bn"}
+
+
+def estimate_range(name: str, x: torch.Tensor, spec: QuantSpec, signed: bool, **options: Any) -> Range:
+    """Run a named estimator on a [rows, values] tensor; per-tensor results are scalars."""
+    if name not in ESTIMATORS:
+        raise RecipeError(f"unknown range estimator {name!r}; known: {sorted(ESTIMATORS) + sorted(DATA_FREE)}")
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError("estimate_range expects a non-empty [rows, values] tensor")
+    check_finite(x, "tensor to calibrate")
+    try:
+        lo, hi = ESTIMATORS[name](x.float(), spec, signed, **options)
+    except TypeError as err:
+        raise RecipeError(f"estimator {name!r} got unknown option(s) {sorted(options)}: {err}") from None
+    return lo, hi

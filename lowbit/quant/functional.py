@@ -1,0 +1,101 @@
+"""Quantization arithmetic as pure functions (no state).
+
+Rounding is round-half-to-even (``torch.round``), the rounding ONNX QuantizeLinear uses,
+so fake-quant here and an integer runtime agree code for code. Gradients pass straight
+through the rounding (STE) and are zero where values are clipped, which also gives the
+scale the LSQ-style gradient when it is a learnable tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.quant.spec import QuantSpec
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach() if _needs_grad(x) else torch.round(x)
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.floor(x) - x).detach() if _needs_grad(x) else torch.floor(x)
+
+
+def broadcast_shape(param: torch.Tensor, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """Reshape a per-channel parameter of shape [C] so it broadcasts along ``ch_axis`` of x."""
+    if param.dim() == 0:
+        return param
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return param.reshape(shape)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    qmin: int, qmax: int, grid: str = "midtread", ch_axis: int = 0,
+) -> torch.Tensor:
+    """Quantize then dequantize, differentiable through the STE."""
+    s = broadcast_shape(scale, x, ch_axis)
+    z = broadcast_shape(zero_point, x, ch_axis)
+    if grid == "midrise":
+        q = torch.clamp(floor_ste(x / s), qmin, qmax)
+        return (q + 0.5) * s
+    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+def quantize_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    qmin: int, qmax: int, grid: str = "midtread", ch_axis: int = 0,
+) -> torch.Tensor:
+    """The integers that get stored (int32; every grid here fits in 8 bits)."""
+    s = broadcast_shape(scale, x, ch_axis)
+    z = broadcast_shape(zero_point, x, ch_axis)
+    with torch.no_grad():
+        if grid == "midrise":
+            q = torch.clamp(torch.floor(x / s), qmin, qmax)
+        else:
+            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    return q.to(torch.int32)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    grid: str = "midtread", ch_axis: int = 0,
+) -> torch.Tensor:
+    s = broadcast_shape(scale, codes, ch_axis)
+    z = broadcast_shape(zero_point, codes, ch_axis)
+    c = codes.to(s.dtype if s.is_floating_point() else torch.float32)
+    if grid == "midrise":
+        return (c + 0.5) * s
+    return (c - z) * s
+
+
+def range_to_scale_zero_point(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, signed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a clipping range into (scale, zero_point) for the spec's grid.
+
+    Symmetric grids use max(|lo|, |hi|); a midrise grid's clip is ``scale * 2^(b-1)``
+    (DESIGN.md's convention). Affine grids stretch the range to contain 0 so that zero
+    padding and ReLU zeros are exact. A zero-width range (an all-zero channel, a constant
+    0 tensor) gets scale 1, which stores it exactly as code 0.
+    """
+    qmin, qmax = spec.code_range(signed)
+    lo = torch.as_tensor(lo, dtype=torch.float32)
+    hi = torch.as_tensor(hi, dtype=torch.float32)
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        denom = 2 ** (spec.bits - 1) if spec.grid == "midrise" else qmax
+        scale = torch.where(amax > 0, amax / denom, torch.ones_like(amax))
+        return scale, torch.zeros_like(scale)
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    width = hi - lo
+    scale = torch.where(width > 0, width / (qmax - qmin), torch.ones_like(width))
+    zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point

@@ -1,0 +1,196 @@
+"""Recipes: quantization settings as data (YAML, TOML or a dict), validated strictly.
+
+A recipe names the weight and activation grids and their range estimators, whether BN is
+folded, per-layer overrides by name pattern, the calibration set size, and the ordered
+algorithm steps. The CLI and the Python API read the same recipes.
+"""
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.errors import BitsError, RecipeError
+from lowbit.quant.spec import MAX_BITS, QuantSpec
+
+TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "first_last_bits",
+            "overrides", "keep_float", "calibration", "steps", "extends"}
+SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
+TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options"}
+OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits"}
+CALIBRATION_KEYS = {"samples", "batch_size", "seed"}
+
+WEIGHT_DEFAULTS = {"bits": 8, "signed": True, "symmetric": True, "per_channel": True, "estimator": "mse"}
+ACT_DEFAULTS = {"bits": 8, "signed": "auto", "symmetric": True, "per_channel": False, "estimator": "mse"}
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - allowed
+    if unknown:
+        raise RecipeError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(allowed)}")
+
+
+def _check_bits(value: Any, where: str, allow_float: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BitsError(f"{where} must be an integer bit width, got {value!r}")
+    if allow_float and value == 32:
+        return value
+    if not 2 <= value <= MAX_BITS:
+        raise BitsError(f"{where}={value} is outside 2..{MAX_BITS}" + (" (or 32 to keep float)" if allow_float else ""))
+    return value
+
+
+@dataclass
+class TensorRecipe:
+    spec: QuantSpec
+    estimator: str
+    estimator_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], defaults: dict[str, Any], where: str) -> "TensorRecipe":
+        _check_keys(data, TENSOR_KEYS, where)
+        merged = {**defaults, **data}
+        estimator = merged.pop("estimator")
+        options = merged.pop("estimator_options", {}) or {}
+        if not isinstance(options, dict):
+            raise RecipeError(f"{where}.estimator_options must be a mapping")
+        if "bits" in data:
+            _check_bits(data["bits"], f"{where}.bits", allow_float=False)
+        return cls(QuantSpec.from_dict(merged), str(estimator), dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.spec.to_dict(), "estimator": self.estimator, "estimator_options": self.estimator_options}
+
+
+@dataclass
+class Recipe:
+    name: str
+    weights: TensorRecipe
+    activations: TensorRecipe
+    description: str = ""
+    fold_bn: bool = True
+    first_last_bits: int | None = 8
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    keep_float: list[str] = field(default_factory=list)
+    calibration: dict[str, int] = field(default_factory=lambda: {"samples": 1024, "batch_size": 128, "seed": 0})
+    steps: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [("calibrate", {})])
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        _check_keys(data, TOP_KEYS, "recipe")
+        data = copy.deepcopy(data)
+        if "extends" in data:
+            base = load_recipe(data.pop("extends")).source
+            data = _merge(base, data)
+        source = copy.deepcopy(data)
+        weights = TensorRecipe.parse(data.get("weights", {}) or {}, WEIGHT_DEFAULTS, "weights")
+        acts = TensorRecipe.parse(data.get("activations", {}) or {}, ACT_DEFAULTS, "activations")
+        if acts.spec.per_channel:
+            raise RecipeError("activations.per_channel: per-channel activation scales are not supported "
+                              "by integer runtimes; use per-tensor activations")
+        fl = data.get("first_last_bits", 8)
+        if fl is not None:
+            _check_bits(fl, "first_last_bits")
+        overrides = data.get("overrides", []) or []
+        if not isinstance(overrides, list):
+            raise RecipeError("overrides must be a list of {pattern, w_bits, a_bits}")
+        for i, o in enumerate(overrides):
+            _check_keys(o, OVERRIDE_KEYS, f"overrides[{i}]")
+            if "pattern" not in o:
+                raise RecipeError(f"overrides[{i}] needs a `pattern` (a layer-name glob such as 'layer1.*')")
+            for k in ("w_bits", "a_bits"):
+                if k in o:
+                    _check_bits(o[k], f"overrides[{i}].{k}")
+        keep_float = data.get("keep_float", []) or []
+        if not isinstance(keep_float, list) or not all(isinstance(p, str) for p in keep_float):
+            raise RecipeError("keep_float must be a list of layer-name patterns")
+        calib = {"samples": 1024, "batch_size": 128, "seed": 0, **(data.get("calibration", {}) or {})}
+        _check_keys(calib, CALIBRATION_KEYS, "calibration")
+        for k, v in calib.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
+                raise RecipeError(f"calibration.{k} must be a positive integer, got {v!r}")
+        steps = [_parse_step(s, i) for i, s in enumerate(data.get("steps", ["calibrate"]) or [])]
+        fold_bn = data.get("fold_bn", True)
+        if not isinstance(fold_bn, bool):
+            raise RecipeError(f"fold_bn must be true or false, got {fold_bn!r}")
+        return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
+                   weights=weights, activations=acts, fold_bn=fold_bn, first_last_bits=fl,
+                   overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "weights": self.weights.to_dict(),
+                "activations": self.activations.to_dict(), "fold_bn": self.fold_bn,
+                "first_last_bits": self.first_last_bits, "overrides": self.overrides,
+                "keep_float": self.keep_float, "calibration": self.calibration,
+                "steps": [{name: params} for name, params in self.steps]}
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
+    from lowbit.steps import STEPS
+
+    if isinstance(step, str):
+        name, params = step, {}
+    elif isinstance(step, dict) and len(step) == 1:
+        name, params = next(iter(step.items()))
+        params = params or {}
+    else:
+        raise RecipeError(f"steps[{i}] must be a step name or {{name: {{params}}}}, got {step!r}")
+    if name not in STEPS:
+        raise RecipeError(f"steps[{i}]: unknown step {name!r}; known steps: {sorted(STEPS)}")
+    if not isinstance(params, dict):
+        raise RecipeError(f"steps[{i}] ({name}) parameters must be a mapping")
+    return name, params
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("lowbit.recipes") / "builtin"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise RecipeError(f"recipe file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
+    """A built-in name, a path to a .yaml/.yml/.toml file, a dict, or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text in builtin_names():
+            data = yaml.safe_load((resources.files("lowbit.recipes") / "builtin" / f"{text}.yaml").read_text())
+            data.setdefault("name", text)
+            return Recipe.from_dict(data)
+        path = Path(text)
+        if path.suffix in (".yaml", ".yml", ".toml"):
+            if not path.is_file():
+                raise RecipeError(f"recipe file {path} does not exist")
+            data = _read_file(path)
+            data.setdefault("name", path.stem)
+            return Recipe.from_dict(data)
+        raise RecipeError(f"unknown recipe {text!r}: not a built-in ({', '.join(builtin_names())}) nor a .yaml/.toml path")
+    raise RecipeError(f"a recipe is a name, a path or a dict, not {type(recipe).__name__}")

@@ -1,0 +1,56 @@
+"""Recipe steps: the algorithms a recipe can run, by name, in order.
+
+A step is ``fn(qm, batches, recipe, progress, **params)`` that edits the QuantModel in
+place. Adding a technique means adding a module and one entry here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from lowbit.errors import RecipeError
+
+if TYPE_CHECKING:
+    from lowbit.model.quant_model import QuantModel
+    from lowbit.recipes.recipe import Recipe
+
+
+def _calibrate(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+               weight_estimator: str | None = None, act_estimator: str | None = None) -> None:
+    from lowbit.ptq.calibrate import calibrate
+
+    calibrate(qm, batches,
+              weight_estimator=weight_estimator or recipe.weights.estimator,
+              act_estimator=act_estimator or recipe.activations.estimator,
+              weight_options=recipe.weights.estimator_options if weight_estimator is None else {},
+              act_options=recipe.activations.estimator_options if act_estimator is None else {},
+              seed=recipe.calibration["seed"], progress=progress)
+
+
+def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+         recalibrate_activations: bool = True) -> None:
+    """Seed 004's USP; then (by default) re-fit activation ranges to the corrected BNs."""
+    from lowbit.ptq.calibrate import calibrate_activations
+    from lowbit.ptq.usp import update_bn_statistics
+
+    update_bn_statistics(qm, batches, progress=progress)
+    if recalibrate_activations:
+        calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
+                              seed=recipe.calibration["seed"], progress=progress)
+
+
+STEPS: dict[str, Callable[..., None]] = {
+    "calibrate": _calibrate,
+    "usp": _usp,
+}
+
+
+def run_step(name: str, params: dict[str, Any], qm: "QuantModel", batches: list[torch.Tensor],
+             recipe: "Recipe", progress: bool) -> None:
+    try:
+        STEPS[name](qm, batches, recipe, progress, **params)
+    except TypeError as err:
+        if "unexpected keyword" in str(err):
+            raise RecipeError(f"step {name!r}: {err}") from None
+        raise
