@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.bn_ranges import bn_implied_sample

@@ -8,7 +8,7 @@ no retraining, no labels.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.model.fold_bn import BN_TYPES

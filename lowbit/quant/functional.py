@@ -41,11 +41,28 @@ def fake_quantize(
     """Quantize then dequantize, differentiable through the STE."""
     s = broadcast_shape(scale, x, ch_axis)
     z = broadcast_shape(zero_point, x, ch_axis)
+    if not (_needs_grad(x) or _needs_grad(s)):
+        return _fake_quantize_inplace(x, s, z, qmin, qmax, grid)
     if grid == "midrise":
         q = torch.clamp(floor_ste(x / s), qmin, qmax)
         return (q + 0.5) * s
     q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
+
+
+def _fake_quantize_inplace(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, grid: str) -> torch.Tensor:
+    """Same arithmetic on one fresh buffer: inference runs several times faster."""
+    q = torch.div(x, s)
+    if grid == "midrise":
+        return q.floor_().clamp_(qmin, qmax).add_(0.5).mul_(s)
+    q.round_()
+    affine = bool(z.ne(0).any())
+    if affine:
+        q.add_(z)
+    q.clamp_(qmin, qmax)
+    if affine:
+        q.sub_(z)
+    return q.mul_(s)
 
 
 def quantize_codes(

@@ -1,0 +1,177 @@
+"""The ``lowbit`` command: quantize, eval, train, recipes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lowbit.errors import LowbitError
+
+DEFAULT_RECIPES = "w8a8,w4a4,w2a4"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet20", help="zoo model name (see `lowbit models`)")
+    p.add_argument("--weights", help="weights for the model: .safetensors/.pt (default: its pretrained release)")
+    p.add_argument("--dataset", help="dataset (default: the model's own)")
+    p.add_argument("--data-dir", help="directory holding the dataset (else $LOWBIT_DATA_DIR, the cache, or download)")
+    p.add_argument("--models-dir", help="directory holding pretrained weights (else $LOWBIT_MODELS_DIR, the cache, or download)")
+    p.add_argument("--test-limit", type=int, help="score on the first N test images only (quick look; not the protocol)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+
+
+def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    from lowbit import zoo
+
+    info = zoo.model_info(args.model)
+    if args.weights:
+        model = zoo.load_weights(zoo.build(args.model), args.weights)
+    else:
+        model = zoo.pretrained(args.model, models_dir=args.models_dir)
+    return model.eval(), args.dataset or info.dataset
+
+
+def _datasets(args: argparse.Namespace, dataset: str):
+    from lowbit.data import load_dataset
+
+    return (load_dataset(dataset, "train", data_dir=args.data_dir),
+            load_dataset(dataset, "test", data_dir=args.data_dir))
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    from lowbit.report.tables import format_table
+
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.evaluation import compare_recipes
+
+    model, dataset = _load_model(args)
+    train, test = _datasets(args, dataset)
+    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    out = compare_recipes(model, recipes, train, test, test_limit=args.test_limit, progress=not args.no_progress)
+    rows = [r.row() for r in out["results"]]
+    note = "full test split" if out["full_test_split"] else f"first {out['test_images']} test images (NOT the full split)"
+    print(f"{args.model} on {dataset}: float top-1 {100 * out['float_top1']:.2f}% ({note})")
+    payload = {"model": args.model, "dataset": dataset, **out, "results": rows}
+    _emit(args, payload, rows)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.api import evaluate
+    from lowbit.evaluation import TensorBatches
+
+    model, dataset = _load_model(args)
+    if args.recipe:
+        return cmd_quantize(args)
+    _, test = _datasets(args, dataset)
+    batches = TensorBatches(test, limit=args.test_limit)
+    top1 = evaluate(model, batches, progress=not args.no_progress)
+    rows = [{"model": args.model, "dataset": dataset, "top1": round(100 * top1, 2), "test_images": len(batches.indices)}]
+    _emit(args, {"model": args.model, "dataset": dataset, "top1": top1, "test_images": len(batches.indices)}, rows)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lowbit import zoo
+    from lowbit.api import evaluate
+    from lowbit.data import load_dataset, make_loader
+    from lowbit.evaluation import TensorBatches
+
+    info = zoo.model_info(args.model)
+    dataset = args.dataset or info.dataset
+    torch.manual_seed(args.seed)
+    model = zoo.build(args.model)
+    train = load_dataset(dataset, "train", data_dir=args.data_dir)
+    test = load_dataset(dataset, "test", data_dir=args.data_dir)
+    loader = make_loader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed)
+    zoo.train_classifier(model, loader, epochs=args.epochs, lr=args.lr, checkpoint=args.checkpoint,
+                         progress=not args.no_progress)
+    top1 = evaluate(model, TensorBatches(test))
+    zoo.save_weights(model, args.out, metadata={"model": args.model, "dataset": dataset, "test_top1": f"{top1:.4f}"})
+    print(f"{args.model} on {dataset}: test top-1 {100 * top1:.2f}% after {args.epochs} epoch(s); saved {args.out}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from lowbit.recipes.recipe import builtin_names, load_recipe
+    from lowbit.report.tables import format_table
+
+    rows = []
+    for name in builtin_names():
+        r = load_recipe(name)
+        rows.append({"recipe": name, "weights": f"{r.weights.spec.bits}b {r.weights.estimator}",
+                     "activations": f"{r.activations.spec.bits}b {r.activations.estimator}",
+                     "steps": ",".join(s for s, _ in r.steps), "description": r.description})
+    print(format_table(rows))
+    if args.show:
+        import yaml
+        print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lowbit import zoo
+    from lowbit.report.tables import format_table
+
+    print(format_table([{"model": n, "dataset": zoo.model_info(n).dataset} for n in zoo.list_models()]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize trained PyTorch networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model with one or more recipes; float vs quantized table")
+    _add_common(q)
+    q.add_argument("--recipe", default=DEFAULT_RECIPES, help=f"comma-separated built-in names or recipe files (default {DEFAULT_RECIPES})")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="top-1 of a float model (or of quantized ones with --recipe)")
+    _add_common(e)
+    e.add_argument("--recipe", help="quantize with these recipes before scoring")
+    e.set_defaults(func=cmd_eval)
+    t = sub.add_parser("train", help="train a zoo architecture from scratch (e.g. smallcnn on mnist)")
+    t.add_argument("--model", default="smallcnn")
+    t.add_argument("--dataset")
+    t.add_argument("--data-dir")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint", help="resumable training state (safetensors + JSON); resumes if it exists")
+    t.add_argument("--out", default="smallcnn.safetensors", help="where to write the trained weights")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--threads", type=int)
+    t.set_defaults(func=cmd_train)
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.add_argument("--show", help="print one recipe (a name or file) in full")
+    r.set_defaults(func=cmd_recipes)
+    m = sub.add_parser("models", help="list the zoo models")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except LowbitError as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

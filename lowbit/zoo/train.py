@@ -1,0 +1,198 @@
+"""Training a float classifier (for models without published weights), resumable.
+
+The checkpoint is a safetensors file (model, optimizer state, RNG state) plus a JSON
+sidecar for epoch counters and hyper-parameters, so resuming never unpickles anything.
+Given ``torch.manual_seed`` and a loader from ``lowbit.data.make_loader``, an interrupted
+and resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm  # std: tqdm.auto calls iter() twice on loaders
+
+from lowbit.data.subsets import dataset_tensors
+from lowbit.errors import LowbitError, NumericalError
+
+_FORMAT = "lowbit-train-checkpoint"
+_VERSION = 1
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise LowbitError(f"unknown optimizer {name!r}; use 'sgd' or 'adam'")
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Write tensors then the sidecar, each atomically; the sidecar's epoch is the commit point."""
+    tensors: dict[str, torch.Tensor] = {
+        f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+    }
+    osd = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in osd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim/{idx}/{key}"] = val.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(idx), {})[key] = val
+    tensors["rng/torch"] = torch.get_rng_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "epoch": str(meta["epoch"])})
+    os.replace(tmp, path)
+    side = dict(meta, format=_FORMAT, version=_VERSION, param_groups=osd["param_groups"], state_scalars=scalars)
+    tmp_json = _sidecar(path).with_name(_sidecar(path).name + ".part")
+    tmp_json.write_text(json.dumps(side, indent=1, sort_keys=True))
+    os.replace(tmp_json, _sidecar(path))
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, optimizer: str) -> int:
+    """Restore model/optimizer/RNG from ``path``; returns the number of finished epochs."""
+    side_path = _sidecar(path)
+    if not side_path.is_file():
+        raise LowbitError(f"checkpoint {path} has no sidecar {side_path}; delete the checkpoint to start over")
+    try:
+        side = json.loads(side_path.read_text())
+        tensors = load_file(str(path), device="cpu")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise LowbitError(f"cannot read training checkpoint {path}: {e}") from e
+    if side.get("format") != _FORMAT:
+        raise LowbitError(f"{side_path} is not a lowbit training checkpoint")
+    if side.get("optimizer") != optimizer:
+        raise LowbitError(
+            f"checkpoint {path} was written with optimizer {side.get('optimizer')!r}, not {optimizer!r}"
+        )
+    from lowbit.zoo.weights import load_state_dict_strict  # local: avoid import cycle at module import
+
+    model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    load_state_dict_strict(model, model_sd, source=f"training checkpoint {path}")
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, idx, key = k.split("/", 2)
+            state.setdefault(int(idx), {})[key] = v
+    for idx, sc in side.get("state_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    try:
+        opt.load_state_dict({"state": state, "param_groups": side["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise LowbitError(f"optimizer state in {path} does not fit this model: {e}") from e
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+    return int(side["epoch"])
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """Cosine decay from ``base_lr`` to 0 over ``total_steps`` (per-step, no restarts)."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def train_classifier(
+    model: nn.Module,
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    *,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+) -> nn.Module:
+    """Train with cross-entropy, SGD+Nesterov momentum (or Adam) and a per-step cosine schedule.
+
+    If ``checkpoint`` is given, state is saved there after every epoch and, when the file
+    already exists, training resumes after its last finished epoch. Returns the model in
+    eval mode.
+    """
+    if epochs < 0:
+        raise LowbitError(f"epochs must be >= 0, got {epochs}")
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise LowbitError("train_loader yields no batches")
+    device = next(model.parameters()).device
+    opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    start = 0
+    if ckpt is not None and ckpt.exists():
+        start = _load_checkpoint(ckpt, model, opt, optimizer)
+    total = epochs * steps_per_epoch
+    sampler = getattr(train_loader, "sampler", None)
+    for epoch in range(start, epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(lr, step, total)
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise NumericalError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * y.shape[0]
+            seen += y.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{opt.param_groups[0]['lr']:.4g}", refresh=False)
+        bar.close()
+        if ckpt is not None:
+            meta = {
+                "epoch": epoch + 1,
+                "epochs": epochs,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "optimizer": optimizer,
+                "momentum": momentum,
+                "train_loss": loss_sum / max(seen, 1),
+            }
+            _save_checkpoint(ckpt, model, opt, meta)
+    return model.eval()
+
+
+@torch.inference_mode()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 500,
+) -> float:
+    """Top-1 accuracy on ``dataset`` (or ``indices`` of it), in eval mode, in big batches."""
+    n = len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
+    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+    if n == 0:
+        raise LowbitError("cannot evaluate on an empty dataset")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for s in range(0, n, batch_size):
+        x, y = dataset_tensors(dataset, idx[s : s + batch_size])
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    model.train(was_training)
+    return correct / n

@@ -1,0 +1,73 @@
+"""Shared fixtures: real data slices from ../shared (next to the repository) and a small
+trained network, built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWBIT_SHARED_DIR", ROOT.parent / "shared"))
+DATA_DIR = SHARED / "data"
+MODELS_DIR = SHARED / "models"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.fail(f"{what} not found at {path}: set LOWBIT_SHARED_DIR to the folder holding data/ and models/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _require(DATA_DIR, "shared datasets")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return _require(MODELS_DIR, "shared pretrained weights")
+
+
+@pytest.fixture(scope="session")
+def cifar_slices(data_dir):
+    """(calibration inputs from train, (x, y) of the first 1000 test images)."""
+    from lowbit.data import calibration_subset, dataset_tensors, load_dataset
+
+    train = load_dataset("cifar10", "train", data_dir=data_dir, download=False)
+    test = load_dataset("cifar10", "test", data_dir=data_dir, download=False)
+    calib, _ = dataset_tensors(calibration_subset(train, 256, seed=0))
+    xt, yt = dataset_tensors(test, torch.arange(1000))
+    return calib, (xt, yt)
+
+
+@pytest.fixture(scope="session")
+def resnet20(models_dir):
+    from lowbit.zoo import pretrained
+
+    return pretrained("resnet20", models_dir=models_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_cnn(data_dir):
+    """A SmallCNN trained for one epoch on 4000 MNIST images, with train/test slices."""
+    from lowbit.data import dataset_tensors, load_dataset
+    from lowbit.zoo import SmallCNN, train_classifier
+
+    torch.manual_seed(0)
+    train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
+    test = load_dataset("mnist", "test", data_dir=data_dir, download=False)
+    x, y = dataset_tensors(train, torch.arange(4000))
+    loader = list(zip(torch.split(x, 32), torch.split(y, 32)))
+    model = train_classifier(SmallCNN(), loader, epochs=1, lr=0.02, progress=False)
+    xt, yt = dataset_tensors(test, torch.arange(2000))
+    calib, _ = dataset_tensors(train, torch.arange(4000, 4512))
+    return model.eval(), calib, (xt, yt)
+
+
+def batches(xy, size: int = 500):
+    x, y = xy
+    return list(zip(torch.split(x, size), torch.split(y, size)))

@@ -1,0 +1,302 @@
+"""Tests of lowbit.data against the real local dataset copies (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit.data.download as dl
+from lowbit.data import (
+    DATASETS,
+    ImageDataset,
+    Resource,
+    calibration_subset,
+    dataset_tensors,
+    load_dataset,
+    make_loader,
+)
+from lowbit.errors import ChecksumError, DatasetNotFoundError, LowbitError
+
+SHARED = Path(os.environ.get("LOWBIT_TEST_DATA", "/work/shared/data"))
+CIFAR_DIR = SHARED / "cifar-10-batches-bin"
+
+needs_data = pytest.mark.skipif(not CIFAR_DIR.is_dir(), reason=f"local dataset copies not found in {SHARED}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Real data via LOWBIT_DATA_DIR, an empty private cache, and no network at all."""
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(SHARED))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def no_network(url: str, dest: Path, *, progress: bool = True) -> None:
+        raise OSError(f"network disabled in tests ({url})")
+
+    monkeypatch.setattr(dl, "fetch_url", no_network)
+
+
+@pytest.fixture(scope="module")
+def cifar_test() -> ImageDataset:
+    return load_dataset("cifar10", "test", data_dir=SHARED, download=False)
+
+
+@pytest.fixture(scope="module")
+def cifar_train() -> ImageDataset:
+    return load_dataset("cifar10", "train", data_dir=SHARED, download=False)
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+
+@needs_data
+def test_cifar_shapes_and_labels(cifar_train: ImageDataset, cifar_test: ImageDataset) -> None:
+    assert len(cifar_train) == 50000 and len(cifar_test) == 10000
+    x, y = cifar_test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert cifar_train.images.dtype == torch.uint8  # kept compact in memory
+    for ds in (cifar_train, cifar_test):
+        assert int(ds.labels.min()) == 0 and int(ds.labels.max()) == 9
+        assert torch.bincount(ds.labels).tolist() == [len(ds) // 10] * 10
+    assert DATASETS["cifar10"].input_shape == (3, 32, 32) and DATASETS["cifar10"].num_classes == 10
+
+
+@needs_data
+def test_cifar_normalisation_of_a_known_pixel(cifar_test: ImageDataset) -> None:
+    idx, c, h, w = 17, 1, 5, 7
+    rec = 1 + 3072
+    raw = (CIFAR_DIR / "test_batch.bin").read_bytes()[idx * rec : (idx + 1) * rec]
+    pixel = raw[1 + c * 1024 + h * 32 + w]
+    x, y = cifar_test[idx]
+    assert y == raw[0]
+    expected = (pixel / 255.0 - 0.456) / 0.224
+    assert x[c, h, w].item() == pytest.approx(expected, abs=1e-5)
+    xb, yb = cifar_test.tensors([3, idx])
+    assert torch.equal(xb[1], x) and yb.tolist()[1] == y and yb.dtype == torch.long
+
+
+@needs_data
+def test_calibration_subset_is_seeded_and_from_train(cifar_train: ImageDataset) -> None:
+    a = calibration_subset(cifar_train, n=256, seed=3)
+    b = calibration_subset(cifar_train, n=256, seed=3)
+    c = calibration_subset(cifar_train, n=256, seed=4)
+    assert list(a.indices) == list(b.indices) != list(c.indices)
+    assert len(a) == 256 and len(set(a.indices)) == 256
+    assert a.dataset is cifar_train and a.dataset.split == "train"
+    assert all(0 <= i < 50000 for i in a.indices)
+    x, y = dataset_tensors(a)
+    assert x.shape == (256, 3, 32, 32)
+    x5, y5 = a[5]
+    assert torch.equal(x[5], x5) and int(y[5]) == y5
+    with pytest.raises(LowbitError, match="only 50000"):
+        calibration_subset(cifar_train, n=50001)
+
+
+@needs_data
+def test_make_loader_deterministic(cifar_test: ImageDataset) -> None:
+    sub = torch.utils.data.Subset(cifar_test, range(64))
+    first = [y.tolist() for _, y in make_loader(sub, batch_size=16, shuffle=True, seed=1)]
+    again = [y.tolist() for _, y in make_loader(sub, batch_size=16, shuffle=True, seed=1)]
+    assert first == again and len(first) == 4
+    plain = next(iter(make_loader(sub, batch_size=8)))
+    assert plain[0].shape == (8, 3, 32, 32) and plain[1].tolist() == cifar_test.labels[:8].tolist()
+
+
+def test_missing_dataset_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(empty))
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError) as exc:
+        load_dataset("cifar10", "test", data_dir=nowhere, download=False)
+    msg = str(exc.value)
+    assert isinstance(exc.value, FileNotFoundError)
+    for part in ("cifar10", str(nowhere), str(empty), str(tmp_path / "cache"), "LOWBIT_DATA_DIR", "--data-dir", "download"):
+        assert part in msg, part
+
+
+def test_download_failure_is_dataset_not_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LOWBIT_DATA_DIR")
+    with pytest.raises(DatasetNotFoundError, match="Download failed.*network disabled"):
+        load_dataset("mnist", "test", download=True)
+
+
+@needs_data
+def test_truncated_cifar_file(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    (folder / "test_batch.bin").write_bytes((CIFAR_DIR / "test_batch.bin").read_bytes()[: 3073 * 10 + 100])
+    with pytest.raises(LowbitError, match="truncated"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=False)
+
+
+def _write_gz(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(payload)
+
+
+def test_bad_idx_magic_and_truncated_idx(tmp_path: Path) -> None:
+    folder = tmp_path / "mnist"
+    labels = b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3])
+    _write_gz(folder / "t10k-labels-idx1-ubyte.gz", labels)
+    _write_gz(folder / "t10k-images-idx3-ubyte.gz", b"\x00\x00\x0d\x03" + b"\x00" * 100)  # float code
+    with pytest.raises(LowbitError, match="bad idx magic"):
+        load_dataset("mnist", "test", data_dir=tmp_path, download=False)
+    header = b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (3, 28, 28))
+    _write_gz(folder / "t10k-images-idx3-ubyte.gz", header + b"\x00" * (2 * 784))  # one image short
+    with pytest.raises(LowbitError, match="truncated"):
+        load_dataset("mnist", "test", data_dir=tmp_path, download=False)
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + b"\x00" * (3 * 784))[:-20])
+    with pytest.raises(LowbitError, match="gzip"):
+        load_dataset("mnist", "test", data_dir=tmp_path, download=False)
+
+
+def test_unknown_name_and_split() -> None:
+    with pytest.raises(LowbitError, match="cifar10.*fashion-mnist.*mnist"):
+        load_dataset("imagenet", "test")
+    with pytest.raises(LowbitError, match="train, test"):
+        load_dataset("mnist", "val")
+
+
+# ---------------------------------------------------------------------------- MNIST family
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("name", "train_first", "test_first"), [("mnist", 5, 7), ("fashion-mnist", 9, 9)]
+)
+def test_mnist_family_loads(name: str, train_first: int, test_first: int) -> None:
+    test = load_dataset(name, "test", download=False)  # found through LOWBIT_DATA_DIR
+    assert len(test) == 10000 and test[0][1] == test_first
+    x, _ = test[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    info = DATASETS[name]
+    assert x.min().item() == pytest.approx((0 - info.mean[0]) / info.std[0], abs=1e-6)
+    train = load_dataset(name, "train", data_dir=SHARED / name, download=False)  # dir *is* the folder
+    assert len(train) == 60000 and train[0][1] == train_first
+    assert int(train.labels.max()) == 9
+    xs, _ = train.tensors()
+    assert abs(xs.mean().item()) < 0.05 and abs(xs.std().item() - 1) < 0.05  # the published stats fit
+
+
+@needs_data
+def test_uncompressed_idx_is_accepted(tmp_path: Path) -> None:
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for n in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(SHARED / "mnist" / f"{n}.gz", "rb") as src, open(folder / n, "wb") as out:
+            shutil.copyfileobj(src, out)
+    ds = load_dataset("mnist", "test", data_dir=tmp_path, download=False)
+    assert len(ds) == 10000 and ds[0][1] == 7
+
+
+# ---------------------------------------------------------------------------- downloads
+
+
+def _fake_cifar_archive(path: Path, records: int = 3, evil: str | None = None) -> str:
+    """A tiny archive in the official layout; returns its md5."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for fname in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+            recs = rng.integers(0, 256, size=(records, 3073), dtype=np.uint8)
+            recs[:, 0] = rng.integers(0, 10, size=records)
+            add(f"cifar-10-batches-bin/{fname}", recs.tobytes())
+        add("cifar-10-batches-bin/batches.meta.txt", b"airplane\n")
+        if evil:
+            add(evil, b"pwned")
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _use_archive(monkeypatch: pytest.MonkeyPatch, archive: Path, md5: str) -> None:
+    res = Resource("cifar-10-binary.tar.gz", (archive.as_uri(),), md5)
+    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], resources=(res,)))
+    monkeypatch.setattr(dl, "fetch_url", _REAL_FETCH)  # serve the file:// URL for real
+    monkeypatch.delenv("LOWBIT_DATA_DIR")
+
+
+_REAL_FETCH = dl.fetch_url
+
+
+def test_download_cifar_from_local_archive(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    archive = tmp_path / "served" / "cifar-10-binary.tar.gz"
+    archive.parent.mkdir()
+    _use_archive(monkeypatch, archive, _fake_cifar_archive(archive))
+    ds = load_dataset("cifar10", "train", download=True)
+    assert len(ds) == 15 and ds[0][0].shape == (3, 32, 32)
+    cache = tmp_path / "cache" / "data"
+    assert (cache / "cifar-10-batches-bin" / "test_batch.bin").is_file()
+    assert not (cache / "cifar-10-binary.tar.gz").exists()  # archive removed after extraction
+    archive.unlink()  # now it must come from the cache
+    assert len(load_dataset("cifar10", "test", download=True)) == 3
+
+
+def test_download_md5_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    archive = tmp_path / "served.tar.gz"
+    _fake_cifar_archive(archive)
+    _use_archive(monkeypatch, archive, "0" * 32)
+    with pytest.raises(ChecksumError, match="md5"):
+        load_dataset("cifar10", "test", download=True)
+    cache = tmp_path / "cache" / "data"
+    assert not any(cache.rglob("*.bin")) and not any(cache.rglob("*.tar.gz*"))
+
+
+def test_download_rejects_path_traversal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    archive = tmp_path / "served.tar.gz"
+    _use_archive(monkeypatch, archive, _fake_cifar_archive(archive, evil="../../escaped.txt"))
+    with pytest.raises(LowbitError, match="path traversal"):
+        load_dataset("cifar10", "test", download=True)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path / "cache" / "data" / "cifar-10-batches-bin").exists()
+
+
+def test_safe_extract_rejects_symlinks(tmp_path: Path) -> None:
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        link = tarfile.TarInfo("data/passwd")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(LowbitError, match="not a regular file"):
+        dl.safe_extract_tar(archive, tmp_path / "out")
+
+
+@needs_data
+def test_download_mnist_verifies_official_checksums(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The local .gz files are re-compressed copies: their content must match the official
+    decompressed md5s, so the real checksum table is exercised here."""
+    monkeypatch.delenv("LOWBIT_DATA_DIR")
+    fetched: list[str] = []
+
+    def fake_fetch(url: str, dest: Path, *, progress: bool = True) -> None:
+        fetched.append(url)
+        shutil.copyfile(SHARED / "mnist" / url.rsplit("/", 1)[1], dest)
+
+    monkeypatch.setattr(dl, "fetch_url", fake_fetch)
+    ds = load_dataset("mnist", "test", download=True)
+    assert len(ds) == 10000 and ds[0][1] == 7
+    assert len(fetched) == 4 and all(u.startswith("https://") for u in fetched)
+
+    def corrupt_fetch(url: str, dest: Path, *, progress: bool = True) -> None:
+        fetched.append(url)
+        dest.write_bytes(gzip.compress(b"not mnist"))
+
+    monkeypatch.setattr(dl, "fetch_url", corrupt_fetch)
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ChecksumError):
+        load_dataset("mnist", "test", download=True)
