@@ -14,7 +14,7 @@ class RecipeError(LowbitError):
     """A recipe is malformed: unknown key, bad value, unknown built-in name."""
 
 
-class BitsError(LowbitError):
+class BitsError(RecipeError):
     """A bit width outside the range a quantizer supports."""
 
 

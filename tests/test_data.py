@@ -6,7 +6,6 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -27,10 +26,12 @@ from lowbit.data import (
 )
 from lowbit.errors import ChecksumError, DatasetNotFoundError, LowbitError
 
-SHARED = Path(os.environ.get("LOWBIT_TEST_DATA", "/work/shared/data"))
+from tests.conftest import DATA_DIR as SHARED
+
 CIFAR_DIR = SHARED / "cifar-10-batches-bin"
 
-needs_data = pytest.mark.skipif(not CIFAR_DIR.is_dir(), reason=f"local dataset copies not found in {SHARED}")
+# The shared copies must be there (conftest's data_dir fixture fails loudly if not).
+needs_data = pytest.mark.usefixtures("data_dir")
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,13 @@ from torch.utils.data import Subset
 
 import lowbit.data.download as dl
 from lowbit.data import load_dataset, make_loader
+from lowbit.api import evaluate
+from lowbit.evaluation import TensorBatches
 from lowbit.errors import ChecksumError, LowbitError
 from lowbit.zoo import (
     ARCHITECTURES,
     CONSTRUCTORS,
     build,
-    evaluate_accuracy,
     list_models,
     load_weights,
     model_info,
@@ -29,13 +29,12 @@ from lowbit.zoo import (
     train_classifier,
 )
 
-SHARED = Path(os.environ.get("LOWBIT_TEST_DATA", "/work/shared/data"))
-MODELS = Path(os.environ.get("LOWBIT_TEST_MODELS", str(SHARED.parent / "models")))
+from tests.conftest import DATA_DIR as SHARED
+from tests.conftest import MODELS_DIR as MODELS
 
-needs_data = pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"no local datasets in {SHARED}")
-needs_models = pytest.mark.skipif(
-    not (MODELS / "resnet20-12fca82f.th").is_file(), reason=f"no local checkpoints in {MODELS}"
-)
+# The shared copies must be there (conftest's fixtures fail loudly if not).
+needs_data = pytest.mark.usefixtures("data_dir")
+needs_models = pytest.mark.usefixtures("models_dir")
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +110,7 @@ def test_pretrained_resnet20_accuracy_on_2000_test_images() -> None:
     model = pretrained("resnet20", download=False)  # via LOWBIT_MODELS_DIR
     assert not model.training
     test = load_dataset("cifar10", "test", download=False)
-    acc = evaluate_accuracy(model, test, indices=range(2000))
+    acc = evaluate(model, TensorBatches(test, limit=2000))
     assert acc > 0.88, acc
 
 
@@ -200,7 +199,7 @@ def test_train_small_cnn_one_epoch(mnist_train: object) -> None:
     loader = make_loader(Subset(mnist_train, range(2000)), batch_size=32, shuffle=True, seed=0)
     train_classifier(model, loader, epochs=1, lr=0.02, progress=False)
     test = load_dataset("mnist", "test", data_dir=SHARED, download=False)
-    acc = evaluate_accuracy(model, test, indices=range(1000))
+    acc = evaluate(model, TensorBatches(test, limit=1000))
     assert acc > 0.8, acc
 
 

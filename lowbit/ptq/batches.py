@@ -47,4 +47,6 @@ def as_batches(calib: Any, samples: int | None = None, batch_size: int = 128) ->
             break
     if not out:
         raise LowbitError("calibration data is empty")
-    return out
+    # Re-cut into equal batches so the result does not depend on how the caller batched
+    # the same inputs (observers subsample per batch).
+    return list(torch.split(torch.cat(out), batch_size))

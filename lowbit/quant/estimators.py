@@ -133,17 +133,26 @@ def gaussian(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
     return mu - half, mu + half
 
 
+MIN_KL_VALUES_PER_LEVEL = 32
+
+
 def kl(x: torch.Tensor, spec: QuantSpec, signed: bool, bins: int = 2048) -> Range:
     """Entropy calibration: the threshold whose quantized histogram is closest in KL
-    divergence to the clipped float histogram (of |x| for symmetric grids)."""
+    divergence to the clipped float histogram (of |x| for symmetric grids). Exact zeros
+    are left out; rows with fewer than 32 values per level keep their full range."""
     qmin, qmax = spec.code_range(signed)
     n_levels = qmax + 1 if (spec.symmetric or not signed) else (qmax - qmin + 2) // 2
     lo_all, hi_all = _minmax(x)
     out_lo, out_hi = torch.empty_like(lo_all), torch.empty_like(hi_all)
     for r in range(x.shape[0]):
         row = x[r].abs() if (spec.symmetric or signed) else x[r].clamp(min=0)
-        amax = float(row.max())
-        if amax == 0.0:
+        # Exact zeros (ReLU's spike, padding) are stored exactly by every candidate; left in,
+        # their spike dominates the divergence and drags the threshold down.
+        row = row[row > 0]
+        amax = float(row.max()) if row.numel() else 0.0
+        if amax == 0.0 or row.numel() < MIN_KL_VALUES_PER_LEVEL * n_levels:
+            # Too few values for a histogram with n_levels levels (e.g. one output channel
+            # of a small conv at 8 bits): no divergence to minimise, keep the full range.
             out_lo[r], out_hi[r] = lo_all[r], hi_all[r]
             continue
         nb = int(min(bins, max(4 * n_levels, row.numel() // 4)))
@@ -157,38 +166,34 @@ def kl(x: torch.Tensor, spec: QuantSpec, signed: bool, bins: int = 2048) -> Rang
     return out_lo, out_hi
 
 
-def _kl_threshold(hist: torch.Tensor, n_levels: int) -> int:
-    """Number of histogram bins to keep (TensorRT-style entropy calibration)."""
+def _kl_threshold(hist: torch.Tensor, n_levels: int, max_candidates: int = 256) -> int:
+    """Number of histogram bins to keep (TensorRT-style entropy calibration).
+
+    For each candidate count i: P = the first i bins with the outlier mass added to the
+    last one; Q = those bins merged into n_levels groups, each group's mass spread evenly
+    over its non-empty bins. All candidates are scored at once as a [candidates, bins]
+    matrix.
+    """
     nb = hist.numel()
     if nb <= n_levels:
         return nb
-    best_i, best_kl = nb, float("inf")
-    stride = max(1, (nb - n_levels) // 256)
-    for i in range(n_levels, nb + 1, stride):
-        p = hist[:i].clone()
-        p[-1] += hist[i:].sum()
-        nonzero = hist[:i] > 0
-        # Merge the i kept bins into n_levels groups, spread each group's mass back over
-        # its non-empty bins.
-        edges = torch.linspace(0, i, n_levels + 1).round().long()
-        q = torch.zeros(i, dtype=torch.float64)
-        for j in range(n_levels):
-            a, b = int(edges[j]), int(edges[j + 1])
-            if b <= a:
-                continue
-            nz = nonzero[a:b]
-            cnt = int(nz.sum())
-            if cnt:
-                q[a:b][nz] = hist[a:b][nz].sum() / cnt
-        p_sum, q_sum = p.sum(), q.sum()
-        if q_sum == 0:
-            continue
-        pn, qn = p / p_sum, q / q_sum
-        mask = pn > 0
-        div = float((pn[mask] * torch.log(pn[mask] / qn[mask].clamp(min=1e-12))).sum())
-        if div < best_kl:
-            best_kl, best_i = div, i
-    return best_i
+    stride = max(1, (nb - n_levels) // max_candidates)
+    cand = torch.arange(n_levels, nb + 1, stride)
+    bins = torch.arange(nb)
+    inside = bins[None, :] < cand[:, None]                               # [C, nb]
+    kept = hist[None, :] * inside
+    tail = hist.sum() - kept.sum(dim=1)
+    p = kept.clone()
+    p[torch.arange(len(cand)), cand - 1] += tail
+    group = torch.clamp((bins[None, :] * n_levels) // cand[:, None], max=n_levels - 1)
+    nonzero = (kept > 0).double()
+    group_mass = torch.zeros(len(cand), n_levels, dtype=hist.dtype).scatter_add_(1, group, kept)
+    group_count = torch.zeros(len(cand), n_levels, dtype=hist.dtype).scatter_add_(1, group, nonzero)
+    q = torch.gather(group_mass / group_count.clamp(min=1), 1, group) * nonzero
+    p = p / p.sum(dim=1, keepdim=True)
+    q = q / q.sum(dim=1, keepdim=True).clamp(min=1e-300)
+    terms = torch.where(p > 0, p * torch.log(p / q.clamp(min=1e-12)), torch.zeros_like(p))
+    return int(cand[terms.sum(dim=1).argmin()])
 
 
 ESTIMATORS: dict[str, Callable[..., Range]] = {

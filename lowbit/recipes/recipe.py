@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from lowbit.errors import BitsError, RecipeError
+from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "first_last_bits",
@@ -63,6 +64,9 @@ class TensorRecipe:
             raise RecipeError(f"{where}.estimator_options must be a mapping")
         if "bits" in data:
             _check_bits(data["bits"], f"{where}.bits", allow_float=False)
+        known = sorted(ESTIMATORS) + (sorted(DATA_FREE) if where == "activations" else [])
+        if estimator not in known:
+            raise RecipeError(f"{where}: unknown range estimator {estimator!r}; known: {known}")
         return cls(QuantSpec.from_dict(merged), str(estimator), dict(options))
 
     def to_dict(self) -> dict[str, Any]:

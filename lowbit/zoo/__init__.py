@@ -19,7 +19,7 @@ from lowbit.zoo.registry import (
 )
 from lowbit.zoo.resnet_cifar import BasicBlock, ResNetCifar, resnet20, resnet32, resnet44, resnet56, resnet110, resnet_cifar
 from lowbit.zoo.small_cnn import SmallCNN
-from lowbit.zoo.train import cosine_lr, evaluate_accuracy, train_classifier
+from lowbit.zoo.train import cosine_lr, train_classifier
 from lowbit.zoo.weights import load_state_dict_strict, load_weights, read_state_dict, save_weights, strip_prefix
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "SmallCNN",
     "build",
     "cosine_lr",
-    "evaluate_accuracy",
     "list_models",
     "load_state_dict_strict",
     "load_weights",

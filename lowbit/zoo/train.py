@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm import tqdm  # std: tqdm.auto calls iter() twice on loaders
 
-from lowbit.data.subsets import dataset_tensors
 from lowbit.errors import LowbitError, NumericalError
 
 _FORMAT = "lowbit-train-checkpoint"
@@ -173,26 +170,3 @@ def train_classifier(
             }
             _save_checkpoint(ckpt, model, opt, meta)
     return model.eval()
-
-
-@torch.inference_mode()
-def evaluate_accuracy(
-    model: nn.Module,
-    dataset: Dataset,
-    indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
-    batch_size: int = 500,
-) -> float:
-    """Top-1 accuracy on ``dataset`` (or ``indices`` of it), in eval mode, in big batches."""
-    n = len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
-    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-    if n == 0:
-        raise LowbitError("cannot evaluate on an empty dataset")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for s in range(0, n, batch_size):
-        x, y = dataset_tensors(dataset, idx[s : s + batch_size])
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    model.train(was_training)
-    return correct / n

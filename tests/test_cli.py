@@ -1,0 +1,49 @@
+"""The lowbit command end to end on small real data."""
+import json
+
+from lowbit.cli import main
+
+
+def test_recipes_lists_builtins(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ["w8a8", "w6a6", "w4a8", "w4a4", "w3a3", "w2a4"]:
+        assert name in out
+
+
+def test_quantize_writes_table_and_json(tmp_path, capsys, data_dir, models_dir):
+    out = tmp_path / "r.json"
+    code = main(["quantize", "--recipe", "w8a8,w4a8", "--test-limit", "300", "--data-dir", str(data_dir),
+                 "--models-dir", str(models_dir), "--json", str(out), "--no-progress", "--no-download"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "NOT the full split" in text and "w4a8" in text
+    payload = json.loads(out.read_text())
+    assert payload["test_images"] == 300 and not payload["full_test_split"]
+    assert [r["recipe"] for r in payload["results"]] == ["w8a8", "w4a8"]
+    w8 = payload["results"][0]
+    assert abs(w8["drop_pt"]) < 2 and w8["compression"] > 3.5
+
+
+def test_bad_input_gives_exit_code_2(capsys, data_dir, models_dir, tmp_path):
+    assert main(["quantize", "--recipe", "w9a9", "--test-limit", "10", "--data-dir", str(data_dir),
+                 "--models-dir", str(models_dir), "--no-progress"]) == 2
+    assert "unknown recipe 'w9a9'" in capsys.readouterr().err
+    assert main(["eval", "--data-dir", str(tmp_path), "--models-dir", str(models_dir), "--no-progress",
+                 "--no-download"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10" in err and "LOWBIT_DATA_DIR" in err
+    assert main(["eval", "--model", "resnet7", "--no-progress", "--no-download"]) == 2
+    assert "resnet20" in capsys.readouterr().err
+
+
+def test_train_then_quantize_small_cnn(tmp_path, capsys, data_dir):
+    weights = tmp_path / "cnn.safetensors"
+    assert main(["train", "--model", "small_cnn", "--epochs", "1", "--train-limit", "3000", "--data-dir",
+                 str(data_dir), "--out", str(weights), "--no-progress"]) == 0
+    line = capsys.readouterr().out
+    top1 = float(line.split("test top-1 ")[1].split("%")[0])
+    assert top1 > 85.0 and weights.exists()
+    assert main(["quantize", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w8a8",
+                 "--test-limit", "200", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert "small_cnn on mnist" in capsys.readouterr().out

@@ -1,0 +1,81 @@
+"""Range estimators against known answers."""
+import pytest
+import torch
+
+from lowbit.errors import RecipeError
+from lowbit.model.fold_bn import BNPrior
+from lowbit.ptq.bn_ranges import bn_implied_sample
+from lowbit.quant.estimators import ESTIMATORS, estimate_range
+from lowbit.quant.gaussian import optimal_gaussian_step
+from lowbit.quant.spec import QuantSpec
+
+GEN = torch.Generator().manual_seed(0)
+GAUSS = torch.randn(1, 400_000, generator=GEN)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_mse_search_finds_the_gaussian_optimum(bits):
+    """QMSE on Gaussian data must land on the analytically derived step."""
+    spec = QuantSpec(bits=bits)
+    _, hi = estimate_range("mse", GAUSS, spec, True)
+    step = float(hi[0]) / (2 ** (bits - 1) - 1)
+    assert step == pytest.approx(optimal_gaussian_step(bits, "midtread")[0], rel=0.03)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gaussian_estimator_scales_with_sigma(bits):
+    spec = QuantSpec(bits=bits)
+    _, hi1 = estimate_range("gaussian", GAUSS, spec, True)
+    _, hi3 = estimate_range("gaussian", 3 * GAUSS, spec, True)
+    assert float(hi3[0]) == pytest.approx(3 * float(hi1[0]), rel=1e-4)
+    expected = optimal_gaussian_step(bits, "midtread")[0] * (2 ** (bits - 1) - 1)
+    assert float(hi1[0]) == pytest.approx(expected, rel=0.01)
+
+
+def test_minmax_and_percentile():
+    x = torch.cat([torch.linspace(-1, 1, 10_001), torch.tensor([50.0])]).reshape(1, -1)
+    spec = QuantSpec(bits=8)
+    lo, hi = estimate_range("minmax", x, spec, True)
+    assert (float(lo[0]), float(hi[0])) == (-1.0, 50.0)
+    _, hi = estimate_range("percentile", x, spec, True, q=99.0)
+    assert float(hi[0]) == pytest.approx(0.99, abs=0.01)
+
+
+def test_search_estimators_clip_outliers_at_low_bits():
+    x = torch.cat([GAUSS[0, :100_000], torch.tensor([40.0])]).reshape(1, -1)
+    spec = QuantSpec(bits=4)
+    for name in ("mse", "cosine", "kl", "percentile"):
+        _, hi = estimate_range(name, x, spec, True)
+        assert float(hi[0]) < 10.0, name
+
+
+def test_per_channel_rows_are_independent():
+    w = torch.randn(4, 500, generator=GEN) * torch.tensor([0.01, 0.1, 1.0, 10.0])[:, None]
+    spec = QuantSpec(bits=4, per_channel=True)
+    for name in ESTIMATORS:
+        _, hi = estimate_range(name, w, spec, True)
+        ratios = hi[1:] / hi[:-1]
+        assert torch.allclose(ratios, torch.full((3,), 10.0), rtol=0.35), name
+
+
+def test_unsigned_activations_get_nonnegative_ranges():
+    x = torch.relu(GAUSS)
+    spec = QuantSpec(bits=4, signed=False)
+    for name in ESTIMATORS:
+        lo, hi = estimate_range(name, x, spec, False)
+        assert float(hi[0]) > 0, name
+
+
+def test_bn_prior_sample_matches_the_distribution():
+    prior = BNPrior(beta=torch.tensor([0.0, 2.0]), gamma=torch.tensor([1.0, 0.5]))
+    s = bn_implied_sample(prior, rectified=False, total=200_000).reshape(2, -1)
+    assert s.mean(dim=1).tolist() == pytest.approx([0.0, 2.0], abs=0.01)
+    assert s.std(dim=1).tolist() == pytest.approx([1.0, 0.5], abs=0.01)
+    assert bn_implied_sample(prior, rectified=True).min() >= 0
+
+
+def test_unknown_estimator_and_option():
+    with pytest.raises(RecipeError, match="unknown range estimator 'bogus'"):
+        estimate_range("bogus", GAUSS, QuantSpec(), True)
+    with pytest.raises(RecipeError, match="unknown option"):
+        estimate_range("minmax", GAUSS, QuantSpec(), True, q=3)

@@ -1,0 +1,215 @@
+"""QuantModel on a network it has never seen, the layer table, and bad input."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.errors import NumericalError, RecipeError, UnsupportedModelError
+
+
+class UnseenNet(nn.Module):
+    """Residual adds, a depthwise conv, 1×1 shortcut convs, a Linear head and F.pad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=0, groups=16, bias=False)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 32, 1, bias=False)
+        self.pw_bn = nn.BatchNorm2d(32)
+        self.shortcut = nn.Conv2d(16, 32, 1, bias=False)
+        self.short_bn = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem(x)))
+        y = F.relu(self.dw_bn(self.dw(F.pad(x, (1, 1, 1, 1)))))
+        y = self.pw_bn(self.pw(y))
+        x = F.relu(y + self.short_bn(self.shortcut(x)))
+        x = x + F.relu(self.grouped(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """Give BN layers non-trivial statistics, as a trained model has."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(32, 3, 16, 16))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def unseen():
+    return trained_like(UnseenNet())
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_unseen_model_quantizes_and_runs(unseen, inputs):
+    before = {k: v.clone() for k, v in unseen.state_dict().items()}
+    qm = lowbit.quantize(unseen, "w8a8", calib=inputs, progress=False)
+    assert qm.mode == "graph"
+    ref = unseen(inputs)
+    out = qm(inputs)
+    assert out.shape == ref.shape
+    # 8-bit simulation stays close to the float model.
+    assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+    # The float model is left unchanged.
+    after = unseen.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    names = qm.layers.names()
+    assert names == ["stem", "dw", "pw", "shortcut", "grouped", "head"]
+    kinds = {r.name: r.kind for r in qm.layers}
+    assert kinds["dw"] == "Conv2d-dw" and kinds["grouped"] == "Conv2d-g4"
+    # BN folded: no BatchNorm left inside the quantized network.
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qm.modules())
+
+
+def test_bn_folding_is_exact_without_quantization(unseen, inputs):
+    qm = lowbit.quantize(unseen, "w8a8", calib=inputs, progress=False)
+    with qm.quantization(weights=False, activations=False):
+        assert torch.allclose(qm(inputs), unseen(inputs), atol=1e-5)
+
+
+def test_shared_input_tensor_shares_one_quantizer(unseen, inputs):
+    qm = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)
+    rec = {r.name: r for r in qm.layers}
+    # dw reads pad(x); shortcut reads x: different tensors. pw/shortcut read different ones too;
+    # the stem output x feeds pad (then dw) and shortcut: one quantizer for x itself.
+    assert rec["shortcut"].input_quantizer is not rec["dw"].input_quantizer
+    assert len(qm.act_quantizers()) == 6
+
+
+def test_layer_table_bits_macs_and_first_last(unseen, inputs):
+    qm = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)
+    rows = {r["name"]: r for r in qm.layers.rows()}
+    assert rows["stem"]["w_bits"] == 8 and rows["stem"]["a_bits"] == 8
+    assert rows["head"]["w_bits"] == 8 and rows["head"]["a_bits"] == 8
+    assert rows["pw"]["w_bits"] == 4 and rows["pw"]["a_bits"] == 4
+    assert rows["stem"]["params"] == 16 * 3 * 9
+    assert rows["stem"]["macs"] == 16 * 16 * 16 * 3 * 9
+    assert rows["dw"]["macs"] == 16 * 16 * 16 * 9
+    assert rows["head"]["macs"] == 32 * 10
+
+
+def test_compression_ratio_counts_exact_bits():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    qm = lowbit.quantize(model, {"weights": {"bits": 4}, "activations": {"bits": 8}, "first_last_bits": None},
+                         calib=torch.randn(32, 16), progress=False)
+    # weights 4-bit + one float32 scale per output channel; biases stay float32;
+    # one float32 scale per activation quantizer.
+    stored = (16 * 8 + 8 * 4) * 4 + (8 + 4) * 32 + (8 + 4) * 32 + 2 * 32
+    float_bits = (16 * 8 + 8 * 4 + 8 + 4) * 32
+    sizes = qm.size_bits()
+    assert sizes["stored_bits"] == stored and sizes["float_bits"] == float_bits
+    assert qm.compression_ratio() == pytest.approx(float_bits / stored)
+
+
+def test_overrides_by_pattern_and_float_layers(unseen, inputs):
+    recipe = {"extends": "w4a4", "overrides": [{"pattern": "p*", "w_bits": 6}, {"pattern": "grouped", "w_bits": 32}]}
+    qm = lowbit.quantize(unseen, recipe, calib=inputs, progress=False)
+    assert qm.layers["pw"].w_bits == 6
+    assert qm.layers["grouped"].w_bits == 32
+    assert qm.layers["dw"].w_bits == 4
+    with pytest.raises(lowbit.LowbitError, match="matches no layer"):
+        lowbit.quantize(unseen, {"overrides": [{"pattern": "nothing*", "w_bits": 4}]}, calib=inputs, progress=False)
+
+
+def test_same_seed_same_result(unseen, inputs):
+    a = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)(inputs)
+    b = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)(inputs)
+    assert torch.equal(a, b)
+
+
+def test_calibration_input_forms_agree(unseen, inputs):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, torch.zeros(64)), batch_size=16)
+    from_tensor = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)(inputs)
+    from_loader = lowbit.quantize(unseen, "w4a4", calib=loader, progress=False)(inputs)
+    from_list = lowbit.quantize(unseen, "w4a4", calib=list(torch.split(inputs, 16)), progress=False)(inputs)
+    assert torch.equal(from_tensor, from_loader) and torch.equal(from_tensor, from_list)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow defeats symbolic tracing
+            x = x * 2
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_untraceable_model_uses_documented_fallback():
+    model = Untraceable().eval()
+    x = torch.randn(32, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qm = lowbit.quantize(model, "w8a8", calib=x, progress=False)
+    assert qm.mode == "hooks"
+    assert any("hook fallback" in str(w.message) for w in caught)
+    assert all(r.input_quantizer is not None and r.input_quantizer.calibrated for r in qm.layers)
+    assert torch.allclose(qm(x), model(x), atol=0.05)
+
+
+def test_unsupported_layer_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"1 \(ConvTranspose2d\).*keep_float"):
+        lowbit.quantize(model, "w8a8", calib=torch.randn(4, 3, 8, 8), progress=False)
+    qm = lowbit.quantize(model, {"keep_float": ["1"]}, calib=torch.randn(4, 3, 8, 8), progress=False)
+    assert qm.layers.names() == ["0"]
+
+
+def test_model_without_quantizable_layers():
+    with pytest.raises(UnsupportedModelError, match="no Conv1d/Conv2d/Linear"):
+        lowbit.quantize(nn.Sequential(nn.ReLU(), nn.Flatten()), "w8a8", calib=torch.randn(2, 3), progress=False)
+
+
+def test_nan_weights_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="'0.weight'.*NaN"):
+        lowbit.quantize(model, "w8a8", calib=torch.randn(2, 4), progress=False)
+
+
+def test_nan_activations_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(8, 4)
+    x[3, 1] = float("inf")
+    with pytest.raises(NumericalError, match="activation"):
+        lowbit.quantize(model, "w8a8", calib=x, progress=False)
+
+
+def test_conv1d_and_linear_model():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)).eval()
+    x = torch.randn(16, 2, 8)
+    qm = lowbit.quantize(model, "w6a6", calib=x, progress=False)
+    assert [r.kind for r in qm.layers] == ["Conv1d", "Linear"]
+    assert F.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"wieghts": {"bits": 4}}, r"unknown key\(s\) \['wieghts'\] in recipe"),
+    ({"weights": {"bits": 9}}, "outside 2..8"),
+    ({"weights": {"bits": 1}}, "outside 2..8"),
+    ({"weights": {"estimator": "magic"}}, "unknown range estimator 'magic'"),
+    ({"activations": {"per_channel": True}}, "per-channel activation"),
+    ({"steps": ["calibrate", "adarond"]}, "unknown step 'adarond'"),
+    ({"overrides": [{"pattern": "x", "wbits": 4}]}, r"unknown key\(s\) \['wbits'\]"),
+    ("w5a5", "unknown recipe 'w5a5'"),
+])
+def test_bad_recipes_are_named(unseen, inputs, recipe, message):
+    with pytest.raises(RecipeError, match=message):
+        lowbit.quantize(unseen, recipe, calib=inputs, progress=False)

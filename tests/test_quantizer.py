@@ -1,0 +1,145 @@
+"""Uniform quantizer properties (hypothesis) and edge cases."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.errors import BitsError, LowbitError, NumericalError, RecipeError
+from lowbit.quant.estimators import estimate_range
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.spec import QuantSpec
+
+specs = st.builds(
+    QuantSpec,
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    symmetric=st.booleans(),
+    per_channel=st.booleans(),
+)
+
+
+def calibrated(spec: QuantSpec, x: torch.Tensor) -> UniformQuantizer:
+    q = UniformQuantizer(spec)
+    rows = x.reshape(x.shape[0], -1) if spec.per_channel else x.reshape(1, -1)
+    lo, hi = estimate_range("minmax", rows, spec, bool(spec.signed))
+    if not spec.per_channel:
+        lo, hi = lo[0], hi[0]
+    q.set_range(lo, hi)
+    return q
+
+
+def sample(seed: int, signed: bool) -> torch.Tensor:
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed)) * torch.tensor([0.1, 1.0, 3.0, 0.5])[:, None, None, None]
+    return x if signed else x.abs()
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=specs, seed=st.integers(0, 10_000))
+def test_codes_in_range_and_dequant_equals_fake_quant(spec, seed):
+    x = sample(seed, bool(spec.signed))
+    q = calibrated(spec, x)
+    codes = q.codes(x)
+    qmin, qmax = q.code_range()
+    assert codes.dtype == torch.int32
+    assert int(codes.min()) >= qmin and int(codes.max()) <= qmax
+    assert torch.equal(q.dequantize(codes), q(x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=specs, seed=st.integers(0, 10_000))
+def test_fake_quant_is_idempotent(spec, seed):
+    x = sample(seed, bool(spec.signed))
+    q = calibrated(spec, x)
+    once = q(x)
+    assert torch.allclose(q(once), once, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(signed=st.booleans(), symmetric=st.booleans(), per_channel=st.booleans(), seed=st.integers(0, 10_000))
+def test_error_shrinks_as_bits_grow(signed, symmetric, per_channel, seed):
+    x = sample(seed, signed)
+    errors = []
+    for bits in range(2, 9):
+        q = calibrated(QuantSpec(bits=bits, signed=signed, symmetric=symmetric, per_channel=per_channel), x)
+        errors.append(float(((q(x) - x) ** 2).mean()))
+    assert all(a >= b for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0] / 100
+
+
+def test_known_codes_round_half_to_even():
+    q = UniformQuantizer(QuantSpec(bits=4, signed=True))
+    q.set_params(torch.tensor(0.5), torch.tensor(0.0))
+    x = torch.tensor([0.25, 0.75, -0.25, 1.25, 100.0, -100.0])
+    assert q.codes(x).tolist() == [0, 2, 0, 2, 7, -7]  # narrow signed range [-7, 7]
+
+
+def test_affine_zero_point_makes_zero_exact():
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    q = UniformQuantizer(spec)
+    q.set_range(torch.tensor(-0.3), torch.tensor(2.0))
+    assert q(torch.zeros(3)).abs().max() == 0
+    assert 0 <= q.zero_point.item() <= 255 and q.zero_point.item() == round(q.zero_point.item())
+
+
+def test_straight_through_gradient_passes_inside_range_only():
+    q = UniformQuantizer(QuantSpec(bits=4, signed=True))
+    q.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    x = torch.tensor([0.03, -0.2, 5.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_all_zero_channel_is_stored_exactly():
+    w = torch.randn(3, 8)
+    w[1] = 0
+    spec = QuantSpec(bits=4, per_channel=True)
+    for est in ("minmax", "mse", "cosine", "gaussian", "percentile", "kl"):
+        q = UniformQuantizer(spec)
+        lo, hi = estimate_range(est, w, spec, True)
+        q.set_range(lo, hi)
+        out = q(w)
+        assert torch.isfinite(out).all(), est
+        assert out[1].abs().max() == 0, est
+        assert q.scale[1] == 1.0, est
+
+
+def test_constant_tensor_affine():
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    x = torch.full((1, 50), 3.0)
+    q = UniformQuantizer(spec)
+    lo, hi = estimate_range("minmax", x, spec, False)
+    q.set_range(lo[0], hi[0])
+    assert torch.allclose(q(x), x, atol=3.0 / 255)
+
+
+def test_nan_and_inf_are_refused():
+    spec = QuantSpec(bits=8)
+    with pytest.raises(NumericalError, match="NaN/Inf"):
+        estimate_range("minmax", torch.tensor([[1.0, float("nan")]]), spec, True)
+    with pytest.raises(NumericalError):
+        estimate_range("mse", torch.tensor([[1.0, float("inf")]]), spec, True)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, -3])
+def test_bits_out_of_range(bits):
+    with pytest.raises(BitsError, match="outside the supported range 2..8"):
+        QuantSpec(bits=bits)
+
+
+def test_midrise_grid_allows_one_bit_binary():
+    q = UniformQuantizer(QuantSpec(bits=1, grid="midrise"))
+    q.set_params(torch.tensor(2.0), torch.tensor(0.0))  # levels ±1
+    assert q(torch.tensor([-3.0, -0.1, 0.1, 3.0])).tolist() == [-1.0, -1.0, 1.0, 1.0]
+    assert q.codes(torch.tensor([-0.1, 0.1])).tolist() == [-1, 0]
+    with pytest.raises(RecipeError):
+        QuantSpec(bits=2, grid="midrise", symmetric=False)
+
+
+def test_uncalibrated_quantizer_refuses_to_run():
+    q = UniformQuantizer(QuantSpec(bits=4))
+    with pytest.raises(LowbitError, match="calibrate"):
+        q(torch.ones(2))
+    q.set_params(torch.tensor(1.0), torch.tensor(0.0))
+    q.set_bits(3)
+    with pytest.raises(LowbitError, match="calibrate"):
+        q(torch.ones(2))

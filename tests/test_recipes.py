@@ -1,0 +1,46 @@
+"""Recipes as data: built-ins, YAML/TOML files, dicts, inheritance."""
+import pytest
+
+from lowbit import builtin_names, load_recipe
+from lowbit.errors import RecipeError
+
+
+def test_builtins_exist_and_parse():
+    names = builtin_names()
+    for required in ["w8a8", "w6a6", "w4a8", "w4a4", "w3a3", "w2a4"]:
+        assert required in names
+    r = load_recipe("w2a4")
+    assert (r.weights.spec.bits, r.activations.spec.bits) == (2, 4)
+    assert r.weights.spec.per_channel and not r.activations.spec.per_channel
+    assert r.first_last_bits == 8 and r.steps[0][0] == "calibrate"
+
+
+def test_yaml_and_toml_files_agree(tmp_path):
+    y = tmp_path / "mine.yaml"
+    y.write_text("weights: {bits: 5, estimator: cosine}\nactivations: {bits: 6, estimator: percentile, "
+                 "estimator_options: {q: 99.9}}\nsteps: [calibrate]\n")
+    t = tmp_path / "mine.toml"
+    t.write_text('steps = ["calibrate"]\n[weights]\nbits = 5\nestimator = "cosine"\n'
+                 '[activations]\nbits = 6\nestimator = "percentile"\nestimator_options = {q = 99.9}\n')
+    a, b = load_recipe(y), load_recipe(t)
+    assert a.to_dict() == b.to_dict()
+    assert a.name == "mine" and a.activations.estimator_options == {"q": 99.9}
+
+
+def test_extends_overrides_only_what_it_names():
+    r = load_recipe({"extends": "w4a4", "activations": {"estimator": "bn"}})
+    assert r.activations.spec.bits == 4 and r.activations.estimator == "bn"
+    assert r.weights.estimator == load_recipe("w4a4").weights.estimator
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weights: [1, 2\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="bn"):
+        load_recipe({"weights": {"estimator": "bn"}})
+    with pytest.raises(RecipeError, match="calibration.samples"):
+        load_recipe({"calibration": {"samples": 0}})
