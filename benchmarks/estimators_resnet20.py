@@ -2,9 +2,11 @@
 
 Protocol (DESIGN.md): 1024 calibration images from the training split (seed 0), top-1 on
 the full 10,000-image test split, float top-1 measured in the same run; per-channel
-weights, first and last layer 8-bit, BN folded. ``bn`` sets activation ranges from BN
-coefficients (weights then use MSE); ``mse+usp`` keeps BN unfolded and re-estimates its
-statistics after calibration (seed 004's QMSE+USP).
+weights, first and last layer 8-bit, BN folded. Each estimator sets weight and activation
+ranges, except: ``bn`` sets activation ranges from BN coefficients (weights then use MSE);
+``gaussian-w`` is μL2Q's Gaussian rule on weights only (activations MSE); ``mse+usp``
+keeps BN unfolded and re-estimates its statistics after calibration on crop-and-flip
+copies of the calibration images (seed 004's QMSE+USP).
 
     python benchmarks/estimators_resnet20.py --data-dir ../shared/data --models-dir ../shared/models
 """
@@ -24,16 +26,17 @@ from lowbit.report.tables import format_table
 from lowbit.zoo import pretrained
 
 CONFIGS = ["w8a8", "w6a6", "w4a8", "w4a4"]
-ESTIMATORS = ["minmax", "percentile", "kl", "mse", "cosine", "gaussian", "bn", "mse+usp"]
+ESTIMATORS = ["minmax", "percentile", "kl", "mse", "cosine", "gaussian", "gaussian-w", "bn", "mse+usp"]
 
 
 def recipe_for(config: str, estimator: str) -> dict:
     if estimator == "mse+usp":
         return {"extends": config, "name": f"{config}/mse+usp", "fold_bn": False,
                 "steps": ["calibrate", "usp"]}
-    weight_est = "mse" if estimator == "bn" else estimator
+    weight_est = {"bn": "mse", "gaussian-w": "gaussian"}.get(estimator, estimator)
+    act_est = {"gaussian-w": "mse"}.get(estimator, estimator)
     return {"extends": config, "name": f"{config}/{estimator}",
-            "weights": {"estimator": weight_est}, "activations": {"estimator": estimator}}
+            "weights": {"estimator": weight_est}, "activations": {"estimator": act_est}}
 
 
 def main() -> None:

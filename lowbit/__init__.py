@@ -1,5 +1,6 @@
 """lowbit: quantize trained PyTorch networks and measure what it costs."""
 from lowbit.api import evaluate, prepare, quantize
+from lowbit.deploy.artifact import load, save
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.calibrate import calibrate
@@ -7,5 +8,5 @@ from lowbit.quant.spec import QuantSpec
 from lowbit.recipes.recipe import Recipe, builtin_names, load_recipe
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "evaluate", "prepare", "calibrate", "QuantModel", "QuantSpec", "Recipe",
+__all__ = ["quantize", "evaluate", "prepare", "save", "load", "calibrate", "QuantModel", "QuantSpec", "Recipe",
            "load_recipe", "builtin_names", "LowbitError", "__version__"]

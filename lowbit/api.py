@@ -45,6 +45,7 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
     qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float)
     apply_bit_overrides(qm, r)
     qm.meta["recipe"] = r.to_dict()
+    qm.meta["arch"] = getattr(model, "lowbit_arch", None)
     return qm
 
 

@@ -29,12 +29,22 @@ def _calibrate(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", 
 
 
 def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
-         recalibrate_activations: bool = True) -> None:
-    """Seed 004's USP; then (by default) re-fit activation ranges to the corrected BNs."""
+         recalibrate_activations: bool = True, augment_repeats: int = 1, padding: int = 4,
+         flip: bool = True) -> None:
+    """Seed 004's USP; then (by default) re-fit activation ranges to the corrected BNs.
+
+    Image inputs are re-estimated on ``augment_repeats`` crop-and-flip copies of the
+    calibration set (0 = the clean images only); see lowbit.data.augment for why.
+    """
+    from lowbit.data.augment import random_crop_flip
     from lowbit.ptq.calibrate import calibrate_activations
     from lowbit.ptq.usp import update_bn_statistics
 
-    update_bn_statistics(qm, batches, progress=progress)
+    stats_batches = batches
+    if augment_repeats > 0 and batches[0].dim() == 4:
+        g = torch.Generator().manual_seed(recipe.calibration["seed"])
+        stats_batches = [random_crop_flip(b, padding, flip, g) for _ in range(augment_repeats) for b in batches]
+    update_bn_statistics(qm, stats_batches, progress=progress)
     if recalibrate_activations:
         calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
                               seed=recipe.calibration["seed"], progress=progress)

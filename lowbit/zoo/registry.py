@@ -100,10 +100,14 @@ def model_info(name: str) -> ModelInfo:
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Untrained (Kaiming-initialised) model; ``kwargs`` override the defaults."""
     s = _spec(name)
+    merged = {**s.kwargs, **kwargs}
     try:
-        return s.constructor(**{**s.kwargs, **kwargs})
+        model = s.constructor(**merged)
     except TypeError as e:
         raise LowbitError(f"bad arguments for model {name!r}: {e}") from e
+    # Lets a quantized copy name its architecture, so saved artifacts rebuild themselves.
+    model.lowbit_arch = {"name": name, "kwargs": kwargs}
+    return model
 
 
 def models_cache_dir() -> Path:

@@ -1,0 +1,1 @@
+"""Deployment: bit-packed .lowbit artifacts (and, later, ONNX export and runtime)."""

@@ -1,0 +1,207 @@
+"""The .lowbit file: one safetensors file holding every weight's bit-packed codes, the
+float tensors that stay float, and a compact JSON header. No pickle anywhere.
+
+Layout: two tensors — ``codes`` (uint8, every packed weight back to back, each segment
+byte-aligned) and ``floats`` (float32: scales, zero points, biases, unfolded BN, …) — so
+the file's size tracks the theoretical bit count instead of paying a safetensors header
+entry per tensor. The header (zlib-compressed JSON in the safetensors metadata) records
+the format version, architecture, recipe, layer table, per-quantizer state, where each
+tensor lives in the two buffers, metrics, and a sha256 of the tensor bytes.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from torch import nn
+
+from lowbit.deploy.packing import pack_codes, packed_nbytes, unpack_codes
+from lowbit.errors import LowbitError
+from lowbit.model.quant_layer import QuantLayer
+from lowbit.model.quant_model import QuantModel
+from lowbit.quant.quantizer import UniformQuantizer
+
+FORMAT = "lowbit"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(LowbitError):
+    """A .lowbit file is corrupt, truncated, of another format version, or unusable."""
+
+
+def _quantizers(qm: QuantModel) -> dict[str, UniformQuantizer]:
+    return {n: m for n, m in qm.named_modules() if isinstance(m, UniformQuantizer)}
+
+
+def _packed_weights(qm: QuantModel) -> dict[str, QuantLayer]:
+    """state-dict key of each weight stored as codes → its layer."""
+    names = {id(m): n for n, m in qm.named_modules()}
+    return {f"{names[id(r.layer)]}.module.weight": r.layer for r in qm.layers if r.layer.quantize_weight}
+
+
+def _stored_tensors(qm: QuantModel) -> tuple[dict[str, QuantLayer], dict[str, torch.Tensor]]:
+    """(weights stored as codes, float tensors stored as float32): everything that
+    defines the quantized model's output, nothing that does not (integer BN counters)."""
+    packed = _packed_weights(qm)
+    quantizer_state = {f"{n}.{b}" for n, q in _quantizers(qm).items() for b in ("scale", "zero_point")}
+    floats: dict[str, torch.Tensor] = {}
+    for key, t in qm.state_dict().items():
+        if key in packed or not t.is_floating_point():
+            continue
+        if key in quantizer_state and key.endswith("zero_point"):
+            qname = key.rsplit(".", 1)[0]
+            if _quantizers(qm)[qname].spec.symmetric:
+                continue  # always zero: not stored
+        floats[key] = t
+    return packed, floats
+
+
+def theoretical_bytes(qm: QuantModel) -> int:
+    """Bytes the content needs: packed codes + float32 tensors (no header, no padding)."""
+    packed, floats = _stored_tensors(qm)
+    code_bytes = sum(packed_nbytes(l.weight.numel(), l.weight_quantizer.bits) for l in packed.values())
+    return code_bytes + 4 * sum(t.numel() for t in floats.values())
+
+
+def _digest(codes: np.ndarray, floats: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(codes.tobytes())
+    h.update(floats.astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``qm`` as a .lowbit file; returns the path."""
+    if not qm.calibrated:
+        raise LowbitError("only a calibrated QuantModel can be saved")
+    arch = qm.meta.get("arch")
+    packed, floats = _stored_tensors(qm)
+    code_chunks, float_chunks, layout = [], [], []
+    code_off = float_off = 0
+    for key, layer in packed.items():
+        q = layer.weight_quantizer
+        qmin, _ = q.code_range()
+        buf = pack_codes(q.codes(layer.weight).numpy(), q.bits, qmin)
+        code_chunks.append(buf)
+        layout.append({"key": key, "store": "codes", "offset": code_off, "count": int(layer.weight.numel()),
+                       "shape": list(layer.weight.shape), "bits": q.bits, "qmin": qmin})
+        code_off += buf.size
+    for key, t in floats.items():
+        flat = t.detach().float().reshape(-1).numpy()
+        float_chunks.append(flat)
+        layout.append({"key": key, "store": "floats", "offset": float_off, "count": int(flat.size),
+                       "shape": list(t.shape)})
+        float_off += flat.size
+    codes = np.concatenate(code_chunks) if code_chunks else np.zeros(0, np.uint8)
+    floats_arr = np.concatenate(float_chunks).astype(np.float32) if float_chunks else np.zeros(0, np.float32)
+    header = {
+        "format": FORMAT, "version": FORMAT_VERSION, "arch": arch, "recipe": qm.meta.get("recipe"),
+        "layers": qm.layers.rows(),
+        "quantizers": {n: {"bits": q.bits, "signed": q.signed, "enabled": q.enabled, "calibrated": q.calibrated}
+                       for n, q in _quantizers(qm).items()},
+        "float_weights": [r.name for r in qm.layers if not r.layer.quantize_weight],
+        "layout": layout, "sha256": _digest(codes, floats_arr),
+        "metrics": metrics or qm.meta.get("metrics", {}),
+    }
+    blob = base64.b64encode(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)).decode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"codes": codes, "floats": floats_arr}, str(path), metadata={"lowbit": blob})
+    return path
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Header and the two buffers, with format, version and checksum verified."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if "lowbit" not in meta:
+                raise ArtifactError(f"{path} is a safetensors file but not a .lowbit artifact (no lowbit header)")
+            codes, floats = f.get_tensor("codes"), f.get_tensor("floats")
+    except SafetensorError as err:
+        raise ArtifactError(f"{path} is corrupt or truncated: {err}") from None
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path} cannot be read as a .lowbit file: {err}") from None
+    try:
+        header = json.loads(zlib.decompress(base64.b64decode(meta["lowbit"])))
+    except (ValueError, zlib.error) as err:
+        raise ArtifactError(f"{path}: the lowbit header is corrupt ({err})") from None
+    if header.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a lowbit artifact (format {header.get('format')!r})")
+    if header.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {header.get('version')} is not supported by this lowbit "
+                            f"(reads version {FORMAT_VERSION})")
+    if _digest(codes, floats) != header.get("sha256"):
+        raise ArtifactError(f"{path}: checksum mismatch — the tensor data was altered or damaged")
+    return header, codes, floats
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
+    """Rebuild the saved QuantModel; outputs equal the saved model's bit for bit.
+
+    Zoo models rebuild themselves from the header; for other models pass the float
+    architecture as ``model`` (its weights are not used).
+    """
+    from lowbit.api import prepare
+    from lowbit.zoo import build
+
+    header, codes, floats = read_header(path)
+    if model is None:
+        arch = header.get("arch")
+        if not arch:
+            raise ArtifactError(f"{path} holds no architecture name: pass the float model, load(path, model=...)")
+        model = build(arch["name"], **arch.get("kwargs", {}))
+    qm = prepare(model, header["recipe"])
+    if qm.layers.names() != [r["name"] for r in header["layers"]]:
+        raise ArtifactError(f"{path}: its layers {[r['name'] for r in header['layers']]} do not match the model's "
+                            f"{qm.layers.names()}")
+    for row in header["layers"]:
+        rec = qm.layers[row["name"]]
+        rec.w_bits, rec.a_bits = row["w_bits"], row["a_bits"]
+        rec.layer.macs = row["macs"]
+    quantizers = _quantizers(qm)
+    for name, state in header["quantizers"].items():
+        q = quantizers[name]
+        q.set_bits(state["bits"])
+        q.signed, q.enabled = state["signed"], state["enabled"]
+    params = dict(qm.state_dict())
+    entries = {e["key"]: e for e in header["layout"]}
+
+    def float_tensor(entry: dict[str, Any]) -> torch.Tensor:
+        start = entry["offset"]
+        return torch.from_numpy(floats[start: start + entry["count"]].copy()).reshape(entry["shape"])
+
+    with torch.no_grad():
+        for name, q in quantizers.items():
+            state = header["quantizers"][name]
+            if not state["calibrated"]:
+                continue
+            scale = float_tensor(entries[f"{name}.scale"])
+            zp_entry = entries.get(f"{name}.zero_point")
+            q.set_params(scale, float_tensor(zp_entry) if zp_entry else torch.zeros_like(scale))
+        layers = _packed_weights(qm)
+        for key, entry in entries.items():
+            if key not in params:
+                raise ArtifactError(f"{path}: tensor {key!r} does not exist in the rebuilt model")
+            if entry["store"] == "floats":
+                if not key.endswith((".scale", ".zero_point")) or key.rsplit(".", 1)[0] not in quantizers:
+                    params[key].copy_(float_tensor(entry))
+                continue
+            layer = layers[key]
+            nbytes = packed_nbytes(entry["count"], entry["bits"])
+            c = unpack_codes(codes[entry["offset"]: entry["offset"] + nbytes], entry["count"], entry["bits"], entry["qmin"])
+            layer.weight.copy_(layer.weight_quantizer.dequantize(torch.from_numpy(c).reshape(entry["shape"])))
+    qm.meta.update({"arch": header.get("arch"), "recipe": header["recipe"], "metrics": header.get("metrics", {})})
+    return qm
+

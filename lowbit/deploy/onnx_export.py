@@ -1,0 +1,291 @@
+"""ONNX export of a QuantModel as a standard QDQ graph.
+
+Every activation quantizer becomes QuantizeLinear → DequantizeLinear (uint8 after ReLU,
+int8 otherwise); every quantized weight is stored as int8 codes with its per-channel
+scales behind a DequantizeLinear; biases are stored as int32 at scale s_in·s_w (the
+integer-runtime convention), so ONNX Runtime can fuse DQ→Conv→Q into QLinearConv. Codes
+below 8 bits are stored as int8 values inside their clipped range; activations below 8
+bits get a Clip to their b-bit range before QuantizeLinear so the runtime cannot use
+codes the fake-quant model never produces.
+
+Differences from the fake-quant model, by construction: the int32 bias rounding (at most
+half a step of s_in·s_w per channel) and the runtime's own integer accumulation and
+requantization rounding.
+"""
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from lowbit.errors import LowbitError
+from lowbit.model.fold_bn import BN_TYPES
+from lowbit.model.graph import RELU_FUNCTIONS, RELU_MODULES
+from lowbit.model.quant_layer import QuantLayer
+from lowbit.model.quant_model import QuantModel
+from lowbit.quant.quantizer import UniformQuantizer
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class ExportError(LowbitError):
+    """The model holds an op or a quantizer the ONNX exporter cannot express."""
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        import onnx  # noqa: F401 - fail early with a clear message if missing
+        from onnx import helper
+
+        self.helper = helper
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.names: dict[fx.Node, str] = {}
+        self.counter = 0
+        # scale of the quantized tensor each node produces (for int32 bias scales)
+        self.act_scale: dict[str, tuple[np.ndarray, UniformQuantizer]] = {}
+
+    def fresh(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}_{self.counter}"
+
+    def const(self, stem: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.fresh(stem)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], stem: str, **attrs: Any) -> str:
+        out = self.fresh(stem)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=self.fresh(op_type), **attrs))
+        return out
+
+    def arg(self, a: Any) -> str:
+        if not isinstance(a, fx.Node):
+            raise ExportError(f"expected a tensor argument, got {a!r}")
+        return self.names[a]
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            raise ExportError(f"no shape known for {node.name}")
+        return tuple(meta.shape)
+
+    # -- quantizers --------------------------------------------------------------------------
+    def quant_dtype(self, q: UniformQuantizer) -> type:
+        return np.int8 if q.signed else np.uint8
+
+    def check_grid(self, q: UniformQuantizer) -> None:
+        if q.spec.grid != "midtread":
+            raise ExportError(f"quantizer {q.name!r} uses a {q.spec.grid} grid; QDQ ONNX needs integer zero points "
+                              "(mid-tread grids only)")
+
+    def fake_quant(self, x: str, q: UniformQuantizer) -> str:
+        self.check_grid(q)
+        dtype = self.quant_dtype(q)
+        qmin, qmax = q.code_range()
+        scale = q.scale.detach().numpy().astype(np.float32)
+        zp = q.zero_point.detach().numpy().astype(dtype)
+        info = np.iinfo(dtype)
+        if (qmin, qmax) != (info.min, info.max):
+            lo = np.float32((qmin - float(zp)) * float(scale))
+            hi = np.float32((qmax - float(zp)) * float(scale))
+            x = self.op("Clip", [x, self.const("clip_lo", lo), self.const("clip_hi", hi)], "clipped")
+        s_name, z_name = self.const("act_scale", scale), self.const("act_zp", zp)
+        qx = self.op("QuantizeLinear", [x, s_name, z_name], "q")
+        out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
+        self.act_scale[out] = (scale, q)
+        return out
+
+    def weight(self, layer: QuantLayer) -> str:
+        w = layer.weight.detach()
+        if not layer.quantize_weight:
+            return self.const("weight", w.numpy().astype(np.float32))
+        q = layer.weight_quantizer
+        self.check_grid(q)
+        if not q.signed or not q.spec.symmetric:
+            raise ExportError(f"weights of {layer.name!r} must be signed symmetric for ONNX Runtime's int8 kernels")
+        codes = q.codes(w).numpy().astype(np.int8)
+        scale = q.scale.detach().numpy().astype(np.float32)
+        zp = np.zeros_like(scale, dtype=np.int8)
+        attrs = {"axis": 0} if scale.ndim == 1 else {}
+        return self.op("DequantizeLinear", [self.const("w_codes", codes), self.const("w_scale", scale),
+                                            self.const("w_zp", zp)], "w", **attrs)
+
+    def bias(self, layer: QuantLayer, x_name: str, out_channels: int) -> str | None:
+        b = layer.bias
+        if b is None:
+            return None
+        b = b.detach().numpy().astype(np.float32)
+        if x_name not in self.act_scale or not layer.quantize_weight:
+            return self.const("bias", b)
+        s_in, _ = self.act_scale[x_name]
+        s_w = np.broadcast_to(layer.weight_quantizer.scale.detach().numpy(), (out_channels,)).astype(np.float32)
+        scale = (s_in * s_w).astype(np.float32)
+        codes = np.clip(np.round(b / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        return self.op("DequantizeLinear", [self.const("b_codes", codes), self.const("b_scale", scale),
+                                            self.const("b_zp", np.zeros_like(codes))], "b", axis=0)
+
+    # -- layers ----------------------------------------------------------------------------------
+    def layer(self, node: fx.Node, layer: QuantLayer) -> str:
+        x = self.arg(node.args[0])
+        m = layer.module
+        w = self.weight(layer)
+        out_ch = m.weight.shape[0]
+        b = self.bias(layer, x, out_ch)
+        if isinstance(m, nn.Linear):
+            if len(self.shape(node.args[0])) != 2:
+                raise ExportError(f"{layer.name}: Linear on a {len(self.shape(node.args[0]))}-D input is not exported (2-D only)")
+            return self.op("Gemm", [x, w] + ([b] if b else []), "gemm", transB=1)
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            raise ExportError(f"{layer.name}: padding={m.padding!r}, padding_mode={m.padding_mode!r} not exported")
+        pads = list(m.padding) * 2
+        return self.op("Conv", [x, w] + ([b] if b else []), "conv", kernel_shape=list(m.kernel_size),
+                       strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=m.groups)
+
+    def batchnorm(self, node: fx.Node, bn: nn.Module) -> str:
+        arrays = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        names = [self.const("bn", a.detach().numpy().astype(np.float32)) for a in arrays]
+        return self.op("BatchNormalization", [self.arg(node.args[0])] + names, "bn", epsilon=float(bn.eps))
+
+    def pad(self, node: fx.Node) -> str:
+        x = node.args[0]
+        pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        if mode != "constant":
+            raise ExportError(f"{node.name}: F.pad mode {mode!r} is not exported (constant only)")
+        rank = len(self.shape(x))
+        begins, ends = [0] * rank, [0] * rank
+        for i in range(len(pad) // 2):
+            dim = rank - 1 - i
+            begins[dim], ends[dim] = pad[2 * i], pad[2 * i + 1]
+        inputs = [self.arg(x), self.const("pads", np.array(begins + ends, dtype=np.int64))]
+        if value:
+            inputs.append(self.const("pad_value", np.array(value, dtype=np.float32)))
+        return self.op("Pad", inputs, "pad", mode="constant")
+
+    def getitem(self, node: fx.Node) -> str:
+        x, index = node.args
+        index = index if isinstance(index, tuple) else (index,)
+        starts, ends, axes, steps = [], [], [], []
+        for axis, s in enumerate(index):
+            if not isinstance(s, slice):
+                raise ExportError(f"{node.name}: only slice indexing is exported, got {s!r}")
+            if s == slice(None):
+                continue
+            starts.append(s.start or 0)
+            ends.append(INT64_MAX if s.stop is None else s.stop)
+            axes.append(axis)
+            steps.append(s.step or 1)
+        if not axes:
+            return self.arg(x)
+        arrays = [np.array(v, dtype=np.int64) for v in (starts, ends, axes, steps)]
+        return self.op("Slice", [self.arg(x)] + [self.const("slice", a) for a in arrays], "slice")
+
+    def function(self, node: fx.Node) -> str:
+        t = node.target
+        if t in RELU_FUNCTIONS:
+            return self.op("Relu", [self.arg(node.args[0])], "relu")
+        if t in (operator.add, torch.add):
+            return self.op("Add", [self.arg(node.args[0]), self.arg(node.args[1])], "add")
+        if t is F.pad:
+            return self.pad(node)
+        if t is operator.getitem:
+            return self.getitem(node)
+        if t is F.adaptive_avg_pool2d:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            if size not in (1, (1, 1), [1, 1]):
+                raise ExportError(f"{node.name}: adaptive_avg_pool2d to {size} is not exported (global pooling only)")
+            return self.op("GlobalAveragePool", [self.arg(node.args[0])], "gap")
+        if t in (F.max_pool2d, F.avg_pool2d):
+            k = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
+            k = [k, k] if isinstance(k, int) else list(k)
+            stride = node.kwargs.get("stride", node.args[2] if len(node.args) > 2 else None) or k
+            stride = [stride, stride] if isinstance(stride, int) else list(stride)
+            return self.op("MaxPool" if t is F.max_pool2d else "AveragePool", [self.arg(node.args[0])], "pool",
+                           kernel_shape=k, strides=stride)
+        if t is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            return self.op("Flatten", [self.arg(node.args[0])], "flatten", axis=int(start))
+        raise ExportError(f"cannot export {node.name}: function {getattr(t, '__name__', t)!r} has no ONNX mapping here")
+
+    def method(self, node: fx.Node) -> str:
+        if node.target in ("relu", "relu_"):
+            return self.op("Relu", [self.arg(node.args[0])], "relu")
+        if node.target == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            return self.op("Flatten", [self.arg(node.args[0])], "flatten", axis=int(start))
+        raise ExportError(f"cannot export {node.name}: tensor method {node.target!r} has no ONNX mapping here")
+
+    def module(self, node: fx.Node) -> str:
+        m = self.modules[node.target]
+        if isinstance(m, UniformQuantizer):
+            x = self.arg(node.args[0])
+            return self.fake_quant(x, m) if m.enabled else x
+        if isinstance(m, QuantLayer):
+            return self.layer(node, m)
+        if isinstance(m, RELU_MODULES) and isinstance(m, nn.ReLU):
+            return self.op("Relu", [self.arg(node.args[0])], "relu")
+        if isinstance(m, BN_TYPES):
+            return self.batchnorm(node, m)
+        if isinstance(m, nn.Flatten):
+            return self.op("Flatten", [self.arg(node.args[0])], "flatten", axis=int(m.start_dim))
+        raise ExportError(f"cannot export layer {node.target!r} of type {type(m).__name__}: no ONNX mapping")
+
+
+def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, opset: int = 17) -> Path:
+    """Write ``qm`` as a QDQ ONNX model with a dynamic batch dimension; returns the path.
+
+    Run inside ``qm.quantization(False, False)`` to export the float network (BN folded)
+    through the same code path, e.g. as a runtime baseline.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    if qm.mode != "graph":
+        raise ExportError("ONNX export needs a traced model; this QuantModel runs in hook fallback mode")
+    if not qm.calibrated:
+        raise ExportError("calibrate the QuantModel before exporting it")
+    gm: fx.GraphModule = qm.net
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+        expected = qm(example_input)
+    b = _Builder(gm)
+    inputs, outputs = [], []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            shape = ["batch"] + list(b.shape(node)[1:])
+            inputs.append(helper.make_tensor_value_info(node.name, TensorProto.FLOAT, shape))
+            b.names[node] = node.name
+        elif node.op == "call_module":
+            b.names[node] = b.module(node)
+        elif node.op == "call_function":
+            b.names[node] = b.function(node)
+        elif node.op == "call_method":
+            b.names[node] = b.method(node)
+        elif node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node):
+                raise ExportError("only models with a single tensor output are exported")
+            b.nodes.append(helper.make_node("Identity", [b.names[result]], ["logits"], name="output"))
+            outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch"] + list(expected.shape[1:])))
+        elif node.op == "get_attr":
+            raise ExportError(f"cannot export {node.name}: direct parameter access ({node.target}) is not supported")
+    graph = helper.make_graph(b.nodes, "lowbit", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lowbit")
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,108 @@
+"""The .lowbit artifact: exact round trips, sizes that track the bit count, integrity."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit.deploy.artifact import ArtifactError, read_header, theoretical_bytes
+from lowbit.deploy.packing import pack_codes, packed_nbytes, unpack_codes
+from lowbit.errors import LowbitError
+from lowbit.zoo import build
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(1, 8), count=st.integers(0, 300), seed=st.integers(0, 1000), signed=st.booleans())
+def test_pack_unpack_round_trip(bits, count, seed, signed):
+    qmin = -(2 ** (bits - 1)) if signed else 0
+    codes = np.random.default_rng(seed).integers(qmin, qmin + 2**bits, size=count)
+    packed = pack_codes(codes, bits, qmin)
+    assert packed.size == packed_nbytes(count, bits) == (count * bits + 7) // 8
+    assert np.array_equal(unpack_codes(packed, count, bits, qmin), codes)
+
+
+def test_known_packing_layout():
+    # four 2-bit codes per byte, first code in the lowest bits
+    assert pack_codes(np.array([0, 1, 2, 3]), 2, 0).tolist() == [0b11100100]
+    with pytest.raises(LowbitError, match="outside"):
+        pack_codes(np.array([4]), 2, 0)
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model = build("resnet20").eval()
+    x = torch.randn(16, 3, 32, 32)
+    return model, x
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "w2a4", "w3a3"])
+def test_round_trip_is_bit_exact_and_size_tracks_bits(small, tmp_path, recipe):
+    model, x = small
+    qm = lowbit.quantize(model, recipe, calib=x, progress=False)
+    path = lowbit.save(qm, tmp_path / f"{recipe}.lowbit")
+    loaded = lowbit.load(path)
+    assert torch.equal(loaded(x), qm(x))
+    assert loaded.layers.rows() == qm.layers.rows()
+    size, ideal = os.path.getsize(path), theoretical_bytes(qm)
+    assert ideal <= size <= 1.03 * ideal, (size, ideal)
+
+
+def test_mixed_bits_and_float_layers_round_trip(small, tmp_path):
+    model, x = small
+    recipe = {"extends": "w4a4", "overrides": [{"pattern": "layer2.*", "w_bits": 3},
+                                               {"pattern": "layer3.0.conv1", "w_bits": 32}]}
+    qm = lowbit.quantize(model, recipe, calib=x, progress=False)
+    loaded = lowbit.load(lowbit.save(qm, tmp_path / "mixed.lowbit"))
+    assert torch.equal(loaded(x), qm(x))
+    assert loaded.layers["layer3.0.conv1"].w_bits == 32 and loaded.layers["layer2.1.conv2"].w_bits == 3
+
+
+def test_truncated_and_altered_files(small, tmp_path):
+    model, x = small
+    path = lowbit.save(lowbit.quantize(model, "w4a4", calib=x, progress=False), tmp_path / "m.lowbit")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.lowbit"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        lowbit.load(truncated)
+    altered = tmp_path / "altered.lowbit"
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF
+    altered.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        lowbit.load(altered)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        lowbit.load(tmp_path / "nope.lowbit")
+
+
+def test_other_version_and_wrong_architecture(small, tmp_path, monkeypatch):
+    import lowbit.deploy.artifact as artifact
+
+    model, x = small
+    qm = lowbit.quantize(model, "w8a8", calib=x, progress=False)
+    monkeypatch.setattr(artifact, "FORMAT_VERSION", 99)
+    future = lowbit.save(qm, tmp_path / "future.lowbit")
+    monkeypatch.undo()
+    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+        lowbit.load(future)
+    path = lowbit.save(qm, tmp_path / "r20.lowbit")
+    header, _, _ = read_header(path)
+    assert header["arch"] == {"name": "resnet20", "kwargs": {}}
+    with pytest.raises(ArtifactError, match="do not match"):
+        lowbit.load(path, model=build("resnet32"))
+    qm.meta["arch"] = {"name": "resnet7", "kwargs": {}}
+    with pytest.raises(LowbitError, match="unknown model 'resnet7'"):
+        lowbit.load(lowbit.save(qm, tmp_path / "bad_arch.lowbit"))
+
+
+def test_plain_safetensors_is_not_an_artifact(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3)}, str(p))
+    with pytest.raises(ArtifactError, match="not a .lowbit artifact"):
+        lowbit.load(p)

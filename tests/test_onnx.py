@@ -1,0 +1,73 @@
+"""ONNX QDQ export and ONNX Runtime inference."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.deploy.onnx_export import ExportError, export_onnx
+from lowbit.deploy.runtime import OnnxModel
+from tests.conftest import batches
+
+
+def test_exported_resnet20_matches_fake_quant(resnet20, cifar_slices, tmp_path):
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib, progress=False)
+    path = export_onnx(qm, tmp_path / "r20.onnx", calib[:1])
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    w_codes = [i for i in model.graph.initializer if i.name.startswith("w_codes")]
+    assert len(w_codes) == 20 and all(i.data_type == onnx.TensorProto.INT8 for i in w_codes)
+    runner = OnnxModel(path, threads=1)
+    out = runner(test[0][:300])  # dynamic batch: exported with batch 1, run with 300
+    assert out.shape == (300, 10)
+    agree = (out.argmax(1) == qm(test[0][:300]).argmax(1)).float().mean()
+    assert agree >= 0.99
+    acc_onnx = lowbit.evaluate(runner, batches(test))
+    acc_fake = lowbit.evaluate(qm, batches(test))
+    assert abs(acc_onnx - acc_fake) <= 0.004
+
+
+def test_float_export_equals_torch(resnet20, cifar_slices, tmp_path):
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib[:32], progress=False)
+    with qm.quantization(weights=False, activations=False):
+        path = export_onnx(qm, tmp_path / "float.onnx", calib[:1])
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "QuantizeLinear" not in ops
+    x = test[0][:64]
+    assert torch.allclose(OnnxModel(path)(x), resnet20(x), atol=1e-3)
+
+
+def test_low_bit_export_clips_to_the_codes_range(resnet20, cifar_slices, tmp_path):
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w4a4", calib=calib, progress=False)
+    path = export_onnx(qm, tmp_path / "w4a4.onnx", calib[:1])
+    graph = onnx.load(str(path)).graph
+    assert any(n.op_type == "Clip" for n in graph.node)
+    codes = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith("w_codes")]
+    assert max(int(np.abs(c).max()) for c in codes[1:-1]) <= 7  # 4-bit codes inside int8
+    x = test[0][:200]
+    agree = (OnnxModel(path)(x).argmax(1) == qm(x).argmax(1)).float().mean()
+    assert agree >= 0.97
+
+
+def test_unsupported_op_is_named(tmp_path):
+    class WithSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sigmoid(self.fc(x))
+
+    qm = lowbit.quantize(WithSigmoid().eval(), "w8a8", calib=torch.randn(8, 4), progress=False)
+    with pytest.raises(ExportError, match="sigmoid"):
+        export_onnx(qm, tmp_path / "x.onnx", torch.randn(1, 4))
+
+
+def test_missing_onnx_file_is_a_clear_error(tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="does not exist"):
+        OnnxModel(tmp_path / "missing.onnx")
