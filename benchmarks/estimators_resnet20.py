@@ -32,7 +32,7 @@ ESTIMATORS = ["minmax", "percentile", "kl", "mse", "cosine", "gaussian", "gaussi
 def recipe_for(config: str, estimator: str) -> dict:
     if estimator == "mse+usp":
         return {"extends": config, "name": f"{config}/mse+usp", "fold_bn": False,
-                "steps": ["calibrate", "usp"]}
+                "steps": ["calibrate", {"usp": {"augment_repeats": 1}}]}
     weight_est = {"bn": "mse", "gaussian-w": "gaussian"}.get(estimator, estimator)
     act_est = {"gaussian-w": "mse"}.get(estimator, estimator)
     return {"extends": config, "name": f"{config}/{estimator}",

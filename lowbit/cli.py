@@ -62,7 +62,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
     recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
-    out = compare_recipes(model, recipes, train, test, test_limit=args.test_limit, progress=not args.no_progress)
+
+    def keep(qm, result) -> None:
+        if getattr(args, "save", None):
+            from lowbit.deploy.artifact import save
+
+            path = save(qm, Path(args.save) / f"{Path(result.recipe).stem}.lowbit",
+                        metrics={"top1": result.top1, "float_top1": result.float_top1})
+            print(f"saved {path}")
+
+    out = compare_recipes(model, recipes, train, test, test_limit=args.test_limit, progress=not args.no_progress,
+                          on_model=keep)
     rows = [r.row() for r in out["results"]]
     note = "full test split" if out["full_test_split"] else f"first {out['test_images']} test images (NOT the full split)"
     print(f"{args.model} on {dataset}: float top-1 {100 * out['float_top1']:.2f}% ({note})")
@@ -75,6 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.api import evaluate
     from lowbit.evaluation import TensorBatches
 
+    if args.onnx or args.lowbit:
+        return _eval_deployed(args)
     model, dataset = _load_model(args)
     if args.recipe:
         return cmd_quantize(args)
@@ -83,6 +95,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     top1 = evaluate(model, batches, progress=not args.no_progress)
     rows = [{"model": args.model, "dataset": dataset, "top1": round(100 * top1, 2), "test_images": len(batches.indices)}]
     _emit(args, {"model": args.model, "dataset": dataset, "top1": top1, "test_images": len(batches.indices)}, rows)
+    return 0
+
+
+def _eval_deployed(args: argparse.Namespace) -> int:
+    """Score an exported ONNX model (ONNX Runtime) or a saved .lowbit artifact."""
+    from lowbit import zoo
+    from lowbit.api import evaluate
+    from lowbit.evaluation import TensorBatches
+
+    if args.onnx:
+        from lowbit.deploy.runtime import OnnxModel
+
+        model, source = OnnxModel(args.onnx, threads=args.threads), str(args.onnx)
+    else:
+        from lowbit.deploy.artifact import load
+
+        model, source = load(args.lowbit), str(args.lowbit)
+    dataset = args.dataset or zoo.model_info(args.model).dataset
+    _, test = _datasets(args, dataset)
+    batches = TensorBatches(test, limit=args.test_limit)
+    top1 = evaluate(model, batches, progress=not args.no_progress)
+    row = {"model": source, "dataset": dataset, "top1": round(100 * top1, 2), "test_images": len(batches.indices)}
+    _emit(args, {**row, "top1": top1}, [row])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.api import quantize
+    from lowbit.deploy.artifact import save
+    from lowbit.deploy.onnx_export import export_onnx
+    from lowbit.evaluation import calibration_batches
+    from lowbit.recipes.recipe import load_recipe
+
+    model, dataset = _load_model(args)
+    train, _ = _datasets(args, dataset)
+    recipe = load_recipe(args.recipe)
+    calib = calibration_batches(train, recipe)
+    qm = quantize(model, recipe, calib=calib, progress=not args.no_progress)
+    out = export_onnx(qm, args.out, calib[0][:1])
+    print(f"wrote {out} (QDQ ONNX, dynamic batch)")
+    if args.lowbit:
+        print(f"wrote {save(qm, args.lowbit)}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lowbit.deploy.bench import run_runtime_benchmark
+
+    model, dataset = _load_model(args)
+    train, test = _datasets(args, dataset)
+    out = run_runtime_benchmark(model, train, test, args.recipe, threads=args.threads or 2,
+                                repeats=args.repeats, test_limit=args.test_limit)
+    print(f"{args.model} {out['recipe']}: {out['threads']} threads, {out['test_images']} test images")
+    _emit(args, out, out["rows"])
     return 0
 
 
@@ -141,11 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model with one or more recipes; float vs quantized table")
     _add_common(q)
     q.add_argument("--recipe", default=DEFAULT_RECIPES, help=f"comma-separated built-in names or recipe files (default {DEFAULT_RECIPES})")
+    q.add_argument("--save", help="directory to write each quantized model to as <recipe>.lowbit")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="top-1 of a float model (or of quantized ones with --recipe)")
     _add_common(e)
     e.add_argument("--recipe", help="quantize with these recipes before scoring")
+    e.add_argument("--onnx", type=Path, help="score this exported ONNX model in ONNX Runtime")
+    e.add_argument("--lowbit", type=Path, help="score this saved .lowbit artifact")
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="quantize and write a QDQ ONNX model (and optionally a .lowbit file)")
+    _add_common(x)
+    x.add_argument("--recipe", default="w8a8")
+    x.add_argument("--out", type=Path, default=Path("model.onnx"))
+    x.add_argument("--lowbit", type=Path, help="also save the bit-packed artifact here")
+    x.set_defaults(func=cmd_export)
+    b = sub.add_parser("bench", help="PyTorch/ORT float vs lowbit int8 ONNX vs ORT quantize_static: speed and accuracy")
+    _add_common(b)
+    b.add_argument("--recipe", default="w8a8")
+    b.add_argument("--repeats", type=int, default=50)
+    b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train a zoo architecture from scratch (e.g. smallcnn on mnist)")
     t.add_argument("--model", default="smallcnn")
     t.add_argument("--dataset")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -84,15 +84,20 @@ def score_quantized(qm: QuantModel, name: str, test: TensorBatches, float_top1: 
 def compare_recipes(
     model: nn.Module, recipes: Sequence[str | dict[str, Any] | Recipe], train: Dataset, test: Dataset,
     test_limit: int | None = None, progress: bool = True,
+    on_model: Callable[[QuantModel, RecipeResult], None] | None = None,
 ) -> dict[str, Any]:
-    """Float top-1 and every recipe's quantized top-1, compression and wall time."""
+    """Float top-1 and every recipe's quantized top-1, compression and wall time;
+    ``on_model`` sees each scored QuantModel (e.g. to save it)."""
     test_batches = TensorBatches(test, limit=test_limit)
     float_top1 = evaluate(model, test_batches, progress=progress, desc="test float")
     results = []
     for spec in recipes:
         r = load_recipe(spec)
         qm = quantize(model, r, calib=calibration_batches(train, r), progress=progress)
-        results.append(score_quantized(qm, r.name, test_batches, float_top1, progress=progress))
+        result = score_quantized(qm, r.name, test_batches, float_top1, progress=progress)
+        results.append(result)
+        if on_model is not None:
+            on_model(qm, result)
     return {
         "float_top1": float_top1,
         "test_images": len(test_batches.indices),

@@ -29,12 +29,13 @@ def _calibrate(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", 
 
 
 def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
-         recalibrate_activations: bool = True, augment_repeats: int = 1, padding: int = 4,
+         recalibrate_activations: bool = True, augment_repeats: int = 0, padding: int = 4,
          flip: bool = True) -> None:
     """Seed 004's USP; then (by default) re-fit activation ranges to the corrected BNs.
 
-    Image inputs are re-estimated on ``augment_repeats`` crop-and-flip copies of the
-    calibration set (0 = the clean images only); see lowbit.data.augment for why.
+    With ``augment_repeats`` > 0, image batches are replaced by that many crop-and-flip
+    copies of the calibration set — for models trained with that augmentation, whose
+    statistics on clean training images are biased (see lowbit.data.augment).
     """
     from lowbit.data.augment import random_crop_flip
     from lowbit.ptq.calibrate import calibrate_activations

@@ -1,6 +1,7 @@
 """Post-training quantization on real data: pretrained ResNet-20 (CIFAR-10) and a small
 CNN trained here (MNIST)."""
 import pytest
+import torch
 
 import lowbit
 from lowbit.errors import LowbitError
@@ -78,3 +79,29 @@ def test_kl_on_natural_images(resnet20, cifar_slices):
     kl = {"extends": "w8a8", "activations": {"estimator": "kl"}, "weights": {"estimator": "kl"}}
     qm = lowbit.quantize(resnet20, kl, calib=calib, progress=False)
     assert lowbit.evaluate(qm, batches(test)) >= float_top1 - 0.01
+
+
+def test_usp_with_training_augmentation_helps_resnet20_w4a4(resnet20, cifar_slices):
+    """Clean training images bias the re-estimated BN statistics of a model trained with
+    crop-and-flip; USP on augmented copies recovers accuracy instead."""
+    calib, test = cifar_slices
+    base = {"extends": "w4a4", "fold_bn": False}
+    plain = lowbit.evaluate(lowbit.quantize(resnet20, base, calib=calib, progress=False), batches(test))
+    usp = lowbit.quantize(resnet20, {**base, "steps": ["calibrate", {"usp": {"augment_repeats": 2}}]},
+                          calib=calib, progress=False)
+    assert lowbit.evaluate(usp, batches(test)) > plain + 0.01
+
+
+def test_random_crop_flip_keeps_content():
+    from lowbit.data.augment import random_crop_flip
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    same = random_crop_flip(x, padding=0, flip=False)
+    assert torch.equal(same, x)
+    out = random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    # every output value is an input value or the per-channel fill (the channel minimum)
+    fills = x.amin(dim=(0, 2, 3))
+    for c in range(3):
+        allowed = set(x[:, c].flatten().tolist()) | {float(fills[c])}
+        assert set(out[:, c].flatten().tolist()) <= allowed

@@ -9,7 +9,6 @@ same images with crop-and-flip augmentation keep the float accuracy.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True,

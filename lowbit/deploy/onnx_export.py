@@ -122,16 +122,19 @@ class _Builder:
                                             self.const("w_zp", zp)], "w", **attrs)
 
     def bias(self, layer: QuantLayer, x_name: str, out_channels: int) -> str | None:
+        """int32 codes on the grid QuantLayer.quantized_bias simulates (same float32 maths)."""
         b = layer.bias
         if b is None:
             return None
-        b = b.detach().numpy().astype(np.float32)
         if x_name not in self.act_scale or not layer.quantize_weight:
-            return self.const("bias", b)
-        s_in, _ = self.act_scale[x_name]
-        s_w = np.broadcast_to(layer.weight_quantizer.scale.detach().numpy(), (out_channels,)).astype(np.float32)
-        scale = (s_in * s_w).astype(np.float32)
-        codes = np.clip(np.round(b / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+            return self.const("bias", b.detach().numpy().astype(np.float32))
+        with torch.no_grad():
+            step = layer.input_ref[0].scale * layer.weight_quantizer.scale
+            scale = torch.broadcast_to(step, (out_channels,)).numpy().astype(np.float32)
+            codes_f = torch.round(b / step).numpy()
+        if np.abs(codes_f).max() > np.iinfo(np.int32).max:
+            raise ExportError(f"{layer.name}: bias does not fit int32 at step s_in*s_w")
+        codes = codes_f.astype(np.int32)
         return self.op("DequantizeLinear", [self.const("b_codes", codes), self.const("b_scale", scale),
                                             self.const("b_zp", np.zeros_like(codes))], "b", axis=0)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.quant.functional import round_ste
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec
 
@@ -38,6 +39,9 @@ class QuantLayer(nn.Module):
         self.weight_quantizer = UniformQuantizer(weight_spec.with_(per_channel=weight_spec.per_channel, ch_axis=0),
                                                  name=f"{name}.weight")
         self.input_quantizer: UniformQuantizer | None = None
+        # The quantizer of this layer's input (a plain tuple, so it is not registered as a
+        # submodule twice): its scale fixes the int32 bias grid.
+        self.input_ref: tuple[UniformQuantizer, ...] = ()
         self.quantize_weight = True
         self.macs: int | None = None
 
@@ -54,15 +58,29 @@ class QuantLayer(nn.Module):
             return self.module.weight
         return self.weight_quantizer(self.module.weight)
 
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias on the int32 grid of step s_in·s_w, as integer runtimes store it
+        (QLinearConv, QDQ bias): without this, low-bit activations make the coarse
+        accumulator step visible only at deployment."""
+        b = self.module.bias
+        if b is None or not self.quantize_weight or not self.input_ref:
+            return b
+        q_in, q_w = self.input_ref[0], self.weight_quantizer
+        if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
+            return b
+        step = q_in.scale * q_w.scale
+        return round_ste(b / step) * step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
+        b = self.quantized_bias()
         m = self.module
         if isinstance(m, nn.Linear):
-            out = F.linear(x, w, m.bias)
+            out = F.linear(x, w, b)
         else:
-            out = m._conv_forward(x, w, m.bias)
+            out = m._conv_forward(x, w, b)
         if self.macs is None:
             self.macs = self._count_macs(out)
         return out

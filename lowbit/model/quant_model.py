@@ -124,6 +124,7 @@ class QuantModel(nn.Module):
                 inp.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
                 act_for[inp] = q
                 quant_source[qnode] = inp
+            layer.input_ref = (act_for[inp],)
             records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp], index=len(records)))
         gm.graph.lint()
         gm.recompile()
@@ -135,6 +136,7 @@ class QuantModel(nn.Module):
         for name, module in targets:
             layer = QuantLayer(module, weights, name)
             layer.input_quantizer = UniformQuantizer(activations, name=f"input of {name}")
+            layer.input_ref = (layer.input_quantizer,)
             G.set_submodule(net, name, layer)
             records.append(LayerRecord(name=name, layer=layer, input_quantizer=layer.input_quantizer, index=len(records)))
         return net, records
