@@ -21,7 +21,8 @@ from lowbit.zoo import pretrained
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--recipe", default="w8a8")
+    ap.add_argument("--recipes", default="w8a8,w8a8-int8",
+                    help="comma-separated recipes for lowbit's rows (w8a8-int8 also quantizes residual adds)")
     ap.add_argument("--data-dir")
     ap.add_argument("--models-dir")
     ap.add_argument("--threads", type=int, default=2)
@@ -31,8 +32,8 @@ def main() -> None:
     model = pretrained(args.model, models_dir=args.models_dir)
     train = load_dataset("cifar10", "train", data_dir=args.data_dir)
     test = load_dataset("cifar10", "test", data_dir=args.data_dir)
-    out = run_runtime_benchmark(model, train, test, args.recipe, args.threads, args.repeats)
-    print(f"{args.model} {out['recipe']}, {out['threads']} threads, {out['test_images']} test images")
+    out = run_runtime_benchmark(model, train, test, args.recipes.split(","), args.threads, args.repeats)
+    print(f"{args.model}: {out['threads']} threads, {out['test_images']} test images")
     print(format_table(out["rows"], markdown=True))
     out.update({"model": args.model, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                 "machine": platform.processor() or platform.machine()})

@@ -42,7 +42,8 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     r = load_recipe(recipe)
-    qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float)
+    qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float,
+                    quantize_adds=r.quantize_adds)
     apply_bit_overrides(qm, r)
     qm.meta["recipe"] = r.to_dict()
     qm.meta["arch"] = getattr(model, "lowbit_arch", None)

@@ -145,9 +145,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
-    out = run_runtime_benchmark(model, train, test, args.recipe, threads=args.threads or 2,
+    out = run_runtime_benchmark(model, train, test, args.recipe.split(","), threads=args.threads or 2,
                                 repeats=args.repeats, test_limit=args.test_limit)
-    print(f"{args.model} {out['recipe']}: {out['threads']} threads, {out['test_images']} test images")
+    print(f"{args.model}: {out['threads']} threads, {out['test_images']} test images")
     _emit(args, out, out["rows"])
     return 0
 
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="PyTorch/ORT float vs lowbit int8 ONNX vs ORT quantize_static: speed and accuracy")
     _add_common(b)
-    b.add_argument("--recipe", default="w8a8")
+    b.add_argument("--recipe", default="w8a8,w8a8-int8", help="comma-separated recipes to compare")
     b.add_argument("--repeats", type=int, default=50)
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train a zoo architecture from scratch (e.g. smallcnn on mnist)")

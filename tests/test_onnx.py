@@ -71,3 +71,22 @@ def test_unsupported_op_is_named(tmp_path):
 def test_missing_onnx_file_is_a_clear_error(tmp_path):
     with pytest.raises(lowbit.LowbitError, match="does not exist"):
         OnnxModel(tmp_path / "missing.onnx")
+
+
+def test_int8_recipe_keeps_every_conv_in_integer_kernels(resnet20, cifar_slices, tmp_path):
+    """With residual-add inputs quantized, ONNX Runtime's optimizer fuses every conv into
+    an integer kernel: no float Conv is left in the optimized graph."""
+    import onnxruntime as ort
+
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w8a8-int8", calib=calib, progress=False)
+    path = export_onnx(qm, tmp_path / "int8.onnx", calib[:1])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 19 and "Conv" not in ops
+    x = test[0][:300]
+    agree = (OnnxModel(path)(x).argmax(1) == qm(x).argmax(1)).float().mean()
+    assert agree >= 0.99

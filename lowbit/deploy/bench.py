@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -57,27 +57,30 @@ def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor]) 
 
 
 def run_runtime_benchmark(
-    model: nn.Module, train: Dataset, test: Dataset, recipe: Any = "w8a8", threads: int = 2,
+    model: nn.Module, train: Dataset, test: Dataset, recipes: Sequence[Any] = ("w8a8",), threads: int = 2,
     repeats: int = 50, test_limit: int | None = None, workdir: Path | None = None,
 ) -> dict[str, Any]:
+    """One row per engine; lowbit gets a fake-quant and an ONNX row per recipe."""
     torch.set_num_threads(threads)
-    r = load_recipe(recipe)
-    calib = calibration_batches(train, r)
-    qm = quantize(model, r, calib=calib, progress=False)
     work = Path(workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
+    loaded = [load_recipe(r) for r in recipes]
+    calib = calibration_batches(train, loaded[0])
     example = calib[0][:1]
-    with qm.quantization(weights=False, activations=False):
-        float_onnx = export_onnx(qm, work / "float.onnx", example)
-    lowbit_onnx = export_onnx(qm, work / "lowbit_int8.onnx", example)
+    engines: dict[str, tuple[nn.Module, Path | None]] = {"pytorch float": (model, None)}
+    float_onnx = None
+    for r in loaded:
+        qm = quantize(model, r, calib=calibration_batches(train, r), progress=False)
+        if float_onnx is None:
+            with qm.quantization(weights=False, activations=False):
+                float_onnx = export_onnx(qm, work / "float.onnx", example)
+            engines["onnxruntime float"] = (OnnxModel(float_onnx, threads=threads), float_onnx)
+        stem = r.name.replace("/", "_")
+        engines[f"lowbit fake-quant torch ({r.name})"] = (qm, save(qm, work / f"{stem}.lowbit"))
+        onnx_path = export_onnx(qm, work / f"{stem}.onnx", example)
+        engines[f"lowbit onnx ({r.name})"] = (OnnxModel(onnx_path, threads=threads), onnx_path)
+    assert float_onnx is not None
     peer_onnx = ort_quantize_static(float_onnx, work / "ort_static.onnx", calib)
-    artifact = save(qm, work / "model.lowbit")
-    engines: dict[str, tuple[nn.Module, Path | None]] = {
-        "pytorch float": (model, None),
-        "lowbit fake-quant (torch)": (qm, artifact),
-        "onnxruntime float": (OnnxModel(float_onnx, threads=threads), float_onnx),
-        "lowbit int8 onnx": (OnnxModel(lowbit_onnx, threads=threads), lowbit_onnx),
-        "ort quantize_static": (OnnxModel(peer_onnx, threads=threads), peer_onnx),
-    }
+    engines["ort quantize_static"] = (OnnxModel(peer_onnx, threads=threads), peer_onnx)
     test_batches = TensorBatches(test, limit=test_limit)
     x1, _ = next(iter(TensorBatches(test, batch_size=1)))
     x64, _ = next(iter(TensorBatches(test, batch_size=64)))
@@ -94,5 +97,5 @@ def run_runtime_benchmark(
     for row in rows:
         row["speedup_b64"] = round(row["throughput_b64_img_s"] / base["throughput_b64_img_s"], 2)
         row["speedup_b1"] = round(base["latency_b1_ms"] / row["latency_b1_ms"], 2)
-    return {"recipe": r.name, "threads": threads, "repeats": repeats, "test_images": len(test_batches.indices),
-            "rows": rows, "files": {k: str(f) for k, (_, f) in engines.items() if f}}
+    return {"recipes": [r.name for r in loaded], "threads": threads, "repeats": repeats,
+            "test_images": len(test_batches.indices), "rows": rows}

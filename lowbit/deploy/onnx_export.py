@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lowbit.errors import LowbitError
 from lowbit.model.fold_bn import BN_TYPES
-from lowbit.model.graph import RELU_FUNCTIONS, RELU_MODULES
+from lowbit.model.graph import ADD_FUNCTIONS, RELU_FUNCTIONS, RELU_MODULES
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.quantizer import UniformQuantizer
@@ -199,7 +199,7 @@ class _Builder:
         t = node.target
         if t in RELU_FUNCTIONS:
             return self.op("Relu", [self.arg(node.args[0])], "relu")
-        if t in (operator.add, torch.add):
+        if t in ADD_FUNCTIONS:
             return self.op("Add", [self.arg(node.args[0]), self.arg(node.args[1])], "add")
         if t is F.pad:
             return self.pad(node)

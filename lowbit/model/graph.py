@@ -19,6 +19,7 @@ from lowbit.model.quant_layer import QUANTIZABLE
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
+ADD_FUNCTIONS = {operator.add, torch.add}
 
 
 def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

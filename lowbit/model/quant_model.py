@@ -56,6 +56,7 @@ class QuantModel(nn.Module):
     def __init__(
         self, model: nn.Module, weights: QuantSpec, activations: QuantSpec,
         fold_bn: bool = True, keep_float: list[str] | None = None, trace: bool = True,
+        quantize_adds: bool = False,
     ) -> None:
         super().__init__()
         keep_float = list(keep_float or [])
@@ -64,6 +65,7 @@ class QuantModel(nn.Module):
         self.bn_priors: dict[str, tuple[BNPrior, bool]] = {}
         self.fold_bn = fold_bn
         self.trace_error: str | None = None
+        self.tensor_quantizers: list[str] = []  # quantizers on add inputs (not layer inputs)
         gm = None
         if trace:
             try:
@@ -77,7 +79,7 @@ class QuantModel(nn.Module):
                 )
         if gm is not None:
             self.mode = "graph"
-            self.net, records = self._build_graph(gm, weights, activations, fold_bn, keep_float)
+            self.net, records = self._build_graph(gm, weights, activations, fold_bn, keep_float, quantize_adds)
         else:
             self.mode = "hooks"
             self.fold_bn = False
@@ -94,7 +96,7 @@ class QuantModel(nn.Module):
     def _skip(self, name: str, keep_float: list[str]) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in keep_float)
 
-    def _build_graph(self, gm, weights, activations, fold_bn, keep_float):
+    def _build_graph(self, gm, weights, activations, fold_bn, keep_float, quantize_adds=False):
         folded = fold_batchnorms(gm, QUANTIZABLE) if fold_bn else {}
         modules = dict(gm.named_modules())
         act_for: dict[fx.Node, UniformQuantizer] = {}
@@ -126,9 +128,32 @@ class QuantModel(nn.Module):
                 quant_source[qnode] = inp
             layer.input_ref = (act_for[inp],)
             records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp], index=len(records)))
+        if quantize_adds:
+            self._quantize_add_inputs(gm, activations, len(act_for), set(quant_source))
         gm.graph.lint()
         gm.recompile()
         return gm, records
+
+    def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, first_index: int,
+                             quantized: set[fx.Node]) -> None:
+        """Put a quantizer on every residual-add input that is not already a quantized
+        tensor, so an integer runtime can run the add (and the conv before it) in int8
+        instead of falling back to float around it."""
+        count = first_index
+        for node in list(gm.graph.nodes):
+            if not (node.op == "call_function" and node.target in G.ADD_FUNCTIONS):
+                continue
+            for arg in node.args[:2]:
+                if not isinstance(arg, fx.Node) or arg in quantized:
+                    continue
+                key = f"act_quant_{count}"
+                count += 1
+                gm.add_submodule(key, UniformQuantizer(activations, name=f"add input {arg.name}"))
+                with gm.graph.inserting_after(G.insertion_point(gm.graph, arg)):
+                    qnode = gm.graph.call_module(key, (arg,))
+                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+                quantized.add(qnode)
+                self.tensor_quantizers.append(key)
 
     def _build_hooks(self, net, weights, activations, keep_float):
         records: list[LayerRecord] = []
@@ -156,6 +181,8 @@ class QuantModel(nn.Module):
             q = r.input_quantizer
             if q is not None and names[id(q)] not in out:
                 out[names[id(q)]] = q
+        for key in self.tensor_quantizers:
+            out[key] = self.net.get_submodule(key)
         return out
 
     @contextlib.contextmanager

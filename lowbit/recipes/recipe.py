@@ -19,7 +19,7 @@ from lowbit.errors import BitsError, RecipeError
 from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
-TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "first_last_bits",
+TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "first_last_bits",
             "overrides", "keep_float", "calibration", "steps", "extends"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options"}
@@ -80,6 +80,7 @@ class Recipe:
     activations: TensorRecipe
     description: str = ""
     fold_bn: bool = True
+    quantize_adds: bool = False
     first_last_bits: int | None = 8
     overrides: list[dict[str, Any]] = field(default_factory=list)
     keep_float: list[str] = field(default_factory=list)
@@ -123,15 +124,18 @@ class Recipe:
                 raise RecipeError(f"calibration.{k} must be a positive integer, got {v!r}")
         steps = [_parse_step(s, i) for i, s in enumerate(data.get("steps", ["calibrate"]) or [])]
         fold_bn = data.get("fold_bn", True)
-        if not isinstance(fold_bn, bool):
-            raise RecipeError(f"fold_bn must be true or false, got {fold_bn!r}")
+        quantize_adds = data.get("quantize_adds", False)
+        for key, value in (("fold_bn", fold_bn), ("quantize_adds", quantize_adds)):
+            if not isinstance(value, bool):
+                raise RecipeError(f"{key} must be true or false, got {value!r}")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
-                   weights=weights, activations=acts, fold_bn=fold_bn, first_last_bits=fl,
+                   weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, first_last_bits=fl,
                    overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "weights": self.weights.to_dict(),
                 "activations": self.activations.to_dict(), "fold_bn": self.fold_bn,
+                "quantize_adds": self.quantize_adds,
                 "first_last_bits": self.first_last_bits, "overrides": self.overrides,
                 "keep_float": self.keep_float, "calibration": self.calibration,
                 "steps": [{name: params} for name, params in self.steps]}
