@@ -52,6 +52,8 @@ class _Builder:
         self.counter = 0
         # scale of the quantized tensor each node produces (for int32 bias scales)
         self.act_scale: dict[str, tuple[np.ndarray, UniformQuantizer]] = {}
+        # DequantizeLinear output -> (its integer input, scale name, zero-point name)
+        self.dq_source: dict[str, tuple[str, str, str]] = {}
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -104,6 +106,19 @@ class _Builder:
         qx = self.op("QuantizeLinear", [x, s_name, z_name], "q")
         out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
         self.act_scale[out] = (scale, q)
+        self.dq_source[out] = (qx, s_name, z_name)
+        return out
+
+    def flatten(self, x: str, axis: int) -> str:
+        """Flatten a dequantized tensor on its integer side (DQ∘Flatten = Flatten∘DQ for a
+        per-tensor scale), so the runtime sees DQ right before the next layer and fuses it."""
+        if x not in self.dq_source:
+            return self.op("Flatten", [x], "flatten", axis=axis)
+        qx, s_name, z_name = self.dq_source[x]
+        flat = self.op("Flatten", [qx], "flatten_q", axis=axis)
+        out = self.op("DequantizeLinear", [flat, s_name, z_name], "dq")
+        self.act_scale[out] = self.act_scale[x]
+        self.dq_source[out] = (flat, s_name, z_name)
         return out
 
     def weight(self, layer: QuantLayer) -> str:
@@ -219,7 +234,7 @@ class _Builder:
                            kernel_shape=k, strides=stride)
         if t is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self.op("Flatten", [self.arg(node.args[0])], "flatten", axis=int(start))
+            return self.flatten(self.arg(node.args[0]), int(start))
         raise ExportError(f"cannot export {node.name}: function {getattr(t, '__name__', t)!r} has no ONNX mapping here")
 
     def method(self, node: fx.Node) -> str:
@@ -227,7 +242,7 @@ class _Builder:
             return self.op("Relu", [self.arg(node.args[0])], "relu")
         if node.target == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self.op("Flatten", [self.arg(node.args[0])], "flatten", axis=int(start))
+            return self.flatten(self.arg(node.args[0]), int(start))
         raise ExportError(f"cannot export {node.name}: tensor method {node.target!r} has no ONNX mapping here")
 
     def module(self, node: fx.Node) -> str:
@@ -242,7 +257,7 @@ class _Builder:
         if isinstance(m, BN_TYPES):
             return self.batchnorm(node, m)
         if isinstance(m, nn.Flatten):
-            return self.op("Flatten", [self.arg(node.args[0])], "flatten", axis=int(m.start_dim))
+            return self.flatten(self.arg(node.args[0]), int(m.start_dim))
         raise ExportError(f"cannot export layer {node.target!r} of type {type(m).__name__}: no ONNX mapping")
 
 

@@ -20,6 +20,7 @@ from lowbit.model.quant_layer import QUANTIZABLE
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 ADD_FUNCTIONS = {operator.add, torch.add}
+POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d}
 
 
 def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -52,6 +53,14 @@ def find_bn_prior(
     if isinstance(module, BN_TYPES):
         return bn_prior(module), rectified
     return None
+
+
+def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target is torch.flatten
+    if node.op == "call_method":
+        return node.target == "flatten"
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)
 
 
 def quantizable_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -136,14 +136,20 @@ class QuantModel(nn.Module):
 
     def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, first_index: int,
                              quantized: set[fx.Node]) -> None:
-        """Put a quantizer on every residual-add input that is not already a quantized
-        tensor, so an integer runtime can run the add (and the conv before it) in int8
-        instead of falling back to float around it."""
+        """Put a quantizer on every input of a residual add or a pooling op that is not
+        already a quantized tensor, so an integer runtime can run the add, the pooling and
+        the conv before them in int8 instead of falling back to float around them."""
         count = first_index
         for node in list(gm.graph.nodes):
-            if not (node.op == "call_function" and node.target in G.ADD_FUNCTIONS):
+            if node.op != "call_function":
                 continue
-            for arg in node.args[:2]:
+            if node.target in G.ADD_FUNCTIONS:
+                args = node.args[:2]
+            elif node.target in G.POOL_FUNCTIONS:
+                args = node.args[:1]
+            else:
+                continue
+            for arg in args:
                 if not isinstance(arg, fx.Node) or arg in quantized:
                     continue
                 key = f"act_quant_{count}"
@@ -154,6 +160,25 @@ class QuantModel(nn.Module):
                 arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
+        self._quantize_before_flatten(gm)
+
+    @staticmethod
+    def _quantize_before_flatten(gm: fx.GraphModule) -> None:
+        """q(flatten(x)) → flatten(q(x)): exact for a per-tensor quantizer, and it lets the
+        runtime fuse the pooling before the flatten into its integer kernel."""
+        modules = dict(gm.named_modules())
+        for q in list(gm.graph.nodes):
+            if q.op != "call_module" or not isinstance(modules.get(q.target), UniformQuantizer):
+                continue
+            flat = q.args[0]
+            if not (isinstance(flat, fx.Node) and G.is_flatten(flat, modules) and len(flat.users) == 1):
+                continue
+            if modules[q.target].spec.per_channel:
+                continue
+            q.args = (flat.args[0],)
+            flat.prepend(q)
+            q.replace_all_uses_with(flat, delete_user_cb=lambda user, f=flat: user is not f)
+            flat.args = (q, *flat.args[1:])
 
     def _build_hooks(self, net, weights, activations, keep_float):
         records: list[LayerRecord] = []
