@@ -267,9 +267,11 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
     Run inside ``qm.quantization(False, False)`` to export the float network (BN folded)
     through the same code path, e.g. as a runtime baseline.
     """
-    import onnx
-    from onnx import TensorProto, helper
-
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'lowbit[deploy]'") from None
     if qm.mode != "graph":
         raise ExportError("ONNX export needs a traced model; this QuantModel runs in hook fallback mode")
     if not qm.calibrated:

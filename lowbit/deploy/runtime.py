@@ -16,7 +16,10 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise LowbitError("running ONNX models needs onnxruntime: pip install 'lowbit[deploy]'") from None
 
         path = Path(path)
         if not path.is_file():
