@@ -61,9 +61,7 @@ def quantize(
     """
     r = load_recipe(recipe)
     start = time.perf_counter()
-    was_training = model.training
     qm = prepare(model, r)
-    model.train(was_training)
     batches = as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])
     torch.manual_seed(r.calibration["seed"])
     for name, params in r.steps:

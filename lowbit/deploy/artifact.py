@@ -51,16 +51,10 @@ def _stored_tensors(qm: QuantModel) -> tuple[dict[str, QuantLayer], dict[str, to
     """(weights stored as codes, float tensors stored as float32): everything that
     defines the quantized model's output, nothing that does not (integer BN counters)."""
     packed = _packed_weights(qm)
-    quantizer_state = {f"{n}.{b}" for n, q in _quantizers(qm).items() for b in ("scale", "zero_point")}
-    floats: dict[str, torch.Tensor] = {}
-    for key, t in qm.state_dict().items():
-        if key in packed or not t.is_floating_point():
-            continue
-        if key in quantizer_state and key.endswith("zero_point"):
-            qname = key.rsplit(".", 1)[0]
-            if _quantizers(qm)[qname].spec.symmetric:
-                continue  # always zero: not stored
-        floats[key] = t
+    # Zero points of symmetric grids are always 0: not stored.
+    constant = {f"{n}.zero_point" for n, q in _quantizers(qm).items() if q.spec.symmetric}
+    floats = {key: t for key, t in qm.state_dict().items()
+              if key not in packed and key not in constant and t.is_floating_point()}
     return packed, floats
 
 

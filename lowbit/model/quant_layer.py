@@ -36,8 +36,8 @@ class QuantLayer(nn.Module):
         self.module = module
         self.name = name
         self.kind = layer_kind(module)
-        self.weight_quantizer = UniformQuantizer(weight_spec.with_(per_channel=weight_spec.per_channel, ch_axis=0),
-                                                 name=f"{name}.weight")
+        # Output channels are dim 0 of Conv and Linear weights alike.
+        self.weight_quantizer = UniformQuantizer(weight_spec.with_(ch_axis=0), name=f"{name}.weight")
         self.input_quantizer: UniformQuantizer | None = None
         # The quantizer of this layer's input (a plain tuple, so it is not registered as a
         # submodule twice): its scale fixes the int32 bias grid.
