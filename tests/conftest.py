@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LOWBIT_SHARED_DIR", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("LOWBIT_SHARED_DIR", ROOT.parent / "shared")).resolve()
 DATA_DIR = SHARED / "data"
 MODELS_DIR = SHARED / "models"
 
