@@ -27,15 +27,24 @@ def data_cache_dir() -> Path:
     return cache_root() / "data"
 
 
+def search_dirs(explicit: str | os.PathLike[str] | None, explicit_label: str, env_var: str,
+                cache: Path) -> list[tuple[str, Path]]:
+    """(origin, directory) pairs in priority order: the explicit argument, then every
+    directory in ``$env_var`` (os.pathsep-separated), then the cache. Shared by datasets
+    and pretrained weights so both resolve files the same way."""
+    out: list[tuple[str, Path]] = []
+    if explicit is not None:
+        out.append((explicit_label, Path(explicit).expanduser()))
+    env = os.environ.get(env_var)
+    if env:
+        out.extend((env_var, Path(p).expanduser()) for p in env.split(os.pathsep) if p)
+    out.append(("cache", cache))
+    return out
+
+
 def candidate_dirs(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> list[tuple[str, Path]]:
     """(origin, directory) pairs to search, in priority order."""
-    out: list[tuple[str, Path]] = []
-    if data_dir is not None:
-        out.append(("data_dir argument", Path(data_dir).expanduser()))
-    env = os.environ.get("LOWBIT_DATA_DIR")
-    if env:
-        out.extend(("LOWBIT_DATA_DIR", Path(p).expanduser()) for p in env.split(os.pathsep) if p)
-    out.append(("cache", data_cache_dir()))
+    out = search_dirs(data_dir, "data_dir argument", "LOWBIT_DATA_DIR", data_cache_dir())
     out.extend(("system", Path(p)) for p in info.system_dirs)
     return out
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from lowbit.data import download as _dl
-from lowbit.data.locate import cache_root
+from lowbit.data.locate import cache_root, search_dirs
 from lowbit.errors import ChecksumError, LowbitError
 from lowbit.zoo.resnet_cifar import resnet_cifar
 from lowbit.zoo.small_cnn import SmallCNN
@@ -116,14 +116,7 @@ def models_cache_dir() -> Path:
 
 
 def _weight_dirs(models_dir: str | os.PathLike[str] | None) -> list[tuple[str, Path]]:
-    dirs: list[tuple[str, Path]] = []
-    if models_dir is not None:
-        dirs.append(("models_dir argument", Path(models_dir).expanduser()))
-    env = os.environ.get("LOWBIT_MODELS_DIR")
-    if env:
-        dirs.extend(("LOWBIT_MODELS_DIR", Path(p).expanduser()) for p in env.split(os.pathsep) if p)
-    dirs.append(("cache", models_cache_dir()))
-    return dirs
+    return search_dirs(models_dir, "models_dir argument", "LOWBIT_MODELS_DIR", models_cache_dir())
 
 
 def pretrained_path(name: str, models_dir: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
