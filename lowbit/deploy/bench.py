@@ -64,12 +64,13 @@ def run_runtime_benchmark(
     torch.set_num_threads(threads)
     work = Path(workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
     loaded = [load_recipe(r) for r in recipes]
-    calib = calibration_batches(train, loaded[0])
+    calib_sets = [calibration_batches(train, r) for r in loaded]
+    calib = calib_sets[0]  # the peer calibrates on the first recipe's images
     example = calib[0][:1]
     engines: dict[str, tuple[nn.Module, Path | None]] = {"pytorch float": (model, None)}
     float_onnx = None
-    for r in loaded:
-        qm = quantize(model, r, calib=calibration_batches(train, r), progress=False)
+    for r, r_calib in zip(loaded, calib_sets):
+        qm = quantize(model, r, calib=r_calib, progress=False)
         if float_onnx is None:
             with qm.quantization(weights=False, activations=False):
                 float_onnx = export_onnx(qm, work / "float.onnx", example)

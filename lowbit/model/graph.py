@@ -74,6 +74,3 @@ def insertion_point(graph: fx.Graph, node: fx.Node) -> fx.Node:
         return node
     return [n for n in graph.nodes if n.op == "placeholder"][-1]
 
-
-def is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem

@@ -21,7 +21,6 @@ class LayerRecord:
     name: str
     layer: QuantLayer
     input_quantizer: UniformQuantizer | None
-    index: int
 
     @property
     def kind(self) -> str:

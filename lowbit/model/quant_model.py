@@ -127,7 +127,7 @@ class QuantModel(nn.Module):
                 act_for[inp] = q
                 quant_source[qnode] = inp
             layer.input_ref = (act_for[inp],)
-            records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp], index=len(records)))
+            records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp]))
         if quantize_adds:
             self._quantize_add_inputs(gm, activations, len(act_for), set(quant_source))
         gm.graph.lint()
@@ -188,7 +188,7 @@ class QuantModel(nn.Module):
             layer.input_quantizer = UniformQuantizer(activations, name=f"input of {name}")
             layer.input_ref = (layer.input_quantizer,)
             G.set_submodule(net, name, layer)
-            records.append(LayerRecord(name=name, layer=layer, input_quantizer=layer.input_quantizer, index=len(records)))
+            records.append(LayerRecord(name=name, layer=layer, input_quantizer=layer.input_quantizer))
         return net, records
 
     # -- running -------------------------------------------------------------------------
