@@ -57,12 +57,16 @@ def quantize(
     """Quantize a copy of ``model`` with a recipe; the float model is left unchanged.
 
     ``calib``: a DataLoader, an iterable of input batches or (input, label) pairs, or a
-    tensor; the recipe's ``calibration.samples`` inputs are used.
+    tensor; the recipe's ``calibration.samples`` inputs are used. Recipes whose first
+    step is ``zeroq`` make their own data and take ``calib=None``.
     """
     r = load_recipe(recipe)
     start = time.perf_counter()
     qm = prepare(model, r)
-    batches = as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])
+    data_free = bool(r.steps) and r.steps[0][0] == "zeroq"
+    if data_free and calib is not None:
+        raise LowbitError(f"recipe {r.name!r} distils its calibration data (zeroq); pass calib=None")
+    batches = [] if data_free else as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])
     torch.manual_seed(r.calibration["seed"])
     for name, params in r.steps:
         run_step(name, params, qm, batches, r, progress)

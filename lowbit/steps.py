@@ -51,9 +51,70 @@ def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
                               seed=recipe.calibration["seed"], progress=progress)
 
 
+def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool) -> None:
+    from lowbit.ptq.bias_correction import correct_bias
+
+    correct_bias(qm, batches, progress=progress)
+
+
+def _easyquant(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+               **params: Any) -> None:
+    from lowbit.ptq.easyquant import easyquant
+
+    _check_params("easyquant", params, {"rounds", "candidates", "low", "high", "samples"})
+    easyquant(qm, batches, progress=progress, **params)
+
+
+def _zeroq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+           input_shape: list[int] | None = None, **params: Any) -> None:
+    """Replace the calibration batches with distilled ones (later steps use those)."""
+    from lowbit.ptq.zeroq import distill_inputs
+
+    _check_params("zeroq", params, {"iters", "lr", "batch_size"})
+    shape = tuple(input_shape) if input_shape else _default_input_shape(qm)
+    seed = recipe.calibration["seed"]
+    batches[:] = distill_inputs(qm, recipe.calibration["samples"], shape, seed=seed, progress=progress, **params)
+    qm.meta["calibration_data"] = "zeroq (distilled, no real images)"
+
+
+def _default_input_shape(qm: "QuantModel") -> tuple[int, ...]:
+    from lowbit.data.registry import get_info
+    from lowbit.zoo import model_info
+
+    arch = qm.meta.get("arch") or {}
+    try:
+        return tuple(get_info(model_info(arch["name"]).dataset).input_shape)
+    except Exception:  # noqa: BLE001 - any failure means we cannot tell
+        raise RecipeError("zeroq: cannot tell this model's input shape; give `input_shape: [C, H, W]`") from None
+
+
+def _check_params(step: str, params: dict[str, Any], known: set[str]) -> None:
+    bad = sorted(set(params) - known)
+    if bad:
+        raise RecipeError(f"step {step!r}: unknown parameter(s) {bad}; known: {sorted(known)}")
+
+
+def _reconstruction(method: str) -> Callable[..., None]:
+    def step(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+             **params: Any) -> None:
+        from lowbit.ptq.reconstruct import reconstruct
+
+        params.setdefault("seed", recipe.calibration["seed"])
+        reconstruct(qm, batches, method=method, progress=progress, **params)
+
+    step.__doc__ = f"{method} reconstruction (lowbit.ptq.reconstruct)"
+    return step
+
+
+RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop", "pdquant", "adaquant", "teacher_student")
+
 STEPS: dict[str, Callable[..., None]] = {
     "calibrate": _calibrate,
     "usp": _usp,
+    "bias_correction": _bias_correction,
+    "easyquant": _easyquant,
+    "zeroq": _zeroq,
+    **{m: _reconstruction(m) for m in RECONSTRUCTION_METHODS},
 }
 
 

@@ -1,6 +1,8 @@
 """The quantized layer: a float Conv/Linear whose weight passes through a quantizer."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,9 @@ class QuantLayer(nn.Module):
         # submodule twice): its scale fixes the int32 bias grid.
         self.input_ref: tuple[UniformQuantizer, ...] = ()
         self.quantize_weight = True
+        # Set by learned-rounding algorithms while they optimise (AdaRound): replaces the
+        # quantizer's round-to-nearest for this layer's weight.
+        self.weight_fn: Callable[[], torch.Tensor] | None = None
         self.macs: int | None = None
 
     @property
@@ -56,6 +61,8 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if not self.quantize_weight:
             return self.module.weight
+        if self.weight_fn is not None:
+            return self.weight_fn()
         return self.weight_quantizer(self.module.weight)
 
     def quantized_bias(self) -> torch.Tensor | None:

@@ -83,6 +83,7 @@ class QuantModel(nn.Module):
         else:
             self.mode = "hooks"
             self.fold_bn = False
+            self.layer_bn = {}
             self.net, records = self._build_hooks(net, weights, activations, keep_float)
         if not records:
             raise UnsupportedModelError(
@@ -91,6 +92,12 @@ class QuantModel(nn.Module):
             )
         self.layers = LayerTable(records)
         self.meta: dict[str, Any] = {}
+        # The float network as built (BN folded), kept so algorithms that edit weights or
+        # biases (bias correction, AdaQuant, refinement) can still run the true teacher.
+        quantizer_buffers = {id(b) for m in self.net.modules() if isinstance(m, UniformQuantizer) for b in m.buffers()}
+        tensors = list(self.net.parameters()) + [b for b in self.net.buffers()
+                                                 if b.is_floating_point() and id(b) not in quantizer_buffers]
+        self._float_copy: list[tuple[torch.Tensor, torch.Tensor]] = [(t, t.detach().clone()) for t in tensors]
 
     # -- construction -------------------------------------------------------------------
     def _skip(self, name: str, keep_float: list[str]) -> bool:
@@ -98,6 +105,9 @@ class QuantModel(nn.Module):
 
     def _build_graph(self, gm, weights, activations, fold_bn, keep_float, quantize_adds=False):
         folded = fold_batchnorms(gm, QUANTIZABLE) if fold_bn else {}
+        # Folded BN statistics per layer name: the distribution each layer's float output
+        # should have (ZeroQ and PD-Quant's distribution correction match it).
+        self.layer_bn: dict[str, BNPrior] = {str(n.target): folded[n.name] for n in gm.graph.nodes if n.name in folded}
         modules = dict(gm.named_modules())
         act_for: dict[fx.Node, UniformQuantizer] = {}
         quant_source: dict[fx.Node, fx.Node] = {}
@@ -226,6 +236,24 @@ class QuantModel(nn.Module):
                 r.layer.quantize_weight = s
             for n, q in self.act_quantizers().items():
                 q.enabled = saved_a[n]
+
+    def register_float_param(self, param: torch.Tensor, float_value: torch.Tensor) -> None:
+        """Record the float value of a parameter an algorithm adds (e.g. a new bias)."""
+        self._float_copy.append((param, float_value.detach().clone()))
+
+    @contextlib.contextmanager
+    def float_reference(self) -> Iterator[None]:
+        """Run as the original float network: quantization off and every parameter back
+        at its value from before any algorithm edited it (the teacher of reconstruction)."""
+        saved = [p.data for p, _ in self._float_copy]
+        try:
+            for p, f in self._float_copy:
+                p.data = f
+            with self.quantization(weights=False, activations=False):
+                yield
+        finally:
+            for (p, _), d in zip(self._float_copy, saved):
+                p.data = d
 
     @property
     def calibrated(self) -> bool:

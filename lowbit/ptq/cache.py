@@ -1,0 +1,49 @@
+"""Side-by-side caching of float and quantized tensors, written once for every
+reconstruction-style algorithm (bias correction, EasyQuant, AdaRound, BRECQ, ...)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.model.quant_layer import QuantLayer
+
+CHUNK = 128  # images per forward pass while caching: bounds peak memory
+
+
+@torch.no_grad()
+def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+
+@torch.no_grad()
+def capture_layers(
+    unit: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, layers: list[QuantLayer],
+    inputs: bool = True, outputs: bool = True, chunk: int = CHUNK,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Run ``unit`` over ``x`` and record, for each layer, the float tensor entering its
+    input quantizer and the layer's output; also returns the unit's output.
+
+    Inputs are taken before the activation quantizer so reconstruction can apply (and
+    learn) that quantizer itself.
+    """
+    seen_in: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    seen_out: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    handles = []
+    for layer in layers:
+        if inputs:
+            source: nn.Module = layer.input_ref[0] if layer.input_ref else layer
+            handles.append(source.register_forward_pre_hook(
+                lambda _m, args, name=layer.name: seen_in[name].append(args[0].detach())))
+        if outputs:
+            handles.append(layer.register_forward_hook(
+                lambda _m, _args, out, name=layer.name: seen_out[name].append(out.detach())))
+    try:
+        out = run_chunked(unit, x, chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    # A quantizer shared by two layers fires once per pass; each layer saw the same tensor.
+    cat = {n: torch.cat(v) for n, v in seen_in.items() if v}
+    return cat, {n: torch.cat(v) for n, v in seen_out.items() if v}, out

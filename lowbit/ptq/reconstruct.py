@@ -1,0 +1,331 @@
+"""One reconstruction loop for every output-matching method.
+
+The quantized network is rebuilt unit by unit (a layer, or a residual block) so that its
+output matches the float network's on calibration data. Methods differ only in what is
+learned and how the loss is formed, so each is a preset of :class:`ReconConfig`:
+
+- AdaRound: layer-wise, learned rounding (rectified sigmoid + annealed regulariser).
+- BRECQ: block-wise AdaRound plus learned activation step sizes (LSQ-style gradient).
+- QDrop: BRECQ with activation quantization randomly dropped (per element, p = 0.5) and
+  the block input drawn element-wise from the float or the quantized network.
+- PD-Quant: QDrop plus the prediction-difference loss (KL between the float network's
+  logits and those obtained by running the quantized block's output through the rest of
+  the float network) and distribution correction of the block input.
+- AdaQuant: layer-wise, continuous weights (STE), bias and both step sizes learned.
+- Teacher-student (seed 002, section 3.3.2): layer-wise, the quantized layer's latent
+  float weights are refined through the STE so its output matches the float teacher's
+  layer output; scales stay as initialised (e.g. by the cosine estimator).
+
+Progress is shown per unit; with ``checkpoint`` set, the model state is saved after every
+unit and a rerun of the same recipe continues after the last finished unit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lowbit.errors import LowbitError, RecipeError
+from lowbit.model.quant_layer import QuantLayer
+from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
+from lowbit.ptq.cache import capture_layers, run_chunked
+from lowbit.ptq.distribution import correct_block_input
+from lowbit.ptq.units import Unit, quantization_off, split_units
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    granularity: str = "layer"        # "layer" | "block"
+    rounding: str = "adaround"        # "adaround" | "ste" (learn latent float weights)
+    iters: int = 500
+    batch_size: int = 32
+    lr_round: float = 1e-3            # AdaRound's V
+    lr_weight: float = 1e-5           # latent weights / biases (ste rounding)
+    lr_scale: float = 4e-5            # activation and weight step sizes
+    learn_act_scale: bool = False
+    learn_weight_scale: bool = False
+    learn_bias: bool = False
+    reg_weight: float = 0.01          # λ of AdaRound's f_reg
+    warmup: float = 0.2
+    keep_prob: float = 1.0            # QDrop: chance an activation stays quantized
+    input_quant_prob: float = 1.0     # QDrop: chance a block-input element comes from the quantized net
+    pd_weight: float = 0.0            # PD-Quant: weight of the KL prediction-difference loss
+    pd_temperature: float = 4.0
+    rec_weight: float = 1.0           # weight of the local reconstruction loss
+    dc_iters: int = 0                 # PD-Quant distribution correction steps per block
+    dc_lr: float = 0.01
+    dc_reg: float = 1.0
+
+
+PRESETS: dict[str, ReconConfig] = {
+    "adaround": ReconConfig(granularity="layer", rounding="adaround"),
+    "brecq": ReconConfig(granularity="block", rounding="adaround", learn_act_scale=True),
+    "qdrop": ReconConfig(granularity="block", rounding="adaround", learn_act_scale=True,
+                         keep_prob=0.5, input_quant_prob=0.5),
+    "pdquant": ReconConfig(granularity="block", rounding="adaround", learn_act_scale=True,
+                           keep_prob=0.5, input_quant_prob=0.5, pd_weight=1.0, rec_weight=0.1,
+                           dc_iters=50),
+    "adaquant": ReconConfig(granularity="layer", rounding="ste", learn_bias=True, learn_weight_scale=True,
+                            learn_act_scale=True, lr_weight=1e-4, lr_scale=1e-4),
+    "teacher_student": ReconConfig(granularity="layer", rounding="ste", lr_weight=1e-4),
+}
+
+
+def make_config(method: str, overrides: dict[str, Any]) -> ReconConfig:
+    if method not in PRESETS:
+        raise RecipeError(f"unknown reconstruction method {method!r}; known: {sorted(PRESETS)}")
+    known = {f.name for f in fields(ReconConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise RecipeError(f"step {method!r}: unknown parameter(s) {bad}; known: {sorted(known)}")
+    cfg = replace(PRESETS[method], **overrides)
+    if cfg.granularity not in ("layer", "block") or cfg.rounding not in ("adaround", "ste"):
+        raise RecipeError(f"step {method!r}: granularity must be layer|block and rounding adaround|ste")
+    if cfg.iters < 0 or cfg.batch_size < 1 or not (0 < cfg.keep_prob <= 1) or not (0 <= cfg.input_quant_prob <= 1):
+        raise RecipeError(f"step {method!r}: iters ≥ 0, batch_size ≥ 1, keep_prob in (0, 1], "
+                          "input_quant_prob in [0, 1]")
+    return cfg
+
+
+def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progress: bool = True,
+                seed: int = 0, checkpoint: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run a reconstruction method over the whole model; returns per-unit final losses."""
+    cfg = make_config(method, overrides)
+    if not qm.calibrated:
+        raise LowbitError(f"{method} starts from calibrated scales: run the calibrate step first")
+    units = split_units(qm)
+    x = torch.cat(batches)
+    gen = torch.Generator().manual_seed(seed)
+    state = _Checkpoint(checkpoint, method, cfg, [u.name for u in units]) if checkpoint else None
+    done = state.load(qm) if state else 0
+    fp_logits = None
+    if cfg.pd_weight > 0:
+        with qm.float_reference():
+            fp_logits = run_chunked(qm, x)
+    losses: dict[str, float] = {}
+    with _frozen([qm]):
+        _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method, losses)
+    qm.meta.setdefault("reconstruction", []).append({"method": method, **asdict(cfg), "seed": seed,
+                                                     "final_losses": losses})
+    return losses
+
+
+def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method, losses) -> None:
+    fp_in, q_in = x, x
+    bar = tqdm(units, desc=method, unit="unit", disable=not progress, leave=False)
+    for k, unit in enumerate(bar):
+        with qm.float_reference():
+            fp_lin, fp_lout, fp_out = capture_layers(unit, fp_in, unit.layers, inputs=True,
+                                                     outputs=cfg.granularity == "layer")
+        if k >= done:
+            bar.set_postfix_str(unit.name)
+            if cfg.granularity == "block":
+                rest = units[k + 1:]
+                losses[unit.name] = _block(qm, cfg, unit, fp_in, q_in, fp_out, rest, fp_logits, gen, progress)
+            else:
+                for layer in unit.layers:
+                    q_lin, _, _ = capture_layers(unit, q_in, [layer], outputs=False)
+                    losses[layer.name] = _layer(cfg, layer, q_lin[layer.name], fp_lin[layer.name],
+                                                fp_lout[layer.name], gen, progress)
+            if state:
+                state.save(qm, k + 1)
+        q_in = run_chunked(unit, q_in)
+        fp_in = fp_out
+
+
+# -- one unit ----------------------------------------------------------------------------
+def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over samples and positions, the
+    normalisation AdaRound's λ = 0.01 was tuned for."""
+    d = (out - target).pow(2)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+def _layer(cfg, layer: QuantLayer, q_in, fp_in, fp_out, gen, progress) -> float:
+    quantizer = layer.input_ref[0] if layer.input_ref else None
+    quantizers = [quantizer] if quantizer is not None and quantizer.enabled else []
+
+    def forward(xq: torch.Tensor, _xf: torch.Tensor) -> torch.Tensor:
+        return layer(quantizer(xq) if quantizers else xq)
+
+    return _optimize(cfg, [layer], quantizers, forward, q_in, fp_in, fp_out, None, gen, progress, layer.name)
+
+
+def _block(qm, cfg, unit: Unit, fp_in, q_in, fp_out, rest: list[Unit], fp_logits, gen, progress) -> float:
+    if cfg.dc_iters > 0:
+        q_in = correct_block_input(qm, unit, q_in, cfg.dc_iters, cfg.dc_lr, cfg.dc_reg, gen)
+    extra = None
+    if cfg.pd_weight > 0:
+        def extra(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            z = out
+            for u in rest:
+                z = u(z)
+            t = cfg.pd_temperature
+            return cfg.pd_weight * F.kl_div(F.log_softmax(z / t, 1), F.softmax(fp_logits[idx] / t, 1),
+                                            reduction="batchmean")
+    with quantization_off(rest):
+        return _optimize(cfg, unit.layers, [q for q in unit.quantizers if q.enabled],
+                         lambda xq, xf: unit(xq), q_in, fp_in, fp_out, extra, gen, progress, unit.name)
+
+
+@contextlib.contextmanager
+def _trainable(tensors: list[torch.Tensor]) -> Iterator[None]:
+    saved = [t.requires_grad for t in tensors]
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t, s in zip(tensors, saved):
+            t.requires_grad_(s)
+
+
+@contextlib.contextmanager
+def _frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
+    params = [p for m in modules for p in m.parameters()]
+    saved = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, s in zip(params, saved):
+            p.requires_grad_(s)
+
+
+@contextlib.contextmanager
+def _dropped(quantizers: list[UniformQuantizer], keep_prob: float, gen: torch.Generator) -> Iterator[None]:
+    """QDrop: each quantized activation element falls back to its float value with
+    probability 1 − keep_prob (forward hooks, so the quantizer class stays unaware)."""
+    if keep_prob >= 1:
+        yield
+        return
+
+    def hook(_m, args, out):
+        keep = torch.rand(out.shape, generator=gen) < keep_prob
+        return torch.where(keep, out, args[0])
+
+    handles = [q.register_forward_hook(hook) for q in quantizers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _learnable_scale(q: UniformQuantizer) -> torch.Tensor:
+    q.scale = q.scale.detach().clone().requires_grad_(True)
+    return q.scale
+
+
+def _optimize(cfg: ReconConfig, layers: list[QuantLayer], quantizers: list[UniformQuantizer],
+              forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], q_in, fp_in, target,
+              extra: Callable | None, gen: torch.Generator, progress: bool, name: str) -> float:
+    layers = [layer for layer in layers if layer.quantize_weight]
+    rounders = {layer.name: AdaRoundWeight(layer) for layer in layers} if cfg.rounding == "adaround" else {}
+    groups: list[dict[str, Any]] = []
+    if rounders:
+        groups.append({"params": [r.v for r in rounders.values()], "lr": cfg.lr_round})
+    else:
+        groups.append({"params": [layer.module.weight for layer in layers], "lr": cfg.lr_weight})
+    if cfg.learn_bias:
+        biases = [layer.module.bias for layer in layers if layer.module.bias is not None]
+        if biases:
+            groups.append({"params": biases, "lr": cfg.lr_weight})
+    scales = []
+    if cfg.learn_weight_scale:
+        scales += [_learnable_scale(layer.weight_quantizer) for layer in layers]
+    if cfg.learn_act_scale:
+        scales += [_learnable_scale(q) for q in quantizers]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.lr_scale, "cosine": True})
+    trainable = [p for g in groups for p in g["params"]]
+    opt = torch.optim.Adam([{k: v for k, v in g.items() if k != "cosine"} for g in groups])
+    for layer in layers:
+        if layer.name in rounders:
+            layer.weight_fn = rounders[layer.name]
+    n = q_in.shape[0]
+    loss_value = float("nan")
+    bar = tqdm(range(cfg.iters), desc=f"  {name}", leave=False, disable=not progress, mininterval=1.0)
+    try:
+        with _trainable(trainable), _dropped(quantizers, cfg.keep_prob, gen):
+            for step in bar:
+                idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+                xq, xf = q_in[idx], fp_in[idx]
+                if cfg.input_quant_prob < 1:
+                    xq = torch.where(torch.rand(xq.shape, generator=gen) < cfg.input_quant_prob, xq, xf)
+                out = forward(xq, xf)
+                rec = _rec_loss(out, target[idx])
+                loss = cfg.rec_weight * rec
+                if extra is not None:
+                    loss = loss + extra(out, idx)
+                beta = beta_schedule(step, cfg.iters, cfg.warmup)
+                if rounders and beta is not None:
+                    loss = loss + cfg.reg_weight * sum(r.regularizer(beta) for r in rounders.values())
+                if not torch.isfinite(loss):
+                    raise LowbitError(f"reconstruction of {name} diverged (loss {float(loss)}); lower the learning rates")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _cosine_lr(opt, groups, step, cfg.iters)
+                opt.step()
+                with torch.no_grad():
+                    for s in scales:
+                        s.clamp_(min=1e-8)
+                loss_value = float(rec.detach())
+                if step % 50 == 0:
+                    bar.set_postfix(rec=f"{loss_value:.4g}")
+    finally:
+        for layer in layers:
+            layer.weight_fn = None
+        for r_name, r in rounders.items():
+            r.bake(next(layer for layer in layers if layer.name == r_name))
+        for q in [layer.weight_quantizer for layer in layers] + quantizers:
+            q.scale = q.scale.detach()
+    return loss_value
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, groups: list[dict[str, Any]], step: int, total: int) -> None:
+    """Step sizes follow a cosine decay to zero (as in BRECQ/QDrop's activation step
+    learning); rounding variables keep a constant rate."""
+    for pg, g in zip(opt.param_groups, groups):
+        if g.get("cosine"):
+            pg["lr"] = g["lr"] * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+# -- resumable state ---------------------------------------------------------------------
+class _Checkpoint:
+    """Model state after each finished unit (safetensors) + what produced it (JSON)."""
+
+    def __init__(self, path: str | Path, method: str, cfg: ReconConfig, unit_names: list[str]) -> None:
+        self.dir = Path(path)
+        self.info = {"method": method, "config": asdict(cfg), "units": unit_names}
+
+    def load(self, qm) -> int:
+        meta, weights = self.dir / "progress.json", self.dir / "state.safetensors"
+        if not meta.exists():
+            return 0
+        saved = json.loads(meta.read_text())
+        if {k: saved.get(k) for k in self.info} != self.info:
+            raise LowbitError(f"checkpoint {self.dir} was written by a different reconstruction "
+                              f"({saved.get('method')}, other settings); delete it or pick another directory")
+        if not weights.exists():
+            raise LowbitError(f"checkpoint {self.dir}: progress.json without state.safetensors; delete the directory")
+        qm.load_state_dict(load_file(str(weights)))
+        return int(saved["units_done"])
+
+    def save(self, qm, units_done: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in qm.state_dict().items()}
+        tmp = self.dir / "state.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(self.dir / "state.safetensors")
+        (self.dir / "progress.json").write_text(json.dumps({**self.info, "units_done": units_done}, indent=1))
