@@ -1,0 +1,173 @@
+"""Issue 4's table: every post-training method × {W4A8, W4A4, W3A3, W2A4} on CIFAR ResNets.
+
+Protocol (DESIGN.md): 1024 calibration images from the training split (the seed picks
+the subset and drives every random choice of the method), top-1 on the full 10,000-image
+test split, float top-1 measured in the same run; per-channel weights, first and last
+layer 8-bit (weights and their input activations), BN folded unless a row says USP.
+Methods with random optimisation run for several seeds; the table shows mean ± standard
+deviation and the number of seeds. Rows that calibrate only are deterministic given the
+subset and run for seed 0 only. ZeroQ reads no real image: it distils 256 inputs.
+
+Results are appended to the JSON file as they finish, and a rerun skips what is already
+there, so the run can be stopped and resumed; ``--table`` prints the README table.
+
+    python benchmarks/ptq_methods.py --data-dir ../shared/data --models-dir ../shared/models \
+        --models resnet20 --seeds 0
+    python benchmarks/ptq_methods.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.api import evaluate, quantize
+from lowbit.data import load_dataset
+from lowbit.evaluation import TensorBatches, calibration_batches
+from lowbit.recipes.recipe import load_recipe
+from lowbit.zoo import pretrained
+
+CONFIGS = ["w4a8", "w4a4", "w3a3", "w2a4"]
+ITERS = 100          # per layer (layer-wise) or per block (block-wise); see README for why
+PD_ITERS = 60        # PD-Quant runs the rest of the network every step: fewer iterations
+LONG_ITERS = 1000    # the "long budget" rows: what a bigger budget buys
+USP = {"usp": {"augment_repeats": 1}}
+# Below 4 bits the weights use an affine per-channel grid (2^b levels over [min, max] of
+# each channel, as BRECQ and QDrop do); the symmetric grid is narrow-range (2 bits =
+# ternary) and loses a level that matters at these widths. ONNX export needs symmetric
+# weights, the .lowbit artifact stores either.
+CONFIG_FIELDS = {"w3a3": {"weights": {"symmetric": False}}, "w2a4": {"weights": {"symmetric": False}}}
+
+# name -> (recipe fields added to the bit-width built-in, stochastic?)
+METHODS: dict[str, tuple[dict, bool]] = {
+    "calibrate (mse)": ({"steps": ["calibrate"]}, False),
+    "bias correction": ({"steps": ["calibrate", "bias_correction"]}, False),
+    "seed002 bn+cosine": ({"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
+                           "steps": ["calibrate"]}, False),
+    "seed002 bn+cosine+teacher-student": ({"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
+                                           "steps": ["calibrate", {"teacher_student": {"iters": ITERS}}]}, True),
+    "easyquant": ({"steps": ["calibrate", "easyquant"]}, False),
+    "adaround": ({"steps": ["calibrate", {"adaround": {"iters": ITERS}}]}, True),
+    "adaround+usp": ({"fold_bn": False, "steps": ["calibrate", {"adaround": {"iters": ITERS}}, USP]}, True),
+    "adaquant": ({"steps": ["calibrate", {"adaquant": {"iters": ITERS}}]}, True),
+    "brecq": ({"steps": ["calibrate", {"brecq": {"iters": ITERS}}]}, True),
+    "qdrop": ({"steps": ["calibrate", {"qdrop": {"iters": ITERS}}]}, True),
+    "pdquant": ({"steps": ["calibrate", {"pdquant": {"iters": PD_ITERS, "dc_iters": 10}}]}, True),
+    "zeroq (no real data)": ({"calibration": {"samples": 256}, "steps": [{"zeroq": {"iters": 100}}, "calibrate"]}, True),
+    f"brecq ({LONG_ITERS} it)": ({"steps": ["calibrate", {"brecq": {"iters": LONG_ITERS}}]}, True),
+    f"qdrop ({LONG_ITERS} it)": ({"steps": ["calibrate", {"qdrop": {"iters": LONG_ITERS}}]}, True),
+}
+DEFAULT_METHODS = [m for m in METHODS if "it)" not in m]
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+RESULTS = Path(__file__).parent / "results" / "ptq_methods.json"
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": [], "float": {}}
+
+
+def key(run: dict) -> tuple:
+    return run["model"], run["config"], run["method"], run["seed"]
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(2)
+    data = load_results(args.out)
+    done = {key(r) for r in data["runs"]}
+    train = load_dataset("cifar10", "train", data_dir=args.data_dir)
+    test = load_dataset("cifar10", "test", data_dir=args.data_dir)
+    test_batches = TensorBatches(test, 500)
+    test_batches = [b for b in test_batches]  # decode once
+    for model_name in args.models.split(","):
+        model = pretrained(model_name, models_dir=args.models_dir)
+        if model_name not in data["float"]:
+            data["float"][model_name] = evaluate(model, test_batches)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for config in args.configs.split(","):
+                for method in args.methods.split(","):
+                    fields, stochastic = METHODS[method]
+                    if (model_name, config, method, seed) in done or (seed != 0 and not stochastic):
+                        continue
+                    calibration = {"seed": seed, **fields.get("calibration", {})}
+                    recipe = load_recipe(merge({"extends": config, "name": f"{config}/{method}",
+                                                **CONFIG_FIELDS.get(config, {})}, {**fields, "calibration": calibration}))
+                    data_free = recipe.steps[0][0] == "zeroq"
+                    calib = None if data_free else calibration_batches(train, recipe)
+                    torch.manual_seed(seed)
+                    qm = quantize(model, recipe, calib, progress=False)
+                    start = time.perf_counter()
+                    top1 = evaluate(qm, test_batches)
+                    row = {"model": model_name, "config": config, "method": method, "seed": seed,
+                           "recipe": recipe.to_dict(),
+                           "top1": 100 * top1, "drop_pt": 100 * (data["float"][model_name] - top1),
+                           "quant_seconds": qm.meta["quantize_seconds"],
+                           "eval_seconds": time.perf_counter() - start,
+                           "calibration_images": 0 if data_free else qm.meta["calibration_samples"]}
+                    data["runs"].append(row)
+                    data["machine"] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                       "cpu": platform.processor() or platform.machine()}
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(data, indent=1))
+                    print(f"{model_name} {config:5s} {method:36s} seed {seed}: {row['top1']:.2f} "
+                          f"({row['quant_seconds']:.0f} s)", flush=True)
+
+
+def table(path: Path, model: str) -> str:
+    data = load_results(path)
+    runs = [r for r in data["runs"] if r["model"] == model]
+    if not runs:
+        return f"(no results for {model})"
+    fp = 100 * data["float"][model]
+    configs = [c for c in CONFIGS if any(r["config"] == c for r in runs)]
+    lines = [f"{model}, float {fp:.2f}. Cells: top-1 mean ± std (seeds) · drop · quantize time", "",
+             "| method | " + " | ".join(c.upper() for c in configs) + " |",
+             "|---|" + "---|" * len(configs)]
+    for method in METHODS:
+        cells = []
+        for c in configs:
+            rs = [r for r in runs if r["config"] == c and r["method"] == method]
+            if not rs:
+                cells.append("—")
+                continue
+            accs = [r["top1"] for r in rs]
+            mean = statistics.fmean(accs)
+            sd = f" ± {statistics.stdev(accs):.2f} ({len(accs)})" if len(accs) > 1 else " (1)"
+            secs = statistics.fmean(r["quant_seconds"] for r in rs)
+            cells.append(f"{mean:.2f}{sd} · −{fp - mean:.2f} · {secs:.0f} s")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--data-dir")
+    ap.add_argument("--models-dir")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the tables from --out and exit")
+    args = ap.parse_args()
+    if args.table:
+        for m in sorted({r["model"] for r in load_results(args.out)["runs"]}):
+            print(table(args.out, m) + "\n")
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
