@@ -5,6 +5,7 @@ place. Adding a technique means adding a module and one entry here.
 """
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -61,7 +62,6 @@ def _easyquant(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", 
                **params: Any) -> None:
     from lowbit.ptq.easyquant import easyquant
 
-    _check_params("easyquant", params, {"rounds", "candidates", "low", "high", "samples"})
     easyquant(qm, batches, progress=progress, **params)
 
 
@@ -70,7 +70,6 @@ def _zeroq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", prog
     """Replace the calibration batches with distilled ones (later steps use those)."""
     from lowbit.ptq.zeroq import distill_inputs
 
-    _check_params("zeroq", params, {"iters", "lr", "batch_size"})
     shape = tuple(input_shape) if input_shape else _default_input_shape(qm)
     seed = recipe.calibration["seed"]
     batches[:] = distill_inputs(qm, recipe.calibration["samples"], shape, seed=seed, progress=progress, **params)
@@ -116,6 +115,26 @@ STEPS: dict[str, Callable[..., None]] = {
     "zeroq": _zeroq,
     **{m: _reconstruction(m) for m in RECONSTRUCTION_METHODS},
 }
+
+
+STEP_PARAMS: dict[str, set[str]] = {
+    "easyquant": {"rounds", "candidates", "low", "high", "samples"},
+    "zeroq": {"input_shape", "iters", "lr", "batch_size"},
+}
+
+
+def check_step_params(name: str, params: dict[str, Any]) -> None:
+    """Reject unknown or invalid step parameters, naming them."""
+    if name in RECONSTRUCTION_METHODS:
+        from lowbit.ptq.reconstruct import make_config
+
+        make_config(name, {k: v for k, v in params.items() if k not in ("seed", "checkpoint")})
+        return
+    if name in STEP_PARAMS:
+        _check_params(name, params, STEP_PARAMS[name])
+        return
+    allowed = set(inspect.signature(STEPS[name]).parameters) - {"qm", "batches", "recipe", "progress"}
+    _check_params(name, params, allowed)
 
 
 def run_step(name: str, params: dict[str, Any], qm: "QuantModel", batches: list[torch.Tensor],

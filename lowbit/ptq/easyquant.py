@@ -64,7 +64,8 @@ def easyquant(qm, batches: list[torch.Tensor], progress: bool = True, rounds: in
         raise LowbitError("EasyQuant refines calibrated scales: run the calibrate step first")
     if not (0 < low < high) or candidates < 2 or rounds < 1 or samples < 1:
         raise RecipeError("easyquant: need 0 < low < high, candidates ≥ 2, rounds ≥ 1, samples ≥ 1")
-    factors = torch.linspace(low, high, candidates)
+    # Include 1: the search can only keep or improve the calibrated scale.
+    factors = torch.unique(torch.cat([torch.linspace(low, high, candidates), torch.ones(1)]))
     x = torch.cat(batches)[:samples]
     fp_in, q_in = x, x
     searched: set[int] = set()

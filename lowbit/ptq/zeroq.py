@@ -40,7 +40,7 @@ def distill_inputs(qm, samples: int, input_shape: tuple[int, ...], iters: int = 
                     loss.backward()
                     opt.step()
                     bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3g}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
                 out.append(x.detach())
     finally:
         for p, s in zip(params, saved):

@@ -149,7 +149,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
-    from lowbit.steps import STEPS
+    from lowbit.steps import STEPS, check_step_params
 
     if isinstance(step, str):
         name, params = step, {}
@@ -162,6 +162,7 @@ def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
         raise RecipeError(f"steps[{i}]: unknown step {name!r}; known steps: {sorted(STEPS)}")
     if not isinstance(params, dict):
         raise RecipeError(f"steps[{i}] ({name}) parameters must be a mapping")
+    check_step_params(name, params)  # fail at load time, not after minutes of calibration
     return name, params
 
 

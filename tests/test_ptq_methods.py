@@ -1,0 +1,199 @@
+"""Issue 4's methods on real data: each one must repair a deliberately bad quantization.
+
+The bad model: the MNIST SmallCNN with every layer at 2-bit affine per-channel weights
+and 4-bit activations (MSE ranges), which loses ~18 points; budgets are small so the
+whole file runs in about a minute.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tests.conftest import batches
+
+import lowbit
+from lowbit.errors import LowbitError, RecipeError, UnsupportedModelError
+from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
+from lowbit.ptq.units import split_units
+
+BAD = {"weights": {"bits": 2, "estimator": "mse", "symmetric": False},
+       "activations": {"bits": 4, "estimator": "mse"}, "first_last_bits": None}
+
+METHOD_STEPS = {
+    "bias_correction": "bias_correction",
+    "easyquant": {"easyquant": {"candidates": 20, "samples": 128}},
+    "adaround": {"adaround": {"iters": 80}},
+    "brecq": {"brecq": {"iters": 80}},
+    "qdrop": {"qdrop": {"iters": 80}},
+    "pdquant": {"pdquant": {"iters": 80, "dc_iters": 5}},
+    "adaquant": {"adaquant": {"iters": 80}},
+    "teacher_student": {"teacher_student": {"iters": 80}},
+}
+
+
+@pytest.fixture(scope="module")
+def bad_baseline(mnist_cnn):
+    model, calib, test = mnist_cnn
+    qm = lowbit.quantize(model, {**BAD, "steps": ["calibrate"]}, calib=calib, progress=False)
+    return lowbit.evaluate(qm, batches(test))
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_STEPS))
+def test_method_repairs_a_badly_quantized_model(mnist_cnn, bad_baseline, method):
+    model, calib, test = mnist_cnn
+    float_top1 = lowbit.evaluate(model, batches(test))
+    qm = lowbit.quantize(model, {**BAD, "steps": ["calibrate", METHOD_STEPS[method]]}, calib=calib, progress=False)
+    top1 = lowbit.evaluate(qm, batches(test))
+    assert float_top1 - bad_baseline > 0.1, "the baseline is meant to be bad"
+    assert top1 > bad_baseline + 0.03, (method, bad_baseline, top1, float_top1)
+    # Still a deployable model: every weight on its quantizer's grid.
+    for r in qm.layers:
+        q = r.layer.weight_quantizer
+        w = r.layer.quantized_weight().detach()
+        assert torch.allclose(q.dequantize(q.codes(w)), w, atol=1e-6)
+
+
+def _bn_mismatch(qm, x):
+    from lowbit.ptq.bn_stats import bn_statistic_loss, bn_targets
+
+    with torch.no_grad(), qm.float_reference(), bn_statistic_loss(bn_targets(qm)) as terms:
+        qm(x)
+        return float(sum(terms))
+
+
+def test_zeroq_distils_bn_matching_inputs_and_calibrates_without_real_data(mnist_cnn):
+    from lowbit.ptq.zeroq import distill_inputs
+
+    model, calib, test = mnist_cnn
+    recipe = {"weights": {"bits": 4}, "activations": {"bits": 4}, "first_last_bits": None,
+              "calibration": {"samples": 64}}
+    real = lowbit.evaluate(lowbit.quantize(model, recipe, calib=calib, progress=False), batches(test))
+    zq = lowbit.quantize(model, {**recipe, "steps": [{"zeroq": {"iters": 40, "input_shape": [1, 28, 28]}}, "calibrate"]},
+                         calib=None, progress=False)
+    assert "no real images" in zq.meta["calibration_data"]
+    assert lowbit.evaluate(zq, batches(test)) > real - 0.02
+    qm = lowbit.prepare(model, recipe)
+    noise = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    distilled = torch.cat(distill_inputs(qm, 32, (1, 28, 28), iters=40, seed=0, progress=False))
+    assert _bn_mismatch(qm, distilled) < 0.25 * _bn_mismatch(qm, noise)
+
+
+def test_zeroq_refuses_real_data_and_reconstruction_needs_calibration(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    with pytest.raises(LowbitError, match="calib=None"):
+        lowbit.quantize(model, {"steps": ["zeroq", "calibrate"]}, calib=calib, progress=False)
+    with pytest.raises(LowbitError, match="calibrate step first"):
+        lowbit.quantize(model, {"steps": ["adaround", "calibrate"]}, calib=calib, progress=False)
+
+
+def test_bad_step_parameters_are_named_when_the_recipe_loads():
+    from lowbit.recipes.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="unknown parameter.*'iterations'"):
+        load_recipe({"steps": ["calibrate", {"adaround": {"iterations": 5}}]})
+    with pytest.raises(RecipeError, match="keep_prob"):
+        load_recipe({"steps": ["calibrate", {"qdrop": {"keep_prob": 0}}]})
+    with pytest.raises(RecipeError, match="unknown parameter.*'rounds_'"):
+        load_recipe({"steps": ["calibrate", {"easyquant": {"rounds_": 1}}]})
+    with pytest.raises(RecipeError, match="unknown parameter.*'foo'"):
+        load_recipe({"steps": ["calibrate", {"usp": {"foo": 1}}]})
+
+
+def test_bias_correction_matches_float_channel_means_of_first_layer(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, {**BAD, "steps": ["calibrate", "bias_correction"]}, calib=calib, progress=False)
+    first = qm.layers[0].layer
+    seen = {}
+    h = first.register_forward_hook(lambda _m, _a, out: seen.__setitem__("q", out.mean((0, 2, 3))))
+    qm(calib)
+    with qm.float_reference():
+        h2 = first.register_forward_hook(lambda _m, _a, out: seen.__setitem__("f", out.mean((0, 2, 3))))
+        qm(calib)
+    h.remove()
+    h2.remove()
+    # Exact up to the int32 bias grid (step s_in·s_w per channel).
+    step = (first.input_ref[0].scale * first.weight_quantizer.scale).max()
+    assert torch.allclose(seen["q"], seen["f"], atol=float(step))
+
+
+def test_units_chain_equals_the_model_and_blocks_are_residual_blocks(resnet20, cifar_slices):
+    calib, _ = cifar_slices
+    cheap = {"extends": "w4a4", "weights": {"estimator": "minmax"}, "activations": {"estimator": "minmax"}}
+    qm = lowbit.quantize(resnet20, cheap, calib=calib[:64], progress=False)
+    units = split_units(qm)
+    assert [u.name for u in units][:3] == ["conv1", "layer1.0", "layer1.1"]
+    assert [len(u.layers) for u in units] == [1] + [2] * 9 + [1]
+    x = calib[:8]
+    y = x
+    for u in units:
+        y = u(y)
+    assert torch.equal(y, qm(x))
+
+
+def test_float_reference_is_the_original_network_after_edits(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, {**BAD, "steps": ["calibrate", "bias_correction", {"adaquant": {"iters": 5}}]},
+                         calib=calib, progress=False)
+    with qm.float_reference():
+        out = qm(calib[:16])
+    assert torch.allclose(out, model(calib[:16]), atol=1e-4)
+    assert not torch.allclose(qm(calib[:16]), out, atol=1e-2)
+
+
+def test_hook_fallback_models_get_a_clear_reconstruction_error(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    qm = lowbit.prepare(model, BAD)
+    qm.mode = "hooks"
+    with pytest.raises(UnsupportedModelError, match="graph"):
+        split_units(qm)
+
+
+def test_adaround_starts_at_the_float_weight_and_bakes_onto_the_grid(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, BAD, calib=calib, progress=False)
+    layer = qm.layers[1].layer
+    r = AdaRoundWeight(layer)
+    w = layer.module.weight.detach()
+    q = layer.weight_quantizer
+    codes = w / r.scale + r.zero_point
+    qmin, qmax = q.code_range()
+    inside = (codes > qmin) & (codes < qmax)
+    assert torch.allclose(r()[inside], w[inside], atol=1e-3 * float(q.scale.max()))
+    r.bake(layer)
+    baked = layer.module.weight.detach()
+    assert torch.equal(q(baked), baked)  # round-to-nearest reproduces the learned codes
+    moved = (q.codes(baked) - torch.floor(codes)).unique()
+    assert set(moved.tolist()) <= {0.0, 1.0} or not inside.all()  # each weight rounded down or up
+    assert beta_schedule(0, 100) is None and beta_schedule(19, 100) is None
+    assert beta_schedule(20, 100) == pytest.approx(20.0) and beta_schedule(99, 100) == pytest.approx(2.0, abs=0.3)
+
+
+def test_reconstruction_resumes_from_its_checkpoint(mnist_cnn, tmp_path, monkeypatch):
+    model, calib, _ = mnist_cnn
+    ckpt = tmp_path / "ckpt"
+    recipe = {**BAD, "steps": ["calibrate", {"adaround": {"iters": 10, "checkpoint": str(ckpt)}}]}
+    import lowbit.ptq.reconstruct as R
+
+    calls = []
+    real = R._layer
+
+    def stop_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[1].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_layer", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(model, recipe, calib=calib, progress=False)
+    assert json.loads((ckpt / "progress.json").read_text())["units_done"] == 2
+    calls.clear()
+    monkeypatch.setattr(R, "_layer", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    qm = lowbit.quantize(model, recipe, calib=calib, progress=False)
+    assert calls == ["conv3", "linear"]  # the first two units were restored, not redone
+    assert json.loads((ckpt / "progress.json").read_text())["units_done"] == 4
+    other = {**BAD, "steps": ["calibrate", {"adaround": {"iters": 11, "checkpoint": str(ckpt)}}]}
+    with pytest.raises(LowbitError, match="different reconstruction"):
+        lowbit.quantize(model, other, calib=calib, progress=False)
+    assert qm.calibrated
