@@ -63,7 +63,7 @@ def quantize(
     r = load_recipe(recipe)
     start = time.perf_counter()
     qm = prepare(model, r)
-    data_free = bool(r.steps) and r.steps[0][0] == "zeroq"
+    data_free = r.data_free
     if data_free and calib is not None:
         raise LowbitError(f"recipe {r.name!r} distils its calibration data (zeroq); pass calib=None")
     batches = [] if data_free else as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])

@@ -131,9 +131,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, dataset = _load_model(args)
     train, _ = _datasets(args, dataset)
     recipe = load_recipe(args.recipe)
-    calib = calibration_batches(train, recipe)
+    calib = None if recipe.data_free else calibration_batches(train, recipe)
     qm = quantize(model, recipe, calib=calib, progress=not args.no_progress)
-    out = export_onnx(qm, args.out, calib[0][:1])
+    example = calib[0][:1] if calib else train[0][0].unsqueeze(0)
+    out = export_onnx(qm, args.out, example)
     print(f"wrote {out} (QDQ ONNX, dynamic batch)")
     if args.lowbit:
         print(f"wrote {save(qm, args.lowbit)}")

@@ -93,7 +93,8 @@ def compare_recipes(
     results = []
     for spec in recipes:
         r = load_recipe(spec)
-        qm = quantize(model, r, calib=calibration_batches(train, r), progress=progress)
+        calib = None if r.data_free else calibration_batches(train, r)
+        qm = quantize(model, r, calib=calib, progress=progress)
         result = score_quantized(qm, r.name, test_batches, float_top1, progress=progress)
         results.append(result)
         if on_model is not None:

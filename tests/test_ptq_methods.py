@@ -197,3 +197,16 @@ def test_reconstruction_resumes_from_its_checkpoint(mnist_cnn, tmp_path, monkeyp
     with pytest.raises(LowbitError, match="different reconstruction"):
         lowbit.quantize(model, other, calib=calib, progress=False)
     assert qm.calibrated
+
+
+@pytest.mark.parametrize("steps", [["calibrate", "bias_correction"], ["calibrate", {"adaround": {"iters": 5}}]])
+def test_method_results_survive_save_and_load(tmp_path, steps):
+    from lowbit.zoo import build
+
+    torch.manual_seed(0)
+    model = build("small_cnn").eval()
+    x = torch.randn(64, 1, 28, 28)
+    # Unfolded BN: the convolutions have no bias until bias correction adds one.
+    qm = lowbit.quantize(model, {"extends": "w4a4", "fold_bn": False, "steps": steps}, calib=x, progress=False)
+    path = lowbit.save(qm, tmp_path / "m.lowbit")
+    assert torch.equal(lowbit.load(path)(x), qm(x))

@@ -169,8 +169,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
         q = quantizers[name]
         q.set_bits(state["bits"])
         q.signed, q.enabled = state["signed"], state["enabled"]
-    params = dict(qm.state_dict())
     entries = {e["key"]: e for e in header["layout"]}
+    _add_learned_biases(qm, entries)
+    params = dict(qm.state_dict())
 
     def float_tensor(entry: dict[str, Any]) -> torch.Tensor:
         start = entry["offset"]
@@ -198,4 +199,14 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
             layer.weight.copy_(layer.weight_quantizer.dequantize(torch.from_numpy(c).reshape(entry["shape"])))
     qm.meta.update({"arch": header.get("arch"), "recipe": header["recipe"], "metrics": header.get("metrics", {})})
     return qm
+
+
+def _add_learned_biases(qm, entries: dict[str, Any]) -> None:
+    """Bias correction gives bias-free layers a bias; the rebuilt model needs the slot."""
+    for r in qm.layers:
+        key = next((k for k, m in qm.named_modules() if m is r.layer.module), None)
+        bias_key = f"{key}.bias"
+        if key is not None and r.layer.module.bias is None and bias_key in entries:
+            shape = entries[bias_key]["shape"]
+            r.layer.module.bias = torch.nn.Parameter(torch.zeros(shape))
 

@@ -132,6 +132,11 @@ class Recipe:
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, first_last_bits=fl,
                    overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, source=source)
 
+    @property
+    def data_free(self) -> bool:
+        """True when the recipe makes its own calibration data (first step ``zeroq``)."""
+        return bool(self.steps) and self.steps[0][0] == "zeroq"
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "weights": self.weights.to_dict(),
                 "activations": self.activations.to_dict(), "fold_bn": self.fold_bn,
