@@ -83,7 +83,7 @@ def key(run: dict) -> tuple:
 
 
 def run(args: argparse.Namespace) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data = load_results(args.out)
     done = {key(r) for r in data["runs"]}
     train = load_dataset("cifar10", "train", data_dir=args.data_dir)
@@ -124,8 +124,17 @@ def run(args: argparse.Namespace) -> None:
                           f"({row['quant_seconds']:.0f} s)", flush=True)
 
 
-def table(path: Path, model: str) -> str:
-    data = load_results(path)
+def load_all(paths: list[Path]) -> dict:
+    """Merge result files (parallel runs write separate files)."""
+    merged: dict = {"runs": [], "float": {}}
+    for p in paths:
+        d = load_results(p)
+        merged["runs"] += d["runs"]
+        merged["float"].update(d["float"])
+    return merged
+
+
+def table(data: dict, model: str) -> str:
     runs = [r for r in data["runs"] if r["model"] == model]
     if not runs:
         return f"(no results for {model})"
@@ -160,11 +169,13 @@ def main() -> None:
     ap.add_argument("--data-dir")
     ap.add_argument("--models-dir")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--table", action="store_true", help="print the tables from --out and exit")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="print the tables from every results/ptq_methods*.json and exit")
     args = ap.parse_args()
     if args.table:
-        for m in sorted({r["model"] for r in load_results(args.out)["runs"]}):
-            print(table(args.out, m) + "\n")
+        data = load_all(sorted(RESULTS.parent.glob("ptq_methods*.json")))
+        for m in sorted({r["model"] for r in data["runs"]}):
+            print(table(data, m) + "\n")
         return
     run(args)
 

@@ -124,8 +124,8 @@ def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method,
     bar = tqdm(units, desc=method, unit="unit", disable=not progress, leave=False)
     for k, unit in enumerate(bar):
         with qm.float_reference():
-            fp_lin, fp_lout, fp_out = capture_layers(unit, fp_in, unit.layers, inputs=True,
-                                                     outputs=cfg.granularity == "layer")
+            layerwise = cfg.granularity == "layer"
+            fp_lin, fp_lout, fp_out = capture_layers(unit, fp_in, unit.layers, inputs=layerwise, outputs=layerwise)
         if k >= done:
             bar.set_postfix_str(unit.name)
             if cfg.granularity == "block":
