@@ -59,6 +59,9 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "qdrop": ({"steps": ["calibrate", {"qdrop": {"iters": ITERS}}]}, True),
     "pdquant": ({"steps": ["calibrate", {"pdquant": {"iters": PD_ITERS, "dc_iters": 10}}]}, True),
     "zeroq (no real data)": ({"calibration": {"samples": 256}, "steps": [{"zeroq": {"iters": 100}}, "calibrate"]}, True),
+    f"seed002 bn+cosine+teacher-student ({LONG_ITERS} it)": (
+        {"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
+         "steps": ["calibrate", {"teacher_student": {"iters": LONG_ITERS}}]}, True),
     f"brecq ({LONG_ITERS} it)": ({"steps": ["calibrate", {"brecq": {"iters": LONG_ITERS}}]}, True),
     f"qdrop ({LONG_ITERS} it)": ({"steps": ["calibrate", {"qdrop": {"iters": LONG_ITERS}}]}, True),
 }
