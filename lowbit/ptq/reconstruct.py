@@ -112,7 +112,7 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
         with qm.float_reference():
             fp_logits = run_chunked(qm, x)
     losses: dict[str, float] = {}
-    with _frozen([qm]):
+    with requires_grad(list(qm.parameters()), False):
         _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method, losses)
     qm.meta.setdefault("reconstruction", []).append({"method": method, **asdict(cfg), "seed": seed,
                                                      "final_losses": losses})
@@ -178,28 +178,16 @@ def _block(qm, cfg, unit: Unit, fp_in, q_in, fp_out, rest: list[Unit], fp_logits
 
 
 @contextlib.contextmanager
-def _trainable(tensors: list[torch.Tensor]) -> Iterator[None]:
+def requires_grad(tensors: list[torch.Tensor], flag: bool) -> Iterator[None]:
+    """Set ``requires_grad`` on these tensors for the duration, then restore it."""
     saved = [t.requires_grad for t in tensors]
     try:
         for t in tensors:
-            t.requires_grad_(True)
+            t.requires_grad_(flag)
         yield
     finally:
         for t, s in zip(tensors, saved):
             t.requires_grad_(s)
-
-
-@contextlib.contextmanager
-def _frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
-    params = [p for m in modules for p in m.parameters()]
-    saved = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, s in zip(params, saved):
-            p.requires_grad_(s)
 
 
 @contextlib.contextmanager
@@ -257,7 +245,7 @@ def _optimize(cfg: ReconConfig, layers: list[QuantLayer], quantizers: list[Unifo
     loss_value = float("nan")
     bar = tqdm(range(cfg.iters), desc=f"  {name}", leave=False, disable=not progress, mininterval=1.0)
     try:
-        with _trainable(trainable), _dropped(quantizers, cfg.keep_prob, gen):
+        with requires_grad(trainable, True), _dropped(quantizers, cfg.keep_prob, gen):
             for step in bar:
                 idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
                 xq, xf = q_in[idx], fp_in[idx]

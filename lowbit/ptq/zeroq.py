@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.ptq.bn_stats import bn_statistic_loss, bn_targets
+from lowbit.ptq.reconstruct import requires_grad
 
 
 def distill_inputs(qm, samples: int, input_shape: tuple[int, ...], iters: int = 200, lr: float = 0.2,
@@ -22,12 +23,9 @@ def distill_inputs(qm, samples: int, input_shape: tuple[int, ...], iters: int = 
     out: list[torch.Tensor] = []
     n_batches = -(-samples // batch_size)
     bar = tqdm(total=n_batches * iters, desc="zeroq distil", disable=not progress, leave=False, mininterval=1.0)
-    params = [p for p in qm.parameters()]
-    saved = [p.requires_grad for p in params]
     try:
-        for p in params:
-            p.requires_grad_(False)
-        with qm.float_reference(), bn_statistic_loss(targets) as terms:
+        with requires_grad(list(qm.parameters()), False), qm.float_reference(), \
+                bn_statistic_loss(targets) as terms:
             for b in range(n_batches):
                 n = min(batch_size, samples - b * batch_size)
                 x = torch.randn((n, *input_shape), generator=gen).requires_grad_(True)
@@ -43,7 +41,5 @@ def distill_inputs(qm, samples: int, input_shape: tuple[int, ...], iters: int = 
                 bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
                 out.append(x.detach())
     finally:
-        for p, s in zip(params, saved):
-            p.requires_grad_(s)
         bar.close()
     return out
