@@ -143,7 +143,7 @@ def table(data: dict, model: str) -> str:
         return f"(no results for {model})"
     fp = 100 * data["float"][model]
     configs = [c for c in CONFIGS if any(r["config"] == c for r in runs)]
-    lines = [f"{model}, float {fp:.2f}. Cells: top-1 mean ± std (seeds) · drop · quantize time", "",
+    lines = [f"{model}, float {fp:.2f}. Cells: top-1 mean ± std (seeds) · change vs float (pt) · quantize wall time", "",
              "| method | " + " | ".join(c.upper() for c in configs) + " |",
              "|---|" + "---|" * len(configs)]
     for method in METHODS:
