@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.ptq.cache import capture_layers, run_chunked
+from lowbit.ptq.cache import capture_layers, walk_units
 from lowbit.ptq.units import split_units
 
 
@@ -27,23 +27,22 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True) -> dict
     if not qm.calibrated:
         raise LowbitError("bias correction compares against the quantized network: calibrate first")
     x = torch.cat(batches)
-    fp_in, q_in = x, x
     shifts: dict[str, float] = {}
-    for unit in tqdm(split_units(qm), desc="bias correction", unit="unit", disable=not progress, leave=False):
-        with qm.float_reference():
-            _, fp_out, fp_next = capture_layers(unit, fp_in, unit.layers, inputs=False)
-        for layer in unit.layers:
+    units = split_units(qm)
+    bar = tqdm(total=len(units), desc="bias correction", unit="unit", disable=not progress, leave=False)
+    for step in walk_units(qm, units, x, layer_outputs=True):
+        for layer in step.unit.layers:
             if not layer.quantize_weight:
                 continue
-            _, q_out, _ = capture_layers(unit, q_in, [layer], inputs=False)
-            shift = _channel_mean(fp_out[layer.name]) - _channel_mean(q_out[layer.name])
+            _, q_out, _ = capture_layers(step.unit, step.q_in, [layer], inputs=False)
+            shift = _channel_mean(step.fp_layer_out[layer.name]) - _channel_mean(q_out[layer.name])
             module = layer.module
             if module.bias is None:
                 module.bias = nn.Parameter(torch.zeros_like(shift))
                 qm.register_float_param(module.bias, torch.zeros_like(shift))
             module.bias.add_(shift)
             shifts[layer.name] = float(shift.abs().mean())
-        q_in = run_chunked(unit, q_in)
-        fp_in = fp_next
+        bar.update(1)
+    bar.close()
     qm.meta["bias_correction"] = shifts
     return shifts

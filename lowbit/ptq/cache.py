@@ -2,7 +2,8 @@
 reconstruction-style algorithm (bias correction, EasyQuant, AdaRound, BRECQ, ...)."""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,3 +48,31 @@ def capture_layers(
     # A quantizer shared by two layers fires once per pass; each layer saw the same tensor.
     cat = {n: torch.cat(v) for n, v in seen_in.items() if v}
     return cat, {n: torch.cat(v) for n, v in seen_out.items() if v}, out
+
+
+@dataclass
+class UnitStep:
+    """One unit's view of the side-by-side walk: its float and quantized inputs, and
+    the float (teacher) tensors captured before any edit to the unit."""
+
+    index: int
+    unit: Any
+    fp_in: torch.Tensor
+    q_in: torch.Tensor
+    fp_layer_in: dict[str, torch.Tensor]
+    fp_layer_out: dict[str, torch.Tensor]
+    fp_out: torch.Tensor
+
+
+def walk_units(qm, units: list, x: torch.Tensor, layer_inputs: bool = False,
+               layer_outputs: bool = False) -> Iterator[UnitStep]:
+    """Visit units in order; after the caller edits a unit, the quantized cache is pushed
+    through the edited unit and the float cache through the teacher's."""
+    fp_in, q_in = x, x
+    for k, unit in enumerate(units):
+        with qm.float_reference():
+            fp_lin, fp_lout, fp_out = capture_layers(unit, fp_in, unit.layers, inputs=layer_inputs,
+                                                     outputs=layer_outputs)
+        yield UnitStep(k, unit, fp_in, q_in, fp_lin, fp_lout, fp_out)
+        q_in = run_chunked(unit, q_in)
+        fp_in = fp_out

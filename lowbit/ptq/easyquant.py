@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from lowbit.errors import LowbitError, RecipeError
 from lowbit.model.quant_layer import QuantLayer
-from lowbit.ptq.cache import capture_layers, run_chunked
+from lowbit.ptq.cache import capture_layers, walk_units
 from lowbit.ptq.units import split_units
 from lowbit.quant.quantizer import UniformQuantizer
 
@@ -67,14 +67,13 @@ def easyquant(qm, batches: list[torch.Tensor], progress: bool = True, rounds: in
     # Include 1: the search can only keep or improve the calibrated scale.
     factors = torch.unique(torch.cat([torch.linspace(low, high, candidates), torch.ones(1)]))
     x = torch.cat(batches)[:samples]
-    fp_in, q_in = x, x
     searched: set[int] = set()
-    for unit in tqdm(split_units(qm), desc="easyquant", unit="unit", disable=not progress, leave=False):
-        with qm.float_reference():
-            _, fp_out, fp_next = capture_layers(unit, fp_in, unit.layers, inputs=False)
-        for layer in unit.layers:
-            q_lin, _, _ = capture_layers(unit, q_in, [layer], outputs=False)
-            xin, target = q_lin[layer.name], fp_out[layer.name]
+    units = split_units(qm)
+    bar = tqdm(total=len(units), desc="easyquant", unit="unit", disable=not progress, leave=False)
+    for step in walk_units(qm, units, x, layer_outputs=True):
+        for layer in step.unit.layers:
+            q_lin, _, _ = capture_layers(step.unit, step.q_in, [layer], outputs=False)
+            xin, target = q_lin[layer.name], step.fp_layer_out[layer.name]
             act = layer.input_ref[0] if layer.input_ref and layer.input_ref[0].enabled else None
             # A shared activation quantizer is searched once, by its first consumer.
             search_act = act is not None and id(act) not in searched
@@ -85,5 +84,5 @@ def easyquant(qm, batches: list[torch.Tensor], progress: bool = True, rounds: in
                     _search_act(layer, act, xin, target, factors)
             if act is not None:
                 searched.add(id(act))
-        q_in = run_chunked(unit, q_in)
-        fp_in = fp_next
+        bar.update(1)
+    bar.close()

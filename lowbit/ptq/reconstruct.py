@@ -36,7 +36,7 @@ from tqdm import tqdm
 from lowbit.errors import LowbitError, RecipeError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
-from lowbit.ptq.cache import capture_layers, run_chunked
+from lowbit.ptq.cache import capture_layers, run_chunked, walk_units
 from lowbit.ptq.distribution import correct_block_input
 from lowbit.ptq.units import Unit, quantization_off, split_units
 from lowbit.quant.quantizer import UniformQuantizer
@@ -120,26 +120,24 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
 
 
 def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method, losses) -> None:
-    fp_in, q_in = x, x
-    bar = tqdm(units, desc=method, unit="unit", disable=not progress, leave=False)
-    for k, unit in enumerate(bar):
-        with qm.float_reference():
-            layerwise = cfg.granularity == "layer"
-            fp_lin, fp_lout, fp_out = capture_layers(unit, fp_in, unit.layers, inputs=layerwise, outputs=layerwise)
+    layerwise = cfg.granularity == "layer"
+    bar = tqdm(total=len(units), desc=method, unit="unit", disable=not progress, leave=False)
+    for step in walk_units(qm, units, x, layer_inputs=layerwise, layer_outputs=layerwise):
+        unit, k = step.unit, step.index
         if k >= done:
             bar.set_postfix_str(unit.name)
-            if cfg.granularity == "block":
-                rest = units[k + 1:]
-                losses[unit.name] = _block(qm, cfg, unit, fp_in, q_in, fp_out, rest, fp_logits, gen, progress)
-            else:
+            if layerwise:
                 for layer in unit.layers:
-                    q_lin, _, _ = capture_layers(unit, q_in, [layer], outputs=False)
-                    losses[layer.name] = _layer(cfg, layer, q_lin[layer.name], fp_lin[layer.name],
-                                                fp_lout[layer.name], gen, progress)
+                    q_lin, _, _ = capture_layers(unit, step.q_in, [layer], outputs=False)
+                    losses[layer.name] = _layer(cfg, layer, q_lin[layer.name], step.fp_layer_in[layer.name],
+                                                step.fp_layer_out[layer.name], gen, progress)
+            else:
+                losses[unit.name] = _block(qm, cfg, unit, step.fp_in, step.q_in, step.fp_out, units[k + 1:],
+                                           fp_logits, gen, progress)
             if state:
                 state.save(qm, k + 1)
-        q_in = run_chunked(unit, q_in)
-        fp_in = fp_out
+        bar.update(1)
+    bar.close()
 
 
 # -- one unit ----------------------------------------------------------------------------
