@@ -17,7 +17,8 @@ from lowbit.steps import run_step
 
 
 def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
-    """First/last layer bits, then name-pattern overrides (later entries win)."""
+    """First/last layer bits, then name-pattern overrides (later entries win), then the
+    recipe's mixed-precision plan, which names layers exactly and so has the last word."""
     table = qm.layers
     if recipe.first_last_bits is not None and len(table) > 0:
         first, last = table[0], table[len(table) - 1]
@@ -35,6 +36,8 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
                 r.w_bits = o["w_bits"]
             if "a_bits" in o:
                 r.a_bits = o["a_bits"]
+    if recipe.plan is not None:
+        recipe.plan.apply(table)
 
 
 def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8") -> QuantModel:

@@ -28,6 +28,8 @@ class QuantSpec:
       unsigned uses ``[0, 2^b - 1]``.
     midrise: levels ``scale * (q + 0.5)`` with q in ``[-2^(b-1), 2^(b-1)-1]``, 2^b levels
       and no zero (μL2Q's quantizer, seed 000); 1 bit is allowed there (binary ±scale/2).
+    1 bit is also allowed on an affine mid-tread grid (two levels, one of them 0), which
+    mixed-precision searches use to take single layers below 2 bits.
     """
 
     bits: int = 8
@@ -42,11 +44,12 @@ class QuantSpec:
             raise RecipeError(f"unknown quantizer grid {self.grid!r}: use 'midtread' or 'midrise'")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise BitsError(f"bits must be an integer, got {self.bits!r}")
-        lowest = 1 if self.grid == "midrise" else MIN_BITS
+        lowest = 1 if (self.grid == "midrise" or not self.symmetric) else MIN_BITS
         if not lowest <= self.bits <= MAX_BITS:
+            hint = " (1 bit needs an affine grid, symmetric: false)" if self.bits == 1 else ""
             raise BitsError(
                 f"bits={self.bits} is outside the supported range {lowest}..{MAX_BITS} "
-                f"for a {self.grid} uniform quantizer"
+                f"for a {self.grid} {'symmetric' if self.symmetric else 'affine'} uniform quantizer{hint}"
             )
         if self.signed not in (True, False, "auto"):
             raise RecipeError(f"signed must be true, false or 'auto', got {self.signed!r}")

@@ -16,11 +16,12 @@ from typing import Any
 import yaml
 
 from lowbit.errors import BitsError, RecipeError
+from lowbit.mixed.plan import Plan, load_plan
 from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "first_last_bits",
-            "overrides", "keep_float", "calibration", "steps", "extends"}
+            "overrides", "keep_float", "calibration", "steps", "extends", "plan"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options"}
 OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits"}
@@ -43,8 +44,8 @@ def _check_bits(value: Any, where: str, allow_float: bool = True) -> int:
         raise BitsError(f"{where} must be an integer bit width, got {value!r}")
     if allow_float and value == 32:
         return value
-    if not 2 <= value <= MAX_BITS:
-        raise BitsError(f"{where}={value} is outside 2..{MAX_BITS}" + (" (or 32 to keep float)" if allow_float else ""))
+    if not 1 <= value <= MAX_BITS:  # 1 bit: the quantizer spec decides (affine grids only)
+        raise BitsError(f"{where}={value} is outside 1..{MAX_BITS}" + (" (or 32 to keep float)" if allow_float else ""))
     return value
 
 
@@ -86,6 +87,7 @@ class Recipe:
     keep_float: list[str] = field(default_factory=list)
     calibration: dict[str, int] = field(default_factory=lambda: {"samples": 1024, "batch_size": 128, "seed": 0})
     steps: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [("calibrate", {})])
+    plan: "Plan | None" = None
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -123,6 +125,7 @@ class Recipe:
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
                 raise RecipeError(f"calibration.{k} must be a positive integer, got {v!r}")
         steps = [_parse_step(s, i) for i, s in enumerate(data.get("steps", ["calibrate"]) or [])]
+        plan = load_plan(data["plan"]) if data.get("plan") is not None else None
         fold_bn = data.get("fold_bn", True)
         quantize_adds = data.get("quantize_adds", False)
         for key, value in (("fold_bn", fold_bn), ("quantize_adds", quantize_adds)):
@@ -130,7 +133,8 @@ class Recipe:
                 raise RecipeError(f"{key} must be true or false, got {value!r}")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, first_last_bits=fl,
-                   overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, source=source)
+                   overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, plan=plan,
+                   source=source)
 
     @property
     def data_free(self) -> bool:
@@ -143,7 +147,15 @@ class Recipe:
                 "quantize_adds": self.quantize_adds,
                 "first_last_bits": self.first_last_bits, "overrides": self.overrides,
                 "keep_float": self.keep_float, "calibration": self.calibration,
-                "steps": [{name: params} for name, params in self.steps]}
+                "steps": [{name: params} for name, params in self.steps],
+                **({"plan": self.plan.to_dict()} if self.plan is not None else {})}
+
+    def with_plan(self, plan: "Plan | None") -> "Recipe":
+        """The same recipe with a mixed-precision plan applied last (replacing any plan)."""
+        out = copy.copy(self)
+        out.plan = plan
+        out.source = {**self.source, "plan": plan.to_dict()} if plan is not None else dict(self.source)
+        return out
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Mixed precision: plans (bits per layer), MSQ and HAWQ searches, Pareto reports."""

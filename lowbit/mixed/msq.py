@@ -1,0 +1,119 @@
+"""MSQ search (seed 003, Algorithm 1): lower one bit at a time where the probes say the
+layer adds the least accuracy, re-quantizing with the PTQ back-end after every change."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.data.augment import random_crop_flip
+from lowbit.errors import LowbitError
+from lowbit.mixed.plan import Plan
+from lowbit.mixed.probes import DEFAULT_POOL_SIZES, probe_accuracy
+from lowbit.mixed.search import SearchResult, SearchSpace
+from lowbit.recipes.recipe import Recipe, load_recipe
+
+Labelled = tuple[torch.Tensor, torch.Tensor]
+
+
+def imprint_set(calib: Labelled, augment: bool, seed: int) -> Labelled:
+    """Seed 003 §4: the calibration images are randomly cropped and flipped before the
+    probes imprint from them (the network has fit the clean training images)."""
+    x, y = calib
+    if augment and x.dim() == 4:
+        x = random_crop_flip(x, generator=torch.Generator().manual_seed(seed))
+    return x, y
+
+
+def choose_layer(space: SearchSpace, plan: Plan, gains: Sequence[float]) -> str | None:
+    """Algorithm 1 steps 4-5: the layer i (i >= 2) with the smallest Diff_i that is
+    searchable and still above B_min; None when no layer can be lowered."""
+    order = sorted(range(len(gains)), key=lambda k: (gains[k], k))
+    for k in order:
+        name = space.names[k + 1]                     # Diff index k belongs to layer k+1
+        if name in space.searchable and plan.layers[name]["w_bits"] > space.b_min:
+            return name
+    return None
+
+
+class _Checkpoint:
+    """The search so far as JSON (settings, current plan, path); a rerun continues it."""
+
+    def __init__(self, path: str | Path | None, settings: dict[str, Any]) -> None:
+        self.path = Path(path) if path else None
+        self.settings = settings
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state = json.loads(self.path.read_text())
+        except json.JSONDecodeError as err:
+            raise LowbitError(f"search checkpoint {self.path} is corrupt ({err}); delete it to start over") from None
+        if state.get("settings") != self.settings:
+            raise LowbitError(f"search checkpoint {self.path} was written with other settings; "
+                              "delete it or use another path")
+        return state
+
+    def save(self, plan: Plan, path: list[dict[str, Any]], calibrations: int, seconds: float) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "plan": plan.to_dict(), "path": path,
+                                   "calibrations": calibrations, "seconds": seconds}))
+        tmp.replace(self.path)
+
+
+def msq_search(
+    model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe, calib: Labelled, val: Labelled,
+    target_ratio: float | None = None, target_bits: float | None = None, b_max: int = 8, b_min: int = 2,
+    lower: str = "weights", pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES, augment: bool = True,
+    checkpoint: str | Path | None = None, progress: bool = True,
+) -> SearchResult:
+    """Algorithm 1. ``recipe`` is the PTQ back-end run at every step (any recipe); ``calib``
+    and ``val`` are disjoint labelled subsets of the training split. Returns the first
+    configuration within the budget, and every configuration on the way in ``path``."""
+    from lowbit.api import quantize
+
+    r = load_recipe(recipe)
+    if r.data_free:
+        raise LowbitError("MSQ needs labelled calibration data; a data-free (zeroq) back-end cannot imprint probes")
+    space = SearchSpace.build(model, r, b_min, b_max, lower)
+    budget = space.budget(target_ratio, target_bits)
+    settings = {"method": "msq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
+                "lower": lower, "pool_sizes": list(pool_sizes), "augment": augment,
+                "calib": int(calib[0].shape[0]), "val": int(val[0].shape[0])}
+    ckpt = _Checkpoint(checkpoint, settings)
+    state = ckpt.load()
+    plan = Plan.from_mapping(state["plan"]) if state else space.start()
+    path: list[dict[str, Any]] = state["path"] if state else []
+    calibrations = state["calibrations"] if state else 0
+    spent = state["seconds"] if state else 0.0
+    start = time.perf_counter()
+    imprint = imprint_set(calib, augment, r.calibration["seed"])
+    bar = tqdm(desc="msq search", unit="step", disable=not progress, leave=False)
+    while space.weight_bits(plan) > budget:
+        qm = quantize(model, r.with_plan(plan), calib=calib[0], progress=False)      # step 1
+        calibrations += 1
+        probes = probe_accuracy(qm, imprint, val, pool_sizes)                        # step 2
+        gains = probes.gains()                                                       # step 3
+        name = choose_layer(space, plan, gains)                                      # step 4
+        if name is None:
+            raise LowbitError("MSQ cannot reach the budget: every searchable layer is at b_min")
+        path.append({**space.summary(plan), "plan": plan.to_dict()["layers"], "probe_accuracy": probes.accuracy,
+                     "val_accuracy": probes.network_accuracy, "lowered": name})
+        plan = space.with_bits(plan, name, plan.layers[name]["w_bits"] - 1)          # step 5
+        seconds = spent + time.perf_counter() - start
+        ckpt.save(plan, path, calibrations, seconds)                                 # step 6
+        bar.update(1)
+        bar.set_postfix(mean_w_bits=f"{space.summary(plan)['mean_w_bits']:.2f}", val=f"{probes.network_accuracy:.3f}")
+    bar.close()
+    path.append({**space.summary(plan), "plan": plan.to_dict()["layers"], "lowered": None})
+    final = Plan(plan.layers, {"method": "msq", "budget_bits": budget, **space.summary(plan)})
+    return SearchResult("msq", final, budget, settings, path, calibrations, spent + time.perf_counter() - start)

@@ -1,0 +1,134 @@
+"""A mixed-precision plan: bits per layer as plain data, applied through the layer table.
+
+A plan is ``{layer name: {"w_bits": b, "a_bits": b}}`` (32 = float). It is saved as JSON
+(no pickle: plans are shared between people), validated on load, and applied after the
+recipe's own first/last and pattern overrides, so a plan always has the last word.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from lowbit.errors import BitsError, LowbitError, RecipeError
+from lowbit.model.layer_table import FLOAT_BITS, LayerTable
+from lowbit.quant.spec import MAX_BITS
+
+PLAN_FORMAT = "lowbit-plan/1"
+BIT_KEYS = ("w_bits", "a_bits")
+
+
+def check_plan_bits(value: Any, where: str) -> int:
+    """1..8 or 32 (float); whether 1 bit fits a layer's grid is the quantizer spec's call."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BitsError(f"{where} must be an integer bit width, got {value!r}")
+    if value != FLOAT_BITS and not 1 <= value <= MAX_BITS:
+        raise BitsError(f"{where}={value} is outside 1..{MAX_BITS} (or {FLOAT_BITS} to keep float)")
+    return value
+
+
+@dataclass
+class Plan:
+    """Bits per layer name, in network order, plus free-form provenance (method, budget)."""
+
+    layers: dict[str, dict[str, int]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "plan") -> "Plan":
+        """Accepts the saved form ``{"format", "layers", "meta"}`` or a bare layer mapping."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{where} must be a mapping of layer name -> {{w_bits, a_bits}}")
+        meta: dict[str, Any] = {}
+        layers_data: Any = data
+        if "layers" in data:
+            fmt = data.get("format", PLAN_FORMAT)
+            if fmt != PLAN_FORMAT:
+                raise RecipeError(f"{where}: unknown plan format {fmt!r} (expected {PLAN_FORMAT!r})")
+            layers_data, meta = data["layers"], dict(data.get("meta", {}) or {})
+            if not isinstance(layers_data, Mapping):
+                raise RecipeError(f"{where}.layers must be a mapping of layer name -> {{w_bits, a_bits}}")
+        layers: dict[str, dict[str, int]] = {}
+        for name, bits in layers_data.items():
+            if not isinstance(bits, Mapping) or not bits:
+                raise RecipeError(f"{where}[{name!r}] must be a mapping with w_bits and/or a_bits")
+            unknown = set(bits) - set(BIT_KEYS)
+            if unknown:
+                raise RecipeError(f"{where}[{name!r}]: unknown key(s) {sorted(unknown)}; allowed: {list(BIT_KEYS)}")
+            layers[str(name)] = {k: check_plan_bits(bits[k], f"{where}[{name!r}].{k}") for k in BIT_KEYS if k in bits}
+        return cls(layers, meta)
+
+    @classmethod
+    def from_table(cls, table: LayerTable, **meta: Any) -> "Plan":
+        return cls(table.plan(), dict(meta))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "layers": self.layers, "meta": self.meta}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def apply(self, table: LayerTable) -> None:
+        """Set every listed layer's bits; an unknown layer name is an error, not a skip."""
+        names = set(table.names())
+        missing = [n for n in self.layers if n not in names]
+        if missing:
+            raise LowbitError(f"plan names layer(s) {missing} that the model does not have; layers: {table.names()}")
+        self._check_shared_inputs(table)
+        for name, bits in self.layers.items():
+            row = table[name]
+            try:
+                if "w_bits" in bits:
+                    row.w_bits = bits["w_bits"]
+                if "a_bits" in bits:
+                    row.a_bits = bits["a_bits"]
+            except BitsError as err:
+                raise BitsError(f"plan layer {name!r}: {err}") from None
+
+    def _check_shared_inputs(self, table: LayerTable) -> None:
+        """Layers reading the same tensor share one activation quantizer (the integer graph
+        has one tensor): a plan that gives them different a_bits cannot be built."""
+        seen: dict[int, tuple[str, int]] = {}
+        for name, bits in self.layers.items():
+            q = table[name].input_quantizer
+            if q is None or "a_bits" not in bits:
+                continue
+            first = seen.setdefault(id(q), (name, bits["a_bits"]))
+            if first[1] != bits["a_bits"]:
+                raise LowbitError(f"plan gives a_bits {first[1]} to {first[0]!r} and {bits['a_bits']} to {name!r}, "
+                                  "but both read the same tensor through one activation quantizer; give them equal a_bits")
+
+    def weight_bits(self, params: Mapping[str, int]) -> int:
+        """Stored weight-code bits of the listed layers (the size a search budgets)."""
+        return sum(params[n] * b.get("w_bits", FLOAT_BITS) for n, b in self.layers.items())
+
+
+def load_plan(source: "str | Path | Mapping[str, Any] | Plan") -> Plan:
+    """A Plan, a mapping, or a path to a plan JSON file."""
+    if isinstance(source, Plan):
+        return source
+    if isinstance(source, Mapping):
+        return Plan.from_mapping(source)
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"plan file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"plan file {path} is not valid JSON: {err}") from None
+    return Plan.from_mapping(data, where=f"plan {path.name}")
+
+
+def table_params(table: LayerTable) -> dict[str, int]:
+    return {r.name: r.params for r in table}
+
+
+def weight_compression(table: LayerTable, plan: Plan | None = None) -> float:
+    """float32 weight bits / stored weight-code bits over every quantizable layer."""
+    params = table_params(table)
+    bits = (plan or Plan.from_table(table)).weight_bits(params)
+    return FLOAT_BITS * sum(params.values()) / bits

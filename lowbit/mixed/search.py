@@ -1,0 +1,131 @@
+"""What every mixed-precision search shares: the search space, the budget and the result."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowbit.errors import BitsError, LowbitError
+from lowbit.mixed.plan import Plan, check_plan_bits
+from lowbit.model.layer_table import FLOAT_BITS
+from lowbit.recipes.recipe import Recipe
+
+
+@dataclass
+class SearchSpace:
+    """Which layers a search may change and between which bit widths.
+
+    The recipe's first/last-layer rule (``first_last_bits``) freezes those layers at their
+    recipe bits, the convention every uniform baseline here uses too. ``lower`` is
+    "weights" (activations keep the recipe's bits) or "both" (Algorithm 1 literally: a
+    layer's weights and input activations move together).
+    """
+
+    names: list[str]
+    params: dict[str, int]
+    base: Plan                      # every layer's bits before the search (from the recipe)
+    searchable: list[str]
+    b_min: int
+    b_max: int
+    lower: str = "weights"
+
+    @classmethod
+    def build(cls, model: nn.Module, recipe: Recipe, b_min: int, b_max: int, lower: str = "weights") -> "SearchSpace":
+        from lowbit.api import prepare
+
+        check_plan_bits(b_min, "b_min")
+        check_plan_bits(b_max, "b_max")
+        if b_max == FLOAT_BITS or not b_min <= b_max:
+            raise BitsError(f"need 1 <= b_min <= b_max <= 8, got b_min={b_min}, b_max={b_max}")
+        if lower not in ("weights", "both"):
+            raise LowbitError(f"lower must be 'weights' or 'both', got {lower!r}")
+        if b_min == 1 and recipe.weights.spec.symmetric:
+            raise BitsError("b_min=1 needs affine weights (weights: {symmetric: false}) in the back-end recipe; "
+                            "a symmetric mid-tread grid has no 1-bit form")
+        qm = prepare(model, recipe.with_plan(None))
+        table = qm.layers
+        names = table.names()
+        frozen = {names[0], names[-1]} if recipe.first_last_bits is not None else set()
+        searchable = [n for n in names if n not in frozen]
+        if not searchable:
+            raise LowbitError("nothing to search: every quantized layer is frozen by first_last_bits")
+        return cls(names, {r.name: r.params for r in table}, Plan(table.plan()), searchable, b_min, b_max, lower)
+
+    def start(self) -> Plan:
+        """Every searchable layer at B_max (Algorithm 1's initialisation)."""
+        layers = {n: dict(b) for n, b in self.base.layers.items()}
+        for n in self.searchable:
+            layers[n]["w_bits"] = self.b_max
+            if self.lower == "both":
+                layers[n]["a_bits"] = self.b_max
+        return Plan(layers)
+
+    def with_bits(self, plan: Plan, name: str, bits: int) -> Plan:
+        layers = {n: dict(b) for n, b in plan.layers.items()}
+        layers[name]["w_bits"] = bits
+        if self.lower == "both":
+            layers[name]["a_bits"] = bits
+        return Plan(layers)
+
+    def weight_bits(self, plan: Plan) -> int:
+        return plan.weight_bits(self.params)
+
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    def budget(self, target_ratio: float | None = None, target_bits: float | None = None) -> int:
+        """Weight-code bits allowed: float32 size / ratio, or mean bits x parameters."""
+        if (target_ratio is None) == (target_bits is None):
+            raise LowbitError("give exactly one of target_ratio (weight compression) or target_bits (mean weight bits)")
+        if target_ratio is not None:
+            if target_ratio <= 0:
+                raise LowbitError(f"target_ratio must be positive, got {target_ratio}")
+            budget = int(FLOAT_BITS * self.total_params() // target_ratio)
+        else:
+            if not target_bits or target_bits <= 0:
+                raise LowbitError(f"target_bits must be positive, got {target_bits}")
+            budget = int(target_bits * self.total_params())
+        smallest = self.weight_bits(self._all_at(self.b_min))
+        if budget < smallest:
+            raise LowbitError(
+                f"target unreachable: {budget} weight bits requested, but with every searchable layer at "
+                f"b_min={self.b_min} bits (and frozen layers at their recipe bits) the model needs {smallest}")
+        return budget
+
+    def _all_at(self, bits: int) -> Plan:
+        plan = self.start()
+        for n in self.searchable:
+            plan = self.with_bits(plan, n, bits)
+        return plan
+
+    def summary(self, plan: Plan) -> dict[str, Any]:
+        size = self.weight_bits(plan)
+        return {"weight_bits": size, "mean_w_bits": size / self.total_params(),
+                "weight_compression": FLOAT_BITS * self.total_params() / size}
+
+
+@dataclass
+class SearchResult:
+    """A search's answer (``plan``) and everything needed to judge and reproduce it."""
+
+    method: str
+    plan: Plan
+    budget_bits: int
+    settings: dict[str, Any]
+    path: list[dict[str, Any]] = field(default_factory=list)   # configurations on the way
+    calibrations: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "budget_bits": self.budget_bits, "settings": self.settings,
+                "plan": self.plan.to_dict(), "path": self.path, "calibrations": self.calibrations,
+                "seconds": self.seconds}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
