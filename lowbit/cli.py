@@ -56,12 +56,30 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str
         print(f"wrote {args.json}")
 
 
+def _recipes(args: argparse.Namespace) -> list[Any]:
+    """The --recipe list, each with the --plan (a mixed-precision plan JSON) applied."""
+    from lowbit.mixed.plan import load_plan
+    from lowbit.recipes.recipe import load_recipe
+
+    names = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    plan_file = getattr(args, "plan", None)
+    if not plan_file:
+        return names
+    plan = load_plan(plan_file)
+    out = []
+    for name in names:
+        r = load_recipe(name).with_plan(plan)
+        r.name = f"{r.name}+{Path(plan_file).stem}"
+        out.append(r)
+    return out
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluation import compare_recipes
 
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
-    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    recipes = _recipes(args)
 
     def keep(qm, result) -> None:
         if getattr(args, "save", None):
@@ -130,7 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, dataset = _load_model(args)
     train, _ = _datasets(args, dataset)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(_recipes(args)[0])
     calib = None if recipe.data_free else calibration_batches(train, recipe)
     qm = quantize(model, recipe, calib=calib, progress=not args.no_progress)
     example = calib[0][:1] if calib else train[0][0].unsqueeze(0)
@@ -138,6 +156,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {out} (QDQ ONNX, dynamic batch)")
     if args.lowbit:
         print(f"wrote {save(qm, args.lowbit)}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search a plan (bits per layer) for a size target; optionally score it on the test split."""
+    from lowbit.mixed.search import search_subsets
+    from lowbit.recipes.recipe import load_recipe
+
+    model, dataset = _load_model(args)
+    train, test = _datasets(args, dataset)
+    recipe = load_recipe(args.recipe)
+    calib, val = search_subsets(train, recipe, args.val_samples)
+    target = {"target_ratio": args.target_ratio, "target_bits": args.target_bits}
+    if args.method == "msq":
+        from lowbit.mixed.msq import msq_search
+
+        result = msq_search(model, recipe, calib, val, **target, b_max=args.b_max, b_min=args.b_min,
+                            lower=args.lower, checkpoint=args.checkpoint, progress=not args.no_progress)
+    else:
+        from lowbit.mixed.hawq import hawq_search
+
+        if args.lower != "weights":
+            raise LowbitError("--lower both is an MSQ option; HAWQ allocates weight bits only")
+        result = hawq_search(model, recipe, calib, **target, b_max=args.b_max, b_min=args.b_min,
+                             bops_ratio=args.bops_ratio, samples=args.hutchinson_samples,
+                             progress=not args.no_progress)
+    plan_path = result.plan.save(args.out)
+    s = result.plan.meta
+    print(f"{args.method}: {s['mean_w_bits']:.3f} mean weight bits, {s['weight_compression']:.2f}x weight compression "
+          f"(budget {result.budget_bits} bits), {result.calibrations} calibrations, {result.seconds:.0f} s; "
+          f"wrote {plan_path}")
+    payload: dict[str, Any] = {"model": args.model, "dataset": dataset, "search": result.to_dict()}
+    rows = [{"layer": n, **b} for n, b in result.plan.layers.items()]
+    if args.evaluate:
+        from lowbit.evaluation import compare_recipes
+
+        planned = recipe.with_plan(result.plan)
+        planned.name = f"{recipe.name}+{args.method}"
+        out = compare_recipes(model, [recipe, planned], train, test, test_limit=args.test_limit,
+                              progress=not args.no_progress)
+        payload["evaluation"] = {**out, "results": [r.row() for r in out["results"]]}
+        print(f"float top-1 {100 * out['float_top1']:.2f}%")
+        from lowbit.report.tables import format_table
+        print(format_table(payload["evaluation"]["results"]))
+    _emit(args, payload, rows)
     return 0
 
 
@@ -216,11 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", type=Path, help="score this exported ONNX model in ONNX Runtime")
     e.add_argument("--lowbit", type=Path, help="score this saved .lowbit artifact")
     e.set_defaults(func=cmd_eval)
+    q.add_argument("--plan", help="mixed-precision plan JSON (from `lowbit search`) applied to every recipe")
+    s = sub.add_parser("search", help="mixed-precision search (MSQ or HAWQ) for a size target; writes a plan JSON")
+    _add_common(s)
+    s.add_argument("--method", choices=["msq", "hawq"], default="msq")
+    tgt = s.add_mutually_exclusive_group(required=True)
+    tgt.add_argument("--target-ratio", type=float, help="weight compression to reach (float32 size / weight-code size)")
+    tgt.add_argument("--target-bits", type=float, help="mean weight bits to reach (parameter-weighted)")
+    s.add_argument("--recipe", default="w4a8", help="the PTQ back-end recipe run at every search step (default w4a8)")
+    s.add_argument("--b-max", type=int, default=8, help="highest weight bits (MSQ starts every layer here)")
+    s.add_argument("--b-min", type=int, default=2, help="lowest weight bits (1 needs affine weights)")
+    s.add_argument("--lower", choices=["weights", "both"], default="weights",
+                   help="MSQ: lower weight bits only, or a layer's weight and input-activation bits together")
+    s.add_argument("--val-samples", type=int, default=1024, help="validation images for the probes (from train)")
+    s.add_argument("--bops-ratio", type=float, help="HAWQ: also cut bit-operations by this factor")
+    s.add_argument("--hutchinson-samples", type=int, default=32, help="HAWQ: random vectors per trace estimate")
+    s.add_argument("--checkpoint", help="MSQ: JSON state written after every step; a rerun resumes from it")
+    s.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write the plan")
+    s.add_argument("--evaluate", action="store_true", help="score the uniform recipe and the plan on the test split")
+    s.set_defaults(func=cmd_search)
     x = sub.add_parser("export", help="quantize and write a QDQ ONNX model (and optionally a .lowbit file)")
     _add_common(x)
     x.add_argument("--recipe", default="w8a8")
     x.add_argument("--out", type=Path, default=Path("model.onnx"))
     x.add_argument("--lowbit", type=Path, help="also save the bit-packed artifact here")
+    x.add_argument("--plan", help="mixed-precision plan JSON (from `lowbit search`) applied to the recipe")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="PyTorch/ORT float vs lowbit int8 ONNX vs ORT quantize_static: speed and accuracy")
     _add_common(b)

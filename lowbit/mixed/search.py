@@ -6,12 +6,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from lowbit.errors import BitsError, LowbitError
 from lowbit.mixed.plan import Plan, check_plan_bits
 from lowbit.model.layer_table import FLOAT_BITS
 from lowbit.recipes.recipe import Recipe
+
+Labelled = tuple[torch.Tensor, torch.Tensor]
+
+
+def search_subsets(train: Dataset, recipe: Recipe, val_samples: int = 1024) -> tuple[Labelled, Labelled]:
+    """The recipe's calibration subset of the training split, and a disjoint validation
+    subset of it (seeded), both labelled: searches never see the test split."""
+    from lowbit.data import calibration_subset, dataset_tensors
+
+    c = recipe.calibration
+    calib = calibration_subset(train, c["samples"], c["seed"])
+    taken = set(int(i) for i in calib.indices)
+    n = len(train)  # type: ignore[arg-type]
+    if n - len(taken) < val_samples:
+        raise LowbitError(f"the training split has {n} samples: not enough for {c['samples']} calibration "
+                          f"and {val_samples} validation samples")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(c["seed"] + 1)).tolist()
+    val_idx = sorted([i for i in order if i not in taken][:val_samples])
+    return dataset_tensors(calib), dataset_tensors(train, val_idx)
 
 
 @dataclass

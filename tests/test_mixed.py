@@ -1,0 +1,273 @@
+"""Issue 5: plans, MSQ probes and search, HAWQ traces and the ILP, on real data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lowbit
+from lowbit.errors import BitsError, LowbitError, RecipeError
+from lowbit.mixed.hawq import brute_force_allocation, hawq_search, hutchinson_traces, solve_allocation
+from lowbit.mixed.msq import choose_layer, msq_search
+from lowbit.mixed.plan import Plan, load_plan
+from lowbit.mixed.probes import probe_accuracy, pyramid_features
+from lowbit.mixed.search import SearchSpace
+
+MNIST_BACKEND = {"weights": {"bits": 4, "symmetric": False}, "activations": {"bits": 8},
+                 "first_last_bits": None, "calibration": {"samples": 256, "batch_size": 128, "seed": 0}}
+
+
+@pytest.fixture(scope="module")
+def mnist_labelled(mnist_cnn, data_dir):
+    """Disjoint labelled calibration and validation slices of the MNIST training split."""
+    from lowbit.data import dataset_tensors, load_dataset
+
+    model, _, test = mnist_cnn
+    train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
+    calib = dataset_tensors(train, torch.arange(4000, 4256))
+    val = dataset_tensors(train, torch.arange(4256, 4768))
+    return model, calib, val, test
+
+
+# -- plans ----------------------------------------------------------------------------------
+def test_plan_json_round_trip_applies_through_the_layer_table(resnet20, tmp_path):
+    qm = lowbit.api.prepare(resnet20, "w4a8")
+    plan = Plan.from_table(qm.layers, method="hand")
+    plan.layers["layer2.1.conv1"] = {"w_bits": 3, "a_bits": 6}
+    path = plan.save(tmp_path / "p.json")
+    loaded = load_plan(path)
+    assert loaded.layers == plan.layers and loaded.meta == {"method": "hand"}
+    qm2 = lowbit.api.prepare(resnet20, lowbit.recipes.recipe.load_recipe("w4a8").with_plan(loaded))
+    assert qm2.layers.plan() == plan.layers
+    assert qm2.layers["layer2.1.conv1"].w_bits == 3 and qm2.layers["layer2.1.conv1"].a_bits == 6
+    # the recipe carries the plan, so artifacts and reports can rebuild it
+    assert qm2.meta["recipe"]["plan"]["layers"]["layer2.1.conv1"] == {"w_bits": 3, "a_bits": 6}
+
+
+@pytest.mark.parametrize("plan, error, message", [
+    ({"nope.conv": {"w_bits": 4}}, LowbitError, r"plan names layer\(s\) \['nope.conv'\]"),
+    ({"conv1": {"w_bits": 9}}, BitsError, "outside 1..8"),
+    ({"conv1": {"w_bits": 1}}, BitsError, "1 bit needs an affine grid"),
+    ({"conv1": {"wbits": 4}}, RecipeError, r"unknown key\(s\) \['wbits'\]"),
+    ({"conv1": 4}, RecipeError, "must be a mapping"),
+    ({"format": "other/9", "layers": {}}, RecipeError, "unknown plan format"),
+])
+def test_bad_plans_are_named(resnet20, plan, error, message):
+    with pytest.raises(error, match=message):
+        lowbit.api.prepare(resnet20, {"extends": "w4a8", "plan": plan})
+
+
+def test_corrupt_plan_file_is_named(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text('{"layers": {"conv1": {"w_bits": 4}')
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        load_plan(path)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_plan(tmp_path / "missing.json")
+
+
+def test_plan_cannot_split_a_shared_activation_quantizer():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    with pytest.raises(LowbitError, match="read the same tensor"):
+        lowbit.api.prepare(TwoHeads(), {"extends": "w8a8", "first_last_bits": None,
+                                        "plan": {"a": {"a_bits": 4}, "b": {"a_bits": 8}}})
+
+
+def test_one_bit_affine_weights_have_two_levels():
+    from lowbit.quant.quantizer import UniformQuantizer
+    from lowbit.quant.spec import QuantSpec
+
+    q = UniformQuantizer(QuantSpec(bits=1, symmetric=False, per_channel=True))
+    q.signed = True
+    w = torch.tensor([[-1.0, -0.2, 0.1, 0.9], [0.0, 0.0, 0.0, 0.0]])
+    q.set_range(w.amin(1), w.amax(1))
+    out = q(w)
+    assert len(torch.unique(out[0])) <= 2 and torch.equal(out[1], torch.zeros(4))  # all-zero channel stays 0
+
+
+# -- MSQ probes -----------------------------------------------------------------------------
+def test_pyramid_features_shapes_and_normalisation():
+    out = torch.randn(3, 5, 8, 8)
+    e = pyramid_features(out, (1, 2, 4))
+    assert e.shape == (3, 3, 5 * 16)
+    assert torch.allclose(e.norm(dim=2), torch.ones(3, 3), atol=1e-5)
+    # the 1x1 scale is the channel means, replicated by the upsampling
+    means = torch.nn.functional.normalize(out.mean((2, 3)), dim=1)
+    assert torch.allclose(e[:, 0].reshape(3, 5, 16)[:, :, 0] / e[:, 0].reshape(3, 5, 16)[:, :, 0].norm(dim=1, keepdim=True),
+                          means, atol=1e-5)
+    assert pyramid_features(torch.randn(2, 7), (1, 2)).shape == (2, 2, 7 * 4)   # Linear outputs too
+
+
+def test_probes_rank_deeper_layers_higher_on_a_trained_resnet(resnet20, data_dir):
+    from lowbit.data import dataset_tensors, load_dataset
+
+    train = load_dataset("cifar10", "train", data_dir=data_dir, download=False)
+    calib = dataset_tensors(train, torch.arange(0, 512))
+    val = dataset_tensors(train, torch.arange(512, 1024))
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib[0], progress=False)
+    res = probe_accuracy(qm, calib, val)
+    acc = res.accuracy
+    assert len(acc) == len(qm.layers) and res.network_accuracy > 0.9
+    assert np.mean(acc[-4:]) > np.mean(acc[:4]) + 0.3, acc       # deeper = more task information
+    assert acc[-1] > 0.9 and acc[0] < 0.5
+    assert np.corrcoef(np.arange(len(acc)), acc)[0, 1] > 0.8     # rises through the network
+
+
+# -- MSQ search -----------------------------------------------------------------------------
+def test_choose_layer_follows_algorithm_1(resnet20):
+    space = SearchSpace.build(resnet20, lowbit.recipes.recipe.load_recipe("w4a8"), b_min=2, b_max=4)
+    plan = space.start()
+    gains = [0.5] * (len(space.names) - 1)
+    gains[0] = 0.0      # Diff of layer index 1 is smallest ...
+    gains[4] = 0.01
+    assert choose_layer(space, plan, gains) == space.names[1]
+    plan = space.with_bits(plan, space.names[1], 2)   # ... until it sits at B_min: next smallest
+    assert choose_layer(space, plan, gains) == space.names[5]
+    gains[-1] = -1.0    # the last layer is frozen by first_last_bits: never chosen
+    assert choose_layer(space, plan, gains) == space.names[5]
+
+
+def test_msq_search_honours_the_budget_exactly(mnist_labelled, tmp_path):
+    model, calib, val, _ = mnist_labelled
+    res = msq_search(model, MNIST_BACKEND, calib, val, target_bits=3.0, b_max=4, b_min=1, progress=False,
+                     checkpoint=tmp_path / "msq.json")
+    space = SearchSpace.build(model, lowbit.recipes.recipe.load_recipe(MNIST_BACKEND), 1, 4)
+    budget = int(3.0 * space.total_params())
+    assert res.budget_bits == budget
+    sizes = [p["weight_bits"] for p in res.path]
+    assert sizes[-1] <= budget < sizes[-2]            # stops at the first plan within budget
+    assert res.calibrations == len(res.path) - 1
+    for before, after in zip(res.path, res.path[1:]):  # one layer loses exactly one bit per step
+        changed = {n: (before["plan"][n]["w_bits"], after["plan"][n]["w_bits"])
+                   for n in before["plan"] if before["plan"][n] != after["plan"][n]}
+        assert changed == {before["lowered"]: (changed[before["lowered"]][0], changed[before["lowered"]][0] - 1)}
+        assert before["lowered"] != space.names[0]     # layer 1 has no Diff, Algorithm 1 never picks it
+    assert res.plan.weight_bits(space.params) == sizes[-1]
+    qm = lowbit.quantize(model, lowbit.recipes.recipe.load_recipe(MNIST_BACKEND).with_plan(res.plan),
+                         calib=calib[0], progress=False)
+    assert sum(r.params * r.w_bits for r in qm.layers) == sizes[-1]
+    # the finished checkpoint resumes to the same answer without calibrating again
+    again = msq_search(model, MNIST_BACKEND, calib, val, target_bits=3.0, b_max=4, b_min=1, progress=False,
+                       checkpoint=tmp_path / "msq.json")
+    assert again.plan.layers == res.plan.layers and again.calibrations == res.calibrations
+    with pytest.raises(LowbitError, match="other settings"):
+        msq_search(model, MNIST_BACKEND, calib, val, target_bits=2.5, b_max=4, b_min=1, progress=False,
+                   checkpoint=tmp_path / "msq.json")
+
+
+def test_msq_search_refuses_unreachable_targets(mnist_labelled):
+    model, calib, val, _ = mnist_labelled
+    with pytest.raises(LowbitError, match="target unreachable"):
+        msq_search(model, MNIST_BACKEND, calib, val, target_bits=1.5, b_max=4, b_min=2, progress=False)
+    with pytest.raises(BitsError, match="affine"):
+        msq_search(model, {**MNIST_BACKEND, "weights": {"bits": 4}}, calib, val, target_bits=3, b_min=1,
+                   progress=False)
+
+
+# -- HAWQ -----------------------------------------------------------------------------------
+def test_hutchinson_matches_the_exact_hessian_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    qm = lowbit.api.prepare(model, {"extends": "w8a8", "first_last_bits": None})
+    est = hutchinson_traces(qm, x, y, samples=400, progress=False)
+    params = dict(model.named_parameters())
+    for layer, key in (("0", "0.weight"), ("2", "2.weight")):
+        w0 = params[key].detach()
+
+        def loss(w, key=key):
+            out = torch.func.functional_call(model, {**{k: v.detach() for k, v in params.items()}, key: w}, (x,))
+            return torch.nn.functional.cross_entropy(out, y)
+
+        exact = float(torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), w0.numel()).trace())
+        assert est[layer] == pytest.approx(exact, rel=0.1), (layer, est[layer], exact)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 4), st.integers(2, 3))
+def test_ilp_matches_brute_force(seed, layers, options):
+    rng = np.random.default_rng(seed)
+    costs = rng.random((layers, options)).tolist()
+    sizes = rng.integers(1, 20, (layers, options)).tolist()
+    budget = float(rng.integers(min(map(min, sizes)) * layers, max(map(max, sizes)) * layers + 1))
+    try:
+        best, best_cost = brute_force_allocation(costs, sizes, budget)
+    except LowbitError:
+        with pytest.raises(LowbitError, match="fits the budget"):
+            solve_allocation(costs, sizes, budget)
+        return
+    choice = solve_allocation(costs, sizes, budget)
+    assert sum(sizes[i][k] for i, k in enumerate(choice)) <= budget
+    assert sum(costs[i][k] for i, k in enumerate(choice)) == pytest.approx(best_cost, abs=1e-9)
+
+
+def test_hawq_plan_is_the_brute_force_optimum_on_a_tiny_model(mnist_labelled):
+    model, calib, _, _ = mnist_labelled
+    res = hawq_search(model, MNIST_BACKEND, calib, target_bits=3.0, b_max=4, b_min=1, samples=4,
+                      trace_images=64, progress=False)
+    names = list(res.plan.layers)
+    params = {r.name: r.params for r in lowbit.api.prepare(model, MNIST_BACKEND).layers}
+    sens = res.path[0]["sensitivity"]
+    options = list(range(1, 5))
+    costs = [sens[n] for n in names]
+    sizes = [[params[n] * b for b in options] for n in names]
+    _, best_cost = brute_force_allocation(costs, sizes, res.budget_bits)
+    chosen = [options.index(res.plan.layers[n]["w_bits"]) for n in names]
+    assert sum(costs[i][k] for i, k in enumerate(chosen)) == pytest.approx(best_cost)
+    assert res.plan.weight_bits(params) <= res.budget_bits
+    # sensitivities fall with bits: more bits, smaller perturbation
+    for n in names:
+        assert all(a >= b for a, b in zip(sens[n], sens[n][1:])), (n, sens[n])
+
+
+# -- deployment of mixed plans ----------------------------------------------------------------
+def test_mixed_plan_survives_artifact_and_onnx(mnist_labelled, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lowbit.deploy.artifact import load, save
+    from lowbit.deploy.onnx_export import export_onnx
+    from lowbit.deploy.runtime import OnnxModel
+
+    model, calib, _, test = mnist_labelled
+    plan = {"conv1": {"w_bits": 8, "a_bits": 8}, "conv2": {"w_bits": 3, "a_bits": 4},
+            "conv3": {"w_bits": 5, "a_bits": 6}, "linear": {"w_bits": 2, "a_bits": 8}}
+    qm = lowbit.quantize(model, {"extends": "w8a8", "first_last_bits": None, "plan": plan}, calib=calib[0],
+                         progress=False)
+    assert qm.layers.plan() == plan
+    x = test[0][:500]
+    ref = qm(x)
+    back = load(save(qm, tmp_path / "m.lowbit"), model=model)
+    assert back.layers.plan() == plan and torch.equal(back(x), ref)
+    onnx_model = OnnxModel(export_onnx(qm, tmp_path / "m.onnx", x[:1]))
+    agree = (onnx_model(x).argmax(1) == ref.argmax(1)).float().mean()
+    assert agree > 0.98, agree
+
+
+def test_cli_search_writes_a_plan_that_quantize_accepts(tmp_path, data_dir, models_dir, capsys):
+    from lowbit.cli import main
+
+    common = ["--model", "resnet20", "--data-dir", str(data_dir), "--models-dir", str(models_dir),
+              "--no-download", "--no-progress"]
+    recipe = tmp_path / "backend.yaml"
+    recipe.write_text("extends: w4a8\ncalibration: {samples: 256, batch_size: 128, seed: 0}\n")
+    out = tmp_path / "plan.json"
+    assert main(["search", *common, "--method", "msq", "--recipe", str(recipe), "--b-max", "4",
+                 "--target-bits", "3.97", "--val-samples", "256", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["format"] == "lowbit-plan/1" and plan["meta"]["mean_w_bits"] <= 3.97
+    assert main(["quantize", *common, "--recipe", str(recipe), "--plan", str(out), "--test-limit", "200"]) == 0
+    assert "backend+plan" in capsys.readouterr().out
+    assert main(["search", *common, "--method", "msq", "--recipe", str(recipe), "--target-bits", "0.5",
+                 "--out", str(out)]) == 2
+    assert "target unreachable" in capsys.readouterr().err
