@@ -271,3 +271,21 @@ def test_cli_search_writes_a_plan_that_quantize_accepts(tmp_path, data_dir, mode
     assert main(["search", *common, "--method", "msq", "--recipe", str(recipe), "--target-bits", "0.5",
                  "--out", str(out)]) == 2
     assert "target unreachable" in capsys.readouterr().err
+
+
+def test_hawq_bops_budget_is_honoured(mnist_labelled):
+    model, calib, _, _ = mnist_labelled
+    free = hawq_search(model, MNIST_BACKEND, calib, target_bits=3.5, b_max=4, b_min=1, samples=2,
+                       trace_images=32, progress=False)
+    capped = hawq_search(model, MNIST_BACKEND, calib, target_bits=3.5, b_max=4, b_min=1, samples=2,
+                         trace_images=32, bops_ratio=2.0, traces=free.path[0]["traces"], progress=False)
+    qm = lowbit.api.prepare(model, MNIST_BACKEND)
+    with torch.no_grad(), qm.float_reference():
+        qm(calib[0][:2])                                   # fills the MAC counts
+    macs = {r.name: r.macs for r in qm.layers}
+
+    def bops(plan):
+        return sum(macs[n] * b["w_bits"] * b["a_bits"] for n, b in plan.layers.items())
+
+    full = sum(macs[n] * 4 * b["a_bits"] for n, b in free.plan.layers.items())
+    assert bops(capped.plan) <= full / 2.0 < bops(free.plan)
