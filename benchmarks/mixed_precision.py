@@ -58,6 +58,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 USP = {"usp": {"augment_repeats": 1}}
 CHEAP = ["calibrate", USP]                                   # ~4 s on ResNet-20
 STRONG = ["calibrate", {"adaround": {"iters": 100}}, USP]    # ~50 s
+# MSQ as the seed ranks layers (smallest probe gain), and our variant (gain per bit saved)
+MSQ_VARIANTS = {"msq": "gain", "msq-perbit": "gain_per_bit"}
 
 
 def backend(setting: dict[str, Any], strong: bool = False) -> Recipe:
@@ -126,26 +128,32 @@ def run(args: argparse.Namespace) -> None:
         budgets = {b: space.weight_bits(uniform_plan(space, b)) for b in widths}
         target = budgets[setting["bits"]] / space.total_params()
 
-        key = f"{name}/msq"
-        if key not in res.data["searches"]:
-            out = msq_search(model, cheap, calib, val, target_bits=target, b_max=setting["b_max"],
-                             b_min=setting["b_min"], checkpoint=args.out.parent / f"msq_{name}.ckpt.json",
-                             progress=not args.no_progress)
-            res.data["searches"][key] = out.to_dict()
-            res.save()
-            print(f"{key}: {out.calibrations} calibrations, {out.seconds:.0f} s")
-        msq_path = res.data["searches"][key]["path"]
+        msq_paths = {}
+        for variant in args.msq.split(","):
+            key = f"{name}/{variant}"
+            if key not in res.data["searches"]:
+                suffix = "" if variant == "msq" else f"_{variant}"
+                out = msq_search(model, cheap, calib, val, target_bits=target, b_max=setting["b_max"],
+                                 b_min=setting["b_min"], rank=MSQ_VARIANTS[variant],
+                                 checkpoint=args.out.parent / f"msq_{name}{suffix}.ckpt.json",
+                                 progress=not args.no_progress)
+                res.data["searches"][key] = out.to_dict()
+                res.save()
+                print(f"{key}: {out.calibrations} calibrations, {out.seconds:.0f} s")
+            msq_paths[variant] = res.data["searches"][key]["path"]
 
-        if traces is None:
+        if traces is None and args.hawq:
             out = hawq_search(model, cheap, calib, target_bits=target, b_max=setting["b_max"], b_min=setting["b_min"],
                               progress=not args.no_progress)
             traces = res.data["traces"] = out.path[0]["traces"]
             res.data["traces_seconds"] = out.seconds
             res.save()
         for width in widths:
-            plans = {"uniform": uniform_plan(space, width)}
+            plans = {"uniform": uniform_plan(space, width)} if args.uniform else {}
             if width != setting["b_max"]:
-                plans["msq"] = first_on_path(msq_path, budgets[width])
+                for variant, path in msq_paths.items():
+                    plans[variant] = first_on_path(path, budgets[width])
+            if width != setting["b_max"] and args.hawq:
                 start = time.perf_counter()
                 h = hawq_search(model, cheap, calib, target_bits=budgets[width] / space.total_params(),
                                 b_max=setting["b_max"], b_min=setting["b_min"], traces=traces, progress=False)
@@ -171,6 +179,10 @@ def report(path: Path) -> None:
     from lowbit.report.plots import allocation_plot, pareto_plot
 
     data = json.loads(path.read_text())
+    for extra in sorted(path.parent.glob(path.stem + "_*.json")):    # other lanes' files
+        more = json.loads(extra.read_text())
+        data["entries"].update(more.get("entries", {}))
+        data["searches"].update(more.get("searches", {}))
     fl = data["float_top1"]
     entries = list(data["entries"].values())
     print(f"float top-1 {fl:.2f} (ResNet-20, full test split)\n")
@@ -183,7 +195,7 @@ def report(path: Path) -> None:
               f"| {e['weight_compression']:.2f}× | {e['top1']:.2f} | {fl - e['top1']:+.2f} |")
     print()
     for key, s in data["searches"].items():
-        if key.endswith("/msq"):
+        if key.split("/")[-1] in MSQ_VARIANTS:
             print(f"{key}: {s['calibrations']} calibrations, {s['seconds'] / 60:.1f} min")
     FIGURES.mkdir(parents=True, exist_ok=True)
     for name in dict.fromkeys(e["setting"] for e in entries):
@@ -202,6 +214,9 @@ def main() -> None:
     p.add_argument("--models-dir", default="../shared/models")
     p.add_argument("--settings", default="w2a32,w4a4,w3a8,w3a4,w4a8")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--msq", default="msq", help=f"MSQ variants to run: {','.join(MSQ_VARIANTS)}")
+    p.add_argument("--no-hawq", dest="hawq", action="store_false", help="skip HAWQ (e.g. in a second lane)")
+    p.add_argument("--no-uniform", dest="uniform", action="store_false", help="skip the uniform plans")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", action="store_true", help="print tables and draw plots from the results")

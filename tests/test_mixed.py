@@ -137,6 +137,12 @@ def test_choose_layer_follows_algorithm_1(resnet20):
     assert choose_layer(space, plan, gains) == space.names[5]
     gains[-1] = -1.0    # the last layer is frozen by first_last_bits: never chosen
     assert choose_layer(space, plan, gains) == space.names[5]
+    # per bit saved: equal gains -> the largest layer goes first
+    flat = [0.1] * (len(space.names) - 1)
+    biggest = max(space.searchable, key=lambda n: (space.params[n], -space.names.index(n)))
+    assert choose_layer(space, space.start(), flat, rank="gain_per_bit") == biggest
+    with pytest.raises(LowbitError, match="unknown MSQ ranking"):
+        choose_layer(space, plan, gains, rank="random")
 
 
 def test_msq_search_honours_the_budget_exactly(mnist_labelled, tmp_path):
