@@ -42,7 +42,8 @@ FIGURES = Path(__file__).parent / "results" / "figures"
 A32 = {"overrides": [{"pattern": "*", "a_bits": 32}]}
 # name -> (back-end recipe, uniform width = the target, search range, Pareto widths)
 SETTINGS: dict[str, dict[str, Any]] = {
-    # seed 003 Table 1: weights ~2 bits, activations float. Affine weights, so a layer can go to 1 bit.
+    # seed 003 Table 1: weights ~2 bits, activations float; 2-4 bits on the affine grid
+    # (2 bits = 4 levels), 1 bit = binary (sign x per-channel scale).
     "w2a32": {"recipe": {"extends": "w4a8", "weights": {"symmetric": False}, **A32},
               "bits": 2, "b_min": 1, "b_max": 4, "pareto": [3, 4]},
     # seed 003 Table 2 settings on our model: ~4 and ~3 bit weights with 4/8-bit activations.

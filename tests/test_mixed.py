@@ -52,7 +52,7 @@ def test_plan_json_round_trip_applies_through_the_layer_table(resnet20, tmp_path
 @pytest.mark.parametrize("plan, error, message", [
     ({"nope.conv": {"w_bits": 4}}, LowbitError, r"plan names layer\(s\) \['nope.conv'\]"),
     ({"conv1": {"w_bits": 9}}, BitsError, "outside 1..8"),
-    ({"conv1": {"w_bits": 1}}, BitsError, "1 bit needs an affine grid"),
+    ({"conv1": {"a_bits": 1}}, BitsError, "outside the supported range 2..8"),
     ({"conv1": {"wbits": 4}}, RecipeError, r"unknown key\(s\) \['wbits'\]"),
     ({"conv1": 4}, RecipeError, "must be a mapping"),
     ({"format": "other/9", "layers": {}}, RecipeError, "unknown plan format"),
@@ -85,16 +85,19 @@ def test_plan_cannot_split_a_shared_activation_quantizer():
                                         "plan": {"a": {"a_bits": 4}, "b": {"a_bits": 8}}})
 
 
-def test_one_bit_affine_weights_have_two_levels():
-    from lowbit.quant.quantizer import UniformQuantizer
-    from lowbit.quant.spec import QuantSpec
-
-    q = UniformQuantizer(QuantSpec(bits=1, symmetric=False, per_channel=True))
-    q.signed = True
-    w = torch.tensor([[-1.0, -0.2, 0.1, 0.9], [0.0, 0.0, 0.0, 0.0]])
-    q.set_range(w.amin(1), w.amax(1))
-    out = q(w)
-    assert len(torch.unique(out[0])) <= 2 and torch.equal(out[1], torch.zeros(4))  # all-zero channel stays 0
+def test_one_weight_bit_is_binary_and_reverts(resnet20, cifar_slices):
+    calib, _ = cifar_slices
+    qm = lowbit.quantize(resnet20, {"extends": "w4a8", "plan": {"layer2.1.conv1": {"w_bits": 1}}}, calib=calib,
+                         progress=False)
+    row = qm.layers["layer2.1.conv1"]
+    assert row.w_bits == 1 and row.layer.weight_quantizer.spec.grid == "midrise"
+    w = row.layer.quantized_weight().detach().reshape(row.layer.weight.shape[0], -1)
+    for channel in w:                                   # sign x one scale per channel
+        levels = torch.unique(channel)
+        assert len(levels) == 2 and torch.isclose(levels[0], -levels[1])
+    row.w_bits = 3                                      # back on the recipe's grid
+    assert row.layer.weight_quantizer.spec.grid == "midtread" and row.layer.weight_quantizer.spec.bits == 3
+    assert not row.layer.weight_quantizer.calibrated
 
 
 # -- MSQ probes -----------------------------------------------------------------------------
@@ -177,9 +180,8 @@ def test_msq_search_refuses_unreachable_targets(mnist_labelled):
     model, calib, val, _ = mnist_labelled
     with pytest.raises(LowbitError, match="target unreachable"):
         msq_search(model, MNIST_BACKEND, calib, val, target_bits=1.5, b_max=4, b_min=2, progress=False)
-    with pytest.raises(BitsError, match="affine"):
-        msq_search(model, {**MNIST_BACKEND, "weights": {"bits": 4}}, calib, val, target_bits=3, b_min=1,
-                   progress=False)
+    with pytest.raises(BitsError, match="b_min <= b_max"):
+        msq_search(model, MNIST_BACKEND, calib, val, target_bits=3, b_min=5, b_max=4, progress=False)
 
 
 # -- HAWQ -----------------------------------------------------------------------------------
@@ -295,3 +297,14 @@ def test_hawq_bops_budget_is_honoured(mnist_labelled):
 
     full = sum(macs[n] * 4 * b["a_bits"] for n, b in free.plan.layers.items())
     assert bops(capped.plan) <= full / 2.0 < bops(free.plan)
+
+
+def test_adaround_keeps_binary_layers_on_their_grid(mnist_labelled):
+    model, calib, _, test = mnist_labelled
+    recipe = {**MNIST_BACKEND, "plan": {"conv2": {"w_bits": 1}}, "steps": ["calibrate", {"adaround": {"iters": 20}}]}
+    qm = lowbit.quantize(model, recipe, calib=calib[0], progress=False)
+    row = qm.layers["conv2"]
+    q = row.layer.weight_quantizer
+    w = row.layer.quantized_weight().detach()
+    assert q.spec.grid == "midrise" and torch.allclose(q.dequantize(q.codes(w)), w, atol=1e-6)
+    assert set(q.codes(w).unique().tolist()) <= {-1, 0}

@@ -203,7 +203,7 @@ def test_conv1d_and_linear_model():
 @pytest.mark.parametrize("recipe, message", [
     ({"wieghts": {"bits": 4}}, r"unknown key\(s\) \['wieghts'\] in recipe"),
     ({"weights": {"bits": 9}}, "outside 1..8"),
-    ({"weights": {"bits": 1}}, "1 bit needs an affine grid"),
+    ({"weights": {"bits": 1}}, "1-bit weights are binary"),
     ({"weights": {"estimator": "magic"}}, "unknown range estimator 'magic'"),
     ({"activations": {"per_channel": True}}, "per-channel activation"),
     ({"steps": ["calibrate", "adarond"]}, "unknown step 'adarond'"),

@@ -26,6 +26,7 @@ from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.reconstruct import requires_grad
 from lowbit.quant.estimators import estimate_range
 from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.spec import weight_spec_at
 from lowbit.recipes.recipe import Recipe, load_recipe
 
 
@@ -60,7 +61,7 @@ def hutchinson_traces(
 def perturbation(qm: QuantModel, name: str, bits: int, estimator: str) -> float:
     """||Q_b(W) - W||^2 with the layer's own weight grid at ``bits`` (its range re-estimated)."""
     layer = qm.layers[name].layer
-    spec = layer.weight_quantizer.spec.with_(bits=bits)
+    spec = weight_spec_at(layer.base_weight_spec, bits)
     q = UniformQuantizer(spec)
     q.signed = True
     w = layer.weight.detach()

@@ -63,9 +63,6 @@ class SearchSpace:
             raise BitsError(f"need 1 <= b_min <= b_max <= 8, got b_min={b_min}, b_max={b_max}")
         if lower not in ("weights", "both"):
             raise LowbitError(f"lower must be 'weights' or 'both', got {lower!r}")
-        if b_min == 1 and recipe.weights.spec.symmetric:
-            raise BitsError("b_min=1 needs affine weights (weights: {symmetric: false}) in the back-end recipe; "
-                            "a symmetric mid-tread grid has no 1-bit form")
         qm = prepare(model, recipe.with_plan(None))
         table = qm.layers
         names = table.names()

@@ -44,7 +44,7 @@ class LayerRecord:
             self.layer.quantize_weight = False
             return
         self.layer.quantize_weight = True
-        self.layer.weight_quantizer.set_bits(bits)
+        self.layer.set_weight_bits(bits)
 
     @property
     def a_bits(self) -> int:

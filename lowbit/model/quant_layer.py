@@ -9,7 +9,7 @@ from torch import nn
 
 from lowbit.quant.functional import round_ste
 from lowbit.quant.quantizer import UniformQuantizer
-from lowbit.quant.spec import QuantSpec
+from lowbit.quant.spec import QuantSpec, weight_spec_at
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -40,6 +40,8 @@ class QuantLayer(nn.Module):
         self.kind = layer_kind(module)
         # Output channels are dim 0 of Conv and Linear weights alike.
         self.weight_quantizer = UniformQuantizer(weight_spec.with_(ch_axis=0), name=f"{name}.weight")
+        # The recipe's weight grid: bit changes derive from it (1 bit -> binary, see weight_spec_at).
+        self.base_weight_spec = self.weight_quantizer.spec
         self.input_quantizer: UniformQuantizer | None = None
         # The quantizer of this layer's input (a plain tuple, so it is not registered as a
         # submodule twice): its scale fixes the int32 bias grid.
@@ -49,6 +51,16 @@ class QuantLayer(nn.Module):
         # quantizer's round-to-nearest for this layer's weight.
         self.weight_fn: Callable[[], torch.Tensor] | None = None
         self.macs: int | None = None
+
+    def set_weight_bits(self, bits: int) -> None:
+        """Change the weight width; the scale no longer fits, so calibration is required."""
+        q = self.weight_quantizer
+        spec = weight_spec_at(self.base_weight_spec, bits)
+        if spec != q.spec:
+            q.spec = spec
+            q.calibrated = False
+            if spec.grid == "midrise":
+                q.signed = True
 
     @property
     def weight(self) -> torch.Tensor:

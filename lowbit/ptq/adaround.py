@@ -31,8 +31,12 @@ class AdaRoundWeight(nn.Module):
         self.scale = broadcast_shape(q.scale, w, q.spec.ch_axis).detach()
         self.zero_point = broadcast_shape(q.zero_point, w, q.spec.ch_axis).detach()
         self.qmin, self.qmax = q.code_range()
-        self.register_buffer("w_floor", torch.floor(w / self.scale))
-        rest = (w / self.scale - self.w_floor).clamp(1e-4, 1 - 1e-4)
+        # Mid-rise grids (e.g. binary weights) have levels at (q + 1/2)·scale: round on the
+        # shifted axis so up/down means the neighbouring levels of that grid.
+        self.offset = 0.5 if q.spec.grid == "midrise" else 0.0
+        u = w / self.scale - self.offset
+        self.register_buffer("w_floor", torch.floor(u))
+        rest = (u - self.w_floor).clamp(1e-4, 1 - 1e-4)
         # Start where h(V) equals the fractional part, i.e. at the float weight itself.
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
 
@@ -45,7 +49,7 @@ class AdaRoundWeight(nn.Module):
     def forward(self, hard: bool = False) -> torch.Tensor:
         h = self.hard() if hard else self.soft()
         q = torch.clamp(self.w_floor + h + self.zero_point, self.qmin, self.qmax)
-        return (q - self.zero_point) * self.scale
+        return (q - self.zero_point + self.offset) * self.scale
 
     def regularizer(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()

@@ -28,8 +28,6 @@ class QuantSpec:
       unsigned uses ``[0, 2^b - 1]``.
     midrise: levels ``scale * (q + 0.5)`` with q in ``[-2^(b-1), 2^(b-1)-1]``, 2^b levels
       and no zero (μL2Q's quantizer, seed 000); 1 bit is allowed there (binary ±scale/2).
-    1 bit is also allowed on an affine mid-tread grid (two levels, one of them 0), which
-    mixed-precision searches use to take single layers below 2 bits.
     """
 
     bits: int = 8
@@ -44,12 +42,13 @@ class QuantSpec:
             raise RecipeError(f"unknown quantizer grid {self.grid!r}: use 'midtread' or 'midrise'")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise BitsError(f"bits must be an integer, got {self.bits!r}")
-        lowest = 1 if (self.grid == "midrise" or not self.symmetric) else MIN_BITS
+        lowest = 1 if self.grid == "midrise" else MIN_BITS
         if not lowest <= self.bits <= MAX_BITS:
-            hint = " (1 bit needs an affine grid, symmetric: false)" if self.bits == 1 else ""
+            hint = (" (1-bit weights are binary: set w_bits 1 through an override or plan, "
+                    "or use grid: midrise)") if self.bits == 1 else ""
             raise BitsError(
                 f"bits={self.bits} is outside the supported range {lowest}..{MAX_BITS} "
-                f"for a {self.grid} {'symmetric' if self.symmetric else 'affine'} uniform quantizer{hint}"
+                f"for a {self.grid} uniform quantizer{hint}"
             )
         if self.signed not in (True, False, "auto"):
             raise RecipeError(f"signed must be true, false or 'auto', got {self.signed!r}")
@@ -91,3 +90,13 @@ class QuantSpec:
         if unknown:
             raise RecipeError(f"unknown quantizer spec key(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def weight_spec_at(spec: QuantSpec, bits: int) -> QuantSpec:
+    """A layer's weight grid at ``bits``. At 1 bit every mid-tread grid degenerates (one
+    level, or two with one of them 0), so 1 weight bit means binary: sign x a per-channel
+    scale, the mid-rise 1-bit grid (BinaryConnect/XNOR-Net's form, seed 001)."""
+    if bits == 1 and spec.grid == "midtread":
+        return QuantSpec(bits=1, signed=True, symmetric=True, per_channel=spec.per_channel,
+                         ch_axis=spec.ch_axis, grid="midrise")
+    return spec.with_(bits=bits)
