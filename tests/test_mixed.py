@@ -308,3 +308,18 @@ def test_adaround_keeps_binary_layers_on_their_grid(mnist_labelled):
     w = row.layer.quantized_weight().detach()
     assert q.spec.grid == "midrise" and torch.allclose(q.dequantize(q.codes(w)), w, atol=1e-6)
     assert set(q.codes(w).unique().tolist()) <= {-1, 0}
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lowbit.report.plots import allocation_plot, pareto_plot
+
+    pts = [{"method": m, "weight_compression": 32 / b, "mean_w_bits": b, "top1": 90 - 3 * (4 - b)}
+           for m in ("uniform", "msq") for b in (2.0, 3.0, 4.0)]
+    out = pareto_plot(pts, tmp_path / "p.png", title="t", float_top1=91.7)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    plans = {"msq": {"a": {"w_bits": 2}, "b": {"w_bits": 4}}, "uniform": {"a": {"w_bits": 3}, "b": {"w_bits": 3}}}
+    out = allocation_plot(plans, tmp_path / "a.png", params={"a": 10, "b": 20})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(LowbitError, match="at least one plan"):
+        allocation_plot({}, tmp_path / "b.png")

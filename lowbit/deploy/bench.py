@@ -89,8 +89,8 @@ def run_runtime_benchmark(
     for name, (engine, file) in engines.items():
         top1 = evaluate(engine, test_batches)
         with torch.no_grad():
-            lat1 = median_seconds(lambda: engine(x1), warmup=20, repeats=4 * repeats)
-            lat64 = median_seconds(lambda: engine(x64), warmup=5, repeats=repeats)
+            lat1 = median_seconds(lambda e=engine: e(x1), warmup=20, repeats=4 * repeats)
+            lat64 = median_seconds(lambda e=engine: e(x64), warmup=5, repeats=repeats)
         rows.append({"engine": name, "top1": round(100 * top1, 2), "latency_b1_ms": round(1000 * lat1, 3),
                      "throughput_b64_img_s": round(64 / lat64, 1),
                      "file_kb": round(os.path.getsize(file) / 1024, 1) if file else None})

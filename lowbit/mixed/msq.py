@@ -15,10 +15,8 @@ from lowbit.data.augment import random_crop_flip
 from lowbit.errors import LowbitError
 from lowbit.mixed.plan import Plan
 from lowbit.mixed.probes import DEFAULT_POOL_SIZES, probe_accuracy
-from lowbit.mixed.search import SearchResult, SearchSpace
+from lowbit.mixed.search import Labelled, SearchResult, SearchSpace
 from lowbit.recipes.recipe import Recipe, load_recipe
-
-Labelled = tuple[torch.Tensor, torch.Tensor]
 
 
 def imprint_set(calib: Labelled, augment: bool, seed: int) -> Labelled:

@@ -17,6 +17,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def pareto_plot(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "",
                 float_top1: float | None = None) -> Path:
     """Top-1 vs weight compression (left) and vs mean weight bits (right), one line per
@@ -37,12 +46,7 @@ def pareto_plot(points: Sequence[Mapping[str, Any]], path: str | Path, title: st
     axes[0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def allocation_plot(plans: Mapping[str, Mapping[str, Mapping[str, int]]], path: str | Path,
@@ -64,9 +68,4 @@ def allocation_plot(plans: Mapping[str, Mapping[str, Mapping[str, int]]], path: 
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
