@@ -279,6 +279,11 @@ def test_cli_search_writes_a_plan_that_quantize_accepts(tmp_path, data_dir, mode
     assert main(["search", *common, "--method", "msq", "--recipe", str(recipe), "--target-bits", "0.5",
                  "--out", str(out)]) == 2
     assert "target unreachable" in capsys.readouterr().err
+    hawq = tmp_path / "hawq.json"
+    assert main(["search", *common, "--method", "hawq", "--recipe", str(recipe), "--b-max", "6",
+                 "--target-ratio", "8", "--hutchinson-samples", "1", "--out", str(hawq)]) == 0
+    meta = json.loads(hawq.read_text())["meta"]
+    assert meta["method"] == "hawq" and meta["weight_compression"] >= 8
 
 
 def test_hawq_bops_budget_is_honoured(mnist_labelled):
