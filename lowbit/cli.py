@@ -173,7 +173,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         from lowbit.mixed.msq import msq_search
 
         result = msq_search(model, recipe, calib, val, **target, b_max=args.b_max, b_min=args.b_min,
-                            lower=args.lower, rank=args.rank, checkpoint=args.checkpoint, progress=not args.no_progress)
+                            lower=args.lower, rank=args.rank, probe_at=args.probe_at, checkpoint=args.checkpoint, progress=not args.no_progress)
     else:
         from lowbit.mixed.hawq import hawq_search
 
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MSQ: lower weight bits only, or a layer's weight and input-activation bits together")
     s.add_argument("--rank", choices=["gain", "gain_per_bit"], default="gain",
                    help="MSQ: lower the layer of smallest probe gain (the seed), or smallest gain per weight bit saved")
+    s.add_argument("--probe-at", choices=["output", "next_input"], default="output",
+                   help="MSQ: probe each layer's output (the seed) or the next layer's input (block outputs in ResNets)")
     s.add_argument("--val-samples", type=int, default=1024, help="validation images for the probes (from train)")
     s.add_argument("--bops-ratio", type=float, help="HAWQ: also cut bit-operations by this factor")
     s.add_argument("--hutchinson-samples", type=int, default=32, help="HAWQ: random vectors per trace estimate")

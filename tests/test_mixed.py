@@ -113,14 +113,15 @@ def test_pyramid_features_shapes_and_normalisation():
     assert pyramid_features(torch.randn(2, 7), (1, 2)).shape == (2, 2, 7 * 4)   # Linear outputs too
 
 
-def test_probes_rank_deeper_layers_higher_on_a_trained_resnet(resnet20, data_dir):
+@pytest.mark.parametrize("probe_at", ["output", "next_input"])
+def test_probes_rank_deeper_layers_higher_on_a_trained_resnet(resnet20, data_dir, probe_at):
     from lowbit.data import dataset_tensors, load_dataset
 
     train = load_dataset("cifar10", "train", data_dir=data_dir, download=False)
     calib = dataset_tensors(train, torch.arange(0, 512))
     val = dataset_tensors(train, torch.arange(512, 1024))
     qm = lowbit.quantize(resnet20, "w8a8", calib=calib[0], progress=False)
-    res = probe_accuracy(qm, calib, val)
+    res = probe_accuracy(qm, calib, val, probe_at=probe_at)
     acc = res.accuracy
     assert len(acc) == len(qm.layers) and res.network_accuracy > 0.9
     assert np.mean(acc[-4:]) > np.mean(acc[:4]) + 0.3, acc       # deeper = more task information

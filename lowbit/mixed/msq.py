@@ -85,7 +85,7 @@ class _Checkpoint:
 def msq_search(
     model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe, calib: Labelled, val: Labelled,
     target_ratio: float | None = None, target_bits: float | None = None, b_max: int = 8, b_min: int = 2,
-    lower: str = "weights", rank: str = "gain", pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES, augment: bool = True,
+    lower: str = "weights", rank: str = "gain", probe_at: str = "output", pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES, augment: bool = True,
     checkpoint: str | Path | None = None, progress: bool = True,
 ) -> SearchResult:
     """Algorithm 1. ``recipe`` is the PTQ back-end run at every step (any recipe); ``calib``
@@ -101,7 +101,7 @@ def msq_search(
     space = SearchSpace.build(model, r, b_min, b_max, lower)
     budget = space.budget(target_ratio, target_bits)
     settings = {"method": "msq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
-                "lower": lower, "rank": rank, "pool_sizes": list(pool_sizes), "augment": augment,
+                "lower": lower, "rank": rank, "probe_at": probe_at, "pool_sizes": list(pool_sizes), "augment": augment,
                 "calib": int(calib[0].shape[0]), "val": int(val[0].shape[0])}
     ckpt = _Checkpoint(checkpoint, settings)
     state = ckpt.load()
@@ -115,7 +115,7 @@ def msq_search(
     while space.weight_bits(plan) > budget:
         qm = quantize(model, r.with_plan(plan), calib=calib[0], progress=False)      # step 1
         calibrations += 1
-        probes = probe_accuracy(qm, imprint, val, pool_sizes)                        # step 2
+        probes = probe_accuracy(qm, imprint, val, pool_sizes, probe_at=probe_at)     # step 2
         gains = probes.gains()                                                       # step 3
         name = choose_layer(space, plan, gains, rank)                                # step 4
         if name is None:
@@ -129,5 +129,6 @@ def msq_search(
         bar.set_postfix(mean_w_bits=f"{space.summary(plan)['mean_w_bits']:.2f}", val=f"{probes.network_accuracy:.3f}")
     bar.close()
     path.append({**space.summary(plan), "plan": plan.to_dict()["layers"], "lowered": None})
-    final = Plan(plan.layers, {"method": "msq" if rank == "gain" else f"msq ({rank})", "budget_bits": budget, **space.summary(plan)})
+    variant = ", ".join(v for v, default in ((rank, "gain"), (probe_at, "output")) if v != default)
+    final = Plan(plan.layers, {"method": f"msq ({variant})" if variant else "msq", "budget_bits": budget, **space.summary(plan)})
     return SearchResult("msq", final, budget, settings, path, calibrations, spent + time.perf_counter() - start)

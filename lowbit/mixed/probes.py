@@ -15,6 +15,12 @@ Choices the seed leaves open, and why:
 - Eq. 11 upsamples every pooled map to the largest size (bilinear) before concatenation,
   so each scale's block of the fused feature has the same length as its template.
 - Eq. 15 weights each scale by its entropy H (not 1/H), as the seed writes it.
+
+Where the probe reads (``probe_at``): "output" is the layer's own output, as the seed
+says. In a residual network the second conv of a block outputs only the residual branch,
+which the network never uses on its own; "next_input" reads instead the tensor the next
+layer in the table consumes (for a chain of blocks: the block output after the add and
+ReLU), and the last layer's own output. It is our variant, not the seed's.
 """
 from __future__ import annotations
 
@@ -69,16 +75,31 @@ class ProbeResult:
         return [abs(a - b) for a, b in zip(self.accuracy[1:], self.accuracy[:-1])]
 
 
-class _Capture:
-    """Forward hooks that keep each quantized layer's output for one batch."""
+PROBE_POINTS = ("output", "next_input")
 
-    def __init__(self, layers: list[tuple[str, QuantLayer]]) -> None:
+
+class _Capture:
+    """Forward hooks that keep, per quantized layer, the tensor its probe reads."""
+
+    def __init__(self, layers: list[tuple[str, QuantLayer]], at: str = "output") -> None:
+        if at not in PROBE_POINTS:
+            raise LowbitError(f"unknown probe point {at!r}; known: {list(PROBE_POINTS)}")
         self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers]
+        self.handles = []
+        for i, (name, layer) in enumerate(layers):
+            if at == "next_input" and i + 1 < len(layers):
+                self.handles.append(layers[i + 1][1].register_forward_pre_hook(self._pre_hook(name)))
+            else:
+                self.handles.append(layer.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def keep(_module, _inputs, output):
             self.outputs[name] = output.detach()
+        return keep
+
+    def _pre_hook(self, name: str):
+        def keep(_module, inputs):
+            self.outputs[name] = inputs[0].detach()
         return keep
 
     def close(self) -> None:
@@ -89,7 +110,7 @@ class _Capture:
 @torch.no_grad()
 def probe_accuracy(
     qm: QuantModel, calib: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-    pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES, batch_size: int = 256,
+    pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES, batch_size: int = 256, probe_at: str = "output",
 ) -> ProbeResult:
     """Imprint templates from ``calib`` (x, y) through the quantized network, then score
     every layer's probe on ``val`` (x, y). Both sets must come from the training split."""
@@ -100,7 +121,7 @@ def probe_accuracy(
         raise LowbitError("probe data: inputs and labels differ in length")
     n_classes = int(max(cy.max(), vy.max())) + 1
     names = [r.name for r in qm.layers]
-    capture = _Capture([(r.name, r.layer) for r in qm.layers])
+    capture = _Capture([(r.name, r.layer) for r in qm.layers], probe_at)
     was_training = qm.training
     qm.eval()
     try:
