@@ -201,7 +201,7 @@ def report(path: Path) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     for name in dict.fromkeys(e["setting"] for e in entries):
         pts = [{**e, "method": e["method"]} for e in entries if e["setting"] == name and e["backend"] == "cheap"]
-        pareto_plot(pts, FIGURES / f"pareto_{name}.png", title=f"ResNet-20 {name}: plain-calibration back-end",
+        pareto_plot(pts, FIGURES / f"pareto_{name}.png", title=f"ResNet-20 {name}: back-end = MSE calibration + USP",
                     float_top1=fl)
         target = [e for e in pts if e["target_width"] == SETTINGS[name]["bits"]]
         allocation_plot({e["method"]: e["plan"] for e in target}, FIGURES / f"allocation_{name}.png",

@@ -56,7 +56,7 @@ def allocation_plot(plans: Mapping[str, Mapping[str, Mapping[str, int]]], path: 
     if not plans:
         raise LowbitError("allocation_plot needs at least one plan")
     names = list(next(iter(plans.values())))
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(names) * len(plans)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(names)), 4.5))
     width = 0.8 / len(plans)
     for k, (label, plan) in enumerate(plans.items()):
         xs = [i + (k - (len(plans) - 1) / 2) * width for i in range(len(names))]
