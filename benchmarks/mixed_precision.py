@@ -187,13 +187,21 @@ def report(path: Path) -> None:
     fl = data["float_top1"]
     entries = list(data["entries"].values())
     print(f"float top-1 {fl:.2f} (ResNet-20, full test split)\n")
-    print("| setting | back-end | method | mean W bits | A bits | W compression | top-1 | drop |")
+    print("| setting | back-end | method | mean W bits | A bits | W compression | top-1 | vs float |")
     print("|---|---|---|---|---|---|---|---|")
     for e in sorted(entries, key=lambda e: (e["setting"], e["backend"], e["target_width"], e["method"])):
         if e["target_width"] != SETTINGS[e["setting"]]["bits"]:
             continue
         print(f"| {e['setting']} | {e['backend']} | {e['method']} | {e['mean_w_bits']:.3f} | {e['mean_a_bits']:.2f} "
-              f"| {e['weight_compression']:.2f}× | {e['top1']:.2f} | {fl - e['top1']:+.2f} |")
+              f"| {e['weight_compression']:.2f}× | {e['top1']:.2f} | {e['top1'] - fl:+.2f} |")
+    print("\nPareto points (cheap back-end): top-1 at mean weight bits (weight compression)\n")
+    print("| setting | method | points |")
+    print("|---|---|---|")
+    cheap = [e for e in entries if e["backend"] == "cheap"]
+    for key in sorted({(e["setting"], e["method"]) for e in cheap}):
+        pts = sorted((e for e in cheap if (e["setting"], e["method"]) == key), key=lambda e: e["mean_w_bits"])
+        cells = " · ".join(f"{e['top1']:.2f} @ {e['mean_w_bits']:.2f} b ({e['weight_compression']:.1f}×)" for e in pts)
+        print(f"| {key[0]} | {key[1]} | {cells} |")
     print()
     for key, s in data["searches"].items():
         if key.split("/")[-1] in MSQ_VARIANTS:
