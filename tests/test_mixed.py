@@ -149,6 +149,20 @@ def test_choose_layer_follows_algorithm_1(resnet20):
         choose_layer(space, plan, gains, rank="random")
 
 
+def test_lower_both_moves_weight_and_input_bits_together(resnet20):
+    recipe = lowbit.recipes.recipe.load_recipe("w4a8")
+    space = SearchSpace.build(resnet20, recipe, b_min=2, b_max=6, lower="both")
+    start = space.start()
+    assert all(start.layers[n] == {"w_bits": 6, "a_bits": 6} for n in space.searchable)
+    assert start.layers["conv1"] == {"w_bits": 8, "a_bits": 8}            # frozen first layer
+    lowered = space.with_bits(start, "layer2.0.conv1", 5)
+    assert lowered.layers["layer2.0.conv1"] == {"w_bits": 5, "a_bits": 5}
+    qm = lowbit.api.prepare(resnet20, recipe.with_plan(lowered))
+    assert qm.layers["layer2.0.conv1"].a_bits == 5 and qm.layers["layer2.0.conv2"].a_bits == 6
+    with pytest.raises(LowbitError, match="lower must be"):
+        SearchSpace.build(resnet20, recipe, b_min=2, b_max=6, lower="activations")
+
+
 def test_msq_search_honours_the_budget_exactly(mnist_labelled, tmp_path):
     model, calib, val, _ = mnist_labelled
     res = msq_search(model, MNIST_BACKEND, calib, val, target_bits=3.0, b_max=4, b_min=1, progress=False,
