@@ -69,13 +69,6 @@ def backend(setting: dict[str, Any], strong: bool = False) -> Recipe:
     return load_recipe({**setting["recipe"], "fold_bn": False, "steps": STRONG if strong else CHEAP})
 
 
-def uniform_plan(space: SearchSpace, bits: int) -> Plan:
-    plan = space.start()
-    for n in space.searchable:
-        plan = space.with_bits(plan, n, bits)
-    return plan
-
-
 def first_on_path(path: list[dict[str, Any]], budget: int) -> Plan:
     for entry in path:
         if entry["weight_bits"] <= budget:
@@ -126,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
         calib, val = search_subsets(train, cheap, 1024)
         space = SearchSpace.build(model, cheap, setting["b_min"], setting["b_max"])
         widths = [setting["bits"], *setting["pareto"]]
-        budgets = {b: space.weight_bits(uniform_plan(space, b)) for b in widths}
+        budgets = {b: space.weight_bits(space.uniform(b)) for b in widths}
         target = budgets[setting["bits"]] / space.total_params()
 
         msq_paths = {}
@@ -150,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
             res.data["traces_seconds"] = out.seconds
             res.save()
         for width in widths:
-            plans = {"uniform": uniform_plan(space, width)} if args.uniform else {}
+            plans = {"uniform": space.uniform(width)} if args.uniform else {}
             if width != setting["b_max"]:
                 for variant, path in msq_paths.items():
                     plans[variant] = first_on_path(path, budgets[width])

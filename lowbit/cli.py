@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-bits", type=float, help="mean weight bits to reach (parameter-weighted)")
     s.add_argument("--recipe", default="w4a8", help="the PTQ back-end recipe run at every search step (default w4a8)")
     s.add_argument("--b-max", type=int, default=8, help="highest weight bits (MSQ starts every layer here)")
-    s.add_argument("--b-min", type=int, default=2, help="lowest weight bits (1 needs affine weights)")
+    s.add_argument("--b-min", type=int, default=2, help="lowest weight bits (1 = binary: sign x per-channel scale)")
     s.add_argument("--lower", choices=["weights", "both"], default="weights",
                    help="MSQ: lower weight bits only, or a layer's weight and input-activation bits together")
     s.add_argument("--rank", choices=["gain", "gain_per_bit"], default="gain",

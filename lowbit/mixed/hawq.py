@@ -23,8 +23,8 @@ from lowbit.errors import LowbitError
 from lowbit.mixed.plan import Plan
 from lowbit.mixed.search import SearchResult, SearchSpace
 from lowbit.model.quant_model import QuantModel
+from lowbit.ptq.calibrate import calibrate_weight_quantizer
 from lowbit.ptq.reconstruct import requires_grad
-from lowbit.quant.estimators import estimate_range
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import weight_spec_at
 from lowbit.recipes.recipe import Recipe, load_recipe
@@ -61,15 +61,9 @@ def hutchinson_traces(
 def perturbation(qm: QuantModel, name: str, bits: int, estimator: str) -> float:
     """||Q_b(W) - W||^2 with the layer's own weight grid at ``bits`` (its range re-estimated)."""
     layer = qm.layers[name].layer
-    spec = weight_spec_at(layer.base_weight_spec, bits)
-    q = UniformQuantizer(spec)
-    q.signed = True
+    q = UniformQuantizer(weight_spec_at(layer.base_weight_spec, bits))
     w = layer.weight.detach()
-    rows = w.reshape(w.shape[0], -1) if spec.per_channel else w.reshape(1, -1)
-    lo, hi = estimate_range(estimator, rows, spec, True)
-    if not spec.per_channel:
-        lo, hi = lo.reshape(()), hi.reshape(())
-    q.set_range(lo, hi)
+    calibrate_weight_quantizer(q, w, estimator)
     return float(((q(w) - w) ** 2).sum())
 
 
@@ -132,7 +126,8 @@ def hawq_search(
     r = load_recipe(recipe)
     space = SearchSpace.build(model, r, b_min, b_max, "weights")
     budget = space.budget(target_ratio, target_bits)
-    qm = prepare(model, r.with_plan(space.start()))
+    top = space.start()                                          # every searchable layer at b_max
+    qm = prepare(model, r.with_plan(top))
     x, y = calib
     with torch.no_grad(), qm.float_reference():
         qm(x[:2])                                                # fills each layer's MAC count
@@ -156,10 +151,10 @@ def hawq_search(
         bops.append([(row.macs or 0) * b * row.a_bits for b in bits])
     bops_budget = None
     if bops_ratio is not None:
-        full = sum((row.macs or 0) * space.start().layers[row.name]["w_bits"] * row.a_bits for row in qm.layers)
+        full = sum((row.macs or 0) * top.layers[row.name]["w_bits"] * row.a_bits for row in qm.layers)
         bops_budget = full / bops_ratio
     choice = solve_allocation(costs, sizes, budget, bops if bops_budget else None, bops_budget)
-    plan = space.start()
+    plan = top
     for row, k in zip(qm.layers, choice):
         if row.name in space.searchable:
             plan = space.with_bits(plan, row.name, options[k])

@@ -20,7 +20,8 @@ BIT_KEYS = ("w_bits", "a_bits")
 
 
 def check_plan_bits(value: Any, where: str) -> int:
-    """1..8 or 32 (float); whether 1 bit fits a layer's grid is the quantizer spec's call."""
+    """1..8 or 32 (float). 1 weight bit is binary (see weight_spec_at); activation grids
+    reject 1 bit when the plan is applied."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise BitsError(f"{where} must be an integer bit width, got {value!r}")
     if value != FLOAT_BITS and not 1 <= value <= MAX_BITS:

@@ -106,14 +106,15 @@ class SearchSpace:
             if not target_bits or target_bits <= 0:
                 raise LowbitError(f"target_bits must be positive, got {target_bits}")
             budget = int(target_bits * self.total_params())
-        smallest = self.weight_bits(self._all_at(self.b_min))
+        smallest = self.weight_bits(self.uniform(self.b_min))
         if budget < smallest:
             raise LowbitError(
                 f"target unreachable: {budget} weight bits requested, but with every searchable layer at "
                 f"b_min={self.b_min} bits (and frozen layers at their recipe bits) the model needs {smallest}")
         return budget
 
-    def _all_at(self, bits: int) -> Plan:
+    def uniform(self, bits: int) -> Plan:
+        """Every searchable layer at ``bits`` (frozen layers at their recipe bits)."""
         plan = self.start()
         for n in self.searchable:
             plan = self.with_bits(plan, n, bits)

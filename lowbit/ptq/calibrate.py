@@ -26,17 +26,21 @@ def _apply(q: UniformQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> None:
     q.set_range(lo, hi)
 
 
+def calibrate_weight_quantizer(q: UniformQuantizer, weight: torch.Tensor, estimator: str = "mse",
+                               options: dict[str, Any] | None = None) -> None:
+    """Set one weight quantizer's range from the weight itself (no data needed)."""
+    if q.signed is None:
+        q.signed = True
+    lo, hi = estimate_range(estimator, _rows(weight, q), q.spec, q.signed, **(options or {}))
+    _apply(q, lo, hi)
+
+
 def calibrate_weights(qm: QuantModel, estimator: str = "mse", options: dict[str, Any] | None = None) -> None:
     if estimator in DATA_FREE:
         raise RecipeError(f"estimator {estimator!r} sets activation ranges only; pick a weight estimator from {sorted(ESTIMATORS)}")
     for r in qm.layers:
-        if not r.layer.quantize_weight:
-            continue
-        q = r.layer.weight_quantizer
-        if q.signed is None:
-            q.signed = True
-        lo, hi = estimate_range(estimator, _rows(r.layer.weight, q), q.spec, q.signed, **(options or {}))
-        _apply(q, lo, hi)
+        if r.layer.quantize_weight:
+            calibrate_weight_quantizer(r.layer.weight_quantizer, r.layer.weight, estimator, options)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ def _check_bits(value: Any, where: str, allow_float: bool = True) -> int:
         raise BitsError(f"{where} must be an integer bit width, got {value!r}")
     if allow_float and value == 32:
         return value
-    if not 1 <= value <= MAX_BITS:  # 1 bit: the quantizer spec decides (affine grids only)
+    if not 1 <= value <= MAX_BITS:  # 1 bit: binary weights through the layer table; the spec decides the rest
         raise BitsError(f"{where}={value} is outside 1..{MAX_BITS}" + (" (or 32 to keep float)" if allow_float else ""))
     return value
 
