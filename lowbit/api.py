@@ -38,6 +38,11 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
                 r.a_bits = o["a_bits"]
     if recipe.plan is not None:
         recipe.plan.apply(table)
+    if recipe.add_bits is not None:
+        # Residual-add and pooling inputs stay at add_bits (8) however low the layers go, as
+        # integer hardware keeps them: they carry the whole signal of a residual network.
+        for key in qm.tensor_quantizers:
+            qm.net.get_submodule(key).set_bits(recipe.add_bits)
 
 
 def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8") -> QuantModel:

@@ -14,6 +14,38 @@ from lowbit.errors import LowbitError
 DEFAULT_RECIPES = "w8a8,w4a4,w2a4"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, refused at the door with the option's name."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def one_runtime(text: str) -> str:
+    """argparse type: one runtime name (ort, openvino)."""
+    names = runtime_list(text)
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"name one runtime, got {text!r}")
+    return names[0]
+
+
+def runtime_list(text: str) -> list[str]:
+    """argparse type: comma-separated runtimes (ort, openvino), each checked by name."""
+    from lowbit.deploy.runtime import runtime_name
+
+    try:
+        names = [runtime_name(r) for r in text.split(",") if r.strip()]
+    except LowbitError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one runtime (ort, openvino)")
+    return list(dict.fromkeys(names))
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20", help="zoo model name (see `lowbit models`)")
     p.add_argument("--weights", help="weights for the model: .safetensors/.pt (default: its pretrained release)")
@@ -21,10 +53,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="directory holding the dataset (else $LOWBIT_DATA_DIR, the cache, or download)")
     p.add_argument("--models-dir", help="directory holding pretrained weights (else $LOWBIT_MODELS_DIR, the cache, or download)")
     p.add_argument("--no-download", action="store_true", help="never download data or weights; fail if absent")
-    p.add_argument("--test-limit", type=int, help="score on the first N test images only (quick look; not the protocol)")
+    p.add_argument("--test-limit", type=positive_int, help="score on the first N test images only (quick look; not the protocol)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
@@ -125,7 +157,8 @@ def _eval_deployed(args: argparse.Namespace) -> int:
     if args.onnx:
         from lowbit.deploy.runtime import OnnxModel
 
-        model, source = OnnxModel(args.onnx, threads=args.threads), str(args.onnx)
+        model = OnnxModel(args.onnx, threads=args.threads, runtime=args.runtime)
+        source = f"{args.onnx} ({model.runtime})"
     else:
         from lowbit.deploy.artifact import load
 
@@ -210,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
     out = run_runtime_benchmark(model, train, test, args.recipe.split(","), threads=args.threads or 2,
-                                repeats=args.repeats, test_limit=args.test_limit)
+                                repeats=args.repeats, test_limit=args.test_limit, runtimes=args.runtime)
     print(f"{args.model}: {out['threads']} threads, {out['test_images']} test images")
     _emit(args, out, out["rows"])
     return 0
@@ -276,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="top-1 of a float model (or of quantized ones with --recipe)")
     _add_common(e)
     e.add_argument("--recipe", help="quantize with these recipes before scoring")
-    e.add_argument("--onnx", type=Path, help="score this exported ONNX model in ONNX Runtime")
+    e.add_argument("--onnx", type=Path, help="score this exported ONNX model (in --runtime)")
+    e.add_argument("--runtime", type=one_runtime, default="ort",
+                   help="runtime for --onnx: ort (ONNX Runtime, default) or openvino (pip install 'lowbit[openvino]')")
     e.add_argument("--lowbit", type=Path, help="score this saved .lowbit artifact")
     e.set_defaults(func=cmd_eval)
     q.add_argument("--plan", help="mixed-precision plan JSON (from `lowbit search`) applied to every recipe")
@@ -295,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MSQ: lower the layer of smallest probe gain (the seed), or smallest gain per weight bit saved")
     s.add_argument("--probe-at", choices=["output", "next_input"], default="output",
                    help="MSQ: probe each layer's output (the seed) or the next layer's input (block outputs in ResNets)")
-    s.add_argument("--val-samples", type=int, default=1024, help="validation images for the probes (from train)")
+    s.add_argument("--val-samples", type=positive_int, default=1024, help="validation images for the probes (from train)")
     s.add_argument("--bops-ratio", type=float, help="HAWQ: also cut bit-operations by this factor")
-    s.add_argument("--hutchinson-samples", type=int, default=32, help="HAWQ: random vectors per trace estimate")
+    s.add_argument("--hutchinson-samples", type=positive_int, default=32, help="HAWQ: random vectors per trace estimate")
     s.add_argument("--checkpoint", help="MSQ: JSON state written after every step; a rerun resumes from it")
     s.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write the plan")
     s.add_argument("--evaluate", action="store_true", help="score the uniform recipe and the plan on the test split")
@@ -311,23 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="PyTorch/ORT float vs lowbit int8 ONNX vs ORT quantize_static: speed and accuracy")
     _add_common(b)
-    b.add_argument("--recipe", default="w8a8,w8a8-int8", help="comma-separated recipes to compare")
-    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--recipe", default="w8a8", help="comma-separated recipes to compare")
+    b.add_argument("--runtime", type=runtime_list, default=["ort"],
+                   help="comma-separated runtimes to time every ONNX model in: ort, openvino (default ort)")
+    b.add_argument("--repeats", type=positive_int, default=50)
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train a zoo architecture from scratch (e.g. smallcnn on mnist)")
     t.add_argument("--model", default="smallcnn")
     t.add_argument("--dataset")
     t.add_argument("--data-dir")
     t.add_argument("--no-download", action="store_true")
-    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--epochs", type=positive_int, default=3)
     t.add_argument("--lr", type=float, default=0.02)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--train-limit", type=int, help="train on the first N training images only")
+    t.add_argument("--batch-size", type=positive_int, default=32)
+    t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint", help="resumable training state (safetensors + JSON); resumes if it exists")
     t.add_argument("--out", default="smallcnn.safetensors", help="where to write the trained weights")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--threads", type=int)
+    t.add_argument("--threads", type=positive_int)
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--show", help="print one recipe (a name or file) in full")

@@ -48,7 +48,9 @@ def test_round_trip_is_bit_exact_and_size_tracks_bits(small, tmp_path, recipe):
     assert torch.equal(loaded(x), qm(x))
     assert loaded.layers.rows() == qm.layers.rows()
     size, ideal = os.path.getsize(path), theoretical_bytes(qm)
-    assert ideal <= size <= 1.03 * ideal, (size, ideal)
+    # what is stored beyond the packed codes and float tensors is the JSON header, whose
+    # size grows with the number of quantizers (30 here), not with the weights
+    assert ideal <= size <= ideal + 4096, (size, ideal)
 
 
 def test_mixed_bits_and_float_layers_round_trip(small, tmp_path):

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -116,13 +117,35 @@ def test_missing_dataset_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("LOWBIT_DATA_DIR", str(empty))
-    nowhere = tmp_path / "nowhere"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     with pytest.raises(DatasetNotFoundError) as exc:
-        load_dataset("cifar10", "test", data_dir=nowhere, download=False)
+        load_dataset("cifar10", "test", data_dir=elsewhere, download=False)
     msg = str(exc.value)
     assert isinstance(exc.value, FileNotFoundError)
-    for part in ("cifar10", str(nowhere), str(empty), str(tmp_path / "cache"), "LOWBIT_DATA_DIR", "--data-dir", "download"):
+    for part in ("cifar10", str(elsewhere), str(empty), str(tmp_path / "cache"), "LOWBIT_DATA_DIR", "--data-dir", "download"):
         assert part in msg, part
+
+
+def test_explicit_data_dir_that_does_not_exist_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          data_dir: Path) -> None:
+    """A typo in --data-dir must not silently read the data from $LOWBIT_DATA_DIR instead."""
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(data_dir))
+    typo = tmp_path / "shraed"
+    with pytest.raises(LowbitError, match=r"data_dir argument '.*shraed' does not exist"):
+        load_dataset("cifar10", "test", data_dir=typo, download=False)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(LowbitError, match="is a file, not a directory"):
+        load_dataset("cifar10", "test", data_dir=a_file, download=False)
+
+
+def test_env_data_dir_that_does_not_exist_warns(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 data_dir: Path) -> None:
+    monkeypatch.setenv("LOWBIT_DATA_DIR", os.pathsep.join([str(tmp_path / "gone"), str(data_dir)]))
+    with pytest.warns(UserWarning, match=r"\$LOWBIT_DATA_DIR names .*gone.*not a directory"):
+        ds = load_dataset("mnist", "test", download=False)
+    assert len(ds) == 10000
 
 
 def test_download_failure_is_dataset_not_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -26,8 +26,16 @@ def test_resnet20_activation_placement_matches_integer_runtime(resnet20, cifar_s
     code = qm.net.code
     # the network input is quantized first, before conv1 reads it
     assert code.index("act_quant_0(x)") < code.index("self.conv1(")
-    # every act quantizer output is consumed; the add of block 1 reads the quantized block input
-    assert len(qm.act_quantizers()) == 20
+    # 19 convs + the head read 20 tensors, one quantizer each; the identity paths (and the
+    # option-A shortcuts, slice + zero-pad of a quantized tensor, which stay on its grid) read
+    # the block input's quantizer. The integer layout adds one 8-bit quantizer on each block's
+    # conv2 output (an add input) and one on the pooling input: 9 + 1.
+    assert len(qm.act_quantizers()) == 30 and len(qm.tensor_quantizers) == 10
+    assert all(qm.net.get_submodule(k).bits == 8 for k in qm.tensor_quantizers)
+    assert "getitem" in code and not any("add input getitem" in q.name or "add input pad" in q.name
+                                         for q in qm.act_quantizers().values())
+    old = lowbit.quantize(resnet20, {"extends": "w4a4", "quantize_adds": False}, calib=calib[:64], progress=False)
+    assert len(old.act_quantizers()) == 20
 
 
 def test_bn_estimator_needs_no_data_for_bn_fed_tensors(resnet20, cifar_slices):

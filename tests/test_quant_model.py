@@ -82,12 +82,18 @@ def test_bn_folding_is_exact_without_quantization(unseen, inputs):
 
 
 def test_shared_input_tensor_shares_one_quantizer(unseen, inputs):
-    qm = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)
+    qm = lowbit.quantize(unseen, {"extends": "w4a4", "quantize_adds": False}, calib=inputs, progress=False)
     rec = {r.name: r for r in qm.layers}
     # dw reads pad(x); shortcut reads x: different tensors. pw/shortcut read different ones too;
     # the stem output x feeds pad (then dw) and shortcut: one quantizer for x itself.
     assert rec["shortcut"].input_quantizer is not rec["dw"].input_quantizer
     assert len(qm.act_quantizers()) == 6
+    # the integer layout (the default) adds one 8-bit quantizer per add/pool input that is not
+    # already quantized, and none where a layer's input quantizer already covers the tensor
+    qm = lowbit.quantize(unseen, "w4a4", calib=inputs, progress=False)
+    extra = [qm.net.get_submodule(k) for k in qm.tensor_quantizers]
+    assert len(qm.act_quantizers()) == 6 + len(extra) and len(extra) == 4
+    assert all(q.bits == 8 for q in extra)
 
 
 def test_layer_table_bits_macs_and_first_last(unseen, inputs):
@@ -107,8 +113,8 @@ def test_compression_ratio_counts_exact_bits():
     qm = lowbit.quantize(model, {"weights": {"bits": 4}, "activations": {"bits": 8}, "first_last_bits": None},
                          calib=torch.randn(32, 16), progress=False)
     # weights 4-bit + one float32 scale per output channel; biases stay float32;
-    # one float32 scale per activation quantizer.
-    stored = (16 * 8 + 8 * 4) * 4 + (8 + 4) * 32 + (8 + 4) * 32 + 2 * 32
+    # one float32 scale and one 8-bit zero point per (uint8 affine) activation quantizer.
+    stored = (16 * 8 + 8 * 4) * 4 + (8 + 4) * 32 + (8 + 4) * 32 + 2 * (32 + 8)
     float_bits = (16 * 8 + 8 * 4 + 8 + 4) * 32
     sizes = qm.size_bits()
     assert sizes["stored_bits"] == stored and sizes["float_bits"] == float_bits

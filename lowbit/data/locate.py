@@ -9,6 +9,7 @@ Each dir may contain the dataset folder (``<dir>/cifar-10-batches-bin``) or be i
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from lowbit.data import download as _dl
@@ -34,10 +35,19 @@ def search_dirs(explicit: str | os.PathLike[str] | None, explicit_label: str, en
     and pretrained weights so both resolve files the same way."""
     out: list[tuple[str, Path]] = []
     if explicit is not None:
-        out.append((explicit_label, Path(explicit).expanduser()))
+        path = Path(explicit).expanduser()
+        # A directory named on purpose that is not there is a typo, not a hint: refuse it
+        # rather than quietly reading the data from somewhere else.
+        if not path.is_dir():
+            raise LowbitError(f"{explicit_label} {str(explicit)!r} " + ("is a file, not a directory" if path.exists()
+                                                                         else "does not exist"))
+        out.append((explicit_label, path))
     env = os.environ.get(env_var)
     if env:
-        out.extend((env_var, Path(p).expanduser()) for p in env.split(os.pathsep) if p)
+        for p in (Path(p).expanduser() for p in env.split(os.pathsep) if p):
+            if not p.is_dir():
+                warnings.warn(f"${env_var} names {str(p)!r}, which is not a directory; skipping it", stacklevel=3)
+            out.append((env_var, p))
     out.append(("cache", cache))
     return out
 

@@ -112,9 +112,17 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     return path
 
 
+def _listing(folder: Path, suffix: str) -> str:
+    found = sorted(p.name for p in folder.glob(f"*{suffix}"))[:10]
+    return f" (it holds: {', '.join(found)})" if found else f" (it holds no {suffix} file)"
+
+
 def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Header and the two buffers, with format, version and checksum verified."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; pass the path of a .lowbit file inside it"
+                            + _listing(path, ".lowbit"))
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist")
     try:

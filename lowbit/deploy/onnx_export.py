@@ -54,6 +54,10 @@ class _Builder:
         self.act_scale: dict[str, tuple[np.ndarray, UniformQuantizer]] = {}
         # DequantizeLinear output -> (its integer input, scale name, zero-point name)
         self.dq_source: dict[str, tuple[str, str, str]] = {}
+        # Relu output -> Relu input, so a quantizer whose grid starts at 0 can absorb it
+        self.relu_input: dict[str, str] = {}
+        # quantizer nodes already applied in front of a flatten / max pool (see quantize_early)
+        self.applied_early: set[fx.Node] = set()
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -98,6 +102,11 @@ class _Builder:
         scale = q.scale.detach().numpy().astype(np.float32)
         zp = q.zero_point.detach().numpy().astype(dtype)
         info = np.iinfo(dtype)
+        if x in self.relu_input and qmin - float(zp) >= 0:
+            # Q(relu(x)) == Q(x) when the grid's lowest value is >= 0 (Q clamps there), so the
+            # Relu is dropped and the runtime sees Conv -> Q, which it fuses (as ORT's own
+            # quantizer lays the graph out); dead-node removal deletes the Relu.
+            x = self.relu_input[x]
         if (qmin, qmax) != (info.min, info.max):
             lo = np.float32((qmin - float(zp)) * float(scale))
             hi = np.float32((qmax - float(zp)) * float(scale))
@@ -109,17 +118,40 @@ class _Builder:
         self.dq_source[out] = (qx, s_name, z_name)
         return out
 
-    def flatten(self, x: str, axis: int) -> str:
-        """Flatten a dequantized tensor on its integer side (DQ∘Flatten = Flatten∘DQ for a
-        per-tensor scale), so the runtime sees DQ right before the next layer and fuses it."""
-        if x not in self.dq_source:
-            return self.op("Flatten", [x], "flatten", axis=axis)
-        qx, s_name, z_name = self.dq_source[x]
-        flat = self.op("Flatten", [qx], "flatten_q", axis=axis)
-        out = self.op("DequantizeLinear", [flat, s_name, z_name], "dq")
-        self.act_scale[out] = self.act_scale[x]
-        self.dq_source[out] = (flat, s_name, z_name)
+    def relu(self, x: str) -> str:
+        out = self.op("Relu", [x], "relu")
+        self.relu_input[out] = x
         return out
+
+    def on_codes(self, x: str, op_type: str, extra: list[str], stem: str, pad_codes: bool = False, **attrs: Any) -> str:
+        """Run a grid-preserving op (Flatten, Slice, zero Pad) on the integer side of a
+        dequantized tensor: DQ∘op = op∘DQ for a per-tensor scale (a zero pad becomes a pad
+        with the zero point), so the runtime sees DQ right before the next layer and fuses it."""
+        if x not in self.dq_source:
+            return self.op(op_type, [x] + extra, stem, **attrs)
+        qx, s_name, z_name = self.dq_source[x]
+        inputs = [qx] + extra + ([z_name] if pad_codes else [])
+        moved = self.op(op_type, inputs, f"{stem}_q", **attrs)
+        out = self.op("DequantizeLinear", [moved, s_name, z_name], "dq")
+        self.act_scale[out] = self.act_scale[x]
+        self.dq_source[out] = (moved, s_name, z_name)
+        return out
+
+    def quantize_early(self, node: fx.Node, x: str) -> str:
+        """q(f(x)) == f(q(x)) for f = flatten or max pool and a per-tensor q, so when f's
+        only consumer is a quantizer, quantize before f and run f on the codes: the runtime
+        then fuses the op before f (a Relu, a pooling) into its integer kernel."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return x
+        q = self.modules[users[0].target]
+        if not isinstance(q, UniformQuantizer) or not q.enabled or q.spec.per_channel or x in self.dq_source:
+            return x
+        self.applied_early.add(users[0])
+        return self.fake_quant(x, q)
+
+    def flatten(self, x: str, axis: int) -> str:
+        return self.on_codes(x, "Flatten", [], "flatten", axis=axis)
 
     def weight(self, layer: QuantLayer) -> str:
         w = layer.weight.detach()
@@ -187,10 +219,11 @@ class _Builder:
         for i in range(len(pad) // 2):
             dim = rank - 1 - i
             begins[dim], ends[dim] = pad[2 * i], pad[2 * i + 1]
-        inputs = [self.arg(x), self.const("pads", np.array(begins + ends, dtype=np.int64))]
+        pads = self.const("pads", np.array(begins + ends, dtype=np.int64))
         if value:
-            inputs.append(self.const("pad_value", np.array(value, dtype=np.float32)))
-        return self.op("Pad", inputs, "pad", mode="constant")
+            return self.op("Pad", [self.arg(x), pads, self.const("pad_value", np.array(value, dtype=np.float32))],
+                           "pad", mode="constant")
+        return self.on_codes(self.arg(x), "Pad", [pads], "pad", pad_codes=True, mode="constant")
 
     def getitem(self, node: fx.Node) -> str:
         x, index = node.args
@@ -208,12 +241,12 @@ class _Builder:
         if not axes:
             return self.arg(x)
         arrays = [np.array(v, dtype=np.int64) for v in (starts, ends, axes, steps)]
-        return self.op("Slice", [self.arg(x)] + [self.const("slice", a) for a in arrays], "slice")
+        return self.on_codes(self.arg(x), "Slice", [self.const("slice", a) for a in arrays], "slice")
 
     def function(self, node: fx.Node) -> str:
         t = node.target
         if t in RELU_FUNCTIONS:
-            return self.op("Relu", [self.arg(node.args[0])], "relu")
+            return self.relu(self.arg(node.args[0]))
         if t in ADD_FUNCTIONS:
             return self.op("Add", [self.arg(node.args[0]), self.arg(node.args[1])], "add")
         if t is F.pad:
@@ -230,35 +263,49 @@ class _Builder:
             k = [k, k] if isinstance(k, int) else list(k)
             stride = node.kwargs.get("stride", node.args[2] if len(node.args) > 2 else None) or k
             stride = [stride, stride] if isinstance(stride, int) else list(stride)
-            return self.op("MaxPool" if t is F.max_pool2d else "AveragePool", [self.arg(node.args[0])], "pool",
-                           kernel_shape=k, strides=stride)
+            if t is F.max_pool2d:  # on the codes when its input is quantized: max commutes with Q
+                x = self.quantize_early(node, self.arg(node.args[0]))
+                return self.on_codes(x, "MaxPool", [], "pool", kernel_shape=k, strides=stride)
+            return self.op("AveragePool", [self.arg(node.args[0])], "pool", kernel_shape=k, strides=stride)
         if t is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self.flatten(self.arg(node.args[0]), int(start))
+            return self.flatten(self.quantize_early(node, self.arg(node.args[0])), int(start))
         raise ExportError(f"cannot export {node.name}: function {getattr(t, '__name__', t)!r} has no ONNX mapping here")
 
     def method(self, node: fx.Node) -> str:
         if node.target in ("relu", "relu_"):
-            return self.op("Relu", [self.arg(node.args[0])], "relu")
+            return self.relu(self.arg(node.args[0]))
         if node.target == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self.flatten(self.arg(node.args[0]), int(start))
+            return self.flatten(self.quantize_early(node, self.arg(node.args[0])), int(start))
         raise ExportError(f"cannot export {node.name}: tensor method {node.target!r} has no ONNX mapping here")
 
     def module(self, node: fx.Node) -> str:
         m = self.modules[node.target]
         if isinstance(m, UniformQuantizer):
             x = self.arg(node.args[0])
+            if node in self.applied_early:
+                return x  # already quantized in front of the flatten / max pool feeding it
             return self.fake_quant(x, m) if m.enabled else x
         if isinstance(m, QuantLayer):
             return self.layer(node, m)
         if isinstance(m, RELU_MODULES) and isinstance(m, nn.ReLU):
-            return self.op("Relu", [self.arg(node.args[0])], "relu")
+            return self.relu(self.arg(node.args[0]))
         if isinstance(m, BN_TYPES):
             return self.batchnorm(node, m)
         if isinstance(m, nn.Flatten):
-            return self.flatten(self.arg(node.args[0]), int(m.start_dim))
+            return self.flatten(self.quantize_early(node, self.arg(node.args[0])), int(m.start_dim))
         raise ExportError(f"cannot export layer {node.target!r} of type {type(m).__name__}: no ONNX mapping")
+
+
+def _live_nodes(nodes: list[Any], outputs: list[str]) -> list[Any]:
+    """Drop nodes nothing reads (e.g. a Relu a quantizer absorbed), keeping graph order."""
+    needed, live = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            live.append(n)
+            needed.update(n.input)
+    return live[::-1]
 
 
 def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, opset: int = 17) -> Path:
@@ -301,7 +348,7 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
             outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch"] + list(expected.shape[1:])))
         elif node.op == "get_attr":
             raise ExportError(f"cannot export {node.name}: direct parameter access ({node.target}) is not supported")
-    graph = helper.make_graph(b.nodes, "lowbit", inputs, outputs, initializer=b.inits)
+    graph = helper.make_graph(_live_nodes(b.nodes, ["logits"]), "lowbit", inputs, outputs, initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lowbit")
     model.ir_version = min(model.ir_version, 9)
     onnx.checker.check_model(model)

@@ -1,7 +1,8 @@
-"""Run exported ONNX models in ONNX Runtime behind the same interface as a torch model."""
+"""Run exported ONNX models in ONNX Runtime or OpenVINO behind the interface of a torch model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -9,35 +10,96 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 
+RUNTIMES = ("ort", "openvino")
+RUNTIME_ALIASES = {"ort": "ort", "onnxruntime": "ort", "openvino": "openvino", "ov": "openvino"}
+
+
+def runtime_name(runtime: str) -> str:
+    """The canonical runtime name for ``runtime`` (``ort``/``onnxruntime``, ``openvino``/``ov``)."""
+    key = str(runtime).strip().lower()
+    if key not in RUNTIME_ALIASES:
+        raise LowbitError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    return RUNTIME_ALIASES[key]
+
+
+def _ort_runner(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise LowbitError("running ONNX models needs onnxruntime: pip install 'lowbit[deploy]'") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - ORT raises several unrelated types
+        raise LowbitError(f"ONNX Runtime cannot load {path}: {err}") from None
+    name = session.get_inputs()[0].name
+    return (lambda x: session.run(None, {name: x})[0]), name
+
+
+class _OpenVinoRunner:
+    """One compiled model per input shape: OpenVINO's CPU plugin runs static shapes fastest,
+    and a deployment runs a handful of batch sizes, so each is compiled once on first use."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise LowbitError("the OpenVINO runtime needs openvino: pip install 'lowbit[openvino]'") from None
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as err:  # noqa: BLE001 - OpenVINO raises its own generic errors
+            raise LowbitError(f"OpenVINO cannot read {path}: {err}") from None
+        self.input_name = self.model.inputs[0].get_any_name()
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled: dict[tuple[int, ...], Any] = {}
+
+    def request(self, shape: tuple[int, ...]) -> Any:
+        if shape not in self.compiled:
+            model = self.model.clone()
+            model.reshape({self.input_name: list(shape)})
+            try:
+                self.compiled[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            except Exception as err:  # noqa: BLE001
+                raise LowbitError(f"OpenVINO cannot compile the model for input shape {shape}: {err}") from None
+        return self.compiled[shape]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        req = self.request(tuple(x.shape))
+        req.infer({0: x})
+        return np.array(req.get_output_tensor(0).data, copy=True)
+
 
 class OnnxModel(nn.Module):
-    """An ONNX Runtime session (CPU provider) as an nn.Module, so ``lowbit.evaluate`` and
-    the benchmarks treat it like any model. ``threads`` fixes intra-op threads."""
+    """An exported ONNX model as an nn.Module, so ``lowbit.evaluate`` and the benchmarks
+    treat it like any model. ``runtime`` is ``"ort"`` (ONNX Runtime, CPU provider) or
+    ``"openvino"`` (OpenVINO CPU plugin); ``threads`` fixes intra-op threads."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "ort") -> None:
         super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise LowbitError("running ONNX models needs onnxruntime: pip install 'lowbit[deploy]'") from None
-
         path = Path(path)
+        if path.is_dir():
+            raise LowbitError(f"ONNX model path {path} is a directory, not an .onnx file")
         if not path.is_file():
             raise LowbitError(f"ONNX model {path} does not exist")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - ORT raises several unrelated types
-            raise LowbitError(f"ONNX Runtime cannot load {path}: {err}") from None
-        self.input_name = self.session.get_inputs()[0].name
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise LowbitError(f"threads must be a positive integer, got {threads!r}")
+        self.runtime = runtime_name(runtime)
         self.path = path
+        if self.runtime == "ort":
+            self._run, self.input_name = _ort_runner(path, threads)
+        else:
+            runner = _OpenVinoRunner(path, threads)
+            self._run, self.input_name = runner, runner.input_name
 
     def run_numpy(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self._run(np.ascontiguousarray(x, dtype=np.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.run_numpy(x.detach().cpu().numpy()))

@@ -20,7 +20,9 @@ from lowbit.model.quant_layer import QUANTIZABLE
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 ADD_FUNCTIONS = {operator.add, torch.add}
-POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d}
+# Pooling that averages: its output leaves the input grid, so an integer runtime needs its
+# input quantized. Max pooling keeps values on the grid and commutes with a quantizer.
+POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
 
 
 def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -61,6 +63,40 @@ def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target == "flatten"
     return node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)
+
+
+def commutes_with_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops f with q(f(x)) == f(q(x)) for a per-tensor quantizer q: flatten (a reshape) and
+    max pooling (q is monotone, so the max of quantized values is the quantized max)."""
+    if is_flatten(node, modules):
+        return True
+    if node.op == "call_function":
+        return node.target is F.max_pool2d and not node.kwargs.get("return_indices", False)
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.MaxPool2d)
+
+
+def is_grid_preserving(node: fx.Node) -> bool:
+    """Ops whose output values lie on their input's quantization grid: slicing, and
+    padding with the constant 0 (every grid lowbit builds holds 0 exactly). A quantized
+    tensor passed through them needs no second quantizer, and an integer runtime runs
+    them on the codes (the CIFAR ResNets' option-A shortcut is slice + zero-pad)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        index = node.args[1]
+        return all(isinstance(i, slice) for i in (index if isinstance(index, tuple) else (index,)))
+    if node.target is F.pad:
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        return mode == "constant" and not value
+    return False
+
+
+def quantized_through_grid_ops(node: fx.Node, quantized: set[fx.Node]) -> bool:
+    """True when ``node`` is a quantized tensor, possibly behind grid-preserving ops."""
+    while node not in quantized and is_grid_preserving(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node in quantized
 
 
 def quantizable_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -160,7 +160,7 @@ class QuantModel(nn.Module):
             else:
                 continue
             for arg in args:
-                if not isinstance(arg, fx.Node) or arg in quantized:
+                if not isinstance(arg, fx.Node) or G.quantized_through_grid_ops(arg, quantized):
                     continue
                 key = f"act_quant_{count}"
                 count += 1
@@ -170,25 +170,6 @@ class QuantModel(nn.Module):
                 arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
-        self._quantize_before_flatten(gm)
-
-    @staticmethod
-    def _quantize_before_flatten(gm: fx.GraphModule) -> None:
-        """q(flatten(x)) → flatten(q(x)): exact for a per-tensor quantizer, and it lets the
-        runtime fuse the pooling before the flatten into its integer kernel."""
-        modules = dict(gm.named_modules())
-        for q in list(gm.graph.nodes):
-            if q.op != "call_module" or not isinstance(modules.get(q.target), UniformQuantizer):
-                continue
-            flat = q.args[0]
-            if not (isinstance(flat, fx.Node) and G.is_flatten(flat, modules) and len(flat.users) == 1):
-                continue
-            if modules[q.target].spec.per_channel:
-                continue
-            q.args = (flat.args[0],)
-            flat.prepend(q)
-            q.replace_all_uses_with(flat, delete_user_cb=lambda user, f=flat: user is not f)
-            flat.args = (q, *flat.args[1:])
 
     def _build_hooks(self, net, weights, activations, keep_float):
         records: list[LayerRecord] = []

@@ -70,7 +70,11 @@ def split_units(qm) -> list[Unit]:
     # pooling after a layer stays with it).
     bounds = []
     for a, b in zip(layer_idx, layer_idx[1:]):
-        between = [c for c in cuts if a <= c < b]
+        # ...but before the next layer's input quantizer, which must open that layer's unit
+        # (with pooling inputs quantized, the pooling and a flatten sit between the two).
+        inp = nodes[b].args[0]
+        limit = index[inp] if isinstance(inp, fx.Node) and isinstance(_called_module(inp, modules), UniformQuantizer) else b
+        between = [c for c in cuts if a <= c < limit]
         if between:
             bounds.append(between[-1])
 

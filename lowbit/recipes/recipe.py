@@ -20,7 +20,7 @@ from lowbit.mixed.plan import Plan, load_plan
 from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
-TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "first_last_bits",
+TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "add_bits", "first_last_bits",
             "overrides", "keep_float", "calibration", "steps", "extends", "plan"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options"}
@@ -28,7 +28,9 @@ OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits"}
 CALIBRATION_KEYS = {"samples", "batch_size", "seed"}
 
 WEIGHT_DEFAULTS = {"bits": 8, "signed": True, "symmetric": True, "per_channel": True, "estimator": "mse"}
-ACT_DEFAULTS = {"bits": 8, "signed": "auto", "symmetric": True, "per_channel": False, "estimator": "mse"}
+# The integer-runtime layout is the default: uint8 activations (affine where a tensor is
+# signed, zero point 0 after ReLU), which is what ORT's and OpenVINO's int8 kernels run.
+ACT_DEFAULTS = {"bits": 8, "signed": False, "symmetric": False, "per_channel": False, "estimator": "mse"}
 
 
 def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -81,7 +83,8 @@ class Recipe:
     activations: TensorRecipe
     description: str = ""
     fold_bn: bool = True
-    quantize_adds: bool = False
+    quantize_adds: bool = True
+    add_bits: int | None = 8
     first_last_bits: int | None = 8
     overrides: list[dict[str, Any]] = field(default_factory=list)
     keep_float: list[str] = field(default_factory=list)
@@ -95,7 +98,7 @@ class Recipe:
         _check_keys(data, TOP_KEYS, "recipe")
         data = copy.deepcopy(data)
         if "extends" in data:
-            base = load_recipe(data.pop("extends")).source
+            base = _load_base(data.pop("extends"))
             data = _merge(base, data)
         source = copy.deepcopy(data)
         weights = TensorRecipe.parse(data.get("weights", {}) or {}, WEIGHT_DEFAULTS, "weights")
@@ -127,12 +130,16 @@ class Recipe:
         steps = [_parse_step(s, i) for i, s in enumerate(data.get("steps", ["calibrate"]) or [])]
         plan = load_plan(data["plan"]) if data.get("plan") is not None else None
         fold_bn = data.get("fold_bn", True)
-        quantize_adds = data.get("quantize_adds", False)
+        quantize_adds = data.get("quantize_adds", True)
         for key, value in (("fold_bn", fold_bn), ("quantize_adds", quantize_adds)):
             if not isinstance(value, bool):
                 raise RecipeError(f"{key} must be true or false, got {value!r}")
+        add_bits = data.get("add_bits", 8)
+        if add_bits is not None:
+            _check_bits(add_bits, "add_bits", allow_float=False)
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
-                   weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, first_last_bits=fl,
+                   weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, add_bits=add_bits,
+                   first_last_bits=fl,
                    overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, plan=plan,
                    source=source)
 
@@ -144,7 +151,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "weights": self.weights.to_dict(),
                 "activations": self.activations.to_dict(), "fold_bn": self.fold_bn,
-                "quantize_adds": self.quantize_adds,
+                "quantize_adds": self.quantize_adds, "add_bits": self.add_bits,
                 "first_last_bits": self.first_last_bits, "overrides": self.overrides,
                 "keep_float": self.keep_float, "calibration": self.calibration,
                 "steps": [{name: params} for name, params in self.steps],
@@ -156,6 +163,24 @@ class Recipe:
         out.plan = plan
         out.source = {**self.source, "plan": plan.to_dict()} if plan is not None else dict(self.source)
         return out
+
+
+# The recipe files being read, innermost last: an `extends` chain that comes back to one of
+# them is a cycle (it would otherwise recurse until Python gives up).
+_LOADING: list[str] = []
+_LOADING_DIR: list[Path] = []
+
+
+def _load_base(ref: Any) -> dict[str, Any]:
+    """The source of the recipe ``ref`` names; a relative path is read next to the file
+    that extends it (when it exists there), as a user writing two files side by side expects."""
+    if not isinstance(ref, (str, Path)):
+        raise RecipeError(f"extends must name a built-in recipe or a recipe file, got {ref!r}")
+    if _LOADING_DIR and str(ref) not in builtin_names():
+        nearby = _LOADING_DIR[-1] / ref
+        if not Path(ref).is_absolute() and nearby.is_file():
+            ref = nearby
+    return load_recipe(ref).source
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -213,10 +238,22 @@ def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
             return Recipe.from_dict(data)
         path = Path(text)
         if path.suffix in (".yaml", ".yml", ".toml"):
+            if path.is_dir():
+                raise RecipeError(f"recipe path {path} is a directory, not a recipe file")
             if not path.is_file():
                 raise RecipeError(f"recipe file {path} does not exist")
+            key = str(path.resolve())
+            if key in _LOADING:
+                chain = " -> ".join(Path(p).name for p in _LOADING[_LOADING.index(key):] + [key])
+                raise RecipeError(f"recipe {path} extends itself through a cycle: {chain}")
             data = _read_file(path)
             data.setdefault("name", path.stem)
-            return Recipe.from_dict(data)
+            _LOADING.append(key)
+            _LOADING_DIR.append(path.resolve().parent)
+            try:
+                return Recipe.from_dict(data)
+            finally:
+                _LOADING.pop()
+                _LOADING_DIR.pop()
         raise RecipeError(f"unknown recipe {text!r}: not a built-in ({', '.join(builtin_names())}) nor a .yaml/.toml path")
     raise RecipeError(f"a recipe is a name, a path or a dict, not {type(recipe).__name__}")
