@@ -1,6 +1,6 @@
 """Issue 10, part 1: the accuracy of every built-in recipe in the old activation layout
 (signed/unsigned symmetric grids chosen per tensor, residual-add inputs left unquantized)
-and in the integer-runtime layout that is now the default (uint8-style grids, affine
+("old") and in the integer-runtime layout that is now the default ("integer") (uint8-style grids, affine
 where a tensor is signed, add/pool inputs quantized at 8 bits), plus the same layout with
 add inputs at the layers' activation width, to show why they stay at 8 bits.
 
@@ -29,9 +29,9 @@ from lowbit.zoo import pretrained
 
 RESULTS = Path(__file__).parent / "results" / "recipe_layouts.json"
 LAYOUTS = {
-    "old (symmetric, adds float)": {"activations": {"signed": "auto", "symmetric": True}, "quantize_adds": False},
-    "integer (default)": {},
-    "integer, adds at a_bits": {"add_bits": None},
+    "old": {"activations": {"signed": "auto", "symmetric": True}, "quantize_adds": False},
+    "integer": {},
+    "integer-adds-at-a_bits": {"add_bits": None},
 }
 
 
@@ -78,7 +78,7 @@ def main() -> None:
         for layout in args.layouts.split(","):
             if (args.model, name, layout) in done:
                 continue
-            if layout == "integer, adds at a_bits" and load_recipe(name).activations.spec.bits == 8:
+            if layout == "integer-adds-at-a_bits" and load_recipe(name).activations.spec.bits == 8:
                 continue  # same model as the default at 8 bits
             if float_top1 is None:
                 float_top1 = round(100 * evaluate(model, test), 2)

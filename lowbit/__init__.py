@@ -1,6 +1,8 @@
 """lowbit: quantize trained PyTorch networks and measure what it costs."""
 from lowbit.api import evaluate, prepare, quantize
 from lowbit.deploy.artifact import load, save
+from lowbit.deploy.onnx_export import export_onnx
+from lowbit.deploy.runtime import OnnxModel
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.calibrate import calibrate
@@ -9,4 +11,4 @@ from lowbit.recipes.recipe import Recipe, builtin_names, load_recipe
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "evaluate", "prepare", "save", "load", "calibrate", "QuantModel", "QuantSpec", "Recipe",
-           "load_recipe", "builtin_names", "LowbitError", "__version__"]
+           "load_recipe", "builtin_names", "LowbitError", "export_onnx", "OnnxModel", "__version__"]

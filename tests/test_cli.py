@@ -47,3 +47,37 @@ def test_train_then_quantize_small_cnn(tmp_path, capsys, data_dir):
     assert main(["quantize", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w8a8",
                  "--test-limit", "200", "--data-dir", str(data_dir), "--no-progress"]) == 0
     assert "small_cnn on mnist" in capsys.readouterr().out
+
+
+def test_counts_and_directories_are_checked_by_name(capsys, data_dir, models_dir, tmp_path):
+    import pytest
+
+    for option, value in (("--test-limit", "0"), ("--test-limit", "-3"), ("--threads", "0"), ("--test-limit", "x")):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", option, value, "--no-progress"])
+        assert exc.value.code == 2
+        assert f"argument {option}: must be a positive integer" in capsys.readouterr().err
+    typo = tmp_path / "sahred"
+    assert main(["eval", "--data-dir", str(typo), "--models-dir", str(models_dir), "--no-progress",
+                 "--no-download"]) == 2
+    assert f"data_dir argument '{typo}' does not exist" in capsys.readouterr().err
+    assert main(["eval", "--models-dir", str(typo), "--no-progress", "--no-download"]) == 2
+    assert f"models_dir argument '{typo}' does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--onnx", "m.onnx", "--runtime", "tensorrt"])
+    assert "unknown runtime 'tensorrt'" in capsys.readouterr().err
+
+
+def test_export_then_eval_in_both_runtimes(tmp_path, capsys, data_dir, models_dir):
+    onnx_path = tmp_path / "m.onnx"
+    common = ["--data-dir", str(data_dir), "--models-dir", str(models_dir), "--no-progress", "--no-download"]
+    assert main(["export", "--recipe", "w8a8", "--out", str(onnx_path), *common]) == 0
+    capsys.readouterr()
+    scores = {}
+    for runtime in ("ort", "openvino"):
+        report = tmp_path / f"{runtime}.json"
+        assert main(["eval", "--onnx", str(onnx_path), "--runtime", runtime, "--test-limit", "500",
+                     "--json", str(report), *common]) == 0
+        assert f"({runtime})" in capsys.readouterr().out
+        scores[runtime] = 100 * json.loads(report.read_text())["top1"]
+    assert scores["ort"] > 85 and abs(scores["ort"] - scores["openvino"]) <= 1.0

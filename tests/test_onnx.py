@@ -73,13 +73,13 @@ def test_missing_onnx_file_is_a_clear_error(tmp_path):
         OnnxModel(tmp_path / "missing.onnx")
 
 
-def test_int8_recipe_keeps_every_conv_in_integer_kernels(resnet20, cifar_slices, tmp_path):
-    """With residual-add inputs quantized, ONNX Runtime's optimizer fuses every conv into
-    an integer kernel: no float Conv is left in the optimized graph."""
+def test_default_recipe_keeps_every_conv_in_integer_kernels(resnet20, cifar_slices, tmp_path):
+    """In the default (integer-runtime) layout ONNX Runtime's optimizer fuses every conv
+    into an integer kernel: no float Conv is left in the optimized graph."""
     import onnxruntime as ort
 
     calib, test = cifar_slices
-    qm = lowbit.quantize(resnet20, "w8a8-int8", calib=calib, progress=False)
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib, progress=False)
     path = export_onnx(qm, tmp_path / "int8.onnx", calib[:1])
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -90,3 +90,49 @@ def test_int8_recipe_keeps_every_conv_in_integer_kernels(resnet20, cifar_slices,
     x = test[0][:300]
     agree = (OnnxModel(path)(x).argmax(1) == qm(x).argmax(1)).float().mean()
     assert agree >= 0.99
+
+
+def test_graph_is_laid_out_as_integer_runtimes_expect(resnet20, cifar_slices, tmp_path):
+    """Relu before a zero-point-0 quantizer is absorbed by it (Q clamps at 0); the option-A
+    shortcut's Slice and Pad run on the codes (no requantization); every Conv reads DQ."""
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib[:128], progress=False)
+    path = lowbit.export_onnx(qm, tmp_path / "m.onnx", calib[:1])  # the top-level name
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    ops = [n.op_type for n in graph.node]
+    assert "Relu" not in ops
+    for n in graph.node:
+        if n.op_type in ("Slice", "Pad"):
+            assert producer[n.input[0]].op_type in ("QuantizeLinear", "Slice"), n.name
+        if n.op_type == "Pad":  # padded with the zero point: the integer value of 0.0
+            assert producer[n.input[0]].op_type == "Slice" and len(n.input) == 3
+        if n.op_type in ("Conv", "Gemm"):
+            assert all(producer[i].op_type == "DequantizeLinear" for i in n.input), n.name
+    x = test[0][:300]
+    a, b = OnnxModel(path)(x), qm(x)
+    assert (a - b).abs().mean() < 0.05 and (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+
+
+def test_openvino_runs_the_same_model(resnet20, cifar_slices, tmp_path):
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib[:128], progress=False)
+    path = lowbit.export_onnx(qm, tmp_path / "m.onnx", calib[:1])
+    ort_model, ov_model = lowbit.OnnxModel(path, threads=1), lowbit.OnnxModel(path, threads=1, runtime="openvino")
+    assert ov_model.runtime == "openvino"
+    x = test[0][:200]
+    a, b = ort_model(x), ov_model(x)
+    assert ov_model(x[:7]).shape == (7, 10)  # every batch size, compiled once each
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.98
+    assert (b.argmax(1) == qm(x).argmax(1)).float().mean() >= 0.98
+
+
+def test_runtime_and_path_errors_are_named(tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="unknown runtime 'tvm'"):
+        OnnxModel(tmp_path, runtime="tvm")
+    with pytest.raises(lowbit.LowbitError, match="is a directory"):
+        OnnxModel(tmp_path)
+    with pytest.raises(lowbit.LowbitError, match="is a directory"):
+        lowbit.load(tmp_path)
+    with pytest.raises(lowbit.LowbitError, match="threads must be a positive integer"):
+        OnnxModel(__file__, threads=0)

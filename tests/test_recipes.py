@@ -44,3 +44,37 @@ def test_file_errors(tmp_path):
         load_recipe({"weights": {"estimator": "bn"}})
     with pytest.raises(RecipeError, match="calibration.samples"):
         load_recipe({"calibration": {"samples": 0}})
+
+
+def test_extends_cycle_through_two_files_is_named(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\nweights: {bits: 4}\n")  # relative to a.yaml, not the cwd
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError, match=r"extends itself through a cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_recipe(a)
+    selfish = tmp_path / "self.yaml"
+    selfish.write_text(f"extends: {selfish}\n")
+    with pytest.raises(RecipeError, match="cycle: self.yaml -> self.yaml"):
+        load_recipe(selfish)
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(RecipeError, match="is a directory"):
+        load_recipe(tmp_path / "dir.yaml")
+
+
+def test_extends_reads_a_sibling_file_and_chains(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: w4a4\nactivations: {estimator: percentile}\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("extends: base.yaml\nweights: {bits: 3}\n")
+    r = load_recipe(top)
+    assert (r.weights.spec.bits, r.activations.spec.bits, r.activations.estimator) == (3, 4, "percentile")
+
+
+def test_builtins_use_the_integer_runtime_layout():
+    for name in builtin_names():
+        r = load_recipe(name)
+        assert r.quantize_adds and r.add_bits == 8, name
+        assert r.activations.spec.signed is False and r.activations.spec.symmetric is False, name
+    assert load_recipe("w8a8-int8").to_dict() | {"name": "w8a8", "description": ""} == \
+        load_recipe("w8a8").to_dict() | {"description": ""}
+    with pytest.raises(RecipeError, match="add_bits"):
+        load_recipe({"add_bits": 9})

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from lowbit.api import evaluate, quantize
 from lowbit.deploy.artifact import save
 from lowbit.deploy.onnx_export import export_onnx
-from lowbit.deploy.runtime import OnnxModel
+from lowbit.deploy.runtime import OnnxModel, runtime_name
 from lowbit.evaluation import TensorBatches, calibration_batches
 from lowbit.recipes.recipe import load_recipe
 
@@ -56,47 +56,81 @@ def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor]) 
     return out
 
 
+def _time_engine(engine: nn.Module, x1: torch.Tensor, x64: torch.Tensor, repeats: int) -> tuple[float, float]:
+    with torch.no_grad():
+        lat1 = median_seconds(lambda: engine(x1), warmup=20, repeats=4 * repeats)
+        lat64 = median_seconds(lambda: engine(x64), warmup=5, repeats=repeats)
+    return lat1, lat64
+
+
 def run_runtime_benchmark(
     model: nn.Module, train: Dataset, test: Dataset, recipes: Sequence[Any] = ("w8a8",), threads: int = 2,
     repeats: int = 50, test_limit: int | None = None, workdir: Path | None = None,
+    runtimes: Sequence[str] = ("ort",), peers: Sequence[tuple[str, Path, Sequence[str], float | None]] = (),
 ) -> dict[str, Any]:
-    """One row per engine; lowbit gets a fake-quant and an ONNX row per recipe."""
+    """One row per (engine, runtime): PyTorch float, the float ONNX model, lowbit's ONNX
+    per recipe, ORT ``quantize_static`` on the same calibration images, and any ``peers``
+    given as (name, model file, runtimes it runs in, its quantization seconds). Ratios
+    are to the float ONNX model in ONNX Runtime and, when timed, in OpenVINO."""
     torch.set_num_threads(threads)
+    runtimes = [runtime_name(r) for r in runtimes]
     work = Path(workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
     loaded = [load_recipe(r) for r in recipes]
     calib_sets = [calibration_batches(train, r) for r in loaded]
-    calib = calib_sets[0]  # the peer calibrates on the first recipe's images
+    calib = calib_sets[0]  # the peers calibrate on the first recipe's images
     example = calib[0][:1]
-    engines: dict[str, tuple[nn.Module, Path | None]] = {"pytorch float": (model, None)}
+    # (name, file, runtimes, quantize seconds, artifact file)
+    files: list[tuple[str, Path, list[str], float | None, Path | None]] = []
     float_onnx = None
     for r, r_calib in zip(loaded, calib_sets):
+        start = time.perf_counter()
         qm = quantize(model, r, calib=r_calib, progress=False)
+        seconds = time.perf_counter() - start
         if float_onnx is None:
             with qm.quantization(weights=False, activations=False):
                 float_onnx = export_onnx(qm, work / "float.onnx", example)
-            engines["onnxruntime float"] = (OnnxModel(float_onnx, threads=threads), float_onnx)
+            files.append(("float", float_onnx, runtimes, None, None))
         stem = r.name.replace("/", "_")
-        engines[f"lowbit fake-quant torch ({r.name})"] = (qm, save(qm, work / f"{stem}.lowbit"))
-        onnx_path = export_onnx(qm, work / f"{stem}.onnx", example)
-        engines[f"lowbit onnx ({r.name})"] = (OnnxModel(onnx_path, threads=threads), onnx_path)
+        files.append((f"lowbit {r.name}", export_onnx(qm, work / f"{stem}.onnx", example), runtimes, seconds,
+                      save(qm, work / f"{stem}.lowbit")))
     assert float_onnx is not None
+    start = time.perf_counter()
     peer_onnx = ort_quantize_static(float_onnx, work / "ort_static.onnx", calib)
-    engines["ort quantize_static"] = (OnnxModel(peer_onnx, threads=threads), peer_onnx)
+    files.append(("ort quantize_static", peer_onnx, runtimes, time.perf_counter() - start, None))
+    files += [(name, Path(path), [runtime_name(r) for r in rts if runtime_name(r) in runtimes], secs, None)
+              for name, path, rts, secs in peers]
     test_batches = TensorBatches(test, limit=test_limit)
     x1, _ = next(iter(TensorBatches(test, batch_size=1)))
     x64, _ = next(iter(TensorBatches(test, batch_size=64)))
     rows = []
-    for name, (engine, file) in engines.items():
-        top1 = evaluate(engine, test_batches)
-        with torch.no_grad():
-            lat1 = median_seconds(lambda e=engine: e(x1), warmup=20, repeats=4 * repeats)
-            lat64 = median_seconds(lambda e=engine: e(x64), warmup=5, repeats=repeats)
-        rows.append({"engine": name, "top1": round(100 * top1, 2), "latency_b1_ms": round(1000 * lat1, 3),
-                     "throughput_b64_img_s": round(64 / lat64, 1),
-                     "file_kb": round(os.path.getsize(file) / 1024, 1) if file else None})
-    base = next(row for row in rows if row["engine"] == "onnxruntime float")
-    for row in rows:
-        row["speedup_b64"] = round(row["throughput_b64_img_s"] / base["throughput_b64_img_s"], 2)
-        row["speedup_b1"] = round(base["latency_b1_ms"] / row["latency_b1_ms"], 2)
-    return {"recipes": [r.name for r in loaded], "threads": threads, "repeats": repeats,
-            "test_images": len(test_batches.indices), "rows": rows}
+    lat1, lat64 = _time_engine(model, x1, x64, repeats)
+    rows.append({"engine": "float", "runtime": "pytorch", "top1": round(100 * evaluate(model, test_batches), 2),
+                 "latency_b1_ms": round(1000 * lat1, 3), "throughput_b64_img_s": round(64 / lat64, 1),
+                 "file_kb": None, "quantize_s": None})
+    for name, path, rts, seconds, artifact in files:
+        for rt in rts:
+            engine = OnnxModel(path, threads=threads, runtime=rt)
+            lat1, lat64 = _time_engine(engine, x1, x64, repeats)
+            row = {"engine": name, "runtime": rt, "top1": round(100 * evaluate(engine, test_batches), 2),
+                   "latency_b1_ms": round(1000 * lat1, 3), "throughput_b64_img_s": round(64 / lat64, 1),
+                   "file_kb": round(_model_bytes(path) / 1024, 1),
+                   "quantize_s": None if seconds is None else round(seconds, 2)}
+            if artifact is not None:
+                row["lowbit_file_kb"] = round(os.path.getsize(artifact) / 1024, 1)
+            rows.append(row)
+    for rt in ("ort", "openvino"):
+        base = next((row for row in rows if row["engine"] == "float" and row["runtime"] == rt), None)
+        if base is None:
+            continue
+        for row in rows:
+            row[f"b64_vs_float_{rt}"] = round(row["throughput_b64_img_s"] / base["throughput_b64_img_s"], 2)
+            row[f"b1_vs_float_{rt}"] = round(base["latency_b1_ms"] / row["latency_b1_ms"], 2)
+    return {"recipes": [r.name for r in loaded], "threads": threads, "repeats": repeats, "runtimes": runtimes,
+            "test_images": len(test_batches.indices), "calibration_images": sum(len(b) for b in calib), "rows": rows}
+
+
+def _model_bytes(path: Path) -> int:
+    """An ONNX file, or an OpenVINO IR's .xml plus its .bin weights."""
+    size = os.path.getsize(path)
+    weights = path.with_suffix(".bin")
+    return size + (os.path.getsize(weights) if path.suffix == ".xml" and weights.is_file() else 0)

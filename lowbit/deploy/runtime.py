@@ -83,6 +83,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "ort") -> None:
         super().__init__()
+        self.runtime = runtime_name(runtime)
         path = Path(path)
         if path.is_dir():
             raise LowbitError(f"ONNX model path {path} is a directory, not an .onnx file")
@@ -90,7 +91,6 @@ class OnnxModel(nn.Module):
             raise LowbitError(f"ONNX model {path} does not exist")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise LowbitError(f"threads must be a positive integer, got {threads!r}")
-        self.runtime = runtime_name(runtime)
         self.path = path
         if self.runtime == "ort":
             self._run, self.input_name = _ort_runner(path, threads)
