@@ -20,7 +20,11 @@ from lowbit.quant.spec import QuantSpec
 Range = tuple[torch.Tensor, torch.Tensor]
 
 
-def check_finite(x: torch.Tensor, what: str) -> None:
+def check_finite(x: torch.Tensor, what: str, extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Refuse NaN/Inf. Given the tensor's (min, max), checks those two only: any NaN or
+    Inf in x makes one of them non-finite, so the full scan runs only to count them."""
+    if extremes is not None and bool(torch.isfinite(extremes[0]) & torch.isfinite(extremes[1])):
+        return
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise NumericalError(f"{what} holds {bad} NaN/Inf value(s); quantization needs finite numbers")
@@ -56,53 +60,55 @@ def _scaled_candidates(x: torch.Tensor, spec: QuantSpec, fractions: torch.Tensor
     return fractions[:, None] * lo[None], fractions[:, None] * hi[None]
 
 
+# Candidates scored per vectorised pass: at most this many float32 values at a time.
+SEARCH_CHUNK_VALUES = 1 << 22
+
+
 def _search(
     x: torch.Tensor, spec: QuantSpec, signed: bool, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     grid_points: int = 100, refine_points: int = 20,
 ) -> Range:
-    """Coarse-to-fine search over a shrink factor of the full range, per row; ``score`` is
-    minimised. Costs (grid_points + refine_points) fake-quant passes over x."""
+    """Coarse-to-fine search over a shrink factor of the full range, per row; ``score``
+    (reducing the last dimension) is minimised. Costs (grid_points + refine_points)
+    fake-quant passes over x, run as a few batched passes of many candidates each."""
     qmin, qmax = spec.code_range(signed)
+    lo0, hi0 = _scaled_candidates(x, spec, torch.ones(1))
+    per_pass = max(1, SEARCH_CHUNK_VALUES // max(1, x.numel()))
 
-    def best_of(fractions: torch.Tensor) -> torch.Tensor:
-        lo_k, hi_k = _scaled_candidates(x, spec, fractions)
-        scores = torch.empty(len(fractions), x.shape[0])
-        for k in range(len(fractions)):
-            s, z = F.range_to_scale_zero_point(lo_k[k], hi_k[k], spec, signed)
-            xq = F.fake_quantize(x, s, z, qmin, qmax, spec.grid, ch_axis=0)
-            scores[k] = score(x, xq)
-        return fractions[scores.argmin(dim=0)]  # [rows]
+    def scores_of(frac: torch.Tensor) -> torch.Tensor:
+        """Scores [K, rows] of the ranges frac * full range, frac of shape [K, rows]."""
+        s, z = F.range_to_scale_zero_point(frac * lo0[0], frac * hi0[0], spec, signed)
+        out = torch.empty_like(frac)
+        for k in range(0, frac.shape[0], per_pass):
+            sk, zk = s[k:k + per_pass, :, None], z[k:k + per_pass, :, None]
+            xq = F.fake_quantize_broadcast(x[None], sk, zk, qmin, qmax, spec.grid)
+            out[k:k + per_pass] = score(x[None], xq)
+        return out
 
     coarse = torch.linspace(1.0 / grid_points, 1.0, grid_points)
-    best = best_of(coarse)
+    best = coarse[scores_of(coarse[:, None].expand(grid_points, x.shape[0])).argmin(dim=0)]  # [rows]
     step = 1.0 / grid_points
-    # Refine each row around its own coarse optimum (a shared set of offsets).
+    # Refine each row around its own coarse optimum (a shared set of offsets); on ties the
+    # earliest offset wins, as the coarse grid's argmin does.
     offsets = torch.linspace(-step, step, refine_points)
-    lo0, hi0 = _scaled_candidates(x, spec, torch.ones(1))
-    best_scores = torch.full((x.shape[0],), float("inf"))
-    best_frac = best.clone()
-    for off in offsets:
-        frac = torch.clamp(best + off, min=1e-4, max=1.0)
-        s, z = F.range_to_scale_zero_point(frac * lo0[0], frac * hi0[0], spec, signed)
-        xq = F.fake_quantize(x, s, z, qmin, qmax, spec.grid, ch_axis=0)
-        sc = score(x, xq)
-        better = sc < best_scores
-        best_scores = torch.where(better, sc, best_scores)
-        best_frac = torch.where(better, frac, best_frac)
+    frac = torch.clamp(best[None] + offsets[:, None], min=1e-4, max=1.0)  # [refine, rows]
+    scores = scores_of(frac)
+    best_frac = frac.gather(0, scores.argmin(dim=0, keepdim=True))[0]
     return best_frac * lo0[0], best_frac * hi0[0]
 
 
 def mse(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
     """QMSE (seed 004): the clip that minimises rounding noise + clipping noise together,
     measured as the mean squared error of the actual quantizer over the data."""
-    return _search(x, spec, signed, lambda a, b: ((a - b) ** 2).mean(dim=1))
+    # b is the search's fresh fake-quant buffer: square the error in place
+    return _search(x, spec, signed, lambda a, b: b.sub_(a).square_().mean(dim=-1))
 
 
 def cosine(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
     """Seed 002's weight init / seed 003's EasyQuant criterion: maximise the cosine
     similarity between the float and the quantized tensor."""
     def neg_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return -torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+        return -torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
     return _search(x, spec, signed, neg_cos)
 
 
@@ -215,7 +221,7 @@ def estimate_range(name: str, x: torch.Tensor, spec: QuantSpec, signed: bool, **
         raise RecipeError(f"unknown range estimator {name!r}; known: {sorted(ESTIMATORS) + sorted(DATA_FREE)}")
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError("estimate_range expects a non-empty [rows, values] tensor")
-    check_finite(x, "tensor to calibrate")
+    check_finite(x, "tensor to calibrate", extremes=torch.aminmax(x.float()))
     try:
         lo, hi = ESTIMATORS[name](x.float(), spec, signed, **options)
     except TypeError as err:

@@ -50,6 +50,14 @@ def fake_quantize(
     return (q - z) * s
 
 
+def fake_quantize_broadcast(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
+                            grid: str = "midtread") -> torch.Tensor:
+    """Fake-quantize with scale/zero point already shaped to broadcast against x (no
+    gradient): many candidate grids over one tensor in one pass, for range searches."""
+    with torch.no_grad():
+        return _fake_quantize_inplace(x, s, z, qmin, qmax, grid)
+
+
 def _fake_quantize_inplace(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, grid: str) -> torch.Tensor:
     """Same arithmetic on one fresh buffer: inference runs several times faster."""
     q = torch.div(x, s)

@@ -26,8 +26,8 @@ class SampleObserver:
 
     def __call__(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1)
-        check_finite(x, f"activation at {self.name!r}")
-        lo, hi = x.min(), x.max()
+        lo, hi = torch.aminmax(x)
+        check_finite(x, f"activation at {self.name!r}", extremes=(lo, hi))
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         if x.numel() > self.per_batch:
