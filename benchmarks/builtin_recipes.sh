@@ -6,5 +6,5 @@ DATA=${1:-../shared/data}
 MODELS=${2:-../shared/models}
 cd "$(dirname "$0")/.."
 lowbit quantize --data-dir "$DATA" --models-dir "$MODELS" --no-progress --json benchmarks/results/main_job.json
-lowbit quantize --recipe w3a3,w4a4-usp,w8a8-int8 --data-dir "$DATA" --models-dir "$MODELS" --no-progress \
+lowbit quantize --recipe w3a3,w4a4,w2a4,w4a4-usp --data-dir "$DATA" --models-dir "$MODELS" --no-progress \
   --json benchmarks/results/more_recipes.json

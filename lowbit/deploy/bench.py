@@ -56,11 +56,19 @@ def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor]) 
     return out
 
 
-def _time_engine(engine: nn.Module, x1: torch.Tensor, x64: torch.Tensor, repeats: int) -> tuple[float, float]:
+def time_engines(engines: dict[str, nn.Module], x1: torch.Tensor, x64: torch.Tensor, repeats: int,
+                 rounds: int = 10) -> dict[str, tuple[float, float]]:
+    """(batch-1 latency, batch-64 time) per engine: ``rounds`` interleaved rounds, each a
+    median of timed runs, and the median over rounds, so a slow spell of the machine
+    falls on every engine alike instead of on whichever ran then."""
+    per = max(1, repeats // rounds)
+    seen: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in engines}
     with torch.no_grad():
-        lat1 = median_seconds(lambda: engine(x1), warmup=20, repeats=4 * repeats)
-        lat64 = median_seconds(lambda: engine(x64), warmup=5, repeats=repeats)
-    return lat1, lat64
+        for r in range(rounds):
+            for name, engine in engines.items():
+                seen[name][0].append(median_seconds(lambda: engine(x1), warmup=20 if r == 0 else 2, repeats=4 * per))
+                seen[name][1].append(median_seconds(lambda: engine(x64), warmup=5 if r == 0 else 1, repeats=per))
+    return {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in seen.items()}
 
 
 def run_runtime_benchmark(
@@ -102,22 +110,24 @@ def run_runtime_benchmark(
     test_batches = TensorBatches(test, limit=test_limit)
     x1, _ = next(iter(TensorBatches(test, batch_size=1)))
     x64, _ = next(iter(TensorBatches(test, batch_size=64)))
-    rows = []
-    lat1, lat64 = _time_engine(model, x1, x64, repeats)
-    rows.append({"engine": "float", "runtime": "pytorch", "top1": round(100 * evaluate(model, test_batches), 2),
-                 "latency_b1_ms": round(1000 * lat1, 3), "throughput_b64_img_s": round(64 / lat64, 1),
-                 "file_kb": None, "quantize_s": None})
-    for name, path, rts, seconds, artifact in files:
+    engines: dict[str, nn.Module] = {"float|pytorch": model}
+    for name, path, rts, _, _ in files:
         for rt in rts:
-            engine = OnnxModel(path, threads=threads, runtime=rt)
-            lat1, lat64 = _time_engine(engine, x1, x64, repeats)
-            row = {"engine": name, "runtime": rt, "top1": round(100 * evaluate(engine, test_batches), 2),
-                   "latency_b1_ms": round(1000 * lat1, 3), "throughput_b64_img_s": round(64 / lat64, 1),
-                   "file_kb": round(_model_bytes(path) / 1024, 1),
-                   "quantize_s": None if seconds is None else round(seconds, 2)}
-            if artifact is not None:
-                row["lowbit_file_kb"] = round(os.path.getsize(artifact) / 1024, 1)
-            rows.append(row)
+            engines[f"{name}|{rt}"] = OnnxModel(path, threads=threads, runtime=rt)
+    timing = time_engines(engines, x1, x64, repeats)
+    info = {f"{name}|{rt}": (path, seconds, artifact) for name, path, rts, seconds, artifact in files for rt in rts}
+    rows = []
+    for key, engine in engines.items():
+        name, rt = key.split("|")
+        lat1, lat64 = timing[key]
+        path, seconds, artifact = info.get(key, (None, None, None))
+        row = {"engine": name, "runtime": rt, "top1": round(100 * evaluate(engine, test_batches), 2),
+               "latency_b1_ms": round(1000 * lat1, 3), "throughput_b64_img_s": round(64 / lat64, 1),
+               "file_kb": None if path is None else round(_model_bytes(path) / 1024, 1),
+               "quantize_s": None if seconds is None else round(seconds, 2)}
+        if artifact is not None:
+            row["lowbit_file_kb"] = round(os.path.getsize(artifact) / 1024, 1)
+        rows.append(row)
     for rt in ("ort", "openvino"):
         base = next((row for row in rows if row["engine"] == "float" and row["runtime"] == rt), None)
         if base is None:
