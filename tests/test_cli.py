@@ -81,3 +81,19 @@ def test_export_then_eval_in_both_runtimes(tmp_path, capsys, data_dir, models_di
         assert f"({runtime})" in capsys.readouterr().out
         scores[runtime] = 100 * json.loads(report.read_text())["top1"]
     assert scores["ort"] > 85 and abs(scores["ort"] - scores["openvino"]) <= 1.0
+
+
+def test_bench_times_every_engine_in_both_runtimes(tmp_path, capsys, data_dir, models_dir):
+    report = tmp_path / "bench.json"
+    assert main(["bench", "--runtime", "ort,openvino", "--repeats", "2", "--test-limit", "200", "--threads", "1",
+                 "--json", str(report), "--data-dir", str(data_dir), "--models-dir", str(models_dir),
+                 "--no-progress", "--no-download"]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    engines = {(r["engine"], r["runtime"]) for r in rows}
+    assert engines == {("float", "pytorch"), ("float", "ort"), ("float", "openvino"), ("lowbit w8a8", "ort"),
+                       ("lowbit w8a8", "openvino"), ("ort quantize_static", "ort"),
+                       ("ort quantize_static", "openvino")}
+    by = {(r["engine"], r["runtime"]): r for r in rows}
+    assert by[("float", "ort")]["b64_vs_float_ort"] == 1.0 and by[("float", "openvino")]["b64_vs_float_openvino"] == 1.0
+    assert abs(by[("lowbit w8a8", "ort")]["top1"] - by[("float", "ort")]["top1"]) <= 3.0
+    assert by[("lowbit w8a8", "ort")]["file_kb"] < by[("float", "ort")]["file_kb"] / 3
