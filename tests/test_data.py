@@ -155,6 +155,15 @@ def test_download_failure_is_dataset_not_found(monkeypatch: pytest.MonkeyPatch, 
 
 
 @needs_data
+def test_cifar_file_cut_at_a_record_boundary_is_not_a_smaller_test_set(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    (folder / "test_batch.bin").write_bytes((CIFAR_DIR / "test_batch.bin").read_bytes()[: 3073 * 5000])
+    with pytest.raises(LowbitError, match=r"test_batch.bin hold 5000 examples, the official release has 10000"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=False)
+
+
+@needs_data
 def test_truncated_cifar_file(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-bin"
     folder.mkdir()
@@ -249,7 +258,9 @@ def _fake_cifar_archive(path: Path, records: int = 3, evil: str | None = None) -
 
 def _use_archive(monkeypatch: pytest.MonkeyPatch, archive: Path, md5: str) -> None:
     res = Resource("cifar-10-binary.tar.gz", (archive.as_uri(),), md5)
-    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], resources=(res,)))
+    small = {"train": 15, "test": 3}  # the fake archive's sizes (5 x 3 and 3 records)
+    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], resources=(res,),
+                                                                 split_sizes=small))
     monkeypatch.setattr(dl, "fetch_url", _REAL_FETCH)  # serve the file:// URL for real
     monkeypatch.delenv("LOWBIT_DATA_DIR")
 

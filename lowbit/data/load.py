@@ -9,6 +9,7 @@ from lowbit.data.dataset import ImageDataset
 from lowbit.data.idx import read_idx_pair
 from lowbit.data.locate import locate
 from lowbit.data.registry import check_split, get_info
+from lowbit.errors import LowbitError
 
 
 def load_dataset(
@@ -29,4 +30,11 @@ def load_dataset(
         images, labels = read_cifar_bin(files, info.num_classes)
     else:
         images, labels = read_idx_pair(files[0], files[1], info.num_classes)
+    expected = info.split_sizes.get(split)
+    if expected is not None and len(labels) != expected:
+        raise LowbitError(
+            f"{info.name} {split} split: {', '.join(map(str, files))} hold {len(labels)} examples, the official "
+            f"release has {expected}; a file is truncated (cut at a record boundary) or not the official one. "
+            "Delete it and download again."
+        )
     return ImageDataset(images, labels, info.mean, info.std, name=info.name, split=split, classes=info.classes)

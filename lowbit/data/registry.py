@@ -43,6 +43,9 @@ class DatasetInfo:
     archive: bool = False  # True: ``resources[0]`` is a tar.gz that contains ``folder``
     classes: tuple[str, ...] = field(default=())
     system_dirs: tuple[str, ...] = field(default=())  # OS-package install locations
+    # split -> number of examples the official release holds; a file that holds fewer is
+    # an error, never a smaller dataset (every accuracy would silently change meaning)
+    split_sizes: dict[str, int] = field(default_factory=dict)
 
 
 _CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -103,6 +106,7 @@ DATASETS: dict[str, DatasetInfo] = {
             ),
         ),
         archive=True,
+        split_sizes={"train": 50000, "test": 10000},
         classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     ),
     "mnist": DatasetInfo(
@@ -115,6 +119,7 @@ DATASETS: dict[str, DatasetInfo] = {
         files=_IDX_FILES,
         fmt="idx",
         resources=_idx_resources(_MNIST_MD5, _MNIST_MIRRORS),
+        split_sizes={"train": 60000, "test": 10000},
         classes=tuple(str(i) for i in range(10)),
     ),
     "fashion-mnist": DatasetInfo(
@@ -127,6 +132,7 @@ DATASETS: dict[str, DatasetInfo] = {
         files=_IDX_FILES,
         fmt="idx",
         resources=_idx_resources(_FASHION_MD5, _FASHION_MIRRORS),
+        split_sizes={"train": 60000, "test": 10000},
         classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
     ),

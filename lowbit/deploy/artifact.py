@@ -30,7 +30,8 @@ from lowbit.model.quant_model import QuantModel
 from lowbit.quant.quantizer import UniformQuantizer
 
 FORMAT = "lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header too (version 1 files still load)
+READABLE_VERSIONS = (1, 2)
 
 
 class ArtifactError(LowbitError):
@@ -65,17 +66,39 @@ def theoretical_bytes(qm: QuantModel) -> int:
     return code_bytes + 4 * sum(t.numel() for t in floats.values())
 
 
-def _digest(codes: np.ndarray, floats: np.ndarray) -> str:
+def _digest(codes: np.ndarray, floats: np.ndarray, header: dict[str, Any] | None = None) -> str:
+    """sha256 of the tensor bytes and, from version 2 on, of the header itself (canonical
+    JSON without the checksum field), so an edited bit width is caught like a flipped byte."""
     h = hashlib.sha256()
+    if header is not None:
+        body = {k: v for k, v in header.items() if k != "sha256"}
+        h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     h.update(codes.tobytes())
     h.update(floats.astype("<f4").tobytes())
     return h.hexdigest()
 
 
+def _check_target(path: Path) -> None:
+    """Never write over a directory or over a file that is not a .lowbit artifact."""
+    if path.is_dir():
+        raise ArtifactError(f"cannot save to {path}: it is a directory; give a file path such as {path / 'model.lowbit'}")
+    if path.exists():
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                ours = "lowbit" in (f.metadata() or {})
+        except Exception:  # noqa: BLE001 - anything unreadable is not ours
+            ours = False
+        if not ours:
+            raise ArtifactError(f"refusing to overwrite {path}: it exists and is not a .lowbit artifact")
+
+
 def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write ``qm`` as a .lowbit file; returns the path."""
+    """Write ``qm`` as a .lowbit file (atomically: a killed save leaves any previous file
+    whole); returns the path. Refuses a directory or a file that is not an artifact."""
     if not qm.calibrated:
         raise LowbitError("only a calibrated QuantModel can be saved")
+    path = Path(path)
+    _check_target(path)
     arch = qm.meta.get("arch")
     packed, floats = _stored_tensors(qm)
     code_chunks, float_chunks, layout = [], [], []
@@ -102,13 +125,18 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
         "quantizers": {n: {"bits": q.bits, "signed": q.signed, "enabled": q.enabled, "calibrated": q.calibrated}
                        for n, q in _quantizers(qm).items()},
         "float_weights": [r.name for r in qm.layers if not r.layer.quantize_weight],
-        "layout": layout, "sha256": _digest(codes, floats_arr),
-        "metrics": metrics or qm.meta.get("metrics", {}),
+        "layout": layout, "metrics": metrics or qm.meta.get("metrics", {}),
     }
+    header["sha256"] = _digest(codes, floats_arr, header)
     blob = base64.b64encode(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)).decode()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"codes": codes, "floats": floats_arr}, str(path), metadata={"lowbit": blob})
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({"codes": codes, "floats": floats_arr}, str(tmp), metadata={"lowbit": blob})
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from None
     return path
 
 
@@ -141,12 +169,36 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarra
         raise ArtifactError(f"{path}: the lowbit header is corrupt ({err})") from None
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a lowbit artifact (format {header.get('format')!r})")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{path}: format version {header.get('version')} is not supported by this lowbit "
-                            f"(reads version {FORMAT_VERSION})")
-    if _digest(codes, floats) != header.get("sha256"):
-        raise ArtifactError(f"{path}: checksum mismatch — the tensor data was altered or damaged")
+                            f"(reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    covered = header if header["version"] >= 2 else None
+    if _digest(codes, floats, covered) != header.get("sha256"):
+        what = "the header or the tensor data" if covered is not None else "the tensor data"
+        raise ArtifactError(f"{path}: checksum mismatch — {what} was altered or damaged")
+    _check_layout(path, header, codes, floats)
     return header, codes, floats
+
+
+def _check_layout(path: Path, header: dict[str, Any], codes: np.ndarray, floats: np.ndarray) -> None:
+    """The header agrees with the stored tensors: every entry inside its buffer, shapes
+    that hold its count, bit widths and code ranges that exist."""
+    for key in ("layers", "quantizers", "layout", "recipe"):
+        if key not in header:
+            raise ArtifactError(f"{path}: the header has no {key!r} entry")
+    for e in header["layout"]:
+        key = e.get("key", "?")
+        size = codes.size if e.get("store") == "codes" else floats.size
+        count = int(e.get("count", -1))
+        if count < 0 or int(np.prod(e.get("shape", [-1]))) != count:
+            raise ArtifactError(f"{path}: tensor {key!r} has shape {e.get('shape')} but {count} values")
+        need = packed_nbytes(count, int(e["bits"])) if e.get("store") == "codes" else count
+        if e.get("store") == "codes":
+            bits, qmin = int(e["bits"]), int(e["qmin"])
+            if not 1 <= bits <= 8 or qmin not in (0, -(2 ** (bits - 1)), -(2 ** (bits - 1)) + 1):
+                raise ArtifactError(f"{path}: tensor {key!r} claims {bits}-bit codes from {qmin}: no such grid")
+        if e["offset"] < 0 or e["offset"] + need > size:
+            raise ArtifactError(f"{path}: tensor {key!r} lies outside the stored data (truncated or altered)")
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
@@ -168,11 +220,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
     if qm.layers.names() != [r["name"] for r in header["layers"]]:
         raise ArtifactError(f"{path}: its layers {[r['name'] for r in header['layers']]} do not match the model's "
                             f"{qm.layers.names()}")
+    _check_shapes(path, qm, header)
     for row in header["layers"]:
         rec = qm.layers[row["name"]]
         rec.w_bits, rec.a_bits = row["w_bits"], row["a_bits"]
         rec.layer.macs = row["macs"]
     quantizers = _quantizers(qm)
+    unknown = sorted(set(header["quantizers"]) - set(quantizers))
+    if unknown:
+        raise ArtifactError(f"{path}: quantizers {unknown[:5]} are not in the rebuilt model: it was saved from "
+                            "another model or recipe layout")
     for name, state in header["quantizers"].items():
         q = quantizers[name]
         q.set_bits(state["bits"])
@@ -207,6 +264,18 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
             layer.weight.copy_(layer.weight_quantizer.dequantize(torch.from_numpy(c).reshape(entry["shape"])))
     qm.meta.update({"arch": header.get("arch"), "recipe": header["recipe"], "metrics": header.get("metrics", {})})
     return qm
+
+
+def _check_shapes(path: Path, qm: QuantModel, header: dict[str, Any]) -> None:
+    """A model with the same layer names but other widths: name the first layer that differs."""
+    params = {k: tuple(v.shape) for k, v in qm.state_dict().items()}
+    layer_of = {f"{n}.": r.name for r in qm.layers for n, m in qm.named_modules() if m is r.layer}
+    for e in header["layout"]:
+        key, shape = e["key"], tuple(e["shape"])
+        if key in params and params[key] != shape and not key.endswith((".scale", ".zero_point")):
+            layer = next((v for k, v in layer_of.items() if key.startswith(k)), key)
+            raise ArtifactError(f"{path}: layer {layer!r}: the file holds {key.rsplit('.', 1)[-1]} of shape "
+                                f"{list(shape)}, the model's is {list(params[key])}")
 
 
 def _add_learned_biases(qm, entries: dict[str, Any]) -> None:
