@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lowbit.checks import probe_forward
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.batches import as_batches
@@ -75,6 +76,8 @@ def quantize(
     if data_free and calib is not None:
         raise LowbitError(f"recipe {r.name!r} distils its calibration data (zeroq); pass calib=None")
     batches = [] if data_free else as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])
+    if batches:
+        probe_forward(model, batches[0], "calibration batch 0")  # fail now, not deep inside a step
     torch.manual_seed(r.calibration["seed"])
     for name, params in r.steps:
         run_step(name, params, qm, batches, r, progress)
@@ -97,6 +100,8 @@ def evaluate(model: nn.Module, data: Iterable[Any], progress: bool = False, desc
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                 raise LowbitError("evaluate needs (input, label) batches")
             x, y = batch[0], batch[1]
+            if total == 0:
+                probe_forward(model, x, "test batch 0")
             logits = model(x)
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())

@@ -32,3 +32,7 @@ class DatasetNotFoundError(LowbitError, FileNotFoundError):
 
 class ChecksumError(LowbitError):
     """A downloaded or local file does not match its published checksum."""
+
+
+class DataMismatchError(LowbitError):
+    """Input data does not fit the model (channels, image size, dtype, batch layout)."""

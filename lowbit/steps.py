@@ -5,7 +5,6 @@ place. Adding a technique means adding a module and one entry here.
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -87,12 +86,6 @@ def _default_input_shape(qm: "QuantModel") -> tuple[int, ...]:
         raise RecipeError("zeroq: cannot tell this model's input shape; give `input_shape: [C, H, W]`") from None
 
 
-def _check_params(step: str, params: dict[str, Any], known: set[str]) -> None:
-    bad = sorted(set(params) - known)
-    if bad:
-        raise RecipeError(f"step {step!r}: unknown parameter(s) {bad}; known: {sorted(known)}")
-
-
 def _reconstruction(method: str) -> Callable[..., None]:
     def step(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
              **params: Any) -> None:
@@ -117,24 +110,12 @@ STEPS: dict[str, Callable[..., None]] = {
 }
 
 
-STEP_PARAMS: dict[str, set[str]] = {
-    "easyquant": {"rounds", "candidates", "low", "high", "samples"},
-    "zeroq": {"input_shape", "iters", "lr", "batch_size"},
-}
+def check_step_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Reject unknown or invalid step parameters, naming them; returns them converted
+    (one schema per step: lowbit.recipes.schema)."""
+    from lowbit.recipes.schema import check_params
 
-
-def check_step_params(name: str, params: dict[str, Any]) -> None:
-    """Reject unknown or invalid step parameters, naming them."""
-    if name in RECONSTRUCTION_METHODS:
-        from lowbit.ptq.reconstruct import make_config
-
-        make_config(name, {k: v for k, v in params.items() if k not in ("seed", "checkpoint")})
-        return
-    if name in STEP_PARAMS:
-        _check_params(name, params, STEP_PARAMS[name])
-        return
-    allowed = set(inspect.signature(STEPS[name]).parameters) - {"qm", "batches", "recipe", "progress"}
-    _check_params(name, params, allowed)
+    return check_params(name, params)
 
 
 def run_step(name: str, params: dict[str, Any], qm: "QuantModel", batches: list[torch.Tensor],

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lowbit.checks import probe_forward
 from lowbit.errors import LowbitError
 from lowbit.model.fold_bn import BN_TYPES
 from lowbit.model.graph import ADD_FUNCTIONS, RELU_FUNCTIONS, RELU_MODULES
@@ -324,6 +325,7 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
     if not qm.calibrated:
         raise ExportError("calibrate the QuantModel before exporting it")
     gm: fx.GraphModule = qm.net
+    probe_forward(qm, example_input, "the example input")
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
         expected = qm(example_input)

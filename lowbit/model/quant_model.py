@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import torch
 from torch import fx, nn
 
-from lowbit.errors import NumericalError, UnsupportedModelError
+from lowbit.errors import NumericalError, RecipeError, UnsupportedModelError
 from lowbit.model import graph as G
 from lowbit.model.fold_bn import BNPrior, fold_batchnorms
 from lowbit.model.layer_table import LayerRecord, LayerTable
@@ -25,6 +25,11 @@ FLOAT_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn
 
 def check_supported(model: nn.Module, keep_float: list[str]) -> None:
     """Refuse models with weights lowbit cannot quantize, instead of leaving them float."""
+    names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    for pattern in keep_float:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise RecipeError(f"keep_float pattern {pattern!r} matches no layer with weights; layers: "
+                              + ", ".join(names[:12]) + (" ..." if len(names) > 12 else ""))
     unknown = []
     for name, module in model.named_modules():
         if not any(True for _ in module.parameters(recurse=False)):
@@ -43,6 +48,12 @@ def check_supported(model: nn.Module, keep_float: list[str]) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise NumericalError(f"parameter {name!r} holds NaN/Inf; fix the checkpoint before quantizing")
+    for name, b in model.named_buffers():  # BN running statistics are folded into weights
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise NumericalError(f"buffer {name!r} holds NaN/Inf (a broken BatchNorm statistic); fix the checkpoint "
+                                 "or re-estimate it before quantizing")
+        if name.endswith("running_var") and (b < 0).any():
+            raise NumericalError(f"buffer {name!r} holds a negative variance; the checkpoint is corrupt")
 
 
 class QuantModel(nn.Module):

@@ -5,7 +5,9 @@ from typing import Any, Iterable
 
 import torch
 
-from lowbit.errors import LowbitError
+from torch.utils.data import Dataset, IterableDataset
+
+from lowbit.errors import DataMismatchError, LowbitError
 
 
 def _input_of(item: Any) -> torch.Tensor:
@@ -20,13 +22,27 @@ def _input_of(item: Any) -> torch.Tensor:
     )
 
 
+def _dataset_batches(ds: Dataset, samples: int | None, batch_size: int) -> Iterable[torch.Tensor]:
+    n = len(ds) if samples is None else min(samples, len(ds))
+    for start in range(0, n, batch_size):
+        items = [_input_of(ds[i]) for i in range(start, min(n, start + batch_size))]
+        shapes = {tuple(t.shape) for t in items}
+        if len(shapes) > 1:
+            raise DataMismatchError(f"the calibration Dataset yields samples of different shapes {sorted(shapes)[:3]}")
+        yield torch.stack(items)
+
+
 def as_batches(calib: Any, samples: int | None = None, batch_size: int = 128) -> list[torch.Tensor]:
-    """A DataLoader, an iterable of tensors or (input, label) pairs, or one tensor → at most
-    ``samples`` inputs as a list of batches."""
+    """A DataLoader, an iterable of input batches or (input, label) batch pairs, a map-style
+    Dataset of single (input, label) samples (stacked into batches), or one tensor → at
+    most ``samples`` inputs as a list of batches."""
     if calib is None:
         raise LowbitError("no calibration data given: pass calib= (a DataLoader, batches or a tensor)")
     if isinstance(calib, torch.Tensor):
         chunks: Iterable[Any] = torch.split(calib, batch_size)
+    elif isinstance(calib, Dataset) and not isinstance(calib, IterableDataset) and hasattr(calib, "__len__"):
+        # A map-style Dataset yields single samples: stack them into batches.
+        chunks = _dataset_batches(calib, samples, batch_size)
     else:
         try:
             chunks = iter(calib)
@@ -47,6 +63,10 @@ def as_batches(calib: Any, samples: int | None = None, batch_size: int = 128) ->
             break
     if not out:
         raise LowbitError("calibration data is empty")
+    for i, x in enumerate(out):
+        if x.shape[1:] != out[0].shape[1:]:
+            raise DataMismatchError(f"calibration batch {i} has shape {tuple(x.shape)} but batch 0 has "
+                                    f"{tuple(out[0].shape)}: every input must have the same shape")
     # Re-cut into equal batches so the result does not depend on how the caller batched
     # the same inputs (observers subsample per batch).
     return list(torch.split(torch.cat(out), batch_size))

@@ -204,8 +204,7 @@ def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
         raise RecipeError(f"steps[{i}]: unknown step {name!r}; known steps: {sorted(STEPS)}")
     if not isinstance(params, dict):
         raise RecipeError(f"steps[{i}] ({name}) parameters must be a mapping")
-    check_step_params(name, params)  # fail at load time, not after minutes of calibration
-    return name, params
+    return name, check_step_params(name, params)  # fail at load time, not after minutes of calibration
 
 
 def builtin_names() -> list[str]:
@@ -219,8 +218,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
         raise RecipeError(f"recipe file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from None
+    if data is None:
+        raise RecipeError(f"recipe file {path} is empty; write at least `extends: w8a8` (see `lowbit recipes`)")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+    if not data:
+        raise RecipeError(f"recipe file {path} holds no settings; write at least `extends: w8a8`")
     return data
 
 

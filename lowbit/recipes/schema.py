@@ -1,0 +1,164 @@
+"""One typed schema per recipe step: every parameter's type, range and default, declared
+once, checked when a recipe is read (before any work starts) and printed by
+``lowbit recipes --explain STEP``.
+
+YAML trap, decided: PyYAML reads ``1e-3`` (no dot) as the *string* "1e-3". A float
+parameter therefore accepts a string that parses as a finite number and converts it;
+every other type mismatch (a string for an int or a bool, a float for an int) is an
+error naming the step, the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from lowbit.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One step parameter. ``low``/``high`` bound numbers (inclusive unless ``open_low``)."""
+
+    name: str
+    kind: str  # "int" | "float" | "bool" | "str" | "shape" | "path"
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+    def expected(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind == "shape":
+            return "a list of 3 positive integers [C, H, W]"
+        text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "path": "a file path"}[self.kind]
+        if self.low is not None or self.high is not None:
+            lo = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+            hi = "" if self.high is None else f"<= {self.high:g}"
+            text += " " + " and ".join(p for p in (lo, hi) if p)
+        return text
+
+    def check(self, step: str, value: Any) -> Any:
+        """The value, converted where the rules above allow; RecipeError otherwise."""
+        def bad() -> RecipeError:
+            return RecipeError(f"step {step!r}: {self.name}={value!r} is invalid; expected {self.expected()}")
+
+        if value is None and self.default is None:
+            return None
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise bad()
+            return value
+        if self.kind in ("str", "path"):
+            if not isinstance(value, str) or not value or (self.choices and value not in self.choices):
+                raise bad()
+            return value
+        if self.kind == "shape":
+            if (not isinstance(value, (list, tuple)) or len(value) != 3
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise bad()
+            return list(value)
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad()
+        else:  # float
+            if isinstance(value, str):
+                try:
+                    value = float(value)  # YAML 1.1's "1e-3"
+                except ValueError:
+                    raise bad() from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad()
+            value = float(value)
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            raise bad()
+        if self.high is not None and value > self.high:
+            raise bad()
+        return value
+
+
+def _recon_schema() -> list[Param]:
+    """Reconstruction steps share ReconConfig's fields; their ranges are declared here."""
+    from lowbit.ptq.reconstruct import ReconConfig
+
+    ranges: dict[str, dict[str, Any]] = {
+        "granularity": {"choices": ("layer", "block")}, "rounding": {"choices": ("adaround", "ste")},
+        "iters": {"low": 1}, "batch_size": {"low": 1}, "dc_iters": {"low": 0},
+        "lr_round": {"low": 0, "open_low": True}, "lr_weight": {"low": 0, "open_low": True},
+        "lr_scale": {"low": 0, "open_low": True}, "dc_lr": {"low": 0, "open_low": True},
+        "pd_temperature": {"low": 0, "open_low": True},
+        "reg_weight": {"low": 0}, "pd_weight": {"low": 0}, "rec_weight": {"low": 0}, "dc_reg": {"low": 0},
+        "warmup": {"low": 0, "high": 1}, "keep_prob": {"low": 0, "open_low": True, "high": 1},
+        "input_quant_prob": {"low": 0, "high": 1},
+    }
+    kinds = {int: "int", float: "float", bool: "bool", str: "str", "int": "int", "float": "float", "bool": "bool",
+             "str": "str"}
+    out = [Param(f.name, kinds[f.type], None if f.default is MISSING else f.default, **ranges.get(f.name, {}))
+           for f in fields(ReconConfig)]
+    out.append(Param("seed", "int", 0, low=0, doc="drives every random choice (default: calibration.seed)"))
+    out.append(Param("checkpoint", "path", "", doc="state file written after every unit; a rerun resumes"))
+    return out
+
+
+def step_schemas() -> dict[str, list[Param]]:
+    from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
+    from lowbit.steps import RECONSTRUCTION_METHODS
+
+    weight_est, act_est = tuple(sorted(ESTIMATORS)), tuple(sorted(ESTIMATORS) + sorted(DATA_FREE))
+    recon = _recon_schema()
+    return {
+        "calibrate": [
+            Param("weight_estimator", "str", "", choices=weight_est, doc="default: the recipe's weights.estimator"),
+            Param("act_estimator", "str", "", choices=act_est, doc="default: the recipe's activations.estimator"),
+        ],
+        "usp": [
+            Param("recalibrate_activations", "bool", True, doc="re-fit activation ranges after the BN update"),
+            Param("augment_repeats", "int", 0, low=0, doc="crop-and-flip copies of the calibration set"),
+            Param("padding", "int", 4, low=0, doc="crop padding in pixels"),
+            Param("flip", "bool", True, doc="random horizontal flips"),
+        ],
+        "bias_correction": [],
+        "easyquant": [
+            Param("rounds", "int", 2, low=1, doc="alternations of the weight and activation search (eqs. 6-7)"),
+            Param("candidates", "int", 50, low=2, doc="scales tried per search"),
+            Param("low", "float", 0.5, low=0, open_low=True, doc="search from low x the calibrated scale"),
+            Param("high", "float", 1.2, low=0, open_low=True, doc="... to high x the calibrated scale"),
+            Param("samples", "int", 256, low=1, doc="calibration images used"),
+        ],
+        "zeroq": [
+            Param("input_shape", "shape", None, doc="[C, H, W]; default: the zoo model's dataset"),
+            Param("iters", "int", 200, low=1, doc="optimisation steps of the distilled inputs"),
+            Param("lr", "float", 0.2, low=0, open_low=True, doc="Adam step size"),
+            Param("batch_size", "int", 128, low=1, doc="inputs distilled at a time"),
+        ],
+        **{m: recon for m in RECONSTRUCTION_METHODS},
+    }
+
+
+def check_params(step: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The step's parameters checked against its schema (unknown keys, types, ranges);
+    returns them converted (e.g. "1e-3" -> 0.001 for a float)."""
+    schemas = step_schemas()
+    if step not in schemas:
+        raise RecipeError(f"unknown step {step!r}; known steps: {sorted(schemas)}")
+    if not isinstance(params, dict):
+        raise RecipeError(f"step {step!r}: parameters must be a mapping, got {type(params).__name__}")
+    by_name = {p.name: p for p in schemas[step]}
+    unknown = sorted(set(params) - set(by_name), key=str)
+    if unknown:
+        raise RecipeError(f"step {step!r}: unknown parameter(s) {unknown}; known: {sorted(by_name)}")
+    out = {k: by_name[k].check(step, v) for k, v in params.items()}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def explain(step: str) -> list[dict[str, Any]]:
+    """Rows for ``lowbit recipes --explain STEP``."""
+    schemas = step_schemas()
+    if step not in schemas:
+        raise RecipeError(f"unknown step {step!r}; known steps: {sorted(schemas)}")
+    return [{"parameter": p.name, "expects": p.expected(), "default": "-" if p.default in (None, "") else p.default,
+             "meaning": p.doc} for p in schemas[step]]
