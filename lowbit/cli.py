@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import DataMismatchError, LowbitError
 
 # The main job shows lowbit at its best in about three minutes: plain calibration at 8 bits,
 # the fastest strong method at W4A4 (seed 002's pipeline) and at 2-bit weights (AdaRound + USP).
@@ -27,6 +27,62 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def bits(text: str) -> int:
+    """argparse type: a bit width 1..8."""
+    value = positive_int(text)
+    if value > 8:
+        raise argparse.ArgumentTypeError(f"must be a bit width in 1..8, got {value}")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    """argparse type: a file that exists (a directory or a missing path is refused)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file to write; an existing directory there is refused."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing directory; give a file path")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a directory to write into; an existing file there is refused."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a directory")
+    return path
 
 
 def one_runtime(text: str) -> str:
@@ -52,13 +108,15 @@ def runtime_list(text: str) -> list[str]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20", help="zoo model name (see `lowbit models`)")
-    p.add_argument("--weights", help="weights for the model: .safetensors/.pt (default: its pretrained release)")
+    p.add_argument("--weights", type=existing_file,
+                   help="weights for the model: .safetensors/.pt (default: its pretrained release)")
     p.add_argument("--dataset", help="dataset (default: the model's own)")
     p.add_argument("--data-dir", help="directory holding the dataset (else $LOWBIT_DATA_DIR, the cache, or download)")
     p.add_argument("--models-dir", help="directory holding pretrained weights (else $LOWBIT_MODELS_DIR, the cache, or download)")
     p.add_argument("--no-download", action="store_true", help="never download data or weights; fail if absent")
     p.add_argument("--test-limit", type=positive_int, help="score on the first N test images only (quick look; not the protocol)")
-    p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    p.add_argument("--json", type=output_file, help="also write the results as JSON to this file")
+    p.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
 
@@ -289,6 +347,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         rows.append({"recipe": name, "weights": f"{r.weights.spec.bits}b {r.weights.estimator}",
                      "activations": f"{r.activations.spec.bits}b {r.activations.estimator}",
                      "steps": ",".join(s for s, _ in r.steps), "description": r.description})
+    if args.explain:
+        from lowbit.recipes.schema import explain
+
+        print(f"step {args.explain!r} parameters (a float also accepts a numeric string such as YAML's 1e-3):")
+        print(format_table(explain(args.explain)) if explain(args.explain) else "  (none)")
+        return 0
     print(format_table(rows))
     if args.show:
         import yaml
@@ -310,26 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model with one or more recipes; float vs quantized table")
     _add_common(q)
     q.add_argument("--recipe", default=DEFAULT_RECIPES, help=f"comma-separated built-in names or recipe files (default {DEFAULT_RECIPES})")
-    q.add_argument("--save", help="directory to write each quantized model to as <recipe>.lowbit")
+    q.add_argument("--save", type=output_dir, help="directory to write each quantized model to as <recipe>.lowbit")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="top-1 of a float model (or of quantized ones with --recipe)")
     _add_common(e)
     e.add_argument("--recipe", help="quantize with these recipes before scoring")
-    e.add_argument("--onnx", type=Path, help="score this exported ONNX model (in --runtime)")
+    e.add_argument("--onnx", type=existing_file, help="score this exported ONNX model (in --runtime)")
     e.add_argument("--runtime", type=one_runtime, default="ort",
                    help="runtime for --onnx: ort (ONNX Runtime, default) or openvino (pip install 'lowbit[openvino]')")
-    e.add_argument("--lowbit", type=Path, help="score this saved .lowbit artifact")
+    e.add_argument("--lowbit", type=existing_file, help="score this saved .lowbit artifact")
     e.set_defaults(func=cmd_eval)
-    q.add_argument("--plan", help="mixed-precision plan JSON (from `lowbit search`) applied to every recipe")
+    q.add_argument("--plan", type=existing_file, help="mixed-precision plan JSON (from `lowbit search`) applied to every recipe")
     s = sub.add_parser("search", help="mixed-precision search (MSQ or HAWQ) for a size target; writes a plan JSON")
     _add_common(s)
     s.add_argument("--method", choices=["msq", "hawq"], default="msq")
     tgt = s.add_mutually_exclusive_group(required=True)
-    tgt.add_argument("--target-ratio", type=float, help="weight compression to reach (float32 size / weight-code size)")
-    tgt.add_argument("--target-bits", type=float, help="mean weight bits to reach (parameter-weighted)")
+    tgt.add_argument("--target-ratio", type=positive_float, help="weight compression to reach (float32 size / weight-code size)")
+    tgt.add_argument("--target-bits", type=positive_float, help="mean weight bits to reach (parameter-weighted)")
     s.add_argument("--recipe", default="w4a8", help="the PTQ back-end recipe run at every search step (default w4a8)")
-    s.add_argument("--b-max", type=int, default=8, help="highest weight bits (MSQ starts every layer here)")
-    s.add_argument("--b-min", type=int, default=2, help="lowest weight bits (1 = binary: sign x per-channel scale)")
+    s.add_argument("--b-max", type=bits, default=8, help="highest weight bits (MSQ starts every layer here)")
+    s.add_argument("--b-min", type=bits, default=2, help="lowest weight bits (1 = binary: sign x per-channel scale)")
     s.add_argument("--lower", choices=["weights", "both"], default="weights",
                    help="MSQ: lower weight bits only, or a layer's weight and input-activation bits together")
     s.add_argument("--rank", choices=["gain", "gain_per_bit"], default="gain",
@@ -337,18 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probe-at", choices=["output", "next_input"], default="output",
                    help="MSQ: probe each layer's output (the seed) or the next layer's input (block outputs in ResNets)")
     s.add_argument("--val-samples", type=positive_int, default=1024, help="validation images for the probes (from train)")
-    s.add_argument("--bops-ratio", type=float, help="HAWQ: also cut bit-operations by this factor")
+    s.add_argument("--bops-ratio", type=positive_float, help="HAWQ: also cut bit-operations by this factor")
     s.add_argument("--hutchinson-samples", type=positive_int, default=32, help="HAWQ: random vectors per trace estimate")
     s.add_argument("--checkpoint", help="MSQ: JSON state written after every step; a rerun resumes from it")
-    s.add_argument("--out", type=Path, default=Path("plan.json"), help="where to write the plan")
+    s.add_argument("--out", type=output_file, default=Path("plan.json"), help="where to write the plan")
     s.add_argument("--evaluate", action="store_true", help="score the uniform recipe and the plan on the test split")
     s.set_defaults(func=cmd_search)
     x = sub.add_parser("export", help="quantize and write a QDQ ONNX model (and optionally a .lowbit file)")
     _add_common(x)
     x.add_argument("--recipe", default="w8a8")
-    x.add_argument("--out", type=Path, default=Path("model.onnx"))
-    x.add_argument("--lowbit", type=Path, help="also save the bit-packed artifact here")
-    x.add_argument("--plan", help="mixed-precision plan JSON (from `lowbit search`) applied to the recipe")
+    x.add_argument("--out", type=output_file, default=Path("model.onnx"))
+    x.add_argument("--lowbit", type=output_file, help="also save the bit-packed artifact here")
+    x.add_argument("--plan", type=existing_file, help="mixed-precision plan JSON (from `lowbit search`) applied to the recipe")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="PyTorch/ORT float vs lowbit int8 ONNX vs ORT quantize_static: speed and accuracy")
     _add_common(b)
@@ -363,17 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir")
     t.add_argument("--no-download", action="store_true")
     t.add_argument("--epochs", type=positive_int, default=3)
-    t.add_argument("--lr", type=float, default=0.02)
+    t.add_argument("--lr", type=positive_float, default=0.02)
     t.add_argument("--batch-size", type=positive_int, default=32)
     t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=non_negative_int, default=0)
     t.add_argument("--checkpoint", help="resumable training state (safetensors + JSON); resumes if it exists")
-    t.add_argument("--out", default="smallcnn.safetensors", help="where to write the trained weights")
+    t.add_argument("--out", type=output_file, default=Path("smallcnn.safetensors"), help="where to write the trained weights")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
     t.add_argument("--threads", type=positive_int)
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--show", help="print one recipe (a name or file) in full")
+    r.add_argument("--explain", metavar="STEP", help="print a step's parameters: type, range, default, meaning")
     r.set_defaults(func=cmd_recipes)
     m = sub.add_parser("models", help="list the zoo models")
     m.set_defaults(func=cmd_models)
@@ -388,7 +454,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
+        if isinstance(err, DataMismatchError) and getattr(args, "dataset", None):
+            print(f"lowbit: --dataset {args.dataset} does not fit --model {args.model}; drop --dataset to use the "
+                  "model's own dataset", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last resort: no traceback reaches a user unasked
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"lowbit: error: {type(err).__name__}: {err}" + ("" if getattr(args, "debug", False) else
+              "\n(this is a bug in lowbit or an input it does not check yet; rerun with --debug for the traceback "
+              "and please report it)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.grid not in ("midtread", "midrise"):
-            raise RecipeError(f"unknown quantizer grid {self.grid!r}: use 'midtread' or 'midrise'")
+            raise RecipeError(f"grid must be 'midtread' or 'midrise', got {self.grid!r}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise BitsError(f"bits must be an integer, got {self.bits!r}")
         lowest = 1 if self.grid == "midrise" else MIN_BITS
@@ -50,8 +50,13 @@ class QuantSpec:
                 f"bits={self.bits} is outside the supported range {lowest}..{MAX_BITS} "
                 f"for a {self.grid} uniform quantizer{hint}"
             )
-        if self.signed not in (True, False, "auto"):
+        if self.signed not in (True, False, "auto") or (self.signed not in ("auto",) and not isinstance(self.signed, bool)):
             raise RecipeError(f"signed must be true, false or 'auto', got {self.signed!r}")
+        for key in ("symmetric", "per_channel"):
+            if not isinstance(getattr(self, key), bool):
+                raise RecipeError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int) or self.ch_axis < 0:
+            raise RecipeError(f"ch_axis must be a non-negative integer, got {self.ch_axis!r}")
         if self.grid == "midrise" and (self.signed is not True or not self.symmetric):
             raise RecipeError("a midrise grid is signed and symmetric by construction")
 

@@ -61,6 +61,8 @@ class TensorRecipe:
     def parse(cls, data: dict[str, Any], defaults: dict[str, Any], where: str) -> "TensorRecipe":
         _check_keys(data, TENSOR_KEYS, where)
         merged = {**defaults, **data}
+        if not isinstance(merged["estimator"], str):
+            raise RecipeError(f"{where}.estimator must be an estimator name, got {merged['estimator']!r}")
         estimator = merged.pop("estimator")
         options = merged.pop("estimator_options", {}) or {}
         if not isinstance(options, dict):
@@ -70,7 +72,11 @@ class TensorRecipe:
         known = sorted(ESTIMATORS) + (sorted(DATA_FREE) if where == "activations" else [])
         if estimator not in known:
             raise RecipeError(f"{where}: unknown range estimator {estimator!r}; known: {known}")
-        return cls(QuantSpec.from_dict(merged), str(estimator), dict(options))
+        try:
+            spec = QuantSpec.from_dict(merged)
+        except RecipeError as err:  # name the section: "weights.symmetric must be ..."
+            raise type(err)(f"{where}.{err}" if not str(err).startswith(where) else str(err)) from None
+        return cls(spec, str(estimator), dict(options))
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.spec.to_dict(), "estimator": self.estimator, "estimator_options": self.estimator_options}
@@ -101,6 +107,12 @@ class Recipe:
             base = _load_base(data.pop("extends"))
             data = _merge(base, data)
         source = copy.deepcopy(data)
+        for key in ("name", "description"):
+            if key in data and not isinstance(data[key], str):
+                raise RecipeError(f"{key} must be a string, got {data[key]!r}")
+        for key in ("weights", "activations", "calibration"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise RecipeError(f"{key} must be a mapping, got {data[key]!r}")
         weights = TensorRecipe.parse(data.get("weights", {}) or {}, WEIGHT_DEFAULTS, "weights")
         acts = TensorRecipe.parse(data.get("activations", {}) or {}, ACT_DEFAULTS, "activations")
         if acts.spec.per_channel:
@@ -114,8 +126,9 @@ class Recipe:
             raise RecipeError("overrides must be a list of {pattern, w_bits, a_bits}")
         for i, o in enumerate(overrides):
             _check_keys(o, OVERRIDE_KEYS, f"overrides[{i}]")
-            if "pattern" not in o:
-                raise RecipeError(f"overrides[{i}] needs a `pattern` (a layer-name glob such as 'layer1.*')")
+            if not isinstance(o.get("pattern"), str) or not o["pattern"]:
+                raise RecipeError(f"overrides[{i}] needs a `pattern`, a layer-name glob such as 'layer1.*' "
+                                  f"(got {o.get('pattern')!r})")
             for k in ("w_bits", "a_bits"):
                 if k in o:
                     _check_bits(o[k], f"overrides[{i}].{k}")
@@ -126,8 +139,14 @@ class Recipe:
         _check_keys(calib, CALIBRATION_KEYS, "calibration")
         for k, v in calib.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
-                raise RecipeError(f"calibration.{k} must be a positive integer, got {v!r}")
-        steps = [_parse_step(s, i) for i, s in enumerate(data.get("steps", ["calibrate"]) or [])]
+                raise RecipeError(f"calibration.{k} must be {'an integer >= 0' if k == 'seed' else 'a positive integer'}"
+                                  f", got {v!r}")
+        raw_steps = data.get("steps", ["calibrate"])
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise RecipeError(f"steps must be a non-empty list such as [calibrate], got {raw_steps!r}")
+        steps = [_parse_step(s, i) for i, s in enumerate(raw_steps)]
+        if data.get("plan") is not None and not isinstance(data["plan"], (str, dict)):
+            raise RecipeError(f"plan must be a plan file path or a mapping, got {data['plan']!r}")
         plan = load_plan(data["plan"]) if data.get("plan") is not None else None
         fold_bn = data.get("fold_bn", True)
         quantize_adds = data.get("quantize_adds", True)
