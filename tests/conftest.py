@@ -13,7 +13,16 @@ SHARED = Path(os.environ.get("LOWBIT_SHARED_DIR", ROOT.parent / "shared")).resol
 DATA_DIR = SHARED / "data"
 MODELS_DIR = SHARED / "models"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+THREADS = max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _same_threads_for_every_test():
+    """CLI tests pass --threads, which sets torch's process-wide thread count; restore it so
+    a later test's float summation order (and so its numbers) does not depend on test order."""
+    yield
+    torch.set_num_threads(THREADS)
 
 
 def _require(path: Path, what: str) -> Path:

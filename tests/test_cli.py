@@ -64,7 +64,7 @@ def test_counts_and_directories_are_checked_by_name(capsys, data_dir, models_dir
     assert main(["eval", "--models-dir", str(typo), "--no-progress", "--no-download"]) == 2
     assert f"models_dir argument '{typo}' does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["eval", "--onnx", "m.onnx", "--runtime", "tensorrt"])
+        main(["eval", "--onnx", __file__, "--runtime", "tensorrt"])
     assert "unknown runtime 'tensorrt'" in capsys.readouterr().err
 
 

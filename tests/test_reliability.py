@@ -74,13 +74,10 @@ def test_generated_bad_values_name_their_key(case):
 
 
 @FAST
-@given(section=st.sampled_from(SECTIONS), key=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12))
+@given(section=st.sampled_from(SECTIONS),
+       key=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).map(lambda t: f"x{t}_"))
 def test_generated_unknown_keys_at_every_level_are_named(section, key):
-    target = VALID
-    for k in section:
-        target = target[k]
-    if key in target or (section == () and key in {"name", "description", "keep_float", "plan"}):
-        return
+    # the "x..._" form is never a real key (generated real names would be accepted, rightly)
     bad = _set(VALID, section + (key,), 1)
     with pytest.raises(RecipeError, match=key):
         lowbit.load_recipe(bad)

@@ -80,7 +80,15 @@ def run_runtime_benchmark(
     per recipe, ORT ``quantize_static`` on the same calibration images, and any ``peers``
     given as (name, model file, runtimes it runs in, its quantization seconds). Ratios
     are to the float ONNX model in ONNX Runtime and, when timed, in OpenVINO."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(model, train, test, recipes, threads, repeats, test_limit, workdir, runtimes, peers)
+    finally:
+        torch.set_num_threads(previous)  # a library call leaves the process as it found it
+
+
+def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, runtimes, peers) -> dict[str, Any]:
     runtimes = [runtime_name(r) for r in runtimes]
     work = Path(workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
     loaded = [load_recipe(r) for r in recipes]
