@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from lowbit.data.cifar import read_cifar_bin
+from lowbit.data.cifar import RECORD_BYTES, read_cifar_bin
 from lowbit.data.dataset import ImageDataset
 from lowbit.data.idx import read_idx_pair
 from lowbit.data.locate import locate
@@ -26,11 +26,18 @@ def load_dataset(
     info = get_info(name)
     check_split(split)
     files = locate(info, split, data_dir=data_dir, download=download)
+    expected = info.split_sizes.get(split)
     if info.fmt == "cifar-bin":
+        if expected is not None:  # the official batch files hold equal shares of the split
+            per_file = expected // len(files) * RECORD_BYTES
+            for f in files:
+                if f.stat().st_size != per_file:
+                    raise LowbitError(f"{f}: {f.stat().st_size} bytes, the official file has {per_file} "
+                                      f"({per_file // RECORD_BYTES} records); it is truncated or not the official "
+                                      "one. Delete it and download again.")
         images, labels = read_cifar_bin(files, info.num_classes)
     else:
         images, labels = read_idx_pair(files[0], files[1], info.num_classes)
-    expected = info.split_sizes.get(split)
     if expected is not None and len(labels) != expected:
         raise LowbitError(
             f"{info.name} {split} split: {', '.join(map(str, files))} hold {len(labels)} examples, the official "
