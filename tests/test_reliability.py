@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +70,15 @@ def test_generated_bad_values_name_their_key(case):
     with pytest.raises(RecipeError) as err:
         lowbit.load_recipe(_set(VALID, path, value))
     assert str(path[-1]) in str(err.value), (path, value, str(err.value))
+
+
+@pytest.mark.parametrize(("step", "key"), [({"easyquant": {"low": 1.5}}, "low=1.5 must be below high"),
+                                          ({"zeroq": {"input_shape": [3, 32]}}, "input_shape"),
+                                          ({"zeroq": {"iters": 0}}, "iters"), ({"usp": {"flip": "yes"}}, "flip"),
+                                          ({"calibrate": {"act_estimator": "median"}}, "act_estimator")])
+def test_other_steps_name_their_bad_parameter(step, key):
+    with pytest.raises(RecipeError, match=key):
+        lowbit.load_recipe({"steps": ["calibrate", step]})
 
 
 @FAST

@@ -83,11 +83,14 @@ PRESETS: dict[str, ReconConfig] = {
 def make_config(method: str, overrides: dict[str, Any]) -> ReconConfig:
     if method not in PRESETS:
         raise RecipeError(f"unknown reconstruction method {method!r}; known: {sorted(PRESETS)}")
+    from lowbit.recipes.schema import check_params
+
     known = {f.name for f in fields(ReconConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise RecipeError(f"step {method!r}: unknown parameter(s) {bad}; known: {sorted(known)}")
-    cfg = replace(PRESETS[method], **overrides)
+    # the same typed schema a recipe goes through, for callers of the Python API
+    cfg = replace(PRESETS[method], **check_params(method, overrides))
     if cfg.granularity not in ("layer", "block") or cfg.rounding not in ("adaround", "ste"):
         raise RecipeError(f"step {method!r}: granularity must be layer|block and rounding adaround|ste")
     if cfg.iters < 0 or cfg.batch_size < 1 or not (0 < cfg.keep_prob <= 1) or not (0 <= cfg.input_quant_prob <= 1):

@@ -152,6 +152,11 @@ def check_params(step: str, params: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise RecipeError(f"step {step!r}: unknown parameter(s) {unknown}; known: {sorted(by_name)}")
     out = {k: by_name[k].check(step, v) for k, v in params.items()}
+    if step == "easyquant":
+        low = out.get("low", by_name["low"].default)
+        high = out.get("high", by_name["high"].default)
+        if not low < high:
+            raise RecipeError(f"step 'easyquant': low={low} must be below high={high} (the scale search interval)")
     return {k: v for k, v in out.items() if v is not None}
 
 
