@@ -119,11 +119,12 @@ def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, run
     x1, _ = next(iter(TensorBatches(test, batch_size=1)))
     x64, _ = next(iter(TensorBatches(test, batch_size=64)))
     engines: dict[str, nn.Module] = {"float|pytorch": model}
-    for name, path, rts, _, _ in files:
+    info: dict[str, tuple[Path, float | None, Path | None]] = {}
+    for name, path, rts, seconds, artifact in files:
         for rt in rts:
             engines[f"{name}|{rt}"] = OnnxModel(path, threads=threads, runtime=rt)
+            info[f"{name}|{rt}"] = (path, seconds, artifact)
     timing = time_engines(engines, x1, x64, repeats)
-    info = {f"{name}|{rt}": (path, seconds, artifact) for name, path, rts, seconds, artifact in files for rt in rts}
     rows = []
     for key, engine in engines.items():
         name, rt = key.split("|")

@@ -65,16 +65,6 @@ def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)
 
 
-def commutes_with_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Ops f with q(f(x)) == f(q(x)) for a per-tensor quantizer q: flatten (a reshape) and
-    max pooling (q is monotone, so the max of quantized values is the quantized max)."""
-    if is_flatten(node, modules):
-        return True
-    if node.op == "call_function":
-        return node.target is F.max_pool2d and not node.kwargs.get("return_indices", False)
-    return node.op == "call_module" and isinstance(modules.get(node.target), nn.MaxPool2d)
-
-
 def is_grid_preserving(node: fx.Node) -> bool:
     """Ops whose output values lie on their input's quantization grid: slicing, and
     padding with the constant 0 (every grid lowbit builds holds 0 exactly). A quantized

@@ -25,15 +25,14 @@ FLOAT_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn
 
 def check_supported(model: nn.Module, keep_float: list[str]) -> None:
     """Refuse models with weights lowbit cannot quantize, instead of leaving them float."""
-    names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    weighted = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    names = [n for n, _ in weighted if n]
     for pattern in keep_float:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise RecipeError(f"keep_float pattern {pattern!r} matches no layer with weights; layers: "
                               + ", ".join(names[:12]) + (" ..." if len(names) > 12 else ""))
     unknown = []
-    for name, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
+    for name, module in weighted:
         if isinstance(module, QUANTIZABLE + FLOAT_LAYERS):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in keep_float):

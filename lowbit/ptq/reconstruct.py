@@ -90,13 +90,8 @@ def make_config(method: str, overrides: dict[str, Any]) -> ReconConfig:
     if bad:
         raise RecipeError(f"step {method!r}: unknown parameter(s) {bad}; known: {sorted(known)}")
     # the same typed schema a recipe goes through, for callers of the Python API
-    cfg = replace(PRESETS[method], **check_params(method, overrides))
-    if cfg.granularity not in ("layer", "block") or cfg.rounding not in ("adaround", "ste"):
-        raise RecipeError(f"step {method!r}: granularity must be layer|block and rounding adaround|ste")
-    if cfg.iters < 0 or cfg.batch_size < 1 or not (0 < cfg.keep_prob <= 1) or not (0 <= cfg.input_quant_prob <= 1):
-        raise RecipeError(f"step {method!r}: iters ≥ 0, batch_size ≥ 1, keep_prob in (0, 1], "
-                          "input_quant_prob in [0, 1]")
-    return cfg
+    # (types, choices and ranges included: granularity, rounding, iters, keep_prob, ...)
+    return replace(PRESETS[method], **check_params(method, overrides))
 
 
 def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progress: bool = True,

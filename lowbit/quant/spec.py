@@ -50,7 +50,7 @@ class QuantSpec:
                 f"bits={self.bits} is outside the supported range {lowest}..{MAX_BITS} "
                 f"for a {self.grid} uniform quantizer{hint}"
             )
-        if self.signed not in (True, False, "auto") or (self.signed not in ("auto",) and not isinstance(self.signed, bool)):
+        if not (self.signed == "auto" or isinstance(self.signed, bool)):
             raise RecipeError(f"signed must be true, false or 'auto', got {self.signed!r}")
         for key in ("symmetric", "per_channel"):
             if not isinstance(getattr(self, key), bool):

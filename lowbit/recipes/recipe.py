@@ -75,7 +75,7 @@ class TensorRecipe:
         try:
             spec = QuantSpec.from_dict(merged)
         except RecipeError as err:  # name the section: "weights.symmetric must be ..."
-            raise type(err)(f"{where}.{err}" if not str(err).startswith(where) else str(err)) from None
+            raise type(err)(f"{where}.{err}") from None
         return cls(spec, str(estimator), dict(options))
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,7 +187,6 @@ class Recipe:
 # The recipe files being read, innermost last: an `extends` chain that comes back to one of
 # them is a cycle (it would otherwise recurse until Python gives up).
 _LOADING: list[str] = []
-_LOADING_DIR: list[Path] = []
 
 
 def _load_base(ref: Any) -> dict[str, Any]:
@@ -195,8 +194,8 @@ def _load_base(ref: Any) -> dict[str, Any]:
     that extends it (when it exists there), as a user writing two files side by side expects."""
     if not isinstance(ref, (str, Path)):
         raise RecipeError(f"extends must name a built-in recipe or a recipe file, got {ref!r}")
-    if _LOADING_DIR and str(ref) not in builtin_names():
-        nearby = _LOADING_DIR[-1] / ref
+    if _LOADING and str(ref) not in builtin_names():
+        nearby = Path(_LOADING[-1]).parent / ref
         if not Path(ref).is_absolute() and nearby.is_file():
             ref = nearby
     return load_recipe(ref).source
@@ -271,11 +270,9 @@ def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
             data = _read_file(path)
             data.setdefault("name", path.stem)
             _LOADING.append(key)
-            _LOADING_DIR.append(path.resolve().parent)
             try:
                 return Recipe.from_dict(data)
             finally:
                 _LOADING.pop()
-                _LOADING_DIR.pop()
         raise RecipeError(f"unknown recipe {text!r}: not a built-in ({', '.join(builtin_names())}) nor a .yaml/.toml path")
     raise RecipeError(f"a recipe is a name, a path or a dict, not {type(recipe).__name__}")
