@@ -6,9 +6,10 @@ from lowbit.deploy.runtime import OnnxModel
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.calibrate import calibrate
+from lowbit.qat.engine import train_qat
 from lowbit.quant.spec import QuantSpec
 from lowbit.recipes.recipe import Recipe, builtin_names, load_recipe
 
 __version__ = "0.1.0"
-__all__ = ["quantize", "evaluate", "prepare", "save", "load", "calibrate", "QuantModel", "QuantSpec", "Recipe",
+__all__ = ["quantize", "train_qat", "evaluate", "prepare", "save", "load", "calibrate", "QuantModel", "QuantSpec", "Recipe",
            "load_recipe", "builtin_names", "LowbitError", "export_onnx", "OnnxModel", "__version__"]

@@ -61,15 +61,21 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
 
 def quantize(
     model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8", calib: Any = None,
-    progress: bool = True,
+    progress: bool = True, *, train: Any = None, val: Any = None, device: str = "cpu",
 ) -> QuantModel:
     """Quantize a copy of ``model`` with a recipe; the float model is left unchanged.
 
     ``calib``: a DataLoader, an iterable of input batches or (input, label) pairs, or a
     tensor; the recipe's ``calibration.samples`` inputs are used. Recipes whose first
-    step is ``zeroq`` make their own data and take ``calib=None``.
+    step is ``zeroq`` make their own data and take ``calib=None``. Recipes with a ``qat``
+    step train on ``train`` (a Dataset of (input, label) from the training split) and
+    choose their final epoch on ``val`` (default: held out of ``train``).
     """
     r = load_recipe(recipe)
+    has_qat = any(name == "qat" for name, _ in r.steps)
+    if (train is not None or val is not None) and not has_qat:
+        raise LowbitError(f"recipe {r.name!r} has no `qat` step, so it does not train: drop train=/val=, or use a "
+                          "recipe with a qat step (e.g. w4a4-lsq)")
     start = time.perf_counter()
     qm = prepare(model, r)
     data_free = r.data_free
@@ -79,8 +85,13 @@ def quantize(
     if batches:
         probe_forward(model, batches[0], "calibration batch 0")  # fail now, not deep inside a step
     torch.manual_seed(r.calibration["seed"])
-    for name, params in r.steps:
-        run_step(name, params, qm, batches, r, progress)
+    if has_qat:
+        qm.qat_data = {"train": train, "val": val, "device": device}
+    try:
+        for name, params in r.steps:
+            run_step(name, params, qm, batches, r, progress)
+    finally:
+        qm.__dict__.pop("qat_data", None)
     if not qm.calibrated:
         raise LowbitError(f"recipe {r.name!r} finished without calibrating every quantizer: "
                           "its steps must include `calibrate`")

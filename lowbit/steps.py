@@ -98,6 +98,20 @@ def _reconstruction(method: str) -> Callable[..., None]:
     return step
 
 
+def _qat(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool, **params: Any) -> None:
+    """Quantization-aware training (lowbit.qat); the training data comes from the caller
+    (``quantize(..., train=, val=)`` or ``lowbit train``), never from the calibration set."""
+    from lowbit.qat.engine import QATConfig, train_qat
+
+    data = getattr(qm, "qat_data", None)
+    if data is None or data.get("train") is None:
+        raise RecipeError(f"recipe {recipe.name!r} has a `qat` step, which trains: pass the training data, "
+                          "lowbit.quantize(model, recipe, calib, train=train_set) or `lowbit train`")
+    params.setdefault("seed", recipe.calibration["seed"])
+    train_qat(qm, data["train"], val=data.get("val"), recipe=recipe, config=QATConfig.from_params(params),
+              calib=batches, device=data.get("device", "cpu"), progress=progress)
+
+
 RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop", "pdquant", "adaquant", "teacher_student")
 
 STEPS: dict[str, Callable[..., None]] = {
@@ -107,6 +121,7 @@ STEPS: dict[str, Callable[..., None]] = {
     "easyquant": _easyquant,
     "zeroq": _zeroq,
     **{m: _reconstruction(m) for m in RECONSTRUCTION_METHODS},
+    "qat": _qat,
 }
 
 

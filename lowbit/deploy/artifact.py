@@ -28,6 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.spec import QuantSpec
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 2  # 2: the checksum covers the header too (version 1 files still load)
@@ -122,7 +123,8 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     header = {
         "format": FORMAT, "version": FORMAT_VERSION, "arch": arch, "recipe": qm.meta.get("recipe"),
         "layers": qm.layers.rows(),
-        "quantizers": {n: {"bits": q.bits, "signed": q.signed, "enabled": q.enabled, "calibrated": q.calibrated}
+        "quantizers": {n: {"bits": q.bits, "signed": q.signed, "enabled": q.enabled, "calibrated": q.calibrated,
+                           "spec": q.spec.to_dict()}
                        for n, q in _quantizers(qm).items()},
         "float_weights": [r.name for r in qm.layers if not r.layer.quantize_weight],
         "layout": layout, "metrics": metrics or qm.meta.get("metrics", {}),
@@ -232,6 +234,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
                             "another model or recipe layout")
     for name, state in header["quantizers"].items():
         q = quantizers[name]
+        if "spec" in state:  # the grid QAT deployed (e.g. μL2Q's mid-rise), not only the recipe's
+            try:
+                q.spec = QuantSpec.from_dict(state["spec"])
+            except (LowbitError, TypeError) as err:
+                raise ArtifactError(f"{path}: quantizer {name!r} has an invalid spec: {err}") from None
         q.set_bits(state["bits"])
         q.signed, q.enabled = state["signed"], state["enabled"]
     entries = {e["key"]: e for e in header["layout"]}

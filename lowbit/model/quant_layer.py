@@ -51,6 +51,9 @@ class QuantLayer(nn.Module):
         # quantizer's round-to-nearest for this layer's weight.
         self.weight_fn: Callable[[], torch.Tensor] | None = None
         self.macs: int | None = None
+        # Set only while QAT trains this layer with its BatchNorm (lowbit.qat.bn): the
+        # weight and bias seen by everything else are then the folded ones.
+        self.bn: nn.Module | None = None
 
     def set_weight_bits(self, bits: int) -> None:
         """Change the weight width; the scale no longer fits, so calibration is required."""
@@ -64,24 +67,31 @@ class QuantLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        """The layer's (folded) float weight: W·γ/σ while QAT trains it with its BN."""
+        w = self.module.weight
+        if self.bn is not None:
+            w = w * self.bn.weight_factor().reshape([-1] + [1] * (w.dim() - 1))
+        return w
 
     @property
     def bias(self) -> torch.Tensor | None:
+        if self.bn is not None:
+            b = self.bn.folded_bias()
+            return b if self.module.bias is None else b + self.module.bias * self.bn.weight_factor()
         return self.module.bias
 
     def quantized_weight(self) -> torch.Tensor:
         if not self.quantize_weight:
-            return self.module.weight
+            return self.weight
         if self.weight_fn is not None:
             return self.weight_fn()
-        return self.weight_quantizer(self.module.weight)
+        return self.weight_quantizer(self.weight)
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias on the int32 grid of step s_in·s_w, as integer runtimes store it
         (QLinearConv, QDQ bias): without this, low-bit activations make the coarse
         accumulator step visible only at deployment."""
-        b = self.module.bias
+        b = self.bias
         if b is None or not self.quantize_weight or not self.input_ref:
             return b
         q_in, q_w = self.input_ref[0], self.weight_quantizer
@@ -94,12 +104,15 @@ class QuantLayer(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
-        b = self.quantized_bias()
+        batch_norm = self.bn is not None and self.training and not self.bn.frozen
+        b = None if batch_norm else self.quantized_bias()
         m = self.module
         if isinstance(m, nn.Linear):
             out = F.linear(x, w, b)
         else:
             out = m._conv_forward(x, w, b)
+        if batch_norm:
+            out = self.bn.normalise(out)
         if self.macs is None:
             self.macs = self._count_macs(out)
         return out

@@ -211,6 +211,25 @@ class QuantModel(nn.Module):
             out[key] = self.net.get_submodule(key)
         return out
 
+    def replace_quantizer(self, old: UniformQuantizer, new: UniformQuantizer) -> None:
+        """Put ``new`` wherever ``old`` is used (graph module, layer input references, the
+        layer table, weight slots): how QAT swaps in trainable kinds and back."""
+        if old is new:
+            return
+        for name, m in list(self.net.named_modules()):
+            if m is old and name:
+                G.set_submodule(self.net, name, new)
+        for r in self.layers:
+            layer = r.layer
+            if layer.weight_quantizer is old:
+                layer.weight_quantizer = new
+            if layer.input_quantizer is old:
+                layer.input_quantizer = new
+            if layer.input_ref and layer.input_ref[0] is old:
+                layer.input_ref = (new,)
+            if r.input_quantizer is old:
+                r.input_quantizer = new
+
     @contextlib.contextmanager
     def quantization(self, weights: bool = True, activations: bool = True) -> Iterator[None]:
         """Temporarily switch weight and/or activation quantization off (float runs)."""

@@ -23,7 +23,7 @@ from lowbit.quant.spec import MAX_BITS, QuantSpec
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "add_bits", "first_last_bits",
             "overrides", "keep_float", "calibration", "steps", "extends", "plan"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
-TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options"}
+TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options", "quantizer", "quantizer_options"}
 OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits"}
 CALIBRATION_KEYS = {"samples", "batch_size", "seed"}
 
@@ -56,6 +56,10 @@ class TensorRecipe:
     spec: QuantSpec
     estimator: str
     estimator_options: dict[str, Any] = field(default_factory=dict)
+    # The kind trained by a `qat` step (lowbit.quant.registry); PTQ always calibrates the
+    # uniform grid, which is also what a trained kind deploys as.
+    quantizer: str = "uniform"
+    quantizer_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, data: dict[str, Any], defaults: dict[str, Any], where: str) -> "TensorRecipe":
@@ -67,6 +71,10 @@ class TensorRecipe:
         options = merged.pop("estimator_options", {}) or {}
         if not isinstance(options, dict):
             raise RecipeError(f"{where}.estimator_options must be a mapping")
+        from lowbit.quant.registry import check_kind, check_kind_options
+
+        kind = check_kind(merged.pop("quantizer", "uniform"), where)
+        kind_options = check_kind_options(kind, merged.pop("quantizer_options", {}) or {}, where)
         if "bits" in data:
             _check_bits(data["bits"], f"{where}.bits", allow_float=False)
         known = sorted(ESTIMATORS) + (sorted(DATA_FREE) if where == "activations" else [])
@@ -76,10 +84,11 @@ class TensorRecipe:
             spec = QuantSpec.from_dict(merged)
         except RecipeError as err:  # name the section: "weights.symmetric must be ..."
             raise type(err)(f"{where}.{err}") from None
-        return cls(spec, str(estimator), dict(options))
+        return cls(spec, str(estimator), dict(options), kind, kind_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.spec.to_dict(), "estimator": self.estimator, "estimator_options": self.estimator_options}
+        return {**self.spec.to_dict(), "estimator": self.estimator, "estimator_options": self.estimator_options,
+                "quantizer": self.quantizer, "quantizer_options": self.quantizer_options}
 
 
 @dataclass

@@ -34,6 +34,8 @@ class Param:
             return "one of " + ", ".join(self.choices)
         if self.kind == "shape":
             return "a list of 3 positive integers [C, H, W]"
+        if self.kind == "kd":
+            return "a mapping {temperature: > 0, weight: 0..1}, or {} to switch distillation off"
         text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                 "path": "a file path"}[self.kind]
         if self.low is not None or self.high is not None:
@@ -57,6 +59,14 @@ class Param:
             if not isinstance(value, str) or not value or (self.choices and value not in self.choices):
                 raise bad()
             return value
+        if self.kind == "kd":
+            if not isinstance(value, dict) or set(value) - {"temperature", "weight"}:
+                raise bad()
+            out = {}
+            for key, low, high in (("temperature", 0.0, None), ("weight", 0.0, 1.0)):
+                if key in value:
+                    out[key] = Param(key, "float", low=low, high=high, open_low=key == "temperature").check(step, value[key])
+            return out
         if self.kind == "shape":
             if (not isinstance(value, (list, tuple)) or len(value) != 3
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
@@ -104,6 +114,30 @@ def _recon_schema() -> list[Param]:
     return out
 
 
+def _qat_schema() -> list[Param]:
+    return [
+        Param("epochs", "int", 5, low=1, doc="passes over the training data"),
+        Param("batch_size", "int", 128, low=1, doc="global batch (split among torchrun processes)"),
+        Param("optimizer", "str", "sgd", choices=("sgd", "adam"), doc="SGD with Nesterov momentum, or Adam"),
+        Param("lr", "float", 0.01, low=0, open_low=True, doc="peak learning rate of weights and BN"),
+        Param("quantizer_lr", "float", 0.0, low=0, doc="learning rate of quantizer parameters (0: lr)"),
+        Param("weight_decay", "float", 5e-4, low=0, doc="L2 on conv/linear weights (not on BN or quantizers)"),
+        Param("momentum", "float", 0.9, low=0, high=1, doc="SGD momentum"),
+        Param("schedule", "str", "cosine", choices=("cosine", "constant"), doc="learning-rate schedule after warm-up"),
+        Param("warmup", "float", 0.0, low=0, doc="epochs of linear warm-up"),
+        Param("kd", "kd", {}, doc="distillation from the float model: {temperature: 4, weight: 0.5}"),
+        Param("train_bn", "bool", True, doc="train with BatchNorm unfolded (batch statistics), fold at the end"),
+        Param("freeze_bn_after", "int", -1, low=-1, doc="epoch after which BN statistics freeze (-1: half way)"),
+        Param("bn_momentum", "float", 0.1, low=0, open_low=True, high=1, doc="BN running-statistics momentum"),
+        Param("augment", "str", "auto", choices=("auto", "crop_flip", "none"),
+              doc="auto: pad-crop-flip for 3x32x32 images, none otherwise"),
+        Param("val_samples", "int", 5000, low=1, doc="training samples held out to choose the final epoch"),
+        Param("seed", "int", 0, low=0, doc="data order, augmentation and the validation split"),
+        Param("checkpoint", "path", "", doc="folder written after every epoch; a rerun continues from it"),
+        Param("steps_per_epoch", "int", 0, low=0, doc="cap on steps per epoch (0: the whole training set)"),
+    ]
+
+
 def step_schemas() -> dict[str, list[Param]]:
     from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
     from lowbit.steps import RECONSTRUCTION_METHODS
@@ -136,6 +170,7 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("batch_size", "int", 128, low=1, doc="inputs distilled at a time"),
         ],
         **{m: recon for m in RECONSTRUCTION_METHODS},
+        "qat": _qat_schema(),
     }
 
 

@@ -1,0 +1,71 @@
+"""BatchNorm brought back for training a BN-folded layer, folded again at the end.
+
+lowbit folds BN into the preceding conv when it builds a QuantModel, because that folded
+layer is what an integer runtime runs. Training the folded layer directly loses what BN
+gives training (batch-statistics normalisation); merging a BN trained separately after QAT
+changes the quantized weights and costs other toolkits 5-7 points. Here (Jacob et al. 2018,
+section 3.2; Krishnamoorthi 2018, "BN folding" in training) the layer keeps its weight W and
+a BN (γ, β, running μ, σ²) over its pre-BN output z = conv(x, W), and always quantizes the
+*folded* weight W·γ/σ — the deployed one:
+
+  y0 = conv(x_q, Q(W·γ/σ))                     (one convolution; no float copy)
+  BN training:  y = (y0 − mean(y0))·σ/σ_B + β   (= γ(z − μ_B)/σ_B + β with z = y0·σ/γ)
+  BN frozen:    y = y0 + (β − γμ/σ)             (exactly the folded layer)
+
+so after ``freeze`` the training forward *is* the integer model. The BN is initialised
+from the folded layer and its real output statistics, which keeps the folded layer's
+function unchanged (W·γ/σ = W_folded, β − γμ/σ = b_folded).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FoldedBatchNorm(nn.Module):
+    """Per-output-channel BN state of one layer, trained with it and folded into it."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                 momentum: float = 0.1) -> None:
+        super().__init__()
+        var = var.clamp_min(0)
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.register_buffer("running_mean", mean.detach().clone())
+        self.register_buffer("running_var", var.detach().clone())
+        # γ = σ and β = b + μ reproduce the folded layer exactly (see the module docstring).
+        self.gamma = nn.Parameter(torch.sqrt(var + eps).detach().clone())
+        self.beta = nn.Parameter((bias + mean).detach().clone())
+        self.frozen = False
+
+    def sigma(self) -> torch.Tensor:
+        return torch.sqrt(self.running_var + self.eps)
+
+    def weight_factor(self) -> torch.Tensor:
+        """γ/σ: multiplies each output channel of the layer's weight."""
+        return self.gamma / self.sigma()
+
+    def folded_bias(self) -> torch.Tensor:
+        return self.beta - self.gamma * self.running_mean / self.sigma()
+
+    def normalise(self, y0: torch.Tensor) -> torch.Tensor:
+        """Training-mode BN on the output of the folded-weight convolution (no bias)."""
+        from lowbit.qat.distributed import all_reduce_sum
+
+        dims = [0] + list(range(2, y0.dim()))
+        # Statistics of the global batch (summed over processes under DDP, like SyncBN).
+        count = all_reduce_sum(torch.tensor(float(y0.numel() // y0.shape[1]), device=y0.device))
+        mean0 = all_reduce_sum(y0.sum(dims)) / count
+        var0 = (all_reduce_sum((y0 * y0).sum(dims)) / count - mean0 * mean0).clamp_min(0)
+        ratio = self.gamma.abs() / torch.sqrt(var0 + self.eps * (self.gamma / self.sigma()) ** 2)  # σ/σ_B
+        shape = [1, -1] + [1] * (y0.dim() - 2)
+        with torch.no_grad():
+            n = float(count)
+            g = self.gamma.detach()
+            live = g.abs() > 1e-12  # a channel with γ = 0 outputs β whatever its statistics
+            scale = self.sigma() / torch.where(live, g, torch.ones_like(g))  # z = y0·σ/γ
+            batch_mean = mean0.detach() * scale
+            batch_var = var0.detach() * scale**2 * (n / max(n - 1, 1))
+            m = self.momentum
+            self.running_mean.copy_(torch.where(live, (1 - m) * self.running_mean + m * batch_mean, self.running_mean))
+            self.running_var.copy_(torch.where(live, (1 - m) * self.running_var + m * batch_var, self.running_var))
+        return (y0 - mean0.reshape(shape)) * ratio.reshape(shape) + self.beta.reshape(shape)

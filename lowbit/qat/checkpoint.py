@@ -1,0 +1,135 @@
+"""QAT checkpoints: a folder of safetensors + JSON, written atomically after every epoch.
+
+``state.safetensors``: model (weights, quantizer and BN state) and optimizer tensors;
+``best.safetensors``: the model at the best validation epoch; ``state.json``: epoch, history,
+the optimizer's scalars, the RNG state and the fingerprint of the recipe that wrote it (the
+commit point: written last, so a run killed mid-save resumes from the previous epoch);
+``metrics.jsonl``: one line per finished epoch. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+FORMAT = "lowbit-qat-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class TrainingState:
+    epoch: int = 0
+    best_val: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, torch.Tensor] | None = None
+
+
+def metrics_path(folder: Path) -> Path:
+    return folder / "metrics.jsonl"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, epoch: int) -> None:
+    tmp = path.with_name(path.name + ".part")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": FORMAT, "epoch": str(epoch)})
+    os.replace(tmp, path)
+
+
+def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainingState,
+               fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in osd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim/{idx}/{key}"] = val
+            else:
+                scalars.setdefault(str(idx), {})[key] = val
+    tensors["rng/torch"] = torch.get_rng_state()
+    if state.best is not None and state.best_epoch == state.epoch:
+        _atomic_save(state.best, folder / "best.safetensors", state.epoch)
+    _atomic_save(tensors, folder / "state.safetensors", state.epoch)
+    side = {"format": FORMAT, "version": VERSION, "epoch": state.epoch, "best_val": state.best_val,
+            "best_epoch": state.best_epoch, "history": state.history, "fingerprint": fingerprint,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
+                             for g in osd["param_groups"]],
+            "state_scalars": scalars}
+    _atomic_write_text(folder / "state.json", json.dumps(side, indent=1, sort_keys=True, default=str))
+    _atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}"]
+
+
+def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
+               fingerprint: dict[str, Any]) -> TrainingState | None:
+    """The saved state, restored into ``model``/``opt``; None when ``folder`` holds none.
+    A checkpoint written by another recipe or other QAT settings is refused."""
+    side_path = folder / "state.json"
+    if folder.exists() and not folder.is_dir():
+        raise LowbitError(f"checkpoint {folder} is a file; QAT checkpoints are folders")
+    if not side_path.is_file():
+        return None
+    try:
+        side = json.loads(side_path.read_text())
+        tensors = load_file(str(folder / "state.safetensors"), device="cpu")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}; delete the folder to start over") from e
+    if side.get("format") != FORMAT:
+        raise LowbitError(f"{side_path} is not a lowbit QAT checkpoint")
+    diffs = _differences(side.get("fingerprint"), json.loads(json.dumps(fingerprint, default=str)))
+    if diffs:
+        raise LowbitError(f"checkpoint {folder} was written with another recipe or other qat settings ("
+                          + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+                          + "): use another --checkpoint folder, or delete this one to start over")
+    model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    missing = set(model.state_dict()) - set(model_sd)
+    if missing:
+        raise LowbitError(f"checkpoint {folder} does not fit this model (missing {sorted(missing)[:3]})")
+    model.load_state_dict(model_sd)
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, idx, key = k.split("/", 2)
+            state.setdefault(int(idx), {})[key] = v
+    for idx, sc in side.get("state_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": side["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    best, best_val = None, float(side["best_val"])
+    best_path = folder / "best.safetensors"
+    if best_path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(best_path), framework="pt") as f:
+            best_written = int((f.metadata() or {}).get("epoch", -1))
+        if best_written == int(side["best_epoch"]):
+            best = load_file(str(best_path), device="cpu")
+    if best is None:
+        best_val = -1.0  # killed between the two writes: the next epoch becomes the best
+    return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
+                         history=list(side["history"]), best=best)

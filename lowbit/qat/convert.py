@@ -1,0 +1,127 @@
+"""Between the deployable QuantModel and the form QAT trains, both ways.
+
+``to_training_form`` swaps every enabled quantizer for the recipe's trainable kind (built
+from its calibrated grid, so PTQ is the initialisation) and gives BN-folded layers their
+BatchNorm back (lowbit.qat.bn). ``to_deployed_form`` undoes both: BN folded into the
+weights, each weight replaced by its quantized value, each quantizer by the uniform one
+that reproduces it code for code. What comes out is an ordinary QuantModel: artifacts,
+ONNX export and the layer table read it as they read a PTQ result.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.errors import RecipeError
+from lowbit.model.quant_model import QuantModel
+from lowbit.qat.bn import FoldedBatchNorm
+from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.registry import make_trainable
+
+FALLBACK_KIND = "lsq+"  # for tensors a kind cannot take (PACT/DoReFa on a signed input)
+
+
+def _swap(qm: QuantModel, q: UniformQuantizer, kind: str, role: str, options: dict[str, Any],
+          fallbacks: dict[str, str]) -> None:
+    try:
+        new = make_trainable(q, kind, role, **options)
+    except RecipeError:
+        if role != "activations" or kind == FALLBACK_KIND:
+            raise
+        new = make_trainable(q, FALLBACK_KIND, role)
+        fallbacks[q.name] = FALLBACK_KIND
+    qm.replace_quantizer(q, new)
+
+
+@torch.no_grad()
+def attach_batchnorms(qm: QuantModel, batches: list[torch.Tensor], momentum: float = 0.1) -> int:
+    """Give every layer a folded BN came from its BN back, with running statistics measured
+    on ``batches`` (the quantized model's own pre-BN outputs); returns how many."""
+    targets = [r.layer for r in qm.layers if r.name in qm.layer_bn and r.layer.bn is None]
+    if not targets:
+        return 0
+    sums: dict[int, list[torch.Tensor]] = {}
+
+    def hook(layer, _inp, out):  # noqa: ANN001 - torch hook signature
+        b = layer.quantized_bias()
+        y0 = out if b is None else out - b.reshape([1, -1] + [1] * (out.dim() - 2))
+        dims = [0] + list(range(2, y0.dim()))
+        n = y0.numel() // y0.shape[1]
+        acc = sums.setdefault(id(layer), [torch.zeros(y0.shape[1]), torch.zeros(y0.shape[1]), torch.zeros(())])
+        acc[0] += y0.sum(dims).cpu()
+        acc[1] += (y0.double() ** 2).sum(dims).float().cpu()
+        acc[2] += n
+
+    handles = [layer.register_forward_hook(hook) for layer in targets]
+    was_training = qm.training
+    qm.eval()
+    try:
+        for x in batches:
+            qm(x.to(next(qm.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        qm.train(was_training)
+    for layer in targets:
+        s, sq, n = sums[id(layer)]
+        mean = s / n
+        var = (sq / n - mean**2).clamp_min(0)
+        device = layer.module.weight.device
+        bias = layer.module.bias.detach() if layer.module.bias is not None else torch.zeros_like(mean)
+        layer.bn = FoldedBatchNorm(mean.to(device), var.to(device), bias.to(device), momentum=momentum)
+        if layer.module.bias is not None:  # β carries it now; the slot comes back at deployment
+            layer.module.bias.zero_()
+            layer.module.bias.requires_grad_(False)
+    return len(targets)
+
+
+def to_training_form(qm: QuantModel, weight_kind: str, act_kind: str, weight_options: dict[str, Any] | None = None,
+                     act_options: dict[str, Any] | None = None, batches: list[torch.Tensor] | None = None,
+                     train_bn: bool = True, bn_momentum: float = 0.1) -> dict[str, Any]:
+    """Swap quantizers to trainable kinds (and BN back in); returns what was done."""
+    if not qm.calibrated:
+        raise RecipeError("QAT starts from a calibrated model: put `calibrate` (or another PTQ step) before `qat`")
+    fallbacks: dict[str, str] = {}
+    for r in qm.layers:
+        if r.layer.quantize_weight:
+            _swap(qm, r.layer.weight_quantizer, weight_kind, "weights", weight_options or {}, fallbacks)
+    for q in qm.act_quantizers().values():
+        if q.enabled:
+            _swap(qm, q, act_kind, "activations", act_options or {}, fallbacks)
+    attached = attach_batchnorms(qm, batches, bn_momentum) if (train_bn and batches and qm.fold_bn) else 0
+    return {"weights": weight_kind, "activations": act_kind, "fallbacks": fallbacks, "batchnorms": attached}
+
+
+def freeze_batchnorms(qm: QuantModel) -> None:
+    """Stop updating BN statistics: from now on the training forward is the folded layer."""
+    for r in qm.layers:
+        if r.layer.bn is not None:
+            r.layer.bn.frozen = True
+
+
+@torch.no_grad()
+def to_deployed_form(qm: QuantModel) -> None:
+    """Fold BNs, bake quantized weights, and put uniform quantizers back (in place)."""
+    for r in qm.layers:
+        layer = r.layer
+        if layer.bn is not None:
+            w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+            layer.bn = None
+            layer.module.weight.copy_(w)
+            if layer.module.bias is None:
+                layer.module.bias = torch.nn.Parameter(b)
+            else:
+                layer.module.bias.copy_(b)
+                layer.module.bias.requires_grad_(True)
+    for r in qm.layers:
+        q = r.layer.weight_quantizer
+        if isinstance(q, TrainableQuantizer):
+            w = r.layer.module.weight
+            deployed = q.deploy(w)           # grid first: it is read from the float weight
+            w.copy_(q.deployed_weight(w))    # then the weight takes its quantized values
+            qm.replace_quantizer(q, deployed)
+    for q in list(qm.act_quantizers().values()):
+        if isinstance(q, TrainableQuantizer):
+            qm.replace_quantizer(q, q.deploy())

@@ -1,0 +1,328 @@
+"""The QAT loop: one training loop over a calibrated QuantModel, whatever the quantizers.
+
+Calibration (or any PTQ step) is the initialisation; the loop trains the recipe's
+trainable quantizer kinds together with the weights and the layers' BatchNorms on the
+training split with its standard augmentation, keeps the epoch that scores best on a
+validation subset of the training split, and returns the model in its deployed form (BN
+folded, uniform quantizers), which is what artifacts, ONNX export and runtimes read.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
+
+from lowbit.data.augment import random_crop_flip
+from lowbit.data.subsets import dataset_tensors
+from lowbit.errors import LowbitError, NumericalError, RecipeError
+from lowbit.model.quant_model import QuantModel
+from lowbit.qat import distributed as D
+from lowbit.qat.checkpoint import TrainingState, load_state, metrics_path, save_state
+from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
+from lowbit.quant.learned.base import TrainableQuantizer
+
+
+@dataclass
+class QATConfig:
+    """The ``qat`` recipe step's parameters (schema: lowbit.recipes.schema)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    quantizer_lr: float = 0.0          # 0: the same as lr
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup: float = 0.0                # epochs of linear warm-up
+    kd: dict[str, float] = field(default_factory=dict)  # {temperature, weight}; empty: off
+    train_bn: bool = True
+    freeze_bn_after: int = -1          # epochs; -1: half of them
+    bn_momentum: float = 0.1
+    augment: str = "auto"              # auto | crop_flip | none
+    val_samples: int = 5000            # held out of the training data when no val set is given
+    seed: int = 0
+    checkpoint: str = ""
+    steps_per_epoch: int = 0           # 0: the whole training set each epoch
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "QATConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise RecipeError(f"step 'qat': unknown parameter(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**params)
+        if cfg.kd:
+            cfg.kd = {"temperature": 4.0, "weight": 0.5, **cfg.kd}
+        return cfg
+
+    @property
+    def bn_freeze_epoch(self) -> int:
+        return self.epochs // 2 if self.freeze_bn_after < 0 else self.freeze_bn_after
+
+
+# -- data ---------------------------------------------------------------------------------
+def as_dataset(data: Any, what: str) -> Dataset:
+    """A map-style dataset of (input, label) from a Dataset, a DataLoader or an (x, y) pair."""
+    if isinstance(data, DataLoader):
+        return data.dataset
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise LowbitError(f"{what}: {len(x)} inputs but {len(y)} labels")
+        return TensorDataset(x, y.long())
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return data
+    raise LowbitError(f"{what} must be a Dataset of (input, label), a DataLoader over one, or an (inputs, labels) "
+                      f"pair of tensors; got {type(data).__name__}")
+
+
+def split_validation(train: Dataset, n: int, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold ``n`` seeded samples of the training data out for choosing the final weights."""
+    from torch.utils.data import Subset
+
+    total = len(train)  # type: ignore[arg-type]
+    if not 0 < n < total:
+        raise LowbitError(f"val_samples={n} must be between 1 and {total - 1} (the training set holds {total})")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return Subset(train, sorted(perm[n:])), Subset(train, sorted(perm[:n]))
+
+
+def _augmenter(mode: str, sample: torch.Tensor) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """The dataset's standard training augmentation: pad-crop-flip for colour 32x32 images
+    (CIFAR), none for 28x28 digits and clothes (MNIST, Fashion-MNIST) and anything else."""
+    if mode == "auto":
+        mode = "crop_flip" if tuple(sample.shape[-3:]) == (3, 32, 32) else "none"
+    if mode == "none":
+        return lambda x, g: x
+    if mode == "crop_flip":
+        return lambda x, g: random_crop_flip(x, 4, True, g)
+    raise RecipeError(f"step 'qat': augment must be auto, crop_flip or none, got {mode!r}")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  limit: int = 0) -> list[torch.Tensor]:
+    """Index batches of one epoch: the permutation depends only on (seed, epoch), so a
+    resumed run sees the same batches; each of ``world`` processes takes its share of every
+    global batch (rank r: positions r, r + world, ...)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    steps = n // batch_size  # drop the ragged last batch: every step has the same global size
+    if limit:
+        steps = min(steps, limit)
+    return [perm[i * batch_size:(i + 1) * batch_size][rank::world] for i in range(steps)]
+
+
+@torch.no_grad()
+def top1(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 500) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    n = len(data)  # type: ignore[arg-type]
+    for s in range(0, n, batch_size):
+        x, y = dataset_tensors(data, list(range(s, min(s + batch_size, n))))
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    model.train(was)
+    return 100.0 * correct / max(n, 1)
+
+
+# -- optimisation -------------------------------------------------------------------------
+def _param_groups(qm: QuantModel, cfg: QATConfig) -> list[dict[str, Any]]:
+    """Weights with weight decay; BN γ/β and biases without; quantizer parameters with
+    their own decay (PACT's L2 on α) and learning rate."""
+    quantizer_lr = cfg.quantizer_lr or cfg.lr
+    seen: set[int] = set()
+    groups: list[dict[str, Any]] = []
+    for m in qm.modules():
+        if isinstance(m, TrainableQuantizer):
+            for params, decay in m.weight_decay_groups():
+                params = [p for p in params if id(p) not in seen]
+                seen.update(id(p) for p in params)
+                if params:
+                    groups.append({"params": params, "weight_decay": decay, "lr": quantizer_lr, "base_lr": quantizer_lr})
+    decay, no_decay = [], []
+    for r in qm.layers:
+        w = r.layer.module.weight
+        if w.requires_grad and id(w) not in seen:
+            decay.append(w)
+            seen.add(id(w))
+    for p in qm.parameters():
+        if p.requires_grad and id(p) not in seen:
+            no_decay.append(p)
+            seen.add(id(p))
+    groups.append({"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "base_lr": cfg.lr})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "base_lr": cfg.lr})
+    return groups
+
+
+def make_optimizer(qm: QuantModel, cfg: QATConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(qm, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    raise RecipeError(f"step 'qat': optimizer must be sgd or adam, got {cfg.optimizer!r}")
+
+
+def lr_factor(cfg: QATConfig, step: int, total: int, per_epoch: int) -> float:
+    """Linear warm-up over ``warmup`` epochs, then cosine decay to 0 (or constant)."""
+    warm = int(cfg.warmup * per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        t = (step - warm) / max(total - warm, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    raise RecipeError(f"step 'qat': schedule must be cosine or constant, got {cfg.schedule!r}")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, weight: float) -> torch.Tensor:
+    """(1 − w)·CE + w·T²·KL(p_teacher^T ‖ p_student^T) (Hinton et al. 2015)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    return (1.0 - weight) * F.cross_entropy(student, labels) + weight * soft
+
+
+# -- the loop -------------------------------------------------------------------------------
+def train_qat(
+    qm: QuantModel, train: Any, epochs: int | None = None, val: Any = None, *,
+    recipe: dict[str, Any] | None = None, config: QATConfig | dict[str, Any] | None = None,
+    calib: list[torch.Tensor] | None = None, device: str | torch.device = "cpu", progress: bool = True,
+    **overrides: Any,
+) -> QuantModel:
+    """Train a calibrated QuantModel in place and return it in deployed form.
+
+    ``train``/``val``: datasets of (input, label) from the *training* split (``val`` None:
+    ``val_samples`` are held out of ``train``). ``config`` or keyword overrides give the
+    ``qat`` step's parameters; ``recipe`` (default: the model's own) names the trainable
+    quantizer kinds. ``calib``: input batches that measure the BN statistics (default: the
+    first batches of ``train``). With ``checkpoint`` set, state is written after every epoch
+    and a rerun continues from it. Under torchrun (``torch.distributed`` initialised) every
+    process runs this with the same arguments.
+    """
+    from lowbit.recipes.recipe import load_recipe
+    from lowbit.recipes.schema import check_params
+
+    if isinstance(config, QATConfig):
+        cfg = config
+    else:
+        params = {**(config or {}), **overrides}
+        if epochs is not None:
+            params["epochs"] = epochs
+        cfg = QATConfig.from_params(check_params("qat", params))
+    rec = load_recipe(recipe if recipe is not None else qm.meta.get("recipe") or "w8a8")
+    dev = torch.device(device)
+    world, rank = D.world_size(), D.rank()
+    if cfg.batch_size % world:
+        raise LowbitError(f"batch_size {cfg.batch_size} must divide evenly among {world} processes")
+    train_ds = as_dataset(train, "train")
+    if val is None:
+        train_ds, val_ds = split_validation(train_ds, cfg.val_samples, cfg.seed)
+    else:
+        val_ds = as_dataset(val, "val")
+    n = len(train_ds)  # type: ignore[arg-type]
+    if n < cfg.batch_size:
+        raise LowbitError(f"the training set holds {n} samples, fewer than one batch of {cfg.batch_size}")
+    sample_x, _ = dataset_tensors(train_ds, [0])
+    augment = _augmenter(cfg.augment, sample_x)
+    if calib is None:
+        calib = list(torch.split(dataset_tensors(train_ds, list(range(min(n, 1024))))[0], 256))
+
+    teacher = None
+    if cfg.kd:
+        teacher = copy.deepcopy(qm).to(dev).eval()
+    qm.to(dev)
+    info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
+                            rec.activations.quantizer_options, [c.to(dev) for c in calib], cfg.train_bn, cfg.bn_momentum)
+    opt = make_optimizer(qm, cfg)
+    model: nn.Module = D.wrap(qm, dev)
+    ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
+    fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}}
+    state = TrainingState()
+    if ckpt_dir is not None:
+        loaded = load_state(ckpt_dir, qm, opt, fingerprint)
+        if loaded is not None:
+            state = loaded
+            if rank == 0 and progress:
+                print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
+    per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, 0, 1, cfg.steps_per_epoch))
+    total = cfg.epochs * per_epoch
+    for epoch in range(state.epoch, cfg.epochs):
+        if cfg.train_bn and epoch >= cfg.bn_freeze_epoch:
+            freeze_batchnorms(qm)
+        started = time.perf_counter()
+        model.train()
+        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.steps_per_epoch)
+        bar = tqdm(batches, desc=f"qat epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                   disable=not progress or rank != 0)
+        loss_sum = correct = seen = 0.0
+        try:
+            for i, idx in enumerate(bar):
+                step = epoch * per_epoch + i
+                factor = lr_factor(cfg, step, total, per_epoch)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                x, y = dataset_tensors(train_ds, idx.tolist())
+                g_aug = torch.Generator().manual_seed(cfg.seed * 7777 + step * 131 + rank)
+                x, y = augment(x, g_aug).to(dev), y.to(dev)
+                out = model(x)
+                if teacher is not None:
+                    with torch.no_grad(), teacher.float_reference():
+                        t_out = teacher(x)
+                    loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
+                else:
+                    loss = F.cross_entropy(out, y)
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
+                                         "(or quantizer_lr)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(y)
+                correct += float((out.argmax(1) == y).sum())
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                                lr=f"{opt.param_groups[-1]['lr']:.3g}", refresh=False)
+        except KeyboardInterrupt:
+            bar.close()
+            if rank == 0:
+                where = f"; {ckpt_dir} holds {state.epoch} finished epoch(s): rerun to continue" if ckpt_dir else ""
+                print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
+            raise
+        bar.close()
+        val_top1 = top1(qm, val_ds, dev)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
+               "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": bool(
+                   cfg.train_bn and epoch >= cfg.bn_freeze_epoch), "seconds": time.perf_counter() - started,
+               "processes": world}
+        state.epoch = epoch + 1
+        state.history.append(row)
+        improved = val_top1 > state.best_val
+        if improved:
+            state.best_val, state.best_epoch = val_top1, epoch + 1
+            state.best = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
+        if rank == 0 and progress:
+            print(f"qat epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {row['train_top1']:.2f}%, "
+                  f"val {val_top1:.2f}%{' (best)' if improved else ''}, {row['seconds']:.0f} s", flush=True)
+        if ckpt_dir is not None:
+            if rank == 0:
+                save_state(ckpt_dir, qm, opt, state, fingerprint, row)
+            D.barrier()
+    if state.best is not None:
+        qm.load_state_dict(state.best)
+    to_deployed_form(qm)
+    qm.eval()
+    qm.meta["qat"] = {**info, "epochs": cfg.epochs, "best_epoch": state.best_epoch, "best_val_top1": state.best_val,
+                      "val_samples": len(val_ds), "processes": world, "history": state.history}  # type: ignore[arg-type]
+    return qm

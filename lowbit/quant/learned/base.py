@@ -1,0 +1,68 @@
+"""What every trainable quantizer offers on top of the uniform interface."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Forward value ``x``, gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
+    y = x * scale
+    return (x - y).detach() + y
+
+
+class TrainableQuantizer(UniformQuantizer):
+    """A uniform quantizer trained in its own parametrisation.
+
+    Built from a calibrated :class:`UniformQuantizer` (so PTQ is the initialisation) with
+    :meth:`from_uniform`; :meth:`deploy` returns the uniform quantizer that reproduces it
+    exactly once training is over. ``role`` is "weights" or "activations".
+    """
+
+    kind = "trainable"
+    roles: tuple[str, ...] = ("weights", "activations")
+
+    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
+        super().__init__(source.spec, name=source.name)
+        self.role = role
+        self.signed = source.signed
+        self.enabled = source.enabled
+        self.calibrated = source.calibrated
+        self.scale = source.scale.detach().clone()
+        self.zero_point = source.zero_point.detach().clone()
+        self.options = dict(options)
+
+    @classmethod
+    def from_uniform(cls, source: UniformQuantizer, role: str, **options: Any) -> "TrainableQuantizer":
+        return cls(source, role, **options)
+
+    def weight_decay_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """(parameters, weight decay) pairs the optimiser should use for this quantizer's
+        own parameters; default: none of them decays."""
+        own = [p for p in self.parameters(recurse=False) if p.requires_grad]
+        return [(own, 0.0)] if own else []
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) of the uniform grid this quantizer puts ``x`` on now."""
+        return self.scale.detach().clone(), self.zero_point.detach().clone()
+
+    def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The values the quantized weight takes (weights only): stored into the layer at
+        deployment, so the uniform quantizer that follows reproduces them code for code."""
+        with torch.no_grad():
+            return self(weight)
+
+    def deploy(self, weight: torch.Tensor | None = None) -> UniformQuantizer:
+        """A plain uniform quantizer with this one's current grid."""
+        q = UniformQuantizer(self.spec, name=self.name)
+        q.signed, q.enabled = self.signed, self.enabled
+        scale, zero_point = self.deploy_params(weight)
+        q.set_params(scale, zero_point)
+        q.calibrated = self.calibrated
+        return q
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} ({self.role}): " + super().extra_repr()

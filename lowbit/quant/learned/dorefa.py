@@ -1,0 +1,89 @@
+"""DoReFa-Net (Zhou et al. 2016) weights and activations.
+
+Weights, k > 1 bits (DoReFa eq. 9): t = tanh(w), w01 = t / (2·max|t|) + 1/2, then
+w_q = 2·quantize_k(w01) − 1 ∈ [−1, 1], quantize_k(r) = round((2^k − 1)·r) / (2^k − 1), the
+rounding straight-through and the gradient flowing through tanh and the max as written.
+k = 1: w_q = sign(w)·E|w| (DoReFa's binary case). A fine-tuned network has no BN left
+to absorb DoReFa's [−1, 1] range (lowbit folds it), so the result is multiplied by max|w|
+(per channel when the recipe's weights are per-channel), taken without gradient; 2^k levels
+spaced 2/(2^k − 1) apart are exactly a mid-rise grid, which is how they are deployed.
+
+Activations (eq. 10): clamp to [0, 1], then quantize_k: the unsigned grid of step 1/(2^k − 1).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.errors import RecipeError
+from lowbit.quant import functional as F
+from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+def _per_row(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+
+
+def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape([-1] + [1] * (x.dim() - 1)) if v.numel() > 1 else v.reshape(())
+
+
+class DoReFaWeightQuantizer(TrainableQuantizer):
+    kind = "dorefa"
+    roles = ("weights", "activations")
+
+    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
+        super().__init__(source, role, **options)
+        if role == "weights":
+            # 2^k levels without zero: the mid-rise grid of the same width.
+            self.spec = source.spec.with_(grid="midrise", signed=True, symmetric=True)
+            self.signed = True
+        else:
+            qmin, _ = source.code_range()
+            if qmin != 0 or bool(source.zero_point.ne(0).any()):
+                raise RecipeError(f"DoReFa activations are clipped to [0, 1]; {source.name!r} is signed: use "
+                                  "activations.quantizer lsq+ for such tensors")
+            _, qmax = source.code_range()
+            self.scale = torch.full_like(source.scale, 1.0 / qmax)
+            self.zero_point = torch.zeros_like(source.zero_point)
+
+    def _magnitude(self, w: torch.Tensor) -> torch.Tensor:
+        rows = _per_row(w.detach(), self.spec.per_channel)
+        m = rows.abs().mean(1) if self.spec.bits == 1 else rows.abs().amax(1)
+        return _expand(m.clamp_min(1e-12), w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+        if not self.enabled:
+            return x
+        if self.role == "activations":
+            _, qmax = self.code_range()
+            return F.round_ste(torch.clamp(x, 0.0, 1.0) * qmax) / qmax
+        mag = self._magnitude(x)
+        if self.spec.bits == 1:
+            sign = torch.where(x >= 0, 1.0, -1.0)
+            wq = x + (sign - x).detach()  # straight through sign()
+        else:
+            n = 2 ** self.spec.bits - 1
+            t = torch.tanh(x)
+            tmax = _expand(_per_row(t.abs(), self.spec.per_channel).amax(1).clamp_min(1e-12), x)
+            w01 = t / (2 * tmax) + 0.5
+            wq = 2 * (F.round_ste(w01 * n) / n) - 1
+        with torch.no_grad():
+            self.scale = self._deploy_step(mag).reshape(self.scale.shape if self.spec.per_channel else ()).clone()
+        return wq * mag
+
+    def _deploy_step(self, mag: torch.Tensor) -> torch.Tensor:
+        # Levels mag·(2q+1)/n (mid-rise codes q, n = 2^k − 1), i.e. step 2·mag/n; binary: ±mag.
+        n = 2 ** self.spec.bits - 1
+        step = 2 * mag / n
+        return step.reshape(-1) if self.spec.per_channel else step.reshape(())
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.role == "activations" or x is None:
+            return self.scale.detach().clone(), self.zero_point.detach().clone()
+        step = self._deploy_step(self._magnitude(x))
+        return step, torch.zeros_like(step)

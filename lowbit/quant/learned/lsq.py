@@ -1,0 +1,84 @@
+"""LSQ (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020): the step size is a parameter
+learned by gradient descent; LSQ+ also learns the offset of affine activation grids.
+
+Gradient of the fake-quantized value v̂ = (clamp(round(v/s) + z, qmin, qmax) − z)·s with
+respect to s (LSQ eq. 3): round(v/s) − v/s inside the range, qmin − z or qmax − z where v is
+clipped; autograd derives exactly that from the straight-through rounding. The step's
+gradient is scaled by g = 1/sqrt(N·Qp) (LSQ section 2.2), N the number of elements one
+step quantizes (a weight tensor or channel, one sample's activations), Qp = qmax.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.quant import functional as F
+from lowbit.quant.learned.base import TrainableQuantizer, grad_scale
+from lowbit.quant.quantizer import UniformQuantizer
+
+MIN_STEP = 1e-8  # a step driven to 0 or below would divide by zero: clamp it
+
+
+class LSQQuantizer(TrainableQuantizer):
+    """Learned step; ``learn_offset`` (LSQ+) makes an affine grid's zero point learnable too."""
+
+    kind = "lsq"
+
+    def __init__(self, source: UniformQuantizer, role: str, learn_offset: bool = False, grad_scale: bool = True,
+                 **options: Any) -> None:
+        super().__init__(source, role, **options)
+        self.scale = nn.Parameter(source.scale.detach().clone().clamp_min(MIN_STEP))
+        # LSQ+ applies to grids whose zero point is not pinned at 0 (signed tensors on an
+        # unsigned grid); after a ReLU the offset is exactly 0 and stays there.
+        affine = not self.spec.symmetric and bool(source.zero_point.ne(0).any())
+        self.learn_offset = bool(learn_offset and affine)
+        if self.learn_offset:
+            self.zero_point = nn.Parameter(source.zero_point.detach().clone())
+        self.use_grad_scale = grad_scale
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale.to(self.scale.device).reshape(self.scale.shape).clamp_min(MIN_STEP))
+            self.zero_point.copy_(zero_point.to(self.zero_point.device).reshape(self.zero_point.shape))
+        self.calibrated = True
+
+    def _grad_factor(self, x: torch.Tensor) -> float:
+        if not self.use_grad_scale:
+            return 1.0
+        _, qmax = self.code_range()
+        if self.role == "weights":
+            n = x[0].numel() if self.spec.per_channel else x.numel()
+        else:  # one sample's features (the batch dimension is not part of N)
+            n = x[0].numel() if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(n, 1) * max(qmax, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+        if not self.enabled:
+            return x
+        qmin, qmax = self.code_range()
+        g = self._grad_factor(x)
+        s = grad_scale(self.scale.clamp_min(MIN_STEP), g)
+        z = self.zero_point
+        if self.learn_offset:  # an integer offset on the grid, learned through the STE
+            z = F.round_ste(grad_scale(z, g)).clamp(qmin, qmax)
+        return F.fake_quantize(x, s, z, qmin, qmax, self.spec.grid, self.spec.ch_axis)
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        qmin, qmax = self.code_range()
+        with torch.no_grad():
+            return self.scale.clamp_min(MIN_STEP).clone(), torch.round(self.zero_point).clamp(qmin, qmax).clone()
+
+
+class LSQPlusQuantizer(LSQQuantizer):
+    """LSQ+: LSQ with the offset learned where the grid is affine."""
+
+    kind = "lsq+"
+
+    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
+        options.setdefault("learn_offset", True)
+        super().__init__(source, role, **options)

@@ -1,0 +1,63 @@
+"""μL2Q (seed 000): quantize weights as a standard normal with the loss-optimal step.
+
+Every forward pass (seed 000's procedure, DESIGN.md's summary): standardise the weight by
+its *current* mean μ and standard deviation σ, φ = (w − μ)/σ, taken without gradient;
+quantize φ on the b-bit mid-rise grid with the step α_b that minimises E[(φ − Q(φ))²] for
+φ ~ N(0, 1) (derived numerically in lowbit.quant.gaussian, not a table constant); rescale
+by σ. The gradient passes straight through to the float weight (zero where φ is clipped).
+
+The mean is removed to fit the grid but not added back: conv/linear weights are centred
+(ResNet-20: |μ| < 0.05σ in every layer) and an offset would put the grid off zero, which no
+integer kernel runs. The result is a symmetric mid-rise grid of step α_b·σ, deployed as such.
+Per tensor as in the paper; per output channel when the recipe's weights are per-channel.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.quant import functional as F
+from lowbit.quant.gaussian import optimal_gaussian_step
+from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+class MuL2QQuantizer(TrainableQuantizer):
+    kind = "ul2q"
+    roles = ("weights",)
+
+    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
+        super().__init__(source, role, **options)
+        self.spec = source.spec.with_(grid="midrise", signed=True, symmetric=True)
+        self.signed = True
+        self.alpha = optimal_gaussian_step(self.spec.bits, "midrise")[0]
+
+    def statistics(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) of the current weight, per tensor or per output channel, shaped to broadcast."""
+        rows = w.detach().reshape(w.shape[0], -1) if self.spec.per_channel else w.detach().reshape(1, -1)
+        mu, sigma = rows.mean(1), rows.std(1, unbiased=False).clamp_min(1e-12)
+        if self.spec.per_channel:
+            shape = [-1] + [1] * (w.dim() - 1)
+            return mu.reshape(shape), sigma.reshape(shape)
+        return mu.reshape(()), sigma.reshape(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+        if not self.enabled:
+            return x
+        qmin, qmax = self.code_range()
+        mu, sigma = self.statistics(x)
+        phi = (x - mu) / sigma                                   # standardise (no gradient through μ, σ)
+        q = torch.clamp(F.floor_ste(phi / self.alpha), qmin, qmax)  # mid-rise codes
+        with torch.no_grad():
+            self.scale = (self.alpha * sigma).reshape(-1 if self.spec.per_channel else ()).clone()
+        return (q + 0.5) * (self.alpha * sigma)                 # rescale by σ
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is None:
+            return self.scale.detach().clone(), self.zero_point.detach().clone()
+        _, sigma = self.statistics(x)
+        step = (self.alpha * sigma).reshape(-1 if self.spec.per_channel else ())
+        return step, torch.zeros_like(step)
