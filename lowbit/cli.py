@@ -309,6 +309,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.recipe:
+        return _train_qat(args)
     from lowbit import zoo
     from lowbit.api import evaluate
     from lowbit.data import make_loader
@@ -322,13 +324,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.train_limit:
         from torch.utils.data import Subset
         train = Subset(train, range(min(args.train_limit, len(train))))
-    loader = make_loader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed)
-    zoo.train_classifier(model, loader, epochs=args.epochs, lr=args.lr, checkpoint=args.checkpoint,
+    epochs, lr, batch = args.epochs or 3, args.lr or 0.02, args.batch_size or 32
+    loader = make_loader(train, batch_size=batch, shuffle=True, seed=args.seed)
+    zoo.train_classifier(model, loader, epochs=epochs, lr=lr, checkpoint=args.checkpoint,
                          progress=not args.no_progress)
     top1 = evaluate(model, TensorBatches(test))
-    zoo.save_weights(model, args.out, metadata={"model": args.model, "dataset": dataset, "test_top1": f"{top1:.4f}"})
-    print(f"{args.model} on {dataset}: test top-1 {100 * top1:.2f}% (full test split) after {args.epochs} "
-          f"epoch(s) on {len(train)} training images; saved {args.out}")
+    out = args.out or Path(f"{args.model}.safetensors")
+    zoo.save_weights(model, out, metadata={"model": args.model, "dataset": dataset, "test_top1": f"{top1:.4f}"})
+    print(f"{args.model} on {dataset}: test top-1 {100 * top1:.2f}% (full test split) after {epochs} "
+          f"epoch(s) on {len(train)} training images; saved {out}")
+    return 0
+
+
+def _train_qat(args: argparse.Namespace) -> int:
+    """`lowbit train --recipe R`: calibrate the pretrained model, then QAT; under torchrun
+    every process runs this and rank 0 reports."""
+    from lowbit.api import evaluate, quantize
+    from lowbit.evaluation import TensorBatches, calibration_batches
+    from lowbit.qat import distributed as D
+    from lowbit.recipes.recipe import load_recipe
+
+    D.init_from_env(args.device)
+    model, dataset = _load_model(args)
+    train, test = _datasets(args, dataset)
+    if args.train_limit:
+        from torch.utils.data import Subset
+        train = Subset(train, range(min(args.train_limit, len(train))))
+    recipe = load_recipe(args.recipe)
+    if not any(name == "qat" for name, _ in recipe.steps):
+        raise LowbitError(f"recipe {recipe.name!r} has no `qat` step; `lowbit train --recipe` takes a QAT recipe "
+                          "(e.g. w4a4-lsq; see `lowbit recipes`), `lowbit quantize` runs the others")
+    source = json.loads(json.dumps(recipe.source))
+    changes = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+               "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+    if args.kd:
+        changes["kd"] = {"temperature": args.kd_temperature, "weight": args.kd}
+    for step in source["steps"]:
+        if isinstance(step, dict) and "qat" in step:
+            step["qat"] = {**(step["qat"] or {}), **{k: v for k, v in changes.items() if v is not None}}
+    source["name"] = recipe.name
+    qm = quantize(model, source, calib=calibration_batches(train, recipe), train=train, device=args.device,
+                  progress=not args.no_progress and D.rank() == 0)
+    qm.to("cpu")
+    if D.rank() != 0:
+        return 0
+    top1 = evaluate(qm, TensorBatches(test, limit=args.test_limit))
+    float_top1 = evaluate(model, TensorBatches(test, limit=args.test_limit))
+    info = qm.meta["qat"]
+    note = "full test split" if not args.test_limit else f"first {args.test_limit} test images (NOT the full split)"
+    print(f"{args.model} {recipe.name}: test top-1 {100 * top1:.2f}% (float {100 * float_top1:.2f}%, {note}); "
+          f"best epoch {info['best_epoch']}/{info['epochs']} by validation on {info['val_samples']} training images; "
+          f"{info['processes']} process(es)")
+    if args.save:
+        from lowbit.deploy.artifact import save
+
+        print(f"saved {save(qm, args.save, metrics={'top1': top1, 'float_top1': float_top1})}")
+    rows = [{"model": args.model, "recipe": recipe.name, "top1": round(100 * top1, 2),
+             "float_top1": round(100 * float_top1, 2), "epochs": info["epochs"], "best_epoch": info["best_epoch"]}]
+    _emit(args, {"rows": rows, "history": info["history"]}, rows)
     return 0
 
 
@@ -416,21 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated runtimes to time every ONNX model in: ort, openvino (default ort)")
     b.add_argument("--repeats", type=positive_int, default=50)
     b.set_defaults(func=cmd_bench)
-    t = sub.add_parser("train", help="train a zoo architecture from scratch (e.g. smallcnn on mnist)")
-    t.add_argument("--model", default="smallcnn")
-    t.add_argument("--dataset")
-    t.add_argument("--data-dir")
-    t.add_argument("--no-download", action="store_true")
-    t.add_argument("--epochs", type=positive_int, default=3)
-    t.add_argument("--lr", type=positive_float, default=0.02)
-    t.add_argument("--batch-size", type=positive_int, default=32)
+    t = sub.add_parser("train", help="QAT of a pretrained model with a recipe that has a qat step (--recipe), "
+                                     "or a zoo architecture from scratch (no --recipe); resumes from --checkpoint")
+    _add_common(t)
+    t.add_argument("--recipe", help="QAT recipe (e.g. w4a4-lsq; see `lowbit recipes`): calibrate, then train")
+    t.add_argument("--epochs", type=positive_int, help="epochs (default: the recipe's; 3 from scratch)")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate (default: the recipe's; 0.02 from scratch)")
+    t.add_argument("--batch-size", type=positive_int, help="global batch size (default: the recipe's; 32 from scratch)")
+    t.add_argument("--kd", type=positive_float, help="distil from the float model with this loss weight (0..1)")
+    t.add_argument("--kd-temperature", type=positive_float, default=4.0, help="distillation temperature")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun: one GPU per process)")
     t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
     t.add_argument("--seed", type=non_negative_int, default=0)
-    t.add_argument("--checkpoint", help="resumable training state (safetensors + JSON); resumes if it exists")
-    t.add_argument("--out", type=output_file, default=Path("smallcnn.safetensors"), help="where to write the trained weights")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
-    t.add_argument("--threads", type=positive_int)
+    t.add_argument("--checkpoint", help="QAT: folder written after every epoch; from scratch: a state file. "
+                                        "Rerunning the same command resumes from it")
+    t.add_argument("--save", type=output_file, help="QAT: write the trained model as a .lowbit artifact")
+    t.add_argument("--out", type=output_file, help="from scratch: where to write the weights (<model>.safetensors)")
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--show", help="print one recipe (a name or file) in full")

@@ -38,7 +38,7 @@ class QATConfig:
     epochs: int = 5
     batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.001
     quantizer_lr: float = 0.0          # 0: the same as lr
     weight_decay: float = 5e-4
     momentum: float = 0.9
@@ -46,7 +46,7 @@ class QATConfig:
     warmup: float = 0.0                # epochs of linear warm-up
     kd: dict[str, float] = field(default_factory=dict)  # {temperature, weight}; empty: off
     train_bn: bool = True
-    freeze_bn_after: int = -1          # epochs; -1: half of them
+    freeze_bn_after: int = -1          # epochs; -1: three quarters of them (at least 1)
     bn_momentum: float = 0.1
     augment: str = "auto"              # auto | crop_flip | none
     val_samples: int = 5000            # held out of the training data when no val set is given
@@ -67,7 +67,9 @@ class QATConfig:
 
     @property
     def bn_freeze_epoch(self) -> int:
-        return self.epochs // 2 if self.freeze_bn_after < 0 else self.freeze_bn_after
+        # Late by default: a folded layer has no BN to absorb large steps, so its final
+        # epochs train best at the low learning rate the cosine schedule reaches by then.
+        return max(1, round(0.75 * self.epochs)) if self.freeze_bn_after < 0 else self.freeze_bn_after
 
 
 # -- data ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from lowbit.data import download as _dl
 from lowbit.data.locate import cache_root, search_dirs
 from lowbit.errors import ChecksumError, LowbitError
 from lowbit.zoo.resnet_cifar import resnet_cifar
+from lowbit.zoo.lenet import LeNet5
 from lowbit.zoo.small_cnn import SmallCNN
 from lowbit.zoo.weights import load_state_dict_strict, read_state_dict
 
@@ -27,6 +28,7 @@ _AKAMASTER_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master
 CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
     "resnet_cifar": resnet_cifar,
     "small_cnn": SmallCNN,
+    "lenet5": LeNet5,
 }
 
 
@@ -75,6 +77,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "resnet56": _aka(56, "4bfd9763"),
     "resnet110": _aka(110, "1d1ed7c2"),
     "small_cnn": ArchSpec("small_cnn", {"num_classes": 10, "in_channels": 1}, "mnist"),
+    "lenet5": ArchSpec("lenet5", {"num_classes": 10, "in_channels": 1}, "mnist"),
     "small_cnn_fashion": ArchSpec("small_cnn", {"num_classes": 10, "in_channels": 1}, "fashion-mnist"),
 }
 

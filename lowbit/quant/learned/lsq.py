@@ -66,7 +66,12 @@ class LSQQuantizer(TrainableQuantizer):
         z = self.zero_point
         if self.learn_offset:  # an integer offset on the grid, learned through the STE
             z = F.round_ste(grad_scale(z, g)).clamp(qmin, qmax)
-        return F.fake_quantize(x, s, z, qmin, qmax, self.spec.grid, self.spec.ch_axis)
+        s = F.broadcast_shape(s, x, self.spec.ch_axis)
+        z = F.broadcast_shape(z, x, self.spec.ch_axis)
+        if self.spec.grid == "midrise":
+            return (torch.clamp(F.floor_ste(x / s), qmin, qmax) + 0.5) * s
+        # Clip before rounding: LSQ's eq. 3 decides "clipped" on v/s, not on round(v/s).
+        return (F.round_ste(torch.clamp(x / s + z, qmin, qmax)) - z) * s
 
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         qmin, qmax = self.code_range()

@@ -41,7 +41,7 @@ class PACTQuantizer(TrainableQuantizer):
             return x
         _, qmax = self.code_range()
         alpha = self.alpha.abs().clamp_min(1e-8)
-        y = torch.minimum(torch.relu(x), alpha)  # d/dα = 1 exactly where x ≥ α
+        y = torch.where(x >= alpha, alpha, torch.relu(x))  # d/dα = 1 exactly where x ≥ α (eq. 3)
         step = (alpha / qmax).detach()  # the rounding does not move α (eq. 3)
         with torch.no_grad():
             self.scale = step.clone()

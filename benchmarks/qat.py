@@ -1,0 +1,124 @@
+"""QAT table: each recipe trained from the pretrained float model, scored on the full test split.
+
+Protocol (DESIGN.md): calibration and training on the training split (45,000 images train,
+5,000 held out to choose the final epoch), the float model and the calibration-only (PTQ)
+start of the same recipe scored in the same run, the test split touched once per row.
+Resumable twice over: finished rows are kept in the JSON file, and an interrupted row
+continues from its per-epoch checkpoint under --runs.
+
+    python benchmarks/qat.py --data-dir ../shared/data --models-dir ../shared/models \
+        --model resnet20 --recipes w4a4-lsq --out benchmarks/results/qat_resnet20.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data import calibration_subset, dataset_tensors, load_dataset
+from lowbit.evaluation import TensorBatches
+from lowbit.recipes.recipe import load_recipe
+
+
+def model_and_data(name: str, data_dir: str, models_dir: str):
+    from lowbit.zoo import model_info, pretrained
+
+    if name == "lenet5":
+        from lowbit.zoo.lenet import pretrained_lenet5
+
+        model, dataset = pretrained_lenet5(data_dir), "mnist"
+    else:
+        model, dataset = pretrained(name, models_dir=models_dir, download=False), model_info(name).dataset
+    return model, load_dataset(dataset, "train", data_dir=data_dir, download=False), \
+        load_dataset(dataset, "test", data_dir=data_dir, download=False)
+
+
+def atomic_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--models-dir", required=True)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--recipes", default="w4a4-lsq")
+    ap.add_argument("--epochs", type=int, default=0, help="override every recipe's qat epochs (0: the recipe's)")
+    ap.add_argument("--set", action="append", default=[], help="extra qat parameter, key=value (YAML value)")
+    ap.add_argument("--edit", action="append", default=[],
+                    help="recipe change, dotted.key=value (YAML value), e.g. weights.quantizer=dorefa")
+    ap.add_argument("--tag", default="", help="suffix of the row name (e.g. kd); name the edits here")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runs", default="runs", help="folder of per-row checkpoints")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import yaml
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    done = {r["row"] for r in results["rows"]}
+    model, train, test = model_and_data(args.model, args.data_dir, args.models_dir)
+    test_batches = TensorBatches(test, 500)
+    float_top1 = None
+    for name in args.recipes.split(","):
+        recipe = load_recipe(name)
+        src = json.loads(json.dumps(recipe.source))
+        for kv in args.edit:
+            key, v = kv.split("=", 1)
+            *parents, leaf = key.split(".")
+            node = src
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(v)
+        steps = [dict(s) if isinstance(s, dict) else s for s in src.get("steps", [])]
+        qat = next(s["qat"] for s in steps if isinstance(s, dict) and "qat" in s)
+        if args.epochs:
+            qat["epochs"] = args.epochs
+        for kv in args.set:
+            k, v = kv.split("=", 1)
+            qat[k] = yaml.safe_load(v)
+        row_name = f"{name}{'-' + args.tag if args.tag else ''}-e{qat['epochs']}"
+        if row_name in done:
+            print(f"{row_name}: done already", flush=True)
+            continue
+        qat["checkpoint"] = str(Path(args.runs) / f"{args.model}-{row_name}")
+        src["steps"] = steps
+        src["name"] = name
+        if float_top1 is None:
+            float_top1 = 100 * lowbit.evaluate(model, test_batches)
+        c = recipe.calibration
+        calib = dataset_tensors(calibration_subset(train, c["samples"], c["seed"]))[0]
+        ptq_src = dict(src, steps=["calibrate"])
+        ptq = lowbit.quantize(model, ptq_src, calib=calib, progress=False)
+        ptq_top1 = 100 * lowbit.evaluate(ptq, test_batches)
+        start = time.perf_counter()
+        qm = lowbit.quantize(model, src, calib=calib, train=train, device=args.device)
+        wall = time.perf_counter() - start
+        top1 = 100 * lowbit.evaluate(qm.to("cpu"), test_batches)
+        info = qm.meta["qat"]
+        row = {"row": row_name, "recipe": name, "model": args.model, "epochs": qat["epochs"], "qat": qat,
+               "top1": top1, "float_top1": float_top1, "ptq_start_top1": ptq_top1,
+               "w_bits": qm.mean_bits()["w_bits"], "a_bits": qm.mean_bits()["a_bits"],
+               "best_epoch": info["best_epoch"], "best_val_top1": info["best_val_top1"],
+               "wall_seconds": wall, "threads": args.threads, "device": args.device,
+               "hardware": platform.processor() or platform.machine(), "history": info["history"],
+               "fallbacks": info["fallbacks"]}
+        print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1", "wall_seconds")}),
+              flush=True)
+        results["rows"].append(row)
+        atomic_json(out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""LeNet-5 as seed 000 (μL2Q) uses it on MNIST: conv32-conv64-fc512 with BN.
+
+No published weights exist for this variant, so lowbit trains it (``pretrained_lenet5``:
+3 epochs of SGD on the MNIST training split, cached as safetensors) — the float baseline of
+the μL2Q rows.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LeNet5(nn.Module):
+    """conv5x5(32)-BN-ReLU-pool, conv5x5(64)-BN-ReLU-pool, fc512-BN-ReLU, fc(classes)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.fc1 = nn.Linear(64 * 7 * 7, 512, bias=False)
+        self.bn3 = nn.BatchNorm1d(512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.fc1(torch.flatten(x, 1))))
+        return self.fc2(x)
+
+
+def pretrained_lenet5(data_dir: str | os.PathLike[str] | None = None, epochs: int = 3, seed: int = 0,
+                      cache: str | os.PathLike[str] | None = None, progress: bool = True) -> LeNet5:
+    """LeNet-5 trained here on MNIST's training split (cached after the first call)."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.data import load_dataset, make_loader
+    from lowbit.zoo.registry import build, models_cache_dir
+    from lowbit.zoo.train import train_classifier
+
+    path = Path(cache) if cache else models_cache_dir() / f"lenet5-mnist-e{epochs}-s{seed}.safetensors"
+    model = build("lenet5")
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    torch.manual_seed(seed)
+    train = load_dataset("mnist", "train", data_dir=data_dir)
+    train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return model.eval()

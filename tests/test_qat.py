@@ -1,0 +1,245 @@
+"""QAT: trainable quantizers' forward and gradients against their formulas, BN trained and
+folded, the loop's accuracy, resume and refusal, deployment of the trained model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError, RecipeError
+from lowbit.quant.gaussian import optimal_gaussian_step
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.registry import make_trainable
+from lowbit.quant.spec import QuantSpec
+
+
+def _uniform(bits=4, signed=True, symmetric=True, scale=0.1, zero_point=0.0, per_channel=False):
+    q = UniformQuantizer(QuantSpec(bits=bits, signed=signed, symmetric=symmetric, per_channel=per_channel))
+    q.signed = signed
+    q.set_params(torch.tensor(scale), torch.tensor(zero_point))
+    return q
+
+
+def test_lsq_step_gradient_equals_the_paper_formula():
+    src = _uniform(bits=3, scale=0.25)
+    q = make_trainable(src, "lsq", "weights")
+    x = torch.tensor([-2.0, -0.8, -0.3, 0.0, 0.12, 0.4, 0.6, 1.9])
+    out = q(x)
+    out.sum().backward()
+    s, qmin, qmax = 0.25, -3, 3
+    v = x / s
+    inside = (v >= qmin) & (v <= qmax)
+    # LSQ eq. 3: round(v/s) - v/s inside, qmin / qmax where clipped; times g = 1/sqrt(N*Qp).
+    expected = torch.where(inside, torch.round(v) - v, torch.where(v < qmin, float(qmin), float(qmax)))
+    g = 1 / math.sqrt(x.numel() * qmax)
+    assert q.scale.grad.item() == pytest.approx(float(expected.sum()) * g, rel=1e-5)
+    assert torch.allclose(out, torch.clamp(torch.round(v), qmin, qmax) * s)
+
+
+def test_lsq_activation_gradient_scale_counts_features_per_sample():
+    src = _uniform(bits=4, signed=False, symmetric=False, scale=0.1)
+    q = make_trainable(src, "lsq", "activations")
+    x = torch.rand(5, 3, 2, 2, requires_grad=True)
+    q(x).sum().backward()
+    v = x.detach() / 0.1
+    expected = torch.where(v <= 15, torch.round(v) - v, torch.tensor(15.0)).sum()
+    assert q.scale.grad.item() == pytest.approx(float(expected) / math.sqrt(12 * 15), abs=1e-5)
+    assert torch.equal(x.grad, (v <= 15).float())  # straight through inside, 0 where clipped
+
+
+def test_lsq_plus_learns_an_offset_only_on_affine_grids():
+    affine = _uniform(bits=4, signed=False, symmetric=False, scale=0.1, zero_point=5.0)
+    relu = _uniform(bits=4, signed=False, symmetric=False, scale=0.1, zero_point=0.0)
+    assert isinstance(make_trainable(affine, "lsq+", "activations").zero_point, torch.nn.Parameter)
+    assert not isinstance(make_trainable(relu, "lsq+", "activations").zero_point, torch.nn.Parameter)
+
+
+def test_pact_gradient_flows_to_alpha_only_from_clipped_inputs():
+    src = _uniform(bits=2, signed=False, symmetric=False, scale=0.5)  # alpha = 1.5
+    q = make_trainable(src, "pact", "activations")
+    assert q.alpha.item() == pytest.approx(1.5)
+    x = torch.tensor([-1.0, 0.2, 0.7, 1.4, 1.5, 2.0, 3.0], requires_grad=True)
+    out = q(x)
+    upstream = torch.arange(1.0, 8.0)
+    (out * upstream).sum().backward()
+    clipped = x.detach() >= 1.5
+    assert q.alpha.grad.item() == pytest.approx(float(upstream[clipped].sum()))  # PACT eq. 3
+    assert torch.equal(x.grad, torch.where((x.detach() > 0) & ~clipped, upstream, torch.zeros(7)))
+    assert torch.allclose(out, torch.round(torch.clamp(x.detach(), 0, 1.5) / 0.5) * 0.5)
+    assert q.weight_decay_groups()[0][1] == pytest.approx(5e-4)
+
+
+def test_pact_refuses_a_signed_input():
+    with pytest.raises(RecipeError, match="lsq\\+"):
+        make_trainable(_uniform(bits=4, signed=True), "pact", "activations")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_ul2q_forward_is_standardise_quantize_rescale(bits):
+    torch.manual_seed(bits)
+    w = (torch.randn(16, 8, 3, 3) * 0.07 + 0.003).requires_grad_()
+    grid = "midrise" if bits == 1 else "midtread"
+    q = make_trainable(_uniform(bits=max(bits, 2)) if bits > 1 else _midrise1(), "ul2q", "weights")
+    out = q(w)
+    mu, sigma = w.detach().mean(), w.detach().std(unbiased=False)
+    alpha = optimal_gaussian_step(bits, "midrise")[0]
+    phi = (w.detach() - mu) / sigma
+    codes = torch.clamp(torch.floor(phi / alpha), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert torch.allclose(out, (codes + 0.5) * alpha * sigma, atol=1e-7)
+    assert len(torch.unique(out.detach())) <= 2**bits
+    out.sum().backward()
+    inside = (phi / alpha >= -(2 ** (bits - 1))) & (phi / alpha < 2 ** (bits - 1))
+    assert torch.equal(w.grad, inside.float())  # straight through, 0 where clipped
+    assert grid  # the 1-bit grid is the mid-rise one the quantizer forces
+
+
+def _midrise1():
+    q = UniformQuantizer(QuantSpec(bits=1, grid="midrise"))
+    q.signed = True
+    q.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    return q
+
+
+def test_dorefa_two_bit_weights_follow_eq_9():
+    w = torch.tensor([[-0.5, -0.1, 0.0, 0.05, 0.3, 0.45]])
+    q = make_trainable(_uniform(bits=2), "dorefa", "weights")
+    t = torch.tanh(w)
+    expected = (2 * torch.round((t / (2 * t.abs().max()) + 0.5) * 3) / 3 - 1) * w.abs().max()
+    assert torch.allclose(q(w), expected)
+    assert q.spec.grid == "midrise"
+
+
+def test_trainable_kinds_are_checked_in_recipes():
+    with pytest.raises(RecipeError, match="weights.quantizer must be one of"):
+        lowbit.load_recipe({"extends": "w4a4", "weights": {"quantizer": "lsqq"}})
+    with pytest.raises(RecipeError, match="activations only"):
+        lowbit.load_recipe({"extends": "w4a4", "weights": {"quantizer": "pact"}})
+    with pytest.raises(RecipeError, match="not options of quantizer 'lsq'"):
+        lowbit.load_recipe({"extends": "w4a4", "weights": {"quantizer": "lsq", "quantizer_options": {"alpha": 1}}})
+    with pytest.raises(RecipeError, match="kd"):
+        lowbit.load_recipe({"extends": "w4a4-lsq", "steps": ["calibrate", {"qat": {"kd": {"temp": 2}}}]})
+
+
+def test_qat_recipe_without_training_data_is_refused(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    with pytest.raises(RecipeError, match="pass the training data"):
+        lowbit.quantize(model, "w4a4-lsq", calib=calib, progress=False)
+    with pytest.raises(LowbitError, match="no `qat` step"):
+        lowbit.quantize(model, "w4a4", calib=calib, train=(calib, torch.zeros(len(calib))), progress=False)
+
+
+@pytest.fixture(scope="module")
+def mnist_train(data_dir):
+    from lowbit.data import dataset_tensors, load_dataset
+
+    train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
+    return dataset_tensors(train, torch.arange(4000))
+
+
+def _qat_recipe(**qat):
+    params = {"epochs": 2, "batch_size": 64, "lr": 0.01, "val_samples": 500, **qat}
+    return {"extends": "w4a4", "name": "test-w2a2", "weights": {"bits": 2, "quantizer": "lsq"},
+            "activations": {"bits": 2, "quantizer": "lsq+"}, "steps": ["calibrate", {"qat": params}]}
+
+
+def _top1(model, xy):
+    with torch.no_grad():
+        return float((model(xy[0]).argmax(1) == xy[1]).float().mean())
+
+
+def test_short_qat_recovers_w2a2_accuracy_and_deploys_bit_exact(mnist_cnn, mnist_train, tmp_path):
+    model, calib, test = mnist_cnn
+    float_top1 = _top1(model.eval(), test)
+    ptq = lowbit.quantize(model, {**_qat_recipe(), "steps": ["calibrate"]}, calib=calib, progress=False)
+    qm = lowbit.quantize(model, _qat_recipe(), calib=calib, train=mnist_train, progress=False)
+    ptq_top1, qat_top1 = _top1(ptq, test), _top1(qm, test)
+    assert qat_top1 > ptq_top1 + 0.05
+    assert qat_top1 > 0.9 * float_top1  # most of the float accuracy back at W2A2
+    assert qm.meta["qat"]["best_epoch"] in (1, 2)
+    assert all(r.layer.bn is None for r in qm.layers)  # BN folded back
+    assert type(qm.layers[0].layer.weight_quantizer) is UniformQuantizer
+    path = lowbit.save(qm, tmp_path / "qat.lowbit")
+    back = lowbit.load(path, model=type(model)())
+    assert torch.equal(back(test[0][:200]), qm(test[0][:200]))
+    assert qm.layers[1].w_bits == 2 and len(torch.unique(qm.layers[1].layer.quantized_weight()[0])) <= 3
+
+
+def test_qat_model_runs_the_same_in_onnx_runtime(mnist_cnn, mnist_train, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, calib, test = mnist_cnn
+    recipe = _qat_recipe(epochs=1)
+    recipe["weights"]["bits"] = recipe["activations"]["bits"] = 4
+    qm = lowbit.quantize(model, recipe, calib=calib, train=mnist_train, progress=False)
+    path = lowbit.export_onnx(qm, tmp_path / "qat.onnx", test[0][:1])
+    onnx_model = lowbit.OnnxModel(path, threads=1)
+    logits = onnx_model(test[0][:500])
+    agree = (logits.argmax(1) == qm(test[0][:500]).argmax(1)).float().mean()
+    assert agree > 0.99
+
+
+def test_folded_batchnorm_starts_as_the_folded_layer(mnist_cnn):
+    from lowbit.qat.convert import to_deployed_form, to_training_form
+
+    model, calib, test = mnist_cnn
+    qm = lowbit.quantize(model, "w4a4", calib=calib, progress=False)
+    before = qm(test[0][:100])
+    info = to_training_form(qm, "lsq", "lsq+", batches=[calib])
+    assert info["batchnorms"] == 3
+    qm.eval()
+    assert torch.allclose(qm(test[0][:100]), before, atol=1e-4)
+    qm.train()
+    train_out = qm(calib[:256])  # batch statistics: close to the running ones on the same data
+    qm.eval()
+    assert (train_out.argmax(1) == qm(calib[:256]).argmax(1)).float().mean() > 0.95
+    trained_form = qm(test[0][:100])  # the training forward moved the running statistics
+    to_deployed_form(qm)
+    assert torch.allclose(qm(test[0][:100]), trained_form, atol=1e-4)
+
+
+def test_kill_and_resume_ends_with_identical_weights(mnist_cnn, mnist_train, tmp_path):
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    straight = lowbit.quantize(model, _qat_recipe(epochs=2, val_samples=300), calib=calib, train=small, progress=False)
+    ckpt = tmp_path / "run"
+    first = _qat_recipe(epochs=2, val_samples=300, checkpoint=str(ckpt))
+    # "Killed" after epoch 1: a run that stops there leaves the checkpoint of epoch 1.
+    from lowbit.qat import engine
+
+    calls = {"n": 0}
+    original = engine.save_state
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    engine.save_state = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lowbit.quantize(model, first, calib=calib, train=small, progress=False)
+    finally:
+        engine.save_state = original
+    assert calls["n"] == 1 and (ckpt / "state.json").is_file() and (ckpt / "metrics.jsonl").read_text().count("\n") == 1
+    resumed = lowbit.quantize(model, first, calib=calib, train=small, progress=False)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert (ckpt / "metrics.jsonl").read_text().count("\n") == 2
+    other = _qat_recipe(epochs=2, val_samples=300, checkpoint=str(ckpt), lr=0.02)
+    with pytest.raises(LowbitError, match="another recipe or other qat settings .*lr"):
+        lowbit.quantize(model, other, calib=calib, train=small, progress=False)
+
+
+def test_distillation_changes_the_loss_and_keeps_training(mnist_cnn, mnist_train):
+    from lowbit.qat.engine import distillation_loss
+
+    s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s / 2, 1), torch.softmax(t / 2, 1), reduction="batchmean")
+    expected = 0.7 * torch.nn.functional.cross_entropy(s, y) + 0.3 * 4 * kl
+    assert distillation_loss(s, t, y, 2.0, 0.3).item() == pytest.approx(expected.item(), rel=1e-6)
+    model, calib, test = mnist_cnn
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    qm = lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=300, kd={"temperature": 4, "weight": 0.5}),
+                         calib=calib, train=small, progress=False)
+    assert _top1(qm, test) > 0.5
