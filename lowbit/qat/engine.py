@@ -69,7 +69,9 @@ class QATConfig:
     def bn_freeze_epoch(self) -> int:
         # Late by default: a folded layer has no BN to absorb large steps, so its final
         # epochs train best at the low learning rate the cosine schedule reaches by then.
-        return max(1, round(0.75 * self.epochs)) if self.freeze_bn_after < 0 else self.freeze_bn_after
+        if self.freeze_bn_after >= 0:
+            return self.freeze_bn_after
+        return round(0.75 * self.epochs) if self.epochs > 1 else 0
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -245,8 +247,13 @@ def train_qat(
     if cfg.kd:
         teacher = copy.deepcopy(qm).to(dev).eval()
     qm.to(dev)
+    # A per-tensor weight grid cannot follow a per-channel BN scale (at 1 bit it erases it:
+    # every channel becomes ±α·σ), so batch statistics learnt in training would not survive
+    # folding; such layers train folded from the start.
+    train_bn = cfg.train_bn and rec.weights.spec.per_channel
     info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
-                            rec.activations.quantizer_options, [c.to(dev) for c in calib], cfg.train_bn, cfg.bn_momentum)
+                            rec.activations.quantizer_options, [c.to(dev) for c in calib], train_bn, cfg.bn_momentum)
+    info["train_bn"] = train_bn
     opt = make_optimizer(qm, cfg)
     model: nn.Module = D.wrap(qm, dev)
     ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
@@ -261,7 +268,7 @@ def train_qat(
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, 0, 1, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
     for epoch in range(state.epoch, cfg.epochs):
-        if cfg.train_bn and epoch >= cfg.bn_freeze_epoch:
+        if train_bn and epoch >= cfg.bn_freeze_epoch:
             freeze_batchnorms(qm)
         started = time.perf_counter()
         model.train()
@@ -306,7 +313,7 @@ def train_qat(
         val_top1 = top1(qm, val_ds, dev)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": bool(
-                   cfg.train_bn and epoch >= cfg.bn_freeze_epoch), "seconds": time.perf_counter() - started,
+                   not train_bn or epoch >= cfg.bn_freeze_epoch), "seconds": time.perf_counter() - started,
                "processes": world}
         state.epoch = epoch + 1
         state.history.append(row)
