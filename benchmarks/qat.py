@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import lowbit
 from lowbit.data import calibration_subset, dataset_tensors, load_dataset
 from lowbit.evaluation import TensorBatches
 from lowbit.recipes.recipe import load_recipe
+from lowbit.state_io import atomic_write_text
 
 
 def model_and_data(name: str, data_dir: str, models_dir: str):
@@ -37,12 +37,6 @@ def model_and_data(name: str, data_dir: str, models_dir: str):
         model, dataset = pretrained(name, models_dir=models_dir, download=False), model_info(name).dataset
     return model, load_dataset(dataset, "train", data_dir=data_dir, download=False), \
         load_dataset(dataset, "test", data_dir=data_dir, download=False)
-
-
-def atomic_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -117,7 +111,7 @@ def main() -> None:
         print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1", "wall_seconds")}),
               flush=True)
         results["rows"].append(row)
-        atomic_json(out, results)
+        atomic_write_text(out, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

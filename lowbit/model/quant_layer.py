@@ -75,9 +75,8 @@ class QuantLayer(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        if self.bn is not None:
-            b = self.bn.folded_bias()
-            return b if self.module.bias is None else b + self.module.bias * self.bn.weight_factor()
+        if self.bn is not None:  # β carries the layer's own bias while the BN trains
+            return self.bn.folded_bias()
         return self.module.bias
 
     def quantized_weight(self) -> torch.Tensor:

@@ -9,17 +9,17 @@ commit point: written last, so a run killed mid-save resumes from the previous e
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.state_io import atomic_save_tensors, atomic_write_text, optimizer_state, optimizer_tensors
 
 FORMAT = "lowbit-qat-checkpoint"
 VERSION = 1
@@ -38,42 +38,21 @@ def metrics_path(folder: Path) -> Path:
     return folder / "metrics.jsonl"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, epoch: int) -> None:
-    tmp = path.with_name(path.name + ".part")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": FORMAT, "epoch": str(epoch)})
-    os.replace(tmp, path)
-
-
 def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainingState,
                fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in osd["state"].items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"optim/{idx}/{key}"] = val
-            else:
-                scalars.setdefault(str(idx), {})[key] = val
-    tensors["rng/torch"] = torch.get_rng_state()
+    optim, scalars, groups = optimizer_tensors(opt)
+    tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state()}
+    stamp = {"format": FORMAT, "epoch": str(state.epoch)}
     if state.best is not None and state.best_epoch == state.epoch:
-        _atomic_save(state.best, folder / "best.safetensors", state.epoch)
-    _atomic_save(tensors, folder / "state.safetensors", state.epoch)
+        atomic_save_tensors(state.best, folder / "best.safetensors", stamp)
+    atomic_save_tensors(tensors, folder / "state.safetensors", stamp)
     side = {"format": FORMAT, "version": VERSION, "epoch": state.epoch, "best_val": state.best_val,
             "best_epoch": state.best_epoch, "history": state.history, "fingerprint": fingerprint,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                             for g in osd["param_groups"]],
+            "param_groups": groups,
             "state_scalars": scalars}
-    _atomic_write_text(folder / "state.json", json.dumps(side, indent=1, sort_keys=True, default=str))
-    _atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
+    atomic_write_text(folder / "state.json", json.dumps(side, indent=1, sort_keys=True, default=str))
+    atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -111,14 +90,7 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     if missing:
         raise LowbitError(f"checkpoint {folder} does not fit this model (missing {sorted(missing)[:3]})")
     model.load_state_dict(model_sd)
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, idx, key = k.split("/", 2)
-            state.setdefault(int(idx), {})[key] = v
-    for idx, sc in side.get("state_scalars", {}).items():
-        state.setdefault(int(idx), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": side["param_groups"]})
+    opt.load_state_dict(optimizer_state(tensors, side.get("state_scalars", {}), side["param_groups"]))
     torch.set_rng_state(tensors["rng/torch"])
     best, best_val = None, float(side["best_val"])
     best_path = folder / "best.safetensors"

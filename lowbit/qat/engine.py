@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,7 @@ from lowbit.data.subsets import dataset_tensors
 from lowbit.errors import LowbitError, NumericalError, RecipeError
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
-from lowbit.qat.checkpoint import TrainingState, load_state, metrics_path, save_state
+from lowbit.qat.checkpoint import TrainingState, load_state, save_state
 from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
 from lowbit.quant.learned.base import TrainableQuantizer
 
@@ -46,7 +46,7 @@ class QATConfig:
     warmup: float = 0.0                # epochs of linear warm-up
     kd: dict[str, float] = field(default_factory=dict)  # {temperature, weight}; empty: off
     train_bn: bool = True
-    freeze_bn_after: int = -1          # epochs; -1: three quarters of them (at least 1)
+    freeze_bn_after: int = -1          # epochs; -1: 3/4 of them (0 for a 1-epoch run)
     bn_momentum: float = 0.1
     augment: str = "auto"              # auto | crop_flip | none
     val_samples: int = 5000            # held out of the training data when no val set is given
@@ -56,10 +56,7 @@ class QATConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "QATConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise RecipeError(f"step 'qat': unknown parameter(s) {unknown}; known: {sorted(known)}")
+        """From parameters the step schema has checked (lowbit.recipes.schema.check_params)."""
         cfg = cls(**params)
         if cfg.kd:
             cfg.kd = {"temperature": 4.0, "weight": 0.5, **cfg.kd}
@@ -123,19 +120,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
     if limit:
         steps = min(steps, limit)
     return [perm[i * batch_size:(i + 1) * batch_size][rank::world] for i in range(steps)]
-
-
-@torch.no_grad()
-def top1(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 500) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    n = len(data)  # type: ignore[arg-type]
-    for s in range(0, n, batch_size):
-        x, y = dataset_tensors(data, list(range(s, min(s + batch_size, n))))
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    model.train(was)
-    return 100.0 * correct / max(n, 1)
 
 
 # -- optimisation -------------------------------------------------------------------------
@@ -215,6 +199,8 @@ def train_qat(
     and a rerun continues from it. Under torchrun (``torch.distributed`` initialised) every
     process runs this with the same arguments.
     """
+    from lowbit.api import evaluate
+    from lowbit.evaluation import TensorBatches
     from lowbit.recipes.recipe import load_recipe
     from lowbit.recipes.schema import check_params
 
@@ -310,7 +296,7 @@ def train_qat(
                 print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
             raise
         bar.close()
-        val_top1 = top1(qm, val_ds, dev)
+        val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)), desc="validate")
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": bool(
                    not train_bn or epoch >= cfg.bn_freeze_epoch), "seconds": time.perf_counter() - started,

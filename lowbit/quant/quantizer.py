@@ -71,6 +71,10 @@ class UniformQuantizer(nn.Module):
                 f"quantizer {self.name!r} ({self.spec.bits}-bit) has no scale yet: "
                 "calibrate the model (lowbit.calibrate) after changing bits or specs"
             )
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize with its gradient; trainable kinds override this only."""
         qmin, qmax = self.code_range()
         return F.fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.spec.grid, self.spec.ch_axis)
 

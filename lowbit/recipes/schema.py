@@ -115,27 +115,33 @@ def _recon_schema() -> list[Param]:
 
 
 def _qat_schema() -> list[Param]:
-    return [
-        Param("epochs", "int", 5, low=1, doc="passes over the training data"),
-        Param("batch_size", "int", 128, low=1, doc="global batch (split among torchrun processes)"),
-        Param("optimizer", "str", "sgd", choices=("sgd", "adam"), doc="SGD with Nesterov momentum, or Adam"),
-        Param("lr", "float", 0.001, low=0, open_low=True, doc="peak learning rate of weights and BN"),
-        Param("quantizer_lr", "float", 0.0, low=0, doc="learning rate of quantizer parameters (0: lr)"),
-        Param("weight_decay", "float", 5e-4, low=0, doc="L2 on conv/linear weights (not on BN or quantizers)"),
-        Param("momentum", "float", 0.9, low=0, high=1, doc="SGD momentum"),
-        Param("schedule", "str", "cosine", choices=("cosine", "constant"), doc="learning-rate schedule after warm-up"),
-        Param("warmup", "float", 0.0, low=0, doc="epochs of linear warm-up"),
-        Param("kd", "kd", {}, doc="distillation from the float model: {temperature: 4, weight: 0.5}"),
-        Param("train_bn", "bool", True, doc="train with BatchNorm unfolded (batch statistics), fold at the end"),
-        Param("freeze_bn_after", "int", -1, low=-1, doc="epoch after which BN statistics freeze (-1: at 3/4 of the epochs)"),
-        Param("bn_momentum", "float", 0.1, low=0, open_low=True, high=1, doc="BN running-statistics momentum"),
-        Param("augment", "str", "auto", choices=("auto", "crop_flip", "none"),
-              doc="auto: pad-crop-flip for 3x32x32 images, none otherwise"),
-        Param("val_samples", "int", 5000, low=1, doc="training samples held out to choose the final epoch"),
-        Param("seed", "int", 0, low=0, doc="data order, augmentation and the validation split"),
-        Param("checkpoint", "path", "", doc="folder written after every epoch; a rerun continues from it"),
-        Param("steps_per_epoch", "int", 0, low=0, doc="cap on steps per epoch (0: the whole training set)"),
+    """The qat step's parameters: defaults from QATConfig (one place), kinds, ranges and
+    meanings declared here."""
+    from lowbit.qat.engine import QATConfig
+
+    declared: list[tuple[str, str, dict[str, Any], str]] = [
+        ("epochs", "int", {"low": 1}, "passes over the training data"),
+        ("batch_size", "int", {"low": 1}, "global batch (split among torchrun processes)"),
+        ("optimizer", "str", {"choices": ("sgd", "adam")}, "SGD with Nesterov momentum, or Adam"),
+        ("lr", "float", {"low": 0, "open_low": True}, "peak learning rate of weights and BN"),
+        ("quantizer_lr", "float", {"low": 0}, "learning rate of quantizer parameters (0: lr)"),
+        ("weight_decay", "float", {"low": 0}, "L2 on conv/linear weights (not on BN or quantizers)"),
+        ("momentum", "float", {"low": 0, "high": 1}, "SGD momentum"),
+        ("schedule", "str", {"choices": ("cosine", "constant")}, "learning-rate schedule after warm-up"),
+        ("warmup", "float", {"low": 0}, "epochs of linear warm-up"),
+        ("kd", "kd", {}, "distillation from the float model: {temperature: 4, weight: 0.5}"),
+        ("train_bn", "bool", {}, "train with BatchNorm unfolded (batch statistics), fold at the end"),
+        ("freeze_bn_after", "int", {"low": -1}, "epoch after which BN statistics freeze (-1: at 3/4 of the epochs)"),
+        ("bn_momentum", "float", {"low": 0, "open_low": True, "high": 1}, "BN running-statistics momentum"),
+        ("augment", "str", {"choices": ("auto", "crop_flip", "none")},
+         "auto: pad-crop-flip for 3x32x32 images, none otherwise"),
+        ("val_samples", "int", {"low": 1}, "training samples held out to choose the final epoch"),
+        ("seed", "int", {"low": 0}, "data order, augmentation and the validation split"),
+        ("checkpoint", "path", {}, "folder written after every epoch; a rerun continues from it"),
+        ("steps_per_epoch", "int", {"low": 0}, "cap on steps per epoch (0: the whole training set)"),
     ]
+    defaults = QATConfig()
+    return [Param(name, kind, getattr(defaults, name), doc=doc, **ranges) for name, kind, ranges, doc in declared]
 
 
 def step_schemas() -> dict[str, list[Param]]:

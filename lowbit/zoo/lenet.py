@@ -37,11 +37,12 @@ class LeNet5(nn.Module):
 def pretrained_lenet5(data_dir: str | os.PathLike[str] | None = None, epochs: int = 3, seed: int = 0,
                       cache: str | os.PathLike[str] | None = None, progress: bool = True) -> LeNet5:
     """LeNet-5 trained here on MNIST's training split (cached after the first call)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from lowbit.data import load_dataset, make_loader
     from lowbit.zoo.registry import build, models_cache_dir
     from lowbit.zoo.train import train_classifier
+    from lowbit.zoo.weights import save_weights
 
     path = Path(cache) if cache else models_cache_dir() / f"lenet5-mnist-e{epochs}-s{seed}.safetensors"
     model = build("lenet5")
@@ -51,8 +52,5 @@ def pretrained_lenet5(data_dir: str | os.PathLike[str] | None = None, epochs: in
     torch.manual_seed(seed)
     train = load_dataset("mnist", "train", data_dir=data_dir)
     train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    save_weights(model, path, {"model": "lenet5", "dataset": "mnist", "epochs": str(epochs)})
     return model.eval()

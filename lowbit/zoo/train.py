@@ -18,11 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm  # std: tqdm.auto calls iter() twice on loaders
 
 from lowbit.errors import LowbitError, NumericalError
+from lowbit.state_io import atomic_save_tensors, atomic_write_text, optimizer_state, optimizer_tensors
 
 _FORMAT = "lowbit-train-checkpoint"
 _VERSION = 1
@@ -43,26 +44,12 @@ def _make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     """Write tensors then the sidecar, each atomically; the sidecar's epoch is the commit point."""
-    tensors: dict[str, torch.Tensor] = {
-        f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-    }
-    osd = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in osd["state"].items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"optim/{idx}/{key}"] = val.detach().cpu().contiguous().clone()
-            else:
-                scalars.setdefault(str(idx), {})[key] = val
-    tensors["rng/torch"] = torch.get_rng_state()
+    optim, scalars, groups = optimizer_tensors(opt)
+    tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "epoch": str(meta["epoch"])})
-    os.replace(tmp, path)
-    side = dict(meta, format=_FORMAT, version=_VERSION, param_groups=osd["param_groups"], state_scalars=scalars)
-    tmp_json = _sidecar(path).with_name(_sidecar(path).name + ".part")
-    tmp_json.write_text(json.dumps(side, indent=1, sort_keys=True))
-    os.replace(tmp_json, _sidecar(path))
+    atomic_save_tensors(tensors, path, {"format": _FORMAT, "epoch": str(meta["epoch"])})
+    side = dict(meta, format=_FORMAT, version=_VERSION, param_groups=groups, state_scalars=scalars)
+    atomic_write_text(_sidecar(path), json.dumps(side, indent=1, sort_keys=True))
 
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, optimizer: str) -> int:
@@ -85,15 +72,8 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, o
 
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     load_state_dict_strict(model, model_sd, source=f"training checkpoint {path}")
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, idx, key = k.split("/", 2)
-            state.setdefault(int(idx), {})[key] = v
-    for idx, sc in side.get("state_scalars", {}).items():
-        state.setdefault(int(idx), {}).update(sc)
     try:
-        opt.load_state_dict({"state": state, "param_groups": side["param_groups"]})
+        opt.load_state_dict(optimizer_state(tensors, side.get("state_scalars", {}), side["param_groups"]))
     except (ValueError, KeyError) as e:
         raise LowbitError(f"optimizer state in {path} does not fit this model: {e}") from e
     if "rng/torch" in tensors:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.state_io import atomic_save_tensors
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 _MAX_LISTED = 12
@@ -98,9 +99,5 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], metadata: Mappi
     if p.suffix != ".safetensors":
         raise LowbitError(f"{p}: save_weights writes safetensors; use a .safetensors file name")
     p.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "producer": "lowbit", **dict(metadata or {})}
-    tmp = p.with_name(p.name + ".part")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, p)
+    atomic_save_tensors(model.state_dict(), p, {"format": "pt", "producer": "lowbit", **dict(metadata or {})})
     return p

@@ -25,7 +25,7 @@ class TrainableQuantizer(UniformQuantizer):
     kind = "trainable"
     roles: tuple[str, ...] = ("weights", "activations")
 
-    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
         super().__init__(source.spec, name=source.name)
         self.role = role
         self.signed = source.signed
@@ -33,7 +33,6 @@ class TrainableQuantizer(UniformQuantizer):
         self.calibrated = source.calibrated
         self.scale = source.scale.detach().clone()
         self.zero_point = source.zero_point.detach().clone()
-        self.options = dict(options)
 
     @classmethod
     def from_uniform(cls, source: UniformQuantizer, role: str, **options: Any) -> "TrainableQuantizer":

@@ -12,7 +12,6 @@ Activations (eq. 10): clamp to [0, 1], then quantize_k: the unsigned grid of ste
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -34,8 +33,8 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
     kind = "dorefa"
     roles = ("weights", "activations")
 
-    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
-        super().__init__(source, role, **options)
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role)
         if role == "weights":
             # 2^k levels without zero: the mid-rise grid of the same width.
             self.spec = source.spec.with_(grid="midrise", signed=True, symmetric=True)
@@ -54,11 +53,7 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
         m = rows.abs().mean(1) if self.spec.bits == 1 else rows.abs().amax(1)
         return _expand(m.clamp_min(1e-12), w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(x)
-        if not self.enabled:
-            return x
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "activations":
             _, qmax = self.code_range()
             return F.round_ste(torch.clamp(x, 0.0, 1.0) * qmax) / qmax
@@ -73,7 +68,7 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
             w01 = t / (2 * tmax) + 0.5
             wq = 2 * (F.round_ste(w01 * n) / n) - 1
         with torch.no_grad():
-            self.scale = self._deploy_step(mag).reshape(self.scale.shape if self.spec.per_channel else ()).clone()
+            self.scale = self._deploy_step(mag).clone()
         return wq * mag
 
     def _deploy_step(self, mag: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,8 @@ class LSQQuantizer(TrainableQuantizer):
 
     kind = "lsq"
 
-    def __init__(self, source: UniformQuantizer, role: str, learn_offset: bool = False, grad_scale: bool = True,
-                 **options: Any) -> None:
-        super().__init__(source, role, **options)
+    def __init__(self, source: UniformQuantizer, role: str, learn_offset: bool = False, grad_scale: bool = True) -> None:
+        super().__init__(source, role)
         self.scale = nn.Parameter(source.scale.detach().clone().clamp_min(MIN_STEP))
         # LSQ+ applies to grids whose zero point is not pinned at 0 (signed tensors on an
         # unsigned grid); after a ReLU the offset is exactly 0 and stays there.
@@ -55,11 +54,7 @@ class LSQQuantizer(TrainableQuantizer):
             n = x[0].numel() if x.dim() > 1 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * max(qmax, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(x)
-        if not self.enabled:
-            return x
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
         g = self._grad_factor(x)
         s = grad_scale(self.scale.clamp_min(MIN_STEP), g)

@@ -7,7 +7,6 @@ Deployed as the unsigned grid with step α / (2^k − 1).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +21,8 @@ class PACTQuantizer(TrainableQuantizer):
     kind = "pact"
     roles = ("activations",)
 
-    def __init__(self, source: UniformQuantizer, role: str, alpha_decay: float = 5e-4, **options: Any) -> None:
-        super().__init__(source, role, **options)
+    def __init__(self, source: UniformQuantizer, role: str, alpha_decay: float = 5e-4) -> None:
+        super().__init__(source, role)
         qmin, qmax = source.code_range()
         if qmin != 0 or bool(source.zero_point.ne(0).any()):
             raise RecipeError(f"PACT clips at 0 and needs a non-negative (post-ReLU) input; {source.name!r} is "
@@ -34,11 +33,7 @@ class PACTQuantizer(TrainableQuantizer):
     def weight_decay_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         return [([self.alpha], self.alpha_decay)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(x)
-        if not self.enabled:
-            return x
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         _, qmax = self.code_range()
         alpha = self.alpha.abs().clamp_min(1e-8)
         y = torch.where(x >= alpha, alpha, torch.relu(x))  # d/dα = 1 exactly where x ≥ α (eq. 3)

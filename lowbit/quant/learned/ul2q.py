@@ -13,7 +13,6 @@ Per tensor as in the paper; per output channel when the recipe's weights are per
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -27,8 +26,8 @@ class MuL2QQuantizer(TrainableQuantizer):
     kind = "ul2q"
     roles = ("weights",)
 
-    def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
-        super().__init__(source, role, **options)
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role)
         self.spec = source.spec.with_(grid="midrise", signed=True, symmetric=True)
         self.signed = True
         self.alpha = optimal_gaussian_step(self.spec.bits, "midrise")[0]
@@ -42,11 +41,7 @@ class MuL2QQuantizer(TrainableQuantizer):
             return mu.reshape(shape), sigma.reshape(shape)
         return mu.reshape(()), sigma.reshape(())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(x)
-        if not self.enabled:
-            return x
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
         mu, sigma = self.statistics(x)
         phi = (x - mu) / sigma                                   # standardise (no gradient through μ, σ)

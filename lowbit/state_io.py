@@ -1,0 +1,54 @@
+"""Training state on disk: safetensors for tensors, JSON for the rest, each file written
+atomically (to a ``.part`` file, then renamed), so a killed run never leaves a half-written
+file where a good one was. Shared by float training, QAT checkpoints and saved weights."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                        metadata: Mapping[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".part")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+              metadata=dict(metadata) if metadata is not None else None)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]],
+                                                          list[dict[str, Any]]]:
+    """The optimizer's state split for storage: ``optim/<idx>/<key>`` tensors, the scalar
+    entries (e.g. Adam's step counts as numbers), and the param groups (JSON)."""
+    osd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in osd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim/{idx}/{key}"] = val
+            else:
+                scalars.setdefault(str(idx), {})[key] = val
+    return tensors, scalars, osd["param_groups"]
+
+
+def optimizer_state(tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, Mapping[str, Any]],
+                    param_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The optimizer state dict back from what :func:`optimizer_tensors` stored."""
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, idx, key = k.split("/", 2)
+            state.setdefault(int(idx), {})[key] = v
+    for idx, sc in scalars.items():
+        state.setdefault(int(idx), {}).update(sc)
+    return {"state": state, "param_groups": param_groups}
