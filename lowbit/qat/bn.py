@@ -55,9 +55,11 @@ class FoldedBatchNorm(nn.Module):
         # Statistics of the global batch (summed over processes under DDP, like SyncBN).
         count = all_reduce_sum(torch.tensor(float(y0.numel() // y0.shape[1]), device=y0.device))
         mean0 = all_reduce_sum(y0.sum(dims)) / count
-        var0 = (all_reduce_sum((y0 * y0).sum(dims)) / count - mean0 * mean0).clamp_min(0)
-        ratio = self.gamma.abs() / torch.sqrt(var0 + self.eps * (self.gamma / self.sigma()) ** 2)  # σ/σ_B
         shape = [1, -1] + [1] * (y0.dim() - 2)
+        centred = y0 - mean0.reshape(shape)
+        # Two passes, not E[y²] − mean², which cancels badly when |mean| >> std.
+        var0 = all_reduce_sum((centred * centred).sum(dims)) / count
+        ratio = self.gamma.abs() / torch.sqrt(var0 + self.eps * (self.gamma / self.sigma()) ** 2)  # σ/σ_B
         with torch.no_grad():
             n = float(count)
             g = self.gamma.detach()
@@ -68,4 +70,4 @@ class FoldedBatchNorm(nn.Module):
             m = self.momentum
             self.running_mean.copy_(torch.where(live, (1 - m) * self.running_mean + m * batch_mean, self.running_mean))
             self.running_var.copy_(torch.where(live, (1 - m) * self.running_var + m * batch_var, self.running_var))
-        return (y0 - mean0.reshape(shape)) * ratio.reshape(shape) + self.beta.reshape(shape)
+        return centred * ratio.reshape(shape) + self.beta.reshape(shape)

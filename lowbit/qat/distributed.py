@@ -49,10 +49,24 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum that every process uses is the sum of
+    every process's gradient, so the backward pass all-reduces too (torch's own
+    torch.distributed.nn.functional.all_reduce does the same but is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd signature
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = grad.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over processes, differentiable (BN's batch statistics of the global batch)."""
-    if not active():
-        return t
-    import torch.distributed.nn.functional as dnn
-
-    return dnn.all_reduce(t, op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(t) if active() else t
