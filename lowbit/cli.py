@@ -356,6 +356,7 @@ def _train_qat(args: argparse.Namespace) -> int:
                           "(e.g. w4a4-lsq; see `lowbit recipes`), `lowbit quantize` runs the others")
     source = json.loads(json.dumps(recipe.source))
     changes = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+               "val_samples": args.val_samples,
                "checkpoint": str(args.checkpoint) if args.checkpoint else None}
     if args.kd:
         changes["kd"] = {"temperature": args.kd_temperature, "weight": args.kd}
@@ -480,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kd-temperature", type=positive_float, default=4.0, help="distillation temperature")
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun: one GPU per process)")
     t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
+    t.add_argument("--val-samples", type=positive_int,
+                   help="QAT: training images held out to choose the final epoch (default: the recipe's, 5000)")
     t.add_argument("--seed", type=non_negative_int, default=0)
     t.add_argument("--checkpoint", help="QAT: folder written after every epoch; from scratch: a state file. "
                                         "Rerunning the same command resumes from it")

@@ -243,3 +243,27 @@ def test_distillation_changes_the_loss_and_keeps_training(mnist_cnn, mnist_train
     qm = lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=300, kd={"temperature": 4, "weight": 0.5}),
                          calib=calib, train=small, progress=False)
     assert _top1(qm, test) > 0.5
+
+
+def test_cli_train_with_a_qat_recipe_resumes_and_saves(mnist_cnn, data_dir, tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.zoo import save_weights
+
+    model, _, _ = mnist_cnn
+    weights = save_weights(model, tmp_path / "float.safetensors")
+    args = ["train", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w4a4-lsq", "--epochs", "1",
+            "--train-limit", "1500", "--val-samples", "300", "--batch-size", "64", "--data-dir", str(data_dir),
+            "--checkpoint", str(tmp_path / "run"), "--save", str(tmp_path / "m.lowbit"), "--no-progress",
+            "--test-limit", "500"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "best epoch 1/1 by validation on 300 training images" in first and (tmp_path / "m.lowbit").is_file()
+    assert (tmp_path / "run" / "state.json").is_file()
+    assert main(args) == 0  # the same command again: the finished checkpoint is reused, not retrained
+    again = capsys.readouterr().out
+    assert first.split("test top-1")[1].split("%")[0] == again.split("test top-1")[1].split("%")[0]
+    assert main(args[:-2] + ["--lr", "0.05"]) == 2
+    assert "written with another recipe or other qat settings" in capsys.readouterr().err
+    assert main(["train", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w4a4",
+                 "--data-dir", str(data_dir)]) == 2
+    assert "has no `qat` step" in capsys.readouterr().err

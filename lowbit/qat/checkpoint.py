@@ -39,7 +39,7 @@ def metrics_path(folder: Path) -> Path:
 
 
 def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainingState,
-               fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
+               fingerprint: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     optim, scalars, groups = optimizer_tensors(opt)
     tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state()}

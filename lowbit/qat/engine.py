@@ -110,16 +110,14 @@ def _augmenter(mode: str, sample: torch.Tensor) -> Callable[[torch.Tensor, torch
     raise RecipeError(f"step 'qat': augment must be auto, crop_flip or none, got {mode!r}")
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
-                  limit: int = 0) -> list[torch.Tensor]:
-    """Index batches of one epoch: the permutation depends only on (seed, epoch), so a
-    resumed run sees the same batches; each of ``world`` processes takes its share of every
-    global batch (rank r: positions r, r + world, ...)."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, limit: int = 0) -> list[torch.Tensor]:
+    """Global index batches of one epoch: the permutation depends only on (seed, epoch), so
+    a resumed run sees the same batches."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
     steps = n // batch_size  # drop the ragged last batch: every step has the same global size
     if limit:
         steps = min(steps, limit)
-    return [perm[i * batch_size:(i + 1) * batch_size][rank::world] for i in range(steps)]
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
 # -- optimisation -------------------------------------------------------------------------
@@ -251,14 +249,14 @@ def train_qat(
             state = loaded
             if rank == 0 and progress:
                 print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
-    per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, 0, 1, cfg.steps_per_epoch))
+    per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
     for epoch in range(state.epoch, cfg.epochs):
         if train_bn and epoch >= cfg.bn_freeze_epoch:
             freeze_batchnorms(qm)
         started = time.perf_counter()
         model.train()
-        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world, cfg.steps_per_epoch)
+        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)
         bar = tqdm(batches, desc=f"qat epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                    disable=not progress or rank != 0)
         loss_sum = correct = seen = 0.0
@@ -268,9 +266,11 @@ def train_qat(
                 factor = lr_factor(cfg, step, total, per_epoch)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
+                # The global batch is augmented as one process would, then each of ``world``
+                # processes takes its share (rank r: positions r, r + world, ...).
                 x, y = dataset_tensors(train_ds, idx.tolist())
-                g_aug = torch.Generator().manual_seed(cfg.seed * 7777 + step * 131 + rank)
-                x, y = augment(x, g_aug).to(dev), y.to(dev)
+                x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
+                x, y = x[rank::world].to(dev), y[rank::world].to(dev)
                 out = model(x)
                 if teacher is not None:
                     with torch.no_grad(), teacher.float_reference():
@@ -312,7 +312,7 @@ def train_qat(
                   f"val {val_top1:.2f}%{' (best)' if improved else ''}, {row['seconds']:.0f} s", flush=True)
         if ckpt_dir is not None:
             if rank == 0:
-                save_state(ckpt_dir, qm, opt, state, fingerprint, row)
+                save_state(ckpt_dir, qm, opt, state, fingerprint)
             D.barrier()
     if state.best is not None:
         qm.load_state_dict(state.best)
