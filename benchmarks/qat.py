@@ -21,6 +21,7 @@ import torch
 
 import lowbit
 from lowbit.data import calibration_subset, dataset_tensors, load_dataset
+from lowbit.errors import NumericalError
 from lowbit.evaluation import TensorBatches
 from lowbit.recipes.recipe import load_recipe
 from lowbit.state_io import atomic_write_text
@@ -97,7 +98,16 @@ def main() -> None:
         ptq = lowbit.quantize(model, ptq_src, calib=calib, progress=False)
         ptq_top1 = 100 * lowbit.evaluate(ptq, test_batches)
         start = time.perf_counter()
-        qm = lowbit.quantize(model, src, calib=calib, train=train, device=args.device)
+        try:
+            qm = lowbit.quantize(model, src, calib=calib, train=train, device=args.device)
+        except NumericalError as err:  # a diverged run is a result too: recorded, not retried
+            row = {"row": row_name, "recipe": name, "model": args.model, "epochs": qat["epochs"], "qat": qat,
+                   "top1": None, "diverged": str(err), "float_top1": float_top1, "ptq_start_top1": ptq_top1,
+                   "wall_seconds": time.perf_counter() - start, "threads": args.threads, "device": args.device}
+            print(json.dumps({k: row[k] for k in ("row", "diverged", "ptq_start_top1")}), flush=True)
+            results["rows"].append(row)
+            atomic_write_text(out, json.dumps(results, indent=1))
+            continue
         wall = time.perf_counter() - start
         top1 = 100 * lowbit.evaluate(qm.to("cpu"), test_batches)
         info = qm.meta["qat"]
