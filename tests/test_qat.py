@@ -267,3 +267,14 @@ def test_cli_train_with_a_qat_recipe_resumes_and_saves(mnist_cnn, data_dir, tmp_
     assert main(["train", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w4a4",
                  "--data-dir", str(data_dir)]) == 2
     assert "has no `qat` step" in capsys.readouterr().err
+
+
+def test_lsq_step_pushed_through_zero_keeps_quantizing_and_learning():
+    q = make_trainable(_uniform(bits=4, signed=False, symmetric=False, scale=0.1), "lsq", "activations")
+    with torch.no_grad():
+        q.scale.fill_(-0.1)  # an optimiser step overshot zero
+    x = torch.linspace(0, 2, 11)
+    out = q(x)
+    assert torch.allclose(out, torch.clamp(torch.round(x / 0.1), 0, 15) * 0.1)  # quantizes with |step|
+    out.sum().backward()
+    assert q.scale.grad.abs().item() > 0  # and the step still gets a gradient

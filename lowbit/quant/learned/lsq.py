@@ -19,7 +19,8 @@ from lowbit.quant import functional as F
 from lowbit.quant.learned.base import TrainableQuantizer, grad_scale
 from lowbit.quant.quantizer import UniformQuantizer
 
-MIN_STEP = 1e-8  # a step driven to 0 or below would divide by zero: clamp it
+MIN_STEP = 1e-8  # |step| is used and kept off 0: a step pushed through zero stays trainable (a clamp
+# alone would freeze it below MIN_STEP, quantizing everything to 0: measured at W2A2)
 
 
 class LSQQuantizer(TrainableQuantizer):
@@ -57,7 +58,7 @@ class LSQQuantizer(TrainableQuantizer):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
         g = self._grad_factor(x)
-        s = grad_scale(self.scale.clamp_min(MIN_STEP), g)
+        s = grad_scale(self.scale.abs().clamp_min(MIN_STEP), g)
         z = self.zero_point
         if self.learn_offset:  # an integer offset on the grid, learned through the STE
             z = F.round_ste(grad_scale(z, g)).clamp(qmin, qmax)
@@ -71,7 +72,7 @@ class LSQQuantizer(TrainableQuantizer):
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         qmin, qmax = self.code_range()
         with torch.no_grad():
-            return self.scale.clamp_min(MIN_STEP).clone(), torch.round(self.zero_point).clamp(qmin, qmax).clone()
+            return self.scale.abs().clamp_min(MIN_STEP).clone(), torch.round(self.zero_point).clamp(qmin, qmax).clone()
 
 
 class LSQPlusQuantizer(LSQQuantizer):
