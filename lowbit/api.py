@@ -47,10 +47,15 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
 
 
 def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8") -> QuantModel:
-    """Wrap without calibrating: for algorithms that drive calibration themselves."""
+    """Wrap without calibrating: for algorithms that drive calibration themselves.
+    A recipe with ``widen: k`` wraps a k× wider copy computing the same function (WRPN)."""
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     r = load_recipe(recipe)
+    if r.widen != 1:
+        from lowbit.model.widen import widen
+
+        model = widen(model, r.widen)
     qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float,
                     quantize_adds=r.quantize_adds)
     apply_bit_overrides(qm, r)

@@ -21,7 +21,7 @@ from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "add_bits", "first_last_bits",
-            "overrides", "keep_float", "calibration", "steps", "extends", "plan"}
+            "overrides", "keep_float", "calibration", "steps", "extends", "plan", "widen"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options", "quantizer", "quantizer_options"}
 OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits"}
@@ -106,6 +106,7 @@ class Recipe:
     calibration: dict[str, int] = field(default_factory=lambda: {"samples": 1024, "batch_size": 128, "seed": 0})
     steps: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [("calibrate", {})])
     plan: "Plan | None" = None
+    widen: int = 1  # WRPN: every conv this many times wider before quantizing (lowbit.model.widen)
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -165,11 +166,14 @@ class Recipe:
         add_bits = data.get("add_bits", 8)
         if add_bits is not None:
             _check_bits(add_bits, "add_bits", allow_float=False)
+        widen = data.get("widen", 1)
+        if isinstance(widen, bool) or not isinstance(widen, int) or not 1 <= widen <= 16:
+            raise RecipeError(f"widen must be an integer from 1 to 16 (WRPN's width factor), got {widen!r}")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, add_bits=add_bits,
                    first_last_bits=fl,
                    overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, plan=plan,
-                   source=source)
+                   widen=widen, source=source)
 
     @property
     def data_free(self) -> bool:
@@ -183,7 +187,8 @@ class Recipe:
                 "first_last_bits": self.first_last_bits, "overrides": self.overrides,
                 "keep_float": self.keep_float, "calibration": self.calibration,
                 "steps": [{name: params} for name, params in self.steps],
-                **({"plan": self.plan.to_dict()} if self.plan is not None else {})}
+                **({"plan": self.plan.to_dict()} if self.plan is not None else {}),
+                **({"widen": self.widen} if self.widen != 1 else {})}
 
     def with_plan(self, plan: "Plan | None") -> "Recipe":
         """The same recipe with a mixed-precision plan applied last (replacing any plan)."""

@@ -15,15 +15,15 @@ from torch import nn
 
 
 class LeNet5(nn.Module):
-    """conv5x5(32)-BN-ReLU-pool, conv5x5(64)-BN-ReLU-pool, fc512-BN-ReLU, fc(classes)."""
+    """conv5x5(32)-BN-ReLU-pool, conv5x5(64)-BN-ReLU-pool, fc512-BN-ReLU, fc(classes); ``width`` scales the convs."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(64)
-        self.fc1 = nn.Linear(64 * 7 * 7, 512, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 5, padding=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.fc1 = nn.Linear(2 * width * 7 * 7, 512, bias=False)
         self.bn3 = nn.BatchNorm1d(512)
         self.fc2 = nn.Linear(512, num_classes)
 

@@ -1,15 +1,20 @@
 """μL2Q (seed 000): quantize weights as a standard normal with the loss-optimal step.
 
 Every forward pass (seed 000's procedure, DESIGN.md's summary): standardise the weight by
-its *current* mean μ and standard deviation σ, φ = (w − μ)/σ, taken without gradient;
-quantize φ on the b-bit mid-rise grid with the step α_b that minimises E[(φ − Q(φ))²] for
-φ ~ N(0, 1) (derived numerically in lowbit.quant.gaussian, not a table constant); rescale
-by σ. The gradient passes straight through to the float weight (zero where φ is clipped).
+its *current* spread σ, φ = w/σ, taken without gradient; quantize φ on the b-bit mid-rise
+grid with the step α_b that minimises E[(φ − Q(φ))²] for φ ~ N(0, 1) (derived numerically
+in lowbit.quant.gaussian, not a table constant); rescale by σ. The gradient passes straight
+through to the float weight (zero where φ is clipped).
 
-The mean is removed to fit the grid but not added back: conv/linear weights are centred
-(ResNet-20: |μ| < 0.05σ in every layer) and an offset would put the grid off zero, which no
-integer kernel runs. The result is a symmetric mid-rise grid of step α_b·σ, deployed as such.
-Per tensor as in the paper; per output channel when the recipe's weights are per-channel.
+One deliberate difference from (w − μ)/σ: σ is measured about zero, σ = sqrt(E[w²]), and no
+mean is subtracted. For a centred tensor the two are the same; the difference is what an
+integer kernel can run. Adding μ back after quantizing puts the grid off zero (a fractional
+weight zero point, which no integer kernel has), and subtracting μ without adding it back
+shifts every weight of the layer, which a post-ReLU input turns into a large bias. Measured
+on ResNet-20 (BN folded, 4-bit weights, float activations, 512 training images): μ dropped
+13.5% (per tensor) / 19.3% (per channel), μ added back 67.2% / 90.4%, σ about zero 78.5% /
+90.2%. The result is a symmetric mid-rise grid of step α_b·σ, deployed as such. Per tensor
+as in the paper; per output channel when the recipe's weights are per-channel.
 """
 from __future__ import annotations
 
@@ -32,19 +37,16 @@ class MuL2QQuantizer(TrainableQuantizer):
         self.signed = True
         self.alpha = optimal_gaussian_step(self.spec.bits, "midrise")[0]
 
-    def statistics(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ, σ) of the current weight, per tensor or per output channel, shaped to broadcast."""
+    def statistics(self, w: torch.Tensor) -> torch.Tensor:
+        """σ = sqrt(E[w²]) of the current weight, per tensor or per output channel, shaped to broadcast."""
         rows = w.detach().reshape(w.shape[0], -1) if self.spec.per_channel else w.detach().reshape(1, -1)
-        mu, sigma = rows.mean(1), rows.std(1, unbiased=False).clamp_min(1e-12)
-        if self.spec.per_channel:
-            shape = [-1] + [1] * (w.dim() - 1)
-            return mu.reshape(shape), sigma.reshape(shape)
-        return mu.reshape(()), sigma.reshape(())
+        sigma = rows.pow(2).mean(1).sqrt().clamp_min(1e-12)
+        return sigma.reshape([-1] + [1] * (w.dim() - 1)) if self.spec.per_channel else sigma.reshape(())
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
-        mu, sigma = self.statistics(x)
-        phi = (x - mu) / sigma                                   # standardise (no gradient through μ, σ)
+        sigma = self.statistics(x)
+        phi = x / sigma                                          # standardise (no gradient through σ)
         q = torch.clamp(F.floor_ste(phi / self.alpha), qmin, qmax)  # mid-rise codes
         with torch.no_grad():
             self.scale = (self.alpha * sigma).reshape(-1 if self.spec.per_channel else ()).clone()
@@ -53,6 +55,6 @@ class MuL2QQuantizer(TrainableQuantizer):
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x is None:
             return self.scale.detach().clone(), self.zero_point.detach().clone()
-        _, sigma = self.statistics(x)
+        sigma = self.statistics(x)
         step = (self.alpha * sigma).reshape(-1 if self.spec.per_channel else ())
         return step, torch.zeros_like(step)
