@@ -11,11 +11,20 @@ import torch
 from safetensors.torch import save_file
 
 
+def usual_permissions(path: Path) -> None:
+    """Give a file the mode a plain ``open()`` would (0666 minus the umask): safetensors
+    creates its files 0600, which hides a saved model from everyone else on a shared machine."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
                         metadata: Mapping[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".part")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
               metadata=dict(metadata) if metadata is not None else None)
+    usual_permissions(tmp)
     os.replace(tmp, path)
 
 

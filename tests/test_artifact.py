@@ -53,6 +53,21 @@ def test_round_trip_is_bit_exact_and_size_tracks_bits(small, tmp_path, recipe):
     assert ideal <= size <= ideal + 4096, (size, ideal)
 
 
+def test_saved_files_are_readable_like_any_other_file(small, tmp_path):
+    """safetensors writes 0600; an artifact or checkpoint gets the mode open() would give."""
+    from lowbit.state_io import atomic_save_tensors
+
+    model, x = small
+    mask = os.umask(0o022)
+    try:
+        art = lowbit.save(lowbit.quantize(model, "w8a8", calib=x, progress=False), tmp_path / "m.lowbit")
+        atomic_save_tensors({"a": torch.zeros(2)}, tmp_path / "s.safetensors")
+    finally:
+        os.umask(mask)
+    assert os.stat(art).st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "s.safetensors").st_mode & 0o777 == 0o644
+
+
 def test_mixed_bits_and_float_layers_round_trip(small, tmp_path):
     model, x = small
     recipe = {"extends": "w4a4", "overrides": [{"pattern": "layer2.*", "w_bits": 3},

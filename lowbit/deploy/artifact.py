@@ -29,6 +29,7 @@ from lowbit.model.quant_layer import QuantLayer
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec
+from lowbit.state_io import usual_permissions
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 2  # 2: the checksum covers the header too (version 1 files still load)
@@ -135,6 +136,7 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file({"codes": codes, "floats": floats_arr}, str(tmp), metadata={"lowbit": blob})
+        usual_permissions(tmp)
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
