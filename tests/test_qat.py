@@ -287,3 +287,24 @@ def test_lsq_step_pushed_through_zero_keeps_quantizing_and_learning():
     assert torch.allclose(out, torch.clamp(torch.round(x / 0.1), 0, 15) * 0.1)  # quantizes with |step|
     out.sum().backward()
     assert q.scale.grad.abs().item() > 0  # and the step still gets a gradient
+
+
+def test_a_one_epoch_run_trains_bn_for_three_quarters_of_its_steps(mnist_cnn, mnist_train, monkeypatch):
+    """Freezing BN from the first step left 1-bit ResNet-20 at chance; a 1-epoch run freezes at 3/4."""
+    import lowbit.qat.engine as engine
+
+    model, calib, _ = mnist_cnn
+    steps, frozen_after = [0], []
+    real_step, real_freeze = torch.optim.SGD.step, engine.freeze_batchnorms
+
+    def counted_step(self, *args, **kwargs):
+        steps[0] += 1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counted_step)
+    monkeypatch.setattr(engine, "freeze_batchnorms", lambda qm: (frozen_after.append(steps[0]), real_freeze(qm)))
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    qm = lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=300, steps_per_epoch=8), calib=calib,
+                         train=small, progress=False)
+    assert steps[0] == 8 and frozen_after == [6]  # 6 of 8 steps with batch statistics, then frozen
+    assert qm.meta["qat"]["history"][0]["bn_frozen"] is True

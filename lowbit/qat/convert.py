@@ -21,6 +21,7 @@ from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.registry import make_trainable
 
 FALLBACK_KIND = "lsq+"  # for tensors a kind cannot take (PACT/DoReFa on a signed input)
+WEIGHT_FALLBACK_KIND = "lsq"  # for layers at other bits than a binary/ternary kind (first/last at 8)
 
 
 def _swap(qm: QuantModel, q: UniformQuantizer, kind: str, role: str, options: dict[str, Any],
@@ -28,10 +29,13 @@ def _swap(qm: QuantModel, q: UniformQuantizer, kind: str, role: str, options: di
     try:
         new = make_trainable(q, kind, role, **options)
     except RecipeError:
-        if role != "activations" or kind == FALLBACK_KIND:
+        # A kind that cannot take this tensor (PACT on a signed input, a binary kind on the
+        # 8-bit first layer) leaves it to LSQ(+), and the run says so.
+        fallback = FALLBACK_KIND if role == "activations" else WEIGHT_FALLBACK_KIND
+        if kind == fallback:
             raise
-        new = make_trainable(q, FALLBACK_KIND, role)
-        fallbacks[q.name] = FALLBACK_KIND
+        new = make_trainable(q, fallback, role)
+        fallbacks[q.name] = fallback
     qm.replace_quantizer(q, new)
 
 

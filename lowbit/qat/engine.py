@@ -46,7 +46,7 @@ class QATConfig:
     warmup: float = 0.0                # epochs of linear warm-up
     kd: dict[str, float] = field(default_factory=dict)  # {temperature, weight}; empty: off
     train_bn: bool = True
-    freeze_bn_after: int = -1          # epochs; -1: 3/4 of them (0 for a 1-epoch run)
+    freeze_bn_after: int = -1          # epochs; -1: 3/4 of them (at 3/4 of the steps of a 1-epoch run)
     bn_momentum: float = 0.1
     augment: str = "auto"              # auto | crop_flip | none
     val_samples: int = 5000            # held out of the training data when no val set is given
@@ -63,12 +63,16 @@ class QATConfig:
         return cfg
 
     @property
-    def bn_freeze_epoch(self) -> int:
-        # Late by default: a folded layer has no BN to absorb large steps, so its final
-        # epochs train best at the low learning rate the cosine schedule reaches by then.
+    def bn_freeze_epoch(self) -> float:
+        """When BN statistics freeze, in epochs (an epoch boundary, except for 1-epoch runs).
+
+        Late by default: a folded layer has no BN to absorb large steps, so its final epochs
+        train best at the low learning rate the cosine schedule reaches by then. A 1-epoch run
+        freezes at 3/4 of its steps: freezing from the start left 1-bit ResNet-20 without the
+        batch statistics that re-normalise a freshly binarised network (stuck at 10%)."""
         if self.freeze_bn_after >= 0:
-            return self.freeze_bn_after
-        return round(0.75 * self.epochs) if self.epochs > 1 else 0
+            return float(self.freeze_bn_after)
+        return float(round(0.75 * self.epochs)) if self.epochs > 1 else 0.75
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -251,9 +255,11 @@ def train_qat(
                 print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
+    freeze_step = round(cfg.bn_freeze_epoch * per_epoch)
+    constrained = [r.layer for r in qm.layers if isinstance(r.layer.weight_quantizer, TrainableQuantizer)
+                   and type(r.layer.weight_quantizer).project_ is not TrainableQuantizer.project_]
+    frozen = not train_bn
     for epoch in range(state.epoch, cfg.epochs):
-        if train_bn and epoch >= cfg.bn_freeze_epoch:
-            freeze_batchnorms(qm)
         started = time.perf_counter()
         model.train()
         batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)
@@ -263,6 +269,9 @@ def train_qat(
         try:
             for i, idx in enumerate(bar):
                 step = epoch * per_epoch + i
+                if not frozen and step >= freeze_step:
+                    freeze_batchnorms(qm)
+                    frozen = True
                 factor = lr_factor(cfg, step, total, per_epoch)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
@@ -284,6 +293,8 @@ def train_qat(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                for layer in constrained:
+                    layer.weight_quantizer.project_(layer)
                 loss_sum += loss.item() * len(y)
                 correct += float((out.argmax(1) == y).sum())
                 seen += len(y)
@@ -298,8 +309,7 @@ def train_qat(
         bar.close()
         val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)), desc="validate")
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
-               "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": bool(
-                   not train_bn or epoch >= cfg.bn_freeze_epoch), "seconds": time.perf_counter() - started,
+               "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
                "processes": world}
         state.epoch = epoch + 1
         state.history.append(row)

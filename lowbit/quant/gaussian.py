@@ -85,3 +85,26 @@ def loss_vs_bits(max_bits: int = 8, grid: str = "midrise") -> list[tuple[int, fl
     """μL2Q's loss-vs-bits curve: (bits, optimal step, MSE) for 1..max_bits."""
     first = 1 if grid == "midrise" else 2
     return [(b, *optimal_gaussian_step(b, grid)) for b in range(first, max_bits + 1)]
+
+
+def half_gaussian_mse(step: float, bits: int) -> float:
+    """E[(x − Q(x))²] for x = max(0, z), z ~ N(0, 1), on the unsigned grid {0, s, …, (2^b − 1)s}.
+
+    Half the mass sits at x = 0, exactly on the level 0, and adds no error; the rest is the
+    positive half of the Gaussian (HWGQ's half-wave Gaussian, Cai et al. 2017)."""
+    levels = np.arange(2**bits) * step
+    mids = (levels[:-1] + levels[1:]) / 2
+    lo = np.concatenate([[0.0], mids])
+    hi = np.concatenate([mids, [np.inf]])
+    return float(np.sum(_interval_sq_error(lo, hi, levels)))
+
+
+@lru_cache(maxsize=None)
+def optimal_half_gaussian_step(bits: int) -> tuple[float, float]:
+    """(step, mse) of the minimum-MSE unsigned uniform quantizer of a ReLU'd N(0, 1), in σ."""
+    if bits < 1:
+        raise ValueError("bits must be >= 1")
+    upper = 2 * 5.0 / max(2**bits - 1, 1)
+    res = optimize.minimize_scalar(half_gaussian_mse, bounds=(1e-4, upper), args=(bits,), method="bounded",
+                                   options={"xatol": 1e-9})
+    return float(res.x), float(res.fun)

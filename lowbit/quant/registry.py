@@ -10,9 +10,12 @@ from typing import Any
 
 from lowbit.errors import RecipeError
 from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.learned.binary import BinaryConnectQuantizer, XNORWeightQuantizer
 from lowbit.quant.learned.dorefa import DoReFaWeightQuantizer
+from lowbit.quant.learned.hwgq import HWGQQuantizer
 from lowbit.quant.learned.lsq import LSQPlusQuantizer, LSQQuantizer
 from lowbit.quant.learned.pact import PACTQuantizer
+from lowbit.quant.learned.ternary import TWNQuantizer
 from lowbit.quant.learned.ul2q import MuL2QQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 
@@ -22,6 +25,10 @@ TRAINABLE: dict[str, type[TrainableQuantizer]] = {
     "pact": PACTQuantizer,
     "dorefa": DoReFaWeightQuantizer,
     "ul2q": MuL2QQuantizer,
+    "binaryconnect": BinaryConnectQuantizer,
+    "xnor": XNORWeightQuantizer,
+    "twn": TWNQuantizer,
+    "hwgq": HWGQQuantizer,
 }
 KINDS = ("uniform", *TRAINABLE)
 
@@ -34,6 +41,15 @@ def check_kind(kind: Any, role: str) -> str:
         raise RecipeError(f"{role}.quantizer {kind!r} quantizes {' and '.join(TRAINABLE[kind].roles)} only; "
                           f"pair it with e.g. {role}.quantizer lsq")
     return kind
+
+
+def check_kind_grid(kind: str, spec: Any, where: str) -> None:
+    """Binary and ternary kinds have one grid: a recipe asking for another is an error (the
+    layers the recipe keeps at other bits, e.g. first/last at 8, train with LSQ instead)."""
+    need = getattr(TRAINABLE.get(kind), "grid_required", None)
+    if need is not None and (spec.bits, spec.grid) != need:
+        raise RecipeError(f"{where}.quantizer {kind!r} needs {where}: {{bits: {need[0]}, grid: {need[1]}}}, "
+                          f"got {spec.bits}-bit {spec.grid}")
 
 
 def make_trainable(source: UniformQuantizer, kind: str, role: str, **options: Any) -> UniformQuantizer:
@@ -54,6 +70,8 @@ def kind_options_schema(kind: str) -> list[Any]:
         "lsq": lsq,
         "lsq+": lsq,
         "pact": [Param("alpha_decay", "float", 5e-4, low=0, doc="L2 penalty on the clipping level alpha")],
+        "binaryconnect": [Param("stochastic", "bool", False, doc="sample +1 with probability hard_sigmoid(w) in training")],
+        "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],
     }.get(kind, [])
 
 

@@ -84,6 +84,9 @@ class TensorRecipe:
             spec = QuantSpec.from_dict(merged)
         except RecipeError as err:  # name the section: "weights.symmetric must be ..."
             raise type(err)(f"{where}.{err}") from None
+        from lowbit.quant.registry import check_kind_grid
+
+        check_kind_grid(kind, spec, where)
         return cls(spec, str(estimator), dict(options), kind, kind_options)
 
     def to_dict(self) -> dict[str, Any]:

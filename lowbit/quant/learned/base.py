@@ -44,6 +44,10 @@ class TrainableQuantizer(UniformQuantizer):
         own = [p for p in self.parameters(recurse=False) if p.requires_grad]
         return [(own, 0.0)] if own else []
 
+    def project_(self, layer: torch.nn.Module) -> None:
+        """Called on the weight quantizer's layer after every optimiser step: a kind that
+        constrains its latent weights (BinaryConnect's clip) does it here; default none."""
+
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) of the uniform grid this quantizer puts ``x`` on now."""
         return self.scale.detach().clone(), self.zero_point.detach().clone()

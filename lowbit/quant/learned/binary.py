@@ -1,0 +1,115 @@
+"""Binary weights (seed 001's binary family): BinaryConnect and XNOR-Net.
+
+Both put each weight on one of two levels ±a and are deployed on the 1-bit mid-rise grid
+(codes −1, 0 → levels ∓step/2, so step = 2a). They differ in where a comes from and in
+what the latent float weights may do:
+
+- **BinaryConnect** (Courbariaux et al. 2015): w_b = sign(w) deterministically, or +1 with
+  probability σ_hard(w) = clip((w + 1)/2, 0, 1) (the stochastic variant, training only);
+  the gradient passes straight through; after every update the latent weights are clipped
+  to [−1, 1]. BinaryConnect's ±1 relies on a BN to rescale; lowbit folds BN into the
+  weights, so here the unit is the layer's calibrated binary level a (the MSE-optimal ±a of
+  the pretrained weights, per channel), fixed during training: the method runs on w/a.
+- **XNOR-Net weights** (Rastegari et al. 2016, sec. 3.1): W ≈ α·sign(W) with α = mean|W|
+  per output channel, recomputed from the current weights at every step; the gradient is
+  XNOR-Net's: through sign with the window 1_{|W| ≤ 1} and through α's dependence on W.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import RecipeError
+from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+def sign_ste(x: torch.Tensor, limit: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """±1 (0 maps to +1: the mid-rise grid has no zero), gradient 1 where |x| ≤ limit."""
+    clipped = torch.maximum(torch.minimum(x, torch.as_tensor(limit)), -torch.as_tensor(limit))
+    return clipped + (torch.where(x >= 0, 1.0, -1.0) - clipped).detach()
+
+
+def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+
+
+def _expand(v: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    return v.reshape([-1] + [1] * (w.dim() - 1)) if per_channel else v.reshape(())
+
+
+class _BinaryWeights(TrainableQuantizer):
+    roles = ("weights",)
+    grid_required = (1, "midrise")
+
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role)
+        if source.spec.bits != 1 or source.spec.grid != "midrise":
+            raise RecipeError(f"{self.kind} weights are binary: {source.name!r} is a {source.spec.bits}-bit "
+                              f"{source.spec.grid} grid; use weights: {{bits: 1, grid: midrise}}")
+        self.spec = source.spec.with_(signed=True, symmetric=True)
+        self.signed = True
+
+    def _deploy_step(self, level: torch.Tensor) -> torch.Tensor:
+        return (2 * level).reshape(-1 if self.spec.per_channel else ()).detach().clone()
+
+
+class BinaryConnectQuantizer(_BinaryWeights):
+    kind = "binaryconnect"
+
+    def __init__(self, source: UniformQuantizer, role: str, stochastic: bool = False) -> None:
+        super().__init__(source, role)
+        # The level comes from the calibrated 1-bit grid: its step is 2a.
+        self.register_buffer("level", (source.scale.detach() / 2).clamp_min(1e-12).clone())
+        self.stochastic = bool(stochastic)
+        self.scale = self._deploy_step(self.level)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        a = _expand(self.level, x, self.spec.per_channel)
+        u = x / a                                               # BinaryConnect's units: ±1 are the levels
+        if self.stochastic and self.training:
+            p = torch.clamp((u.detach() + 1) / 2, 0, 1)          # σ_hard(w)
+            b = torch.where(torch.rand_like(p) < p, 1.0, -1.0)
+            wb = u + (b - u).detach()                            # straight through
+        else:
+            wb = u + (torch.where(u >= 0, 1.0, -1.0) - u).detach()
+        return wb * a
+
+    def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The deterministic sign, whatever mode the model is in (a deployed model does not sample)."""
+        with torch.no_grad():
+            a = _expand(self.level, weight, self.spec.per_channel)
+            return torch.where(weight >= 0, a, -a)
+
+    def project_(self, layer: torch.nn.Module) -> None:
+        """Clip the latent weights to [−1, 1] in units of a (BinaryConnect, after each update)."""
+        w = layer.module.weight
+        bound = _expand(self.level, w, self.spec.per_channel)
+        if getattr(layer, "bn", None) is not None:  # the quantizer sees W·γ/σ: bound W accordingly
+            f = layer.bn.weight_factor().detach().abs().clamp_min(1e-12)
+            bound = bound / f.reshape([-1] + [1] * (w.dim() - 1))
+        with torch.no_grad():
+            w.copy_(torch.maximum(torch.minimum(w, bound), -bound))
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self._deploy_step(self.level)
+        return step, torch.zeros_like(step)
+
+
+class XNORWeightQuantizer(_BinaryWeights):
+    kind = "xnor"
+
+    def alpha(self, w: torch.Tensor) -> torch.Tensor:
+        """α = mean|W| per output channel (per tensor if the recipe says so), with its gradient."""
+        return _expand(_rows(w, self.spec.per_channel).abs().mean(1).clamp_min(1e-12), w, self.spec.per_channel)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha(x)
+        with torch.no_grad():
+            self.scale = self._deploy_step(a)
+        return a * sign_ste(x, 1.0)
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is None:
+            return self.scale.detach().clone(), self.zero_point.detach().clone()
+        step = self._deploy_step(self.alpha(x.detach()))
+        return step, torch.zeros_like(step)

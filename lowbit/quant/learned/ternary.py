@@ -1,0 +1,57 @@
+"""Ternary weights (seed 001's ternary family): TWN (Li et al. 2016).
+
+Each weight becomes −α, 0 or +α: W_t = α·sign(W)·1_{|W| > Δ} with the approximate
+solution of TWN's eq. 5-6: threshold Δ = 0.7·E|W| and α = mean |W| over the weights with
+|W| > Δ, both recomputed from the current weights every step (per output channel when the
+recipe's weights are per-channel, per layer otherwise), and the gradient straight through
+to the float weights. Deployed on the 2-bit signed mid-tread grid (codes −1, 0, 1) with
+step α.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import RecipeError
+from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.quantizer import UniformQuantizer
+
+DELTA_FACTOR = 0.7  # TWN: Δ* ≈ 0.7·E|W| for uniform or normal weights
+
+
+class TWNQuantizer(TrainableQuantizer):
+    kind = "twn"
+    roles = ("weights",)
+    grid_required = (2, "midtread")
+
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role)
+        if source.spec.bits != 2 or source.spec.grid != "midtread":
+            raise RecipeError(f"twn weights are ternary: {source.name!r} is a {source.spec.bits}-bit "
+                              f"{source.spec.grid} grid; use weights: {{bits: 2, grid: midtread}}")
+        self.spec = source.spec.with_(signed=True, symmetric=True)
+        self.signed = True
+
+    def threshold_and_alpha(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ, α) of TWN, shaped to broadcast against ``w`` (no gradient)."""
+        rows = w.detach().reshape(w.shape[0], -1) if self.spec.per_channel else w.detach().reshape(1, -1)
+        a = rows.abs()
+        delta = DELTA_FACTOR * a.mean(1)
+        keep = a > delta[:, None]
+        alpha = (a * keep).sum(1) / keep.sum(1).clamp_min(1)
+        alpha = alpha.clamp_min(1e-12)  # an all-zero channel stays 0 on any step
+        shape = [-1] + [1] * (w.dim() - 1) if self.spec.per_channel else []
+        return delta.reshape(shape), alpha.reshape(shape)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        delta, alpha = self.threshold_and_alpha(x)
+        wt = alpha * torch.sign(x.detach()) * (x.detach().abs() > delta)
+        with torch.no_grad():
+            self.scale = alpha.reshape(-1 if self.spec.per_channel else ()).clone()
+        return x + (wt - x).detach()
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is None:
+            return self.scale.detach().clone(), self.zero_point.detach().clone()
+        _, alpha = self.threshold_and_alpha(x)
+        step = alpha.reshape(-1 if self.spec.per_channel else ()).clone()
+        return step, torch.zeros_like(step)

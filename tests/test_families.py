@@ -1,0 +1,139 @@
+"""Seed 001's binary, ternary and half-wave Gaussian quantizers: forward, gradient, deployment."""
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import RecipeError
+from lowbit.quant.gaussian import half_gaussian_mse, optimal_half_gaussian_step
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.registry import make_trainable
+from lowbit.quant.spec import QuantSpec
+from lowbit.recipes.recipe import load_recipe
+
+
+def _calibrated(bits, grid="midtread", signed=True, per_channel=True, scale=0.1, channels=4):
+    q = UniformQuantizer(QuantSpec(bits=bits, grid=grid, signed=signed, per_channel=per_channel))
+    q.signed = signed
+    shape = (channels,) if per_channel else ()
+    q.set_params(torch.full(shape, scale), torch.zeros(shape))
+    return q
+
+
+def test_xnor_weights_are_alpha_sign_with_xnor_nets_gradient():
+    torch.manual_seed(0)
+    w = (torch.randn(4, 3, 3, 3) * 0.6).requires_grad_()
+    q = make_trainable(_calibrated(1, "midrise"), "xnor", "weights")
+    out = q(w)
+    alpha = w.detach().abs().reshape(4, -1).mean(1)[:, None, None, None]
+    sign = torch.where(w.detach() >= 0, 1.0, -1.0)
+    assert torch.allclose(out, alpha * sign)
+    g = torch.randn_like(w)
+    out.backward(g)
+    n = w[0].numel()
+    inside = (w.detach().abs() <= 1).float()
+    # through sign (window |W| <= 1) and through α = mean|W| (each weight moves α by sign/n)
+    expected = g * alpha * inside + sign * (g * sign).reshape(4, -1).sum(1)[:, None, None, None] / n
+    assert torch.allclose(w.grad, expected, atol=1e-6)
+    step, _ = q.deploy_params(w.detach())
+    assert torch.allclose(step, 2 * alpha.reshape(-1))  # 1-bit mid-rise: levels ±step/2
+
+
+def test_binaryconnect_deterministic_stochastic_and_the_latent_clip():
+    torch.manual_seed(0)
+    q = make_trainable(_calibrated(1, "midrise", scale=0.2, channels=2), "binaryconnect", "weights",
+                       stochastic=True)
+    a = 0.1  # the calibrated level: step / 2
+    w = torch.tensor([[0.05, -0.02, 0.3, -0.5], [0.0, 0.08, -0.08, 0.01]])
+    q.eval()
+    assert torch.equal(q(w), torch.where(w >= 0, a, -a))  # deterministic sign at evaluation
+    q.train()
+    draws = torch.stack([q(w) for _ in range(4000)])
+    p_plus = (draws > 0).float().mean(0)
+    expected = torch.clamp((w / a + 1) / 2, 0, 1)  # σ_hard in units of a
+    assert torch.allclose(p_plus, expected, atol=0.03)
+    w_grad = w.clone().requires_grad_()
+    q(w_grad).sum().backward()
+    assert torch.equal(w_grad.grad, torch.ones_like(w))  # straight through
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(4, 2, bias=False)
+            self.bn = None
+
+    layer = Layer()
+    with torch.no_grad():
+        layer.module.weight.copy_(w)
+    q.project_(layer)
+    assert torch.equal(layer.module.weight, torch.clamp(w, -a, a))  # latent weights clipped to [-1, 1]·a
+
+
+def test_twn_threshold_and_scale_follow_the_paper():
+    w = torch.tensor([[1.0, -0.2, 0.5, -2.0, 0.05, 0.0]])
+    q = make_trainable(_calibrated(2, channels=1), "twn", "weights")
+    delta = 0.7 * w.abs().mean()
+    kept = w.abs() > delta
+    alpha = w.abs()[kept].mean()
+    out = q(w.requires_grad_())
+    assert torch.allclose(out, alpha * torch.sign(w.detach()) * kept)
+    assert sorted(set(out.detach().flatten().tolist())) == pytest.approx([-float(alpha), 0.0, float(alpha)])
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    step, _ = q.deploy_params(w.detach())
+    assert torch.allclose(step, alpha.reshape(1))  # codes −1, 0, 1 on the 2-bit mid-tread grid
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_hwgq_step_is_the_half_gaussian_optimum(bits):
+    step, mse = optimal_half_gaussian_step(bits)
+    z = np.maximum(np.random.default_rng(bits).standard_normal(2_000_000), 0)
+    q = np.clip(np.round(z / step), 0, 2**bits - 1) * step
+    assert ((z - q) ** 2).mean() == pytest.approx(mse, rel=0.02)  # the closed form is right
+    assert half_gaussian_mse(step * 0.95, bits) > mse < half_gaussian_mse(step * 1.05, bits)  # and minimal
+
+
+def test_hwgq_tracks_sigma_and_backpropagates_a_clipped_relu():
+    src = _calibrated(2, signed=False, per_channel=False, scale=0.3)
+    q = make_trainable(src, "hwgq", "activations", momentum=1.0)
+    unit = optimal_half_gaussian_step(2)[0]
+    assert float(q.sigma) == pytest.approx(0.3 / unit)
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(200_000) * 2.0).requires_grad_()
+    q.train()
+    out = q(x)
+    assert float(q.sigma) == pytest.approx(2.0, rel=0.01)  # σ = sqrt(2·E[x²]) of a half-wave N(0, σ²)
+    step = unit * float(q.sigma)
+    assert torch.allclose(out.detach(), torch.clamp(torch.round(x.detach() / step), 0, 3) * step)
+    out.sum().backward()
+    assert torch.equal(x.grad, (x.detach() <= 3 * step).float())
+    with pytest.raises(RecipeError, match="half-wave"):
+        make_trainable(_calibrated(2, per_channel=False), "hwgq", "activations")
+
+
+def test_binary_and_ternary_kinds_need_their_grid():
+    with pytest.raises(RecipeError, match=r"'xnor' needs weights: \{bits: 1, grid: midrise\}, got 2-bit"):
+        load_recipe({"extends": "w4a4", "weights": {"bits": 2, "quantizer": "xnor"}})
+    with pytest.raises(RecipeError, match=r"'twn' needs weights: \{bits: 2, grid: midtread\}"):
+        load_recipe({"extends": "w4a4", "weights": {"bits": 1, "grid": "midrise", "quantizer": "twn"}})
+    with pytest.raises(RecipeError, match="not options of quantizer 'xnor'"):
+        load_recipe({"extends": "w4a4", "weights": {"bits": 1, "grid": "midrise", "quantizer": "xnor",
+                                                   "quantizer_options": {"stochastic": True}}})
+
+
+@pytest.mark.parametrize("kind,bits,grid,levels", [("xnor", 1, "midrise", 2), ("binaryconnect", 1, "midrise", 2),
+                                                   ("twn", 2, "midtread", 3)])
+def test_trained_binary_and_ternary_models_deploy_bit_exact(mnist_cnn, tmp_path, kind, bits, grid, levels):
+    model, calib, test = mnist_cnn
+    recipe = {"extends": "w4a4", "name": f"test-{kind}", "weights": {"bits": bits, "grid": grid, "quantizer": kind},
+              "overrides": [{"pattern": "*", "a_bits": 32}], "quantize_adds": False,
+              "steps": ["calibrate", {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200,
+                                             "steps_per_epoch": 12}}]}
+    qm = lowbit.quantize(model, recipe, calib=calib, train=(test[0][:1000], test[1][:1000]), progress=False)
+    fallbacks = qm.meta["qat"]["fallbacks"]
+    assert set(fallbacks.values()) == {"lsq"} and len(fallbacks) == 2  # the 8-bit first and last layers
+    inner = qm.layers[1].layer
+    per_channel = inner.quantized_weight().detach().reshape(inner.weight.shape[0], -1)
+    assert max(len(torch.unique(row)) for row in per_channel) <= levels
+    back = lowbit.load(lowbit.save(qm, tmp_path / f"{kind}.lowbit"), model=type(model)())
+    assert torch.equal(back(test[0][:100]), qm(test[0][:100]))
