@@ -25,6 +25,11 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
         first, last = table[0], table[len(table) - 1]
         for r in (first, last):
             r.w_bits = max(r.w_bits, recipe.first_last_bits)
+            q = r.layer.weight_quantizer
+            if q.spec.grid == "midrise" and r.w_bits >= 8:
+                # A mid-rise grid is what 1-bit layers need; an 8-bit layer on it has no int8
+                # codes (256 odd levels), so the first/last layer keeps the integer grid.
+                q.spec = q.spec.with_(grid="midtread")
         # The network input and the head's input are 8-bit in every integer runtime.
         first.a_bits = max(first.a_bits, recipe.first_last_bits)
         last.a_bits = max(last.a_bits, recipe.first_last_bits)

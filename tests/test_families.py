@@ -137,3 +137,9 @@ def test_trained_binary_and_ternary_models_deploy_bit_exact(mnist_cnn, tmp_path,
     assert max(len(torch.unique(row)) for row in per_channel) <= levels
     back = lowbit.load(lowbit.save(qm, tmp_path / f"{kind}.lowbit"), model=type(model)())
     assert torch.equal(back(test[0][:100]), qm(test[0][:100]))
+    pytest.importorskip("onnxruntime")
+    # Binary weights sit on a mid-rise grid: exported as odd int8 codes at half the step.
+    onnx_model = lowbit.OnnxModel(lowbit.export_onnx(qm, tmp_path / f"{kind}.onnx", test[0][:1]), threads=1)
+    ours, theirs = qm(test[0][:300]), onnx_model(test[0][:300])
+    assert (ours.argmax(1) == theirs.argmax(1)).float().mean() > 0.99
+    assert float((ours - theirs).abs().max()) < 1e-3 * float(ours.abs().max())

@@ -159,15 +159,27 @@ class _Builder:
         if not layer.quantize_weight:
             return self.const("weight", w.numpy().astype(np.float32))
         q = layer.weight_quantizer
-        self.check_grid(q)
         if not q.signed or not q.spec.symmetric:
             raise ExportError(f"weights of {layer.name!r} must be signed symmetric for ONNX Runtime's int8 kernels")
-        codes = q.codes(w).numpy().astype(np.int8)
-        scale = q.scale.detach().numpy().astype(np.float32)
+        codes, scale = self.weight_codes(layer)
         zp = np.zeros_like(scale, dtype=np.int8)
         attrs = {"axis": 0} if scale.ndim == 1 else {}
         return self.op("DequantizeLinear", [self.const("w_codes", codes), self.const("w_scale", scale),
                                             self.const("w_zp", zp)], "w", **attrs)
+
+    @staticmethod
+    def weight_codes(layer: QuantLayer) -> tuple[np.ndarray, np.ndarray]:
+        """int8 codes and scale of a layer's weight. A b-bit mid-rise grid (binary, μL2Q, DoReFa
+        weights: levels (q + ½)·s) is the mid-tread grid of step s/2 on the odd codes 2q + 1,
+        so it runs on the same int8 kernels, exactly (|2q + 1| ≤ 2^b − 1 fits int8 to 7 bits)."""
+        q = layer.weight_quantizer
+        codes = q.codes(layer.weight.detach()).numpy().astype(np.int32)
+        scale = q.scale.detach().numpy().astype(np.float32)
+        if q.spec.grid == "midrise":
+            if q.bits > 7:
+                raise ExportError(f"{layer.name}: a {q.bits}-bit mid-rise weight grid does not fit int8 codes")
+            codes, scale = 2 * codes + 1, (scale / 2).astype(np.float32)
+        return codes.astype(np.int8), scale
 
     def bias(self, layer: QuantLayer, x_name: str, out_channels: int) -> str | None:
         """int32 codes on the grid QuantLayer.quantized_bias simulates (same float32 maths)."""
@@ -178,8 +190,10 @@ class _Builder:
             return self.const("bias", b.detach().numpy().astype(np.float32))
         with torch.no_grad():
             step = layer.input_ref[0].scale * layer.weight_quantizer.scale
-            scale = torch.broadcast_to(step, (out_channels,)).numpy().astype(np.float32)
             codes_f = torch.round(b / step).numpy()
+            if layer.weight_quantizer.spec.grid == "midrise":  # the weight's ONNX step is s_w/2 (weight_codes)
+                step, codes_f = step / 2, 2 * codes_f
+            scale = torch.broadcast_to(step, (out_channels,)).numpy().astype(np.float32)
         if np.abs(codes_f).max() > np.iinfo(np.int32).max:
             raise ExportError(f"{layer.name}: bias does not fit int32 at step s_in*s_w")
         codes = codes_f.astype(np.int32)
