@@ -77,17 +77,21 @@ def main() -> None:
                 node = node.setdefault(p, {})
             node[leaf] = yaml.safe_load(v)
         steps = [dict(s) if isinstance(s, dict) else s for s in src.get("steps", [])]
-        qat = next(s["qat"] for s in steps if isinstance(s, dict) and "qat" in s)
-        if args.epochs:
-            qat["epochs"] = args.epochs
-        for kv in args.set:
-            k, v = kv.split("=", 1)
-            qat[k] = yaml.safe_load(v)
+        qat = next((s["qat"] for s in steps if isinstance(s, dict) and "qat" in s), None)
+        if qat is None:  # a post-training recipe (e.g. k-means): a row that trains nothing
+            qat = {"epochs": 0}
+        else:
+            if args.epochs:
+                qat["epochs"] = args.epochs
+            for kv in args.set:
+                k, v = kv.split("=", 1)
+                qat[k] = yaml.safe_load(v)
         row_name = f"{name}{'-' + args.tag if args.tag else ''}-e{qat['epochs']}"
         if row_name in done:
             print(f"{row_name}: done already", flush=True)
             continue
-        qat["checkpoint"] = str(Path(args.runs) / f"{args.model}-{row_name}")
+        if qat["epochs"]:
+            qat["checkpoint"] = str(Path(args.runs) / f"{args.model}-{row_name}")
         src["steps"] = steps
         src["name"] = name
         if float_top1 is None:
@@ -95,9 +99,21 @@ def main() -> None:
         c = recipe.calibration
         calib = dataset_tensors(calibration_subset(train, c["samples"], c["seed"]))[0]
         ptq_src = dict(src, steps=["calibrate"])
+        if src.get("weights", {}).get("quantizer") == "kmeans":  # its qat needs the kmeans step before it
+            ptq_src["weights"] = dict(src["weights"], quantizer="uniform")
         ptq = lowbit.quantize(model, ptq_src, calib=calib, progress=False)
         ptq_top1 = 100 * lowbit.evaluate(ptq, test_batches)
         start = time.perf_counter()
+        if not qat["epochs"]:
+            qm = lowbit.quantize(model, src, calib=calib, progress=False)
+            row = {"row": row_name, "recipe": name, "model": args.model, "epochs": 0, "top1": 100 * lowbit.evaluate(
+                qm, test_batches), "float_top1": float_top1, "ptq_start_top1": ptq_top1,
+                "w_bits": qm.mean_bits()["w_bits"], "wall_seconds": time.perf_counter() - start,
+                "threads": args.threads, "edits": args.edit}
+            print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1")}), flush=True)
+            results["rows"].append(row)
+            atomic_write_text(out, json.dumps(results, indent=1))
+            continue
         try:
             qm = lowbit.quantize(model, src, calib=calib, train=train, device=args.device)
         except NumericalError as err:  # a diverged run is a result too: recorded, not retried
@@ -117,7 +133,7 @@ def main() -> None:
                "best_epoch": info["best_epoch"], "best_val_top1": info["best_val_top1"],
                "wall_seconds": wall, "threads": args.threads, "device": args.device,
                "hardware": platform.processor() or platform.machine(), "history": info["history"],
-               "fallbacks": info["fallbacks"]}
+               "fallbacks": info["fallbacks"], "edits": args.edit}
         print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1", "wall_seconds")}),
               flush=True)
         results["rows"].append(row)

@@ -112,6 +112,23 @@ def _qat(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
               calib=batches, device=data.get("device", "cpu"), progress=progress)
 
 
+def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+            hessian: str = "none", joint: bool = False, iterations: int = 100,
+            recalibrate_activations: bool = True) -> None:
+    """k-means codebooks for every sub-8-bit layer (lowbit.ptq.kmeans), then activation ranges
+    re-fitted to the clustered weights."""
+    from lowbit.ptq.calibrate import calibrate_activations
+    from lowbit.ptq.kmeans import cluster_weights
+
+    if not qm.calibrated:
+        raise RecipeError("`kmeans` clusters a calibrated model: put `calibrate` before it")
+    qm.meta["kmeans"] = cluster_weights(qm, batches, hessian=hessian, joint=joint, iterations=iterations,
+                                        progress=progress)
+    if recalibrate_activations:
+        calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
+                              seed=recipe.calibration["seed"], progress=progress)
+
+
 RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop", "pdquant", "adaquant", "teacher_student")
 
 STEPS: dict[str, Callable[..., None]] = {
@@ -121,6 +138,7 @@ STEPS: dict[str, Callable[..., None]] = {
     "easyquant": _easyquant,
     "zeroq": _zeroq,
     **{m: _reconstruction(m) for m in RECONSTRUCTION_METHODS},
+    "kmeans": _kmeans,
     "qat": _qat,
 }
 

@@ -27,6 +27,7 @@ from lowbit.deploy.packing import pack_codes, packed_nbytes, unpack_codes
 from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.model.quant_model import QuantModel
+from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec
 from lowbit.state_io import usual_permissions
@@ -125,7 +126,8 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
         "format": FORMAT, "version": FORMAT_VERSION, "arch": arch, "recipe": qm.meta.get("recipe"),
         "layers": qm.layers.rows(),
         "quantizers": {n: {"bits": q.bits, "signed": q.signed, "enabled": q.enabled, "calibrated": q.calibrated,
-                           "spec": q.spec.to_dict()}
+                           "spec": q.spec.to_dict(), "method": getattr(q, "method", "uniform"),
+                           **({"kind": q.kind} if isinstance(q, CodebookQuantizer) else {})}
                        for n, q in _quantizers(qm).items()},
         "float_weights": [r.name for r in qm.layers if not r.layer.quantize_weight],
         "layout": layout, "metrics": metrics or qm.meta.get("metrics", {}),
@@ -234,16 +236,28 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
     if unknown:
         raise ArtifactError(f"{path}: quantizers {unknown[:5]} are not in the rebuilt model: it was saved from "
                             "another model or recipe layout")
+    entries = {e["key"]: e for e in header["layout"]}
+    for name, state in header["quantizers"].items():  # codebooks replace the recipe's uniform grids
+        if state.get("kind") == "codebook":
+            table = entries.get(f"{name}.centroids")
+            if table is None:
+                raise ArtifactError(f"{path}: codebook quantizer {name!r} has no centroids")
+            book = CodebookQuantizer(QuantSpec.from_dict(state["spec"]), torch.zeros(table["count"]), name=name)
+            qm.replace_quantizer(quantizers[name], book)
+            quantizers[name] = book
+        elif state.get("kind", "uniform") != "uniform":
+            raise ArtifactError(f"{path}: quantizer {name!r} has kind {state['kind']!r}, which this lowbit does not know")
     for name, state in header["quantizers"].items():
         q = quantizers[name]
-        if "spec" in state:  # the grid QAT deployed (e.g. μL2Q's mid-rise), not only the recipe's
+        # the grid QAT deployed (e.g. μL2Q's mid-rise), not only the recipe's
+        if "spec" in state and not isinstance(q, CodebookQuantizer):
             try:
                 q.spec = QuantSpec.from_dict(state["spec"])
             except (LowbitError, TypeError) as err:
                 raise ArtifactError(f"{path}: quantizer {name!r} has an invalid spec: {err}") from None
         q.set_bits(state["bits"])
         q.signed, q.enabled = state["signed"], state["enabled"]
-    entries = {e["key"]: e for e in header["layout"]}
+        q.method = str(state.get("method", "uniform"))
     _add_learned_biases(qm, entries)
     params = dict(qm.state_dict())
 
@@ -260,7 +274,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
             zp_entry = entries.get(f"{name}.zero_point")
             q.set_params(scale, float_tensor(zp_entry) if zp_entry else torch.zeros_like(scale))
         layers = _packed_weights(qm)
-        for key, entry in entries.items():
+        # floats first: a codebook's centroids must be in place before its indices decode
+        for key, entry in sorted(entries.items(), key=lambda kv: kv[1]["store"] != "floats"):
             if key not in params:
                 raise ArtifactError(f"{path}: tensor {key!r} does not exist in the rebuilt model")
             if entry["store"] == "floats":

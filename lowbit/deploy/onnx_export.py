@@ -30,6 +30,7 @@ from lowbit.model.fold_bn import BN_TYPES
 from lowbit.model.graph import ADD_FUNCTIONS, RELU_FUNCTIONS, RELU_MODULES
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.model.quant_model import QuantModel
+from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -159,6 +160,14 @@ class _Builder:
         if not layer.quantize_weight:
             return self.const("weight", w.numpy().astype(np.float32))
         q = layer.weight_quantizer
+        if isinstance(q, CodebookQuantizer):
+            # No integer kernel runs a codebook: the float weight is rebuilt from the stored
+            # indices, Gather(centroids, Cast(indices)), and the layer runs in float.
+            idx = self.const("w_index", q.codes(w).numpy().astype(np.uint8 if q.bits <= 8 else np.uint16))
+            from onnx import TensorProto
+
+            idx = self.op("Cast", [idx], "w_index_i64", to=TensorProto.INT64)
+            return self.op("Gather", [self.const("w_codebook", q.centroids.numpy().astype(np.float32)), idx], "w")
         if not q.signed or not q.spec.symmetric:
             raise ExportError(f"weights of {layer.name!r} must be signed symmetric for ONNX Runtime's int8 kernels")
         codes, scale = self.weight_codes(layer)
@@ -186,7 +195,8 @@ class _Builder:
         b = layer.bias
         if b is None:
             return None
-        if x_name not in self.act_scale or not layer.quantize_weight:
+        if x_name not in self.act_scale or not layer.quantize_weight or isinstance(layer.weight_quantizer,
+                                                                                    CodebookQuantizer):
             return self.const("bias", b.detach().numpy().astype(np.float32))
         with torch.no_grad():
             step = layer.input_ref[0].scale * layer.weight_quantizer.scale

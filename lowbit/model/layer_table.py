@@ -62,9 +62,14 @@ class LayerRecord:
         q.enabled = True
         q.set_bits(bits)
 
+    @property
+    def quantizer(self) -> str:
+        """How the weights are quantized: uniform, a QAT kind (xnor, twn, lsq, ...), kmeans, ttq."""
+        return getattr(self.layer.weight_quantizer, "method", "uniform") if self.layer.quantize_weight else "float"
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": self.params, "macs": self.macs,
-                "w_bits": self.w_bits, "a_bits": self.a_bits}
+                "w_bits": self.w_bits, "a_bits": self.a_bits, "quantizer": self.quantizer}
 
 
 class LayerTable:

@@ -25,9 +25,9 @@ WEIGHT_FALLBACK_KIND = "lsq"  # for layers at other bits than a binary/ternary k
 
 
 def _swap(qm: QuantModel, q: UniformQuantizer, kind: str, role: str, options: dict[str, Any],
-          fallbacks: dict[str, str]) -> None:
+          fallbacks: dict[str, str], weight: torch.Tensor | None = None) -> None:
     try:
-        new = make_trainable(q, kind, role, **options)
+        new = make_trainable(q, kind, role, weight=weight, **options)
     except RecipeError:
         # A kind that cannot take this tensor (PACT on a signed input, a binary kind on the
         # 8-bit first layer) leaves it to LSQ(+), and the run says so.
@@ -90,7 +90,8 @@ def to_training_form(qm: QuantModel, weight_kind: str, act_kind: str, weight_opt
     fallbacks: dict[str, str] = {}
     for r in qm.layers:
         if r.layer.quantize_weight:
-            _swap(qm, r.layer.weight_quantizer, weight_kind, "weights", weight_options or {}, fallbacks)
+            _swap(qm, r.layer.weight_quantizer, weight_kind, "weights", weight_options or {}, fallbacks,
+                  r.layer.weight.detach())
     for q in qm.act_quantizers().values():
         if q.enabled:
             _swap(qm, q, act_kind, "activations", act_options or {}, fallbacks)

@@ -235,10 +235,11 @@ def train_qat(
     if cfg.kd:
         teacher = copy.deepcopy(qm).to(dev).eval()
     qm.to(dev)
-    # A per-tensor weight grid cannot follow a per-channel BN scale (at 1 bit it erases it:
-    # every channel becomes ±α·σ), so batch statistics learnt in training would not survive
-    # folding; such layers train folded from the start.
-    train_bn = cfg.train_bn and rec.weights.spec.per_channel
+    # A per-tensor weight grid or codebook cannot follow a per-channel BN scale (at 1 bit it
+    # erases it: every channel becomes ±α·σ), so batch statistics learnt in training would
+    # not survive folding; such layers train folded from the start.
+    train_bn = cfg.train_bn and all(r.layer.weight_quantizer.spec.per_channel for r in qm.layers
+                                    if r.layer.quantize_weight)
     info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
                             rec.activations.quantizer_options, [c.to(dev) for c in calib], train_bn, cfg.bn_momentum)
     info["train_bn"] = train_bn
@@ -259,7 +260,11 @@ def train_qat(
     constrained = [r.layer for r in qm.layers if isinstance(r.layer.weight_quantizer, TrainableQuantizer)
                    and type(r.layer.weight_quantizer).project_ is not TrainableQuantizer.project_]
     frozen = not train_bn
+    scheduled = [r.layer for r in qm.layers if isinstance(r.layer.weight_quantizer, TrainableQuantizer)
+                 and type(r.layer.weight_quantizer).on_epoch_start is not TrainableQuantizer.on_epoch_start]
     for epoch in range(state.epoch, cfg.epochs):
+        for layer in scheduled:
+            layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
         started = time.perf_counter()
         model.train()
         batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)

@@ -29,6 +29,9 @@ class UniformQuantizer(nn.Module):
         self.signed: bool | None = None if spec.signed == "auto" else bool(spec.signed)
         self.calibrated = False
         self.enabled = True
+        # The method that set this grid (a QAT kind deployed here, "kmeans"): what the layer
+        # table and artifacts report; the fake-quant itself is the grid's.
+        self.method = "uniform"
         self.observer: Callable[[torch.Tensor], None] | None = None
 
     # -- configuration -------------------------------------------------------------

@@ -11,8 +11,10 @@ from typing import Any
 from lowbit.errors import RecipeError
 from lowbit.quant.learned.base import TrainableQuantizer
 from lowbit.quant.learned.binary import BinaryConnectQuantizer, XNORWeightQuantizer
+from lowbit.quant.learned.codebook_kinds import KMeansFineTuneQuantizer, TTQQuantizer
 from lowbit.quant.learned.dorefa import DoReFaWeightQuantizer
 from lowbit.quant.learned.hwgq import HWGQQuantizer
+from lowbit.quant.learned.inq import INQQuantizer
 from lowbit.quant.learned.lsq import LSQPlusQuantizer, LSQQuantizer
 from lowbit.quant.learned.pact import PACTQuantizer
 from lowbit.quant.learned.ternary import TWNQuantizer
@@ -29,6 +31,9 @@ TRAINABLE: dict[str, type[TrainableQuantizer]] = {
     "xnor": XNORWeightQuantizer,
     "twn": TWNQuantizer,
     "hwgq": HWGQQuantizer,
+    "kmeans": KMeansFineTuneQuantizer,
+    "ttq": TTQQuantizer,
+    "inq": INQQuantizer,
 }
 KINDS = ("uniform", *TRAINABLE)
 
@@ -46,19 +51,29 @@ def check_kind(kind: Any, role: str) -> str:
 def check_kind_grid(kind: str, spec: Any, where: str) -> None:
     """Binary and ternary kinds have one grid: a recipe asking for another is an error (the
     layers the recipe keeps at other bits, e.g. first/last at 8, train with LSQ instead)."""
-    need = getattr(TRAINABLE.get(kind), "grid_required", None)
+    cls = TRAINABLE.get(kind)
+    need = getattr(cls, "grid_required", None)
     if need is not None and (spec.bits, spec.grid) != need:
         raise RecipeError(f"{where}.quantizer {kind!r} needs {where}: {{bits: {need[0]}, grid: {need[1]}}}, "
                           f"got {spec.bits}-bit {spec.grid}")
+    if getattr(cls, "per_tensor_only", False) and spec.per_channel:
+        raise RecipeError(f"{where}.quantizer {kind!r} has one set of levels per layer: set {where}.per_channel: false")
 
 
-def make_trainable(source: UniformQuantizer, kind: str, role: str, **options: Any) -> UniformQuantizer:
+def make_trainable(source: UniformQuantizer, kind: str, role: str, weight: Any = None,
+                   **options: Any) -> UniformQuantizer:
     """The quantizer of ``kind`` that starts where ``source`` (calibrated) is; "uniform"
-    keeps ``source`` itself (a fixed grid, e.g. float-range STE training)."""
+    keeps ``source`` itself (a fixed grid, e.g. float-range STE training). Kinds that start
+    from the weight itself (k-means assignments, TTQ's scales) get it as ``weight``."""
     check_kind(kind, role)
     if kind == "uniform":
         return source
-    return TRAINABLE[kind].from_uniform(source, role, **options)
+    cls = TRAINABLE[kind]
+    if getattr(cls, "needs_weight", False):
+        if weight is None:
+            raise RecipeError(f"quantizer {kind!r} starts from the layer's weight; none was given")
+        options = {**options, "weight": weight}
+    return cls.from_uniform(source, role, **options)
 
 
 def kind_options_schema(kind: str) -> list[Any]:
@@ -72,6 +87,7 @@ def kind_options_schema(kind: str) -> list[Any]:
         "pact": [Param("alpha_decay", "float", 5e-4, low=0, doc="L2 penalty on the clipping level alpha")],
         "binaryconnect": [Param("stochastic", "bool", False, doc="sample +1 with probability hard_sigmoid(w) in training")],
         "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],
+        "ttq": [Param("threshold", "float", 0.05, low=0, high=1, doc="t: zero where |w| <= t*max|w| (TTQ eq. 6)")],
     }.get(kind, [])
 
 

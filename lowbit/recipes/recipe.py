@@ -158,6 +158,10 @@ class Recipe:
         if not isinstance(raw_steps, list) or not raw_steps:
             raise RecipeError(f"steps must be a non-empty list such as [calibrate], got {raw_steps!r}")
         steps = [_parse_step(s, i) for i, s in enumerate(raw_steps)]
+        names = [n for n, _ in steps]
+        if weights.quantizer == "kmeans" and ("qat" not in names or "kmeans" not in names[:names.index("qat")]):
+            raise RecipeError("weights.quantizer kmeans fine-tunes k-means centroids in a `qat` step: the steps need "
+                              "`kmeans` before `qat`, e.g. [calibrate, kmeans, qat]")
         if data.get("plan") is not None and not isinstance(data["plan"], (str, dict)):
             raise RecipeError(f"plan must be a plan file path or a mapping, got {data['plan']!r}")
         plan = load_plan(data["plan"]) if data.get("plan") is not None else None

@@ -176,6 +176,13 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("batch_size", "int", 128, low=1, doc="inputs distilled at a time"),
         ],
         **{m: recon for m in RECONSTRUCTION_METHODS},
+        "kmeans": [
+            Param("hessian", "str", "none", choices=("none", "fisher"),
+                  doc="weight each squared error by the diagonal Fisher (Choi et al.'s Hessian-weighted k-means)"),
+            Param("joint", "bool", False, doc="one codebook for all layers of a bit width (needs hessian: fisher)"),
+            Param("iterations", "int", 100, low=1, doc="Lloyd iterations at most"),
+            Param("recalibrate_activations", "bool", True, doc="re-fit activation ranges to the clustered weights"),
+        ],
         "qat": _qat_schema(),
     }
 

@@ -33,6 +33,7 @@ class TrainableQuantizer(UniformQuantizer):
         self.calibrated = source.calibrated
         self.scale = source.scale.detach().clone()
         self.zero_point = source.zero_point.detach().clone()
+        self.method = self.kind
 
     @classmethod
     def from_uniform(cls, source: UniformQuantizer, role: str, **options: Any) -> "TrainableQuantizer":
@@ -43,6 +44,10 @@ class TrainableQuantizer(UniformQuantizer):
         own parameters; default: none of them decays."""
         own = [p for p in self.parameters(recurse=False) if p.requires_grad]
         return [(own, 0.0)] if own else []
+
+    def on_epoch_start(self, epoch: int, epochs: int, layer: torch.nn.Module) -> None:
+        """Called on the weight quantizer's layer before every epoch (0-based) of ``epochs``: a
+        kind with a schedule (INQ's growing quantized portion) advances it here; default none."""
 
     def project_(self, layer: torch.nn.Module) -> None:
         """Called on the weight quantizer's layer after every optimiser step: a kind that
@@ -65,6 +70,7 @@ class TrainableQuantizer(UniformQuantizer):
         scale, zero_point = self.deploy_params(weight)
         q.set_params(scale, zero_point)
         q.calibrated = self.calibrated
+        q.method = self.kind
         return q
 
     def extra_repr(self) -> str:

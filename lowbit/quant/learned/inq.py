@@ -1,0 +1,90 @@
+"""INQ (Zhou et al. 2017, seed 001's power-of-two family): incremental network quantization.
+
+Weights become powers of two or zero, P = {±2^n1, …, ±2^n2, 0}, with n1 = floor(log2(4s/3)),
+s = max|W| of the layer, and n2 = n1 + 1 − 2^(b−1)/2 (one of the b bits codes zero; INQ
+eq. 2): 2^(b−1) + 1 levels. Each weight goes to its nearest level (INQ eq. 3: the
+thresholds are the midpoints, 3β/2 between β and 2β, β/2 between 0 and the smallest β).
+
+Not all at once: the weights are partitioned by magnitude, and at each stage the largest
+of the still-float weights join the quantized set until the accumulated portions are 50%,
+75%, 87.5% and 100% (the paper's schedule). Quantized weights are fixed (no gradient); the
+float rest retrains to make up for them. Stages start at evenly spaced epochs of the QAT
+run; the last portion (100%) is quantized when training ends, at deployment. Deployed as a
+codebook of the level set (lowbit.quant.codebook), b-bit indices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.errors import RecipeError
+from lowbit.quant.codebook import CodebookQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.quantizer import UniformQuantizer
+
+PORTIONS = (0.5, 0.75, 0.875)  # accumulated fractions quantized before training ends; then 100%
+
+
+def power_of_two_levels(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """INQ's sorted level set {−2^n1 … −2^n2, 0, 2^n2 … 2^n1} for this weight tensor."""
+    s = float(weight.detach().abs().max())
+    if s <= 0:
+        return torch.zeros(1)
+    n1 = math.floor(math.log2(4 * s / 3))
+    n2 = n1 + 1 - 2 ** (bits - 1) // 2
+    pos = torch.tensor([2.0**n for n in range(n2, n1 + 1)])
+    return torch.cat([-pos.flip(0), torch.zeros(1), pos])
+
+
+class INQQuantizer(TrainableQuantizer):
+    kind = "inq"
+    roles = ("weights",)
+    needs_weight = True
+    per_tensor_only = True
+
+    def __init__(self, source: UniformQuantizer, role: str, weight: torch.Tensor) -> None:
+        super().__init__(source, role)
+        if self.spec.bits < 2:
+            raise RecipeError("inq needs at least 2 bits (one codes zero)")
+        self.spec = source.spec.with_(signed=True, symmetric=True)
+        self.register_buffer("levels", power_of_two_levels(weight, self.spec.bits))
+        self.register_buffer("frozen", torch.zeros(weight.shape, dtype=torch.bool))
+
+    def portion_at(self, epoch: int, epochs: int) -> float:
+        """Accumulated portion quantized during ``epoch`` (0-based) of ``epochs``."""
+        stage = min(len(PORTIONS) - 1, epoch * len(PORTIONS) // max(epochs, 1))
+        return PORTIONS[stage]
+
+    @torch.no_grad()
+    def on_epoch_start(self, epoch: int, epochs: int, layer: torch.nn.Module) -> None:
+        self.freeze_portion(layer.weight.detach(), self.portion_at(epoch, epochs))
+
+    @torch.no_grad()
+    def freeze_portion(self, weight: torch.Tensor, portion: float) -> None:
+        """Add the largest still-float weights to the quantized set until ``portion`` of all are in it."""
+        target = round(portion * weight.numel())
+        need = target - int(self.frozen.sum())
+        if need <= 0:
+            return
+        magnitude = weight.abs().reshape(-1).masked_fill(self.frozen.reshape(-1), -1.0)
+        chosen = torch.topk(magnitude, need).indices
+        flat = self.frozen.reshape(-1).clone()
+        flat[chosen] = True
+        self.frozen.copy_(flat.reshape(self.frozen.shape))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Each weight's nearest level (INQ eq. 3)."""
+        c = self.levels
+        return c[torch.bucketize(x.detach(), (c[1:] + c[:-1]) / 2)]
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = self.project(x)
+        return torch.where(self.frozen, quantized.detach(), x)  # fixed where quantized, training elsewhere
+
+    def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.project(weight)  # the last portion: 100%
+
+    def deploy(self, weight: torch.Tensor | None = None) -> UniformQuantizer:
+        return CodebookQuantizer(self.spec, self.levels, name=self.name, method="inq")

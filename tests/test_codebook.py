@@ -1,0 +1,158 @@
+"""Codebook weights: k-means (plain and Hessian-weighted), centroid fine-tuning, TTQ; deployment."""
+import os
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.deploy.artifact import theoretical_bytes
+from lowbit.errors import RecipeError
+from lowbit.quant.codebook import CodebookQuantizer, kmeans_1d
+from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.registry import make_trainable
+from lowbit.quant.spec import QuantSpec
+from lowbit.recipes.recipe import load_recipe
+
+
+def test_kmeans_recovers_the_centres_of_a_known_mixture():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([-1.0, 0.2, 0.5, 2.0])
+    values = torch.cat([c + 0.02 * torch.randn(3000, generator=g) for c in centres])
+    found = kmeans_1d(values[torch.randperm(values.numel(), generator=g)], 4)
+    assert torch.allclose(found, centres, atol=0.01)
+
+
+def test_hessian_weighting_pulls_a_centroid_toward_high_curvature_weights():
+    values = torch.tensor([0.0, 1.0, 10.0])
+    plain = kmeans_1d(values, 2)
+    weighted = kmeans_1d(values, 2, importance=torch.tensor([1.0, 99.0, 1.0]))
+    assert plain[0] == pytest.approx(0.5)          # the mean of {0, 1}
+    assert weighted[0] == pytest.approx(0.99)      # Σ h·w / Σ h: the weight with h = 99 dominates
+    assert plain[1] == weighted[1] == pytest.approx(10.0)
+
+
+def test_codebook_codes_and_values_round_trip():
+    q = CodebookQuantizer(QuantSpec(bits=2), torch.tensor([0.3, -1.0, 0.0, 2.0]))
+    assert torch.equal(q.centroids, torch.tensor([-1.0, 0.0, 0.3, 2.0]))  # kept sorted
+    x = torch.tensor([-5.0, -0.4, 0.1, 0.2, 1.0, 1.2, 9.0])
+    codes = q.codes(x)
+    assert codes.tolist() == [0, 1, 1, 2, 2, 3, 3]  # the nearest centroid
+    assert torch.equal(q.dequantize(codes), q(x))
+    assert q.code_range() == (0, 3) and q.param_bits() == 4 * 32
+    with pytest.raises(ValueError, match="holds 1..4 centroids"):
+        CodebookQuantizer(QuantSpec(bits=2), torch.zeros(5))
+
+
+def test_centroid_fine_tuning_sums_the_gradients_of_each_cluster():
+    w = torch.tensor([[-1.1, -0.9, 0.1], [0.05, 1.0, 1.2]])
+    book = CodebookQuantizer(QuantSpec(bits=2), torch.tensor([-1.0, 0.0, 1.1]))
+    q = make_trainable(book, "kmeans", "weights", weight=w)
+    out = q(w)
+    assert torch.allclose(out, torch.tensor([[-1.0, -1.0, 0.0], [0.0, 1.1, 1.1]]))
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    out.backward(g)
+    assert torch.equal(q.centroids.grad, torch.tensor([3.0, 7.0, 11.0]))  # Deep Compression eq. 3
+    with pytest.raises(RecipeError, match="put the `kmeans` step before `qat`"):
+        make_trainable(UniformQuantizer(QuantSpec(bits=2)), "kmeans", "weights", weight=w)
+
+
+def test_ttq_forward_and_gradients_follow_the_paper():
+    w = torch.tensor([1.0, -0.5, 0.02, -0.01, 0.3, -2.0]).requires_grad_()
+    src = UniformQuantizer(QuantSpec(bits=2, per_channel=False))
+    src.signed = True
+    src.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    q = make_trainable(src, "ttq", "weights", weight=w.detach())
+    m, wt = 2.0, w.detach() / 2.0
+    pos, neg = wt > 0.05, wt < -0.05
+    assert float(q.wp.detach()) == pytest.approx(float(wt[pos].mean()))
+    assert float(q.wn.detach()) == pytest.approx(float(-wt[neg].mean()))
+    out = q(w)
+    expected = m * (q.wp.detach() * pos - q.wn.detach() * neg)
+    assert torch.allclose(out, expected)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    out.backward(g)
+    assert float(q.wp.grad) == pytest.approx(m * float(g[pos].sum()))       # eq. 7
+    assert float(q.wn.grad) == pytest.approx(-m * float(g[neg].sum()))
+    scale = torch.where(pos, q.wp.detach(), torch.where(neg, q.wn.detach(), torch.ones(())))
+    assert torch.allclose(w.grad, g * scale)                               # eq. 8
+    levels = q.deploy(w.detach()).centroids
+    assert torch.allclose(levels, torch.stack([-q.wn.detach() * m, torch.zeros(()), q.wp.detach() * m]))
+
+
+def test_codebook_recipes_are_checked():
+    with pytest.raises(RecipeError, match="`kmeans` before `qat`"):
+        load_recipe({"extends": "w4a4", "weights": {"quantizer": "kmeans"},
+                     "steps": ["calibrate", {"qat": {"epochs": 1}}]})
+    with pytest.raises(RecipeError, match="one set of levels per layer: set weights.per_channel: false"):
+        load_recipe({"extends": "w4a4", "weights": {"bits": 2, "quantizer": "ttq"}})
+    with pytest.raises(RecipeError, match="needs hessian: fisher"):
+        lowbit.quantize(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)),
+                        {"extends": "w4a4", "first_last_bits": None, "steps": ["calibrate", {"kmeans": {"joint": True}}]},
+                        calib=torch.randn(8, 4), progress=False)
+
+
+@pytest.mark.parametrize("hessian", ["none", "fisher"])
+def test_kmeans_ptq_saves_at_its_true_size_and_runs_in_onnx(mnist_cnn, tmp_path, hessian):
+    model, calib, test = mnist_cnn
+    recipe = {"extends": "w4a4", "name": "km", "weights": {"bits": 3},
+              "steps": ["calibrate", {"kmeans": {"hessian": hessian}}]}
+    qm = lowbit.quantize(model, recipe, calib=calib, progress=False)
+    clustered = [r for r in qm.layers if isinstance(r.layer.weight_quantizer, CodebookQuantizer)]
+    assert len(clustered) == len(qm.layers) - 2  # the 8-bit first and last layers keep their int8 grid
+    for r in clustered:
+        assert len(torch.unique(r.layer.quantized_weight().detach())) <= 8
+    uniform = lowbit.quantize(model, {**recipe, "steps": ["calibrate"]}, calib=calib, progress=False)
+    acc = lambda m: float((m(test[0][:1000]).argmax(1) == test[1][:1000]).float().mean())  # noqa: E731
+    assert acc(qm) >= acc(uniform) - 0.01  # free centroids fit at least as well as the uniform grid
+    path = lowbit.save(qm, tmp_path / "km.lowbit")
+    back = lowbit.load(path, model=type(model)())
+    assert torch.equal(back(test[0][:200]), qm(test[0][:200]))
+    assert theoretical_bytes(qm) <= os.path.getsize(path) <= theoretical_bytes(qm) + 4096
+    pytest.importorskip("onnxruntime")
+    onnx_model = lowbit.OnnxModel(lowbit.export_onnx(qm, tmp_path / "km.onnx", test[0][:1]), threads=1)
+    agree = (onnx_model(test[0][:300]).argmax(1) == qm(test[0][:300]).argmax(1)).float().mean()
+    assert agree > 0.98
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "ttq", "inq"])
+def test_codebook_qat_trains_and_deploys_bit_exact(mnist_cnn, tmp_path, kind):
+    model, calib, test = mnist_cnn
+    weights = {"bits": 2, "quantizer": kind, "per_channel": False}
+    steps = ["calibrate"] + (["kmeans"] if kind == "kmeans" else []) + [
+        {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200, "steps_per_epoch": 12}}]
+    recipe = {"extends": "w4a4", "name": f"test-{kind}", "weights": weights, "quantize_adds": False,
+              "overrides": [{"pattern": "*", "a_bits": 32}], "steps": steps}
+    qm = lowbit.quantize(model, recipe, calib=calib, train=(test[0][:1000], test[1][:1000]), progress=False)
+    inner = qm.layers[1].layer
+    assert isinstance(inner.weight_quantizer, CodebookQuantizer)
+    assert len(torch.unique(inner.quantized_weight().detach())) <= (3 if kind == "ttq" else 4)
+    back = lowbit.load(lowbit.save(qm, tmp_path / f"{kind}.lowbit"), model=type(model)())
+    assert torch.equal(back(test[0][:100]), qm(test[0][:100]))
+    assert back.layers.rows()[1]["quantizer"] == kind
+
+
+def test_inq_levels_and_schedule_freeze_exactly_the_stated_portions():
+    from lowbit.quant.learned.inq import power_of_two_levels
+
+    w = torch.linspace(-0.9, 0.9, 200).reshape(20, 10)
+    levels = power_of_two_levels(w, 5)  # s = 0.9: n1 = floor(log2(1.2)) = 0, n2 = 0 + 1 - 8 = -7
+    assert torch.allclose(levels[levels > 0], torch.tensor([2.0**n for n in range(-7, 1)]))
+    assert levels.numel() == 17 and levels[8] == 0  # 2^(b-1) + 1 levels
+    src = UniformQuantizer(QuantSpec(bits=5, per_channel=False))
+    src.signed = True
+    src.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    q = make_trainable(src, "inq", "weights", weight=w)
+    for epoch, portion in [(0, 0.5), (2, 0.75), (4, 0.875)]:  # 6 epochs: stages at 0, 2, 4
+        assert q.portion_at(epoch, 6) == portion
+        q.freeze_portion(w, portion)
+        assert int(q.frozen.sum()) == round(portion * w.numel())
+        assert float(w.abs()[q.frozen].min()) >= float(w.abs()[~q.frozen].max())  # the largest first
+    x = w.clone().requires_grad_()
+    out = q(x)
+    assert torch.equal(out.detach()[~q.frozen], w[~q.frozen])  # the rest still float
+    assert set(out.detach()[q.frozen].abs().unique().tolist()) <= set(levels.abs().tolist())
+    out.sum().backward()
+    assert torch.equal(x.grad, (~q.frozen).float())  # quantized weights are fixed
+    assert torch.equal(q.deployed_weight(w), q.project(w))  # the last portion at the end: all of them
+    assert float(q.project(torch.tensor([0.70, 0.80, 0.004, 0.0039]))[0]) == 0.5   # 3β/2 = 0.75 splits 0.5 / 1
+    assert q.project(torch.tensor([0.80, 0.004, 0.0039])).tolist() == [1.0, 2.0**-7, 0.0]  # β/2 splits 0 / 2^-7
