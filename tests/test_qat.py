@@ -231,7 +231,8 @@ def test_kill_and_resume_ends_with_identical_weights(mnist_cnn, mnist_train, tmp
     finally:
         engine.save_state = original
     assert calls["n"] == 1 and (ckpt / "state.json").is_file() and (ckpt / "metrics.jsonl").read_text().count("\n") == 1
-    resumed = lowbit.quantize(model, first, calib=calib, train=small, progress=False)
+    reworded = {**first, "description": "the same recipe, described differently"}  # prose does not refuse a resume
+    resumed = lowbit.quantize(model, reworded, calib=calib, train=small, progress=False)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), k
     assert (ckpt / "metrics.jsonl").read_text().count("\n") == 2

@@ -80,7 +80,8 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
         raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}; delete the folder to start over") from e
     if side.get("format") != FORMAT:
         raise LowbitError(f"{side_path} is not a lowbit QAT checkpoint")
-    diffs = _differences(side.get("fingerprint"), json.loads(json.dumps(fingerprint, default=str)))
+    diffs = [d for d in _differences(side.get("fingerprint"), json.loads(json.dumps(fingerprint, default=str)))
+             if not d.startswith("recipe.description")]  # prose: rewording a recipe changes no result
     if diffs:
         raise LowbitError(f"checkpoint {folder} was written with another recipe or other qat settings ("
                           + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
