@@ -30,9 +30,10 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8a8,w4a4,w2a4")
     ap.add_argument("--data-dir")
     ap.add_argument("--models-dir")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "artifact_sizes.json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = pretrained(args.model, models_dir=args.models_dir)
     train = load_dataset("cifar10", "train", data_dir=args.data_dir)
     test = load_dataset("cifar10", "test", data_dir=args.data_dir)
@@ -42,11 +43,18 @@ def main() -> None:
     rows = []
     for name in args.recipes.split(","):
         recipe = lowbit.load_recipe(name)
-        qm = lowbit.quantize(model, recipe, calib=calibration_batches(train, recipe), progress=False)
+        qat = {"train": train} if any(s == "qat" for s, _ in recipe.steps) else {}
+        if qat:  # sizes only: one training step deploys the kind's grid or codebook; its accuracy is not the point
+            src = dict(recipe.source, name=name)
+            src["steps"] = [{"qat": {**s["qat"], "epochs": 1, "steps_per_epoch": 1, "val_samples": 256}}
+                            if isinstance(s, dict) and "qat" in s else s for s in src["steps"]]
+            recipe = lowbit.load_recipe(src)
+        qm = lowbit.quantize(model, recipe, calib=calibration_batches(train, recipe), progress=False, **qat)
         path = lowbit.save(qm, work / f"{name}.lowbit")
         loaded = lowbit.load(path)
         size, ideal = os.path.getsize(path), theoretical_bytes(qm)
-        rows.append({"recipe": name, "file_bytes": size, "theoretical_bytes": ideal,
+        rows.append({"recipe": name, "quantizers": sorted({r["quantizer"] for r in qm.layers.rows()}),
+                     "w_bits": round(qm.mean_bits()["w_bits"], 3), "file_bytes": size, "theoretical_bytes": ideal,
                      "overhead_pct": round(100 * (size - ideal) / ideal, 2),
                      "vs_float32_params": round(float_bytes / size, 2),
                      "round_trip_exact": bool(torch.equal(loaded(x), qm(x)))})

@@ -114,10 +114,10 @@ def test_kmeans_ptq_saves_at_its_true_size_and_runs_in_onnx(mnist_cnn, tmp_path,
     assert agree > 0.98
 
 
-@pytest.mark.parametrize("kind", ["kmeans", "ttq", "inq"])
+@pytest.mark.parametrize("kind", ["kmeans", "ttq", "inq", "lqnet"])
 def test_codebook_qat_trains_and_deploys_bit_exact(mnist_cnn, tmp_path, kind):
     model, calib, test = mnist_cnn
-    weights = {"bits": 2, "quantizer": kind, "per_channel": False}
+    weights = {"bits": 2, "quantizer": kind, "per_channel": kind == "lqnet"}
     steps = ["calibrate"] + (["kmeans"] if kind == "kmeans" else []) + [
         {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200, "steps_per_epoch": 12}}]
     recipe = {"extends": "w4a4", "name": f"test-{kind}", "weights": weights, "quantize_adds": False,
@@ -125,10 +125,39 @@ def test_codebook_qat_trains_and_deploys_bit_exact(mnist_cnn, tmp_path, kind):
     qm = lowbit.quantize(model, recipe, calib=calib, train=(test[0][:1000], test[1][:1000]), progress=False)
     inner = qm.layers[1].layer
     assert isinstance(inner.weight_quantizer, CodebookQuantizer)
-    assert len(torch.unique(inner.quantized_weight().detach())) <= (3 if kind == "ttq" else 4)
+    rows = inner.quantized_weight().detach().reshape(inner.weight.shape[0], -1)
+    assert max(len(torch.unique(r)) for r in rows) <= (3 if kind == "ttq" else 4)
     back = lowbit.load(lowbit.save(qm, tmp_path / f"{kind}.lowbit"), model=type(model)())
     assert torch.equal(back(test[0][:100]), qm(test[0][:100]))
     assert back.layers.rows()[1]["quantizer"] == kind
+    if kind == "lqnet":  # per-channel codebooks: ONNX gathers from the flattened tables
+        pytest.importorskip("onnxruntime")
+        onnx_model = lowbit.OnnxModel(lowbit.export_onnx(qm, tmp_path / "lq.onnx", test[0][:1]), threads=1)
+        ours, theirs = qm(test[0][:300]).detach(), onnx_model(test[0][:300])
+        assert float((ours - theirs).abs().max()) < 1e-3 * float(ours.abs().max())
+
+
+def test_lqnet_starts_on_the_uniform_grid_and_fits_its_basis_by_least_squares():
+    src = UniformQuantizer(QuantSpec(bits=2, grid="midrise", per_channel=True))
+    src.signed = True
+    src.set_params(torch.tensor([0.5, 1.0]), torch.zeros(2))
+    q = make_trainable(src, "lqnet", "weights", momentum=1.0)
+    assert torch.allclose(torch.sort(q.levels(), 1)[0], torch.tensor([[-0.75, -0.25, 0.25, 0.75],
+                                                                        [-1.5, -0.5, 0.5, 1.5]]))
+    torch.manual_seed(0)
+    w = torch.randn(2, 500) * torch.tensor([[0.4], [1.3]])
+    before = float((q.deployed_weight(w) - w).pow(2).mean())
+    codes = q.encode(w)
+    q.train()
+    q(w)  # one QEM step with momentum 1: the basis is the least-squares fit of these encodings
+    b = q.bits_table[codes]
+    for c in range(2):
+        expected = torch.linalg.lstsq(b[c], w[c].unsqueeze(-1)).solution.squeeze(-1)
+        assert torch.allclose(q.basis[c], expected, atol=1e-4)
+    for _ in range(10):
+        q(w)
+    after = float((q.deployed_weight(w) - w).pow(2).mean())
+    assert after < before  # QEM lowers the quantization error
 
 
 def test_inq_levels_and_schedule_freeze_exactly_the_stated_portions():

@@ -242,7 +242,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
             table = entries.get(f"{name}.centroids")
             if table is None:
                 raise ArtifactError(f"{path}: codebook quantizer {name!r} has no centroids")
-            book = CodebookQuantizer(QuantSpec.from_dict(state["spec"]), torch.zeros(table["count"]), name=name)
+            book = CodebookQuantizer(QuantSpec.from_dict(state["spec"]), torch.zeros(table["shape"]), name=name)
             qm.replace_quantizer(quantizers[name], book)
             quantizers[name] = book
         elif state.get("kind", "uniform") != "uniform":

@@ -163,11 +163,16 @@ class _Builder:
         if isinstance(q, CodebookQuantizer):
             # No integer kernel runs a codebook: the float weight is rebuilt from the stored
             # indices, Gather(centroids, Cast(indices)), and the layer runs in float.
-            idx = self.const("w_index", q.codes(w).numpy().astype(np.uint8 if q.bits <= 8 else np.uint16))
             from onnx import TensorProto
 
+            codes = q.codes(w).numpy().astype(np.int64)
+            table = q.centroids.numpy().astype(np.float32)
+            if table.ndim == 2:  # one table per output channel: index the flattened tables
+                codes = codes + (np.arange(table.shape[0]) * table.shape[1]).reshape([-1] + [1] * (codes.ndim - 1))
+                table = table.reshape(-1)
+            idx = self.const("w_index", codes.astype(np.uint8 if codes.max() < 256 else np.uint16))
             idx = self.op("Cast", [idx], "w_index_i64", to=TensorProto.INT64)
-            return self.op("Gather", [self.const("w_codebook", q.centroids.numpy().astype(np.float32)), idx], "w")
+            return self.op("Gather", [self.const("w_codebook", table), idx], "w")
         if not q.signed or not q.spec.symmetric:
             raise ExportError(f"weights of {layer.name!r} must be signed symmetric for ONNX Runtime's int8 kernels")
         codes, scale = self.weight_codes(layer)

@@ -20,16 +20,18 @@ from lowbit.quant.spec import QuantSpec
 
 
 class CodebookQuantizer(UniformQuantizer):
-    """Nearest-centroid quantizer over a sorted table of K ≤ 2^bits float values (per tensor)."""
+    """Nearest-centroid quantizer over sorted tables of K ≤ 2^bits float values: one table
+    (``centroids`` of shape [K], per tensor) or one per output channel (shape [C, K])."""
 
     kind = "codebook"
 
     def __init__(self, spec: QuantSpec, centroids: torch.Tensor, name: str = "", method: str = "kmeans") -> None:
-        super().__init__(spec.with_(per_channel=False), name=name)
-        if centroids.dim() != 1 or not 1 <= centroids.numel() <= 2**spec.bits:
-            raise ValueError(f"a {spec.bits}-bit codebook holds 1..{2 ** spec.bits} centroids, got shape "
-                             f"{list(centroids.shape)}")
-        self.register_buffer("centroids", torch.sort(centroids.detach().float())[0].clone())
+        per_channel = centroids.dim() == 2
+        super().__init__(spec.with_(per_channel=per_channel), name=name)
+        if centroids.dim() not in (1, 2) or not 1 <= centroids.shape[-1] <= 2**spec.bits:
+            raise ValueError(f"a {spec.bits}-bit codebook holds 1..{2 ** spec.bits} centroids (per tensor [K] or "
+                             f"per channel [C, K]), got shape {list(centroids.shape)}")
+        self.register_buffer("centroids", torch.sort(centroids.detach().float(), dim=-1)[0].clone())
         self.signed = True
         self.scale = torch.ones(())  # the uniform interface's fields, unused by a codebook
         self.zero_point = torch.zeros(())
@@ -37,7 +39,7 @@ class CodebookQuantizer(UniformQuantizer):
         self.method = method
 
     def code_range(self) -> tuple[int, int]:
-        return 0, self.centroids.numel() - 1
+        return 0, self.centroids.shape[-1] - 1
 
     def set_bits(self, bits: int) -> None:
         if bits != self.spec.bits:
@@ -46,10 +48,16 @@ class CodebookQuantizer(UniformQuantizer):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         c = self.centroids
-        return torch.bucketize(x.detach(), (c[1:] + c[:-1]) / 2).to(torch.int64)
+        if c.dim() == 1:
+            return torch.bucketize(x.detach(), (c[1:] + c[:-1]) / 2).to(torch.int64)
+        rows = x.detach().reshape(x.shape[0], -1).contiguous()
+        return torch.searchsorted(((c[:, 1:] + c[:, :-1]) / 2).contiguous(), rows).reshape(x.shape)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.centroids[codes.long()]
+        c = self.centroids
+        if c.dim() == 1:
+            return c[codes.long()]
+        return torch.gather(c, 1, codes.long().reshape(codes.shape[0], -1)).reshape(codes.shape)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # the centroid exactly (x − x.detach() is 0), gradient straight through
@@ -59,7 +67,8 @@ class CodebookQuantizer(UniformQuantizer):
         return 32 * self.centroids.numel()
 
     def extra_repr(self) -> str:
-        return f"codebook {self.spec.bits}-bit, {self.centroids.numel()} centroids"
+        per = f", per channel ({self.centroids.shape[0]})" if self.centroids.dim() == 2 else ""
+        return f"codebook {self.spec.bits}-bit, {self.centroids.shape[-1]} centroids{per} ({self.method})"
 
 
 def kmeans_1d(values: torch.Tensor, k: int, importance: torch.Tensor | None = None, iterations: int = 100,

@@ -15,6 +15,7 @@ from lowbit.quant.learned.codebook_kinds import KMeansFineTuneQuantizer, TTQQuan
 from lowbit.quant.learned.dorefa import DoReFaWeightQuantizer
 from lowbit.quant.learned.hwgq import HWGQQuantizer
 from lowbit.quant.learned.inq import INQQuantizer
+from lowbit.quant.learned.lqnet import LQNetQuantizer
 from lowbit.quant.learned.lsq import LSQPlusQuantizer, LSQQuantizer
 from lowbit.quant.learned.pact import PACTQuantizer
 from lowbit.quant.learned.ternary import TWNQuantizer
@@ -34,6 +35,7 @@ TRAINABLE: dict[str, type[TrainableQuantizer]] = {
     "kmeans": KMeansFineTuneQuantizer,
     "ttq": TTQQuantizer,
     "inq": INQQuantizer,
+    "lqnet": LQNetQuantizer,
 }
 KINDS = ("uniform", *TRAINABLE)
 
@@ -87,6 +89,7 @@ def kind_options_schema(kind: str) -> list[Any]:
         "pact": [Param("alpha_decay", "float", 5e-4, low=0, doc="L2 penalty on the clipping level alpha")],
         "binaryconnect": [Param("stochastic", "bool", False, doc="sample +1 with probability hard_sigmoid(w) in training")],
         "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],
+        "lqnet": [Param("momentum", "float", 0.1, low=0, high=1, doc="moving average of the least-squares basis")],
         "ttq": [Param("threshold", "float", 0.05, low=0, high=1, doc="t: zero where |w| <= t*max|w| (TTQ eq. 6)")],
     }.get(kind, [])
 
