@@ -185,3 +185,15 @@ def test_inq_levels_and_schedule_freeze_exactly_the_stated_portions():
     assert torch.equal(q.deployed_weight(w), q.project(w))  # the last portion at the end: all of them
     assert float(q.project(torch.tensor([0.70, 0.80, 0.004, 0.0039]))[0]) == 0.5   # 3β/2 = 0.75 splits 0.5 / 1
     assert q.project(torch.tensor([0.80, 0.004, 0.0039])).tolist() == [1.0, 2.0**-7, 0.0]  # β/2 splits 0 / 2^-7
+
+
+def test_joint_hessian_kmeans_shares_one_codebook_across_layers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                              torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    recipe = {"extends": "w4a4", "weights": {"bits": 3}, "first_last_bits": None,
+              "steps": ["calibrate", {"kmeans": {"hessian": "fisher", "joint": True}}]}
+    qm = lowbit.quantize(net, recipe, calib=torch.randn(64, 16), progress=False)
+    books = [r.layer.weight_quantizer.centroids for r in qm.layers]
+    assert len(books) == 3 and all(torch.equal(b, books[0]) for b in books)
+    assert books[0].numel() == 8 and qm.meta["kmeans"] == {r.name: 8 for r in qm.layers}
