@@ -118,11 +118,13 @@ def test_kmeans_ptq_saves_at_its_true_size_and_runs_in_onnx(mnist_cnn, tmp_path,
 def test_codebook_qat_trains_and_deploys_bit_exact(mnist_cnn, tmp_path, kind):
     model, calib, test = mnist_cnn
     weights = {"bits": 2, "quantizer": kind, "per_channel": kind == "lqnet"}
+    epochs = 2 if kind == "inq" else 1  # INQ: two stages (50%, then 75%), then 100% at deployment
     steps = ["calibrate"] + (["kmeans"] if kind == "kmeans" else []) + [
-        {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200, "steps_per_epoch": 12}}]
+        {"qat": {"epochs": epochs, "batch_size": 64, "lr": 0.002, "val_samples": 200, "steps_per_epoch": 12 // epochs}}]
     recipe = {"extends": "w4a4", "name": f"test-{kind}", "weights": weights, "quantize_adds": False,
               "overrides": [{"pattern": "*", "a_bits": 32}], "steps": steps}
     qm = lowbit.quantize(model, recipe, calib=calib, train=(test[0][:1000], test[1][:1000]), progress=False)
+    assert qm.meta["qat"]["best_epoch"] == epochs  # INQ keeps its last stage, whatever validation said
     inner = qm.layers[1].layer
     assert isinstance(inner.weight_quantizer, CodebookQuantizer)
     rows = inner.quantized_weight().detach().reshape(inner.weight.shape[0], -1)

@@ -318,7 +318,9 @@ def train_qat(
                "processes": world}
         state.epoch = epoch + 1
         state.history.append(row)
-        improved = val_top1 > state.best_val
+        # A scheduled kind (INQ) validates a partly float network until its last stage, so
+        # earlier epochs are not candidates: its last epoch is kept.
+        improved = val_top1 > state.best_val or bool(scheduled)
         if improved:
             state.best_val, state.best_epoch = val_top1, epoch + 1
             state.best = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
