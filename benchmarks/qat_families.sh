@@ -6,12 +6,12 @@
 set -e
 cd "$(dirname "$0")/.."
 model=$1; epochs=$2; out=$3; shift 3
-run() {  # recipe tag edits...
+run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
   recipe=$1; tag=$2; shift 2
-  edits=()
-  for e in "$@"; do edits+=(--edit "$e"); done
+  extra=()
+  for e in "$@"; do case $e in set:*) extra+=(--set "${e#set:}");; *) extra+=(--edit "$e");; esac; done
   python benchmarks/qat.py --data-dir ../shared/data --models-dir ../shared/models --model "$model" --recipes "$recipe" \
-    "${edits[@]}" --epochs "$epochs" --set val_samples=5000 --set lr=0.002 --set quantizer_lr=0 ${tag:+--tag "$tag"} \
+    --epochs "$epochs" --set val_samples=5000 --set lr=0.002 --set quantizer_lr=0 ${tag:+--tag "$tag"} "${extra[@]}" \
     --threads 1 --runs runs --out "$out" "${EXTRA[@]}"
 }
 EXTRA=("$@")
@@ -21,7 +21,7 @@ run w1a32-binaryconnect ""
 run w1a32-binaryconnect stochastic "weights.quantizer_options={stochastic: true}"
 run w1a32-xnor ""
 run w2a32-twn ""
-run w2a32-ttq ""
+run w2a32-ttq "" set:quantizer_lr=1e-5  # TTQ's scale gradient sums a whole layer: at the weights' rate it collapses
 run w3a32-kmeans-ft ""
 run w5a32-inq ""
 run w1a2-hwgq ""
