@@ -22,7 +22,7 @@ run w1a32-binaryconnect stochastic "weights.quantizer_options={stochastic: true}
 run w1a32-xnor ""
 run w2a32-twn ""
 run w2a32-ttq "" set:quantizer_lr=1e-5  # TTQ's scale gradient sums a whole layer: at the weights' rate it collapses
-run w3a32-kmeans-ft ""
+run w3a32-kmeans-ft "" set:quantizer_lr=1e-5  # centroid gradients sum their cluster: same reason
 run w5a32-inq ""
 run w1a2-hwgq ""
 run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=twn
