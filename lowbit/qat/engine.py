@@ -185,6 +185,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
 
 
 # -- the loop -------------------------------------------------------------------------------
+def _layers_with_hook(qm: QuantModel, hook: str) -> list[torch.nn.Module]:
+    """Layers whose weight quantizer overrides ``hook`` of TrainableQuantizer (so the loop
+    calls only those, not a no-op for every layer at every step)."""
+    return [r.layer for r in qm.layers if isinstance(r.layer.weight_quantizer, TrainableQuantizer)
+            and getattr(type(r.layer.weight_quantizer), hook) is not getattr(TrainableQuantizer, hook)]
+
+
 def train_qat(
     qm: QuantModel, train: Any, epochs: int | None = None, val: Any = None, *,
     recipe: dict[str, Any] | None = None, config: QATConfig | dict[str, Any] | None = None,
@@ -257,11 +264,8 @@ def train_qat(
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
     freeze_step = round(cfg.bn_freeze_epoch * per_epoch)
-    constrained = [r.layer for r in qm.layers if isinstance(r.layer.weight_quantizer, TrainableQuantizer)
-                   and type(r.layer.weight_quantizer).project_ is not TrainableQuantizer.project_]
+    constrained, scheduled = _layers_with_hook(qm, "project_"), _layers_with_hook(qm, "on_epoch_start")
     frozen = not train_bn
-    scheduled = [r.layer for r in qm.layers if isinstance(r.layer.weight_quantizer, TrainableQuantizer)
-                 and type(r.layer.weight_quantizer).on_epoch_start is not TrainableQuantizer.on_epoch_start]
     for epoch in range(state.epoch, cfg.epochs):
         for layer in scheduled:
             layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)

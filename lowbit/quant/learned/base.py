@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from lowbit.errors import RecipeError
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -12,6 +13,17 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Forward value ``x``, gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
     y = x * scale
     return (x - y).detach() + y
+
+
+def weight_rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """The weight as [C, N] rows (one per output channel) or one [1, N] row: what per-channel
+    or per-tensor statistics reduce over."""
+    return w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+
+
+def per_row(v: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """A per-row statistic ([C] or [1]) shaped to broadcast against the weight ``w``."""
+    return v.reshape([-1] + [1] * (w.dim() - 1)) if per_channel else v.reshape(())
 
 
 class TrainableQuantizer(UniformQuantizer):
@@ -26,6 +38,11 @@ class TrainableQuantizer(UniformQuantizer):
     roles: tuple[str, ...] = ("weights", "activations")
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
+        need = getattr(self, "grid_required", None)  # binary/ternary kinds: one grid only
+        if need is not None and (source.spec.bits, source.spec.grid) != need:
+            # e.g. the 8-bit first layer of a binary recipe: lowbit.qat.convert gives it to LSQ
+            raise RecipeError(f"{self.kind} needs a {need[0]}-bit {need[1]} grid; {source.name!r} is a "
+                              f"{source.spec.bits}-bit {source.spec.grid} grid")
         super().__init__(source.spec, name=source.name)
         self.role = role
         self.signed = source.signed

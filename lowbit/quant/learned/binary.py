@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.errors import RecipeError
-from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -29,23 +28,12 @@ def sign_ste(x: torch.Tensor, limit: torch.Tensor | float = 1.0) -> torch.Tensor
     return clipped + (torch.where(x >= 0, 1.0, -1.0) - clipped).detach()
 
 
-def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    return w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
-
-
-def _expand(v: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    return v.reshape([-1] + [1] * (w.dim() - 1)) if per_channel else v.reshape(())
-
-
 class _BinaryWeights(TrainableQuantizer):
     roles = ("weights",)
     grid_required = (1, "midrise")
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         super().__init__(source, role)
-        if source.spec.bits != 1 or source.spec.grid != "midrise":
-            raise RecipeError(f"{self.kind} weights are binary: {source.name!r} is a {source.spec.bits}-bit "
-                              f"{source.spec.grid} grid; use weights: {{bits: 1, grid: midrise}}")
         self.spec = source.spec.with_(signed=True, symmetric=True)
         self.signed = True
 
@@ -64,7 +52,7 @@ class BinaryConnectQuantizer(_BinaryWeights):
         self.scale = self._deploy_step(self.level)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        a = _expand(self.level, x, self.spec.per_channel)
+        a = per_row(self.level, x, self.spec.per_channel)
         u = x / a                                               # BinaryConnect's units: ±1 are the levels
         if self.stochastic and self.training:
             p = torch.clamp((u.detach() + 1) / 2, 0, 1)          # σ_hard(w)
@@ -77,13 +65,13 @@ class BinaryConnectQuantizer(_BinaryWeights):
     def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The deterministic sign, whatever mode the model is in (a deployed model does not sample)."""
         with torch.no_grad():
-            a = _expand(self.level, weight, self.spec.per_channel)
+            a = per_row(self.level, weight, self.spec.per_channel)
             return torch.where(weight >= 0, a, -a)
 
     def project_(self, layer: torch.nn.Module) -> None:
         """Clip the latent weights to [−1, 1] in units of a (BinaryConnect, after each update)."""
         w = layer.module.weight
-        bound = _expand(self.level, w, self.spec.per_channel)
+        bound = per_row(self.level, w, self.spec.per_channel)
         if getattr(layer, "bn", None) is not None:  # the quantizer sees W·γ/σ: bound W accordingly
             f = layer.bn.weight_factor().detach().abs().clamp_min(1e-12)
             bound = bound / f.reshape([-1] + [1] * (w.dim() - 1))
@@ -100,7 +88,7 @@ class XNORWeightQuantizer(_BinaryWeights):
 
     def alpha(self, w: torch.Tensor) -> torch.Tensor:
         """α = mean|W| per output channel (per tensor if the recipe says so), with its gradient."""
-        return _expand(_rows(w, self.spec.per_channel).abs().mean(1).clamp_min(1e-12), w, self.spec.per_channel)
+        return per_row(weight_rows(w, self.spec.per_channel).abs().mean(1).clamp_min(1e-12), w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha(x)

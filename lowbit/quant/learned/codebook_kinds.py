@@ -78,9 +78,7 @@ class TTQQuantizer(TrainableQuantizer):
     per_tensor_only = True
 
     def __init__(self, source: UniformQuantizer, role: str, weight: torch.Tensor, threshold: float = 0.05) -> None:
-        if source.spec.bits != 2:  # the 8-bit first/last layer: LSQ takes it (lowbit.qat.convert)
-            raise RecipeError(f"ttq is ternary; {source.name!r} is at {source.spec.bits} bits")
-        super().__init__(source, role)
+        super().__init__(source, role)  # grid_required refuses the 8-bit first/last layer: LSQ takes it
         self.spec = source.spec.with_(signed=True, symmetric=True)
         self.threshold = float(threshold)
         w = weight.detach()

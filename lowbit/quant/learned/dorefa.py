@@ -17,16 +17,8 @@ import torch
 
 from lowbit.errors import RecipeError
 from lowbit.quant import functional as F
-from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
-
-
-def _per_row(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
-
-
-def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape([-1] + [1] * (x.dim() - 1)) if v.numel() > 1 else v.reshape(())
 
 
 class DoReFaWeightQuantizer(TrainableQuantizer):
@@ -49,9 +41,9 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
             self.zero_point = torch.zeros_like(source.zero_point)
 
     def _magnitude(self, w: torch.Tensor) -> torch.Tensor:
-        rows = _per_row(w.detach(), self.spec.per_channel)
+        rows = weight_rows(w.detach(), self.spec.per_channel)
         m = rows.abs().mean(1) if self.spec.bits == 1 else rows.abs().amax(1)
-        return _expand(m.clamp_min(1e-12), w)
+        return per_row(m.clamp_min(1e-12), w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "activations":
@@ -64,7 +56,8 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
         else:
             n = 2 ** self.spec.bits - 1
             t = torch.tanh(x)
-            tmax = _expand(_per_row(t.abs(), self.spec.per_channel).amax(1).clamp_min(1e-12), x)
+            per_channel = self.spec.per_channel
+            tmax = per_row(weight_rows(t.abs(), per_channel).amax(1).clamp_min(1e-12), x, per_channel)
             w01 = t / (2 * tmax) + 0.5
             wq = 2 * (F.round_ste(w01 * n) / n) - 1
         with torch.no_grad():

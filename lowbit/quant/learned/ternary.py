@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.errors import RecipeError
-from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 DELTA_FACTOR = 0.7  # TWN: Δ* ≈ 0.7·E|W| for uniform or normal weights
@@ -25,22 +24,17 @@ class TWNQuantizer(TrainableQuantizer):
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         super().__init__(source, role)
-        if source.spec.bits != 2 or source.spec.grid != "midtread":
-            raise RecipeError(f"twn weights are ternary: {source.name!r} is a {source.spec.bits}-bit "
-                              f"{source.spec.grid} grid; use weights: {{bits: 2, grid: midtread}}")
         self.spec = source.spec.with_(signed=True, symmetric=True)
         self.signed = True
 
     def threshold_and_alpha(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Δ, α) of TWN, shaped to broadcast against ``w`` (no gradient)."""
-        rows = w.detach().reshape(w.shape[0], -1) if self.spec.per_channel else w.detach().reshape(1, -1)
-        a = rows.abs()
+        a = weight_rows(w.detach(), self.spec.per_channel).abs()
         delta = DELTA_FACTOR * a.mean(1)
         keep = a > delta[:, None]
         alpha = (a * keep).sum(1) / keep.sum(1).clamp_min(1)
         alpha = alpha.clamp_min(1e-12)  # an all-zero channel stays 0 on any step
-        shape = [-1] + [1] * (w.dim() - 1) if self.spec.per_channel else []
-        return delta.reshape(shape), alpha.reshape(shape)
+        return per_row(delta, w, self.spec.per_channel), per_row(alpha, w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         delta, alpha = self.threshold_and_alpha(x)

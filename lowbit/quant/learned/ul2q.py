@@ -23,7 +23,7 @@ import torch
 
 from lowbit.quant import functional as F
 from lowbit.quant.gaussian import optimal_gaussian_step
-from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -39,9 +39,8 @@ class MuL2QQuantizer(TrainableQuantizer):
 
     def statistics(self, w: torch.Tensor) -> torch.Tensor:
         """σ = sqrt(E[w²]) of the current weight, per tensor or per output channel, shaped to broadcast."""
-        rows = w.detach().reshape(w.shape[0], -1) if self.spec.per_channel else w.detach().reshape(1, -1)
-        sigma = rows.pow(2).mean(1).sqrt().clamp_min(1e-12)
-        return sigma.reshape([-1] + [1] * (w.dim() - 1)) if self.spec.per_channel else sigma.reshape(())
+        sigma = weight_rows(w.detach(), self.spec.per_channel).pow(2).mean(1).sqrt().clamp_min(1e-12)
+        return per_row(sigma, w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
