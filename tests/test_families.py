@@ -122,7 +122,10 @@ def test_binary_and_ternary_kinds_need_their_grid():
 
 
 @pytest.mark.parametrize("kind,bits,grid,levels", [("xnor", 1, "midrise", 2), ("binaryconnect", 1, "midrise", 2),
-                                                   ("twn", 2, "midtread", 3)])
+                                                   ("twn", 2, "midtread", 3),
+                                                   # mid-rise kinds at 2 bits; their 8-bit first/last
+                                                   # layers (no int8 codes on that grid) go to LSQ
+                                                   ("ul2q", 2, "midrise", 4), ("dorefa", 2, "midrise", 4)])
 def test_trained_binary_and_ternary_models_deploy_bit_exact(mnist_cnn, tmp_path, kind, bits, grid, levels):
     model, calib, test = mnist_cnn
     recipe = {"extends": "w4a4", "name": f"test-{kind}", "weights": {"bits": bits, "grid": grid, "quantizer": kind},

@@ -141,22 +141,19 @@ def test_generated_damaged_artifacts_are_refused_or_load_exactly(tmp_path_factor
 
 
 def test_edited_header_bits_are_caught(tmp_path, saved_artifact):
-    import base64
-    import json
-    import zlib
-
+    import numpy as np
     from safetensors.numpy import load_file, save_file
-    from safetensors import safe_open
+
+    from lowbit.deploy import header_codec
 
     model, _, _, blob = saved_artifact
     path = tmp_path / "m.lowbit"
     path.write_bytes(blob)
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata()
-    header = json.loads(zlib.decompress(base64.b64decode(meta["lowbit"])))
-    header["layers"][1]["w_bits"] = 3  # the edit the issue describes (it was 8)
     tensors = load_file(str(path))
-    save_file(tensors, str(path), metadata={"lowbit": base64.b64encode(zlib.compress(json.dumps(header).encode())).decode()})
+    header = header_codec.decode(tensors["header"].tobytes())
+    header["layers"][1]["w_bits"] = 3  # the edit the issue describes (it was 8)
+    tensors["header"] = np.frombuffer(header_codec.encode(header), dtype=np.uint8)
+    save_file(tensors, str(path), metadata={"lowbit": "3"})
     with pytest.raises(LowbitError, match="checksum mismatch — the header or the tensor data"):
         lowbit.load(path, model=model)
 

@@ -1,12 +1,14 @@
 """The .lowbit file: one safetensors file holding every weight's bit-packed codes, the
 float tensors that stay float, and a compact JSON header. No pickle anywhere.
 
-Layout: two tensors — ``codes`` (uint8, every packed weight back to back, each segment
-byte-aligned) and ``floats`` (float32: scales, zero points, biases, unfolded BN, …) — so
-the file's size tracks the theoretical bit count instead of paying a safetensors header
-entry per tensor. The header (zlib-compressed JSON in the safetensors metadata) records
-the format version, architecture, recipe, layer table, per-quantizer state, where each
-tensor lives in the two buffers, metrics, and a sha256 of the tensor bytes.
+Layout: three tensors — ``codes`` (uint8, every packed weight back to back, each segment
+byte-aligned), ``floats`` (float32: scales, zero points, biases, unfolded BN, …) and
+``header`` (uint8: the JSON header compressed by lowbit.deploy.header_codec) — so the
+file's size tracks the theoretical bit count instead of paying a safetensors header entry
+per tensor. The header records the format version, architecture, recipe, layer table,
+per-quantizer state, the order, shape and bit width of each stored tensor (offsets
+follow from them), metrics, and a sha256 of the header and the tensor bytes. Formats 1
+and 2 (header as base64 text in the safetensors metadata) still load.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
+from lowbit.deploy import header_codec
 from lowbit.deploy.packing import pack_codes, packed_nbytes, unpack_codes
 from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
@@ -33,8 +36,8 @@ from lowbit.quant.spec import QuantSpec
 from lowbit.state_io import usual_permissions
 
 FORMAT = "lowbit"
-FORMAT_VERSION = 2  # 2: the checksum covers the header too (version 1 files still load)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: the checksum covers the header; 3: header as a compressed tensor (1 and 2 still load)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class ArtifactError(LowbitError):
@@ -104,22 +107,17 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     _check_target(path)
     arch = qm.meta.get("arch")
     packed, floats = _stored_tensors(qm)
-    code_chunks, float_chunks, layout = [], [], []
-    code_off = float_off = 0
+    code_chunks, float_chunks = [], []
+    code_layout: list[list[Any]] = []
+    float_layout: list[list[Any]] = []
     for key, layer in packed.items():
         q = layer.weight_quantizer
         qmin, _ = q.code_range()
-        buf = pack_codes(q.codes(layer.weight).numpy(), q.bits, qmin)
-        code_chunks.append(buf)
-        layout.append({"key": key, "store": "codes", "offset": code_off, "count": int(layer.weight.numel()),
-                       "shape": list(layer.weight.shape), "bits": q.bits, "qmin": qmin})
-        code_off += buf.size
+        code_chunks.append(pack_codes(q.codes(layer.weight).numpy(), q.bits, qmin))
+        code_layout.append([key, list(layer.weight.shape), q.bits, qmin])
     for key, t in floats.items():
-        flat = t.detach().float().reshape(-1).numpy()
-        float_chunks.append(flat)
-        layout.append({"key": key, "store": "floats", "offset": float_off, "count": int(flat.size),
-                       "shape": list(t.shape)})
-        float_off += flat.size
+        float_chunks.append(t.detach().float().reshape(-1).numpy())
+        float_layout.append([key, list(t.shape)])
     codes = np.concatenate(code_chunks) if code_chunks else np.zeros(0, np.uint8)
     floats_arr = np.concatenate(float_chunks).astype(np.float32) if float_chunks else np.zeros(0, np.float32)
     header = {
@@ -130,14 +128,16 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
                            **({"kind": q.kind} if isinstance(q, CodebookQuantizer) else {})}
                        for n, q in _quantizers(qm).items()},
         "float_weights": [r.name for r in qm.layers if not r.layer.quantize_weight],
-        "layout": layout, "metrics": metrics or qm.meta.get("metrics", {}),
+        # in buffer order; offsets and counts follow from the shapes and bit widths
+        "layout": {"codes": code_layout, "floats": float_layout}, "metrics": metrics or qm.meta.get("metrics", {}),
     }
     header["sha256"] = _digest(codes, floats_arr, header)
-    blob = base64.b64encode(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)).decode()
+    blob = np.frombuffer(header_codec.encode(header), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file({"codes": codes, "floats": floats_arr}, str(tmp), metadata={"lowbit": blob})
+        save_file({"codes": codes, "floats": floats_arr, "header": blob}, str(tmp),
+                  metadata={"lowbit": str(FORMAT_VERSION)})
         usual_permissions(tmp)
         tmp.replace(path)
     except OSError as err:
@@ -165,12 +165,13 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarra
             if "lowbit" not in meta:
                 raise ArtifactError(f"{path} is a safetensors file but not a .lowbit artifact (no lowbit header)")
             codes, floats = f.get_tensor("codes"), f.get_tensor("floats")
+            blob = f.get_tensor("header").tobytes() if "header" in f.keys() else None
     except SafetensorError as err:
         raise ArtifactError(f"{path} is corrupt or truncated: {err}") from None
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{path} cannot be read as a .lowbit file: {err}") from None
-    try:
-        header = json.loads(zlib.decompress(base64.b64decode(meta["lowbit"])))
+    try:  # format 3 keeps the header as a tensor; 1 and 2 as base64 text in the metadata
+        header = header_codec.decode(blob) if blob is not None else json.loads(zlib.decompress(base64.b64decode(meta["lowbit"])))
     except (ValueError, zlib.error) as err:
         raise ArtifactError(f"{path}: the lowbit header is corrupt ({err})") from None
     if header.get("format") != FORMAT:
@@ -182,8 +183,31 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarra
     if _digest(codes, floats, covered) != header.get("sha256"):
         what = "the header or the tensor data" if covered is not None else "the tensor data"
         raise ArtifactError(f"{path}: checksum mismatch — {what} was altered or damaged")
+    if isinstance(header.get("layout"), dict):
+        header["layout"] = _expand_layout(path, header["layout"])
     _check_layout(path, header, codes, floats)
     return header, codes, floats
+
+
+def _expand_layout(path: Path, compact: dict[str, Any]) -> list[dict[str, Any]]:
+    """Format 3's ``{"codes": [[key, shape, bits, qmin]...], "floats": [[key, shape]...]}``
+    as the entries (with offsets and counts) that earlier formats stored."""
+    entries, offsets = [], {"codes": 0, "floats": 0}
+    try:
+        for store in ("codes", "floats"):
+            for item in compact.get(store, []):
+                key, shape = str(item[0]), [int(d) for d in item[1]]
+                count = int(np.prod(shape))
+                e = {"key": key, "store": store, "offset": offsets[store], "count": count, "shape": shape}
+                if store == "codes":
+                    e["bits"], e["qmin"] = int(item[2]), int(item[3])
+                    offsets[store] += packed_nbytes(count, e["bits"]) if 1 <= e["bits"] <= 8 else 0
+                else:
+                    offsets[store] += count
+                entries.append(e)
+    except (TypeError, ValueError, IndexError) as err:
+        raise ArtifactError(f"{path}: the header's layout is malformed ({err})") from None
+    return entries
 
 
 def _check_layout(path: Path, header: dict[str, Any], codes: np.ndarray, floats: np.ndarray) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from lowbit.errors import RecipeError
 from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.spec import QuantSpec
 
 
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -24,6 +25,19 @@ def weight_rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
 def per_row(v: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """A per-row statistic ([C] or [1]) shaped to broadcast against the weight ``w``."""
     return v.reshape([-1] + [1] * (w.dim() - 1)) if per_channel else v.reshape(())
+
+
+MAX_MIDRISE_BITS = 7  # (q + ½)·s is step s/2 on the odd codes 2q + 1: int8 holds them up to 7 bits
+
+
+def midrise_weight_spec(source: UniformQuantizer, kind: str) -> QuantSpec:
+    """The mid-rise grid of ``source``'s width, for kinds whose levels exclude zero (μL2Q,
+    DoReFa). Above 7 bits the doubled codes leave int8, so such a layer (the 8-bit first and
+    last layers) is refused here and lowbit.qat.convert trains it with LSQ on its own grid."""
+    if source.spec.bits > MAX_MIDRISE_BITS:
+        raise RecipeError(f"{kind} puts weights on a mid-rise grid, which has no int8 codes at "
+                          f"{source.spec.bits} bits ({source.name!r})")
+    return source.spec.with_(grid="midrise", signed=True, symmetric=True)
 
 
 class TrainableQuantizer(UniformQuantizer):

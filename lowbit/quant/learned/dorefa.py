@@ -17,7 +17,7 @@ import torch
 
 from lowbit.errors import RecipeError
 from lowbit.quant import functional as F
-from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
+from lowbit.quant.learned.base import TrainableQuantizer, midrise_weight_spec, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -29,7 +29,7 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
         super().__init__(source, role)
         if role == "weights":
             # 2^k levels without zero: the mid-rise grid of the same width.
-            self.spec = source.spec.with_(grid="midrise", signed=True, symmetric=True)
+            self.spec = midrise_weight_spec(source, self.kind)
             self.signed = True
         else:
             qmin, _ = source.code_range()

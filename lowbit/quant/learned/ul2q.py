@@ -23,7 +23,7 @@ import torch
 
 from lowbit.quant import functional as F
 from lowbit.quant.gaussian import optimal_gaussian_step
-from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
+from lowbit.quant.learned.base import TrainableQuantizer, midrise_weight_spec, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -33,7 +33,7 @@ class MuL2QQuantizer(TrainableQuantizer):
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         super().__init__(source, role)
-        self.spec = source.spec.with_(grid="midrise", signed=True, symmetric=True)
+        self.spec = midrise_weight_spec(source, self.kind)
         self.signed = True
         self.alpha = optimal_gaussian_step(self.spec.bits, "midrise")[0]
 
