@@ -42,6 +42,8 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
                 r.w_bits = o["w_bits"]
             if "a_bits" in o:
                 r.a_bits = o["a_bits"]
+            if "w_quantizer" in o:  # after the bits: a binary/ternary kind checks them
+                r.layer.set_weight_kind(o["w_quantizer"], o.get("w_quantizer_options"))
     if recipe.plan is not None:
         recipe.plan.apply(table)
     if recipe.add_bits is not None:

@@ -261,18 +261,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     calib, val = search_subsets(train, recipe, args.val_samples)
     target = {"target_ratio": args.target_ratio, "target_bits": args.target_bits}
+    if args.candidates and args.method != "hawq":
+        raise LowbitError("--candidates is a HAWQ option (MSQ lowers one bit at a time)")
     if args.method == "msq":
         from lowbit.mixed.msq import msq_search
 
         result = msq_search(model, recipe, calib, val, **target, b_max=args.b_max, b_min=args.b_min,
                             lower=args.lower, rank=args.rank, probe_at=args.probe_at, checkpoint=args.checkpoint, progress=not args.no_progress)
     else:
-        from lowbit.mixed.hawq import hawq_search
+        from lowbit.mixed.hawq import hawq_search, parse_candidates
 
         if args.lower != "weights":
             raise LowbitError("--lower both is an MSQ option; HAWQ allocates weight bits only")
         result = hawq_search(model, recipe, calib, **target, b_max=args.b_max, b_min=args.b_min,
                              bops_ratio=args.bops_ratio, samples=args.hutchinson_samples,
+                             candidates=parse_candidates(args.candidates) if args.candidates else None,
                              progress=not args.no_progress)
     plan_path = result.plan.save(args.out)
     s = result.plan.meta
@@ -451,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MSQ: probe each layer's output (the seed) or the next layer's input (block outputs in ResNets)")
     s.add_argument("--val-samples", type=positive_int, default=1024, help="validation images for the probes (from train)")
     s.add_argument("--bops-ratio", type=positive_float, help="HAWQ: also cut bit-operations by this factor")
+    s.add_argument("--candidates", help="HAWQ: per-layer options BITS[:KIND], e.g. 2,2:twn,1:xnor,3:kmeans,4 "
+                   "(replaces --b-min/--b-max; the plan then names each layer's weight kind)")
     s.add_argument("--hutchinson-samples", type=positive_int, default=32, help="HAWQ: random vectors per trace estimate")
     s.add_argument("--checkpoint", help="MSQ: JSON state written after every step; a rerun resumes from it")
     s.add_argument("--out", type=output_file, default=Path("plan.json"), help="where to write the plan")

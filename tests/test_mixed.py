@@ -34,6 +34,13 @@ def mnist_labelled(mnist_cnn, data_dir):
     return model, calib, val, test
 
 
+@pytest.fixture(scope="module")
+def mnist_train(data_dir):
+    from lowbit.data import dataset_tensors, load_dataset
+
+    return dataset_tensors(load_dataset("mnist", "train", data_dir=data_dir, download=False), torch.arange(4000))
+
+
 # -- plans ----------------------------------------------------------------------------------
 def test_plan_json_round_trip_applies_through_the_layer_table(resnet20, tmp_path):
     qm = lowbit.api.prepare(resnet20, "w4a8")
@@ -343,3 +350,90 @@ def test_plots_are_written(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LowbitError, match="at least one plan"):
         allocation_plot({}, tmp_path / "b.png")
+
+
+# -- mixed kinds --------------------------------------------------------------------------------
+def test_perturbation_of_a_kind_is_its_own_error(mnist_labelled):
+    from lowbit.mixed.hawq import perturbation
+
+    model, _, _, _ = mnist_labelled
+    qm = lowbit.api.prepare(model, MNIST_BACKEND)
+    w = qm.layers["conv2"].layer.weight.detach()
+    # TWN: Δ = 0.7·E|W|, α = mean |W| over |W| > Δ, per output channel (the recipe is per-channel)
+    rows = w.reshape(w.shape[0], -1)
+    delta = 0.7 * rows.abs().mean(1, keepdim=True)
+    big = rows.abs() > delta
+    alpha = (rows.abs() * big).sum(1, keepdim=True) / big.sum(1, keepdim=True)
+    twn = torch.sign(rows) * big * alpha
+    assert perturbation(qm, "conv2", 2, "mse", "twn") == pytest.approx(float(((twn - rows) ** 2).sum()), rel=1e-5)
+    # XNOR: α = mean |W| per output channel
+    xnor = torch.sign(rows) * rows.abs().mean(1, keepdim=True)
+    assert perturbation(qm, "conv2", 1, "mse", "xnor") == pytest.approx(float(((xnor - rows) ** 2).sum()), rel=1e-5)
+    # k-means: each weight to its nearest of 8 fitted centroids, which beat 8 uniform levels per tensor
+    from lowbit.ptq.calibrate import calibrate_weight_quantizer
+    from lowbit.quant.codebook import kmeans_1d
+    from lowbit.quant.quantizer import UniformQuantizer
+
+    c = kmeans_1d(w.reshape(-1), 8)
+    nearest = c[(w.reshape(-1, 1) - c.reshape(1, -1)).abs().argmin(1)]
+    km = perturbation(qm, "conv2", 3, "mse", "kmeans")
+    assert km == pytest.approx(float(((nearest - w.reshape(-1)) ** 2).sum()), rel=1e-5)
+    uniform = UniformQuantizer(qm.layers["conv2"].layer.base_weight_spec.with_(bits=3, per_channel=False))
+    calibrate_weight_quantizer(uniform, w, "mse")
+    assert km < float(((uniform(w) - w) ** 2).sum())
+    with pytest.raises(LowbitError, match="twn quantizes to 2 bits only"):
+        perturbation(qm, "conv2", 3, "mse", "twn")
+
+
+def test_hawq_over_kinds_picks_the_cheaper_kind_and_the_plan_trains(mnist_labelled, mnist_train):
+    from lowbit.mixed.hawq import parse_candidates
+
+    model, calib, _, test = mnist_labelled
+    candidates = parse_candidates("2,2:twn,3:kmeans,4")
+    assert candidates == [(2, None), (2, "twn"), (3, "kmeans"), (4, None)]
+    res = hawq_search(model, MNIST_BACKEND, calib, target_bits=2.6, samples=4, trace_images=64, progress=False,
+                      candidates=candidates)
+    sens = res.path[0]["sensitivity"]
+    kinds = {n: (b["w_bits"], b.get("w_quantizer")) for n, b in res.plan.layers.items()}
+    assert {k for k in kinds.values()} - set(candidates) == set()
+    for n, (bits, kind) in kinds.items():
+        if bits == 2:  # same size: the 2-bit option with the smaller sensitivity
+            chosen, other = (1, 0) if kind == "twn" else (0, 1)
+            assert sens[n][chosen] <= sens[n][other], (n, sens[n])
+    assert any(k for _, k in kinds.values()), kinds  # some layer got a kind of its own
+    # the plan is a recipe's plan: QAT trains each layer with its own kind, k-means layers clustered first
+    recipe = {"extends": "w4a4", "first_last_bits": None, "plan": res.plan.to_dict(), "overrides": [],
+              "quantize_adds": False, "activations": {"bits": 8},
+              "steps": ["calibrate", "kmeans", {"qat": {"epochs": 1, "steps_per_epoch": 8, "batch_size": 64,
+                                                         "lr": 0.002, "val_samples": 200}}]}
+    if not any(k == "kmeans" for _, k in kinds.values()):
+        recipe["steps"].remove("kmeans")
+    qm = lowbit.quantize(model, recipe, calib=calib[0], train=mnist_train, progress=False)
+    methods = {r.name: r.quantizer for r in qm.layers}
+    for n, (bits, kind) in kinds.items():
+        assert methods[n] == (kind or "uniform"), (n, methods[n], kind)
+        assert qm.layers[n].w_bits == bits
+
+
+def test_overrides_mix_kinds_and_name_their_mistakes(mnist_labelled, mnist_train, tmp_path):
+    model, calib, _, test = mnist_labelled
+    recipe = {"extends": "w4a4", "weights": {"quantizer": "lsq"}, "first_last_bits": 8, "quantize_adds": False,
+              "overrides": [{"pattern": "*", "a_bits": 32}, {"pattern": "conv2", "w_bits": 2, "w_quantizer": "twn"},
+                            {"pattern": "conv3", "w_bits": 1, "w_quantizer": "xnor"}],
+              "steps": ["calibrate", {"qat": {"epochs": 1, "steps_per_epoch": 8, "batch_size": 64, "lr": 0.002,
+                                             "val_samples": 200}}]}
+    qm = lowbit.quantize(model, recipe, calib=calib[0], train=mnist_train, progress=False)
+    assert [r.quantizer for r in qm.layers] == ["lsq", "twn", "xnor", "lsq"]
+    row = qm.layers["conv2"].layer.quantized_weight().detach().reshape(qm.layers["conv2"].params // 9, -1)
+    assert max(len(torch.unique(r)) for r in row) <= 3
+    back = lowbit.load(lowbit.save(qm, tmp_path / "mixed.lowbit"), model=model)
+    assert torch.equal(back(test[0][:100]), qm(test[0][:100]))
+    assert [r.quantizer for r in back.layers] == ["lsq", "twn", "xnor", "lsq"]
+    with pytest.raises(RecipeError, match="'twn' needs 2-bit weights, the layer has 3"):
+        lowbit.api.prepare(model, {**recipe, "overrides": [{"pattern": "conv2", "w_bits": 3, "w_quantizer": "twn"}]})
+    with pytest.raises(RecipeError, match="only a `qat` step trains"):
+        lowbit.load_recipe({**recipe, "steps": ["calibrate"]})
+    with pytest.raises(RecipeError, match="need a `kmeans` step"):
+        lowbit.load_recipe({**recipe, "overrides": [{"pattern": "conv2", "w_quantizer": "kmeans"}]})
+    with pytest.raises(RecipeError, match=r"overrides\[0\].weights.quantizer must be one of"):
+        lowbit.load_recipe({**recipe, "overrides": [{"pattern": "conv2", "w_quantizer": "ternary"}]})

@@ -20,12 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.mixed.plan import Plan
+from lowbit.mixed.plan import Plan, check_plan_bits
 from lowbit.mixed.search import SearchResult, SearchSpace
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.calibrate import calibrate_weight_quantizer
 from lowbit.ptq.reconstruct import requires_grad
+from lowbit.quant.codebook import CodebookQuantizer, kmeans_1d
 from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.quant.registry import TRAINABLE, check_kind, make_trainable
 from lowbit.quant.spec import weight_spec_at
 from lowbit.recipes.recipe import Recipe, load_recipe
 
@@ -58,13 +60,50 @@ def hutchinson_traces(
     return {n: float(t / samples) for n, t in zip(names, totals)}
 
 
-def perturbation(qm: QuantModel, name: str, bits: int, estimator: str) -> float:
-    """||Q_b(W) - W||^2 with the layer's own weight grid at ``bits`` (its range re-estimated)."""
+def perturbation(qm: QuantModel, name: str, bits: int, estimator: str, kind: str | None = None) -> float:
+    """||Q_b(W) - W||^2 with the layer's own weight grid at ``bits`` (its range re-estimated),
+    or with weight quantizer ``kind`` at ``bits`` as it would start QAT (binary, ternary and
+    μL2Q forwards, TTQ's and INQ's levels) or cluster (k-means)."""
     layer = qm.layers[name].layer
-    q = UniformQuantizer(weight_spec_at(layer.base_weight_spec, bits))
     w = layer.weight.detach()
+    spec = weight_spec_at(layer.base_weight_spec, bits)
+    cls = TRAINABLE.get(kind or "uniform")
+    need = getattr(cls, "grid_required", None)
+    if need is not None:
+        if bits != need[0]:
+            raise LowbitError(f"candidate {bits}:{kind}: {kind} quantizes to {need[0]} bits only")
+        spec = spec.with_(grid=need[1], signed=True, symmetric=True)
+    if getattr(cls, "per_tensor_only", False):
+        spec = spec.with_(per_channel=False)
+    q = UniformQuantizer(spec)
     calibrate_weight_quantizer(q, w, estimator)
-    return float(((q(w) - w) ** 2).sum())
+    with torch.no_grad():
+        if kind == "kmeans":
+            values = CodebookQuantizer(spec, kmeans_1d(w.reshape(-1), 2**bits))(w)
+        elif kind in (None, "uniform"):
+            values = q(w)
+        else:
+            values = make_trainable(q, kind, "weights", weight=w).deployed_weight(w)
+    return float(((values - w) ** 2).sum())
+
+
+def parse_candidates(text: str) -> list[tuple[int, str | None]]:
+    """``"2,2:twn,1:xnor,3:kmeans,4"`` -> [(2, None), (2, "twn"), ...]; a bare width uses the
+    recipe's own weight kind."""
+    out: list[tuple[int, str | None]] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        bits_text, _, kind = item.partition(":")
+        try:
+            bits = int(bits_text)
+        except ValueError:
+            raise LowbitError(f"candidate {item!r}: expected BITS or BITS:KIND, e.g. 2:twn") from None
+        out.append((bits, check_kind(kind, "weights") if kind else None))
+    if not out:
+        raise LowbitError("no candidates given")
+    return out
+
+
+CODEBOOK_KINDS = ("kmeans", "ttq", "inq")  # store float levels beside their codes
 
 
 def solve_allocation(
@@ -116,14 +155,20 @@ def hawq_search(
     target_ratio: float | None = None, target_bits: float | None = None, b_max: int = 8, b_min: int = 2,
     bops_ratio: float | None = None, samples: int = 32, trace_images: int = 256,
     traces: dict[str, float] | None = None, progress: bool = True,
+    candidates: Sequence[tuple[int, str | None]] | None = None,
 ) -> SearchResult:
     """Weight bits per searchable layer in [b_min, b_max] by ILP; activations keep the
     recipe's bits. ``bops_ratio`` also caps bit-operations (MACs x w_bits x a_bits) at
-    the B_max model's BOPs divided by this ratio. ``traces`` reuses earlier estimates."""
+    the B_max model's BOPs divided by this ratio. ``traces`` reuses earlier estimates.
+    ``candidates`` replaces the widths b_min..b_max by (bits, weight kind) options, so one
+    plan may mix kinds (2-bit ternary here, 3-bit k-means there; kind None = the recipe's);
+    the plan names each layer's kind, and a codebook's centroids count in its size."""
     from lowbit.api import prepare
 
     start = time.perf_counter()
     r = load_recipe(recipe)
+    if candidates:
+        b_min, b_max = min(b for b, _ in candidates), max(b for b, _ in candidates)
     space = SearchSpace.build(model, r, b_min, b_max, "weights")
     budget = space.budget(target_ratio, target_bits)
     top = space.start()                                          # every searchable layer at b_max
@@ -134,21 +179,23 @@ def hawq_search(
     if traces is None:
         traces = hutchinson_traces(qm, x[:trace_images], y[:trace_images], samples=samples,
                                    seed=r.calibration["seed"], progress=progress)
-    options = list(range(b_min, b_max + 1))
+    options = list(candidates) if candidates else [(b, None) for b in range(b_min, b_max + 1)]
+    for b, _ in options:
+        check_plan_bits(b, "candidate bits")
     estimator = r.weights.estimator if r.weights.estimator in ("mse", "minmax", "cosine") else "mse"
     costs, sizes, bops = [], [], []
     for row in qm.layers:
         if row.name in space.searchable:
-            bits = options
+            opts = options
             # A small negative estimate is sampling noise around a flat direction: treat it as 0.
             curvature = max(traces[row.name], 0.0) / row.params
-            omega = [curvature * perturbation(qm, row.name, b, estimator) for b in bits]
+            omega = [curvature * perturbation(qm, row.name, b, estimator, k) for b, k in opts]
         else:
-            bits = [space.base.layers[row.name]["w_bits"]]
+            opts = [(space.base.layers[row.name]["w_bits"], None)]
             omega = [0.0]
         costs.append(omega)
-        sizes.append([row.params * b for b in bits])
-        bops.append([(row.macs or 0) * b * row.a_bits for b in bits])
+        sizes.append([row.params * b + (32 * 2**b if k in CODEBOOK_KINDS else 0) for b, k in opts])
+        bops.append([(row.macs or 0) * b * row.a_bits for b, _ in opts])
     bops_budget = None
     if bops_ratio is not None:
         full = sum((row.macs or 0) * top.layers[row.name]["w_bits"] * row.a_bits for row in qm.layers)
@@ -157,9 +204,13 @@ def hawq_search(
     plan = top
     for row, k in zip(qm.layers, choice):
         if row.name in space.searchable:
-            plan = space.with_bits(plan, row.name, options[k])
+            bits, kind = options[k]
+            plan = space.with_bits(plan, row.name, bits)
+            if kind is not None:
+                plan.layers[row.name]["w_quantizer"] = kind
     settings = {"method": "hawq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
-                "bops_ratio": bops_ratio, "hutchinson_samples": samples, "trace_images": min(trace_images, int(x.shape[0]))}
+                "bops_ratio": bops_ratio, "hutchinson_samples": samples,
+                "candidates": [f"{b}:{k}" if k else str(b) for b, k in options], "trace_images": min(trace_images, int(x.shape[0]))}
     final = Plan(plan.layers, {"method": "hawq", "budget_bits": budget, **space.summary(plan)})
     path = [{**space.summary(plan), "plan": plan.layers, "traces": traces,
              "sensitivity": {row.name: c for row, c in zip(qm.layers, costs)}}]

@@ -1,6 +1,7 @@
 """A mixed-precision plan: bits per layer as plain data, applied through the layer table.
 
-A plan is ``{layer name: {"w_bits": b, "a_bits": b}}`` (32 = float). It is saved as JSON
+A plan is ``{layer name: {"w_bits": b, "a_bits": b}}`` (32 = float), optionally with a
+weight quantizer kind per layer (``"w_quantizer": "twn"``), so one plan may mix kinds. It is saved as JSON
 (no pickle: plans are shared between people), validated on load, and applied after the
 recipe's own first/last and pattern overrides, so a plan always has the last word.
 """
@@ -13,10 +14,12 @@ from typing import Any, Mapping
 
 from lowbit.errors import BitsError, LowbitError, RecipeError
 from lowbit.model.layer_table import FLOAT_BITS, LayerTable
+from lowbit.quant.registry import check_kind
 from lowbit.quant.spec import MAX_BITS
 
 PLAN_FORMAT = "lowbit-plan/1"
 BIT_KEYS = ("w_bits", "a_bits")
+KIND_KEY = "w_quantizer"
 
 
 def check_plan_bits(value: Any, where: str) -> int:
@@ -33,7 +36,7 @@ def check_plan_bits(value: Any, where: str) -> int:
 class Plan:
     """Bits per layer name, in network order, plus free-form provenance (method, budget)."""
 
-    layers: dict[str, dict[str, int]]
+    layers: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -54,10 +57,14 @@ class Plan:
         for name, bits in layers_data.items():
             if not isinstance(bits, Mapping) or not bits:
                 raise RecipeError(f"{where}[{name!r}] must be a mapping with w_bits and/or a_bits")
-            unknown = set(bits) - set(BIT_KEYS)
+            unknown = set(bits) - set(BIT_KEYS) - {KIND_KEY}
             if unknown:
-                raise RecipeError(f"{where}[{name!r}]: unknown key(s) {sorted(unknown)}; allowed: {list(BIT_KEYS)}")
-            layers[str(name)] = {k: check_plan_bits(bits[k], f"{where}[{name!r}].{k}") for k in BIT_KEYS if k in bits}
+                raise RecipeError(f"{where}[{name!r}]: unknown key(s) {sorted(unknown)}; allowed: "
+                                  f"{[*BIT_KEYS, KIND_KEY]}")
+            entry: dict[str, Any] = {k: check_plan_bits(bits[k], f"{where}[{name!r}].{k}") for k in BIT_KEYS if k in bits}
+            if bits.get(KIND_KEY) is not None:
+                entry[KIND_KEY] = check_kind(bits[KIND_KEY], "weights", f"{where}[{name!r}].weights")
+            layers[str(name)] = entry
         return cls(layers, meta)
 
     @classmethod
@@ -87,6 +94,8 @@ class Plan:
                     row.w_bits = bits["w_bits"]
                 if "a_bits" in bits:
                     row.a_bits = bits["a_bits"]
+                if KIND_KEY in bits:  # after the bits: a binary/ternary kind checks them
+                    row.w_quantizer = bits[KIND_KEY]
             except BitsError as err:
                 raise BitsError(f"plan layer {name!r}: {err}") from None
 

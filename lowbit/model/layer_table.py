@@ -63,6 +63,15 @@ class LayerRecord:
         q.set_bits(bits)
 
     @property
+    def w_quantizer(self) -> str | None:
+        """This layer's own weight kind (from an override or a plan), None for the recipe's."""
+        return self.layer.weight_kind
+
+    @w_quantizer.setter
+    def w_quantizer(self, kind: str | None) -> None:
+        self.layer.set_weight_kind(kind)
+
+    @property
     def quantizer(self) -> str:
         """How the weights are quantized: uniform, a QAT kind (xnor, twn, lsq, ...), kmeans, ttq."""
         return getattr(self.layer.weight_quantizer, "method", "uniform") if self.layer.quantize_weight else "float"
@@ -101,9 +110,10 @@ class LayerTable:
     def rows(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self._records]
 
-    def plan(self) -> dict[str, dict[str, int]]:
-        """Bits per layer as plain data (what mixed-precision plans save and apply)."""
-        return {r.name: {"w_bits": r.w_bits, "a_bits": r.a_bits} for r in self._records}
+    def plan(self) -> dict[str, dict[str, Any]]:
+        """Bits (and any per-layer weight kind) as plain data: what mixed plans save and apply."""
+        return {r.name: {"w_bits": r.w_bits, "a_bits": r.a_bits,
+                         **({"w_quantizer": r.w_quantizer} if r.w_quantizer else {})} for r in self._records}
 
     def __repr__(self) -> str:
         from lowbit.report.tables import format_table

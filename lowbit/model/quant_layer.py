@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import RecipeError
 from lowbit.quant.functional import round_ste
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec, weight_spec_at
@@ -54,6 +55,10 @@ class QuantLayer(nn.Module):
         # Set only while QAT trains this layer with its BatchNorm (lowbit.qat.bn): the
         # weight and bias seen by everything else are then the folded ones.
         self.bn: nn.Module | None = None
+        # A weight quantizer kind for this layer only (recipe overrides or a mixed plan:
+        # ternary here, k-means there); None trains it with the recipe's weights.quantizer.
+        self.weight_kind: str | None = None
+        self.weight_kind_options: dict = {}
 
     def set_weight_bits(self, bits: int) -> None:
         """Change the weight width; the scale no longer fits, so calibration is required."""
@@ -64,6 +69,34 @@ class QuantLayer(nn.Module):
             q.calibrated = False
             if spec.grid == "midrise":
                 q.signed = True
+        if self.weight_kind is not None:  # the layer's own kind keeps its grid (or says the bits do not fit it)
+            self.set_weight_kind(self.weight_kind, self.weight_kind_options)
+
+    def set_weight_kind(self, kind: str | None, options: dict | None = None) -> None:
+        """Give this layer its own weight kind; a kind with one grid (binary, ternary) or
+        one set of levels per layer (TTQ, INQ) gets it, and other bits are an error."""
+        from lowbit.quant.registry import TRAINABLE, check_kind
+
+        if kind is None:
+            self.weight_kind, self.weight_kind_options = None, {}
+            return
+        check_kind(kind, "weights")
+        q = self.weight_quantizer
+        cls = TRAINABLE.get(kind)
+        need = getattr(cls, "grid_required", None)
+        spec = q.spec
+        if need is not None:
+            if q.bits != need[0]:
+                raise RecipeError(f"layer {self.name!r}: weight quantizer {kind!r} needs {need[0]}-bit weights, "
+                                  f"the layer has {q.bits}")
+            spec = spec.with_(grid=need[1], signed=True, symmetric=True)
+        if getattr(cls, "per_tensor_only", False):
+            spec = spec.with_(per_channel=False)
+        if spec != q.spec:
+            q.spec, q.calibrated = spec, False
+            if need is not None:
+                q.signed = True
+        self.weight_kind, self.weight_kind_options = kind, dict(options or {})
 
     @property
     def weight(self) -> torch.Tensor:

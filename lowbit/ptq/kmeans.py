@@ -57,13 +57,19 @@ def fisher_diagonal(qm: QuantModel, batches: list[torch.Tensor], progress: bool 
 @torch.no_grad()
 def cluster_weights(qm: QuantModel, batches: list[torch.Tensor], hessian: str = "none", joint: bool = False,
                     iterations: int = 100, progress: bool = True) -> dict[str, int]:
-    """Swap every sub-8-bit weight quantizer for a k-means codebook; returns {layer: K}."""
+    """Swap every sub-8-bit weight quantizer (or those given w_quantizer kmeans) for a k-means
+    codebook; returns {layer: K}."""
     if hessian not in ("none", "fisher"):
         raise RecipeError(f"kmeans.hessian must be 'none' or 'fisher', got {hessian!r}")
     if joint and hessian == "none":
         raise RecipeError("kmeans.joint clusters all layers into one codebook, which needs hessian: fisher to "
                           "compare errors across layers")
-    targets = [r for r in qm.layers if r.layer.quantize_weight and r.w_bits < CLUSTER_BELOW_BITS]
+    # Layers given another kind of their own (an override or plan: ternary here, k-means
+    # there) are not clustered; when some layer asks for kmeans, only those layers are.
+    own = {r.name: r.w_quantizer for r in qm.layers if r.w_quantizer}
+    asked = "kmeans" in own.values()
+    targets = [r for r in qm.layers if r.layer.quantize_weight and r.w_bits < CLUSTER_BELOW_BITS
+               and (own.get(r.name) == "kmeans" if asked else r.name not in own)]
     if not targets:
         raise RecipeError(f"kmeans: no layer below {CLUSTER_BELOW_BITS} bits to cluster")
     if hessian == "fisher":

@@ -90,8 +90,9 @@ def to_training_form(qm: QuantModel, weight_kind: str, act_kind: str, weight_opt
     fallbacks: dict[str, str] = {}
     for r in qm.layers:
         if r.layer.quantize_weight:
-            _swap(qm, r.layer.weight_quantizer, weight_kind, "weights", weight_options or {}, fallbacks,
-                  r.layer.weight.detach())
+            own = r.layer.weight_kind  # a per-layer kind (override or plan) wins over the recipe's
+            kind, options = (own, r.layer.weight_kind_options) if own else (weight_kind, weight_options or {})
+            _swap(qm, r.layer.weight_quantizer, kind, "weights", options, fallbacks, r.layer.weight.detach())
     for q in qm.act_quantizers().values():
         if q.enabled:
             _swap(qm, q, act_kind, "activations", act_options or {}, fallbacks)

@@ -40,13 +40,15 @@ TRAINABLE: dict[str, type[TrainableQuantizer]] = {
 KINDS = ("uniform", *TRAINABLE)
 
 
-def check_kind(kind: Any, role: str) -> str:
-    """The recipe's quantizer name for ``role`` ("weights"/"activations"), checked."""
+def check_kind(kind: Any, role: str, where: str | None = None) -> str:
+    """The recipe's quantizer name for ``role`` ("weights"/"activations"), checked; errors
+    name ``where`` (e.g. "overrides[0].weights"), by default the role."""
+    where = where or role
     if not isinstance(kind, str) or kind not in KINDS:
-        raise RecipeError(f"{role}.quantizer must be one of {list(KINDS)}, got {kind!r}")
+        raise RecipeError(f"{where}.quantizer must be one of {list(KINDS)}, got {kind!r}")
     if kind != "uniform" and role not in TRAINABLE[kind].roles:
-        raise RecipeError(f"{role}.quantizer {kind!r} quantizes {' and '.join(TRAINABLE[kind].roles)} only; "
-                          f"pair it with e.g. {role}.quantizer lsq")
+        raise RecipeError(f"{where}.quantizer {kind!r} quantizes {' and '.join(TRAINABLE[kind].roles)} only; "
+                          f"pair it with e.g. {where}.quantizer lsq")
     return kind
 
 

@@ -24,7 +24,7 @@ TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantiz
             "overrides", "keep_float", "calibration", "steps", "extends", "plan", "widen"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options", "quantizer", "quantizer_options"}
-OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits"}
+OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "w_quantizer", "w_quantizer_options"}
 CALIBRATION_KEYS = {"samples", "batch_size", "seed"}
 
 WEIGHT_DEFAULTS = {"bits": 8, "signed": True, "symmetric": True, "per_channel": True, "estimator": "mse"}
@@ -145,6 +145,13 @@ class Recipe:
             for k in ("w_bits", "a_bits"):
                 if k in o:
                     _check_bits(o[k], f"overrides[{i}].{k}")
+            if "w_quantizer_options" in o and "w_quantizer" not in o:
+                raise RecipeError(f"overrides[{i}]: w_quantizer_options without a w_quantizer")
+            if "w_quantizer" in o:  # a weight kind for these layers only (mixed kinds in one model)
+                from lowbit.quant.registry import check_kind, check_kind_options
+
+                kind = check_kind(o["w_quantizer"], "weights", f"overrides[{i}].weights")
+                check_kind_options(kind, o.get("w_quantizer_options", {}) or {}, f"overrides[{i}].weights")
         keep_float = data.get("keep_float", []) or []
         if not isinstance(keep_float, list) or not all(isinstance(p, str) for p in keep_float):
             raise RecipeError("keep_float must be a list of layer-name patterns")
@@ -159,6 +166,13 @@ class Recipe:
             raise RecipeError(f"steps must be a non-empty list such as [calibrate], got {raw_steps!r}")
         steps = [_parse_step(s, i) for i, s in enumerate(raw_steps)]
         names = [n for n, _ in steps]
+        layer_kinds = {o["w_quantizer"] for o in overrides if "w_quantizer" in o}
+        if layer_kinds - {"uniform", "kmeans"} and "qat" not in names:
+            raise RecipeError(f"overrides give layers the QAT weight kind(s) {sorted(layer_kinds - {'uniform', 'kmeans'})}, "
+                              "which only a `qat` step trains: add one to the steps")
+        if "kmeans" in layer_kinds and ("kmeans" not in names or ("qat" in names and "kmeans" not in names[:names.index("qat")])):
+            raise RecipeError("overrides give layers w_quantizer kmeans: the steps need a `kmeans` step (before any "
+                              "`qat`) to cluster them, e.g. [calibrate, kmeans]")
         if weights.quantizer == "kmeans" and ("qat" not in names or "kmeans" not in names[:names.index("qat")]):
             raise RecipeError("weights.quantizer kmeans fine-tunes k-means centroids in a `qat` step: the steps need "
                               "`kmeans` before `qat`, e.g. [calibrate, kmeans, qat]")
