@@ -98,7 +98,9 @@ def main() -> None:
             float_top1 = 100 * lowbit.evaluate(model, test_batches)
         c = recipe.calibration
         calib = dataset_tensors(calibration_subset(train, c["samples"], c["seed"]))[0]
-        ptq_src = dict(src, steps=["calibrate"])
+        # the PTQ start: every step before qat (calibrate, and e.g. kmeans for k-means layers)
+        before = next((i for i, s in enumerate(steps) if isinstance(s, dict) and "qat" in s), len(steps))
+        ptq_src = dict(src, steps=steps[:before] or ["calibrate"])
         if src.get("weights", {}).get("quantizer") == "kmeans":  # its qat needs the kmeans step before it
             ptq_src["weights"] = dict(src["weights"], quantizer="uniform")
         ptq = lowbit.quantize(model, ptq_src, calib=calib, progress=False)

@@ -391,6 +391,10 @@ def test_hawq_over_kinds_picks_the_cheaper_kind_and_the_plan_trains(mnist_labell
     model, calib, _, test = mnist_labelled
     candidates = parse_candidates("2,2:twn,3:kmeans,4")
     assert candidates == [(2, None), (2, "twn"), (3, "kmeans"), (4, None)]
+    with pytest.raises(LowbitError, match="expected BITS or BITS:KIND"):
+        parse_candidates("two:twn")
+    with pytest.raises(RecipeError, match="quantizer must be one of"):
+        parse_candidates("2:ternary")
     res = hawq_search(model, MNIST_BACKEND, calib, target_bits=2.6, samples=4, trace_images=64, progress=False,
                       candidates=candidates)
     sens = res.path[0]["sensitivity"]
