@@ -33,6 +33,10 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
         # The network input and the head's input are 8-bit in every integer runtime.
         first.a_bits = max(first.a_bits, recipe.first_last_bits)
         last.a_bits = max(last.a_bits, recipe.first_last_bits)
+        for r in (first, last):
+            q = r.input_quantizer
+            if q is not None and q.spec.grid == "midrise" and r.a_bits >= 8:  # binary activations' grid: as above
+                q.spec = q.spec.with_(grid="midtread")
     for i, o in enumerate(recipe.overrides):
         matched = table.match(o["pattern"])
         if not matched:
@@ -64,7 +68,7 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
 
         model = widen(model, r.widen)
     qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float,
-                    quantize_adds=r.quantize_adds)
+                    quantize_adds=r.quantize_adds, relu=r.relu)
     apply_bit_overrides(qm, r)
     qm.meta["recipe"] = r.to_dict()
     qm.meta["arch"] = getattr(model, "lowbit_arch", None)

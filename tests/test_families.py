@@ -148,3 +148,68 @@ def test_trained_binary_and_ternary_models_deploy_bit_exact(mnist_cnn, tmp_path,
     ours, theirs = qm(test[0][:300]).detach(), onnx_model(test[0][:300])
     assert (ours.argmax(1) == theirs.argmax(1)).float().mean() > 0.99
     assert float((ours - theirs).abs().max()) < 1e-3 * float(ours.detach().abs().max())
+
+
+def test_bnn_activations_are_sign_with_the_hardtanh_gradient():
+    q = make_trainable(_calibrated(1, "midrise", per_channel=False, scale=0.5), "bnn", "activations")
+    a = 0.25  # the calibrated level: step / 2
+    x = torch.tensor([-0.6, -0.25, -0.1, 0.0, 0.1, 0.25, 0.3, 2.0], requires_grad=True)
+    out = q(x)
+    assert torch.equal(out.detach(), torch.where(x.detach() >= 0, a, -a))  # zero to +a: two levels
+    out.sum().backward()
+    assert torch.equal(x.grad, (x.detach().abs() <= a).float())  # BNN's 1_{|x| <= 1} in units of a
+    step, zp = q.deploy_params(None)
+    assert float(step) == 2 * a and float(zp) == 0
+    relu_out = make_trainable(_calibrated(1, "midrise", per_channel=False), "bnn", "activations")
+    with pytest.raises(RecipeError, match="never negative .* set `relu: hardtanh`"):
+        relu_out(torch.rand(10))
+    with pytest.raises(RecipeError, match="after a ReLU is constant: set `relu: hardtanh`"):
+        load_recipe({"extends": "w1a1-bnn", "relu": "keep"})
+    with pytest.raises(RecipeError, match="relu must be 'keep' or 'hardtanh'"):
+        load_recipe({"extends": "w4a4", "relu": "tanh"})
+
+
+def test_relu_hardtanh_rewrites_the_graph_and_w1a1_trains_and_deploys(mnist_cnn, tmp_path):
+    model, calib, test = mnist_cnn
+    qm = lowbit.api.prepare(model, "w1a1-bnn")
+    from lowbit.model.graph import is_relu
+
+    targets = [n.target for n in qm.net.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.nn.functional.hardtanh) == 3  # SmallCNN's three ReLUs
+    assert not any(is_relu(n, dict(qm.net.named_modules())) for n in qm.net.graph.nodes)
+    with torch.no_grad(), qm.quantization(weights=False, activations=False):  # the float graph, ReLUs clipped
+        x = test[0][:8]
+        assert qm(x).shape == (8, 10)
+    recipe = {"extends": "w1a1-bnn", "name": "test-bnn",
+              "steps": ["calibrate", {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200,
+                                             "steps_per_epoch": 30}}]}
+    train = (test[0][:1500], test[1][:1500])
+    qm = lowbit.quantize(model, recipe, calib=calib, train=train, progress=False)
+    assert [r.quantizer for r in qm.layers][1:-1] == ["binaryconnect"] * (len(qm.layers) - 2)
+    for r in list(qm.layers)[1:-1]:  # binary inputs: two values per tensor
+        assert r.a_bits == 1 and r.input_quantizer.spec.grid == "midrise"
+    assert qm.layers[0].input_quantizer.spec.grid == "midtread"  # the 8-bit network input keeps the integer grid
+    x = test[0][1500:1800]
+    back = lowbit.load(lowbit.save(qm, tmp_path / "bnn.lowbit"), model=type(model)())
+    assert torch.equal(back(x), qm(x))
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    # Signs export as Where(x >= 0, a, -a). The runtime's first (8-bit) conv sums in another
+    # order than torch's, so a sign may flip where the pre-activation is within float rounding
+    # of zero, and nowhere else; a binary network then carries the flip on.
+    graph = onnx.load(str(lowbit.export_onnx(qm, tmp_path / "bnn.onnx", x[:1])))
+    first_sign = next(n for n in graph.graph.node if n.op_type == "Where").output[0]
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(first_sign, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(graph.SerializeToString())
+    theirs = torch.from_numpy(sess.run([first_sign], {sess.get_inputs()[0].name: x.numpy()})[0])
+    seen = {}
+    hook = qm.net.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("pre", o.detach()))
+    qm(x)
+    hook.remove()
+    pre = torch.nn.functional.hardtanh(seen["pre"])
+    level = float(qm.layers[1].input_quantizer.scale) / 2
+    ours = torch.where(pre >= 0, level, -level)
+    flips = (ours != theirs)
+    assert float(flips.float().mean()) < 1e-4
+    assert bool((pre[flips].abs() < 1e-5).all())

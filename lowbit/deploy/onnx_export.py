@@ -98,6 +98,8 @@ class _Builder:
                               "(mid-tread grids only)")
 
     def fake_quant(self, x: str, q: UniformQuantizer) -> str:
+        if q.spec.grid == "midrise" and q.bits == 1:
+            return self.binary_activation(x, q)
         self.check_grid(q)
         dtype = self.quant_dtype(q)
         qmin, qmax = q.code_range()
@@ -119,6 +121,14 @@ class _Builder:
         self.act_scale[out] = (scale, q)
         self.dq_source[out] = (qx, s_name, z_name)
         return out
+
+    def binary_activation(self, x: str, q: UniformQuantizer) -> str:
+        """A 1-bit mid-rise activation (BNN's sign, ±s/2, zero to +): Where(x ≥ 0, s/2, −s/2).
+        There is no QDQ form of it (QuantizeLinear rounds to a grid with zero), so the next
+        layer runs in float on these exact values; its weights stay QDQ."""
+        half = np.float32(float(q.scale.detach()) / 2)
+        positive = self.op("GreaterOrEqual", [x, self.const("zero", np.array(0, np.float32))], "nonneg")
+        return self.op("Where", [positive, self.const("plus", half), self.const("minus", -half)], "sign")
 
     def relu(self, x: str) -> str:
         out = self.op("Relu", [x], "relu")
@@ -279,6 +289,11 @@ class _Builder:
             return self.relu(self.arg(node.args[0]))
         if t in ADD_FUNCTIONS:
             return self.op("Add", [self.arg(node.args[0]), self.arg(node.args[1])], "add")
+        if t is F.hardtanh:
+            lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+            hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+            return self.op("Clip", [self.arg(node.args[0]), self.const("clip_lo", np.array(lo, np.float32)),
+                                    self.const("clip_hi", np.array(hi, np.float32))], "hardtanh")
         if t is F.pad:
             return self.pad(node)
         if t is operator.getitem:

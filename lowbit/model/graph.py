@@ -39,6 +39,22 @@ def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def replace_relus_with_hardtanh(gm: fx.GraphModule) -> int:
+    """Every ReLU becomes hardtanh (clip to [−1, 1]), in place; returns how many. Binary
+    activations (BNN, XNOR-Net) take the sign of a layer's input, which after a ReLU is
+    constant; BNN's own networks use hardtanh there, whose gradient is the sign's STE."""
+    modules = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if is_relu(n, modules)]
+    for node in nodes:
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(F.hardtanh, (node.args[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return len(nodes)
+
+
 def find_bn_prior(
     node: fx.Node, modules: dict[str, nn.Module], folded: dict[str, BNPrior],
 ) -> tuple[BNPrior, bool] | None:

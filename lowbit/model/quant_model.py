@@ -66,7 +66,7 @@ class QuantModel(nn.Module):
     def __init__(
         self, model: nn.Module, weights: QuantSpec, activations: QuantSpec,
         fold_bn: bool = True, keep_float: list[str] | None = None, trace: bool = True,
-        quantize_adds: bool = False,
+        quantize_adds: bool = False, relu: str = "keep",
     ) -> None:
         super().__init__()
         keep_float = list(keep_float or [])
@@ -87,6 +87,13 @@ class QuantModel(nn.Module):
                     "hook fallback: each layer quantizes its own input and BatchNorm is not folded",
                     stacklevel=2,
                 )
+        if relu not in ("keep", "hardtanh"):
+            raise RecipeError(f"relu must be 'keep' or 'hardtanh', got {relu!r}")
+        if relu == "hardtanh":
+            if gm is None:
+                raise UnsupportedModelError(f"relu: hardtanh rewrites the traced graph, and {type(model).__name__} "
+                                            f"could not be traced ({self.trace_error})")
+            G.replace_relus_with_hardtanh(gm)
         if gm is not None:
             self.mode = "graph"
             self.net, records = self._build_graph(gm, weights, activations, fold_bn, keep_float, quantize_adds)

@@ -10,7 +10,7 @@ from typing import Any
 
 from lowbit.errors import RecipeError
 from lowbit.quant.learned.base import TrainableQuantizer
-from lowbit.quant.learned.binary import BinaryConnectQuantizer, XNORWeightQuantizer
+from lowbit.quant.learned.binary import BinaryConnectQuantizer, BNNActivationQuantizer, XNORWeightQuantizer
 from lowbit.quant.learned.codebook_kinds import KMeansFineTuneQuantizer, TTQQuantizer
 from lowbit.quant.learned.dorefa import DoReFaWeightQuantizer
 from lowbit.quant.learned.hwgq import HWGQQuantizer
@@ -30,6 +30,7 @@ TRAINABLE: dict[str, type[TrainableQuantizer]] = {
     "ul2q": MuL2QQuantizer,
     "binaryconnect": BinaryConnectQuantizer,
     "xnor": XNORWeightQuantizer,
+    "bnn": BNNActivationQuantizer,
     "twn": TWNQuantizer,
     "hwgq": HWGQQuantizer,
     "kmeans": KMeansFineTuneQuantizer,

@@ -21,7 +21,7 @@ from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "add_bits", "first_last_bits",
-            "overrides", "keep_float", "calibration", "steps", "extends", "plan", "widen"}
+            "overrides", "keep_float", "calibration", "steps", "extends", "plan", "widen", "relu"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options", "quantizer", "quantizer_options"}
 OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "w_quantizer", "w_quantizer_options"}
@@ -110,6 +110,7 @@ class Recipe:
     steps: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [("calibrate", {})])
     plan: "Plan | None" = None
     widen: int = 1  # WRPN: every conv this many times wider before quantizing (lowbit.model.widen)
+    relu: str = "keep"  # "hardtanh": every ReLU becomes hardtanh, so binary activations see signed inputs
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -190,11 +191,17 @@ class Recipe:
         widen = data.get("widen", 1)
         if isinstance(widen, bool) or not isinstance(widen, int) or not 1 <= widen <= 16:
             raise RecipeError(f"widen must be an integer from 1 to 16 (WRPN's width factor), got {widen!r}")
+        relu = data.get("relu", "keep")
+        if relu not in ("keep", "hardtanh"):
+            raise RecipeError(f"relu must be 'keep' or 'hardtanh' (binary activations need signed inputs), got {relu!r}")
+        if acts.quantizer == "bnn" and relu != "hardtanh":
+            raise RecipeError("activations.quantizer bnn takes the sign of each layer's input, which after a ReLU is "
+                              "constant: set `relu: hardtanh`")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, add_bits=add_bits,
                    first_last_bits=fl,
                    overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, plan=plan,
-                   widen=widen, source=source)
+                   widen=widen, relu=relu, source=source)
 
     @property
     def data_free(self) -> bool:
@@ -209,7 +216,8 @@ class Recipe:
                 "keep_float": self.keep_float, "calibration": self.calibration,
                 "steps": [{name: params} for name, params in self.steps],
                 **({"plan": self.plan.to_dict()} if self.plan is not None else {}),
-                **({"widen": self.widen} if self.widen != 1 else {})}
+                **({"widen": self.widen} if self.widen != 1 else {}),
+                **({"relu": self.relu} if self.relu != "keep" else {})}
 
     def with_plan(self, plan: "Plan | None") -> "Recipe":
         """The same recipe with a mixed-precision plan applied last (replacing any plan)."""

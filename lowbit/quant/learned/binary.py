@@ -10,6 +10,11 @@ what the latent float weights may do:
   to [−1, 1]. BinaryConnect's ±1 relies on a BN to rescale; lowbit folds BN into the
   weights, so here the unit is the layer's calibrated binary level a (the MSE-optimal ±a of
   the pretrained weights, per channel), fixed during training: the method runs on w/a.
+- **BNN activations** (Hubara/Courbariaux et al. 2016): a_b = sign(a), gradient through
+  the straight-through estimator 1_{|a| ≤ 1} (hardtanh's). As for BinaryConnect the unit is
+  the calibrated binary level (±a, the MSE-optimal pair for the tensor, fixed): in units of
+  a the method is exactly the paper's. The tensor must be signed: the sign of a post-ReLU
+  tensor is constant, so binary-activation recipes set ``relu: hardtanh``.
 - **XNOR-Net weights** (Rastegari et al. 2016, sec. 3.1): W ≈ α·sign(W) with α = mean|W|
   per output channel, recomputed from the current weights at every step; the gradient is
   XNOR-Net's: through sign with the window 1_{|W| ≤ 1} and through α's dependence on W.
@@ -18,14 +23,15 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import RecipeError
 from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 
 def sign_ste(x: torch.Tensor, limit: torch.Tensor | float = 1.0) -> torch.Tensor:
     """±1 (0 maps to +1: the mid-rise grid has no zero), gradient 1 where |x| ≤ limit."""
-    clipped = torch.maximum(torch.minimum(x, torch.as_tensor(limit)), -torch.as_tensor(limit))
-    return clipped + (torch.where(x >= 0, 1.0, -1.0) - clipped).detach()
+    inside = torch.where(x.abs() <= limit, x, x.detach())  # gradient 1 on [−limit, limit], ends included
+    return inside + (torch.where(x >= 0, 1.0, -1.0) - inside).detach()
 
 
 class _BinaryWeights(TrainableQuantizer):
@@ -100,4 +106,30 @@ class XNORWeightQuantizer(_BinaryWeights):
         if x is None:
             return self.scale.detach().clone(), self.zero_point.detach().clone()
         step = self._deploy_step(self.alpha(x.detach()))
+        return step, torch.zeros_like(step)
+
+
+class BNNActivationQuantizer(TrainableQuantizer):
+    kind = "bnn"
+    roles = ("activations",)
+    grid_required = (1, "midrise")
+
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role)
+        self.spec = source.spec.with_(signed=True, symmetric=True)
+        self.signed = True
+        self.register_buffer("level", (source.scale.detach() / 2).clamp_min(1e-12).clone())
+        self._checked = False
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._checked:  # once: a constant sign is a layout mistake, not a result
+            if bool((x.detach() >= 0).all()):
+                raise RecipeError(f"bnn activations: {self.name!r} is never negative (a ReLU output?), so its "
+                                  "sign is constant; set `relu: hardtanh` in the recipe so binary layers see "
+                                  "signed inputs")
+            self._checked = True
+        return self.level * sign_ste(x / self.level, 1.0)  # BNN: sign forward, 1_{|a| ≤ 1} backward
+
+    def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        step = (2 * self.level).reshape(()).detach().clone()
         return step, torch.zeros_like(step)
