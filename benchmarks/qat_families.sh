@@ -28,3 +28,4 @@ run w1a2-hwgq ""
 run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=twn
 run w2a2-lqnet ""
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
+run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K

@@ -70,6 +70,10 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
     qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float,
                     quantize_adds=r.quantize_adds, relu=r.relu)
     apply_bit_overrides(qm, r)
+    if r.activations.quantizer == "xnor":  # XNOR-Net: binary inputs keep mean_c |x| for their layer's K
+        for row in qm.layers:
+            if row.input_quantizer is not None and row.a_bits == 1:
+                row.input_quantizer.keep_abs_mean = True
     qm.meta["recipe"] = r.to_dict()
     qm.meta["arch"] = getattr(model, "lowbit_arch", None)
     return qm

@@ -160,6 +160,13 @@ def test_bnn_activations_are_sign_with_the_hardtanh_gradient():
     assert torch.equal(x.grad, (x.detach().abs() <= a).float())  # BNN's 1_{|x| <= 1} in units of a
     step, zp = q.deploy_params(None)
     assert float(step) == 2 * a and float(zp) == 0
+    xnor = make_trainable(_calibrated(1, "midrise", per_channel=False, scale=0.5), "xnor", "activations")
+    x4 = x.detach().reshape(1, 2, 2, 2).requires_grad_()
+    out = xnor(x4)
+    assert torch.equal(out.detach(), torch.where(x4.detach() >= 0, 1.0, -1.0))  # ±1: the layer's K scales
+    assert torch.equal(xnor.abs_mean, x4.detach().abs().mean(1, keepdim=True))  # XNOR-Net's A
+    out.sum().backward()
+    assert torch.equal(x4.grad, (x4.detach().abs() <= a).float() / a)  # hardtanh(x / a)'s gradient
     relu_out = make_trainable(_calibrated(1, "midrise", per_channel=False), "bnn", "activations")
     with pytest.raises(RecipeError, match="never negative .* set `relu: hardtanh`"):
         relu_out(torch.rand(10))
@@ -169,47 +176,70 @@ def test_bnn_activations_are_sign_with_the_hardtanh_gradient():
         load_recipe({"extends": "w4a4", "relu": "tanh"})
 
 
-def test_relu_hardtanh_rewrites_the_graph_and_w1a1_trains_and_deploys(mnist_cnn, tmp_path):
-    model, calib, test = mnist_cnn
-    qm = lowbit.api.prepare(model, "w1a1-bnn")
+@pytest.mark.parametrize("recipe_name", ["w1a1-bnn", "w1a1-xnor"])
+def test_w1a1_trains_and_deploys(mnist_cnn, tmp_path, recipe_name):
     from lowbit.model.graph import is_relu
 
+    model, calib, test = mnist_cnn
+    qm = lowbit.api.prepare(model, recipe_name)
     targets = [n.target for n in qm.net.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.nn.functional.hardtanh) == 3  # SmallCNN's three ReLUs
+    assert targets.count(torch.nn.functional.hardtanh) == 3  # relu: hardtanh rewrote SmallCNN's three ReLUs
     assert not any(is_relu(n, dict(qm.net.named_modules())) for n in qm.net.graph.nodes)
-    with torch.no_grad(), qm.quantization(weights=False, activations=False):  # the float graph, ReLUs clipped
-        x = test[0][:8]
-        assert qm(x).shape == (8, 10)
-    recipe = {"extends": "w1a1-bnn", "name": "test-bnn",
+    recipe = {"extends": recipe_name, "name": f"test-{recipe_name}",
               "steps": ["calibrate", {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200,
                                              "steps_per_epoch": 30}}]}
-    train = (test[0][:1500], test[1][:1500])
-    qm = lowbit.quantize(model, recipe, calib=calib, train=train, progress=False)
-    assert [r.quantizer for r in qm.layers][1:-1] == ["binaryconnect"] * (len(qm.layers) - 2)
+    qm = lowbit.quantize(model, recipe, calib=calib, train=(test[0][:1500], test[1][:1500]), progress=False)
+    kind = "binaryconnect" if recipe_name == "w1a1-bnn" else "xnor"
+    assert [r.quantizer for r in qm.layers][1:-1] == [kind] * (len(qm.layers) - 2)
     for r in list(qm.layers)[1:-1]:  # binary inputs: two values per tensor
         assert r.a_bits == 1 and r.input_quantizer.spec.grid == "midrise"
     assert qm.layers[0].input_quantizer.spec.grid == "midtread"  # the 8-bit network input keeps the integer grid
     x = test[0][1500:1800]
-    back = lowbit.load(lowbit.save(qm, tmp_path / "bnn.lowbit"), model=type(model)())
+    conv2 = qm.layers["conv2"].layer
+    seen = {}
+    def keep(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            seen[name] = (inputs[0].detach(), output.detach())
+        return hook
+
+    hooks = [qm.net.conv1.register_forward_hook(keep("conv1")), conv2.register_forward_hook(keep("conv2"))]
+    qm(x)
+    for h in hooks:
+        h.remove()
+    pre = torch.nn.functional.max_pool2d(torch.nn.functional.hardtanh(seen["conv1"][1]), 2)  # conv2's input before its sign
+    signs, out = seen["conv2"]
+    level = 1.0 if kind == "xnor" else float(conv2.input_ref[0].scale) / 2
+    assert torch.equal(signs, torch.where(pre >= 0, level, -level))
+    w, b = conv2.quantized_weight().detach(), conv2.bias.detach()
+    expected = torch.nn.functional.conv2d(signs, w, padding=conv2.module.padding)
+    if kind == "xnor":  # K = (mean_c |I|) box-filtered at the conv's kernel, stride and padding
+        k = torch.nn.functional.avg_pool2d(pre.abs().mean(1, keepdim=True), 3, 1, 1, count_include_pad=True)
+        expected = expected * k
+    assert torch.allclose(out, expected + b.reshape(1, -1, 1, 1), atol=1e-5)
+    back = lowbit.load(lowbit.save(qm, tmp_path / "w1a1.lowbit"), model=type(model)())
     assert torch.equal(back(x), qm(x))
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
-    # Signs export as Where(x >= 0, a, -a). The runtime's first (8-bit) conv sums in another
-    # order than torch's, so a sign may flip where the pre-activation is within float rounding
-    # of zero, and nowhere else; a binary network then carries the flip on.
-    graph = onnx.load(str(lowbit.export_onnx(qm, tmp_path / "bnn.onnx", x[:1])))
-    first_sign = next(n for n in graph.graph.node if n.op_type == "Where").output[0]
-    graph.graph.output.append(onnx.helper.make_tensor_value_info(first_sign, onnx.TensorProto.FLOAT, None))
+    # Signs export as Where(x >= 0, a, -a) after the pooling. The runtime's first (8-bit) conv
+    # sums in another order than torch's, so a sign may flip where the pre-activation is within
+    # float rounding of zero, and nowhere else (a binary network then carries the flip on).
+    graph = onnx.load(str(lowbit.export_onnx(qm, tmp_path / "w1a1.onnx", x[:1])))
+    where = next(n for n in graph.graph.node if n.op_type == "Where")
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    consumer = {i: n for n in graph.graph.node for i in n.input}
+    conv2_out = [n for n in graph.graph.node if n.op_type == "Conv"][1].output[0]
+    if kind == "xnor":  # Conv -> Mul(K) -> Add(bias)
+        conv2_out = consumer[consumer[conv2_out].output[0]].output[0]
+    before_sign = producer[where.input[0]].input[0]  # GreaterOrEqual's input
+    wanted = [where.output[0], before_sign, conv2_out]
+    for name in wanted:
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(graph.SerializeToString())
-    theirs = torch.from_numpy(sess.run([first_sign], {sess.get_inputs()[0].name: x.numpy()})[0])
-    seen = {}
-    hook = qm.net.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("pre", o.detach()))
-    qm(x)
-    hook.remove()
-    pre = torch.nn.functional.hardtanh(seen["pre"])
-    level = float(qm.layers[1].input_quantizer.scale) / 2
-    ours = torch.where(pre >= 0, level, -level)
-    flips = (ours != theirs)
-    assert float(flips.float().mean()) < 1e-4
-    assert bool((pre[flips].abs() < 1e-5).all())
+    their_signs, their_pre, their_out = (torch.from_numpy(a) for a in sess.run(wanted, {sess.get_inputs()[0].name: x.numpy()}))
+    flips = torch.where(pre >= 0, level, -level) != their_signs
+    assert float(flips.float().mean()) < 1e-4 and bool((pre[flips].abs() < 1e-5).all())
+    # from the runtime's own signs, its binary layer computes what QuantLayer computes
+    q = conv2.input_ref[0]
+    with torch.no_grad():
+        assert torch.allclose(conv2(q(their_pre)), their_out, atol=1e-4)

@@ -58,6 +58,7 @@ class _Builder:
         self.dq_source: dict[str, tuple[str, str, str]] = {}
         # Relu output -> Relu input, so a quantizer whose grid starts at 0 can absorb it
         self.relu_input: dict[str, str] = {}
+        self.pre_quant: dict[str, str] = {}  # a binary activation's output -> its input
         # quantizer nodes already applied in front of a flatten / max pool (see quantize_early)
         self.applied_early: set[fx.Node] = set()
 
@@ -128,7 +129,21 @@ class _Builder:
         layer runs in float on these exact values; its weights stay QDQ."""
         half = np.float32(float(q.scale.detach()) / 2)
         positive = self.op("GreaterOrEqual", [x, self.const("zero", np.array(0, np.float32))], "nonneg")
-        return self.op("Where", [positive, self.const("plus", half), self.const("minus", -half)], "sign")
+        out = self.op("Where", [positive, self.const("plus", half), self.const("minus", -half)], "sign")
+        self.pre_quant[out] = x  # XNOR-Net's K is computed from the input before its sign
+        return out
+
+    def xnor_scale(self, layer: QuantLayer, x: str) -> str | None:
+        """K = AveragePool(ReduceMean(|I|, channels)) at the conv's geometry (QuantLayer.xnor_input_scale)."""
+        q = layer.input_ref[0] if layer.input_ref else None
+        if q is None or not q.enabled or getattr(q, "method", None) != "xnor":
+            return None
+        a = self.op("ReduceMean", [self.op("Abs", [self.pre_quant[x]], "abs")], "abs_mean", axes=[1], keepdims=1)
+        m = layer.module
+        if isinstance(m, nn.Linear):
+            return a
+        return self.op("AveragePool", [a], "xnor_k", kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                       pads=list(m.padding) * 2, count_include_pad=1)
 
     def relu(self, x: str) -> str:
         out = self.op("Relu", [x], "relu")
@@ -159,6 +174,8 @@ class _Builder:
         q = self.modules[users[0].target]
         if not isinstance(q, UniformQuantizer) or not q.enabled or q.spec.per_channel or x in self.dq_source:
             return x
+        if q.spec.grid == "midrise" and q.bits == 1:
+            return x  # a sign has no integer kernel to fuse into; XNOR-Net's K needs the pooled input
         self.applied_early.add(users[0])
         return self.fake_quant(x, q)
 
@@ -232,6 +249,19 @@ class _Builder:
         w = self.weight(layer)
         out_ch = m.weight.shape[0]
         b = self.bias(layer, x, out_ch)
+        k = self.xnor_scale(layer, x)
+        if k is not None:  # (sign(I) ⊛ W) ⊙ K + b, as QuantLayer.forward
+            if isinstance(m, nn.Linear):
+                core = self.op("Gemm", [x, w], "gemm", transB=1)
+            else:
+                core = self.op("Conv", [x, w], "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                               pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
+            out = self.op("Mul", [core, k], "xnor_scaled")
+            if not b:
+                return out
+            shape = [1, out_ch] + [1] * (len(self.shape(node.args[0])) - 2)
+            return self.op("Add", [out, self.op("Reshape", [b, self.const("shape", np.array(shape, np.int64))],
+                                                "bias")], "biased")
         if isinstance(m, nn.Linear):
             if len(self.shape(node.args[0])) != 2:
                 raise ExportError(f"{layer.name}: Linear on a {len(self.shape(node.args[0]))}-D input is not exported (2-D only)")

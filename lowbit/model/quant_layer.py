@@ -129,8 +129,25 @@ class QuantLayer(nn.Module):
         q_in, q_w = self.input_ref[0], self.weight_quantizer
         if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
             return b
+        if q_in.spec.grid == "midrise" and q_in.bits == 1:
+            return b  # binary inputs: no integer kernel runs this layer (signs export as Where), so no int32 grid
         step = q_in.scale * q_w.scale
         return round_ste(b / step) * step
+
+    def xnor_input_scale(self) -> torch.Tensor | None:
+        """XNOR-Net's K = A ∗ k (sec. 3.2) when this layer's input quantizer is XNOR-Net's:
+        A = mean_c |I| (kept by the quantizer), k the 1/(w·h) box filter at this conv's
+        stride and padding; for a Linear layer, A itself (one value per sample)."""
+        q = self.input_ref[0] if self.input_ref else self.input_quantizer
+        if q is None or not q.enabled or getattr(q, "method", None) != "xnor" or q.abs_mean is None:
+            return None
+        a, m = q.abs_mean, self.module
+        if isinstance(m, nn.Linear):
+            return a
+        if any(d != 1 for d in m.dilation) or isinstance(m.padding, str):
+            raise RecipeError(f"layer {self.name!r}: XNOR-Net's input scale needs dilation 1 and numeric padding")
+        pool = F.avg_pool2d if isinstance(m, nn.Conv2d) else F.avg_pool1d
+        return pool(a, m.kernel_size, m.stride, m.padding, count_include_pad=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
@@ -139,7 +156,12 @@ class QuantLayer(nn.Module):
         batch_norm = self.bn is not None and self.training and not self.bn.frozen
         b = None if batch_norm else self.quantized_bias()
         m = self.module
-        if isinstance(m, nn.Linear):
+        k = self.xnor_input_scale()
+        if k is not None:  # (sign(I) ⊛ W_b) ⊙ K, then the bias
+            out = (F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)) * k
+            if b is not None:
+                out = out + b.reshape([1, -1] + [1] * (out.dim() - 2))
+        elif isinstance(m, nn.Linear):
             out = F.linear(x, w, b)
         else:
             out = m._conv_forward(x, w, b)

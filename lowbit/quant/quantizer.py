@@ -33,6 +33,8 @@ class UniformQuantizer(nn.Module):
         # table and artifacts report; the fake-quant itself is the grid's.
         self.method = "uniform"
         self.observer: Callable[[torch.Tensor], None] | None = None
+        self.keep_abs_mean = False  # set for XNOR-Net inputs: see forward
+        self.abs_mean: torch.Tensor | None = None
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -69,6 +71,8 @@ class UniformQuantizer(nn.Module):
             self.observer(x)
         if not self.enabled:
             return x
+        if self.keep_abs_mean:  # XNOR-Net's A = mean_c |x|, read by the next layer (QuantLayer.xnor_scale)
+            self.abs_mean = x.detach().abs().mean(1, keepdim=True)
         if not self.calibrated:
             raise LowbitError(
                 f"quantizer {self.name!r} ({self.spec.bits}-bit) has no scale yet: "

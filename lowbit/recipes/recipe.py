@@ -194,9 +194,9 @@ class Recipe:
         relu = data.get("relu", "keep")
         if relu not in ("keep", "hardtanh"):
             raise RecipeError(f"relu must be 'keep' or 'hardtanh' (binary activations need signed inputs), got {relu!r}")
-        if acts.quantizer == "bnn" and relu != "hardtanh":
-            raise RecipeError("activations.quantizer bnn takes the sign of each layer's input, which after a ReLU is "
-                              "constant: set `relu: hardtanh`")
+        if acts.quantizer in ("bnn", "xnor") and relu != "hardtanh":
+            raise RecipeError(f"activations.quantizer {acts.quantizer} takes the sign of each layer's input, which "
+                              "after a ReLU is constant: set `relu: hardtanh`")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, add_bits=add_bits,
                    first_last_bits=fl,

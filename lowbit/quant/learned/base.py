@@ -65,6 +65,7 @@ class TrainableQuantizer(UniformQuantizer):
         self.scale = source.scale.detach().clone()
         self.zero_point = source.zero_point.detach().clone()
         self.method = self.kind
+        self.keep_abs_mean = source.keep_abs_mean
 
     @classmethod
     def from_uniform(cls, source: UniformQuantizer, role: str, **options: Any) -> "TrainableQuantizer":
@@ -102,6 +103,7 @@ class TrainableQuantizer(UniformQuantizer):
         q.set_params(scale, zero_point)
         q.calibrated = self.calibrated
         q.method = self.kind
+        q.keep_abs_mean = self.keep_abs_mean
         return q
 
     def extra_repr(self) -> str:

@@ -15,6 +15,10 @@ what the latent float weights may do:
   the calibrated binary level (±a, the MSE-optimal pair for the tensor, fixed): in units of
   a the method is exactly the paper's. The tensor must be signed: the sign of a post-ReLU
   tensor is constant, so binary-activation recipes set ``relu: hardtanh``.
+- **XNOR-Net activations** (sec. 3.2): sign(I) with the same STE, and the conv output
+  multiplied by K = A ∗ k, A = mean_c |I| at every position and k the conv's box filter
+  of 1/(w·h) (same stride and padding): the quantizer keeps A, QuantLayer applies K.
+  K carries no gradient here (the paper gives none for it).
 - **XNOR-Net weights** (Rastegari et al. 2016, sec. 3.1): W ≈ α·sign(W) with α = mean|W|
   per output channel, recomputed from the current weights at every step; the gradient is
   XNOR-Net's: through sign with the window 1_{|W| ≤ 1} and through α's dependence on W.
@@ -91,6 +95,13 @@ class BinaryConnectQuantizer(_BinaryWeights):
 
 class XNORWeightQuantizer(_BinaryWeights):
     kind = "xnor"
+    roles = ("weights", "activations")  # activations: XNORActivationQuantizer
+
+    @classmethod
+    def from_uniform(cls, source: UniformQuantizer, role: str, **options):
+        if role == "activations":
+            return XNORActivationQuantizer(source, role, **options)
+        return cls(source, role, **options)
 
     def alpha(self, w: torch.Tensor) -> torch.Tensor:
         """α = mean|W| per output channel (per tensor if the recipe says so), with its gradient."""
@@ -121,15 +132,35 @@ class BNNActivationQuantizer(TrainableQuantizer):
         self.register_buffer("level", (source.scale.detach() / 2).clamp_min(1e-12).clone())
         self._checked = False
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def check_signed(self, x: torch.Tensor) -> None:
         if not self._checked:  # once: a constant sign is a layout mistake, not a result
             if bool((x.detach() >= 0).all()):
-                raise RecipeError(f"bnn activations: {self.name!r} is never negative (a ReLU output?), so its "
-                                  "sign is constant; set `relu: hardtanh` in the recipe so binary layers see "
+                raise RecipeError(f"{self.kind} activations: {self.name!r} is never negative (a ReLU output?), so "
+                                  "its sign is constant; set `relu: hardtanh` in the recipe so binary layers see "
                                   "signed inputs")
             self._checked = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_signed(x)
         return self.level * sign_ste(x / self.level, 1.0)  # BNN: sign forward, 1_{|a| ≤ 1} backward
 
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         step = (2 * self.level).reshape(()).detach().clone()
         return step, torch.zeros_like(step)
+
+
+class XNORActivationQuantizer(BNNActivationQuantizer):
+    """sign(I) in {−1, +1} (step 2, levels ±1); the magnitude comes from K, which the
+    layer computes from the A this quantizer keeps (``keep_abs_mean``)."""
+
+    kind = "xnor"
+
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role)
+        self.window = self.level.clone()         # the STE's window: the calibrated binary level
+        self.level = torch.ones_like(self.level)  # output ±1: K scales the layer's output
+        self.keep_abs_mean = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_signed(x)
+        return sign_ste(x / self.window, 1.0)  # sign(I); gradient as hardtanh(I / a)
