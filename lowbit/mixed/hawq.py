@@ -27,7 +27,7 @@ from lowbit.ptq.calibrate import calibrate_weight_quantizer
 from lowbit.ptq.reconstruct import requires_grad
 from lowbit.quant.codebook import CodebookQuantizer, kmeans_1d
 from lowbit.quant.quantizer import UniformQuantizer
-from lowbit.quant.registry import TRAINABLE, check_kind, make_trainable
+from lowbit.quant.registry import check_kind, make_trainable, required_bits, spec_for_kind
 from lowbit.quant.spec import weight_spec_at
 from lowbit.recipes.recipe import Recipe, load_recipe
 
@@ -66,15 +66,10 @@ def perturbation(qm: QuantModel, name: str, bits: int, estimator: str, kind: str
     μL2Q forwards, TTQ's and INQ's levels) or cluster (k-means)."""
     layer = qm.layers[name].layer
     w = layer.weight.detach()
-    spec = weight_spec_at(layer.base_weight_spec, bits)
-    cls = TRAINABLE.get(kind or "uniform")
-    need = getattr(cls, "grid_required", None)
-    if need is not None:
-        if bits != need[0]:
-            raise LowbitError(f"candidate {bits}:{kind}: {kind} quantizes to {need[0]} bits only")
-        spec = spec.with_(grid=need[1], signed=True, symmetric=True)
-    if getattr(cls, "per_tensor_only", False):
-        spec = spec.with_(per_channel=False)
+    need = required_bits(kind)
+    if need is not None and bits != need:
+        raise LowbitError(f"candidate {bits}:{kind}: {kind} quantizes to {need} bits only")
+    spec = spec_for_kind(kind, weight_spec_at(layer.base_weight_spec, bits))
     q = UniformQuantizer(spec)
     calibrate_weight_quantizer(q, w, estimator)
     with torch.no_grad():

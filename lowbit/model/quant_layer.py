@@ -75,23 +75,18 @@ class QuantLayer(nn.Module):
     def set_weight_kind(self, kind: str | None, options: dict | None = None) -> None:
         """Give this layer its own weight kind; a kind with one grid (binary, ternary) or
         one set of levels per layer (TTQ, INQ) gets it, and other bits are an error."""
-        from lowbit.quant.registry import TRAINABLE, check_kind
+        from lowbit.quant.registry import check_kind, required_bits, spec_for_kind
 
         if kind is None:
             self.weight_kind, self.weight_kind_options = None, {}
             return
         check_kind(kind, "weights")
         q = self.weight_quantizer
-        cls = TRAINABLE.get(kind)
-        need = getattr(cls, "grid_required", None)
-        spec = q.spec
-        if need is not None:
-            if q.bits != need[0]:
-                raise RecipeError(f"layer {self.name!r}: weight quantizer {kind!r} needs {need[0]}-bit weights, "
-                                  f"the layer has {q.bits}")
-            spec = spec.with_(grid=need[1], signed=True, symmetric=True)
-        if getattr(cls, "per_tensor_only", False):
-            spec = spec.with_(per_channel=False)
+        need = required_bits(kind)
+        if need is not None and q.bits != need:
+            raise RecipeError(f"layer {self.name!r}: weight quantizer {kind!r} needs {need}-bit weights, "
+                              f"the layer has {q.bits}")
+        spec = spec_for_kind(kind, q.spec)
         if spec != q.spec:
             q.spec, q.calibrated = spec, False
             if need is not None:

@@ -65,6 +65,25 @@ def check_kind_grid(kind: str, spec: Any, where: str) -> None:
         raise RecipeError(f"{where}.quantizer {kind!r} has one set of levels per layer: set {where}.per_channel: false")
 
 
+def required_bits(kind: str | None) -> int | None:
+    """The one width a binary/ternary kind quantizes to (None: any width)."""
+    need = getattr(TRAINABLE.get(kind or "uniform"), "grid_required", None)
+    return need[0] if need else None
+
+
+def spec_for_kind(kind: str | None, spec: Any) -> Any:
+    """``spec`` as ``kind`` needs it for one layer: the kind's own grid (binary, ternary;
+    bits already checked against required_bits) and per tensor for kinds with one set of
+    levels per layer (TTQ, INQ)."""
+    cls = TRAINABLE.get(kind or "uniform")
+    need = getattr(cls, "grid_required", None)
+    if need is not None:
+        spec = spec.with_(grid=need[1], signed=True, symmetric=True)
+    if getattr(cls, "per_tensor_only", False):
+        spec = spec.with_(per_channel=False)
+    return spec
+
+
 def make_trainable(source: UniformQuantizer, kind: str, role: str, weight: Any = None,
                    **options: Any) -> UniformQuantizer:
     """The quantizer of ``kind`` that starts where ``source`` (calibrated) is; "uniform"
