@@ -19,6 +19,7 @@ run w3a32-kmeans ""
 run w3a32-kmeans-hessian ""
 run w1a32-binaryconnect ""
 run w1a32-binaryconnect stochastic "weights.quantizer_options={stochastic: true}"
+run w1a32-binaryconnect lr2e-4 set:lr=0.0002  # at 0.002 ResNet-20's latent weights diverge (NaN loss)
 run w1a32-xnor ""
 run w2a32-twn ""
 run w2a32-ttq "" set:quantizer_lr=1e-5  # TTQ's scale gradient sums a whole layer: at the weights' rate it collapses
@@ -29,3 +30,4 @@ run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=tw
 run w2a2-lqnet ""
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
 run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K
+run w1a1-bireal ""  # Bi-Real Net: a real-valued shortcut around every conv, ApproxSign gradient

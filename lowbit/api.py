@@ -68,7 +68,7 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
 
         model = widen(model, r.widen)
     qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float,
-                    quantize_adds=r.quantize_adds, relu=r.relu)
+                    quantize_adds=r.quantize_adds, relu=r.relu, shortcut=r.shortcut)
     apply_bit_overrides(qm, r)
     if r.activations.quantizer == "xnor":  # XNOR-Net: binary inputs keep mean_c |x| for their layer's K
         for row in qm.layers:

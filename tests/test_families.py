@@ -243,3 +243,117 @@ def test_w1a1_trains_and_deploys(mnist_cnn, tmp_path, recipe_name):
     q = conv2.input_ref[0]
     with torch.no_grad():
         assert torch.allclose(conv2(q(their_pre)), their_out, atol=1e-4)
+
+
+def _block_values(qm, x):
+    """Inputs (real value) of every activation quantizer and outputs of every layer, by name."""
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            seen[name] = (inputs[0].detach(), output.detach())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in qm.net.named_modules()
+             if n.startswith("act_quant_") or n in ("layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1",
+                                                     "layer2.0.conv2")]
+    with torch.no_grad():
+        qm(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("shortcut", ["shared", "real", "bireal"])
+def test_shortcuts_read_what_the_recipe_says(resnet20, cifar_slices, shortcut):
+    from torch.nn.functional import avg_pool2d, hardtanh, pad
+
+    calib, test = cifar_slices
+    recipe = {"extends": "w1a1-bnn", "shortcut": shortcut, "steps": ["calibrate"]}
+    qm = lowbit.quantize(resnet20, recipe, calib=calib[:64], progress=False)
+    v = _block_values(qm, test[0][:8])
+    x_real, x_sign = v["act_quant_1"]            # layer1.0's input, before and after its sign
+    conv1_out, conv2_out = v["layer1.0.conv1"][1], v["layer1.0.conv2"][1]
+    conv2_in_real = v["act_quant_2"][0]
+    after_block = v["act_quant_3"][0]
+    assert x_sign.abs().unique().numel() == 1  # binary: one magnitude
+    if shortcut == "shared":  # the add reads the signs
+        assert torch.allclose(after_block, hardtanh(conv2_out + x_sign), atol=1e-6)
+    elif shortcut == "real":  # the add reads the real-valued stream
+        assert torch.allclose(conv2_in_real, hardtanh(conv1_out), atol=1e-6)
+        assert torch.allclose(after_block, hardtanh(conv2_out + x_real), atol=1e-6)
+    else:  # Bi-Real: every conv adds its own real input; the block's shortcut is conv2's
+        assert torch.allclose(conv2_in_real, hardtanh(conv1_out + x_real), atol=1e-6)
+        assert torch.allclose(after_block, hardtanh(conv2_out + conv2_in_real), atol=1e-6)
+        # the stride-2, 16 -> 32 conv: its input averaged over 2x2 windows, 8 zero channels each side
+        x2 = v["act_quant_7"][0]
+        expected = hardtanh(v["layer2.0.conv1"][1] + pad(avg_pool2d(x2, 2, 2), (0, 0, 0, 0, 8, 8)))
+        assert torch.allclose(v["act_quant_8"][0], expected, atol=1e-6)
+        with torch.no_grad():  # the rewrite changes the function: the original network stays as the teacher
+            assert torch.equal(qm.float_model(test[0][:8]), resnet20(test[0][:8]))
+    if shortcut != "shared":
+        assert load_recipe(recipe).to_dict()["shortcut"] == shortcut
+    else:
+        assert "shortcut" not in load_recipe(recipe).to_dict()  # default: earlier fingerprints unchanged
+
+
+def test_bireal_refusals_are_named():
+    with pytest.raises(RecipeError, match="shortcut must be one of shared, real, bireal"):
+        load_recipe({"extends": "w1a1-bnn", "shortcut": "dense"})
+
+    class Shrinks(torch.nn.Module):  # conv2 maps 8 channels to 4: no identity to add
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv2(torch.relu(self.conv1(x))).mean((2, 3)))
+
+    with pytest.raises(RecipeError, match="cannot add 8 input channels to the 4 outputs of layer 'conv2'"):
+        lowbit.api.prepare(Shrinks(), {"extends": "w1a1-bnn", "shortcut": "bireal"})
+    lenet = lowbit.zoo.build("lenet5")
+    lenet.conv2.padding = (0, 0)
+    with pytest.raises(RecipeError, match="layer 'conv2' has kernel \\(5, 5\\), padding \\(0, 0\\)"):
+        lowbit.api.prepare(lenet, {"extends": "w1a1-bnn", "shortcut": "bireal"})
+
+
+def test_bireal_resnet20_exports_to_onnx(resnet20, cifar_slices, tmp_path):
+    """At 4 bits (no sign flips to chain through the network) the runtime runs the per-conv
+    shortcuts as the fake-quant model does."""
+    from lowbit.deploy.runtime import OnnxModel
+
+    pytest.importorskip("onnxruntime")
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, {"extends": "w4a4", "shortcut": "bireal"}, calib=calib[:128], progress=False)
+    runner = OnnxModel(lowbit.export_onnx(qm, tmp_path / "bireal.onnx", calib[:1]), threads=1)
+    x = test[0][:200]
+    with torch.no_grad():
+        ours = qm(x)
+    theirs = runner(x)
+    assert float((ours.argmax(1) == theirs.argmax(1)).float().mean()) >= 0.97
+    back = lowbit.load(lowbit.save(qm, tmp_path / "bireal.lowbit"), model=lowbit.zoo.build("resnet20"))
+    with torch.no_grad():  # the artifact's recipe rebuilds the same shortcuts
+        assert torch.equal(back(x), ours)
+
+
+def test_approx_sign_has_bi_reals_gradient():
+    from lowbit.quant.learned.binary import approx_sign
+
+    x = torch.tensor([-1.5, -1.0, -0.75, -0.25, 0.0, 0.3, 0.9, 1.0, 2.0], requires_grad=True)
+    out = approx_sign(x)
+    assert torch.equal(out.detach(), torch.tensor([-1.0, -1, -1, -1, 1, 1, 1, 1, 1]))
+    out.sum().backward()
+    # dF/dx = 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 outside (Bi-Real eq. 8); at the ends F is flat
+    expected = torch.tensor([0.0, 0.0, 0.5, 1.5, 2.0, 1.4, 0.2, 0.0, 0.0])
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+    q = make_trainable(_calibrated(1, "midrise", per_channel=False, scale=0.5), "bnn", "activations", approx_sign=True)
+    a = torch.tensor([-0.2, 0.1, 0.6], requires_grad=True)  # level 0.25: in units of it, -0.8, 0.4, 2.4
+    out = q(a)
+    assert torch.equal(out.detach(), torch.tensor([-0.25, 0.25, 0.25]))
+    out.sum().backward()
+    assert torch.allclose(a.grad, torch.tensor([0.4, 1.2, 0.0]), atol=1e-6)  # 0.25·(2 − 2|a/0.25|)/0.25
+    r = load_recipe("w1a1-bireal")
+    assert (r.shortcut, r.activations.quantizer_options) == ("bireal", {"approx_sign": True})
+    with pytest.raises(RecipeError, match="not options of quantizer 'xnor'"):  # a weights kind: no such option
+        load_recipe({"extends": "w1a1-xnor", "weights": {"quantizer_options": {"approx_sign": True}}})

@@ -74,6 +74,7 @@ def test_builtins_use_the_integer_runtime_layout():
         r = load_recipe(name)
         if r.activations.quantizer in ("bnn", "xnor"):  # signs of signed tensors: no int8 QDQ form (Where in ONNX)
             assert r.relu == "hardtanh" and r.activations.spec.grid == "midrise" and not r.quantize_adds, name
+            assert r.shortcut in ("real", "bireal"), name  # residual streams stay real-valued
             continue
         assert r.activations.spec.signed is False and r.activations.spec.symmetric is False, name
         if r.overrides == [{"pattern": "*", "a_bits": 32}]:  # float activations (W*A32): nothing to add in int8

@@ -14,9 +14,11 @@ from lowbit.errors import NumericalError, RecipeError, UnsupportedModelError
 from lowbit.model import graph as G
 from lowbit.model.fold_bn import BNPrior, fold_batchnorms
 from lowbit.model.layer_table import LayerRecord, LayerTable
+from lowbit.model import shortcuts as S
 from lowbit.model.quant_layer import QUANTIZABLE, QuantLayer
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec
+from lowbit.recipes.recipe import SHORTCUT_KINDS
 
 # Layers whose parameters stay float by design (they fold away or are cheap).
 FLOAT_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
@@ -66,7 +68,7 @@ class QuantModel(nn.Module):
     def __init__(
         self, model: nn.Module, weights: QuantSpec, activations: QuantSpec,
         fold_bn: bool = True, keep_float: list[str] | None = None, trace: bool = True,
-        quantize_adds: bool = False, relu: str = "keep",
+        quantize_adds: bool = False, relu: str = "keep", shortcut: str = "shared",
     ) -> None:
         super().__init__()
         keep_float = list(keep_float or [])
@@ -94,9 +96,19 @@ class QuantModel(nn.Module):
                 raise UnsupportedModelError(f"relu: hardtanh rewrites the traced graph, and {type(model).__name__} "
                                             f"could not be traced ({self.trace_error})")
             G.replace_relus_with_hardtanh(gm)
+        if shortcut not in SHORTCUT_KINDS:
+            raise RecipeError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)}, got {shortcut!r}")
+        if shortcut != "shared" and gm is None:
+            raise UnsupportedModelError(f"shortcut: {shortcut} rewrites the traced graph, and {type(model).__name__} "
+                                        f"could not be traced ({self.trace_error})")
+        # A rewrite that changes the network's function leaves the original as the teacher.
+        self.float_model: nn.Module | None = None
+        if relu != "keep" or shortcut == "bireal":
+            self.__dict__["float_model"] = copy.deepcopy(model).eval()  # not a submodule: no state_dict entries
         if gm is not None:
             self.mode = "graph"
-            self.net, records = self._build_graph(gm, weights, activations, fold_bn, keep_float, quantize_adds)
+            self.net, records = self._build_graph(gm, weights, activations, fold_bn, keep_float, quantize_adds,
+                                                  shortcut)
         else:
             self.mode = "hooks"
             self.fold_bn = False
@@ -120,7 +132,7 @@ class QuantModel(nn.Module):
     def _skip(self, name: str, keep_float: list[str]) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in keep_float)
 
-    def _build_graph(self, gm, weights, activations, fold_bn, keep_float, quantize_adds=False):
+    def _build_graph(self, gm, weights, activations, fold_bn, keep_float, quantize_adds=False, shortcut="shared"):
         folded = fold_batchnorms(gm, QUANTIZABLE) if fold_bn else {}
         # Folded BN statistics per layer name: the distribution each layer's float output
         # should have (ZeroQ and PD-Quant's distribution correction match it).
@@ -129,10 +141,12 @@ class QuantModel(nn.Module):
         act_for: dict[fx.Node, UniformQuantizer] = {}
         quant_source: dict[fx.Node, fx.Node] = {}
         records: list[LayerRecord] = []
+        layer_nodes: list[fx.Node] = []
         for node in G.quantizable_nodes(gm):
             name = str(node.target)
             if self._skip(name, keep_float):
                 continue
+            layer_nodes.append(node)
             module = modules[name]
             if isinstance(module, QuantLayer):  # a layer called twice: wrap once
                 layer = module
@@ -155,6 +169,10 @@ class QuantModel(nn.Module):
                 quant_source[qnode] = inp
             layer.input_ref = (act_for[inp],)
             records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp]))
+        if shortcut != "shared":
+            S.read_real_values(gm, quant_source)
+        if shortcut == "bireal":
+            S.add_bireal_shortcuts(gm, layer_nodes, quant_source)
         if quantize_adds:
             self._quantize_add_inputs(gm, activations, len(act_for), set(quant_source))
         gm.graph.lint()

@@ -8,6 +8,7 @@ folded, uniform quantizers), which is what artifacts, ONNX export and runtimes r
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -239,8 +240,8 @@ def train_qat(
         calib = list(torch.split(dataset_tensors(train_ds, list(range(min(n, 1024))))[0], 256))
 
     teacher = None
-    if cfg.kd:
-        teacher = copy.deepcopy(qm).to(dev).eval()
+    if cfg.kd:  # the float network; the original one where the recipe rewrote its graph (hardtanh, bireal)
+        teacher = copy.deepcopy(qm.float_model if qm.float_model is not None else qm).to(dev).eval()
     qm.to(dev)
     # A per-tensor weight grid or codebook cannot follow a per-channel BN scale (at 1 bit it
     # erases it: every channel becomes ±α·σ), so batch statistics learnt in training would
@@ -291,7 +292,8 @@ def train_qat(
                 x, y = x[rank::world].to(dev), y[rank::world].to(dev)
                 out = model(x)
                 if teacher is not None:
-                    with torch.no_grad(), teacher.float_reference():
+                    with torch.no_grad(), (teacher.float_reference() if isinstance(teacher, QuantModel)
+                                           else contextlib.nullcontext()):
                         t_out = teacher(x)
                     loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
                 else:

@@ -100,16 +100,19 @@ def make_trainable(source: UniformQuantizer, kind: str, role: str, weight: Any =
     return cls.from_uniform(source, role, **options)
 
 
-def kind_options_schema(kind: str) -> list[Any]:
-    """The options each kind accepts under ``quantizer_options`` (typed, with defaults)."""
+def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
+    """The options each kind accepts under ``quantizer_options`` for ``role`` (typed, with defaults)."""
     from lowbit.recipes.schema import Param
 
     lsq = [Param("grad_scale", "bool", True, doc="scale the step's gradient by 1/sqrt(N*Qp) (LSQ 2.2)")]
+    approx = Param("approx_sign", "bool", False, doc="activations: Bi-Real's ApproxSign gradient 2-2|x| (eq. 8)")
     return {
         "lsq": lsq,
         "lsq+": lsq,
         "pact": [Param("alpha_decay", "float", 5e-4, low=0, doc="L2 penalty on the clipping level alpha")],
         "binaryconnect": [Param("stochastic", "bool", False, doc="sample +1 with probability hard_sigmoid(w) in training")],
+        "bnn": [approx],
+        "xnor": [approx] if role == "activations" else [],
         "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],
         "lqnet": [Param("momentum", "float", 0.1, low=0, high=1, doc="moving average of the least-squares basis")],
         "ttq": [Param("threshold", "float", 0.05, low=0, high=1, doc="t: zero where |w| <= t*max|w| (TTQ eq. 6)")],
@@ -119,7 +122,7 @@ def kind_options_schema(kind: str) -> list[Any]:
 def check_kind_options(kind: str, options: Any, role: str) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise RecipeError(f"{role}.quantizer_options must be a mapping, got {options!r}")
-    by_name = {p.name: p for p in kind_options_schema(kind)}
+    by_name = {p.name: p for p in kind_options_schema(kind, "activations" if role.endswith("activations") else "weights")}
     unknown = sorted(set(options) - set(by_name), key=str)
     if unknown:
         raise RecipeError(f"{role}.quantizer_options: {unknown} are not options of quantizer {kind!r}; "

@@ -21,11 +21,12 @@ from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "add_bits", "first_last_bits",
-            "overrides", "keep_float", "calibration", "steps", "extends", "plan", "widen", "relu"}
+            "overrides", "keep_float", "calibration", "steps", "extends", "plan", "widen", "relu", "shortcut"}
 SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options", "quantizer", "quantizer_options"}
 OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "w_quantizer", "w_quantizer_options"}
 CALIBRATION_KEYS = {"samples", "batch_size", "seed"}
+SHORTCUT_KINDS = ("shared", "real", "bireal")
 
 WEIGHT_DEFAULTS = {"bits": 8, "signed": True, "symmetric": True, "per_channel": True, "estimator": "mse"}
 # The integer-runtime layout is the default: uint8 activations (affine where a tensor is
@@ -111,6 +112,10 @@ class Recipe:
     plan: "Plan | None" = None
     widen: int = 1  # WRPN: every conv this many times wider before quantizing (lowbit.model.widen)
     relu: str = "keep"  # "hardtanh": every ReLU becomes hardtanh, so binary activations see signed inputs
+    # What a residual add reads of a tensor that also feeds a quantized layer (lowbit.model.shortcuts):
+    # "shared" its quantized value (one QDQ per tensor, as integer runtimes do), "real" the value
+    # before the quantizer, "bireal" that plus a real-valued shortcut around every conv (Bi-Real Net).
+    shortcut: str = "shared"
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -197,11 +202,15 @@ class Recipe:
         if acts.quantizer in ("bnn", "xnor") and relu != "hardtanh":
             raise RecipeError(f"activations.quantizer {acts.quantizer} takes the sign of each layer's input, which "
                               "after a ReLU is constant: set `relu: hardtanh`")
+        shortcut = data.get("shortcut", "shared")
+        if shortcut not in SHORTCUT_KINDS:
+            raise RecipeError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)} (what residual adds read), "
+                              f"got {shortcut!r}")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, add_bits=add_bits,
                    first_last_bits=fl,
                    overrides=overrides, keep_float=keep_float, calibration=calib, steps=steps, plan=plan,
-                   widen=widen, relu=relu, source=source)
+                   widen=widen, relu=relu, shortcut=shortcut, source=source)
 
     @property
     def data_free(self) -> bool:
@@ -217,7 +226,8 @@ class Recipe:
                 "steps": [{name: params} for name, params in self.steps],
                 **({"plan": self.plan.to_dict()} if self.plan is not None else {}),
                 **({"widen": self.widen} if self.widen != 1 else {}),
-                **({"relu": self.relu} if self.relu != "keep" else {})}
+                **({"relu": self.relu} if self.relu != "keep" else {}),
+                **({"shortcut": self.shortcut} if self.shortcut != "shared" else {})}
 
     def with_plan(self, plan: "Plan | None") -> "Recipe":
         """The same recipe with a mixed-precision plan applied last (replacing any plan)."""

@@ -19,6 +19,8 @@ what the latent float weights may do:
   multiplied by K = A ∗ k, A = mean_c |I| at every position and k the conv's box filter
   of 1/(w·h) (same stride and padding): the quantizer keeps A, QuantLayer applies K.
   K carries no gradient here (the paper gives none for it).
+- Either activation takes ``approx_sign: true``: Bi-Real Net's piecewise-quadratic gradient
+  2 − 2|a| in place of the box (its eq. (8)); with ``shortcut: bireal`` this is Bi-Real Net.
 - **XNOR-Net weights** (Rastegari et al. 2016, sec. 3.1): W ≈ α·sign(W) with α = mean|W|
   per output channel, recomputed from the current weights at every step; the gradient is
   XNOR-Net's: through sign with the window 1_{|W| ≤ 1} and through α's dependence on W.
@@ -30,6 +32,15 @@ import torch
 from lowbit.errors import RecipeError
 from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
+
+
+def approx_sign(x: torch.Tensor) -> torch.Tensor:
+    """±1 forward; backward Bi-Real Net's ApproxSign (Liu et al. 2018, eq. (7)-(8)): the
+    gradient of F(x) = 2x + x² on [−1, 0), 2x − x² on [0, 1), ±1 outside, i.e. 2 − 2|x|
+    inside [−1, 1] and 0 outside: closer to sign's true (impulse) derivative than the box."""
+    inner = x.clamp(-1.0, 1.0)
+    surrogate = 2 * inner - inner * inner.abs()
+    return surrogate + (torch.where(x >= 0, 1.0, -1.0) - surrogate).detach()
 
 
 def sign_ste(x: torch.Tensor, limit: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -125,12 +136,17 @@ class BNNActivationQuantizer(TrainableQuantizer):
     roles = ("activations",)
     grid_required = (1, "midrise")
 
-    def __init__(self, source: UniformQuantizer, role: str) -> None:
+    def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False) -> None:
         super().__init__(source, role)
         self.spec = source.spec.with_(signed=True, symmetric=True)
         self.signed = True
         self.register_buffer("level", (source.scale.detach() / 2).clamp_min(1e-12).clone())
         self._checked = False
+        self.approx_sign = bool(approx_sign)
+
+    def sign(self, x: torch.Tensor) -> torch.Tensor:
+        """sign(x) for x in units of the level, with the box STE or Bi-Real's ApproxSign."""
+        return approx_sign(x) if self.approx_sign else sign_ste(x, 1.0)
 
     def check_signed(self, x: torch.Tensor) -> None:
         if not self._checked:  # once: a constant sign is a layout mistake, not a result
@@ -142,7 +158,7 @@ class BNNActivationQuantizer(TrainableQuantizer):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         self.check_signed(x)
-        return self.level * sign_ste(x / self.level, 1.0)  # BNN: sign forward, 1_{|a| ≤ 1} backward
+        return self.level * self.sign(x / self.level)  # BNN: sign forward, 1_{|a| ≤ 1} backward
 
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         step = (2 * self.level).reshape(()).detach().clone()
@@ -155,12 +171,12 @@ class XNORActivationQuantizer(BNNActivationQuantizer):
 
     kind = "xnor"
 
-    def __init__(self, source: UniformQuantizer, role: str) -> None:
-        super().__init__(source, role)
+    def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False) -> None:
+        super().__init__(source, role, approx_sign)
         self.window = self.level.clone()         # the STE's window: the calibrated binary level
         self.level = torch.ones_like(self.level)  # output ±1: K scales the layer's output
         self.keep_abs_mean = True
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         self.check_signed(x)
-        return sign_ste(x / self.window, 1.0)  # sign(I); gradient as hardtanh(I / a)
+        return self.sign(x / self.window)  # sign(I); gradient as hardtanh(I / a) (or ApproxSign)
