@@ -31,3 +31,5 @@ run w2a2-lqnet ""
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
 run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K
 run w1a1-bireal ""  # Bi-Real Net: a real-valued shortcut around every conv, ApproxSign gradient
+run w2a2-lqnet lsq-acts activations.quantizer=lsq+  # the row measured before LQ-Nets activations existed
+run w2a2-lqnet ""  # LQ-Nets weights and activations (placed last only while a run was going)

@@ -199,3 +199,73 @@ def test_joint_hessian_kmeans_shares_one_codebook_across_layers():
     books = [r.layer.weight_quantizer.centroids for r in qm.layers]
     assert len(books) == 3 and all(torch.equal(b, books[0]) for b in books)
     assert books[0].numel() == 8 and qm.meta["kmeans"] == {r.name: 8 for r in qm.layers}
+
+
+def test_lqnet_activations_start_on_the_unsigned_grid_and_fit_their_basis():
+    src = UniformQuantizer(QuantSpec(bits=2, signed=False, symmetric=False))
+    src.signed = False
+    src.set_params(torch.tensor(0.5), torch.tensor(0.0))
+    q = make_trainable(src, "lqnet", "activations", momentum=1.0)
+    assert torch.allclose(torch.sort(q.levels())[0], torch.tensor([0.0, 0.5, 1.0, 1.5]))  # v = s·[1, 2]
+    x = torch.tensor([-0.1, 0.2, 0.3, 0.74, 1.6, 3.0], requires_grad=True)
+    q.eval()
+    out = q(x)
+    assert torch.equal(out.detach(), torch.tensor([0.0, 0.0, 0.5, 0.5, 1.5, 1.5]))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 0, 0]))  # clipped-ReLU STE: 1 on [0, top]
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(4000)) ** 1.5  # skewed: the uniform grid is not its best fit
+    before = float((q(a) - a).pow(2).mean())
+    codes = q.encode(a)
+    q.train()
+    q(a)  # QEM with momentum 1: v is the least-squares fit of these {0, 1} encodings
+    b = q.bits_table[codes]
+    expected = torch.linalg.lstsq(b, a.unsqueeze(-1)).solution.squeeze(-1)
+    assert torch.allclose(q.basis.reshape(-1), expected, atol=1e-4)
+    for _ in range(10):
+        q(a)
+    q.eval()
+    assert float((q(a) - a).pow(2).mean()) < before
+    book = q.deploy()
+    assert isinstance(book, CodebookQuantizer) and not book.integer_kernel and book.method == "lqnet"
+    assert torch.equal(book(a), q(a))
+    signed = UniformQuantizer(QuantSpec(bits=2, signed=True))
+    signed.signed = True
+    signed.set_params(torch.tensor(0.5), torch.tensor(0.0))
+    with pytest.raises(RecipeError, match="non-negative .* is signed or offset"):
+        make_trainable(signed, "lqnet", "activations")
+    src.set_bits(8)
+    with pytest.raises(RecipeError, match="4 bits or fewer"):
+        make_trainable(src, "lqnet", "activations")
+
+
+def test_lqnet_activations_train_save_and_export(mnist_cnn, tmp_path):
+    model, calib, test = mnist_cnn
+    recipe = {"extends": "w2a2-lqnet", "name": "test-lq-acts", "steps": ["calibrate", {"qat": {
+        "epochs": 1, "batch_size": 64, "lr": 0.002, "val_samples": 200, "steps_per_epoch": 12, "kd": {}}}]}
+    qm = lowbit.quantize(model, recipe, calib=calib, train=(test[0][:1000], test[1][:1000]), progress=False)
+    inner = [r for r in qm.layers if r.a_bits == 2]
+    assert inner and all(isinstance(r.input_quantizer, CodebookQuantizer) for r in inner)
+    assert all(r.input_quantizer.centroids.numel() == 4 for r in inner)
+    assert not isinstance(qm.layers[0].input_quantizer, CodebookQuantizer)  # the 8-bit input: LSQ+ (signed image)
+    x = test[0][:200]
+    back = lowbit.load(lowbit.save(qm, tmp_path / "lq.lowbit"), model=type(model)())
+    assert torch.equal(back(x), qm(x))
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    # The runtime's nearest-level ops give exactly our codebook of the runtime's own input;
+    # that input comes from its int8 first conv, which rounds as torch does not, so a value
+    # at a level's midpoint may step once and the logits drift a little.
+    graph = onnx.load(str(lowbit.export_onnx(qm, tmp_path / "lq.onnx", x[:1])))
+    acts = [n.output[0] for n in graph.graph.node if n.output[0].startswith("codebook_act")]
+    pre = [n.input[0] for n in graph.graph.node if n.op_type == "Unsqueeze"]
+    assert len(acts) == len(pre) == len(inner)
+    for name in acts + pre:
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(graph.SerializeToString())
+    got = [torch.from_numpy(a) for a in sess.run(acts + pre, {sess.get_inputs()[0].name: x.numpy()})]
+    for r, out, inp in zip(inner, got[:len(acts)], got[len(acts):]):
+        assert torch.equal(r.input_quantizer(inp), out)
+    agree = (qm(x).argmax(1) == got[0].new_tensor(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]).argmax(1))
+    assert float(agree.float().mean()) >= 0.97

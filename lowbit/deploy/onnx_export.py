@@ -99,7 +99,9 @@ class _Builder:
                               "(mid-tread grids only)")
 
     def fake_quant(self, x: str, q: UniformQuantizer) -> str:
-        if q.spec.grid == "midrise" and q.bits == 1:
+        if isinstance(q, CodebookQuantizer):
+            return self.codebook_activation(x, q)
+        if not q.integer_kernel:
             return self.binary_activation(x, q)
         self.check_grid(q)
         dtype = self.quant_dtype(q)
@@ -132,6 +134,25 @@ class _Builder:
         out = self.op("Where", [positive, self.const("plus", half), self.const("minus", -half)], "sign")
         self.pre_quant[out] = x  # XNOR-Net's K is computed from the input before its sign
         return out
+
+    def codebook_activation(self, x: str, q: CodebookQuantizer) -> str:
+        """Nearest of K sorted float levels l_0 < … (LQ-Nets activations) by standard ops:
+        l_0 + Σ_i (l_{i+1} − l_i)·[x > t_i], t_i the midpoints; as bucketize, a tie goes
+        down. No integer kernel reads it: the next layer runs in float on these values."""
+        from onnx import TensorProto
+
+        if q.centroids.dim() != 1:
+            raise ExportError(f"quantizer {q.name!r}: a per-channel activation codebook is not exported")
+        levels = q.centroids.detach().numpy().astype(np.float32)
+        if levels.size == 1:
+            return self.op("Add", [self.op("Mul", [x, self.const("zero", np.array(0, np.float32))], "zeroed"),
+                                   self.const("level", levels[0])], "level")
+        cut = self.const("cuts", (levels[1:] + levels[:-1]) / 2)
+        up = self.op("Cast", [self.op("Greater", [self.op("Unsqueeze", [x, self.const("axis", np.array([-1], np.int64))],
+                                                          "x_last"), cut], "above")], "above_f", to=TensorProto.FLOAT)
+        steps = self.op("ReduceSum", [self.op("Mul", [up, self.const("rises", np.diff(levels))], "rise"),
+                                      self.const("axis", np.array([-1], np.int64))], "risen", keepdims=0)
+        return self.op("Add", [steps, self.const("level0", levels[0])], "codebook_act")
 
     def xnor_scale(self, layer: QuantLayer, x: str) -> str | None:
         """K = AveragePool(ReduceMean(|I|, channels)) at the conv's geometry (QuantLayer.xnor_input_scale)."""
@@ -174,8 +195,8 @@ class _Builder:
         q = self.modules[users[0].target]
         if not isinstance(q, UniformQuantizer) or not q.enabled or q.spec.per_channel or x in self.dq_source:
             return x
-        if q.spec.grid == "midrise" and q.bits == 1:
-            return x  # a sign has no integer kernel to fuse into; XNOR-Net's K needs the pooled input
+        if not q.integer_kernel:
+            return x  # a sign or a codebook has no integer kernel to fuse into; XNOR-Net's K needs the pooled input
         self.applied_early.add(users[0])
         return self.fake_quant(x, q)
 

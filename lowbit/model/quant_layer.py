@@ -124,8 +124,8 @@ class QuantLayer(nn.Module):
         q_in, q_w = self.input_ref[0], self.weight_quantizer
         if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
             return b
-        if q_in.spec.grid == "midrise" and q_in.bits == 1:
-            return b  # binary inputs: no integer kernel runs this layer (signs export as Where), so no int32 grid
+        if not q_in.integer_kernel:
+            return b  # binary or codebook inputs: no integer kernel runs this layer, so no int32 grid
         step = q_in.scale * q_w.scale
         return round_ste(b / step) * step
 

@@ -38,6 +38,10 @@ class CodebookQuantizer(UniformQuantizer):
         self.calibrated = True
         self.method = method
 
+    @property
+    def integer_kernel(self) -> bool:
+        return False  # float levels: a runtime looks them up (Gather) and runs the layer in float
+
     def code_range(self) -> tuple[int, int]:
         return 0, self.centroids.shape[-1] - 1
 

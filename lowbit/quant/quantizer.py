@@ -41,6 +41,12 @@ class UniformQuantizer(nn.Module):
     def bits(self) -> int:
         return self.spec.bits
 
+    @property
+    def integer_kernel(self) -> bool:
+        """Whether an integer kernel can read this quantizer's values: not a 1-bit mid-rise
+        sign (±s/2, no zero: ONNX's Where, float conv) nor a codebook (float levels)."""
+        return not (self.spec.grid == "midrise" and self.spec.bits == 1)
+
     def set_bits(self, bits: int) -> None:
         """Change the bit width; the old scale no longer fits, so calibration is required."""
         if bits != self.spec.bits:

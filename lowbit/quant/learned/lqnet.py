@@ -10,26 +10,53 @@ v starts as s·[1/2, 1, 2, …, 2^(K−2)] from the calibrated step s: exactly t
 mid-rise grid of that step, so training starts from the PTQ model. Deployed as a per-channel
 codebook of the 2^K levels (lowbit.quant.codebook): the basis drifts off any uniform grid.
 
-Only the weights are done; LQ-Nets' activation quantizer (the same with b ∈ {0, 1}^K) is not.
+Activations (:class:`LQNetActivationQuantizer`, the paper's sec. 3.1 for a ReLU output): levels
+vᵀb with b ∈ {0, 1}^K and one basis per tensor, starting at s·[1, 2, …, 2^(K−1)] (the
+calibrated unsigned grid 0, s, …, (2^K − 1)s); the same QEM step fits v on each training
+batch. Values above the top level clip to it, with zero gradient there (the clipped ReLU's
+straight-through gradient, 1 inside [0, top]). Deployed as a per-tensor codebook: the runtime
+computes the nearest level with standard ops and the next layer runs in float.
 """
 from __future__ import annotations
 
 import torch
 
+from lowbit.errors import RecipeError
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.learned.base import TrainableQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 
 
-def _all_bits(k: int) -> torch.Tensor:
-    """[2^K, K] matrix of every b ∈ {−1, +1}^K (row j: the bits of j)."""
+def _all_bits(k: int, signed: bool = True) -> torch.Tensor:
+    """[2^K, K] matrix of every b ∈ {−1, +1}^K ({0, 1}^K if not ``signed``; row j: the bits of j)."""
     j = torch.arange(2**k)[:, None]
-    return ((j >> torch.arange(k)) & 1).float() * 2 - 1
+    b = ((j >> torch.arange(k)) & 1).float()
+    return b * 2 - 1 if signed else b
+
+
+MAX_ACTIVATION_BITS = 4  # above this the codebook (2^K float levels) buys nothing over the int8 grid
+
+
+@torch.no_grad()
+def least_squares_basis(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """QEM's basis step: v* = (BᵀB)⁻¹Bᵀx for values [R, N] with encodings B [R, N, K]
+    (a tiny ridge keeps an unused bit from making BᵀB singular); a row whose solve is not
+    finite comes back NaN for the caller to skip."""
+    btb = bits.transpose(1, 2) @ bits                                    # [R, K, K]
+    btx = (bits.transpose(1, 2) @ values.unsqueeze(-1)).squeeze(-1)      # [R, K]
+    ridge = torch.eye(btb.shape[-1]) * 1e-6 * btb.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).unsqueeze(-1)
+    return torch.linalg.solve(btb + ridge, btx)
 
 
 class LQNetQuantizer(TrainableQuantizer):
     kind = "lqnet"
-    roles = ("weights",)
+    roles = ("weights", "activations")  # activations: LQNetActivationQuantizer
+
+    @classmethod
+    def from_uniform(cls, source: UniformQuantizer, role: str, **options):  # noqa: ANN206 - either class
+        if role == "activations":
+            return LQNetActivationQuantizer(source, role, **options)
+        return cls(source, role, **options)
 
     def __init__(self, source: UniformQuantizer, role: str, momentum: float = 0.1) -> None:
         super().__init__(source, role)
@@ -63,11 +90,7 @@ class LQNetQuantizer(TrainableQuantizer):
     def fit_basis(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """QEM's basis step: least squares for the current encodings, then the moving average."""
         rows = x.detach().reshape(self.basis.shape[0], -1)
-        b = self.bits_table[codes]                                   # [C, N, K]
-        btb = b.transpose(1, 2) @ b                                  # [C, K, K]
-        btw = (b.transpose(1, 2) @ rows.unsqueeze(-1)).squeeze(-1)   # [C, K]
-        eye = torch.eye(btb.shape[-1]) * 1e-6 * btb.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).unsqueeze(-1)
-        fitted = torch.linalg.solve(btb + eye, btw)
+        fitted = least_squares_basis(rows, self.bits_table[codes])
         ok = torch.isfinite(fitted).all(1, keepdim=True)
         self.basis.copy_(torch.where(ok, (1 - self.momentum) * self.basis + self.momentum * fitted, self.basis))
 
@@ -79,3 +102,52 @@ class LQNetQuantizer(TrainableQuantizer):
         lv = self.levels()
         return CodebookQuantizer(self.spec, lv if self.spec.per_channel else lv.reshape(-1), name=self.name,
                                  method="lqnet")
+
+
+class LQNetActivationQuantizer(TrainableQuantizer):
+    """LQ-Nets on a non-negative tensor: levels vᵀb, b ∈ {0, 1}^K, one learned basis."""
+
+    kind = "lqnet"
+    roles = ("activations",)
+
+    def __init__(self, source: UniformQuantizer, role: str, momentum: float = 0.1) -> None:
+        super().__init__(source, role)
+        k = self.spec.bits
+        if k > MAX_ACTIVATION_BITS:  # the 8-bit first/last layers keep LSQ+'s integer grid
+            raise RecipeError(f"lqnet activations are for {MAX_ACTIVATION_BITS} bits or fewer; {source.name!r} has {k}")
+        if source.signed or float(source.zero_point.detach().abs().max()) != 0:
+            raise RecipeError(f"lqnet activations quantize non-negative (ReLU) tensors with levels vᵀb, b ∈ {{0, 1}}; "
+                              f"{source.name!r} is signed or offset")
+        step = source.scale.detach().reshape(1, 1).clamp_min(1e-12)
+        self.register_buffer("basis", step * 2.0 ** torch.arange(k, dtype=torch.float32))  # [1, K]
+        self.register_buffer("bits_table", _all_bits(k, signed=False))
+        self.momentum = float(momentum)
+
+    def levels(self) -> torch.Tensor:
+        """[2^K] levels vᵀb (index j: the bits of j)."""
+        return (self.basis @ self.bits_table.T).reshape(-1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        ordered, perm = torch.sort(self.levels())
+        return perm[torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)]
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.encode(x)
+        lv = self.levels()
+        if self.training:
+            self.fit_basis(x, codes)
+        top, bottom = lv.max(), lv.min()
+        inside = torch.where((x >= bottom) & (x <= top), x, x.detach())  # gradient 1 inside, 0 where clipped
+        return lv[codes] + (inside - inside.detach())
+
+    @torch.no_grad()
+    def fit_basis(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """The weights' QEM step over every value of the batch (one basis for the tensor)."""
+        fitted = least_squares_basis(x.detach().reshape(1, -1).float(), self.bits_table[codes.reshape(1, -1)])
+        if bool(torch.isfinite(fitted).all()):
+            self.basis.copy_((1 - self.momentum) * self.basis + self.momentum * fitted)
+
+    def deploy(self, weight: torch.Tensor | None = None) -> UniformQuantizer:
+        book = CodebookQuantizer(self.spec, self.levels(), name=self.name, method="lqnet")
+        book.signed = False
+        return book
