@@ -251,6 +251,7 @@ def test_lqnet_activations_train_save_and_export(mnist_cnn, tmp_path):
     x = test[0][:200]
     back = lowbit.load(lowbit.save(qm, tmp_path / "lq.lowbit"), model=type(model)())
     assert torch.equal(back(x), qm(x))
+    assert [r["a_quantizer"] for r in back.layers.rows()][:2] == ["lsq+", "lqnet"]  # the table says each input's kind
     ort = pytest.importorskip("onnxruntime")
     import onnx
 

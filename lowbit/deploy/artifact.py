@@ -122,7 +122,8 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     floats_arr = np.concatenate(float_chunks).astype(np.float32) if float_chunks else np.zeros(0, np.float32)
     header = {
         "format": FORMAT, "version": FORMAT_VERSION, "arch": arch, "recipe": qm.meta.get("recipe"),
-        "layers": qm.layers.rows(),
+        # a_quantizer is left out: each quantizer's own entry below says its method
+        "layers": [{k: v for k, v in row.items() if k != "a_quantizer"} for row in qm.layers.rows()],
         "quantizers": {n: {"bits": q.bits, "signed": q.signed, "enabled": q.enabled, "calibrated": q.calibrated,
                            "spec": q.spec.to_dict(), "method": getattr(q, "method", "uniform"),
                            **({"kind": q.kind} if isinstance(q, CodebookQuantizer) else {})}

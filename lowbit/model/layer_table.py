@@ -76,9 +76,16 @@ class LayerRecord:
         """How the weights are quantized: uniform, a QAT kind (xnor, twn, lsq, ...), kmeans, ttq."""
         return getattr(self.layer.weight_quantizer, "method", "uniform") if self.layer.quantize_weight else "float"
 
+    @property
+    def a_quantizer(self) -> str:
+        """How the input is quantized: uniform, a QAT kind (lsq+, bnn, hwgq, lqnet, ...) or float."""
+        q = self.input_quantizer
+        return getattr(q, "method", "uniform") if (q is not None and q.enabled) else "float"
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": self.params, "macs": self.macs,
-                "w_bits": self.w_bits, "a_bits": self.a_bits, "quantizer": self.quantizer}
+                "w_bits": self.w_bits, "a_bits": self.a_bits, "quantizer": self.quantizer,
+                "a_quantizer": self.a_quantizer}
 
 
 class LayerTable:
