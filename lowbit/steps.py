@@ -129,6 +129,19 @@ def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", pro
                               seed=recipe.calibration["seed"], progress=progress)
 
 
+def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool, damp: float = 0.01,
+          block_size: int = 128, act_order: bool = False, recalibrate_activations: bool = False) -> None:
+    """GPTQ rounding of every layer's weights (lowbit.ptq.gptq); optionally re-fit the activation
+    ranges to the rounded network."""
+    from lowbit.ptq.calibrate import calibrate_activations
+    from lowbit.ptq.gptq import gptq
+
+    gptq(qm, batches, damp=damp, block_size=block_size, act_order=act_order, progress=progress)
+    if recalibrate_activations:
+        calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
+                              seed=recipe.calibration["seed"], progress=progress)
+
+
 RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop", "pdquant", "adaquant", "teacher_student")
 
 STEPS: dict[str, Callable[..., None]] = {
@@ -139,6 +152,7 @@ STEPS: dict[str, Callable[..., None]] = {
     "zeroq": _zeroq,
     **{m: _reconstruction(m) for m in RECONSTRUCTION_METHODS},
     "kmeans": _kmeans,
+    "gptq": _gptq,
     "qat": _qat,
 }
 

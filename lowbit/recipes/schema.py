@@ -183,6 +183,12 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("iterations", "int", 100, low=1, doc="Lloyd iterations at most"),
             Param("recalibrate_activations", "bool", True, doc="re-fit activation ranges to the clustered weights"),
         ],
+        "gptq": [
+            Param("damp", "float", 0.01, low=0, open_low=True, doc="dampening: H + damp*mean(diag H)*I"),
+            Param("block_size", "int", 128, low=1, doc="columns per lazy-update block (speed only)"),
+            Param("act_order", "bool", False, doc="round columns by decreasing Hessian diagonal"),
+            Param("recalibrate_activations", "bool", False, doc="re-fit activation ranges to the rounded weights"),
+        ],
         "qat": _qat_schema(),
     }
 

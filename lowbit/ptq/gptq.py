@@ -1,0 +1,178 @@
+"""GPTQ (Frantar et al. 2022): round a layer's weights one input column at a time, moving
+each column's rounding error onto the columns not yet rounded, weighted by the inverse
+Hessian of the layer's reconstruction error.
+
+For a layer y = Wx with calibration inputs X (one column per position: im2col for convs),
+the output error ‖(W − Q)X‖² has Hessian H = 2XXᵀ, shared by every output row. The paper's
+algorithm (its Algorithm 1), per row block, in column order:
+
+1. H ← H + λ·mean(diag H)·I (dampening, λ = ``damp``); a column no input ever drives
+   (H_jj = 0) is set to zero with H_jj = 1.
+2. Optionally visit columns by decreasing H_jj ("act order", its sec. 4 / the reference code).
+3. U = Cholesky(H⁻¹)ᵀ, upper triangular: row j of U holds the inverse-Hessian terms of
+   column j against the later ones (eq. (3) done all at once, "Cholesky reformulation").
+4. For column j: q_j = quant(w_j) on the layer's fixed grid (its calibrated per-channel
+   scale), e_j = (w_j − q_j)/U_jj, and every later column k ← w_k − e_j·U_jk (eq. (2)).
+   Updates inside a block of ``block_size`` columns are immediate; the block's errors reach
+   the later columns in one matrix product ("lazy batch updates").
+
+Layers are done in network order on the inputs the quantized network gives them (earlier
+layers already rounded, activations quantized), so each layer compensates what came before
+it. The rounded weight is written into the float master copy (as AdaRound's ``bake``): the
+unchanged quantizer reproduces those codes, and artifacts and ONNX need nothing new.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.errors import LowbitError, NumericalError
+from lowbit.model.quant_layer import QuantLayer
+from lowbit.ptq.cache import CHUNK, capture_layers, walk_units
+from lowbit.ptq.units import split_units
+from lowbit.quant import functional as F
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+def _columns(layer: QuantLayer, x: torch.Tensor, group: int) -> torch.Tensor:
+    """The layer's input as a [positions, columns] matrix for weight group ``group``: the
+    columns line up with weight.reshape(out, -1) of that group."""
+    m = layer.module
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    per = m.in_channels // m.groups
+    x = x[:, group * per:(group + 1) * per]
+    if isinstance(m, nn.Conv1d):
+        x, kernel, dilation, padding, stride = (x.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]),
+                                                (0, m.padding[0]), (1, m.stride[0]))
+    else:
+        kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
+    cols = TF.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, per·k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _check_layer(layer: QuantLayer) -> None:
+    m = layer.module
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
+        raise LowbitError(f"gptq: layer {layer.name!r} uses padding={m.padding!r}, padding_mode={m.padding_mode!r}; "
+                          "only explicit zero padding is supported")
+    q = layer.weight_quantizer
+    if type(q) is not UniformQuantizer or not q.calibrated:
+        raise LowbitError(f"gptq: layer {layer.name!r} has a {getattr(q, 'method', type(q).__name__)} weight "
+                          "quantizer; GPTQ rounds onto a calibrated uniform grid: run it after `calibrate` and "
+                          "before steps that change the weight kind")
+
+
+@torch.no_grad()
+def layer_hessians(layer: QuantLayer, x: torch.Tensor) -> list[torch.Tensor]:
+    """H = 2/N·XXᵀ of each weight group, from the layer's (quantized) inputs ``x``, in chunks."""
+    groups = getattr(layer.module, "groups", 1)
+    hs: list[torch.Tensor] = [torch.zeros(0)] * groups
+    n = 0
+    for i in range(0, x.shape[0], CHUNK):
+        chunk = x[i:i + CHUNK].double()
+        for g in range(groups):
+            cols = _columns(layer, chunk, g)
+            h = cols.T @ cols
+            hs[g] = h if hs[g].numel() == 0 else hs[g] + h
+        n += _columns(layer, chunk[:1], 0).shape[0] * chunk.shape[0]
+    return [2 * h / max(n, 1) for h in hs]
+
+
+@torch.no_grad()
+def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+               qmax: int, grid: str = "midtread", damp: float = 0.01, block_size: int = 128,
+               act_order: bool = False) -> torch.Tensor:
+    """GPTQ of one weight matrix ``w`` [rows, columns] on the grid (scale, zero point per row
+    or scalar) with Hessian ``h`` [columns, columns]; returns the rounded matrix (on the grid)."""
+    w = w.double().clone()
+    h = h.double().clone()
+    cols = w.shape[1]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise NumericalError("gptq: the layer's Hessian is not positive definite even after dampening; "
+                             "raise `damp`") from None
+    s, z = scale.double().reshape(-1, 1), zero_point.double().reshape(-1, 1)
+
+    def quant(col: torch.Tensor) -> torch.Tensor:
+        return F.fake_quantize(col.unsqueeze(1), s.reshape(-1), z.reshape(-1), qmin, qmax, grid, 0).squeeze(1)
+
+    q = torch.zeros_like(w)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        w1, u1 = w[:, start:end].clone(), u[start:end, start:end]
+        err = torch.zeros_like(w1)
+        for j in range(end - start):
+            col = w1[:, j]
+            qc = quant(col)
+            q[:, start + j] = qc
+            e = (col - qc) / u1[j, j]
+            w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)  # eq. (2) within the block
+            err[:, j] = e
+        w[:, end:] -= err @ u[start:end, end:]  # the block's errors, to every later column at once
+    inverse = torch.argsort(order)
+    return q[:, inverse]
+
+
+@torch.no_grad()
+def gptq_layer(layer: QuantLayer, x: torch.Tensor, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = False) -> float:
+    """Round one layer in place from its quantized inputs ``x``; returns the relative output
+    error ‖(W − Q)X‖/‖WX‖ proxy tr((W−Q)H(W−Q)ᵀ)/tr(WHWᵀ) for the report."""
+    _check_layer(layer)
+    q = layer.weight_quantizer
+    weight = layer.module.weight
+    w = weight.detach().reshape(weight.shape[0], -1)
+    groups = getattr(layer.module, "groups", 1)
+    rows = w.shape[0] // groups
+    qmin, qmax = q.code_range()
+    scale = torch.broadcast_to(q.scale.detach(), (w.shape[0],))
+    zp = torch.broadcast_to(q.zero_point.detach(), (w.shape[0],))
+    out = torch.empty_like(w, dtype=torch.float64)
+    num = den = 0.0
+    for g, h in enumerate(layer_hessians(layer, x)):
+        part = slice(g * rows, (g + 1) * rows)
+        out[part] = gptq_round(w[part], h, scale[part], zp[part], qmin, qmax, q.spec.grid, damp, block_size, act_order)
+        d = (w[part].double() - out[part])
+        num += float(torch.einsum("ij,jk,ik->", d, h, d))
+        den += float(torch.einsum("ij,jk,ik->", w[part].double(), h, w[part].double()))
+    weight.copy_(out.reshape(weight.shape).to(weight.dtype))
+    # the float32 copy must still round to the same codes (it is a grid value, so it does)
+    return num / den if den > 0 else 0.0
+
+
+@torch.no_grad()
+def gptq(qm, batches: list[torch.Tensor], damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+         progress: bool = True) -> dict[str, float]:
+    """GPTQ every quantized layer, in network order; returns each layer's relative error."""
+    if not qm.calibrated:
+        raise LowbitError("gptq rounds onto the calibrated grids: put `calibrate` before it")
+    if not batches:
+        raise LowbitError("gptq needs calibration inputs (its Hessians come from them)")
+    x = torch.cat(batches)
+    errors: dict[str, float] = {}
+    units = split_units(qm)
+    bar = tqdm(total=len(qm.layers), desc="gptq", unit="layer", disable=not progress, leave=False)
+    for step in walk_units(qm, units, x):
+        for layer in step.unit.layers:
+            if not layer.quantize_weight:
+                bar.update(1)
+                continue
+            inputs, _, _ = capture_layers(step.unit, step.q_in, [layer], outputs=False)
+            q_in = layer.input_ref[0] if layer.input_ref else None
+            seen = inputs[layer.name]
+            seen = q_in(seen) if q_in is not None else seen  # what the deployed layer reads
+            errors[layer.name] = gptq_layer(layer, seen, damp, block_size, act_order)
+            bar.update(1)
+    bar.close()
+    qm.meta["gptq"] = errors
+    return errors
