@@ -58,6 +58,12 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "brecq": ({"steps": ["calibrate", {"brecq": {"iters": ITERS}}]}, True),
     "qdrop": ({"steps": ["calibrate", {"qdrop": {"iters": ITERS}}]}, True),
     "pdquant": ({"steps": ["calibrate", {"pdquant": {"iters": PD_ITERS, "dc_iters": 10}}]}, True),
+    "gptq": ({"steps": ["calibrate", "gptq"]}, True),
+    "gptq+bias correction": ({"steps": ["calibrate", "gptq", "bias_correction"]}, True),
+    "gptq (act order)+bias correction": ({"steps": ["calibrate", {"gptq": {"act_order": True}}, "bias_correction"]},
+                                         True),
+    "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),
+    "gptq+qdrop": ({"steps": ["calibrate", "gptq", {"qdrop": {"iters": ITERS}}]}, True),
     "zeroq (no real data)": ({"calibration": {"samples": 256}, "steps": [{"zeroq": {"iters": 100}}, "calibrate"]}, True),
     f"seed002 bn+cosine+teacher-student ({LONG_ITERS} it)": (
         {"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},

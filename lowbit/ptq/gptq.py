@@ -72,10 +72,10 @@ def layer_hessians(layer: QuantLayer, x: torch.Tensor) -> list[torch.Tensor]:
     hs: list[torch.Tensor] = [torch.zeros(0)] * groups
     n = 0
     for i in range(0, x.shape[0], CHUNK):
-        chunk = x[i:i + CHUNK].double()
+        chunk = x[i:i + CHUNK].float()
         for g in range(groups):
             cols = _columns(layer, chunk, g)
-            h = cols.T @ cols
+            h = (cols.T @ cols).double()  # float32 products per chunk (4x faster), summed in float64
             hs[g] = h if hs[g].numel() == 0 else hs[g] + h
         n += _columns(layer, chunk[:1], 0).shape[0] * chunk.shape[0]
     return [2 * h / max(n, 1) for h in hs]
