@@ -12,6 +12,7 @@ continues from its per-epoch checkpoint under --runs.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import platform
 import time
@@ -38,6 +39,16 @@ def model_and_data(name: str, data_dir: str, models_dir: str):
         model, dataset = pretrained(name, models_dir=models_dir, download=False), model_info(name).dataset
     return model, load_dataset(dataset, "train", data_dir=data_dir, download=False), \
         load_dataset(dataset, "test", data_dir=data_dir, download=False)
+
+
+def append_row(out: Path, row: dict) -> None:
+    """Re-read OUT under a lock and add one row: two lanes may write the same file, and a copy read at start
+    would drop the other lane's rows (or a rename made meanwhile)."""
+    with open(out.with_suffix(out.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(out.read_text()) if out.exists() else {"rows": []}
+        results["rows"] = [r for r in results["rows"] if r["row"] != row["row"]] + [row]
+        atomic_write_text(out, json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -113,8 +124,7 @@ def main() -> None:
                 "w_bits": qm.mean_bits()["w_bits"], "wall_seconds": time.perf_counter() - start,
                 "threads": args.threads, "edits": args.edit}
             print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1")}), flush=True)
-            results["rows"].append(row)
-            atomic_write_text(out, json.dumps(results, indent=1))
+            append_row(out, row)
             continue
         try:
             qm = lowbit.quantize(model, src, calib=calib, train=train, device=args.device)
@@ -123,8 +133,7 @@ def main() -> None:
                    "top1": None, "diverged": str(err), "float_top1": float_top1, "ptq_start_top1": ptq_top1,
                    "wall_seconds": time.perf_counter() - start, "threads": args.threads, "device": args.device}
             print(json.dumps({k: row[k] for k in ("row", "diverged", "ptq_start_top1")}), flush=True)
-            results["rows"].append(row)
-            atomic_write_text(out, json.dumps(results, indent=1))
+            append_row(out, row)
             continue
         wall = time.perf_counter() - start
         top1 = 100 * lowbit.evaluate(qm.to("cpu"), test_batches)
@@ -138,8 +147,7 @@ def main() -> None:
                "fallbacks": info["fallbacks"], "edits": args.edit}
         print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1", "wall_seconds")}),
               flush=True)
-        results["rows"].append(row)
-        atomic_write_text(out, json.dumps(results, indent=1))
+        append_row(out, row)
 
 
 if __name__ == "__main__":

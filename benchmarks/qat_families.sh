@@ -27,9 +27,8 @@ run w3a32-kmeans-ft "" set:quantizer_lr=1e-5  # centroid gradients sum their clu
 run w5a32-inq ""
 run w1a2-hwgq ""
 run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=twn
-run w2a2-lqnet ""
+run w2a2-lqnet ""  # LQ-Nets weights and activations
+run w2a2-lqnet lsq-acts activations.quantizer=lsq+  # LQ-Nets weights, LSQ+ activations
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
 run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K
 run w1a1-bireal ""  # Bi-Real Net: a real-valued shortcut around every conv, ApproxSign gradient
-run w2a2-lqnet lsq-acts activations.quantizer=lsq+  # the row measured before LQ-Nets activations existed
-run w2a2-lqnet ""  # LQ-Nets weights and activations (placed last only while a run was going)
