@@ -30,9 +30,10 @@ from lowbit.api import evaluate, quantize
 from lowbit.data import load_dataset
 from lowbit.evaluation import TensorBatches, calibration_batches
 from lowbit.recipes.recipe import load_recipe
+from lowbit.state_io import atomic_write_text
 from lowbit.zoo import pretrained
 
-CONFIGS = ["w4a8", "w4a4", "w3a3", "w2a4"]
+CONFIGS = ["w8a8", "w6a6", "w4a8", "w4a4", "w3a3", "w2a4"]
 ITERS = 100          # per layer (layer-wise) or per block (block-wise); see README for why
 PD_ITERS = 60        # PD-Quant runs the rest of the network every step: fewer iterations
 LONG_ITERS = 1000    # the "long budget" rows: what a bigger budget buys
@@ -47,6 +48,7 @@ CONFIG_FIELDS = {"w3a3": {"weights": {"symmetric": False}}, "w2a4": {"weights": 
 METHODS: dict[str, tuple[dict, bool]] = {
     "calibrate (mse)": ({"steps": ["calibrate"]}, False),
     "bias correction": ({"steps": ["calibrate", "bias_correction"]}, False),
+    "bias correction (weights)": ({"steps": ["calibrate", {"bias_correction": {"source": "weights"}}]}, False),
     "seed002 bn+cosine": ({"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
                            "steps": ["calibrate"]}, False),
     "seed002 bn+cosine+teacher-student": ({"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
                     data["machine"] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                        "cpu": platform.processor() or platform.machine()}
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(data, indent=1))
+                    atomic_write_text(args.out, json.dumps(data, indent=1))  # a killed run keeps the last good file
                     print(f"{model_name} {config:5s} {method:36s} seed {seed}: {row['top1']:.2f} "
                           f"({row['quant_seconds']:.0f} s)", flush=True)
 

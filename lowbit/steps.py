@@ -51,10 +51,11 @@ def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
                               seed=recipe.calibration["seed"], progress=progress)
 
 
-def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool) -> None:
+def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+                     source: str = "outputs", samples: int = 512) -> None:
     from lowbit.ptq.bias_correction import correct_bias
 
-    correct_bias(qm, batches, progress=progress)
+    correct_bias(qm, batches, progress=progress, source=source, samples=samples)
 
 
 def _easyquant(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,

@@ -76,6 +76,12 @@ def test_conv_hessian_is_the_im2col_gram_matrix():
     # its columns line up with the weight: W·col reproduces the conv output
     out = torch.nn.functional.conv2d(x, conv.weight, padding=1, groups=2)[:, 3:].permute(0, 2, 3, 1).reshape(-1, 3)
     assert torch.allclose(cols.float() @ conv.weight[3:].reshape(3, -1).T, out, atol=1e-5)
+    # fewer positions than columns (the other product path): the same Gram matrix
+    small = lowbit.model.quant_layer.QuantLayer(torch.nn.Conv2d(8, 4, 3, stride=2, padding=1, bias=False),
+                                                lowbit.quant.spec.QuantSpec(bits=4), "s")
+    x = torch.randn(3, 8, 4, 4)
+    cols = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 72).double()
+    assert cols.shape[0] == 12 and torch.allclose(layer_hessians(small, x)[0], 2 * cols.T @ cols / 12, atol=1e-5)
 
 
 def test_gptq_step_beats_rounding_and_deploys(mnist_cnn, tmp_path):

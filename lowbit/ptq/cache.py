@@ -65,11 +65,16 @@ class UnitStep:
 
 
 def walk_units(qm, units: list, x: torch.Tensor, layer_inputs: bool = False,
-               layer_outputs: bool = False) -> Iterator[UnitStep]:
+               layer_outputs: bool = False, teacher: bool = True) -> Iterator[UnitStep]:
     """Visit units in order; after the caller edits a unit, the quantized cache is pushed
-    through the edited unit and the float cache through the teacher's."""
+    through the edited unit and the float cache through the teacher's. ``teacher=False``
+    skips the float side (fp_* fields empty) for callers that read only the quantized one."""
     fp_in, q_in = x, x
     for k, unit in enumerate(units):
+        if not teacher:
+            yield UnitStep(k, unit, fp_in, q_in, {}, {}, fp_in)
+            q_in = run_chunked(unit, q_in)
+            continue
         with qm.float_reference():
             fp_lin, fp_lout, fp_out = capture_layers(unit, fp_in, unit.layers, inputs=layer_inputs,
                                                      outputs=layer_outputs)

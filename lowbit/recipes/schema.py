@@ -161,7 +161,11 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("padding", "int", 4, low=0, doc="crop padding in pixels"),
             Param("flip", "bool", True, doc="random horizontal flips"),
         ],
-        "bias_correction": [],
+        "bias_correction": [
+            Param("source", "str", "outputs", choices=("outputs", "weights"),
+                  doc="outputs: match the float network's layer means; weights: undo only the layer's own rounding shift"),
+            Param("samples", "int", 512, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
+        ],
         "easyquant": [
             Param("rounds", "int", 2, low=1, doc="alternations of the weight and activation search (eqs. 6-7)"),
             Param("candidates", "int", 50, low=2, doc="scales tried per search"),
