@@ -331,7 +331,13 @@ def test_bireal_resnet20_exports_to_onnx(resnet20, cifar_slices, tmp_path):
     with torch.no_grad():
         ours = qm(x)
     theirs = runner(x)
-    assert float((ours.argmax(1) == theirs.argmax(1)).float().mean()) >= 0.97
+    assert float((ours.argmax(1) == theirs.argmax(1)).float().mean()) >= 0.99
+    # no quantizer reads another's output: a double rounding makes exact ties the runtime breaks its own way
+    # (an add-input quantizer had taken over the next conv's input; agreement was 0.80-0.87)
+    modules = dict(qm.net.named_modules())
+    is_quantizer = lambda n: n.op == "call_module" and isinstance(modules.get(str(n.target)), UniformQuantizer)  # noqa: E731
+    chained = [n.name for n in qm.net.graph.nodes if is_quantizer(n) and is_quantizer(n.args[0])]
+    assert chained == []
     back = lowbit.load(lowbit.save(qm, tmp_path / "bireal.lowbit"), model=lowbit.zoo.build("resnet20"))
     with torch.no_grad():  # the artifact's recipe rebuilds the same shortcuts
         assert torch.equal(back(x), ours)

@@ -202,7 +202,12 @@ class QuantModel(nn.Module):
                 gm.add_submodule(key, UniformQuantizer(activations, name=f"add input {arg.name}"))
                 with gm.graph.inserting_after(G.insertion_point(gm.graph, arg)):
                     qnode = gm.graph.call_module(key, (arg,))
-                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+                # Another quantizer reading ``arg`` (a layer's input, where adds read real values)
+                # keeps reading it: rewired, it would round the 8-bit values again, a double
+                # rounding whose exact ties the runtime breaks differently from torch.
+                modules = dict(gm.named_modules())
+                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q and not (
+                    user.op == "call_module" and isinstance(modules.get(str(user.target)), UniformQuantizer)))
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
 
