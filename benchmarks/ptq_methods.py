@@ -64,6 +64,8 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq+bias correction": ({"steps": ["calibrate", "gptq", "bias_correction"]}, True),
     "gptq (act order)+bias correction": ({"steps": ["calibrate", {"gptq": {"act_order": True}}, "bias_correction"]},
                                          True),
+    "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
+    "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),
     "gptq+qdrop": ({"steps": ["calibrate", "gptq", {"qdrop": {"iters": ITERS}}]}, True),
     "zeroq (no real data)": ({"calibration": {"samples": 256}, "steps": [{"zeroq": {"iters": 100}}, "calibrate"]}, True),
@@ -136,12 +138,19 @@ def run(args: argparse.Namespace) -> None:
 
 
 def load_all(paths: list[Path]) -> dict:
-    """Merge result files (parallel runs write separate files)."""
+    """Merge result files (parallel runs write separate files). A (model, config, method,
+    seed) measured in two files counts once, from the later file in ``paths`` (sorted names:
+    the newer measurement files sort after ptq_methods.json), so a rerun is never averaged
+    in as another seed."""
     merged: dict = {"runs": [], "float": {}}
+    by_key: dict[tuple, dict] = {}
     for p in paths:
         d = load_results(p)
-        merged["runs"] += d["runs"]
+        for r in d["runs"]:
+            by_key.pop(key(r), None)
+            by_key[key(r)] = r
         merged["float"].update(d["float"])
+    merged["runs"] = list(by_key.values())
     return merged
 
 
@@ -165,7 +174,8 @@ def table(data: dict, model: str) -> str:
             mean = statistics.fmean(accs)
             sd = f" ± {statistics.stdev(accs):.2f} ({len(accs)})" if len(accs) > 1 else " (1)"
             secs = statistics.fmean(r["quant_seconds"] for r in rs)
-            cells.append(f"{mean:.2f}{sd} · −{fp - mean:.2f} · {secs:.0f} s")
+            change = mean - fp
+            cells.append(f"{mean:.2f}{sd} · {'+' if change >= 0 else '−'}{abs(change):.2f} · {secs:.0f} s")
         if any(c != "—" for c in cells):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
