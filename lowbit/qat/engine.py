@@ -27,6 +27,7 @@ from lowbit.data.subsets import dataset_tensors
 from lowbit.errors import LowbitError, NumericalError, RecipeError
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
+from lowbit.qat.bn import FoldedBatchNorm
 from lowbit.qat.checkpoint import TrainingState, load_state, save_state
 from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
 from lowbit.quant.learned.base import TrainableQuantizer
@@ -186,6 +187,20 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
 
 
 # -- the loop -------------------------------------------------------------------------------
+def check_bn_statistics(model: torch.nn.Module, epoch: int, step: int) -> None:
+    """Stop when a trained BN's running statistics stop being finite. The loss stays finite
+    (training normalises by batch statistics), but the model evaluated and deployed reads the
+    running ones: a W2A2 ResNet-20 ran two epochs at 78-80% training accuracy while scoring
+    10% held out, and its checkpoints kept the broken statistics."""
+    for name, module in model.named_modules():
+        if isinstance(module, FoldedBatchNorm) and not (torch.isfinite(module.running_var).all()
+                                                       and torch.isfinite(module.running_mean).all()):
+            raise NumericalError(
+                f"QAT: the BN running statistics of {name.removesuffix('.bn')!r} became non-finite at epoch "
+                f"{epoch + 1}, step {step}: the training loss looks normal but the evaluated model is broken; the "
+                "last checkpoint before it is kept. Lower lr, or freeze BN earlier (freeze_bn_after)")
+
+
 def _layers_with_hook(qm: QuantModel, hook: str) -> list[torch.nn.Module]:
     """Layers whose weight quantizer overrides ``hook`` of TrainableQuantizer (so the loop
     calls only those, not a no-op for every layer at every step)."""
@@ -304,6 +319,7 @@ def train_qat(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                check_bn_statistics(model, epoch, i)
                 for layer in constrained:
                     layer.weight_quantizer.project_(layer)
                 loss_sum += loss.item() * len(y)
