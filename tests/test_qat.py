@@ -314,12 +314,12 @@ def test_a_one_epoch_run_trains_bn_for_three_quarters_of_its_steps(mnist_cnn, mn
 def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():
     from lowbit.errors import NumericalError
     from lowbit.qat.bn import FoldedBatchNorm
-    from lowbit.qat.engine import check_bn_statistics
+    from lowbit.qat.engine import check_bn_statistics, trained_batchnorms
 
     net = torch.nn.Module()
     net.block = torch.nn.Module()
     net.block.bn = FoldedBatchNorm(torch.zeros(4), torch.ones(4), torch.zeros(4))
-    check_bn_statistics(net, 0, 0)  # finite: nothing happens
+    check_bn_statistics(trained_batchnorms(net), 0, 0)  # finite: nothing happens
     net.block.bn.running_var[2] = float("inf")
     with pytest.raises(NumericalError, match=r"'block'.*epoch 4, step 17"):
-        check_bn_statistics(net, 3, 17)
+        check_bn_statistics(trained_batchnorms(net), 3, 17)

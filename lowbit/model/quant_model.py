@@ -205,9 +205,8 @@ class QuantModel(nn.Module):
                 # Another quantizer reading ``arg`` (a layer's input, where adds read real values)
                 # keeps reading it: rewired, it would round the 8-bit values again, a double
                 # rounding whose exact ties the runtime breaks differently from torch.
-                modules = dict(gm.named_modules())
                 arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q and not (
-                    user.op == "call_module" and isinstance(modules.get(str(user.target)), UniformQuantizer)))
+                    user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), UniformQuantizer)))
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
 

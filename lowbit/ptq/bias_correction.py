@@ -64,6 +64,7 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source:
     layers = [r.layer for r in qm.layers if r.layer.quantize_weight]
     targets = _float_output_means(qm, layers, x) if source == "outputs" else {}
     shifts: dict[str, float] = {}
+    busy: set[str] = set()  # layers inside their own hook (it re-runs the layer)
 
     def correct(layer: QuantLayer, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if layer.name in shifts or layer.name in busy:
@@ -89,7 +90,6 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source:
         finally:
             busy.discard(layer.name)
 
-    busy: set[str] = set()
     handles = [layer.register_forward_hook(correct) for layer in layers]
     try:
         qm(x)

@@ -41,8 +41,12 @@ def _columns(layer: QuantLayer, x: torch.Tensor, group: int) -> torch.Tensor:
     columns line up with weight.reshape(out, -1) of that group."""
     if isinstance(layer.module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    cols = _patches(layer, x, group)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return _patch_rows(_patches(layer, x, group))
+
+
+def _patch_rows(u: torch.Tensor) -> torch.Tensor:
+    """[B, k, L] patches as [B·L, k] rows."""
+    return u.transpose(1, 2).reshape(-1, u.shape[1])
 
 
 def _gram(layer: QuantLayer, x: torch.Tensor, group: int) -> torch.Tensor:
@@ -54,7 +58,7 @@ def _gram(layer: QuantLayer, x: torch.Tensor, group: int) -> torch.Tensor:
         return cols.T @ cols
     u = _patches(layer, x, group)  # [B, k, L]
     if u.shape[2] < u.shape[1]:
-        cols = u.transpose(1, 2).reshape(-1, u.shape[1])
+        cols = _patch_rows(u)
         return cols.T @ cols
     per_batch = max(1, (1 << 25) // (u.shape[1] ** 2))  # bounds the [b, k, k] partial products to 128 MB
     return sum(torch.bmm(u[i:i + per_batch], u[i:i + per_batch].transpose(1, 2)).sum(0)
