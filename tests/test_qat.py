@@ -323,3 +323,55 @@ def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():
     net.block.bn.running_var[2] = float("inf")
     with pytest.raises(NumericalError, match=r"'block'.*epoch 4, step 17"):
         check_bn_statistics(trained_batchnorms(net), 3, 17)
+
+
+def _trained_form_w2a2(model, calib):
+    from lowbit.qat.convert import to_training_form
+
+    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": {"bits": 2}, "activations": {"bits": 2}},
+                         calib=calib, progress=False)
+    to_training_form(qm, "lsq", "lsq+", batches=[calib])
+    return qm
+
+
+def test_learned_weight_step_follows_the_bn_factor_so_running_variance_ignores_gamma(mnist_cnn):
+    """The running variance estimates var(conv(x, Q(W))) before BN; with a learned step that
+    did not scale with γ/σ it depended on γ (a feedback loop that ran to inf at ResNet-20 W2A2)."""
+    model, calib, _ = mnist_cnn
+    runs = []
+    for gamma_scale in (1.0, 0.2):
+        qm = _trained_form_w2a2(model, calib)
+        layer = qm.layers[1].layer
+        assert layer.bn_factor_follows()
+        with torch.no_grad():
+            layer.bn.gamma.mul_(gamma_scale)
+        qm.train()
+        for _ in range(60):
+            with torch.no_grad():
+                qm(calib)
+        runs.append(layer.bn.running_var.clone())
+    assert torch.isfinite(runs[1]).all()
+    assert torch.allclose(runs[0], runs[1], rtol=1e-4)
+
+
+def test_deployed_form_keeps_a_trained_bn_factor_and_its_bias_grid(mnist_cnn):
+    from lowbit.qat.convert import to_deployed_form
+
+    model, calib, test = mnist_cnn
+    qm = _trained_form_w2a2(model, calib)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a BN whose factor γ/σ is far from 1, some channels negative
+        for r in qm.layers:
+            if r.layer.bn is not None:
+                bn = r.layer.bn
+                bn.gamma.mul_(torch.empty_like(bn.gamma).uniform_(0.3, 3.0))
+                bn.gamma[0] = -bn.gamma[0]
+                bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.5, 2.0))
+    qm.eval()
+    trained = qm(test[0][:200])
+    steps = {r.name: r.layer.weight_step().detach().clone() for r in qm.layers if r.layer.bn is not None}
+    to_deployed_form(qm)
+    assert torch.allclose(qm(test[0][:200]), trained, atol=1e-4)
+    for r in qm.layers:
+        if r.name in steps:
+            assert torch.allclose(r.layer.weight_quantizer.scale.reshape(-1), steps[r.name].reshape(-1))

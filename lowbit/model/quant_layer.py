@@ -112,7 +112,19 @@ class QuantLayer(nn.Module):
             return self.weight
         if self.weight_fn is not None:
             return self.weight_fn()
+        if self.bn_factor_follows():
+            return self.weight_quantizer.quantize_folded(self.weight, self.bn.weight_factor())
         return self.weight_quantizer(self.weight)
+
+    def bn_factor_follows(self) -> bool:
+        """Whether the weight quantizer's step scales with this layer's trained BN factor."""
+        follows = getattr(self.weight_quantizer, "follows_bn_factor", None)
+        return self.bn is not None and follows is not None and follows()
+
+    def weight_step(self) -> torch.Tensor:
+        """The step of the (folded) weight's grid, as the bias grid and exporters read it."""
+        q = self.weight_quantizer
+        return q.folded_step(self.bn.weight_factor()) if self.bn_factor_follows() else q.scale
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias on the int32 grid of step s_in·s_w, as integer runtimes store it
@@ -126,7 +138,7 @@ class QuantLayer(nn.Module):
             return b
         if not q_in.integer_kernel:
             return b  # binary or codebook inputs: no integer kernel runs this layer, so no int32 grid
-        step = q_in.scale * q_w.scale
+        step = q_in.scale * self.weight_step()
         return round_ste(b / step) * step
 
     def xnor_input_scale(self) -> torch.Tensor | None:

@@ -113,6 +113,8 @@ def to_deployed_form(qm: QuantModel) -> None:
     for r in qm.layers:
         layer = r.layer
         if layer.bn is not None:
+            if layer.bn_factor_follows():  # the step of W becomes the step of W·γ/σ
+                layer.weight_quantizer.absorb_factor_(layer.bn.weight_factor())
             w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
             layer.bn = None
             layer.module.weight.copy_(w)

@@ -278,7 +278,10 @@ def train_qat(
     opt = make_optimizer(qm, cfg)
     model: nn.Module = D.wrap(qm, dev)
     ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
-    fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}}
+    # "weight_step": a learned weight step is the step of the pre-BN weight (see
+    # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
+    fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items() if k != "checkpoint"},
+                   "weight_step": "pre-bn"}
     state = TrainingState()
     if ckpt_dir is not None:
         loaded = load_state(ckpt_dir, qm, opt, fingerprint)

@@ -66,6 +66,7 @@ class TrainableQuantizer(UniformQuantizer):
         self.zero_point = source.zero_point.detach().clone()
         self.method = self.kind
         self.keep_abs_mean = source.keep_abs_mean
+        self._step_factor: torch.Tensor | None = None  # |γ/σ| during quantize_folded only
 
     @classmethod
     def from_uniform(cls, source: UniformQuantizer, role: str, **options: Any) -> "TrainableQuantizer":
@@ -84,6 +85,33 @@ class TrainableQuantizer(UniformQuantizer):
     def project_(self, layer: torch.nn.Module) -> None:
         """Called on the weight quantizer's layer after every optimiser step: a kind that
         constrains its latent weights (BinaryConnect's clip) does it here; default none."""
+
+    def follows_bn_factor(self) -> bool:
+        """Whether, while its layer trains with BN (lowbit.qat.bn), this weight quantizer's
+        step belongs to the weight *before* the BN factor f = γ/σ, the step applied to the
+        folded weight W·f being s·|f|. A learned step must (LSQ): if it stayed the step of
+        W·f, the quantized output's variance would not follow σ, and the running-variance
+        update (which rescales σ until std(y0) = γ) has no fixed point; measured at ResNet-20
+        W2A2, σ² grew geometrically to inf. A step recomputed from the weight every forward
+        (μL2Q, DoReFa, min-max) follows W·f by itself and needs none of this."""
+        return False
+
+    def quantize_folded(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Q(W·f) with the step s·|f| (only where :meth:`follows_bn_factor`)."""
+        self._step_factor = factor.abs()
+        try:
+            return self(weight)
+        finally:
+            self._step_factor = None
+
+    def folded_step(self, factor: torch.Tensor) -> torch.Tensor:
+        """The step the folded weight W·f is quantized with: s·|f| (what its bias grid uses)."""
+        return self.scale * factor.abs().reshape(self.scale.shape)
+
+    def absorb_factor_(self, factor: torch.Tensor) -> None:
+        """s ← s·|f| when the BN is folded into the weight for good (lowbit.qat.convert)."""
+        with torch.no_grad():
+            self.scale.copy_(self.folded_step(factor).abs())
 
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) of the uniform grid this quantizer puts ``x`` on now."""

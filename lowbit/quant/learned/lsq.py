@@ -55,10 +55,21 @@ class LSQQuantizer(TrainableQuantizer):
             n = x[0].numel() if x.dim() > 1 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * max(qmax, 1))
 
+    def follows_bn_factor(self) -> bool:
+        # Q(W·f; s·|f|) = |f|·Q(sign(f)·W; s) needs a zero point of 0 and one step per
+        # output channel (f is one factor per output channel).
+        return (self.role == "weights" and self.spec.per_channel and self.spec.ch_axis == 0
+                and not self.learn_offset and bool(self.zero_point.eq(0).all()))
+
+    def folded_step(self, factor: torch.Tensor) -> torch.Tensor:
+        return self.scale.abs().clamp_min(MIN_STEP) * factor.abs().reshape(self.scale.shape)
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
         g = self._grad_factor(x)
         s = grad_scale(self.scale.abs().clamp_min(MIN_STEP), g)
+        if self._step_factor is not None:  # the layer's BN factor |γ/σ| (TrainableQuantizer.follows_bn_factor)
+            s = s * self._step_factor.reshape(s.shape)
         z = self.zero_point
         if self.learn_offset:  # an integer offset on the grid, learned through the STE
             z = F.round_ste(grad_scale(z, g)).clamp(qmin, qmax)
