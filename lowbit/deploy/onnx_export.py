@@ -252,7 +252,7 @@ class _Builder:
                                                                                     CodebookQuantizer):
             return self.const("bias", b.detach().numpy().astype(np.float32))
         with torch.no_grad():
-            step = layer.input_ref[0].scale * layer.weight_quantizer.scale
+            step = layer.input_ref[0].scale * layer.weight_step()
             codes_f = torch.round(b / step).numpy()
             if layer.weight_quantizer.spec.grid == "midrise":  # the weight's ONNX step is s_w/2 (weight_codes)
                 step, codes_f = step / 2, 2 * codes_f
