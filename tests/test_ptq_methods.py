@@ -249,3 +249,24 @@ def test_method_results_survive_save_and_load(tmp_path, steps):
     qm = lowbit.quantize(model, {"extends": "w4a4", "fold_bn": False, "steps": steps}, calib=x, progress=False)
     path = lowbit.save(qm, tmp_path / "m.lowbit")
     assert torch.equal(lowbit.load(path)(x), qm(x))
+
+
+def test_capture_inputs_stops_early_and_records_what_capture_layers_records(resnet20, cifar_slices):
+    """The early-stopping capture gives the same per-layer inputs as a full pass, and the
+    unit's later layers are not run for it."""
+    from lowbit.ptq.cache import capture_inputs, capture_layers
+
+    cheap = {"extends": "w4a4", "weights": {"estimator": "minmax"}, "activations": {"estimator": "minmax"}}
+    qm = lowbit.quantize(resnet20, cheap, calib=cifar_slices[0][:64], progress=False)
+    unit = split_units(qm)[1]
+    x = torch.randn(20, 16, 32, 32).relu()
+    full, _, _ = capture_layers(unit, x, unit.layers, outputs=False, chunk=8)
+    ran = []
+    handle = unit.layers[-1].register_forward_hook(lambda *_: ran.append(1))
+    try:
+        first = capture_inputs(unit, x, unit.layers[:1], chunk=8)
+    finally:
+        handle.remove()
+    assert torch.equal(first[unit.layers[0].name], full[unit.layers[0].name]) and not ran
+    both = capture_inputs(unit, x, unit.layers, chunk=8)
+    assert all(torch.equal(both[n], full[n]) for n in full) and len(both) == len(unit.layers)

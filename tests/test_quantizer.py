@@ -143,3 +143,33 @@ def test_uncalibrated_quantizer_refuses_to_run():
     q.set_bits(3)
     with pytest.raises(LowbitError, match="calibrate"):
         q(torch.ones(2))
+
+
+@pytest.mark.parametrize("grid,per_channel", [("midtread", False), ("midtread", True), ("midrise", True)])
+def test_fused_straight_through_fake_quant_matches_the_autograd_chain(grid, per_channel):
+    """The one-op fake-quant (forward and both gradients) against the round_ste/clamp chain
+    it replaces, on an affine per-channel grid with clipping on both sides."""
+    import lowbit.quant.functional as QF
+
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 4, 3, 3) * 2
+    s0 = torch.rand(4) * 0.3 + 0.1 if per_channel else torch.tensor(0.2)
+    z0 = torch.tensor([-2.0, 0.0, 1.0, 2.0]) if per_channel and grid == "midtread" else torch.zeros(s0.shape)
+    g = torch.randn_like(x0)
+    results = []
+    for fused in (False, True):
+        x, s = x0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        if fused:
+            out = QF.fake_quantize(x, s, z0, -4, 3, grid, 1)
+        else:
+            sb, zb = QF.broadcast_shape(s, x, 1), QF.broadcast_shape(z0, x, 1)
+            if grid == "midrise":
+                out = (torch.clamp(QF.floor_ste(x / sb), -4, 3) + 0.5) * sb
+            else:
+                out = (torch.clamp(QF.round_ste(x / sb) + zb, -4, 3) - zb) * sb
+        out.backward(g)
+        results.append((out.detach(), x.grad, s.grad))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2)
+    assert torch.allclose(gx1, gx2, atol=1e-6) and (gx2 == 0).any()  # some elements clipped
+    assert torch.allclose(gs1, gs2, rtol=1e-5, atol=1e-5) and gs2.shape == s0.shape

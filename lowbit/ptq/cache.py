@@ -50,6 +50,44 @@ def capture_layers(
     return cat, {n: torch.cat(v) for n, v in seen_out.items() if v}, out
 
 
+class _SeenEnough(Exception):
+    """Raised inside a forward pass once every wanted input has been recorded."""
+
+
+@torch.no_grad()
+def capture_inputs(unit: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, layers: list[QuantLayer],
+                   chunk: int = CHUNK) -> dict[str, torch.Tensor]:
+    """The tensors entering these layers' input quantizers, as :func:`capture_layers`
+    records them, but each chunk's forward pass stops as soon as the last of them has
+    been seen: the rest of the unit is not computed. Layer-wise methods call this once
+    per layer, so a block's first layer costs nothing and its second half a pass."""
+    seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    pending: set[str] = set()
+
+    def record(name: str, value: torch.Tensor) -> None:
+        seen[name].append(value.detach())
+        pending.discard(name)
+        if not pending:
+            raise _SeenEnough
+
+    handles = []
+    for layer in layers:
+        source: nn.Module = layer.input_ref[0] if layer.input_ref else layer
+        handles.append(source.register_forward_pre_hook(
+            lambda _m, args, name=layer.name: record(name, args[0])))
+    try:
+        for i in range(0, x.shape[0], chunk):
+            pending.update(seen)
+            try:
+                unit(x[i:i + chunk])
+            except _SeenEnough:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in seen.items() if v}
+
+
 @dataclass
 class UnitStep:
     """One unit's view of the side-by-side walk: its float and quantized inputs, and

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from lowbit.errors import LowbitError, RecipeError
 from lowbit.model.quant_layer import QuantLayer
-from lowbit.ptq.cache import capture_layers, walk_units
+from lowbit.ptq.cache import capture_inputs, walk_units
 from lowbit.ptq.units import split_units
 from lowbit.quant.quantizer import UniformQuantizer
 
@@ -72,7 +72,7 @@ def easyquant(qm, batches: list[torch.Tensor], progress: bool = True, rounds: in
     bar = tqdm(total=len(units), desc="easyquant", unit="unit", disable=not progress, leave=False)
     for step in walk_units(qm, units, x, layer_outputs=True):
         for layer in step.unit.layers:
-            q_lin, _, _ = capture_layers(step.unit, step.q_in, [layer], outputs=False)
+            q_lin = capture_inputs(step.unit, step.q_in, [layer])
             xin, target = q_lin[layer.name], step.fp_layer_out[layer.name]
             act = layer.input_ref[0] if layer.input_ref and layer.input_ref[0].enabled else None
             # A shared activation quantizer is searched once, by its first consumer.

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lowbit.errors import LowbitError, NumericalError
 from lowbit.model.quant_layer import QuantLayer
-from lowbit.ptq.cache import CHUNK, capture_layers, walk_units
+from lowbit.ptq.cache import CHUNK, capture_inputs, walk_units
 from lowbit.ptq.units import split_units
 from lowbit.quant import functional as F
 from lowbit.quant.quantizer import UniformQuantizer
@@ -190,7 +190,7 @@ def gptq(qm, batches: list[torch.Tensor], damp: float = 0.01, block_size: int = 
             if not layer.quantize_weight:
                 bar.update(1)
                 continue
-            inputs, _, _ = capture_layers(step.unit, step.q_in, [layer], outputs=False)
+            inputs = capture_inputs(step.unit, step.q_in, [layer])
             q_in = layer.input_ref[0] if layer.input_ref else None
             seen = inputs[layer.name]
             seen = q_in(seen) if q_in is not None else seen  # what the deployed layer reads

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from lowbit.errors import LowbitError, RecipeError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
-from lowbit.ptq.cache import capture_layers, run_chunked, walk_units
+from lowbit.ptq.cache import capture_inputs, run_chunked, walk_units
 from lowbit.ptq.distribution import correct_block_input
 from lowbit.ptq.units import Unit, quantization_off, split_units
 from lowbit.quant.quantizer import UniformQuantizer
@@ -126,7 +126,7 @@ def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method,
             bar.set_postfix_str(unit.name)
             if layerwise:
                 for layer in unit.layers:
-                    q_lin, _, _ = capture_layers(unit, step.q_in, [layer], outputs=False)
+                    q_lin = capture_inputs(unit, step.q_in, [layer])
                     losses[layer.name] = _layer(cfg, layer, q_lin[layer.name], step.fp_layer_in[layer.name],
                                                 step.fp_layer_out[layer.name], gen, progress)
             else:

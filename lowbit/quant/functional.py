@@ -43,11 +43,56 @@ def fake_quantize(
     z = broadcast_shape(zero_point, x, ch_axis)
     if not (_needs_grad(x) or _needs_grad(s)):
         return _fake_quantize_inplace(x, s, z, qmin, qmax, grid)
+    if not _needs_grad(z) and x.dtype == s.dtype:
+        return _FakeQuantSTE.apply(x, s, z, qmin, qmax, grid == "midrise")
     if grid == "midrise":
         q = torch.clamp(floor_ste(x / s), qmin, qmax)
         return (q + 0.5) * s
     q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """The straight-through fake-quant below as one op: the same forward and the same
+    gradients as the autograd chain of ``round_ste``/``clamp`` (which allocates a tensor
+    per step forward and back), with the backward reduced to two passes. The
+    reconstruction loops spend a third of a step in this op on activation tensors.
+
+    d out/dx = 1 inside the grid (bounds inclusive, like ``clamp``), 0 outside;
+    d out/ds = (q − z + o) − u inside, (q − z + o) outside, with u = x/s, q the clamped
+    code and o = ½ on a mid-rise grid (LSQ's step gradient, without its scale factor).
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin, qmax, midrise):  # noqa: ANN001, ANN205
+        u = torch.div(x, s)
+        q = torch.floor(u) if midrise else torch.round(u).add_(z)
+        inside = (q >= qmin).logical_and_(q <= qmax)
+        q.clamp_(qmin, qmax)
+        q.add_(0.5) if midrise else q.sub_(z)
+        out = q * s
+        if ctx.needs_input_grad[1]:
+            # the per-element step gradient, kept instead of x: one tensor for backward
+            q.sub_(u.mul_(inside))
+            ctx.save_for_backward(inside, q)
+        else:
+            ctx.save_for_backward(inside)
+        ctx.s_shape = s.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        inside = ctx.saved_tensors[0]
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            d = ctx.saved_tensors[1] * grad
+            shape = ctx.s_shape  # a scalar, or broadcast_shape's [1, .., C, .., 1]
+            if len(shape) == 0:
+                gs = d.sum()
+            else:
+                gs = d.sum([i for i, n in enumerate(shape) if n == 1], keepdim=True)
+        return gx, gs, None, None, None, None
 
 
 def fake_quantize_broadcast(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
