@@ -53,7 +53,7 @@ def main() -> None:
     train = load_dataset("cifar10", "train", data_dir=args.data_dir, download=False)
     recipe = load_recipe("w4a4")
     batches = calibration_batches(train, recipe)
-    commit = subprocess.run(["git", "-C", str(Path(lowbit.__file__).parent), "rev-parse", "--short", "HEAD"],
+    commit = subprocess.run(["git", "-C", str(Path(lowbit.__file__).parent), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip()
 
     timed = {"seconds": 0.0, "steps": 0}

@@ -18,6 +18,11 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chu
     return torch.cat([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
 
+def _input_source(layer: QuantLayer) -> nn.Module:
+    """The module whose input is the layer's float input: its input quantizer if it has one."""
+    return layer.input_ref[0] if layer.input_ref else layer
+
+
 @torch.no_grad()
 def capture_layers(
     unit: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, layers: list[QuantLayer],
@@ -34,8 +39,7 @@ def capture_layers(
     handles = []
     for layer in layers:
         if inputs:
-            source: nn.Module = layer.input_ref[0] if layer.input_ref else layer
-            handles.append(source.register_forward_pre_hook(
+            handles.append(_input_source(layer).register_forward_pre_hook(
                 lambda _m, args, name=layer.name: seen_in[name].append(args[0].detach())))
         if outputs:
             handles.append(layer.register_forward_hook(
@@ -72,8 +76,7 @@ def capture_inputs(unit: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
     handles = []
     for layer in layers:
-        source: nn.Module = layer.input_ref[0] if layer.input_ref else layer
-        handles.append(source.register_forward_pre_hook(
+        handles.append(_input_source(layer).register_forward_pre_hook(
             lambda _m, args, name=layer.name: record(name, args[0])))
     try:
         for i in range(0, x.shape[0], chunk):

@@ -55,8 +55,8 @@ def fake_quantize(
 class _FakeQuantSTE(torch.autograd.Function):
     """The straight-through fake-quant below as one op: the same forward and the same
     gradients as the autograd chain of ``round_ste``/``clamp`` (which allocates a tensor
-    per step forward and back), with the backward reduced to two passes. The
-    reconstruction loops spend a third of a step in this op on activation tensors.
+    per step forward and back), with the backward reduced to two passes: about 2× faster
+    on a reconstruction batch's activation tensor (benchmarks/recon_step_time.py, README).
 
     d out/dx = 1 inside the grid (bounds inclusive, like ``clamp``), 0 outside;
     d out/ds = (q − z + o) − u inside, (q − z + o) outside, with u = x/s, q the clamped
