@@ -29,14 +29,13 @@ from lowbit.state_io import atomic_write_text
 
 
 def model_and_data(name: str, data_dir: str, models_dir: str):
-    from lowbit.zoo import model_info, pretrained
+    from lowbit.zoo import ARCHITECTURES, model_info, pretrained, trained_here
 
-    if name == "lenet5":
-        from lowbit.zoo.lenet import pretrained_lenet5
-
-        model, dataset = pretrained_lenet5(data_dir), "mnist"
+    dataset = model_info(name).dataset
+    if ARCHITECTURES[name].weights is None:  # LeNet-5, the small CNNs: a float baseline trained here, cached
+        model = trained_here(name, data_dir, download=False)
     else:
-        model, dataset = pretrained(name, models_dir=models_dir, download=False), model_info(name).dataset
+        model = pretrained(name, models_dir=models_dir, download=False)
     return model, load_dataset(dataset, "train", data_dir=data_dir, download=False), \
         load_dataset(dataset, "test", data_dir=data_dir, download=False)
 

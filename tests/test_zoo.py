@@ -247,3 +247,23 @@ def test_train_resumes_from_checkpoint(mnist_train: object, tmp_path: Path) -> N
     assert torch.equal(done.linear.weight, resumed.linear.weight)
     with pytest.raises(LowbitError, match="optimizer"):
         train_classifier(build("small_cnn"), loader, epochs=3, checkpoint=ckpt, optimizer="adam", progress=False)
+
+
+def test_trained_here_reuses_its_cache_and_refuses_published_models(tmp_path: Path) -> None:
+    from lowbit.zoo import build, save_weights, trained_here, trained_here_path
+
+    torch.manual_seed(3)
+    ref = build("small_cnn_fashion")
+    cache = save_weights(ref, tmp_path / "fashion.safetensors")
+    got = trained_here("small_cnn_fashion", data_dir=tmp_path / "no-data-here", cache=cache, download=False)
+    assert not got.training  # loaded from the cache: the missing data dir is never read
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
+    assert trained_here_path("lenet5").name == "lenet5-mnist-e3-s0.safetensors"
+    assert trained_here_path("small_cnn_fashion", epochs=2, seed=1).name == "small_cnn_fashion-fashion-mnist-e2-s1.safetensors"
+    with pytest.raises(LowbitError, match="has published weights"):
+        trained_here("resnet20")
+    with pytest.raises(LowbitError, match="epochs must be >= 1"):
+        trained_here("lenet5", epochs=0)
+    with pytest.raises(LowbitError, match="unknown model"):
+        trained_here("lenet6")

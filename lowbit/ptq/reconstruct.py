@@ -38,6 +38,7 @@ from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
 from lowbit.ptq.cache import capture_inputs, run_chunked, walk_units
 from lowbit.ptq.distribution import correct_block_input
+from lowbit.ptq.drop import keep_mask, select
 from lowbit.ptq.units import Unit, quantization_off, split_units
 from lowbit.quant.quantizer import UniformQuantizer
 
@@ -195,8 +196,7 @@ def _dropped(quantizers: list[UniformQuantizer], keep_prob: float, gen: torch.Ge
         return
 
     def hook(_m, args, out):
-        keep = torch.rand(out.shape, generator=gen) < keep_prob
-        return torch.where(keep, out, args[0])
+        return select(keep_mask(out.shape, keep_prob, gen), out, args[0])
 
     handles = [q.register_forward_hook(hook) for q in quantizers]
     try:
@@ -246,7 +246,7 @@ def _optimize(cfg: ReconConfig, layers: list[QuantLayer], quantizers: list[Unifo
                 idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
                 xq, xf = q_in[idx], fp_in[idx]
                 if cfg.input_quant_prob < 1:
-                    xq = torch.where(torch.rand(xq.shape, generator=gen) < cfg.input_quant_prob, xq, xf)
+                    xq = torch.where(keep_mask(xq.shape, cfg.input_quant_prob, gen), xq, xf)
                 out = forward(xq, xf)
                 rec = _rec_loss(out, target[idx])
                 loss = cfg.rec_weight * rec

@@ -20,6 +20,7 @@ from lowbit.zoo.registry import (
 from lowbit.zoo.resnet_cifar import BasicBlock, ResNetCifar, resnet20, resnet32, resnet44, resnet56, resnet110, resnet_cifar
 from lowbit.zoo.small_cnn import SmallCNN
 from lowbit.zoo.train import cosine_lr, train_classifier
+from lowbit.zoo.trained_here import trained_here, trained_here_path
 from lowbit.zoo.weights import load_state_dict_strict, load_weights, read_state_dict, save_weights, strip_prefix
 
 __all__ = [
@@ -50,4 +51,6 @@ __all__ = [
     "save_weights",
     "strip_prefix",
     "train_classifier",
+    "trained_here",
+    "trained_here_path",
 ]

@@ -7,7 +7,6 @@ the μL2Q rows.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +36,6 @@ class LeNet5(nn.Module):
 def pretrained_lenet5(data_dir: str | os.PathLike[str] | None = None, epochs: int = 3, seed: int = 0,
                       cache: str | os.PathLike[str] | None = None, progress: bool = True) -> LeNet5:
     """LeNet-5 trained here on MNIST's training split (cached after the first call)."""
-    from safetensors.torch import load_file
+    from lowbit.zoo.trained_here import trained_here
 
-    from lowbit.data import load_dataset, make_loader
-    from lowbit.zoo.registry import build, models_cache_dir
-    from lowbit.zoo.train import train_classifier
-    from lowbit.zoo.weights import save_weights
-
-    path = Path(cache) if cache else models_cache_dir() / f"lenet5-mnist-e{epochs}-s{seed}.safetensors"
-    model = build("lenet5")
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    torch.manual_seed(seed)
-    train = load_dataset("mnist", "train", data_dir=data_dir)
-    train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
-    save_weights(model, path, {"model": "lenet5", "dataset": "mnist", "epochs": str(epochs)})
-    return model.eval()
+    return trained_here("lenet5", data_dir, epochs=epochs, seed=seed, cache=cache, progress=progress)  # type: ignore[return-value]

@@ -1,0 +1,54 @@
+"""Float baselines for zoo models that have no published weights (LeNet-5, the small CNNs).
+
+Such a model is trained here once on its dataset's training split (SGD, cosine schedule)
+and cached as safetensors, so every benchmark of it starts from the same float model.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+DEFAULT_EPOCHS = 3
+
+
+def trained_here_path(name: str, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> Path:
+    """Cache file of ``trained_here(name, epochs=epochs, seed=seed)``: name, dataset, epochs and seed in its name."""
+    from lowbit.zoo.registry import model_info, models_cache_dir
+
+    return models_cache_dir() / f"{name}-{model_info(name).dataset}-e{epochs}-s{seed}.safetensors"
+
+
+def trained_here(name: str, data_dir: str | os.PathLike[str] | None = None, epochs: int = DEFAULT_EPOCHS,
+                 seed: int = 0, cache: str | os.PathLike[str] | None = None, progress: bool = True,
+                 download: bool = True) -> nn.Module:
+    """``name`` trained for ``epochs`` on its dataset's training split (cached after the first call), in eval mode.
+
+    Refuses a model that has published weights: its float baseline is those weights (``pretrained``).
+    """
+    from safetensors.torch import load_file
+
+    from lowbit.data import load_dataset, make_loader
+    from lowbit.zoo.registry import ARCHITECTURES, build, model_info
+    from lowbit.zoo.train import train_classifier
+    from lowbit.zoo.weights import save_weights
+
+    model = build(name)  # unknown names fail here, naming the known ones
+    if ARCHITECTURES[name].weights is not None:
+        raise LowbitError(f"model {name!r} has published weights: load them with lowbit.zoo.pretrained({name!r})")
+    if epochs < 1:
+        raise LowbitError(f"epochs must be >= 1 to train {name!r} here, got {epochs}")
+    path = Path(cache) if cache else trained_here_path(name, epochs, seed)
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    dataset = model_info(name).dataset
+    torch.manual_seed(seed)
+    train = load_dataset(dataset, "train", data_dir=data_dir, download=download)
+    train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
+    save_weights(model, path, {"model": name, "dataset": dataset, "epochs": str(epochs), "seed": str(seed)})
+    return model.eval()
