@@ -4,12 +4,16 @@ per quantized activation tensor, so the mask and the select are a large share of
 - ``keep_mask`` draws 16 random bits per element from int64 words (one generator call per
   64 bits instead of one float per element): ~4x faster than ``torch.rand(shape) < p``;
   the keep probability is resolved to a multiple of 1/65536 (0.5 exactly).
-- ``select`` is ``torch.where(keep, a, b)`` with a backward of one multiply and one subtract
-  (autograd's where backward builds two masked copies): ~2x faster forward+backward.
+- ``select`` gives ``torch.where(keep, a, b)``'s values and gradients from a 0/1 float mask:
+  ``torch.lerp`` forward (exact at weights 0 and 1) and one multiply and one subtract back.
+  On CPU a bool ``where`` or a multiply by a bool tensor costs 7-20x a float op of the same
+  size (measured, one thread, a 32x16x32x32 tensor: where 5.2 ms, lerp 0.25 ms).
 """
 from __future__ import annotations
 
 import torch
+
+from lowbit.quant.functional import float_mask
 
 _LEVELS = 1 << 16
 
@@ -32,13 +36,15 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, gen: torch.
 class _Select(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep)
-        return torch.where(keep, a, b)
+        w = float_mask(keep, a.dtype)
+        ctx.save_for_backward(w)
+        # lerp computes b + w(a-b) for w < 1/2 and a - (1-w)(a-b) otherwise: exactly b at 0, a at 1
+        return torch.lerp(b, a, w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        grad_a = grad * keep
+        (w,) = ctx.saved_tensors
+        grad_a = grad * w
         return None, grad_a, grad - grad_a
 
 
@@ -46,7 +52,9 @@ def select(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     """``torch.where(keep, a, b)`` with the same gradients (``grad·keep`` to a, the rest to b), computed cheaper.
 
     Falls back to ``torch.where`` when shapes or dtypes differ (broadcasting needs autograd's reduction).
+    Exact for finite values; an inf in either input makes that element NaN (checking costs more
+    than the select itself, and a non-finite activation already fails reconstruction's loss check).
     """
-    if a.shape == b.shape == keep.shape and a.dtype == b.dtype:
+    if a.shape == b.shape == keep.shape and a.dtype == b.dtype and a.dtype.is_floating_point:
         return _Select.apply(keep, a, b)
     return torch.where(keep, a, b)

@@ -246,7 +246,7 @@ def _optimize(cfg: ReconConfig, layers: list[QuantLayer], quantizers: list[Unifo
                 idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
                 xq, xf = q_in[idx], fp_in[idx]
                 if cfg.input_quant_prob < 1:
-                    xq = torch.where(keep_mask(xq.shape, cfg.input_quant_prob, gen), xq, xf)
+                    xq = select(keep_mask(xq.shape, cfg.input_quant_prob, gen), xq, xf)
                 out = forward(xq, xf)
                 rec = _rec_loss(out, target[idx])
                 loss = cfg.rec_weight * rec
