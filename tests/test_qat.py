@@ -375,3 +375,37 @@ def test_deployed_form_keeps_a_trained_bn_factor_and_its_bias_grid(mnist_cnn):
     for r in qm.layers:
         if r.name in steps:
             assert torch.allclose(r.layer.weight_quantizer.scale.reshape(-1), steps[r.name].reshape(-1))
+
+
+@pytest.mark.parametrize("role,bits,grid,per_channel,zero_point", [
+    ("weights", 4, "midtread", True, 0.0), ("weights", 2, "midrise", True, 0.0),
+    ("activations", 4, "midtread", False, 3.0), ("activations", 2, "midtread", False, 0.0),
+])
+def test_lsq_fused_op_equals_the_autograd_chain(monkeypatch, role, bits, grid, per_channel, zero_point):
+    """The one-op LSQ fake-quant gives the chain's values and gradients (x, step, and the BN factor's step)."""
+    import lowbit.quant.functional as F
+
+    signed = role == "weights"
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=signed, per_channel=per_channel, grid=grid)
+    src = UniformQuantizer(spec)
+    src.signed = signed
+    channels = 6
+    scale = torch.linspace(0.05, 0.2, channels) if per_channel else torch.tensor(0.1)
+    src.set_params(scale, torch.full_like(scale, zero_point))
+    torch.manual_seed(0)
+    x0 = torch.randn(channels, 4, 3, 3) * 0.3 if role == "weights" else torch.rand(5, channels, 4, 4) * 2 - 0.3
+    x0[0, 0, 0, 0] = 0.25  # values on the boundaries of a code and of the range
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(F, "lsq_fake_quantize", lambda *a, **k: None)
+        q = make_trainable(src, "lsq", role)
+        x = x0.clone().requires_grad_(True)
+        w = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        (q(x) * w).sum().backward()
+        runs.append((q(x0).detach(), x.grad, q.scale.grad))
+    (out_f, gx_f, gs_f), (out_c, gx_c, gs_c) = runs
+    assert torch.equal(out_f, out_c)
+    assert torch.equal(gx_f == 0, gx_c == 0)  # the same elements clipped
+    assert torch.allclose(gx_f, gx_c, rtol=1e-6, atol=0)  # the chain's w·s/s rounds; the op passes w
+    assert torch.allclose(gs_f, gs_c, rtol=1e-5, atol=1e-7)

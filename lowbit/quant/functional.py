@@ -68,13 +68,24 @@ class _FakeQuantSTE(torch.autograd.Function):
     d out/dx = 1 inside the grid (bounds inclusive, like ``clamp``), 0 outside;
     d out/ds = (q − z + o) − u inside, (q − z + o) outside, with u = x/s, q the clamped
     code and o = ½ on a mid-rise grid (LSQ's step gradient, without its scale factor).
+    "Inside" is decided on the rounded code, or with ``clip_value`` on the mid-tread value
+    u + z before rounding (LSQ's eq. 3, the chain ``round_ste(clamp(u + z))``); the forward
+    is the same either way, since rounding commutes with clamping to integer bounds.
     """
 
     @staticmethod
-    def forward(ctx, x, s, z, qmin, qmax, midrise):  # noqa: ANN001, ANN205
+    def forward(ctx, x, s, z, qmin, qmax, midrise, clip_value=False):  # noqa: ANN001, ANN205
         u = torch.div(x, s)
-        q = torch.floor(u) if midrise else torch.round(u).add_(z)
-        inside = (q >= qmin).logical_and_(q <= qmax)
+        if midrise:
+            q = torch.floor(u)
+            inside = (q >= qmin).logical_and_(q <= qmax)
+        elif clip_value:
+            q = u + z
+            inside = (q >= qmin).logical_and_(q <= qmax)
+            q.round_()
+        else:
+            q = torch.round(u).add_(z)
+            inside = (q >= qmin).logical_and_(q <= qmax)
         q.clamp_(qmin, qmax)
         q.add_(0.5) if midrise else q.sub_(z)
         out = q * s
@@ -99,7 +110,17 @@ class _FakeQuantSTE(torch.autograd.Function):
                 gs = d.sum()
             else:
                 gs = d.sum([i for i, n in enumerate(shape) if n == 1], keepdim=True)
-        return gx, gs, None, None, None, None
+        return gx, gs, None, None, None, None, None
+
+
+def lsq_fake_quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
+                      midrise: bool) -> torch.Tensor | None:
+    """LSQ's fake-quant as one op, with s and z already broadcast: mid-tread clips on x/s + z before
+    rounding (LSQ eq. 3), mid-rise on the floored code. None where the fused op does not apply (a
+    zero point that learns, or dtypes that differ): the caller runs its autograd chain instead."""
+    if _needs_grad(z) or x.dtype != s.dtype or not torch.is_grad_enabled():
+        return None
+    return _FakeQuantSTE.apply(x, s, z, qmin, qmax, midrise, True)
 
 
 def fake_quantize_broadcast(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
