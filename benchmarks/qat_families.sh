@@ -32,3 +32,13 @@ run w2a2-lqnet lsq-acts activations.quantizer=lsq+  # LQ-Nets weights, LSQ+ acti
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
 run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K
 run w1a1-bireal ""  # Bi-Real Net: a real-valued shortcut around every conv, ApproxSign gradient
+# the rest of the table: INQ at 3 bits, LQ-Nets W3A3, k-means at 2 and 4 bits, Hessian-weighted k-means fine-tuned
+run w5a32-inq w3 weights.bits=3  # 5 levels {0, ±2^n}
+run w3a3-lqnet ""
+run w3a32-kmeans w2 weights.bits=2
+run w3a32-kmeans-hessian w2 weights.bits=2
+run w3a32-kmeans w4 weights.bits=4
+run w3a32-kmeans-hessian w4 weights.bits=4
+run w3a32-kmeans-ft w2 weights.bits=2 set:quantizer_lr=1e-5
+run w3a32-kmeans-ft w4 weights.bits=4 set:quantizer_lr=1e-5
+run w3a32-kmeans-ft hessian 'steps=[calibrate, {kmeans: {hessian: fisher}}, {qat: {}}]' set:quantizer_lr=1e-5

@@ -122,6 +122,17 @@ def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     info = zoo.model_info(args.model)
     if args.weights:
         model = zoo.load_weights(zoo.build(args.model), args.weights)
+    elif zoo.ARCHITECTURES[args.model].weights is None:
+        # no published release (LeNet-5, the small CNNs): the float baseline lowbit trains once and caches
+        from lowbit.zoo.trained_here import DEFAULT_EPOCHS
+
+        path = zoo.trained_here_path(args.model)
+        if not path.is_file():
+            print(f"{args.model} has no published weights: training its float baseline on {info.dataset} "
+                  f"({DEFAULT_EPOCHS} epochs, cached as {path}); --weights uses your own",
+                  file=sys.stderr)
+        model = zoo.trained_here(args.model, args.data_dir, progress=not args.no_progress,
+                                 download=not args.no_download)
     else:
         model = zoo.pretrained(args.model, models_dir=args.models_dir, download=not args.no_download)
     return model.eval(), args.dataset or info.dataset

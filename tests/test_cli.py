@@ -97,3 +97,20 @@ def test_bench_times_every_engine_in_both_runtimes(tmp_path, capsys, data_dir, m
     assert by[("float", "ort")]["b64_vs_float_ort"] == 1.0 and by[("float", "openvino")]["b64_vs_float_openvino"] == 1.0
     assert abs(by[("lowbit w8a8", "ort")]["top1"] - by[("float", "ort")]["top1"]) <= 3.0
     assert by[("lowbit w8a8", "ort")]["file_kb"] < by[("float", "ort")]["file_kb"] / 3
+
+
+def test_a_model_without_published_weights_uses_the_float_baseline_trained_here(tmp_path, capsys, data_dir,
+                                                                               monkeypatch):
+    import torch
+
+    from lowbit.zoo import build, save_weights, trained_here_path
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    save_weights(build("small_cnn_fashion"), trained_here_path("small_cnn_fashion"))  # as if trained before
+    assert str(trained_here_path("small_cnn_fashion")).startswith(str(tmp_path))
+    assert main(["quantize", "--model", "small_cnn_fashion", "--recipe", "w8a8", "--test-limit", "100",
+                 "--data-dir", str(data_dir), "--no-progress", "--no-download"]) == 0
+    captured = capsys.readouterr()
+    assert "small_cnn_fashion on fashion-mnist" in captured.out
+    assert "training its float baseline" not in captured.err  # the cached baseline, not a new one
