@@ -47,9 +47,11 @@ def main() -> None:
         ("ResNet-20 weight quantizers (qat_resnet20_weights.json)", weight_quantizers("qat_resnet20_weights.json")),
         ("LeNet-5 weight quantizers (qat_lenet5.json)", weight_quantizers("qat_lenet5.json")),
         ("LeNet-5 families (qat_families_lenet5.json)", families("qat_families_lenet5.json")),
+        ("Fashion-MNIST small CNN families (qat_families_fashion.json)", families("qat_families_fashion.json")),
         ("ResNet-20 k-means (kmeans_resnet20.json)", families("kmeans_resnet20.json")),
         ("LeNet-5 WRPN (qat_lenet5_wrpn.json)", families("qat_lenet5_wrpn.json")),
         ("ResNet-20 QAT (qat_resnet20.json)", families("qat_resnet20.json")),
+        ("ResNet-20 QAT, distillation off (qat_resnet20_kd.json)", families("qat_resnet20_kd.json")),
     ):
         print(f"### {title}\n\n{text}\n")
 

@@ -409,3 +409,24 @@ def test_lsq_fused_op_equals_the_autograd_chain(monkeypatch, role, bits, grid, p
     assert torch.equal(gx_f == 0, gx_c == 0)  # the same elements clipped
     assert torch.allclose(gx_f, gx_c, rtol=1e-6, atol=0)  # the chain's w·s/s rounds; the op passes w
     assert torch.allclose(gs_f, gs_c, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_grad_norm_bounds_each_step(mnist_cnn, mnist_train, monkeypatch):
+    """With clip_grad_norm set, the optimizer sees a gradient of at most that norm (and the unclipped one otherwise)."""
+    model, calib, _ = mnist_cnn
+    norms = {}
+    original = torch.optim.SGD.step
+
+    def spy(self, *a, **k):  # noqa: ANN001, ANN202
+        grads = [p.grad.detach().flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.setdefault(self.defaults["lr"], []).append(float(torch.cat(grads).norm()))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    for lr, clip in ((0.01, 0.0), (0.02, 0.05)):  # the lr tells the two runs apart in `norms`
+        lowbit.quantize(model, _qat_recipe(epochs=1, steps_per_epoch=4, lr=lr, clip_grad_norm=clip),
+                        calib=calib, train=mnist_train, progress=False)
+    assert max(norms[0.01]) > 0.05  # the unclipped W2A2 gradient is larger than the cap
+    assert max(norms[0.02]) <= 0.05 * (1 + 1e-4)
+    with pytest.raises(RecipeError, match="clip_grad_norm"):
+        lowbit.load_recipe(_qat_recipe(clip_grad_norm=-1))

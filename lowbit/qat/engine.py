@@ -55,6 +55,7 @@ class QATConfig:
     seed: int = 0
     checkpoint: str = ""
     steps_per_epoch: int = 0           # 0: the whole training set each epoch
+    clip_grad_norm: float = 0.0        # > 0: rescale each step's gradient to at most this global L2 norm
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "QATConfig":
@@ -280,7 +281,9 @@ def train_qat(
     ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
     # "weight_step": a learned weight step is the step of the pre-BN weight (see
     # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
-    fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items() if k != "checkpoint"},
+    # (clip_grad_norm joins the fingerprint only when set, so checkpoints written before it existed still resume)
+    fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items()
+                                                    if k != "checkpoint" and not (k == "clip_grad_norm" and not v)},
                    "weight_step": "pre-bn"}
     state = TrainingState()
     if ckpt_dir is not None:
@@ -331,6 +334,9 @@ def train_qat(
                                          "(or quantizer_lr)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                   cfg.clip_grad_norm)
                 opt.step()
                 check_bn_statistics(batchnorms, epoch, i)
                 for layer in constrained:

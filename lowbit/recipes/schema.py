@@ -139,6 +139,7 @@ def _qat_schema() -> list[Param]:
         ("seed", "int", {"low": 0}, "data order, augmentation and the validation split"),
         ("checkpoint", "path", {}, "folder written after every epoch; a rerun continues from it"),
         ("steps_per_epoch", "int", {"low": 0}, "cap on steps per epoch (0: the whole training set)"),
+        ("clip_grad_norm", "float", {"low": 0}, "rescale each step's gradient to at most this L2 norm (0: off)"),
     ]
     defaults = QATConfig()
     return [Param(name, kind, getattr(defaults, name), doc=doc, **ranges) for name, kind, ranges, doc in declared]
