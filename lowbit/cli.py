@@ -417,6 +417,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(format_table(explain(args.explain)) if explain(args.explain) else "  (none)")
         return 0
     print(format_table(rows))
+    from lowbit.recipes.compose import grammar_help
+
+    print("\n" + grammar_help())
     if args.show:
         import yaml
         print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False))

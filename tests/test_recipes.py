@@ -85,3 +85,53 @@ def test_builtins_use_the_integer_runtime_layout():
         load_recipe("w8a8").to_dict() | {"description": ""}
     with pytest.raises(RecipeError, match="add_bits"):
         load_recipe({"add_bits": 9})
+
+
+def test_composed_names_build_recipes_from_bits_and_words():
+    r = load_recipe("w3a3+adaquant")
+    assert (r.weights.spec.bits, r.activations.spec.bits) == (3, 3)
+    assert [s for s, _ in r.steps] == ["calibrate", "adaquant"]
+    assert [s for s, _ in load_recipe("w4a4+gptq+bias_correction").steps] == ["calibrate", "gptq", "bias_correction"]
+    plain = load_recipe("w5a5")  # no words: the plain built-ins' steps and layout
+    assert plain.steps == load_recipe("w4a4").steps and plain.weights.spec.bits == 5
+    assert plain.first_last_bits == 8 and plain.weights.spec.per_channel
+    qat = load_recipe("w2a2+lsq+kd")
+    assert (qat.weights.quantizer, qat.activations.quantizer, qat.weights.spec.grid) == ("lsq", "lsq+", "midrise")
+    assert qat.steps[-1] == ("qat", {"kd": {"temperature": 4.0, "weight": 0.5}})
+    ternary = load_recipe("w2a32+twn")
+    assert (ternary.weights.quantizer, ternary.weights.spec.grid) == ("twn", "midtread")
+    assert ternary.to_dict()["overrides"][0]["a_bits"] == 32  # float activations everywhere
+    assert not load_recipe("w4a4").description.startswith("composed")  # a built-in of the same name wins
+    assert load_recipe("w4a32").description.startswith("composed")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("w9a4", "weight bits must be 1-8"),
+    ("w4a1", "w1a1-bnn"),
+    ("w4a4+foo", "unknown word 'foo'; known: adaquant"),
+    ("w4a4+kd", "'kd' distils a training step"),
+    ("w4a4+lsq+pact", "one training word only"),
+    ("w4a4+gptq+gptq", "written twice"),
+    ("w2a32+xnor", "recipe 'w2a32\\+xnor': weights.quantizer 'xnor' needs weights: {bits: 1"),
+])
+def test_composed_name_errors_say_what_is_wrong(name, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(name)
+
+
+def test_a_composed_recipe_quantizes_at_its_bits(mnist_cnn):
+    import lowbit
+
+    model, calib, test = mnist_cnn
+    qm = lowbit.quantize(model, "w5a6+bias_correction", calib=calib, progress=False)
+    inner = [r for r in qm.layers if r.w_bits != 8]
+    assert inner and all(r.w_bits == 5 for r in inner)
+    assert qm.meta["recipe"]["name"] == "w5a6+bias_correction"
+
+
+def test_recipes_command_explains_the_grammar(capsys):
+    from lowbit.cli import main
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "w{W}a{A}[+word...]" in out and "adaquant" in out and "kd" in out

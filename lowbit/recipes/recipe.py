@@ -310,6 +310,15 @@ def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
             data = yaml.safe_load((resources.files("lowbit.recipes") / "builtin" / f"{text}.yaml").read_text())
             data.setdefault("name", text)
             return Recipe.from_dict(data)
+        from lowbit.recipes.compose import compose, is_composed
+
+        if is_composed(text):  # w{W}a{A}[+word...]: bit widths and method words (lowbit.recipes.compose)
+            try:
+                return Recipe.from_dict(compose(text, builtin_names()))
+            except RecipeError as err:
+                if str(err).startswith(f"recipe {text!r}"):
+                    raise
+                raise RecipeError(f"recipe {text!r}: {err}") from None
         path = Path(text)
         if path.suffix in (".yaml", ".yml", ".toml"):
             if path.is_dir():
@@ -327,5 +336,6 @@ def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
                 return Recipe.from_dict(data)
             finally:
                 _LOADING.pop()
-        raise RecipeError(f"unknown recipe {text!r}: not a built-in ({', '.join(builtin_names())}) nor a .yaml/.toml path")
+        raise RecipeError(f"unknown recipe {text!r}: not a built-in ({', '.join(builtin_names())}), a composed name "
+                          "(w{W}a{A}[+word...], see `lowbit recipes`) nor a .yaml/.toml path")
     raise RecipeError(f"a recipe is a name, a path or a dict, not {type(recipe).__name__}")
