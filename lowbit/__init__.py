@@ -9,7 +9,8 @@ from lowbit.ptq.calibrate import calibrate
 from lowbit.qat.engine import train_qat
 from lowbit.quant.spec import QuantSpec
 from lowbit.recipes.recipe import Recipe, builtin_names, load_recipe
+from lowbit.report.analyzer import analyze
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "train_qat", "evaluate", "prepare", "save", "load", "calibrate", "QuantModel", "QuantSpec", "Recipe",
-           "load_recipe", "builtin_names", "LowbitError", "export_onnx", "OnnxModel", "__version__"]
+           "load_recipe", "builtin_names", "analyze", "LowbitError", "export_onnx", "OnnxModel", "__version__"]

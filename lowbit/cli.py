@@ -262,6 +262,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def analysis_subset(train: Any, calibration: dict[str, Any], n: int) -> Any:
+    """``n`` seeded training-split samples disjoint from the recipe's calibration images."""
+    from torch.utils.data import Subset
+
+    from lowbit.data import calibration_subset
+
+    used = set(calibration_subset(train, calibration["samples"], calibration["seed"]).indices)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(calibration["seed"] + 1))
+    free = [i for i in order.tolist() if i not in used]
+    if n > len(free):
+        raise LowbitError(f"--samples {n}: only {len(free)} training images are left beside the calibration set")
+    return Subset(train, sorted(free[:n]))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from lowbit.api import quantize
+    from lowbit.data import make_loader
+    from lowbit.evaluation import calibration_batches
+    from lowbit.recipes.recipe import load_recipe
+    from lowbit.report.analyzer import analyze
+
+    model, dataset = _load_model(args)
+    train, _ = _datasets(args, dataset)
+    recipe = load_recipe(_recipes(args)[0])
+    calib = None if recipe.data_free else calibration_batches(train, recipe)
+    qm = quantize(model, recipe, calib=calib, progress=not args.no_progress)
+    subset = analysis_subset(train, recipe.calibration, args.samples)
+    out = analyze(qm, make_loader(subset, 250), progress=not args.no_progress)
+    rows = [r.row() for r in out["layers"]]
+    print(f"{args.model} {recipe.name} on {out['images']} training-split images (not the calibration ones): "
+          f"float {out['float_top1']:.2f}%, quantized {out['quantized_top1']:.2f}%; layers, most harmful first")
+    payload = {"model": args.model, "recipe": recipe.name, **out, "layers": rows}
+    _emit(args, payload, rows)
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """Search a plan (bits per layer) for a size target; optionally score it on the test split."""
     from lowbit.mixed.search import search_subsets
@@ -482,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--lowbit", type=output_file, help="also save the bit-packed artifact here")
     x.add_argument("--plan", type=existing_file, help="mixed-precision plan JSON (from `lowbit search`) applied to the recipe")
     x.set_defaults(func=cmd_export)
+    a = sub.add_parser("analyze", help="per-layer sensitivity: weight/output SQNR, top-1 with only this layer "
+                                       "quantized and with only this layer float; ranked")
+    _add_common(a)
+    a.add_argument("--recipe", default="w4a4")
+    a.add_argument("--samples", type=positive_int, default=2000,
+                   help="training-split images to score on, disjoint from the calibration set (default 2000)")
+    a.add_argument("--plan", type=existing_file, help="mixed-precision plan JSON applied to the recipe")
+    a.set_defaults(func=cmd_analyze)
     b = sub.add_parser("bench", help="PyTorch/ORT float vs lowbit int8 ONNX vs ORT quantize_static: speed and accuracy")
     _add_common(b)
     b.add_argument("--recipe", default="w8a8", help="comma-separated recipes to compare")
