@@ -114,6 +114,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
+    _add_registry(p)
+    p.add_argument("--no-registry", action="store_true", help="do not record this run in the run registry")
+
+
+def _add_registry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", type=Path,
+                   help="run registry SQLite file (else $LOWBIT_REGISTRY, else <cache dir>/runs.sqlite3)")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
@@ -135,21 +142,43 @@ def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
                                  download=not args.no_download)
     else:
         model = zoo.pretrained(args.model, models_dir=args.models_dir, download=not args.no_download)
+    _record(args, model_fingerprint=_model_fingerprint(model), dataset=args.dataset or info.dataset)
     return model.eval(), args.dataset or info.dataset
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (16 hex) over the state dict's names and bytes: the same weights, the same print."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _record(args: argparse.Namespace, **fields: Any) -> None:
+    """Add fields to this command's row in the run registry (no-op when it is not recorded)."""
+    run = getattr(args, "_run", None)
+    if run is not None:
+        run[0].update(run[1], **fields)
 
 
 def _datasets(args: argparse.Namespace, dataset: str):
     from lowbit.data import load_dataset
 
     download = not getattr(args, "no_download", False)
-    return (load_dataset(dataset, "train", data_dir=args.data_dir, download=download),
-            load_dataset(dataset, "test", data_dir=args.data_dir, download=download))
+    train = load_dataset(dataset, "train", data_dir=args.data_dir, download=download)
+    test = load_dataset(dataset, "test", data_dir=args.data_dir, download=download)
+    _record(args, data_fingerprint=f"{dataset}:train={len(train)}:test={len(test)}")
+    return train, test
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     from lowbit.report.tables import format_table
 
     print(format_table(rows))
+    _record(args, metrics=payload)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2, default=str))
@@ -462,6 +491,46 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    import datetime
+
+    from lowbit.registry import Registry, headline
+    from lowbit.report.tables import format_table
+
+    if args.registry is not None and not args.registry.exists():
+        raise LowbitError(f"no run registry at {args.registry}")
+    reg = Registry(args.registry)
+    try:
+        def when(t: float | None) -> str:
+            return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+        if args.action == "list":
+            rows = [{"id": r["id"], "started": when(r["started"]), "command": r["command"], "model": r["model"] or "",
+                     "recipe": r["recipe"] or "", "status": r["status"],
+                     "seconds": round(r["seconds"], 1) if r["seconds"] is not None else "",
+                     "result": headline(r["metrics"])} for r in reg.list(args.limit)]
+            print(format_table(rows) if rows else f"no runs recorded in {reg.path}")
+        elif args.action == "show":
+            if len(args.ids) != 1:
+                raise LowbitError("runs show takes one run id")
+            print(json.dumps(reg.get(args.ids[0]), indent=2, default=str))
+        else:
+            if len(args.ids) != 2:
+                raise LowbitError("runs compare takes two run ids")
+            a, b = (reg.get(i) for i in args.ids)
+            keys = ["command", "model", "recipe", "dataset", "model_fingerprint", "data_fingerprint", "status",
+                    "seconds", "versions", "artifacts"]
+            rows = [{"field": k, f"run {a['id']}": json.dumps(a[k], default=str) if isinstance(a[k], dict) else a[k],
+                     f"run {b['id']}": json.dumps(b[k], default=str) if isinstance(b[k], dict) else b[k],
+                     "same": a[k] == b[k]} for k in keys]
+            rows.append({"field": "result", f"run {a['id']}": headline(a["metrics"]),
+                         f"run {b['id']}": headline(b["metrics"]), "same": a["metrics"] == b["metrics"]})
+            print(format_table(rows))
+    finally:
+        reg.close()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from lowbit import zoo
     from lowbit.report.tables import format_table
@@ -556,17 +625,73 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show", help="print one recipe (a name or file) in full")
     r.add_argument("--explain", metavar="STEP", help="print a step's parameters: type, range, default, meaning")
     r.set_defaults(func=cmd_recipes)
+    u = sub.add_parser("runs", help="the run registry: list recent runs, show one, compare two")
+    u.add_argument("action", nargs="?", default="list", choices=("list", "show", "compare"))
+    u.add_argument("ids", nargs="*", type=positive_int, help="run id(s) for show / compare")
+    u.add_argument("--limit", type=positive_int, default=20, help="how many recent runs list shows")
+    _add_registry(u)
+    u.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
+    u.set_defaults(func=cmd_runs)
     m = sub.add_parser("models", help="list the zoo models")
     m.set_defaults(func=cmd_models)
     return parser
 
 
+RECORDED_COMMANDS = ("quantize", "eval", "train", "export", "search", "bench", "analyze")
+_ARTIFACT_ARGS = ("out", "save", "lowbit", "checkpoint", "json", "onnx")
+
+
+def _open_run(args: argparse.Namespace, argv: list[str]) -> None:
+    """Start this command's row in the run registry (status running)."""
+    if args.command not in RECORDED_COMMANDS or getattr(args, "no_registry", False):
+        return
+    from lowbit.registry import Registry
+
+    try:
+        reg = Registry(getattr(args, "registry", None))
+    except LowbitError as err:
+        if getattr(args, "registry", None) is not None:  # asked for by name: its problem is the user's error
+            raise
+        print(f"lowbit: warning: not recording this run ({err}); --no-registry silences this", file=sys.stderr)
+        return
+    recipe = getattr(args, "recipe", None)
+    args._run = (reg, reg.start(args.command, argv, model=getattr(args, "model", None),
+                                recipe=str(recipe) if recipe is not None else None))
+
+
+def _close_run(args: argparse.Namespace, status: str, error: str | None = None) -> None:
+    run = getattr(args, "_run", None)
+    if run is None:
+        return
+    reg, run_id = run
+    artifacts = {k: str(getattr(args, k)) for k in _ARTIFACT_ARGS if getattr(args, k, None)}
+    if artifacts:
+        reg.update(run_id, artifacts=artifacts)
+    reg.finish(run_id, status, error)
+    reg.close()
+    args._run = None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        _open_run(args, argv)
+        code = args.func(args)
+        _close_run(args, "done" if code == 0 else "failed", None if code == 0 else f"exit status {code}")
+        return code
+    except BaseException as err:
+        _close_run(args, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                   None if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
+        return _report_error(args, err)
+
+
+def _report_error(args: argparse.Namespace, err: BaseException) -> int:
+    """The exit status and message of a failed command (no traceback unless --debug)."""
+    try:
+        raise err
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         if isinstance(err, DataMismatchError) and getattr(args, "dataset", None):

@@ -17,6 +17,18 @@ THREADS = max(1, min(2, os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _runs_recorded_in_a_scratch_registry(tmp_path_factory):
+    """CLI tests record runs: never into the user's own registry."""
+    old = os.environ.get("LOWBIT_REGISTRY")
+    os.environ["LOWBIT_REGISTRY"] = str(tmp_path_factory.mktemp("registry") / "runs.sqlite3")
+    yield
+    if old is None:
+        os.environ.pop("LOWBIT_REGISTRY", None)
+    else:
+        os.environ["LOWBIT_REGISTRY"] = old
+
+
 @pytest.fixture(autouse=True)
 def _same_threads_for_every_test():
     """CLI tests pass --threads, which sets torch's process-wide thread count; restore it so

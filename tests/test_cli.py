@@ -28,7 +28,10 @@ def test_quantize_writes_table_and_json(tmp_path, capsys, data_dir, models_dir):
 def test_bad_input_gives_exit_code_2(capsys, data_dir, models_dir, tmp_path):
     assert main(["quantize", "--recipe", "w9a9", "--test-limit", "10", "--data-dir", str(data_dir),
                  "--models-dir", str(models_dir), "--no-progress"]) == 2
-    assert "unknown recipe 'w9a9'" in capsys.readouterr().err
+    assert "recipe 'w9a9': weight bits must be 1-8" in capsys.readouterr().err  # a composed name, bits checked
+    assert main(["quantize", "--recipe", "w4a4-fast", "--test-limit", "10", "--data-dir", str(data_dir),
+                 "--models-dir", str(models_dir), "--no-progress"]) == 2
+    assert "unknown recipe 'w4a4-fast'" in capsys.readouterr().err
     assert main(["eval", "--data-dir", str(tmp_path), "--models-dir", str(models_dir), "--no-progress",
                  "--no-download"]) == 2
     err = capsys.readouterr().err

@@ -214,7 +214,8 @@ def test_conv1d_and_linear_model():
     ({"activations": {"per_channel": True}}, "per-channel activation"),
     ({"steps": ["calibrate", "adarond"]}, "unknown step 'adarond'"),
     ({"overrides": [{"pattern": "x", "wbits": 4}]}, r"unknown key\(s\) \['wbits'\]"),
-    ("w5a5", "unknown recipe 'w5a5'"),
+    ("w5a5+adarond", "unknown word 'adarond'"),
+    ("w5a5-fast", "unknown recipe 'w5a5-fast'"),
 ])
 def test_bad_recipes_are_named(unseen, inputs, recipe, message):
     with pytest.raises(RecipeError, match=message):
