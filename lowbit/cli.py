@@ -106,6 +106,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=existing_file,
                    help="weights for the model: .safetensors/.pt (default: its pretrained release)")
     p.add_argument("--dataset", help="dataset (default: the model's own)")
+    p.add_argument("--data", help="your own data instead: imagefolder:DIR (DIR/train/<class>/*, DIR/test/<class>/*) "
+                                  "or tensors:FILE.npz (x_train, y_train, x_test, y_test)")
+    p.add_argument("--mean", type=float_list, help="per-channel mean of uint8 pixels in [0, 1] units, e.g. 0.5,0.5,0.5")
+    p.add_argument("--std", type=float_list, help="per-channel std, same units (default 1)")
     p.add_argument("--data-dir", help="directory holding the dataset (else $LOWBIT_DATA_DIR, the cache, or download)")
     p.add_argument("--models-dir", help="directory holding pretrained weights (else $LOWBIT_MODELS_DIR, the cache, or download)")
     p.add_argument("--no-download", action="store_true", help="never download data or weights; fail if absent")
@@ -123,9 +127,29 @@ def _add_registry(p: argparse.ArgumentParser) -> None:
                    help="run registry SQLite file (else $LOWBIT_REGISTRY, else <cache dir>/runs.sqlite3)")
 
 
+def float_list(text: str) -> list[float]:
+    """argparse type: comma-separated numbers."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     from lowbit import zoo
 
+    if ":" in args.model:  # pkg.module:factory, the user's own architecture
+        from lowbit.data.user import load_factory
+
+        if not args.weights:
+            raise LowbitError(f"--model {args.model}: a model from a factory needs --weights (its trained weights)")
+        if not args.data:
+            raise LowbitError(f"--model {args.model}: a model from a factory needs --data (imagefolder:DIR or "
+                              "tensors:FILE.npz); the zoo's datasets belong to the zoo's models")
+        model = zoo.load_weights(load_factory(args.model), args.weights)
+        _record(args, model_fingerprint=_model_fingerprint(model), dataset=args.data)
+        args._model = model
+        return model.eval(), args.data
     info = zoo.model_info(args.model)
     if args.weights:
         model = zoo.load_weights(zoo.build(args.model), args.weights)
@@ -142,8 +166,9 @@ def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
                                  download=not args.no_download)
     else:
         model = zoo.pretrained(args.model, models_dir=args.models_dir, download=not args.no_download)
-    _record(args, model_fingerprint=_model_fingerprint(model), dataset=args.dataset or info.dataset)
-    return model.eval(), args.dataset or info.dataset
+    _record(args, model_fingerprint=_model_fingerprint(model), dataset=args.data or args.dataset or info.dataset)
+    args._model = model
+    return model.eval(), args.data or args.dataset or info.dataset
 
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
@@ -168,10 +193,31 @@ def _datasets(args: argparse.Namespace, dataset: str):
     from lowbit.data import load_dataset
 
     download = not getattr(args, "no_download", False)
-    train = load_dataset(dataset, "train", data_dir=args.data_dir, download=download)
-    test = load_dataset(dataset, "test", data_dir=args.data_dir, download=download)
+    if getattr(args, "data", None):
+        from lowbit.data.user import load_user_data
+
+        train, test = load_user_data(args.data, args.mean, args.std)
+        _check_fits(getattr(args, "_model", None), train, args.data)
+    else:
+        if getattr(args, "mean", None) or getattr(args, "std", None):
+            raise LowbitError("--mean/--std normalise your own --data; the zoo datasets carry their own")
+        train = load_dataset(dataset, "train", data_dir=args.data_dir, download=download)
+        test = load_dataset(dataset, "test", data_dir=args.data_dir, download=download)
     _record(args, data_fingerprint=f"{dataset}:train={len(train)}:test={len(test)}")
     return train, test
+
+
+def _check_fits(model: torch.nn.Module | None, train: Any, source: str) -> None:
+    """Run the model on one training sample, so a shape it refuses is named here, not deep in a step."""
+    if model is None:
+        return
+    x = train[0][0].unsqueeze(0)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as err:  # noqa: BLE001 - whatever the model raises, say what it was given
+        raise DataMismatchError(f"the model refuses the images of {source} (one is {tuple(x.shape[1:])}): "
+                                f"{type(err).__name__}: {err}") from None
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -297,9 +343,13 @@ def analysis_subset(train: Any, calibration: dict[str, Any], n: int) -> Any:
 
     from lowbit.data import calibration_subset
 
-    used = set(calibration_subset(train, calibration["samples"], calibration["seed"]).indices)
+    used = set(calibration_subset(train, min(calibration["samples"], len(train)), calibration["seed"]).indices)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(calibration["seed"] + 1))
     free = [i for i in order.tolist() if i not in used]
+    if not free:  # a small dataset the recipe calibrates on entirely
+        print(f"lowbit: note: every training image calibrates the recipe; scoring on {min(n, len(train))} of them",
+              file=sys.stderr)
+        return Subset(train, sorted(order.tolist()[:n]))
     if n > len(free):
         raise LowbitError(f"--samples {n}: only {len(free)} training images are left beside the calibration set")
     return Subset(train, sorted(free[:n]))

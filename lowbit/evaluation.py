@@ -5,6 +5,7 @@ caller limits it and says so), with the float model scored in the same process.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -40,7 +41,12 @@ class TensorBatches:
 def calibration_batches(train: Dataset, recipe: Recipe) -> list[torch.Tensor]:
     """The recipe's seeded calibration subset of the training split, as input batches."""
     c = recipe.calibration
-    subset = calibration_subset(train, c["samples"], c["seed"])
+    n = c["samples"]
+    if n > len(train):  # a small dataset of the user's: calibrate on all of it, and say so
+        print(f"lowbit: note: the recipe asks for {n} calibration images, the training split holds {len(train)}: "
+              "using all of them", file=sys.stderr)
+        n = len(train)
+    subset = calibration_subset(train, n, c["seed"])
     x, _ = dataset_tensors(subset)
     return list(torch.split(x, c["batch_size"]))
 

@@ -1,0 +1,157 @@
+"""A user's own data and model for the command line (issue 13 part 1).
+
+Data, ``--data KIND:PATH``:
+- ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (png, jpg, jpeg, bmp,
+  gif, webp; read with Pillow). Classes are the sub-folder names, sorted, the same in both
+  splits. Every image must have the size of the first one; grayscale folders give 1 channel,
+  anything else is converted to RGB.
+- ``tensors:FILE.npz``: arrays ``x_train, y_train, x_test, y_test`` (``x``: N×C×H×W uint8
+  pixels, or float already normalised; ``y``: integer labels).
+uint8 pixels are normalised as (x/255 − mean)/std with ``--mean``/``--std`` (default 0 and 1).
+
+Model, ``--model pkg.module:factory`` (with ``--weights``): ``factory()`` must return an
+``nn.Module``; the weights are loaded strictly into it.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from lowbit.data.dataset import ImageDataset
+from lowbit.errors import LowbitError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+KINDS = ("imagefolder", "tensors")
+
+
+def is_user_data(spec: str | None) -> bool:
+    return bool(spec) and spec.split(":", 1)[0] in KINDS and ":" in spec
+
+
+def load_user_data(spec: str, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> tuple[Dataset, Dataset]:
+    """(train, test) datasets of (normalised float CHW tensor, int label) from ``KIND:PATH``."""
+    kind, _, path = spec.partition(":")
+    if kind not in KINDS or not path:
+        raise LowbitError(f"--data {spec!r}: write imagefolder:DIR or tensors:FILE.npz")
+    if kind == "imagefolder":
+        return _image_folder(Path(path), mean, std)
+    return _npz(Path(path), mean, std)
+
+
+def _norm(channels: int, values: Sequence[float] | None, default: float, what: str) -> list[float]:
+    if values is None:
+        return [default] * channels
+    v = list(values)
+    if len(v) == 1:
+        v = v * channels
+    if len(v) != channels:
+        raise LowbitError(f"--{what} gives {len(v)} values for images with {channels} channels")
+    if what == "std" and any(x <= 0 for x in v):
+        raise LowbitError(f"--std values must be positive, got {v}")
+    return v
+
+
+def _image_folder(root: Path, mean, std) -> tuple[Dataset, Dataset]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise LowbitError(f"imagefolder {root} is not a directory")
+    splits = {}
+    classes: list[str] | None = None
+    size = mode = None
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir():
+            raise LowbitError(f"imagefolder {root} needs a {split}/ sub-folder with one folder per class")
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        if not names:
+            raise LowbitError(f"{d} holds no class folders (one sub-folder per class, images inside)")
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise LowbitError(f"{d} has classes {names}, train/ has {classes}: both splits need the same ones")
+        images, labels = [], []
+        for label, name in enumerate(names):
+            files = sorted(p for p in (d / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise LowbitError(f"{d / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            for f in files:
+                try:
+                    with Image.open(f) as im:
+                        if mode is None:
+                            mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
+                            size = im.size
+                        im = im.convert(mode)
+                        if im.size != size:
+                            raise LowbitError(f"{f} is {im.size[0]}x{im.size[1]}, the first image was "
+                                              f"{size[0]}x{size[1]}: every image must have one size")
+                        a = np.asarray(im, dtype=np.uint8)
+                except (UnidentifiedImageError, OSError) as err:
+                    raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
+                images.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+                labels.append(label)
+        splits[split] = (np.stack(images), np.asarray(labels))
+    c = splits["train"][0].shape[1]
+    m, s = _norm(c, mean, 0.0, "mean"), _norm(c, std, 1.0, "std")
+    return tuple(ImageDataset(x, y, m, s, name=f"imagefolder:{root}", split=split, classes=classes or ())  # type: ignore[return-value]
+                 for split, (x, y) in splits.items())
+
+
+def _npz(path: Path, mean, std) -> tuple[Dataset, Dataset]:
+    if not path.is_file():
+        raise LowbitError(f"tensors file {path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)  # no pickle: a file from someone else runs no code
+    except (ValueError, OSError) as err:
+        raise LowbitError(f"{path} is not a readable .npz of arrays: {err}") from None
+    need = ("x_train", "y_train", "x_test", "y_test")
+    missing = [k for k in need if k not in data.files]
+    if missing:
+        raise LowbitError(f"{path} lacks {missing}; it holds {sorted(data.files)} (need {', '.join(need)})")
+    out = []
+    for split in ("train", "test"):
+        x, y = data[f"x_{split}"], data[f"y_{split}"]
+        if x.ndim != 4 or len(x) != len(y):
+            raise LowbitError(f"{path}: x_{split} must be N×C×H×W with one label per image in y_{split}; got "
+                              f"{x.shape} and {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise LowbitError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
+        if x.dtype == np.uint8:
+            c = x.shape[1]
+            out.append(ImageDataset(x, y, _norm(c, mean, 0.0, "mean"), _norm(c, std, 1.0, "std"),
+                                    name=f"tensors:{path}", split=split))
+        elif np.issubdtype(x.dtype, np.floating):
+            if mean is not None or std is not None:
+                raise LowbitError(f"{path}: x_{split} is float (taken as already normalised); --mean/--std "
+                                  "apply to uint8 pixels only")
+            out.append(TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)))
+        else:
+            raise LowbitError(f"{path}: x_{split} must be uint8 pixels or floats, got {x.dtype}")
+    return out[0], out[1]
+
+
+def load_factory(spec: str) -> nn.Module:
+    """``pkg.module:factory`` → ``factory()``, checked to be an ``nn.Module``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise LowbitError(f"--model {spec!r}: write a zoo name or pkg.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise LowbitError(f"--model {spec!r}: cannot import {module_name!r} ({err}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise LowbitError(f"--model {spec!r}: module {module_name!r} has no {attr!r}")
+    if not callable(factory):
+        raise LowbitError(f"--model {spec!r}: {attr!r} is not callable")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise LowbitError(f"--model {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,132 @@
+"""A new user's session on a model and a folder of images that are not in the zoo:
+quantize, analyze, export, runs; and the errors that name what is wrong."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.cli import main
+from lowbit.data.user import load_factory, load_user_data
+from lowbit.errors import LowbitError
+
+MODULE = '''
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 14 * 14, 3)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+def build():
+    return TinyNet()
+
+
+NOT_A_MODEL = 3
+
+
+def not_a_module():
+    return "model"
+'''
+
+
+@pytest.fixture(scope="module")
+def user_project(tmp_path_factory, data_dir):
+    """A folder of MNIST 0/1/2 digits as PNG files, a module with the model, and trained weights."""
+    from PIL import Image
+
+    from lowbit.data import dataset_tensors, load_dataset
+    from lowbit.zoo import save_weights, train_classifier
+
+    root = tmp_path_factory.mktemp("user")
+    mnist = load_dataset("mnist", "train", data_dir=data_dir, download=False)
+    want = {"train": 60, "test": 20}
+    for split, per_class in want.items():
+        for label, name in enumerate(["zero", "one", "two"]):
+            (root / "images" / split / name).mkdir(parents=True)
+        counts = {0: 0, 1: 0, 2: 0}
+        offset = 0 if split == "train" else 30000
+        for i in range(offset, offset + 3000):
+            y = int(mnist.labels[i])
+            if y in counts and counts[y] < per_class:
+                Image.fromarray(mnist.images[i, 0].numpy()).save(root / "images" / split /
+                                                               ["zero", "one", "two"][y] / f"{i}.png")
+                counts[y] += 1
+    (root / "mynet.py").write_text(MODULE)
+    sys.path.insert(0, str(root))
+    train, _ = load_user_data(f"imagefolder:{root / 'images'}", [0.13], [0.31])
+    x, y = dataset_tensors(train)
+    torch.manual_seed(0)
+    order = torch.randperm(len(y))  # the folder reads class by class: shuffle before batching
+    x, y = x[order], y[order]
+    model = train_classifier(load_factory("mynet:build"), list(zip(torch.split(x, 30), torch.split(y, 30))),
+                             epochs=20, lr=0.02, progress=False)
+    save_weights(model, root / "mynet.safetensors")
+    yield root
+    sys.path.remove(str(root))
+
+
+def test_a_new_users_session_end_to_end(user_project, tmp_path, capsys):
+    root = user_project
+    reg = tmp_path / "runs.sqlite3"
+    own = ["--model", "mynet:build", "--weights", str(root / "mynet.safetensors"),
+           "--data", f"imagefolder:{root / 'images'}", "--mean", "0.13", "--std", "0.31",
+           "--no-progress", "--registry", str(reg)]
+    report = tmp_path / "q.json"
+    assert main(["quantize", "--recipe", "w8a8,w4a4", "--json", str(report), *own]) == 0
+    captured = capsys.readouterr()
+    assert "using all of them" in captured.err  # 180 images, fewer than the recipe's 1024
+    payload = json.loads(report.read_text())
+    assert payload["test_images"] == 60 and payload["full_test_split"]
+    assert payload["float_top1"] > 0.8  # a 3-class model trained on 180 images
+    assert abs(payload["results"][0]["drop_pt"]) < 5  # w8a8 keeps it
+    assert main(["analyze", "--recipe", "w4a4", "--samples", "60", *own]) == 0
+    captured = capsys.readouterr()
+    assert "conv" in captured.out and "every training image calibrates the recipe" in captured.err
+    onnx = tmp_path / "mynet.onnx"
+    assert main(["export", "--recipe", "w8a8", "--out", str(onnx), *own]) == 0 and onnx.exists()
+    capsys.readouterr()
+    assert main(["runs", "--registry", str(reg)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("mynet:build") == 3 and "export" in listing
+
+
+def test_user_data_and_model_errors_name_the_problem(user_project, tmp_path, capsys):
+    root = user_project
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(LowbitError, match="cat holds no images"):
+        load_user_data(f"imagefolder:{empty}")
+    with pytest.raises(LowbitError, match="needs a train/ sub-folder"):
+        load_user_data(f"imagefolder:{tmp_path}")
+    with pytest.raises(LowbitError, match="write imagefolder:DIR or tensors:FILE.npz"):
+        load_user_data("folder:x")
+    for spec, message in [("mynet:nope", "has no 'nope'"), ("nomodule_xyz:build", "cannot import 'nomodule_xyz'"),
+                          ("mynet:NOT_A_MODEL", "is not callable"), ("mynet:not_a_module", "returned str")]:
+        with pytest.raises(LowbitError, match=message):
+            load_factory(spec)
+    npz = tmp_path / "rgb.npz"  # 3-channel 32x32 images for a 1-channel 28x28 model
+    rng = np.random.default_rng(0)
+    np.savez(npz, x_train=rng.integers(0, 255, (8, 3, 32, 32), dtype=np.uint8), y_train=np.arange(8) % 3,
+             x_test=rng.integers(0, 255, (4, 3, 32, 32), dtype=np.uint8), y_test=np.arange(4) % 3)
+    common = ["--weights", str(root / "mynet.safetensors"), "--no-progress", "--no-registry"]
+    assert main(["quantize", "--model", "mynet:build", "--data", f"tensors:{npz}", *common]) == 2
+    assert "the model refuses the images of tensors:" in capsys.readouterr().err
+    assert main(["quantize", "--model", "mynet:build", *common]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((2, 1, 4, 4)))
+    with pytest.raises(LowbitError, match="lacks \\['x_train'"):
+        load_user_data(f"tensors:{bad}")
+    with pytest.raises(LowbitError, match="--std gives 2 values for images with 1 channels"):
+        load_user_data(f"imagefolder:{root / 'images'}", None, [0.3, 0.3])
