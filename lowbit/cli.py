@@ -317,10 +317,10 @@ def _eval_deployed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _quantize_first_recipe(args: argparse.Namespace) -> tuple[Any, Any, Any, list[torch.Tensor] | None]:
+    """Model and training split from the arguments, quantized with the first --recipe:
+    (QuantModel, recipe, training split, calibration batches or None for data-free recipes)."""
     from lowbit.api import quantize
-    from lowbit.deploy.artifact import save
-    from lowbit.deploy.onnx_export import export_onnx
     from lowbit.evaluation import calibration_batches
     from lowbit.recipes.recipe import load_recipe
 
@@ -328,7 +328,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     train, _ = _datasets(args, dataset)
     recipe = load_recipe(_recipes(args)[0])
     calib = None if recipe.data_free else calibration_batches(train, recipe)
-    qm = quantize(model, recipe, calib=calib, progress=not args.no_progress)
+    return quantize(model, recipe, calib=calib, progress=not args.no_progress), recipe, train, calib
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.deploy.artifact import save
+    from lowbit.deploy.onnx_export import export_onnx
+
+    qm, _, train, calib = _quantize_first_recipe(args)
     example = calib[0][:1] if calib else train[0][0].unsqueeze(0)
     out = export_onnx(qm, args.out, example)
     print(f"wrote {out} (QDQ ONNX, dynamic batch)")
@@ -356,17 +363,10 @@ def analysis_subset(train: Any, calibration: dict[str, Any], n: int) -> Any:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from lowbit.api import quantize
     from lowbit.data import make_loader
-    from lowbit.evaluation import calibration_batches
-    from lowbit.recipes.recipe import load_recipe
     from lowbit.report.analyzer import analyze
 
-    model, dataset = _load_model(args)
-    train, _ = _datasets(args, dataset)
-    recipe = load_recipe(_recipes(args)[0])
-    calib = None if recipe.data_free else calibration_batches(train, recipe)
-    qm = quantize(model, recipe, calib=calib, progress=not args.no_progress)
+    qm, recipe, train, _ = _quantize_first_recipe(args)
     subset = analysis_subset(train, recipe.calibration, args.samples)
     out = analyze(qm, make_loader(subset, 250), progress=not args.no_progress)
     rows = [r.row() for r in out["layers"]]
