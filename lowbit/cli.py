@@ -147,9 +147,17 @@ def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
             raise LowbitError(f"--model {args.model}: a model from a factory needs --data (imagefolder:DIR or "
                               "tensors:FILE.npz); the zoo's datasets belong to the zoo's models")
         model = zoo.load_weights(load_factory(args.model), args.weights)
-        _record(args, model_fingerprint=_model_fingerprint(model), dataset=args.data)
-        args._model = model
-        return model.eval(), args.data
+        dataset = args.data
+    else:
+        model, dataset = _load_zoo_model(args)
+    _record(args, model_fingerprint=_model_fingerprint(model), dataset=dataset)
+    args._model = model  # the data loader tries it on one image
+    return model.eval(), dataset
+
+
+def _load_zoo_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    from lowbit import zoo
+
     info = zoo.model_info(args.model)
     if args.weights:
         model = zoo.load_weights(zoo.build(args.model), args.weights)
@@ -166,9 +174,7 @@ def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
                                  download=not args.no_download)
     else:
         model = zoo.pretrained(args.model, models_dir=args.models_dir, download=not args.no_download)
-    _record(args, model_fingerprint=_model_fingerprint(model), dataset=args.data or args.dataset or info.dataset)
-    args._model = model
-    return model.eval(), args.data or args.dataset or info.dataset
+    return model, args.data or args.dataset or info.dataset
 
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
@@ -208,16 +214,12 @@ def _datasets(args: argparse.Namespace, dataset: str):
 
 
 def _check_fits(model: torch.nn.Module | None, train: Any, source: str) -> None:
-    """Run the model on one training sample, so a shape it refuses is named here, not deep in a step."""
-    if model is None:
-        return
-    x = train[0][0].unsqueeze(0)
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except Exception as err:  # noqa: BLE001 - whatever the model raises, say what it was given
-        raise DataMismatchError(f"the model refuses the images of {source} (one is {tuple(x.shape[1:])}): "
-                                f"{type(err).__name__}: {err}") from None
+    """Run the model on one training sample, so a shape it refuses is named here (with the data's
+    source and the layer that refused it), not deep in a step."""
+    if model is not None:
+        from lowbit.checks import probe_forward
+
+        probe_forward(model, train[0][0].unsqueeze(0), f"the model refuses the images of {source}: the first")
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -349,8 +351,9 @@ def analysis_subset(train: Any, calibration: dict[str, Any], n: int) -> Any:
     from torch.utils.data import Subset
 
     from lowbit.data import calibration_subset
+    from lowbit.evaluation import calibration_size
 
-    used = set(calibration_subset(train, min(calibration["samples"], len(train)), calibration["seed"]).indices)
+    used = set(calibration_subset(train, calibration_size(train, calibration), calibration["seed"]).indices)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(calibration["seed"] + 1))
     free = [i for i in order.tolist() if i not in used]
     if not free:  # a small dataset the recipe calibrates on entirely

@@ -38,14 +38,18 @@ class TensorBatches:
             yield dataset_tensors(self.dataset, self.indices[s : s + self.batch_size])
 
 
+def calibration_size(train: Dataset, calibration: dict[str, Any]) -> int:
+    """How many images calibrate: the recipe's count, or the whole training split when it holds fewer."""
+    return min(calibration["samples"], len(train))  # type: ignore[arg-type]
+
+
 def calibration_batches(train: Dataset, recipe: Recipe) -> list[torch.Tensor]:
     """The recipe's seeded calibration subset of the training split, as input batches."""
     c = recipe.calibration
-    n = c["samples"]
-    if n > len(train):  # a small dataset of the user's: calibrate on all of it, and say so
-        print(f"lowbit: note: the recipe asks for {n} calibration images, the training split holds {len(train)}: "
-              "using all of them", file=sys.stderr)
-        n = len(train)
+    n = calibration_size(train, c)
+    if n < c["samples"]:  # a small dataset of the user's: calibrate on all of it, and say so
+        print(f"lowbit: note: the recipe asks for {c['samples']} calibration images, the training split holds "
+              f"{len(train)}: using all of them", file=sys.stderr)
     subset = calibration_subset(train, n, c["seed"])
     x, _ = dataset_tensors(subset)
     return list(torch.split(x, c["batch_size"]))

@@ -30,10 +30,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("imagefolder", "tensors")
 
 
-def is_user_data(spec: str | None) -> bool:
-    return bool(spec) and spec.split(":", 1)[0] in KINDS and ":" in spec
-
-
 def load_user_data(spec: str, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None) -> tuple[Dataset, Dataset]:
     """(train, test) datasets of (normalised float CHW tensor, int label) from ``KIND:PATH``."""

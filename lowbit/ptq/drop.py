@@ -11,6 +11,8 @@ per quantized activation tensor, so the mask and the select are a large share of
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowbit.quant.functional import float_mask
@@ -20,9 +22,7 @@ _LEVELS = 1 << 16
 
 def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, gen: torch.Generator) -> torch.Tensor:
     """Bool tensor of ``shape``, each element True with probability ``keep_prob`` (to 1/65536)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(shape)
     threshold = round(keep_prob * _LEVELS)  # keep iff a uniform 16-bit draw is among the `threshold` smallest
     if threshold >= _LEVELS:
         return torch.ones(shape, dtype=torch.bool)

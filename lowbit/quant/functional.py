@@ -76,16 +76,11 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax, midrise, clip_value=False):  # noqa: ANN001, ANN205
         u = torch.div(x, s)
-        if midrise:
-            q = torch.floor(u)
-            inside = (q >= qmin).logical_and_(q <= qmax)
-        elif clip_value:
-            q = u + z
-            inside = (q >= qmin).logical_and_(q <= qmax)
+        value_clip = clip_value and not midrise  # "inside" decided before rounding
+        q = torch.floor(u) if midrise else (u + z if value_clip else torch.round(u).add_(z))
+        inside = (q >= qmin).logical_and_(q <= qmax)
+        if value_clip:
             q.round_()
-        else:
-            q = torch.round(u).add_(z)
-            inside = (q >= qmin).logical_and_(q <= qmax)
         q.clamp_(qmin, qmax)
         q.add_(0.5) if midrise else q.sub_(z)
         out = q * s
@@ -118,7 +113,7 @@ def lsq_fake_quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: i
     """LSQ's fake-quant as one op, with s and z already broadcast: mid-tread clips on x/s + z before
     rounding (LSQ eq. 3), mid-rise on the floored code. None where the fused op does not apply (a
     zero point that learns, or dtypes that differ): the caller runs its autograd chain instead."""
-    if _needs_grad(z) or x.dtype != s.dtype or not torch.is_grad_enabled():
+    if _needs_grad(z) or x.dtype != s.dtype:
         return None
     return _FakeQuantSTE.apply(x, s, z, qmin, qmax, midrise, True)
 

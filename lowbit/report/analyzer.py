@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
+from lowbit.api import evaluate
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel
 
@@ -67,15 +68,6 @@ def _batches(data: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-@torch.no_grad()
-def _top1(qm: QuantModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    correct = total = 0
-    for x, y in batches:
-        correct += int((qm(x).argmax(1) == y).sum())
-        total += len(y)
-    return correct / total
-
-
 @contextlib.contextmanager
 def _only(qm: QuantModel, record: Any, on: bool) -> Iterator[None]:
     """``on``: only this layer quantized, every other layer the original float one; else: this
@@ -104,10 +96,11 @@ def _only(qm: QuantModel, record: Any, on: bool) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _layer_outputs(qm: QuantModel, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+def _layer_outputs(qm: QuantModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every layer's output on ``x``, by layer name."""
     outputs: dict[str, torch.Tensor] = {}
     handles = [r.layer.register_forward_hook(lambda _m, _i, out, n=r.name: outputs.__setitem__(n, out.detach()))
-               for r in qm.layers if r.name in names]
+               for r in qm.layers]
     try:
         qm(x)
     finally:
@@ -126,10 +119,10 @@ def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[
     qm.eval()
     try:
         with qm.float_reference():
-            float_top1 = _top1(qm, batches)
-            float_out = _layer_outputs(qm, batches[0][0], [r.name for r in qm.layers])
-        quant_top1 = _top1(qm, batches)
-        quant_out = _layer_outputs(qm, batches[0][0], [r.name for r in qm.layers])
+            float_top1 = evaluate(qm, batches)
+            float_out = _layer_outputs(qm, batches[0][0])
+        quant_top1 = evaluate(qm, batches)
+        quant_out = _layer_outputs(qm, batches[0][0])
         readers: dict[int, list[str]] = {}
         for r in qm.layers:
             if r.input_quantizer is not None and r.input_quantizer.enabled:
@@ -142,9 +135,9 @@ def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[
                 w = r.layer.weight
                 w_sqnr = sqnr_db(w, r.layer.quantized_weight()) if r.layer.quantize_weight else math.inf
             with _only(qm, r, on=True):
-                alone = _top1(qm, batches)
+                alone = evaluate(qm, batches)
             with _only(qm, r, on=False):
-                but = _top1(qm, batches)
+                but = evaluate(qm, batches)
             sharers = readers.get(id(r.input_quantizer), []) if r.input_quantizer is not None else []
             rows.append(LayerSensitivity(
                 name=r.name, quantizer=getattr(r.layer.weight_quantizer, "kind", "uniform"),
