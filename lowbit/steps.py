@@ -52,7 +52,7 @@ def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
 
 
 def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
-                     source: str = "outputs", samples: int = 512) -> None:
+                     source: str = "outputs", samples: int = 1024) -> None:
     from lowbit.ptq.bias_correction import correct_bias
 
     correct_bias(qm, batches, progress=progress, source=source, samples=samples)

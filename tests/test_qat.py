@@ -325,22 +325,26 @@ def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():
         check_bn_statistics(trained_batchnorms(net), 3, 17)
 
 
-def _trained_form_w2a2(model, calib):
+def _trained_form_w2a2(model, calib, weight_kind="lsq"):
     from lowbit.qat.convert import to_training_form
 
-    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": {"bits": 2}, "activations": {"bits": 2}},
+    weights = {"bits": 1, "grid": "midrise"} if weight_kind == "binaryconnect" else {"bits": 2}
+    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": weights, "activations": {"bits": 2}},
                          calib=calib, progress=False)
-    to_training_form(qm, "lsq", "lsq+", batches=[calib])
+    to_training_form(qm, weight_kind, "lsq+", batches=[calib])
     return qm
 
 
-def test_learned_weight_step_follows_the_bn_factor_so_running_variance_ignores_gamma(mnist_cnn):
-    """The running variance estimates var(conv(x, Q(W))) before BN; with a learned step that
-    did not scale with γ/σ it depended on γ (a feedback loop that ran to inf at ResNet-20 W2A2)."""
+@pytest.mark.parametrize("weight_kind", ["lsq", "uniform", "binaryconnect"])
+def test_weight_step_follows_the_bn_factor_so_running_variance_ignores_gamma(mnist_cnn, weight_kind):
+    """The running variance estimates var(conv(x, Q(W))) before BN; with a weight step that
+    did not scale with γ/σ it depended on γ (a feedback loop that ran to inf at ResNet-20 W2A2
+    with learned steps, with the fixed min-max grid at 1 and 2 bits and with BinaryConnect's
+    calibrated level)."""
     model, calib, _ = mnist_cnn
     runs = []
     for gamma_scale in (1.0, 0.2):
-        qm = _trained_form_w2a2(model, calib)
+        qm = _trained_form_w2a2(model, calib, weight_kind)
         layer = qm.layers[1].layer
         assert layer.bn_factor_follows()
         with torch.no_grad():
@@ -354,11 +358,12 @@ def test_learned_weight_step_follows_the_bn_factor_so_running_variance_ignores_g
     assert torch.allclose(runs[0], runs[1], rtol=1e-4)
 
 
-def test_deployed_form_keeps_a_trained_bn_factor_and_its_bias_grid(mnist_cnn):
+@pytest.mark.parametrize("weight_kind", ["lsq", "uniform", "binaryconnect"])
+def test_deployed_form_keeps_a_trained_bn_factor_and_its_bias_grid(mnist_cnn, weight_kind):
     from lowbit.qat.convert import to_deployed_form
 
     model, calib, test = mnist_cnn
-    qm = _trained_form_w2a2(model, calib)
+    qm = _trained_form_w2a2(model, calib, weight_kind)
     torch.manual_seed(3)
     with torch.no_grad():  # a BN whose factor γ/σ is far from 1, some channels negative
         for r in qm.layers:

@@ -17,6 +17,8 @@ corrected by a forward hook before its output moves on (so later layers see the 
 ones), plus one float pass for the outputs' targets: 3-4 network passes in all, where a
 unit-by-unit walk re-ran every unit once per layer. That pass holds one batch of `samples`
 images in memory at once (the mean must be over all of them before the output moves on).
+The default takes the whole default calibration set: on ResNet-20 W4A4 after GPTQ, 512 of
+the 1,024 images gave 90.54 and all of them 90.84.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _float_output_means(qm, layers: list[QuantLayer], x: torch.Tensor) -> dict[s
 
 @torch.no_grad()
 def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source: str = "outputs",
-                 samples: int = 512) -> dict[str, float]:
+                 samples: int = 1024) -> dict[str, float]:
     """Returns the mean absolute correction per layer (for the report)."""
     if source not in SOURCES:
         raise LowbitError(f"bias correction: source must be one of {', '.join(SOURCES)}, not {source!r}")

@@ -16,7 +16,7 @@ from lowbit.quant.learned.dorefa import DoReFaWeightQuantizer
 from lowbit.quant.learned.hwgq import HWGQQuantizer
 from lowbit.quant.learned.inq import INQQuantizer
 from lowbit.quant.learned.lqnet import LQNetQuantizer
-from lowbit.quant.learned.lsq import LSQPlusQuantizer, LSQQuantizer
+from lowbit.quant.learned.lsq import FixedGridWeightQuantizer, LSQPlusQuantizer, LSQQuantizer
 from lowbit.quant.learned.pact import PACTQuantizer
 from lowbit.quant.learned.ternary import TWNQuantizer
 from lowbit.quant.learned.ul2q import MuL2QQuantizer
@@ -87,11 +87,11 @@ def spec_for_kind(kind: str | None, spec: Any) -> Any:
 def make_trainable(source: UniformQuantizer, kind: str, role: str, weight: Any = None,
                    **options: Any) -> UniformQuantizer:
     """The quantizer of ``kind`` that starts where ``source`` (calibrated) is; "uniform"
-    keeps ``source`` itself (a fixed grid, e.g. float-range STE training). Kinds that start
+    keeps ``source``'s grid fixed (e.g. min-max STE training). Kinds that start
     from the weight itself (k-means assignments, TTQ's scales) get it as ``weight``."""
     check_kind(kind, role)
-    if kind == "uniform":
-        return source
+    if kind == "uniform":  # a fixed grid: activations keep it as it is; weights follow their BN (see the class)
+        return FixedGridWeightQuantizer(source, role) if role == "weights" else source
     cls = TRAINABLE[kind]
     if getattr(cls, "needs_weight", False):
         if weight is None:

@@ -165,7 +165,7 @@ def step_schemas() -> dict[str, list[Param]]:
         "bias_correction": [
             Param("source", "str", "outputs", choices=("outputs", "weights"),
                   doc="outputs: match the float network's layer means; weights: undo only the layer's own rounding shift"),
-            Param("samples", "int", 512, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
+            Param("samples", "int", 1024, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
         ],
         "easyquant": [
             Param("rounds", "int", 2, low=1, doc="alternations of the weight and activation search (eqs. 6-7)"),

@@ -72,8 +72,25 @@ class BinaryConnectQuantizer(_BinaryWeights):
         self.stochastic = bool(stochastic)
         self.scale = self._deploy_step(self.level)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def follows_bn_factor(self) -> bool:
+        # The level is calibrated once, not recomputed from the weight: like LSQ's step it must
+        # belong to the weight before the BN factor, or BN's running variance has no fixed
+        # point (TrainableQuantizer.follows_bn_factor; ResNet-20 at lr 0.002 went to NaN).
+        return self.spec.per_channel and self.spec.ch_axis == 0
+
+    def _level(self, x: torch.Tensor) -> torch.Tensor:
         a = per_row(self.level, x, self.spec.per_channel)
+        if self._step_factor is not None:  # quantizing W·f: the level of W·f is a·|f|
+            a = a * per_row(self._step_factor, x, True)
+        return a
+
+    def absorb_factor_(self, factor: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.level.mul_(factor.abs().reshape(self.level.shape))
+            self.scale = self._deploy_step(self.level)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        a = self._level(x)
         u = x / a                                               # BinaryConnect's units: ±1 are the levels
         if self.stochastic and self.training:
             p = torch.clamp((u.detach() + 1) / 2, 0, 1)          # σ_hard(w)
@@ -93,7 +110,9 @@ class BinaryConnectQuantizer(_BinaryWeights):
         """Clip the latent weights to [−1, 1] in units of a (BinaryConnect, after each update)."""
         w = layer.module.weight
         bound = per_row(self.level, w, self.spec.per_channel)
-        if getattr(layer, "bn", None) is not None:  # the quantizer sees W·γ/σ: bound W accordingly
+        if getattr(layer, "bn", None) is not None and not self.follows_bn_factor():
+            # the quantizer sees W·γ/σ on a level of its own: bound W accordingly (a level that
+            # follows the factor is W's own, so W is clipped to ±a as it is)
             f = layer.bn.weight_factor().detach().abs().clamp_min(1e-12)
             bound = bound / f.reshape([-1] + [1] * (w.dim() - 1))
         with torch.no_grad():

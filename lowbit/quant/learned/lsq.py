@@ -97,3 +97,18 @@ class LSQPlusQuantizer(LSQQuantizer):
     def __init__(self, source: UniformQuantizer, role: str, **options: Any) -> None:
         options.setdefault("learn_offset", True)
         super().__init__(source, role, **options)
+
+
+class FixedGridWeightQuantizer(LSQQuantizer):
+    """The calibrated grid kept fixed while QAT trains the weights through the straight-through
+    estimator (a recipe's ``weights.quantizer: uniform`` with a ``qat`` step): LSQ's forward
+    with the step frozen. Its step belongs to the weight before the layer's BN factor, like
+    LSQ's (TrainableQuantizer.follows_bn_factor): a step fixed on the folded weight W·γ/σ
+    makes BN's running variance grow without bound (measured: ResNet-20 1-bit and 2-bit
+    min-max rows, σ² non-finite within 60–270 steps)."""
+
+    kind = "uniform"
+
+    def __init__(self, source: UniformQuantizer, role: str) -> None:
+        super().__init__(source, role, learn_offset=False, grad_scale=False)
+        self.scale.requires_grad_(False)
