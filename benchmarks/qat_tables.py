@@ -44,7 +44,10 @@ def families(name: str) -> str:
 
 def main() -> None:
     for title, text in (
-        ("ResNet-20 weight quantizers (qat_resnet20_weights.json)", weight_quantizers("qat_resnet20_weights.json")),
+        ("ResNet-20 weight quantizers (qat_resnet20_weights_bnfix.json)", weight_quantizers("qat_resnet20_weights_bnfix.json")),
+        ("ResNet-20 weight quantizers, before the BN fixes (qat_resnet20_weights.json)",
+         weight_quantizers("qat_resnet20_weights.json")),
+        ("ResNet-20 W4A4 QAT methods, 5 epochs (qat_resnet20_w4a4_methods.json)", families("qat_resnet20_w4a4_methods.json")),
         ("LeNet-5 weight quantizers (qat_lenet5.json)", weight_quantizers("qat_lenet5.json")),
         ("LeNet-5 families (qat_families_lenet5.json)", families("qat_families_lenet5.json")),
         ("Fashion-MNIST small CNN families (qat_families_fashion.json)", families("qat_families_fashion.json")),

@@ -1,0 +1,178 @@
+"""Issue 16's side-by-side: lowbit's post-training recipes and the peers' flows, same model,
+same calibration images, same threads, interleaved in one run, scored on the full test
+split; then the best top-1 each tool reaches within each quantization-time budget.
+
+Rows go to the ptq_methods JSON schema (model, config, method, seed, top1, quant_seconds),
+appended as they finish; a rerun skips what is there (resumable). Peers run in their own
+venvs through a subprocess (``--peer brevitas=PATH/TO/python``); a peer not given is
+skipped and the table says so. Lowbit and peer rows alternate per (seed, config), so a
+machine that is busier at one moment slows both.
+
+    python benchmarks/ptq_budgets.py --data-dir ../shared/data --models-dir ../shared/models \
+        --peer brevitas=../venv-brevitas/bin/python --seeds 0,1,2 --threads 1
+    python benchmarks/ptq_budgets.py --table            # README table (every results/ptq_budgets*.json)
+    python benchmarks/ptq_budgets.py --plot FIG.png     # top-1 against quantize time
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import ptq_methods as pm  # the lowbit rows: the same recipes and row format as the methods table
+
+RESULTS = Path(__file__).parent / "results" / "ptq_budgets.json"
+PEER_SCRIPTS = {"brevitas": Path(__file__).parent / "peers" / "brevitas_ptq.py"}
+PEER_FLOWS = {"brevitas": ["mse", "gptq+bc"]}  # its plain flow and its best flow within a minute (issue 16)
+# lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
+LOWBIT_METHODS = {
+    "w4a4": ["bias correction (weights)", "seed002 bn+cosine+teacher-student", "gptq+bias correction", "adaquant",
+             "gptq+usp"],
+    "w3a3": ["bias correction (weights)", "adaquant", "gptq+usp", "gptq+usp+bias correction"],
+    "w2a4": ["bias correction (weights)", "adaround+usp", "gptq+usp", "gptq+usp+bias correction"],
+}
+BUDGETS = (10, 60, 180)  # seconds: "about 5 s, 30 s, 2 min" as ceilings; 60 s and 3 min are the goals' limits
+
+
+def run_peer(tool: str, python: str, args: argparse.Namespace, model: str, config: str, flow: str,
+             seed: int) -> dict:
+    cmd = [python, str(PEER_SCRIPTS[tool]), "--model", model, "--config", config, "--flow", flow, "--seed", str(seed),
+           "--threads", str(args.threads), "--data-dir", args.data_dir, "--models-dir", args.models_dir]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{tool} {flow} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def run(args: argparse.Namespace) -> None:
+    peers = dict(p.split("=", 1) for p in args.peer)
+    unknown = set(peers) - set(PEER_SCRIPTS)
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {sorted(unknown)}; known: {sorted(PEER_SCRIPTS)}")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for config in args.configs.split(","):
+            # lowbit's rows for this (seed, config) through the methods benchmark's own loop
+            ns = argparse.Namespace(threads=args.threads, out=args.out, data_dir=args.data_dir,
+                                    models_dir=args.models_dir, models=args.models, seeds=str(seed), configs=config,
+                                    methods=",".join(LOWBIT_METHODS[config]))
+            pm.run(ns)
+            data = pm.load_results(args.out)
+            done = {pm.key(r) for r in data["runs"]}
+            for model in args.models.split(","):
+                for tool, python in peers.items():
+                    for flow in PEER_FLOWS[tool]:
+                        method = f"{tool} {flow}"
+                        if (model, config, method, seed) in done:
+                            continue
+                        out = run_peer(tool, python, args, model, config, flow, seed)
+                        fp = data["float"][model]
+                        row = {"model": model, "config": config, "method": method, "seed": seed, "tool": out["tool"],
+                               "top1": out["top1"], "drop_pt": 100 * fp - out["top1"],
+                               "quant_seconds": out["quant_seconds"], "calibration_images": out["calibration_images"]}
+                        data = pm.load_results(args.out)
+                        data["runs"].append(row)
+                        pm.atomic_write_text(args.out, json.dumps(data, indent=1))
+                        print(f"{model} {config:5s} {method:36s} seed {seed}: {row['top1']:.2f} "
+                              f"({row['quant_seconds']:.0f} s)", flush=True)
+
+
+def summaries(data: dict, model: str) -> dict[tuple[str, str], dict]:
+    """(config, method) -> mean top-1, its spread, mean seconds, seeds."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in data["runs"]:
+        if r["model"] == model:
+            out.setdefault((r["config"], r["method"]), {"top1": [], "s": []})
+            out[(r["config"], r["method"])]["top1"].append(r["top1"])
+            out[(r["config"], r["method"])]["s"].append(r["quant_seconds"])
+    return {k: {"mean": statistics.fmean(v["top1"]), "sd": statistics.stdev(v["top1"]) if len(v["top1"]) > 1 else 0.0,
+                "seconds": statistics.fmean(v["s"]), "n": len(v["top1"])} for k, v in out.items()}
+
+
+def tool_of(method: str) -> str:
+    return method.split(" ", 1)[0] if method.split(" ", 1)[0] in PEER_SCRIPTS else "lowbit"
+
+
+def table(data: dict, model: str) -> str:
+    stats = summaries(data, model)
+    fp = 100 * data["float"][model]
+    tools = ["lowbit", *sorted({tool_of(m) for _, m in stats} - {"lowbit"})]
+    lines = [f"{model}, float {fp:.2f}. Best mean top-1 (± std over seeds, n) within each quantize-time ceiling, "
+             "and the method that reaches it", "",
+             "| bits | budget | " + " | ".join(tools) + " |", "|---|---|" + "---|" * len(tools)]
+    for config in LOWBIT_METHODS:
+        for budget in BUDGETS:
+            cells = []
+            for tool in tools:
+                fits = [(v["mean"], m, v) for (c, m), v in stats.items()
+                        if c == config and tool_of(m) == tool and v["seconds"] <= budget]
+                if not fits:
+                    cells.append("—")
+                    continue
+                mean, m, v = max(fits, key=lambda t: t[0])
+                cells.append(f"{mean:.2f} ± {v['sd']:.2f} ({v['n']}) {m.removeprefix(tool + ' ')}, {v['seconds']:.0f} s")
+            best = max((float(c.split()[0]) for c in cells if c != "—"), default=None)
+            cells = [f"**{c}**" if c != "—" and best is not None and float(c.split()[0]) == best else c for c in cells]
+            lines.append(f"| {config.upper()} | ≤ {budget} s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, model: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summaries(data, model)
+    configs = list(LOWBIT_METHODS)
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    markers = {"lowbit": "o", "brevitas": "s"}
+    for ax, config in zip(axes[0], configs):
+        for (c, m), v in sorted(stats.items()):
+            if c != config:
+                continue
+            tool = tool_of(m)
+            ax.errorbar(v["seconds"], v["mean"], yerr=v["sd"], fmt=markers.get(tool, "^"),
+                        color="tab:blue" if tool == "lowbit" else "tab:red", capsize=2)
+            ax.annotate(m, (v["seconds"], v["mean"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.axhline(100 * data["float"][model], color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_title(f"{model} {config.upper()} (blue lowbit, red peers)")
+        ax.set_xlabel("quantize wall time (s)")
+        ax.set_ylabel("top-1 (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--configs", default=",".join(LOWBIT_METHODS))
+    ap.add_argument("--peer", action="append", default=[], help="TOOL=PYTHON, e.g. brevitas=../venv-brevitas/bin/python")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--models-dir", default="../shared/models")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--plot", type=Path)
+    args = ap.parse_args()
+    if args.table or args.plot:
+        data = pm.load_all(sorted(RESULTS.parent.glob("ptq_budgets*.json")))  # parallel lanes write separate files
+        for model in sorted({r["model"] for r in data["runs"]}):
+            if args.table:
+                print(table(data, model) + "\n")
+            if args.plot:
+                plot(data, model, args.plot.with_name(f"{args.plot.stem}_{model}{args.plot.suffix}"))
+        return
+    bad = [c for c in args.configs.split(",") if c not in LOWBIT_METHODS]
+    if bad:
+        raise SystemExit(f"unknown config(s) {bad}; known: {list(LOWBIT_METHODS)}")
+    run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
