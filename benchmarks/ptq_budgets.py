@@ -100,8 +100,8 @@ def table(data: dict, model: str) -> str:
     stats = summaries(data, model)
     fp = 100 * data["float"][model]
     tools = ["lowbit", *sorted({tool_of(m) for _, m in stats} - {"lowbit"})]
-    lines = [f"{model}, float {fp:.2f}. Best mean top-1 (± std over seeds, n) within each quantize-time ceiling, "
-             "and the method that reaches it", "",
+    lines = [f"{model}, float {fp:.2f}. Best mean top-1 (± std over seeds) within each quantize-time ceiling, "
+             "the method that reaches it and its mean time", "",
              "| bits | budget | " + " | ".join(tools) + " |", "|---|---|" + "---|" * len(tools)]
     for config in LOWBIT_METHODS:
         for budget in BUDGETS:
@@ -113,7 +113,8 @@ def table(data: dict, model: str) -> str:
                     cells.append("—")
                     continue
                 mean, m, v = max(fits, key=lambda t: t[0])
-                cells.append(f"{mean:.2f} ± {v['sd']:.2f} ({v['n']}) {m.removeprefix(tool + ' ')}, {v['seconds']:.0f} s")
+                spread = f" ± {v['sd']:.2f} ({v['n']} seeds)" if v["n"] > 1 else " (1 seed)"
+                cells.append(f"{mean:.2f}{spread} {m.removeprefix(tool + ' ')}, {v['seconds']:.0f} s")
             best = max((float(c.split()[0]) for c in cells if c != "—"), default=None)
             cells = [f"**{c}**" if c != "—" and best is not None and float(c.split()[0]) == best else c for c in cells]
             lines.append(f"| {config.upper()} | ≤ {budget} s | " + " | ".join(cells) + " |")
