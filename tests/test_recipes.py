@@ -135,3 +135,20 @@ def test_recipes_command_explains_the_grammar(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "w{W}a{A}[+word...]" in out and "adaquant" in out and "kd" in out
+
+
+def test_every_step_function_default_is_its_schema_default():
+    """A step's omitted parameter takes the step function's default, not the schema's: the two
+    must agree (bias correction's `samples` once read 512 in the function and 1024 in the
+    schema, so `lowbit recipes --explain` named a default that never ran)."""
+    import inspect
+
+    from lowbit.recipes.schema import step_schemas
+    from lowbit.steps import STEPS
+
+    for step, params in step_schemas().items():
+        signature = inspect.signature(STEPS[step]).parameters
+        for p in params:
+            if p.name in signature and signature[p.name].default is not inspect.Parameter.empty:
+                fn_default = signature[p.name].default
+                assert (fn_default or None) == (p.default or None), (step, p.name, fn_default, p.default)

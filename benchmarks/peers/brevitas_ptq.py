@@ -126,6 +126,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import brevitas
 
+    from lowbit.api import evaluate
     from lowbit.data import load_dataset
     from lowbit.evaluation import TensorBatches, calibration_batches
     from lowbit.recipes.recipe import load_recipe
@@ -135,20 +136,18 @@ def main() -> None:
     train = load_dataset("cifar10", "train", data_dir=args.data_dir, download=False)
     test = load_dataset("cifar10", "test", data_dir=args.data_dir, download=False)
     recipe = load_recipe({"extends": "w4a4", "calibration": {"seed": args.seed}})
-    calib = torch.cat([b if isinstance(b, torch.Tensor) else b[0] for b in calibration_batches(train, recipe)])
+    calib = torch.cat(calibration_batches(train, recipe))
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     qmodel = brevitas_quantize(model, calib, args.config, args.flow)
     seconds = time.perf_counter() - start
-    correct = total = 0
+    batches = list(TensorBatches(test, 500))
+    if args.test_samples:  # a quick look: the first whole batches covering that many images
+        batches = batches[:-(-args.test_samples // 500)]
     with torch.no_grad():
-        for i, (x, y) in enumerate(TensorBatches(test, 500)):
-            if args.test_samples and total >= args.test_samples:
-                break
-            correct += (qmodel(x).argmax(1) == y).sum().item()
-            total += len(y)
+        top1 = evaluate(qmodel, batches)
     print(json.dumps({"tool": f"brevitas {brevitas.__version__}", "flow": args.flow, "config": args.config,
-                      "seed": args.seed, "top1": 100 * correct / total, "test_images": total,
+                      "seed": args.seed, "top1": 100 * top1, "test_images": sum(len(b[1]) for b in batches),
                       "quant_seconds": seconds, "threads": args.threads, "calibration_images": len(calib)}))
 
 
