@@ -10,7 +10,8 @@ from lowbit.qat.engine import train_qat
 from lowbit.quant.spec import QuantSpec
 from lowbit.recipes.recipe import Recipe, builtin_names, load_recipe
 from lowbit.report.analyzer import analyze
+from lowbit.report.html import html_report
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "train_qat", "evaluate", "prepare", "save", "load", "calibrate", "QuantModel", "QuantSpec", "Recipe",
-           "load_recipe", "builtin_names", "analyze", "LowbitError", "export_onnx", "OnnxModel", "__version__"]
+           "load_recipe", "builtin_names", "analyze", "html_report", "LowbitError", "export_onnx", "OnnxModel", "__version__"]

@@ -584,6 +584,35 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML file from runs, JSON results, artifacts and checkpoints."""
+    from lowbit.report.html import write_report
+    from lowbit.report.sources import collect
+
+    inputs = collect(args.sources, args.registry)
+    if args.model is None and inputs.model and ":" not in inputs.model:
+        from lowbit import zoo
+
+        if inputs.model in zoo.ARCHITECTURES:  # the sources name a zoo model: its float weights, if they are here
+            args.model = inputs.model
+    model = None
+    if args.model is not None:
+        args.data = args.dataset = None  # only the weights are read; the factory check wants data for a run, not here
+        if ":" in args.model and not args.weights:
+            raise LowbitError(f"--model {args.model}: a model from a factory needs --weights")
+        if ":" in args.model:
+            from lowbit import zoo
+            from lowbit.data.user import load_factory
+
+            model = zoo.load_weights(load_factory(args.model), args.weights)
+        else:
+            model, _ = _load_zoo_model(args)
+    path = write_report(inputs, args.out, model, args.title)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB) from {len(inputs.sources)} source(s)"
+          + ("" if model is not None else "; no float model, so no weight histograms or μL2Q figure (give --model)"))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from lowbit import zoo
     from lowbit.report.tables import format_table
@@ -685,6 +714,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry(u)
     u.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
     u.set_defaults(func=cmd_runs)
+    p = sub.add_parser("report", help="one self-contained HTML report from run ids, --json files, .lowbit files "
+                                      "and QAT checkpoint folders")
+    p.add_argument("sources", nargs="+", help="run ids (see `lowbit runs`), JSON results, .lowbit files, checkpoint folders")
+    p.add_argument("-o", "--out", type=output_file, default=Path("report.html"), help="the HTML file to write")
+    p.add_argument("--model", help="the float model for the weight figures: a zoo name (default: the one the sources "
+                                   "name) or pkg.module:factory with --weights")
+    p.add_argument("--weights", type=existing_file, help="weights for --model")
+    p.add_argument("--models-dir", help="directory holding pretrained weights")
+    p.add_argument("--data-dir", help="directory holding datasets (for zoo models whose float baseline lowbit trains)")
+    p.add_argument("--no-download", action="store_true", help="never download weights; fail if absent")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--title", help="the report's title")
+    _add_registry(p)
+    p.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
+    p.set_defaults(func=cmd_report)
     m = sub.add_parser("models", help="list the zoo models")
     m.set_defaults(func=cmd_models)
     return parser

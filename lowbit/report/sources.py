@@ -1,0 +1,176 @@
+"""What an HTML report is made of, gathered from runs, JSON results, artifacts and checkpoints.
+
+A report reads what lowbit already writes: a run in the registry (its metrics and the files
+it wrote), the ``--json`` payload of ``quantize``/``train``/``analyze``/``search``, a saved
+``.lowbit`` artifact (the layer table), or a QAT checkpoint folder (``metrics.jsonl``: the
+training curves). Each source adds what it has; nothing is recomputed here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+
+@dataclass
+class ReportInputs:
+    """Everything one report shows, each part optional."""
+
+    model: str | None = None
+    accuracy: list[dict[str, Any]] = field(default_factory=list)      # {label, top1, float_top1, note}
+    layers: list[dict[str, Any]] = field(default_factory=list)        # the layer table of a quantized model
+    layers_source: str = ""
+    analysis: dict[str, Any] | None = None                            # lowbit.analyze's payload
+    searches: list[dict[str, Any]] = field(default_factory=list)      # SearchResult.to_dict() payloads
+    curves: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (label, per-epoch rows)
+    sources: list[str] = field(default_factory=list)                  # what was read, in order
+
+
+def _percent(v: Any) -> float | None:
+    """Top-1 as a percentage whether it was stored as a fraction (payloads) or in % (rows)."""
+    if not isinstance(v, (int, float)):
+        return None
+    return 100.0 * v if v <= 1.0 else float(v)
+
+
+def add_payload(inputs: ReportInputs, payload: dict[str, Any], label: str) -> None:
+    """Add a command's JSON payload (quantize, eval, train, analyze or search); refuse one that is none."""
+    if not isinstance(payload, dict):
+        raise LowbitError(f"{label}: expected a JSON object from a lowbit command, got {type(payload).__name__}")
+    used = False
+    inputs.model = inputs.model or payload.get("model")
+    float_top1 = _percent(payload.get("float_top1"))
+    scored_on = label
+    if payload.get("full_test_split") is False:  # --test-limit: a quick look, said so beside the number
+        scored_on += f"; first {payload.get('test_images')} test images, not the full split"
+    for r in payload.get("results") or []:  # quantize / eval --recipe
+        if isinstance(r, dict) and "recipe" in r and "top1" in r:
+            inputs.accuracy.append({"label": str(r["recipe"]), "top1": _percent(r["top1"]),
+                                    "float_top1": _percent(r.get("float")) or float_top1, "note": scored_on})
+            used = True
+    for r in payload.get("rows") or []:  # train --recipe
+        if isinstance(r, dict) and "recipe" in r and "top1" in r and "float_top1" in r:
+            inputs.accuracy.append({"label": f"{r['recipe']} (QAT)", "top1": _percent(r["top1"]),
+                                    "float_top1": _percent(r["float_top1"]), "note": label})
+            inputs.model = inputs.model or r.get("model")
+            used = True
+    if isinstance(payload.get("history"), list) and payload["history"]:
+        inputs.curves.append((label, payload["history"]))
+        used = True
+    if isinstance(payload.get("layers"), list) and "quantized_top1" in payload:  # analyze
+        inputs.analysis = payload
+        used = True
+    search = payload.get("search") if isinstance(payload.get("search"), dict) else None
+    if search is None and {"method", "path", "plan"} <= set(payload):  # a SearchResult saved by itself
+        search = payload
+    if search is not None:
+        inputs.searches.append(search)
+        ev = (payload.get("evaluation") or {}).get("results") or []
+        for r in ev:
+            inputs.accuracy.append({"label": str(r.get("recipe")), "top1": _percent(r.get("top1")),
+                                    "float_top1": _percent(r.get("float")), "note": label})
+        used = True
+    if not used:
+        keys = ", ".join(sorted(payload)[:8])
+        raise LowbitError(f"{label}: nothing a report shows (keys: {keys}); give the --json output of quantize, "
+                          "train, analyze or search, a .lowbit artifact, a QAT checkpoint folder or a run id")
+    inputs.sources.append(label)
+
+
+def add_artifact(inputs: ReportInputs, path: Path) -> None:
+    """The layer table (bits and quantizer kind per layer) of a saved model."""
+    from lowbit.deploy.artifact import load
+
+    qm = load(path)
+    inputs.layers = qm.layers.rows()
+    inputs.layers_source = str(path)
+    metrics = qm.meta.get("metrics") or {}
+    label, top1 = path.stem, _percent(metrics.get("top1"))
+    if top1 is not None and not any(a["label"] == label and a["top1"] is not None and abs(a["top1"] - top1) < 1e-6
+                                    for a in inputs.accuracy):  # the run that saved it reported it already
+        inputs.accuracy.append({"label": label, "top1": top1,
+                                "float_top1": _percent(metrics.get("float_top1")), "note": str(path)})
+    inputs.model = inputs.model or qm.meta.get("arch")
+    inputs.sources.append(str(path))
+
+
+def read_metrics_lines(path: Path) -> list[dict[str, Any]]:
+    """A QAT run's per-epoch rows (metrics.jsonl); a line cut short by a killed run is named."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise LowbitError(f"{path}, line {i}: not JSON ({err.msg})") from None
+    if not rows:
+        raise LowbitError(f"{path} holds no epochs yet")
+    return rows
+
+
+def add_path(inputs: ReportInputs, path: Path) -> None:
+    if path.is_dir():
+        if not (path / "metrics.jsonl").is_file():
+            raise LowbitError(f"{path} is a folder without metrics.jsonl (a QAT checkpoint folder has one)")
+        inputs.curves.append((path.name, read_metrics_lines(path / "metrics.jsonl")))
+        inputs.sources.append(str(path))
+    elif not path.is_file():
+        raise LowbitError(f"no such file or run id: {path}")
+    elif path.suffix == ".lowbit":
+        add_artifact(inputs, path)
+    elif path.name.endswith(".jsonl"):
+        inputs.curves.append((path.parent.name or path.stem, read_metrics_lines(path)))
+        inputs.sources.append(str(path))
+    else:
+        try:
+            payload = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LowbitError(f"{path} is not a JSON file ({err})") from None
+        add_payload(inputs, payload, str(path))
+
+
+def add_run(inputs: ReportInputs, run: dict[str, Any]) -> None:
+    """A registry run: its metrics, and the artifact or checkpoint it wrote where still on disk."""
+    label = f"run {run['id']} ({run['command']}{', ' + run['recipe'] if run.get('recipe') else ''})"
+    if run.get("status") != "done":
+        raise LowbitError(f"{label} is {run.get('status')}, not done: nothing finished to report")
+    inputs.model = inputs.model or run.get("model")
+    if run.get("metrics"):
+        add_payload(inputs, run["metrics"], label)
+    for key, value in (run.get("artifacts") or {}).items():
+        p = Path(value)
+        if key in ("save", "lowbit") and p.suffix == ".lowbit" and p.is_file():
+            add_artifact(inputs, p)
+        elif key == "save" and p.is_dir():  # quantize --save DIR: one artifact per recipe
+            for a in sorted(p.glob("*.lowbit"))[:1]:
+                add_artifact(inputs, a)
+
+
+def collect(sources: list[str], registry: str | Path | None = None) -> ReportInputs:
+    """Read every source (a run id, a file or a folder) into one ReportInputs."""
+    if not sources:
+        raise LowbitError("a report needs at least one source: a run id, a --json file, a .lowbit file or a QAT "
+                          "checkpoint folder")
+    inputs = ReportInputs()
+    reg = None
+    try:
+        for s in sources:
+            if s.isdigit() and not Path(s).exists():
+                if reg is None:
+                    from lowbit.registry import Registry, default_path
+
+                    where = Path(registry) if registry is not None else default_path()
+                    if not where.is_file():
+                        raise LowbitError(f"{s} looks like a run id, but there is no run registry at {where}")
+                    reg = Registry(where)
+                add_run(inputs, reg.get(int(s)))
+            else:
+                add_path(inputs, Path(s))
+    finally:
+        if reg is not None:
+            reg.close()
+    return inputs
