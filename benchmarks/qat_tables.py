@@ -42,7 +42,58 @@ def families(name: str) -> str:
     return "\n".join(out)
 
 
+# (column title, budget) and, per method, the result row that fills it: (file, row name).
+MATRIX_COLUMNS = [("W4A4", "5 epochs"), ("W3A3", "30 epochs"), ("W2A2", "30 epochs"), ("W2A32", "30 epochs"),
+                  ("W2A32", "1 epoch"), ("W1A32", "1 epoch")]
+MATRIX = {
+    "LSQ / LSQ+": {
+        0: ("qat_resnet20.json", "w4a4-lsq-kd-e5"), 1: ("qat_resnet20.json", "w3a3-lsq-kd-e30"),
+        2: ("qat_resnet20.json", "w2a2-lsq-e30")},
+    "LSQ / LSQ+, no distillation": {
+        0: ("qat_resnet20.json", "w4a4-lsq-e5"), 2: ("qat_resnet20_kd.json", "w2a2-lsq-nokd-e30")},
+    "LSQ / LSQ+, lr 0.003": {0: ("qat_resnet20_w4a4_lr.json", "w4a4-lsq-lr0.003-e5")},
+    "LSQ / PACT": {0: ("qat_resnet20_w4a4_methods.json", "w4a4+pact+kd-e5")},
+    "μL2Q (seed 000) / LSQ+": {
+        0: ("qat_resnet20_w4a4_methods.json", "w4a4+ul2q+kd-e5"), 3: ("qat_resnet20.json", "w2a32-ul2q-e30"),
+        4: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-ul2q-w2-e1"),
+        5: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-ul2q-w1-e1")},
+    "DoReFa / DoReFa": {
+        0: ("qat_resnet20_w4a4_methods.json", "w4a4+dorefa+kd-e5"),
+        4: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-dorefa-w2-e1"),
+        5: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-dorefa-w1-e1")},
+    "min-max uniform grid, STE / —": {
+        4: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-uniform-w2-e1"),
+        5: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-uniform-w1-e1")},
+}
+# The best post-training result of the same layout per column (README's PTQ tables; none at W1A32 or W2A2).
+BEST_PTQ = ["90.84 (GPTQ + bias correction)", "87.46 (AdaQuant)", "not measured (11.95 calibrated)",
+            "82.10 (AdaRound + USP)", "82.10 (AdaRound + USP)", "not measured (11.73 calibrated)"]
+
+
+def method_matrix() -> str:
+    """Issue 11's table: method × bit width on ResNet-20, one budget per column, best PTQ beside."""
+    cache: dict[str, dict[str, dict]] = {}
+    head = "| weights / activations | " + " | ".join(f"{c} ({b})" for c, b in MATRIX_COLUMNS) + " |"
+    out = [head, "|---" * (len(MATRIX_COLUMNS) + 1) + "|"]
+    for method, cells in MATRIX.items():
+        texts = []
+        for i in range(len(MATRIX_COLUMNS)):
+            if i not in cells:
+                texts.append("—")
+                continue
+            file, row = cells[i]
+            rows = cache.setdefault(file, _rows(file))
+            r = rows.get(row)
+            texts.append("not run" if r is None else "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**")
+        out.append(f"| {method} | " + " | ".join(texts) + " |")
+    out.append("| best PTQ, same layout | " + " | ".join(BEST_PTQ) + " |")
+    return "\n".join(out) + ("\n\nQuantized-activation cells distil from the float model (T 4, weight 0.5) unless the "
+                             "row says not; the A32 cells do not distil. lr 0.001 (W4A4, W3A3), 0.0005 (W2A2), 0.002 "
+                             "(A32) unless the row says otherwise.")
+
+
 def main() -> None:
+    print(f"### ResNet-20 QAT, method × bit width (float 91.73)\n\n{method_matrix()}\n")
     for title, text in (
         ("ResNet-20 weight quantizers (qat_resnet20_weights_bnfix.json)", weight_quantizers("qat_resnet20_weights_bnfix.json")),
         ("ResNet-20 weight quantizers, before the BN fixes (qat_resnet20_weights.json)",
