@@ -1,5 +1,5 @@
 """A new user's session on a model and a folder of images that are not in the zoo:
-quantize, analyze, export, runs; and the errors that name what is wrong."""
+quantize, analyze, export, runs, report; and the errors that name what is wrong."""
 import json
 import sys
 
@@ -98,6 +98,14 @@ def test_a_new_users_session_end_to_end(user_project, tmp_path, capsys):
     assert main(["runs", "--registry", str(reg)]) == 0
     listing = capsys.readouterr().out
     assert listing.count("mynet:build") == 3 and "export" in listing
+    # one HTML file of the session: the quantize and analyze runs, and the user's float weights
+    html = tmp_path / "report.html"
+    assert main(["report", "1", "2", "-o", str(html), "--registry", str(reg), "--model", "mynet:build",
+                 "--weights", str(root / "mynet.safetensors")]) == 0
+    text = html.read_text()
+    for figure in ("fig-accuracy", "fig-analysis", "fig-weights", "fig-ul2q"):
+        assert f'id="{figure}"' in text
+    assert "w4a4" in text and "conv" in text
 
 
 def test_user_data_and_model_errors_name_the_problem(user_project, tmp_path, capsys):
