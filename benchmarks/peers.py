@@ -46,47 +46,39 @@ NOT_RUN = {  # why a peer has no row of numbers, when it cannot run a setting at
 }
 
 
-def onnx_input_and_edges(path: Path) -> tuple[str, list[str]]:
-    """The graph input's name, and the tensors of the first conv and the last Gemm/MatMul (input
-    and weight) that stay 8-bit in every tool's W4A4 layout."""
+def eight_bit_edges(path: Path) -> dict[str, str]:
+    """The tensors that stay 8-bit in every tool's W4A4 layout, each "activation" or "weight": the
+    first conv's input and weight, the classifier's input and weight, and (ORT gives a Flatten's
+    output its input's grid) the pooled tensor the classifier's Flatten reads."""
     import onnx
 
     g = onnx.load(str(path)).graph
-    convs = [n for n in g.node if n.op_type == "Conv"]
+    first = next(n for n in g.node if n.op_type == "Conv")
+    edges = {first.input[0]: "activation", first.input[1]: "weight"}
     heads = [n for n in g.node if n.op_type in ("Gemm", "MatMul")]
-    edges = list(convs[0].input[:2]) + (list(heads[-1].input[:2]) if heads else [])
-    if heads:  # ORT gives a Flatten's output its input's grid: the pooled tensor before it is the head's input too
+    if heads:
+        edges.update({heads[-1].input[0]: "activation", heads[-1].input[1]: "weight"})
         producer = {o: n for n in g.node for o in n.output}.get(heads[-1].input[0])
         if producer is not None and producer.op_type in ("Flatten", "Reshape"):
-            edges += [producer.input[0], ""]
-    return g.input[0].name, edges
+            edges[producer.input[0]] = "activation"
+    return edges
 
 
 def ort_static(float_path: Path, out: Path, calib: list[torch.Tensor], bits: str, flow: str) -> Path:
     """ONNX Runtime's quantize_static, QDQ, per-channel weights; at W4A4 4-bit types with the first conv
     and the classifier (and their inputs) overridden to 8 bits, the layout lowbit uses."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
-    input_name, edges = onnx_input_and_edges(float_path)
+    from lowbit.deploy.bench import ort_quantize_static
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{input_name: b.numpy()} for b in calib])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    extra = {}
+    options: dict = {"calibrate_method": {"minmax": CalibrationMethod.MinMax,
+                                          "percentile": CalibrationMethod.Percentile}[flow]}
     if bits == "w4a4":
-        act, weight = QuantType.QUInt4, QuantType.QInt4
-        extra["TensorQuantOverrides"] = {t: [{"quant_type": QuantType.QUInt8 if i % 2 == 0 else QuantType.QInt8}]
-                                         for i, t in enumerate(edges) if t}
-    else:
-        act, weight = QuantType.QUInt8, QuantType.QInt8
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[flow]
-    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=act, weight_type=weight, calibrate_method=method, extra_options=extra)
-    return out
+        eight = {"activation": QuantType.QUInt8, "weight": QuantType.QInt8}
+        overrides = {t: [{"quant_type": eight[role]}] for t, role in eight_bit_edges(float_path).items()}
+        options.update(activation_type=QuantType.QUInt4, weight_type=QuantType.QInt4,
+                       extra_options={"TensorQuantOverrides": overrides})
+    return ort_quantize_static(float_path, out, calib, **options)
 
 
 def run_peer(python: str, args: list[str]) -> dict:

@@ -37,8 +37,10 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float
     return statistics.median(times)
 
 
-def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor]) -> Path:
-    """ONNX Runtime's static QDQ quantizer with its defaults plus per-channel weights."""
+def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor], **options: Any) -> Path:
+    """ONNX Runtime's static QDQ quantizer with its defaults plus per-channel weights (uint8
+    activations, int8 weights); ``options`` go to ``quantize_static`` as they are (the peers
+    benchmark passes 4-bit types, a calibration method and per-tensor overrides)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -51,8 +53,9 @@ def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor]) 
         def get_next(self) -> dict[str, Any] | None:
             return next(self.items, None)
 
-    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    settings = {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+                "weight_type": QuantType.QInt8, **options}
+    quantize_static(str(float_path), str(out), Reader(), **settings)
     return out
 
 
