@@ -597,7 +597,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             args.model = inputs.model
     model = None
     if args.model is not None:
-        args.data = args.dataset = None  # only the weights are read; the factory check wants data for a run, not here
+        args.data = args.dataset = None  # the report reads the model's weights only, never its data
         if ":" in args.model and not args.weights:
             raise LowbitError(f"--model {args.model}: a model from a factory needs --weights")
         if ":" in args.model:
