@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -120,6 +121,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     _add_registry(p)
     p.add_argument("--no-registry", action="store_true", help="do not record this run in the run registry")
+    p.add_argument("--mlflow", metavar="URI", help="also log this run to MLflow at this tracking URI (pip install mlflow)")
 
 
 def _add_registry(p: argparse.ArgumentParser) -> None:
@@ -227,6 +229,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str
 
     print(format_table(rows))
     _record(args, metrics=payload)
+    args._payload = payload  # for --mlflow
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2, default=str))
@@ -774,15 +777,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     try:
+        if getattr(args, "mlflow", None):
+            from lowbit.mlflow_log import check_available
+
+            check_available()  # at the door, not after an hour of training
         _open_run(args, argv)
         code = args.func(args)
-        _close_run(args, "done" if code == 0 else "failed", None if code == 0 else f"exit status {code}")
+        status = "done" if code == 0 else "failed"
+        _close_run(args, status, None if code == 0 else f"exit status {code}")
+        _log_mlflow(args, argv, status, started)
         return code
     except BaseException as err:
-        _close_run(args, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                   None if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        _close_run(args, status, None if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
+        try:
+            _log_mlflow(args, argv, status, started)
+        except Exception:  # noqa: BLE001 - the command's own error is the one to report
+            pass
         return _report_error(args, err)
+
+
+def _log_mlflow(args: argparse.Namespace, argv: list[str], status: str, started: float) -> None:
+    """The finished command as an MLflow run, when --mlflow asked for one."""
+    uri = getattr(args, "mlflow", None)
+    if not uri:
+        return
+    from lowbit.mlflow_log import log_run
+
+    artifacts = {k: str(getattr(args, k)) for k in _ARTIFACT_ARGS if getattr(args, k, None)}
+    params = {"model": getattr(args, "model", None), "recipe": getattr(args, "recipe", None),
+              "dataset": getattr(args, "dataset", None) or getattr(args, "data", None)}
+    run_id = log_run(uri, args.command, argv, status=status, seconds=time.perf_counter() - started,
+                     payload=getattr(args, "_payload", None), artifacts=artifacts, params=params)
+    print(f"logged to MLflow ({uri}) as run {run_id}", file=sys.stderr)
 
 
 def _report_error(args: argparse.Namespace, err: BaseException) -> int:

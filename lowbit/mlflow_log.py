@@ -1,0 +1,72 @@
+"""Optional MLflow logging of a CLI run (``--mlflow URI``), beside the run registry.
+
+For teams whose experiments already live in MLflow: the same facts the registry keeps (command,
+model, recipe, status, wall time, the metrics the command printed, the files it wrote) go to one
+MLflow run. MLflow is never a lowbit dependency: asking for it without it installed is an error
+that says how to get it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+
+def _mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise LowbitError("--mlflow needs the mlflow package: pip install mlflow") from None
+    return mlflow
+
+
+def check_available() -> None:
+    """Fail at the door, before a long run, when --mlflow cannot be honoured."""
+    _mlflow()
+
+
+def flat_metrics(payload: dict[str, Any] | None) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """(metrics, per-step series) from a command's JSON payload: top-level numbers, each result
+    row's numbers under ``<recipe>.<key>``, and a QAT history as series over epochs."""
+    metrics: dict[str, float] = {}
+    series: list[tuple[str, float, int]] = []
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+    for k, v in (payload or {}).items():
+        if number(v):
+            metrics[k] = float(v)
+    for row in list((payload or {}).get("results") or []) + list((payload or {}).get("rows") or []):
+        if isinstance(row, dict) and "recipe" in row:
+            for k, v in row.items():
+                if number(v):
+                    metrics[f"{row['recipe']}.{k}"] = float(v)
+    for row in (payload or {}).get("history") or []:
+        if isinstance(row, dict) and number(row.get("epoch")):
+            series += [(k, float(v), int(row["epoch"])) for k, v in row.items() if k != "epoch" and number(v)]
+    return metrics, series
+
+
+def log_run(uri: str, command: str, argv: list[str], *, status: str, seconds: float,
+            payload: dict[str, Any] | None, artifacts: dict[str, str], params: dict[str, Any]) -> str:
+    """Log one finished command as an MLflow run under the experiment ``lowbit``; returns its id."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("lowbit")
+    metrics, series = flat_metrics(payload)
+    with mlflow.start_run(run_name=f"lowbit {command}") as run:
+        mlflow.set_tags({"lowbit.command": command, "lowbit.status": status, "lowbit.argv": " ".join(argv)})
+        mlflow.log_params({k: str(v) for k, v in params.items() if v is not None})
+        mlflow.log_metrics({**metrics, "wall_seconds": seconds})
+        for key, value, step in series:
+            mlflow.log_metric(key, value, step=step)
+        for path in artifacts.values():
+            p = Path(path)
+            if p.is_file():
+                mlflow.log_artifact(str(p))
+            elif p.is_dir():
+                mlflow.log_artifacts(str(p), artifact_path=p.name)
+        return run.info.run_id
