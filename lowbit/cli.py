@@ -787,8 +787,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
         status = "done" if code == 0 else "failed"
         _close_run(args, status, None if code == 0 else f"exit status {code}")
-        _log_mlflow(args, argv, status, started)
-        return code
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         _close_run(args, status, None if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
@@ -797,6 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - the command's own error is the one to report
             pass
         return _report_error(args, err)
+    try:
+        _log_mlflow(args, argv, status, started)
+    except LowbitError as err:
+        return _report_error(args, err)
+    return code
 
 
 def _log_mlflow(args: argparse.Namespace, argv: list[str], status: str, started: float) -> None:

@@ -54,6 +54,15 @@ def log_run(uri: str, command: str, argv: list[str], *, status: str, seconds: fl
             payload: dict[str, Any] | None, artifacts: dict[str, str], params: dict[str, Any]) -> str:
     """Log one finished command as an MLflow run under the experiment ``lowbit``; returns its id."""
     mlflow = _mlflow()
+    try:
+        return _log(mlflow, uri, command, argv, status, seconds, payload, artifacts, params)
+    except Exception as err:  # noqa: BLE001 - whatever the tracking server says, said as lowbit's error
+        raise LowbitError(f"MLflow at {uri} did not take the run ({type(err).__name__}: {str(err)[:300]}); the "
+                          "command itself finished: its results are in the run registry and its output files") from None
+
+
+def _log(mlflow, uri: str, command: str, argv: list[str], status: str, seconds: float,
+         payload: dict[str, Any] | None, artifacts: dict[str, str], params: dict[str, Any]) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("lowbit")
     metrics, series = flat_metrics(payload)

@@ -78,3 +78,23 @@ def test_without_mlflow_the_command_stops_before_it_runs(monkeypatch, tmp_path, 
     assert main(["eval", "--registry", str(reg), "--mlflow", "file:///x", "--no-download"]) == 2
     assert "--mlflow needs the mlflow package: pip install mlflow" in capsys.readouterr().err
     assert Registry(reg).list() == []  # stopped at the door: no run was started
+
+
+def test_a_tracking_server_that_refuses_is_named_and_the_run_stays_done(monkeypatch, tmp_path, capsys, data_dir,
+                                                                       models_dir):
+    from lowbit.cli import main
+    from lowbit.registry import Registry
+
+    fake = _Recorder()
+
+    def refuse(uri):
+        raise RuntimeError("store is in maintenance mode")
+    fake.set_tracking_uri = refuse
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    reg = tmp_path / "r.sqlite3"
+    assert main(["eval", "--test-limit", "50", "--data-dir", str(data_dir), "--models-dir", str(models_dir),
+                 "--no-download", "--no-progress", "--registry", str(reg), "--mlflow", "file:///y"]) == 2
+    err = capsys.readouterr().err
+    assert "MLflow at file:///y did not take the run (RuntimeError: store is in maintenance mode)" in err
+    assert "the command itself finished" in err
+    assert [r["status"] for r in Registry(reg).list()] == ["done"]
