@@ -165,9 +165,14 @@ def test_a_users_session_ends_in_one_report(tmp_path, capsys, data_dir, monkeypa
     assert set(page.images) == {"fig-accuracy", "fig-analysis", "fig-weights", "fig-ul2q", "fig-search-0", "fig-qat"}
     assert page.tables["table-layers"] == 1 + 4  # the saved model's four quantized layers
     assert page.tables["table-analysis"] == 1 + 4
-    # a run that is not done, and a factory model without weights, are refused by name
+    # a run that is not there, a run with nothing to show, and a factory model without weights are refused by name
     assert main(["report", "99", "--registry", str(reg)]) == 2
     assert "no run 99" in capsys.readouterr().err
+    assert main(["export", "--recipe", "w8a8", "--out", str(tmp_path / "m.onnx"), *common]) == 0
+    export_id = Registry(reg).list()[0]["id"]
+    capsys.readouterr()
+    assert main(["report", str(export_id), "--registry", str(reg), "-o", str(out)]) == 2
+    assert "recorded no metrics and no .lowbit file" in capsys.readouterr().err
     assert main(["report", str(ckpt), "--model", "pkg.mod:make", "-o", str(out)]) == 2
     assert "needs --weights" in capsys.readouterr().err
 

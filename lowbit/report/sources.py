@@ -139,6 +139,7 @@ def add_run(inputs: ReportInputs, run: dict[str, Any]) -> None:
     if run.get("status") != "done":
         raise LowbitError(f"{label} is {run.get('status')}, not done: nothing finished to report")
     inputs.model = inputs.model or run.get("model")
+    before = len(inputs.sources)
     if run.get("metrics"):
         add_payload(inputs, run["metrics"], label)
     for key, value in (run.get("artifacts") or {}).items():
@@ -148,6 +149,8 @@ def add_run(inputs: ReportInputs, run: dict[str, Any]) -> None:
         elif key == "save" and p.is_dir():  # quantize --save DIR: one artifact per recipe
             for a in sorted(p.glob("*.lowbit"))[:1]:
                 add_artifact(inputs, a)
+    if len(inputs.sources) == before:
+        raise LowbitError(f"{label} recorded no metrics and no .lowbit file that is still on disk: nothing to report")
 
 
 def collect(sources: list[str], registry: str | Path | None = None) -> ReportInputs:
