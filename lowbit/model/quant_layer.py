@@ -136,8 +136,10 @@ class QuantLayer(nn.Module):
         q_in, q_w = self.input_ref[0], self.weight_quantizer
         if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
             return b
-        if not q_in.integer_kernel:
-            return b  # binary or codebook inputs: no integer kernel runs this layer, so no int32 grid
+        if not q_in.integer_kernel or not q_w.integer_kernel:
+            # binary or codebook inputs, or codebook weights: no integer kernel runs this layer (the
+            # exporter rebuilds a codebook weight in float), so its bias has no int32 grid either
+            return b
         step = q_in.scale * self.weight_step()
         return round_ste(b / step) * step
 
