@@ -435,3 +435,20 @@ def test_clip_grad_norm_bounds_each_step(mnist_cnn, mnist_train, monkeypatch):
     assert max(norms[0.02]) <= 0.05 * (1 + 1e-4)
     with pytest.raises(RecipeError, match="clip_grad_norm"):
         lowbit.load_recipe(_qat_recipe(clip_grad_norm=-1))
+
+
+def test_qat_starts_from_a_gptq_result_and_the_builtin_composes_it(mnist_cnn, mnist_train):
+    """w4a4-gptq-lsq: GPTQ + bias correction, then QAT (distillation only). The PTQ steps
+    before `qat` are its starting point: the trained model scores at least what it started at."""
+    model, calib, test = mnist_cnn
+    recipe = lowbit.load_recipe("w4a4-gptq-lsq")
+    assert [name for name, _ in recipe.steps] == ["calibrate", "gptq", "bias_correction", "qat"]
+    assert recipe.steps[-1][1]["kd"]["weight"] == 1.0
+    start = lowbit.quantize(model, {"extends": "w4a4-gptq-lsq", "steps": ["calibrate", "gptq", "bias_correction"]},
+                            calib=calib, progress=False)
+    short = {"extends": "w4a4-gptq-lsq", "steps": ["calibrate", "gptq", "bias_correction",
+                                                   {"qat": {"epochs": 1, "batch_size": 64, "val_samples": 500,
+                                                            "kd": {"weight": 1.0}}}]}
+    qm = lowbit.quantize(model, short, calib=calib, train=mnist_train, progress=False)
+    assert qm.meta["qat"]["epochs"] == 1
+    assert _top1(qm, test) >= _top1(start, test) - 0.01
