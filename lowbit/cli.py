@@ -592,19 +592,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.report.html import write_report
     from lowbit.report.sources import collect
 
-    inputs = collect(args.sources, args.registry)
-    if args.model is None and inputs.model and ":" not in inputs.model:
-        from lowbit import zoo
+    from lowbit import zoo
 
-        if inputs.model in zoo.ARCHITECTURES:  # the sources name a zoo model: its float weights, if they are here
-            args.model = inputs.model
+    inputs = collect(args.sources, args.registry)
+    if args.model is None and inputs.model in zoo.ARCHITECTURES:  # the sources name a zoo model: its float weights
+        args.model = inputs.model
     model = None
     if args.model is not None:
         args.data = args.dataset = None  # the report reads the model's weights only, never its data
-        if ":" in args.model and not args.weights:
-            raise LowbitError(f"--model {args.model}: a model from a factory needs --weights")
-        if ":" in args.model:
-            from lowbit import zoo
+        if ":" in args.model:  # pkg.module:factory, the user's own architecture
+            if not args.weights:
+                raise LowbitError(f"--model {args.model}: a model from a factory needs --weights")
             from lowbit.data.user import load_factory
 
             model = zoo.load_weights(load_factory(args.model), args.weights)
