@@ -739,6 +739,11 @@ RECORDED_COMMANDS = ("quantize", "eval", "train", "export", "search", "bench", "
 _ARTIFACT_ARGS = ("out", "save", "lowbit", "checkpoint", "json", "onnx")
 
 
+def _artifacts(args: argparse.Namespace) -> dict[str, str]:
+    """The files and folders this command was told to write, by option name."""
+    return {k: str(getattr(args, k)) for k in _ARTIFACT_ARGS if getattr(args, k, None)}
+
+
 def _open_run(args: argparse.Namespace, argv: list[str]) -> None:
     """Start this command's row in the run registry (status running)."""
     if args.command not in RECORDED_COMMANDS or getattr(args, "no_registry", False):
@@ -762,7 +767,7 @@ def _close_run(args: argparse.Namespace, status: str, error: str | None = None) 
     if run is None:
         return
     reg, run_id = run
-    artifacts = {k: str(getattr(args, k)) for k in _ARTIFACT_ARGS if getattr(args, k, None)}
+    artifacts = _artifacts(args)
     if artifacts:
         reg.update(run_id, artifacts=artifacts)
     reg.finish(run_id, status, error)
@@ -807,7 +812,7 @@ def _log_mlflow(args: argparse.Namespace, argv: list[str], status: str, started:
         return
     from lowbit.mlflow_log import log_run
 
-    artifacts = {k: str(getattr(args, k)) for k in _ARTIFACT_ARGS if getattr(args, k, None)}
+    artifacts = _artifacts(args)
     params = {"model": getattr(args, "model", None), "recipe": getattr(args, "recipe", None),
               "dataset": getattr(args, "dataset", None) or getattr(args, "data", None)}
     run_id = log_run(uri, args.command, argv, status=status, seconds=time.perf_counter() - started,

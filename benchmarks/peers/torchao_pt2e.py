@@ -56,6 +56,8 @@ def main() -> None:
     converted = convert_pt2e(prepared)
     move_exported_model_to_eval(converted)
     seconds = time.perf_counter() - start
+    # Scored here, not with lowbit.evaluate: an exported program refuses .eval() (it switches modes
+    # through move_exported_model_to_eval above), and lowbit.evaluate calls it.
     correct = total = 0
     with torch.no_grad():
         for x, y in TensorBatches(test, 500):
