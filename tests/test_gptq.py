@@ -4,7 +4,7 @@ import torch
 
 import lowbit
 from lowbit.errors import LowbitError, RecipeError
-from lowbit.ptq.gptq import gptq_round, layer_hessians
+from lowbit.ptq.gptq import gptq_layer, gptq_round, layer_hessians, retarget
 from lowbit.recipes.recipe import load_recipe
 from tests.conftest import batches
 
@@ -103,3 +103,51 @@ def test_gptq_step_beats_rounding_and_deploys(mnist_cnn, tmp_path):
         load_recipe({**base, "steps": ["calibrate", {"gptq": {"damp": 0}}]})
     with pytest.raises(LowbitError, match="put `calibrate` before it"):
         lowbit.quantize(model, {**base, "steps": ["gptq", "calibrate"]}, calib=calib, progress=False)
+
+
+def test_float_target_retargets_to_the_least_squares_weights():
+    g = torch.Generator().manual_seed(3)
+    xf = torch.randn(400, 5, generator=g).double()
+    xq = xf + 0.3 * torch.randn(400, 5, generator=g).double()  # upstream quantization error
+    w = torch.randn(3, 5, generator=g).double()
+    h, c = 2 * xq.T @ xq / 400, 2 * xf.T @ xq / 400
+    # undamped, W* is the least-squares fit of W·X_f from X_q
+    lstsq = torch.linalg.lstsq(xq, xf @ w.T).solution.T
+    assert torch.allclose(retarget(w, h, c, damp=1e-12), lstsq, atol=1e-8)
+    # no upstream error (C = H): W back, at any dampening
+    assert torch.allclose(retarget(w, h, h, damp=0.1), w, atol=1e-10)
+    # dampening pulls W* towards W
+    far, near = (float((retarget(w, h, c, d) - w).norm()) for d in (1e-6, 10.0))
+    assert near < 0.2 * far
+
+
+def test_float_target_gptq_lowers_the_error_against_the_float_output():
+    layer = lowbit.model.quant_layer.QuantLayer(torch.nn.Linear(16, 8, bias=False), lowbit.quant.spec.QuantSpec(bits=6), "fc")
+    g = torch.Generator().manual_seed(5)
+    xf = torch.randn(512, 16, generator=g)
+    gain = 0.8 + 0.4 * torch.rand(16, generator=g)  # upstream error a later layer can undo (per-channel gains) ...
+    xq = xf * gain + 0.05 * torch.randn(512, 16, generator=g)  # ... and noise it cannot
+    wmax = layer.module.weight.detach().abs().amax()
+    layer.weight_quantizer.set_range(-wmax, wmax)  # one calibrated per-tensor grid
+    w = layer.module.weight.detach().clone()
+    errors = {}
+    for name, inputs in (("plain", None), ("float", xf)):
+        layer.module.weight.data.copy_(w)
+        gptq_layer(layer, xq, float_inputs=inputs, float_weight=w)
+        q = layer.module.weight.detach()
+        assert torch.equal(layer.weight_quantizer(q), q)  # on the calibrated grid either way
+        errors[name] = float((xf @ w.T - xq @ q.T).norm())
+    assert errors["float"] < 0.6 * errors["plain"]
+    with pytest.raises(LowbitError, match="differ in shape"):
+        gptq_layer(layer, xq, float_inputs=xf[:10], float_weight=w)
+
+
+def test_float_target_is_a_recipe_option(mnist_cnn):
+    model, calib, test = mnist_cnn
+    base = {"extends": "w4a4", "weights": {"bits": 3}, "first_last_bits": None}
+    qm = lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {"target": "float"}}]}, calib=calib,
+                         progress=False)
+    rtn = lowbit.quantize(model, base, calib=calib, progress=False)
+    assert lowbit.evaluate(qm, batches(test)) >= lowbit.evaluate(rtn, batches(test))
+    with pytest.raises(RecipeError, match="target"):
+        load_recipe({**base, "steps": ["calibrate", {"gptq": {"target": "teacher"}}]})

@@ -17,8 +17,13 @@ algorithm (its Algorithm 1), per row block, in column order:
    the later columns in one matrix product ("lazy batch updates").
 
 Layers are done in network order on the inputs the quantized network gives them (earlier
-layers already rounded, activations quantized), so each layer compensates what came before
-it. The rounded weight is written into the float master copy (as AdaRound's ``bake``): the
+layers already rounded, activations quantized). Plain GPTQ minimises ‖(W − Q)X_q‖²: it rounds
+well for the inputs the layer reads but leaves the error those inputs already carry.
+``target="float"`` aims at the float network's output instead, ‖W·X_f − Q·X_q‖² with X_f the
+float network's input to the same layer (the asymmetric objective of GPTAQ, Li et al. 2025).
+Since W·X_f = W*·X_q + R with W* = W·X_f X_qᵀ (X_q X_qᵀ)⁻¹ the least-squares fit and R
+orthogonal to X_q's rows, ‖W·X_f − Q·X_q‖² = ‖(W* − Q)X_q‖² + ‖R‖²: the same GPTQ on W* instead
+of W solves it (``retarget``; dampened towards W so that X_f = X_q gives W back). The rounded weight is written into the float master copy (as AdaRound's ``bake``): the
 unchanged quantizer reproduces those codes, and artifacts and ONNX need nothing new.
 """
 from __future__ import annotations
@@ -89,6 +94,51 @@ def _check_layer(layer: QuantLayer) -> None:
                           "before steps that change the weight kind")
 
 
+def _cross(layer: QuantLayer, xf: torch.Tensor, xq: torch.Tensor, group: int) -> torch.Tensor:
+    """Σ colsᵀ(xf)·cols(xq) of ``_columns``: [columns, columns], float rows against quantized."""
+    if isinstance(layer.module, nn.Linear):
+        return _columns(layer, xf, group).T @ _columns(layer, xq, group)
+    uf, uq = _patches(layer, xf, group), _patches(layer, xq, group)
+    per_batch = max(1, (1 << 25) // (uf.shape[1] ** 2))
+    return sum(torch.bmm(uf[i:i + per_batch], uq[i:i + per_batch].transpose(1, 2)).sum(0)
+               for i in range(0, uf.shape[0], per_batch))
+
+
+@torch.no_grad()
+def layer_cross_grams(layer: QuantLayer, xf: torch.Tensor, xq: torch.Tensor) -> list[torch.Tensor]:
+    """C = 2/N·X_f X_qᵀ of each weight group, normalised as :func:`layer_hessians`."""
+    if xf.shape != xq.shape:
+        raise LowbitError(f"gptq: layer {layer.name!r}: float inputs {tuple(xf.shape)} and quantized inputs "
+                          f"{tuple(xq.shape)} differ in shape")
+    groups = getattr(layer.module, "groups", 1)
+    cs: list[torch.Tensor] = [torch.zeros(0)] * groups
+    n = 0
+    for i in range(0, xq.shape[0], CHUNK):
+        f, q = xf[i:i + CHUNK].float(), xq[i:i + CHUNK].float()
+        for g in range(groups):
+            c = _cross(layer, f, q, g).double()
+            cs[g] = c if cs[g].numel() == 0 else cs[g] + c
+        n += _columns(layer, q[:1], 0).shape[0] * q.shape[0]
+    return [2 * c / max(n, 1) for c in cs]
+
+
+@torch.no_grad()
+def retarget(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """W* = (W·C + λW)(H + λI)⁻¹, λ = damp·mean(diag H): the weights whose output on the
+    quantized inputs best matches W's output on the float inputs (C = X_f X_qᵀ, H = X_q X_qᵀ),
+    regularised towards W (C = H gives W exactly)."""
+    w, h, c = w.double(), h.double(), c.double()
+    lam = damp * torch.diagonal(h).mean().clamp_min(1e-30)
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    try:
+        factor = torch.linalg.cholesky(h + lam * eye)
+    except torch.linalg.LinAlgError:
+        raise NumericalError("gptq: the layer's Hessian is not positive definite even after dampening; "
+                             "raise `damp`") from None
+    rhs = (w @ c + lam * w).T  # solve (H + λI)·W*ᵀ = (W·C + λW)ᵀ; H is symmetric
+    return torch.cholesky_solve(rhs, factor).T
+
+
 @torch.no_grad()
 def layer_hessians(layer: QuantLayer, x: torch.Tensor) -> list[torch.Tensor]:
     """H = 2/N·XXᵀ of each weight group, from the layer's (quantized) inputs ``x``, in chunks."""
@@ -148,9 +198,12 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point
 
 @torch.no_grad()
 def gptq_layer(layer: QuantLayer, x: torch.Tensor, damp: float = 0.01, block_size: int = 128,
-               act_order: bool = False) -> float:
+               act_order: bool = False, float_inputs: torch.Tensor | None = None,
+               float_weight: torch.Tensor | None = None) -> float:
     """Round one layer in place from its quantized inputs ``x``; returns the relative output
-    error ‖(W − Q)X‖/‖WX‖ proxy tr((W−Q)H(W−Q)ᵀ)/tr(WHWᵀ) for the report."""
+    error ‖(W − Q)X‖/‖WX‖ proxy tr((W−Q)H(W−Q)ᵀ)/tr(WHWᵀ) for the report. With
+    ``float_inputs`` (the float network's inputs to this layer) and ``float_weight`` (its
+    float weight) the weights are first retargeted to the float output (module docstring)."""
     _check_layer(layer)
     q = layer.weight_quantizer
     weight = layer.module.weight
@@ -162,9 +215,17 @@ def gptq_layer(layer: QuantLayer, x: torch.Tensor, damp: float = 0.01, block_siz
     zp = torch.broadcast_to(q.zero_point.detach(), (w.shape[0],))
     out = torch.empty_like(w, dtype=torch.float64)
     num = den = 0.0
-    for g, h in enumerate(layer_hessians(layer, x)):
+    hessians = layer_hessians(layer, x)
+    target = w.double().clone()
+    if float_inputs is not None:
+        wf = (weight if float_weight is None else float_weight).detach().reshape(w.shape)
+        for g, c in enumerate(layer_cross_grams(layer, float_inputs, x)):
+            part = slice(g * rows, (g + 1) * rows)
+            target[part] = retarget(wf[part], hessians[g], c, damp)
+    for g, h in enumerate(hessians):
         part = slice(g * rows, (g + 1) * rows)
-        out[part] = gptq_round(w[part], h, scale[part], zp[part], qmin, qmax, q.spec.grid, damp, block_size, act_order)
+        out[part] = gptq_round(target[part], h, scale[part], zp[part], qmin, qmax, q.spec.grid, damp, block_size,
+                               act_order)
         d = (w[part].double() - out[part])
         num += float(torch.einsum("ij,jk,ik->", d, h, d))
         den += float(torch.einsum("ij,jk,ik->", w[part].double(), h, w[part].double()))
@@ -175,8 +236,11 @@ def gptq_layer(layer: QuantLayer, x: torch.Tensor, damp: float = 0.01, block_siz
 
 @torch.no_grad()
 def gptq(qm, batches: list[torch.Tensor], damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-         progress: bool = True) -> dict[str, float]:
-    """GPTQ every quantized layer, in network order; returns each layer's relative error."""
+         progress: bool = True, target: str = "quantized") -> dict[str, float]:
+    """GPTQ every quantized layer, in network order; returns each layer's relative error.
+    ``target``: "quantized" (plain GPTQ) or "float" (aim at the float network's output)."""
+    if target not in ("quantized", "float"):
+        raise LowbitError(f"gptq: target={target!r}; expected 'quantized' or 'float'")
     if not qm.calibrated:
         raise LowbitError("gptq rounds onto the calibrated grids: put `calibrate` before it")
     if not batches:
@@ -185,7 +249,12 @@ def gptq(qm, batches: list[torch.Tensor], damp: float = 0.01, block_size: int = 
     errors: dict[str, float] = {}
     units = split_units(qm)
     bar = tqdm(total=len(qm.layers), desc="gptq", unit="layer", disable=not progress, leave=False)
-    for step in walk_units(qm, units, x, teacher=False):
+    to_float = target == "float"
+    for step in walk_units(qm, units, x, layer_inputs=to_float, teacher=to_float):
+        float_weights = {}
+        if to_float:
+            with qm.float_reference():
+                float_weights = {layer.name: layer.module.weight.detach().clone() for layer in step.unit.layers}
         for layer in step.unit.layers:
             if not layer.quantize_weight:
                 bar.update(1)
@@ -194,7 +263,9 @@ def gptq(qm, batches: list[torch.Tensor], damp: float = 0.01, block_size: int = 
             q_in = layer.input_ref[0] if layer.input_ref else None
             seen = inputs[layer.name]
             seen = q_in(seen) if q_in is not None else seen  # what the deployed layer reads
-            errors[layer.name] = gptq_layer(layer, seen, damp, block_size, act_order)
+            errors[layer.name] = gptq_layer(layer, seen, damp, block_size, act_order,
+                                            step.fp_layer_in.get(layer.name) if to_float else None,
+                                            float_weights.get(layer.name))
             bar.update(1)
     bar.close()
     qm.meta["gptq"] = errors

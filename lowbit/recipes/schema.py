@@ -193,6 +193,8 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("block_size", "int", 128, low=1, doc="columns per lazy-update block (speed only)"),
             Param("act_order", "bool", False, doc="round columns by decreasing Hessian diagonal"),
             Param("recalibrate_activations", "bool", False, doc="re-fit activation ranges to the rounded weights"),
+            Param("target", "str", "quantized", choices=("quantized", "float"),
+                  doc="quantized: plain GPTQ; float: aim at the float network's output (corrects upstream error)"),
         ],
         "qat": _qat_schema(),
     }
