@@ -23,7 +23,9 @@ well for the inputs the layer reads but leaves the error those inputs already ca
 float network's input to the same layer (the asymmetric objective of GPTAQ, Li et al. 2025).
 Since W·X_f = W*·X_q + R with W* = W·X_f X_qᵀ (X_q X_qᵀ)⁻¹ the least-squares fit and R
 orthogonal to X_q's rows, ‖W·X_f − Q·X_q‖² = ‖(W* − Q)X_q‖² + ‖R‖²: the same GPTQ on W* instead
-of W solves it (``retarget``; dampened towards W so that X_f = X_q gives W back). The rounded weight is written into the float master copy (as AdaRound's ``bake``): the
+of W solves it (``retarget``; dampened towards W so that X_f = X_q gives W back).
+
+The rounded weight is written into the float master copy (as AdaRound's ``bake``): the
 unchanged quantizer reproduces those codes, and artifacts and ONNX need nothing new.
 """
 from __future__ import annotations
