@@ -151,5 +151,7 @@ def test_float_target_is_a_recipe_option(mnist_cnn):
     assert lowbit.evaluate(qm, batches(test)) >= lowbit.evaluate(rtn, batches(test))
     with pytest.raises(RecipeError, match="target"):
         load_recipe({**base, "steps": ["calibrate", {"gptq": {"target": "teacher"}}]})
-    steps = load_recipe("w3a3-gptq").steps  # the built-in that ships it
+    steps = load_recipe("w3a3-gptq").steps  # the built-ins that ship it
     assert [n for n, _ in steps] == ["calibrate", "gptq", "bias_correction"] and steps[1][1]["target"] == "float"
+    w2a4 = load_recipe("w2a4-gptq")
+    assert w2a4.steps[1][1]["target"] == "float" and not w2a4.weights.spec.symmetric
