@@ -14,7 +14,7 @@ from lowbit.errors import DataMismatchError, LowbitError
 
 # The main job shows lowbit at its best in about three minutes: plain calibration at 8 bits,
 # the fastest strong method at W4A4 (seed 002's pipeline) and at 2-bit weights (AdaRound + USP).
-DEFAULT_RECIPES = "w8a8,w4a4-seed002,w2a4-gptq-usp"
+DEFAULT_RECIPES = "w8a8,w4a4-seed002,w2a4-gptq"
 NEXT_STEP = ("Longer runs hold more accuracy: `lowbit quantize --recipe w2a4-qdrop` (QDrop, 1000 steps per block, "
              "~10 min here) or a mixed-precision plan from `lowbit search`.")
 
