@@ -56,19 +56,20 @@ def _patch_rows(u: torch.Tensor) -> torch.Tensor:
     return u.transpose(1, 2).reshape(-1, u.shape[1])
 
 
-def _gram(layer: QuantLayer, x: torch.Tensor, group: int) -> torch.Tensor:
-    """Σ colsᵀ·cols of ``_columns``. Where a conv has more positions L than columns k, one
-    batched [k, L]·[L, k] product per image skips the transposed copy (1.7x faster on
-    ResNet-20's 32x32 layers, 2.5x slower where L < k, which keep the plain product)."""
+def _gram(layer: QuantLayer, x: torch.Tensor, group: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ colsᵀ(x)·cols(y) of ``_columns`` (y = x when not given). Where a conv has more
+    positions L than columns k, one batched [k, L]·[L, k] product per image skips the
+    transposed copy (1.7x faster on ResNet-20's 32x32 layers, 2.5x slower where L < k, which
+    keep the plain product)."""
     if isinstance(layer.module, nn.Linear):
         cols = _columns(layer, x, group)
-        return cols.T @ cols
+        return cols.T @ (cols if y is None else _columns(layer, y, group))
     u = _patches(layer, x, group)  # [B, k, L]
+    v = u if y is None else _patches(layer, y, group)
     if u.shape[2] < u.shape[1]:
-        cols = _patch_rows(u)
-        return cols.T @ cols
+        return _patch_rows(u).T @ _patch_rows(v)
     per_batch = max(1, (1 << 25) // (u.shape[1] ** 2))  # bounds the [b, k, k] partial products to 128 MB
-    return sum(torch.bmm(u[i:i + per_batch], u[i:i + per_batch].transpose(1, 2)).sum(0)
+    return sum(torch.bmm(u[i:i + per_batch], v[i:i + per_batch].transpose(1, 2)).sum(0)
                for i in range(0, u.shape[0], per_batch))
 
 
@@ -96,34 +97,6 @@ def _check_layer(layer: QuantLayer) -> None:
                           "before steps that change the weight kind")
 
 
-def _cross(layer: QuantLayer, xf: torch.Tensor, xq: torch.Tensor, group: int) -> torch.Tensor:
-    """Σ colsᵀ(xf)·cols(xq) of ``_columns``: [columns, columns], float rows against quantized."""
-    if isinstance(layer.module, nn.Linear):
-        return _columns(layer, xf, group).T @ _columns(layer, xq, group)
-    uf, uq = _patches(layer, xf, group), _patches(layer, xq, group)
-    per_batch = max(1, (1 << 25) // (uf.shape[1] ** 2))
-    return sum(torch.bmm(uf[i:i + per_batch], uq[i:i + per_batch].transpose(1, 2)).sum(0)
-               for i in range(0, uf.shape[0], per_batch))
-
-
-@torch.no_grad()
-def layer_cross_grams(layer: QuantLayer, xf: torch.Tensor, xq: torch.Tensor) -> list[torch.Tensor]:
-    """C = 2/N·X_f X_qᵀ of each weight group, normalised as :func:`layer_hessians`."""
-    if xf.shape != xq.shape:
-        raise LowbitError(f"gptq: layer {layer.name!r}: float inputs {tuple(xf.shape)} and quantized inputs "
-                          f"{tuple(xq.shape)} differ in shape")
-    groups = getattr(layer.module, "groups", 1)
-    cs: list[torch.Tensor] = [torch.zeros(0)] * groups
-    n = 0
-    for i in range(0, xq.shape[0], CHUNK):
-        f, q = xf[i:i + CHUNK].float(), xq[i:i + CHUNK].float()
-        for g in range(groups):
-            c = _cross(layer, f, q, g).double()
-            cs[g] = c if cs[g].numel() == 0 else cs[g] + c
-        n += _columns(layer, q[:1], 0).shape[0] * q.shape[0]
-    return [2 * c / max(n, 1) for c in cs]
-
-
 @torch.no_grad()
 def retarget(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """W* = (W·C + λW)(H + λI)⁻¹, λ = damp·mean(diag H): the weights whose output on the
@@ -142,15 +115,20 @@ def retarget(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.
 
 
 @torch.no_grad()
-def layer_hessians(layer: QuantLayer, x: torch.Tensor) -> list[torch.Tensor]:
-    """H = 2/N·XXᵀ of each weight group, from the layer's (quantized) inputs ``x``, in chunks."""
+def layer_hessians(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """H = 2/N·XXᵀ of each weight group, from the layer's (quantized) inputs ``x``, in chunks;
+    with ``y`` the cross term 2/N·XYᵀ instead (the float target's C = X_f X_qᵀ: x float, y quantized)."""
+    if y is not None and y.shape != x.shape:
+        raise LowbitError(f"gptq: layer {layer.name!r}: float inputs {tuple(x.shape)} and quantized inputs "
+                          f"{tuple(y.shape)} differ in shape")
     groups = getattr(layer.module, "groups", 1)
     hs: list[torch.Tensor] = [torch.zeros(0)] * groups
     n = 0
     for i in range(0, x.shape[0], CHUNK):
         chunk = x[i:i + CHUNK].float()
+        other = None if y is None else y[i:i + CHUNK].float()
         for g in range(groups):
-            h = _gram(layer, chunk, g).double()  # float32 products per chunk (4x faster), summed in float64
+            h = _gram(layer, chunk, g, other).double()  # float32 products per chunk (4x faster), summed in float64
             hs[g] = h if hs[g].numel() == 0 else hs[g] + h
         n += _columns(layer, chunk[:1], 0).shape[0] * chunk.shape[0]
     return [2 * h / max(n, 1) for h in hs]
@@ -221,7 +199,7 @@ def gptq_layer(layer: QuantLayer, x: torch.Tensor, damp: float = 0.01, block_siz
     target = w.double().clone()
     if float_inputs is not None:
         wf = (weight if float_weight is None else float_weight).detach().reshape(w.shape)
-        for g, c in enumerate(layer_cross_grams(layer, float_inputs, x)):
+        for g, c in enumerate(layer_hessians(layer, float_inputs, x)):
             part = slice(g * rows, (g + 1) * rows)
             target[part] = retarget(wf[part], hessians[g], c, damp)
     for g, h in enumerate(hessians):
