@@ -4,6 +4,7 @@ import torch
 
 import lowbit
 from lowbit.errors import LowbitError, RecipeError
+from lowbit.ptq.calibrate import calibrate_weight_quantizer
 from lowbit.ptq.gptq import gptq_layer, gptq_round, layer_hessians, retarget
 from lowbit.recipes.recipe import load_recipe
 from tests.conftest import batches
@@ -155,3 +156,29 @@ def test_float_target_is_a_recipe_option(mnist_cnn):
     assert [n for n, _ in steps] == ["calibrate", "gptq", "bias_correction"] and steps[1][1]["target"] == "float"
     w2a4 = load_recipe("w2a4-gptq")
     assert w2a4.steps[1][1]["target"] == "float" and not w2a4.weights.spec.symmetric
+
+
+def test_regrid_fits_the_grid_to_the_refitted_weights():
+    layer = lowbit.model.quant_layer.QuantLayer(torch.nn.Linear(16, 8, bias=False), lowbit.quant.spec.QuantSpec(bits=4), "fc")
+    g = torch.Generator().manual_seed(7)
+    xq = torch.randn(1024, 16, generator=g)
+    xf = 2 * xq  # the float network's input is twice what the layer reads: W* = 2W exactly
+    w = layer.module.weight.detach().clone()
+    q = layer.weight_quantizer
+    calibrate_weight_quantizer(q, w, "minmax")
+    before = q.scale.clone()
+    gptq_layer(layer, xq, damp=1e-9, float_inputs=xf, float_weight=w, regrid=("minmax", {}))
+    assert torch.allclose(q.scale, 2 * before, rtol=1e-4)  # the range of 2W, not W's
+    assert torch.equal(q(layer.module.weight.detach()), layer.module.weight.detach())  # rounded onto the new grid
+    assert torch.allclose(layer.module.weight.detach(), 2 * w, atol=float(q.scale) / 2 + 1e-6)
+
+
+def test_regrid_needs_the_float_target(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    base = {"extends": "w4a4", "weights": {"bits": 3}, "first_last_bits": None}
+    with pytest.raises(LowbitError, match="needs target: float"):
+        lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {"regrid": True}}]}, calib=calib,
+                        progress=False)
+    qm = lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]},
+                         calib=calib, progress=False)
+    assert qm.meta["gptq"]

@@ -195,6 +195,8 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("recalibrate_activations", "bool", False, doc="re-fit activation ranges to the rounded weights"),
             Param("target", "str", "quantized", choices=("quantized", "float"),
                   doc="quantized: plain GPTQ; float: aim at the float network's output (corrects upstream error)"),
+            Param("regrid", "bool", False,
+                  doc="with target: float, re-fit each weight grid to the refitted weights before rounding"),
         ],
         "qat": _qat_schema(),
     }
