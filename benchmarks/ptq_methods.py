@@ -67,6 +67,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target)": ({"steps": ["calibrate", {"gptq": {"target": "float"}}]}, True),
     "gptq (float target)+bias correction": ({"steps": ["calibrate", {"gptq": {"target": "float"}}, "bias_correction"]},
                                             True),
+    "gptq (float target, regrid)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]}, True),
     "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
     "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),

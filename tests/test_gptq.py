@@ -153,9 +153,9 @@ def test_float_target_is_a_recipe_option(mnist_cnn):
     with pytest.raises(RecipeError, match="target"):
         load_recipe({**base, "steps": ["calibrate", {"gptq": {"target": "teacher"}}]})
     steps = load_recipe("w3a3-gptq").steps  # the built-ins that ship it
-    assert [n for n, _ in steps] == ["calibrate", "gptq", "bias_correction"] and steps[1][1]["target"] == "float"
+    assert [n for n, _ in steps] == ["calibrate", "gptq"] and steps[1][1]["target"] == "float" and steps[1][1]["regrid"]
     w2a4 = load_recipe("w2a4-gptq")
-    assert w2a4.steps[1][1]["target"] == "float" and not w2a4.weights.spec.symmetric
+    assert w2a4.steps[1][1]["target"] == "float" and w2a4.steps[1][1]["regrid"] and not w2a4.weights.spec.symmetric
 
 
 def test_regrid_fits_the_grid_to_the_refitted_weights():
