@@ -363,3 +363,21 @@ def test_approx_sign_has_bi_reals_gradient():
     assert (r.shortcut, r.activations.quantizer_options) == ("bireal", {"approx_sign": True})
     with pytest.raises(RecipeError, match="not options of quantizer 'xnor'"):  # a weights kind: no such option
         load_recipe({"extends": "w1a1-xnor", "weights": {"quantizer_options": {"approx_sign": True}}})
+
+
+@pytest.mark.parametrize("kind,bits,grid", [("twn", 2, "midtread"), ("xnor", 1, "midrise"),
+                                            ("binaryconnect", 1, "midrise")])
+def test_weights_on_the_calibrated_grid_are_the_family_quantizers_fixed_point(kind, bits, grid):
+    """Why `calibrate -> gptq -> qat` starts training where post-training quantization ends:
+    GPTQ bakes weights onto the uniform grid, and TWN's {-a, 0, a} (a = mean |W| over |W| > 0.7 E|W|),
+    XNOR's a·sign(W) (a = mean |W|) and BinaryConnect's sign (in units of the calibrated level)
+    recompute exactly those weights from them."""
+    torch.manual_seed(1)
+    source = _calibrated(bits, grid, scale=0.3, channels=6)
+    source.set_params(torch.tensor([0.3, 0.05, 0.8, 0.2, 0.1, 0.4]), torch.zeros(6))
+    w = torch.randn(6, 3, 3, 3) * 0.3
+    baked = source(w)  # on the grid, as GPTQ leaves the master weights
+    q = make_trainable(source, kind, "weights", weight=baked)
+    q.eval()
+    assert torch.allclose(q(baked), baked, rtol=1e-6, atol=0), kind  # to float rounding of the mean
+    assert not torch.equal(q(w), w)  # and not trivially: unbaked weights do move
