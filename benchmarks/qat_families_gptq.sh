@@ -24,7 +24,8 @@ run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
 EXTRA=("$@")
 run w2a32-twn ""
 run w1a32-xnor ""
-run w2a32-ttq "" set:quantizer_lr=1e-5
+run w2a32-ttq "" set:quantizer_lr=1e-5  # diverged (NaN at step 14): with distillation's larger gradients
+run w2a32-ttq clip1 set:quantizer_lr=1e-5 set:clip_grad_norm=1.0  # zero weights sit 0.05·max from +-max
 run w1a32-binaryconnect ""
 run w1a2-hwgq ""
 run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=twn
