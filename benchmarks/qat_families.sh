@@ -15,14 +15,17 @@ run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
     --threads 1 --runs runs --out "$out" "${EXTRA[@]}"
 }
 EXTRA=("$@")
+# the calibrated start these rows were measured from (TWN, TTQ, XNOR and BinaryConnect now ship the GPTQ start:
+# benchmarks/qat_families_gptq.sh)
+CAL='steps=[calibrate, {qat: {epochs: 30, lr: 0.002, weight_decay: 5.0e-5, batch_size: 128}}]'
 run w3a32-kmeans ""
 run w3a32-kmeans-hessian ""
-run w1a32-binaryconnect ""
-run w1a32-binaryconnect stochastic "weights.quantizer_options={stochastic: true}"
-run w1a32-binaryconnect lr2e-4 set:lr=0.0002  # at 0.002 ResNet-20's latent weights diverge (NaN loss)
-run w1a32-xnor ""
-run w2a32-twn ""
-run w2a32-ttq "" set:quantizer_lr=1e-5  # TTQ's scale gradient sums a whole layer: at the weights' rate it collapses
+run w1a32-binaryconnect "" "$CAL"
+run w1a32-binaryconnect stochastic "weights.quantizer_options={stochastic: true}" "$CAL"
+run w1a32-binaryconnect lr2e-4 set:lr=0.0002 "$CAL"  # at 0.002 ResNet-20's latent weights diverge (NaN loss)
+run w1a32-xnor "" "$CAL"
+run w2a32-twn "" "$CAL"
+run w2a32-ttq "" set:quantizer_lr=1e-5 "$CAL"  # TTQ's scale gradient sums a whole layer: at the weights' rate it collapses
 run w3a32-kmeans-ft "" set:quantizer_lr=1e-5  # centroid gradients sum their cluster: same reason
 run w5a32-inq ""
 run w1a2-hwgq ""
