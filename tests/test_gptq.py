@@ -181,6 +181,8 @@ def test_regrid_needs_the_float_target(mnist_cnn):
     with pytest.raises(LowbitError, match="needs target: float"):
         lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {"regrid": True}}]}, calib=calib,
                         progress=False)
+    with pytest.raises(RecipeError, match="needs target: float"):  # refused when the recipe loads, before calibrating
+        load_recipe({**base, "steps": ["calibrate", {"gptq": {"regrid": True}}]})
     qm = lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]},
                          calib=calib, progress=False)
     assert qm.meta["gptq"]

@@ -220,6 +220,9 @@ def check_params(step: str, params: dict[str, Any]) -> dict[str, Any]:
         high = out.get("high", by_name["high"].default)
         if not low < high:
             raise RecipeError(f"step 'easyquant': low={low} must be below high={high} (the scale search interval)")
+    if step == "gptq" and out.get("regrid") and out.get("target", by_name["target"].default) != "float":
+        raise RecipeError("step 'gptq': regrid re-fits the grid to the float target's refitted weights; "
+                          "it needs target: float")
     return {k: v for k, v in out.items() if v is not None}
 
 
