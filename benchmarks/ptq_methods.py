@@ -67,7 +67,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target)": ({"steps": ["calibrate", {"gptq": {"target": "float"}}]}, True),
     "gptq (float target)+bias correction": ({"steps": ["calibrate", {"gptq": {"target": "float"}}, "bias_correction"]},
                                             True),
-    "gptq (float target, regrid)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]}, True),
+    "gptq (float target regridded)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]}, True),
     "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
     "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),
@@ -80,6 +80,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     f"qdrop ({LONG_ITERS} it)": ({"steps": ["calibrate", {"qdrop": {"iters": LONG_ITERS}}]}, True),
 }
 DEFAULT_METHODS = [m for m in METHODS if "it)" not in m]
+assert not any("," in m for m in METHODS), "--methods is comma-separated: no comma in a method name"
 
 
 def merge(base: dict, extra: dict) -> dict:
