@@ -231,7 +231,11 @@ def test_kill_and_resume_ends_with_identical_weights(mnist_cnn, mnist_train, tmp
     finally:
         engine.save_state = original
     assert calls["n"] == 1 and (ckpt / "state.json").is_file() and (ckpt / "metrics.jsonl").read_text().count("\n") == 1
-    reworded = {**first, "description": "the same recipe, described differently"}  # prose does not refuse a resume
+    moved = tmp_path / "moved"  # a folder moved (or brought back from another machine) still resumes
+    ckpt.rename(moved)
+    ckpt = moved
+    reworded = {**_qat_recipe(epochs=2, val_samples=300, checkpoint=str(moved)),
+                "description": "the same recipe, described differently"}  # prose does not refuse a resume
     resumed = lowbit.quantize(model, reworded, calib=calib, train=small, progress=False)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), k

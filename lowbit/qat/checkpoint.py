@@ -64,6 +64,20 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}"]
 
 
+def _without_location(fingerprint: Any) -> Any:
+    """The fingerprint less each step's ``checkpoint`` parameter: where a run is kept is not how it
+    trains, so a checkpoint folder that was moved or copied (another disk, a GPU machine's run
+    brought back) still resumes."""
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("recipe"), dict):
+        return fingerprint
+    steps = fingerprint["recipe"].get("steps")
+    if not isinstance(steps, list):
+        return fingerprint
+    steps = [{name: {k: v for k, v in params.items() if k != "checkpoint"} if isinstance(params, dict) else params
+              for name, params in step.items()} if isinstance(step, dict) else step for step in steps]
+    return {**fingerprint, "recipe": {**fingerprint["recipe"], "steps": steps}}
+
+
 def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
                fingerprint: dict[str, Any]) -> TrainingState | None:
     """The saved state, restored into ``model``/``opt``; None when ``folder`` holds none.
@@ -80,7 +94,8 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
         raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}; delete the folder to start over") from e
     if side.get("format") != FORMAT:
         raise LowbitError(f"{side_path} is not a lowbit QAT checkpoint")
-    diffs = [d for d in _differences(side.get("fingerprint"), json.loads(json.dumps(fingerprint, default=str)))
+    now = json.loads(json.dumps(fingerprint, default=str))
+    diffs = [d for d in _differences(_without_location(side.get("fingerprint")), _without_location(now))
              if not d.startswith("recipe.description")]  # prose: rewording a recipe changes no result
     if diffs:
         raise LowbitError(f"checkpoint {folder} was written with another recipe or other qat settings ("
