@@ -73,9 +73,15 @@ def _without_location(fingerprint: Any) -> Any:
     steps = fingerprint["recipe"].get("steps")
     if not isinstance(steps, list):
         return fingerprint
-    steps = [{name: {k: v for k, v in params.items() if k != "checkpoint"} if isinstance(params, dict) else params
-              for name, params in step.items()} if isinstance(step, dict) else step for step in steps]
-    return {**fingerprint, "recipe": {**fingerprint["recipe"], "steps": steps}}
+    return {**fingerprint, "recipe": {**fingerprint["recipe"], "steps": [_step_without_location(s) for s in steps]}}
+
+
+def _step_without_location(step: Any) -> Any:
+    """One recipe step ({name: params} or a bare name) without a ``checkpoint`` parameter."""
+    if not isinstance(step, dict):
+        return step
+    return {name: {k: v for k, v in params.items() if k != "checkpoint"} if isinstance(params, dict) else params
+            for name, params in step.items()}
 
 
 def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
