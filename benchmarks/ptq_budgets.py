@@ -11,7 +11,7 @@ machine that is busier at one moment slows both.
     python benchmarks/ptq_budgets.py --data-dir ../shared/data --models-dir ../shared/models \
         --peer brevitas=../venv-brevitas/bin/python --seeds 0,1,2 --threads 1
     python benchmarks/ptq_budgets.py --table            # README table (every results/ptq_budgets*.json)
-    python benchmarks/ptq_budgets.py --plot FIG.png     # top-1 against quantize time
+    python benchmarks/ptq_budgets.py --plot figures/ptq_budgets.png   # top-1 against quantize time, one FIG_<model>.png per model
 """
 from __future__ import annotations
 
