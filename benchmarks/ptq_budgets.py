@@ -30,11 +30,14 @@ PEER_FLOWS = {"brevitas": ["mse", "gptq+bc"]}  # its plain flow and its best flo
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {
     "w4a4": ["bias correction (weights)", "seed002 bn+cosine+teacher-student", "gptq+bias correction", "adaquant",
-             "gptq+usp", "gptq (float target)+bias correction", "gptq (float target regridded)"],
+             "gptq+usp", "gptq (float target)+bias correction", "gptq (float target regridded)",
+             "gptq (float target output grid)"],
     "w3a3": ["bias correction (weights)", "adaquant", "gptq+usp", "gptq+usp+bias correction",
-             "gptq (float target)+bias correction", "gptq (float target regridded)"],
+             "gptq (float target)+bias correction", "gptq (float target regridded)",
+             "gptq (float target output grid)"],
     "w2a4": ["bias correction (weights)", "adaround+usp", "gptq+usp", "gptq+usp+bias correction",
-             "gptq (float target)", "gptq (float target regridded)"],
+             "gptq (float target)", "gptq (float target regridded)",
+             "gptq (float target output grid)"],
 }
 BUDGETS = (10, 60, 180)  # seconds: "about 5 s, 30 s, 2 min" as ceilings; 60 s and 3 min are the goals' limits
 

@@ -68,6 +68,8 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target)+bias correction": ({"steps": ["calibrate", {"gptq": {"target": "float"}}, "bias_correction"]},
                                             True),
     "gptq (float target regridded)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]}, True),
+    "gptq (float target output grid)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True,
+                                                                          "grid_objective": "output"}}]}, True),
     "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
     "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),

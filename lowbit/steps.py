@@ -132,13 +132,18 @@ def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", pro
 
 def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool, damp: float = 0.01,
           block_size: int = 128, act_order: bool = False, recalibrate_activations: bool = False,
-          target: str = "quantized", regrid: bool = False) -> None:
+          target: str = "quantized", regrid: bool = False, grid_objective: str = "weights") -> None:
     """GPTQ rounding of every layer's weights (lowbit.ptq.gptq); optionally re-fit the activation
     ranges to the rounded network."""
     from lowbit.ptq.calibrate import calibrate_activations
     from lowbit.ptq.gptq import gptq
 
-    grid_fit = (recipe.weights.estimator, recipe.weights.estimator_options) if regrid else None
+    from lowbit.ptq.gptq import OUTPUT_GRID
+
+    grid_fit = None
+    if regrid:
+        grid_fit = ((OUTPUT_GRID, {}) if grid_objective == "output"
+                    else (recipe.weights.estimator, recipe.weights.estimator_options))
     gptq(qm, batches, damp=damp, block_size=block_size, act_order=act_order, progress=progress, target=target,
          regrid=grid_fit)
     if recalibrate_activations:

@@ -20,7 +20,8 @@ def _rows(t: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
     return t.detach().reshape(t.shape[0], -1) if q.spec.per_channel else t.detach().reshape(1, -1)
 
 
-def _apply(q: UniformQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> None:
+def apply_range(q: UniformQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Set a quantizer's range from per-row (or one-row) lo/hi."""
     if not q.spec.per_channel:
         lo, hi = lo.reshape(()), hi.reshape(())
     q.set_range(lo, hi)
@@ -32,7 +33,7 @@ def calibrate_weight_quantizer(q: UniformQuantizer, weight: torch.Tensor, estima
     if q.signed is None:
         q.signed = True
     lo, hi = estimate_range(estimator, _rows(weight, q), q.spec, q.signed, **(options or {}))
-    _apply(q, lo, hi)
+    apply_range(q, lo, hi)
 
 
 def calibrate_weights(qm: QuantModel, estimator: str = "mse", options: dict[str, Any] | None = None) -> None:
@@ -82,7 +83,7 @@ def calibrate_activations(
                 q.signed = bool(sample.min() < 0)
             opts = (options or {}) if used[n] == estimator else {}
             lo, hi = estimate_range(used[n], sample, q.spec, q.signed, **opts)
-        _apply(q, lo, hi)
+        apply_range(q, lo, hi)
     return used
 
 

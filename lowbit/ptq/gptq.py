@@ -39,10 +39,12 @@ from tqdm import tqdm
 
 from lowbit.errors import LowbitError, NumericalError
 from lowbit.model.quant_layer import QuantLayer
-from lowbit.ptq.calibrate import calibrate_weight_quantizer
+from lowbit.ptq.calibrate import apply_range, calibrate_weight_quantizer
 from lowbit.ptq.cache import CHUNK, capture_inputs, walk_units
 from lowbit.ptq.units import split_units
 from lowbit.quant import functional as F
+from lowbit.quant.estimators import Range, search_shrink
+from lowbit.quant.spec import QuantSpec
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -115,6 +117,28 @@ def retarget(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.
                              "raise `damp`") from None
     rhs = (w @ c + lam * w).T  # solve (H + λI)·W*ᵀ = (W·C + λW)ᵀ; H is symmetric
     return torch.cholesky_solve(rhs, factor).T
+
+
+# ``regrid`` estimator name meaning "search the grid by the layer's output error" (not a weight estimator)
+OUTPUT_GRID = "output"
+
+
+@torch.no_grad()
+def output_weighted_range(w: torch.Tensor, hessians: list[torch.Tensor], spec: QuantSpec, signed: bool) -> Range:
+    """Each row's grid from the range estimators' shrink search, scored by the output error of
+    rounding to it, (w − q)·H·(w − q)ᵀ, instead of the weight MSE: a weight the inputs drive
+    hard counts for more than one they barely touch. ``w`` is [out, in] (groups stacked)."""
+    rows = w.shape[0] // len(hessians)
+    hs = [h.float() for h in hessians]
+    x = w.float() if spec.per_channel else w.float().reshape(1, -1)
+
+    def score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = b.sub_(a).reshape(b.shape[0], w.shape[0], -1)
+        per_row = torch.cat([torch.einsum("krc,krc->kr", d[:, g * rows:(g + 1) * rows] @ h,
+                                          d[:, g * rows:(g + 1) * rows]) for g, h in enumerate(hs)], dim=1)
+        return per_row if spec.per_channel else per_row.sum(dim=1, keepdim=True)
+
+    return search_shrink(x, spec, signed, score)
 
 
 @torch.no_grad()
@@ -204,7 +228,9 @@ def gptq_layer(layer: QuantLayer, x: torch.Tensor, damp: float = 0.01, block_siz
         for g, c in enumerate(layer_hessians(layer, float_inputs, x)):
             part = slice(g * rows, (g + 1) * rows)
             target[part] = retarget(wf[part], hessians[g], c, damp)
-        if regrid is not None:
+        if regrid is not None and regrid[0] == OUTPUT_GRID:
+            apply_range(q, *output_weighted_range(target, hessians, q.spec, q.signed))
+        elif regrid is not None:
             calibrate_weight_quantizer(q, target.float().reshape(weight.shape), regrid[0], regrid[1])
     scale = torch.broadcast_to(q.scale.detach(), (w.shape[0],))
     zp = torch.broadcast_to(q.zero_point.detach(), (w.shape[0],))

@@ -64,7 +64,7 @@ def _scaled_candidates(x: torch.Tensor, spec: QuantSpec, fractions: torch.Tensor
 SEARCH_CHUNK_VALUES = 1 << 22
 
 
-def _search(
+def search_shrink(
     x: torch.Tensor, spec: QuantSpec, signed: bool, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     grid_points: int = 100, refine_points: int = 20,
 ) -> Range:
@@ -101,7 +101,7 @@ def mse(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
     """QMSE (seed 004): the clip that minimises rounding noise + clipping noise together,
     measured as the mean squared error of the actual quantizer over the data."""
     # b is the search's fresh fake-quant buffer: square the error in place
-    return _search(x, spec, signed, lambda a, b: b.sub_(a).square_().mean(dim=-1))
+    return search_shrink(x, spec, signed, lambda a, b: b.sub_(a).square_().mean(dim=-1))
 
 
 def cosine(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
@@ -109,7 +109,7 @@ def cosine(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
     similarity between the float and the quantized tensor."""
     def neg_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
-    return _search(x, spec, signed, neg_cos)
+    return search_shrink(x, spec, signed, neg_cos)
 
 
 def gaussian(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:

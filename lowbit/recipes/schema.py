@@ -197,6 +197,9 @@ def step_schemas() -> dict[str, list[Param]]:
                   doc="quantized: plain GPTQ; float: aim at the float network's output (corrects upstream error)"),
             Param("regrid", "bool", False,
                   doc="with target: float, re-fit each weight grid to the refitted weights before rounding"),
+            Param("grid_objective", "str", "weights", choices=("weights", "output"),
+                  doc="regrid's score: weights = the recipe's weight estimator on the refitted weights; "
+                      "output = each row's rounding error weighted by the layer's input Hessian"),
         ],
         "qat": _qat_schema(),
     }
@@ -223,6 +226,8 @@ def check_params(step: str, params: dict[str, Any]) -> dict[str, Any]:
     if step == "gptq" and out.get("regrid") and out.get("target", by_name["target"].default) != "float":
         raise RecipeError("step 'gptq': regrid re-fits the grid to the float target's refitted weights; "
                           "it needs target: float")
+    if step == "gptq" and out.get("grid_objective", "weights") != "weights" and not out.get("regrid"):
+        raise RecipeError("step 'gptq': grid_objective scores the re-fitted grid; it needs regrid: true")
     return {k: v for k, v in out.items() if v is not None}
 
 
