@@ -10,6 +10,7 @@ machine that is busier at one moment slows both.
 
     python benchmarks/ptq_budgets.py --data-dir ../shared/data --models-dir ../shared/models \
         --peer brevitas=../venv-brevitas/bin/python --seeds 0,1,2 --threads 1
+    python benchmarks/ptq_budgets.py --models resnet32 --seeds 1 --configs w2a4 --methods "gptq (float target output grid)"
     python benchmarks/ptq_budgets.py --table            # README table (every results/ptq_budgets*.json)
     python benchmarks/ptq_budgets.py --plot figures/ptq_budgets.png   # top-1 against quantize time, one FIG_<model>.png per model
 """
@@ -61,10 +62,12 @@ def run(args: argparse.Namespace) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for config in args.configs.split(","):
             # lowbit's rows for this (seed, config) through the methods benchmark's own loop
+            methods = [m for m in LOWBIT_METHODS[config] if args.methods is None or m in args.methods.split(",")]
             ns = argparse.Namespace(threads=args.threads, out=args.out, data_dir=args.data_dir,
                                     models_dir=args.models_dir, models=args.models, seeds=str(seed), configs=config,
-                                    methods=",".join(LOWBIT_METHODS[config]))
-            pm.run(ns)
+                                    methods=",".join(methods))
+            if methods:
+                pm.run(ns)
             data = pm.load_results(args.out)
             done = {pm.key(r) for r in data["runs"]}
             for model in args.models.split(","):
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--configs", default=",".join(LOWBIT_METHODS))
+    ap.add_argument("--methods", help="run only these of lowbit's candidates (comma-separated names); default all")
     ap.add_argument("--peer", action="append", default=[], help="TOOL=PYTHON, e.g. brevitas=../venv-brevitas/bin/python")
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--models-dir", default="../shared/models")
@@ -177,6 +181,10 @@ def main() -> None:
     bad = [c for c in args.configs.split(",") if c not in LOWBIT_METHODS]
     if bad:
         raise SystemExit(f"unknown config(s) {bad}; known: {list(LOWBIT_METHODS)}")
+    known = {m for ms in LOWBIT_METHODS.values() for m in ms}
+    bad = [m for m in (args.methods or "").split(",") if m and m not in known]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; known: {sorted(known)}")
     run(args)
 
 

@@ -158,6 +158,7 @@ def test_float_target_is_a_recipe_option(mnist_cnn):
     assert [n for n, _ in steps] == ["calibrate", "gptq"] and steps[1][1]["target"] == "float" and steps[1][1]["regrid"]
     w2a4 = load_recipe("w2a4-gptq")
     assert w2a4.steps[1][1]["target"] == "float" and w2a4.steps[1][1]["regrid"] and not w2a4.weights.spec.symmetric
+    assert w2a4.steps[1][1]["grid_objective"] == "output"
 
 
 def test_regrid_fits_the_grid_to_the_refitted_weights():
