@@ -159,6 +159,9 @@ def test_float_target_is_a_recipe_option(mnist_cnn):
     w2a4 = load_recipe("w2a4-gptq")
     assert w2a4.steps[1][1]["target"] == "float" and w2a4.steps[1][1]["regrid"] and not w2a4.weights.spec.symmetric
     assert w2a4.steps[1][1]["grid_objective"] == "output"
+    affine = load_recipe("w3a3-gptq-affine")  # the 3-minute W3A3 leader of benchmarks/ptq_budgets.py
+    assert [n for n, _ in affine.steps] == ["calibrate", "gptq", "bias_correction"]
+    assert affine.steps[1][1] == {"target": "float"} and not affine.weights.spec.symmetric
 
 
 def test_regrid_fits_the_grid_to_the_refitted_weights():
