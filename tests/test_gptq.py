@@ -238,3 +238,25 @@ def test_grid_objective_is_a_recipe_option(mnist_cnn):
     layer = qm.layers[1].layer
     q = layer.weight_quantizer
     assert torch.equal(q(layer.module.weight.detach()), layer.module.weight.detach())  # codes on the searched grid
+
+
+def test_output_grid_uses_each_groups_own_hessian():
+    from lowbit.model.quant_layer import QuantLayer
+    from lowbit.ptq.gptq import output_weighted_range
+    from lowbit.quant import functional as F
+    from lowbit.quant.estimators import mse
+    torch.manual_seed(1)
+    layer = QuantLayer(torch.nn.Conv2d(4, 6, 3, groups=2, bias=False),
+                       lowbit.quant.spec.QuantSpec(bits=2, per_channel=True, symmetric=False), "c")
+    x = torch.randn(32, 4, 6, 6) * torch.tensor([4.0, 0.1, 0.1, 4.0])[None, :, None, None]  # groups see unlike inputs
+    hs = layer_hessians(layer, x)
+    w = layer.module.weight.detach().reshape(6, -1)
+    spec = layer.weight_quantizer.spec
+
+    def row_errors(lo, hi):
+        s, z = F.range_to_scale_zero_point(lo, hi, spec, True)
+        d = (F.fake_quantize_broadcast(w, s[:, None], z[:, None], *spec.code_range(True), spec.grid) - w).double()
+        return torch.cat([((d[g * 3:(g + 1) * 3] @ h) * d[g * 3:(g + 1) * 3]).sum(1) for g, h in enumerate(hs)])
+
+    out, ref = row_errors(*output_weighted_range(w.double(), hs, spec, True)), row_errors(*mse(w, spec, True))
+    assert bool((out <= ref * (1 + 1e-5) + 1e-12).all()) and float(out.sum()) < float(ref.sum())
