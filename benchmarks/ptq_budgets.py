@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for config in args.configs.split(","):
             # lowbit's rows for this (seed, config) through the methods benchmark's own loop
-            methods = [m for m in LOWBIT_METHODS[config] if args.methods is None or m in args.methods.split(",")]
+            methods = [m for m in LOWBIT_METHODS[config] if args.methods is None or m in args.methods]
             ns = argparse.Namespace(threads=args.threads, out=args.out, data_dir=args.data_dir,
                                     models_dir=args.models_dir, models=args.models, seeds=str(seed), configs=config,
                                     methods=",".join(methods))
@@ -182,7 +182,8 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown config(s) {bad}; known: {list(LOWBIT_METHODS)}")
     known = {m for ms in LOWBIT_METHODS.values() for m in ms}
-    bad = [m for m in (args.methods or "").split(",") if m and m not in known]
+    args.methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    bad = [m for m in args.methods or [] if m not in known]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; known: {sorted(known)}")
     run(args)

@@ -136,9 +136,7 @@ def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progr
     """GPTQ rounding of every layer's weights (lowbit.ptq.gptq); optionally re-fit the activation
     ranges to the rounded network."""
     from lowbit.ptq.calibrate import calibrate_activations
-    from lowbit.ptq.gptq import gptq
-
-    from lowbit.ptq.gptq import OUTPUT_GRID
+    from lowbit.ptq.gptq import OUTPUT_GRID, gptq
 
     grid_fit = None
     if regrid:

@@ -194,6 +194,13 @@ def test_regrid_needs_the_float_target(mnist_cnn):
     assert qm.meta["gptq"]
 
 
+def _rounded(w, lo, hi, spec):
+    """w rounded onto the per-row grids [lo, hi]."""
+    from lowbit.quant import functional as F
+    s, z = F.range_to_scale_zero_point(lo, hi, spec, True)
+    return F.fake_quantize_broadcast(w, s[:, None], z[:, None], *spec.code_range(True), spec.grid)
+
+
 def test_output_grid_with_isotropic_inputs_is_the_mse_grid():
     from lowbit.ptq.gptq import output_weighted_range
     from lowbit.quant.estimators import mse
@@ -208,15 +215,13 @@ def test_output_grid_with_isotropic_inputs_is_the_mse_grid():
 
 def test_output_grid_fits_the_weight_the_inputs_drive():
     from lowbit.ptq.gptq import output_weighted_range
-    from lowbit.quant import functional as F
     from lowbit.quant.estimators import mse
     spec = lowbit.quant.spec.QuantSpec(bits=2, per_channel=True)  # symmetric: codes -2..1 times the scale
     w = torch.tensor([[0.37, 1.0, -0.9, 0.55, -0.6, 0.2]])
     h = torch.diag(torch.tensor([1e4, 1, 1, 1, 1, 1], dtype=torch.float64))  # only column 0's input is large
 
     def col0_error(lo, hi):
-        s, z = F.range_to_scale_zero_point(lo, hi, spec, True)
-        q = F.fake_quantize_broadcast(w, s[:, None], z[:, None], *spec.code_range(True), spec.grid)
+        q = _rounded(w, lo, hi, spec)
         return float((q - w)[0, 0].abs()), float((((q - w).double() @ h) * (q - w)).sum())
 
     err_out, obj_out = col0_error(*output_weighted_range(w.double(), [h], spec, True))
@@ -243,7 +248,6 @@ def test_grid_objective_is_a_recipe_option(mnist_cnn):
 def test_output_grid_uses_each_groups_own_hessian():
     from lowbit.model.quant_layer import QuantLayer
     from lowbit.ptq.gptq import output_weighted_range
-    from lowbit.quant import functional as F
     from lowbit.quant.estimators import mse
     torch.manual_seed(1)
     layer = QuantLayer(torch.nn.Conv2d(4, 6, 3, groups=2, bias=False),
@@ -254,8 +258,7 @@ def test_output_grid_uses_each_groups_own_hessian():
     spec = layer.weight_quantizer.spec
 
     def row_errors(lo, hi):
-        s, z = F.range_to_scale_zero_point(lo, hi, spec, True)
-        d = (F.fake_quantize_broadcast(w, s[:, None], z[:, None], *spec.code_range(True), spec.grid) - w).double()
+        d = (_rounded(w, lo, hi, spec) - w).double()
         return torch.cat([((d[g * 3:(g + 1) * 3] @ h) * d[g * 3:(g + 1) * 3]).sum(1) for g, h in enumerate(hs)])
 
     out, ref = row_errors(*output_weighted_range(w.double(), hs, spec, True)), row_errors(*mse(w, spec, True))

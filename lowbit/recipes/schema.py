@@ -226,7 +226,8 @@ def check_params(step: str, params: dict[str, Any]) -> dict[str, Any]:
     if step == "gptq" and out.get("regrid") and out.get("target", by_name["target"].default) != "float":
         raise RecipeError("step 'gptq': regrid re-fits the grid to the float target's refitted weights; "
                           "it needs target: float")
-    if step == "gptq" and out.get("grid_objective", "weights") != "weights" and not out.get("regrid"):
+    if step == "gptq" and out.get("grid_objective", by_name["grid_objective"].default) != "weights" \
+            and not out.get("regrid"):
         raise RecipeError("step 'gptq': grid_objective scores the re-fitted grid; it needs regrid: true")
     return {k: v for k, v in out.items() if v is not None}
 
