@@ -39,10 +39,12 @@ NOT_RUN = {  # why a peer has no row of numbers, when it cannot run a setting at
                       "option; its 4-bit mode, nncf.compress_weights, compresses LLM MatMul weights only)",
     ("torchao", "w4a4"): "PT2E's X86InductorQuantizer has only its int8 configuration; a 4-bit CNN flow needs a "
                          "quantizer of one's own",
-    ("aimet", None): "not installed: aimet-torch needs torchvision, whose wheels pull the CUDA build of torch "
-                     "(about 5.5 GB per venv) on this CPU machine",
-    ("mct", None): "not installed: model-compression-toolkit needs torchvision, whose wheels pull the CUDA build "
-                   "of torch (about 5.5 GB per venv) on this CPU machine",
+    ("aimet", None): "not in this table: AIMET (aimet-torch 2.42, its own venv with torch 2.14.1 and torchvision) "
+                     "runs in the PTQ budget table, benchmarks/ptq_budgets.py --peer aimet=PYTHON "
+                     "(benchmarks/peers/aimet_ptq.py)",
+    ("mct", None): "not in this table: MCT (model-compression-toolkit 2.6.1, its own venv with torch 2.14.1 and "
+                   "torchvision) runs in the PTQ budget table, benchmarks/ptq_budgets.py --peer mct=PYTHON "
+                   "(benchmarks/peers/mct_ptq.py)",
 }
 
 

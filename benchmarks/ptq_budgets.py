@@ -4,12 +4,14 @@ split; then the best top-1 each tool reaches within each quantization-time budge
 
 Rows go to the ptq_methods JSON schema (model, config, method, seed, top1, quant_seconds),
 appended as they finish; a rerun skips what is there (resumable). Peers run in their own
-venvs through a subprocess (``--peer brevitas=PATH/TO/python``); a peer not given is
+venvs through a subprocess (``--peer brevitas=PATH/TO/python``; each script under
+``benchmarks/peers/`` says how to make its venv); a peer not given is
 skipped and the table says so. Lowbit and peer rows alternate per (seed, config), so a
 machine that is busier at one moment slows both.
 
     python benchmarks/ptq_budgets.py --data-dir ../shared/data --models-dir ../shared/models \
-        --peer brevitas=../venv-brevitas/bin/python --seeds 0,1,2 --threads 1
+        --peer brevitas=../venv-brevitas/bin/python --peer mct=../venvs/mct/bin/python \
+        --peer aimet=../venvs/aimet/bin/python --seeds 0,1,2 --threads 1
     python benchmarks/ptq_budgets.py --models resnet32 --seeds 1 --configs w2a4 --methods "gptq (float target output grid)"
     python benchmarks/ptq_budgets.py --table            # README table (every results/ptq_budgets*.json)
     python benchmarks/ptq_budgets.py --plot figures/ptq_budgets.png   # top-1 against quantize time, one FIG_<model>.png per model
@@ -26,21 +28,28 @@ from pathlib import Path
 import ptq_methods as pm  # the lowbit rows: the same recipes and row format as the methods table
 
 RESULTS = Path(__file__).parent / "results" / "ptq_budgets.json"
-PEER_SCRIPTS = {"brevitas": Path(__file__).parent / "peers" / "brevitas_ptq.py"}
-PEER_FLOWS = {"brevitas": ["mse", "gptq+bc"]}  # its plain flow and its best flow within a minute (issue 16)
+PEERS = Path(__file__).parent / "peers"
+PEER_SCRIPTS = {"brevitas": PEERS / "brevitas_ptq.py", "mct": PEERS / "mct_ptq.py", "aimet": PEERS / "aimet_ptq.py"}
+# each tool's plain flow and its best flow within a few minutes (issue 16)
+PEER_FLOWS = {"brevitas": ["mse", "gptq+bc"], "mct": ["ptq", "gptq"], "aimet": ["ptq", "adaround"]}
+# calibrate's `observe: float` (activation ranges from the float network), on the plain and GPTQ flows
+FLOAT_OBSERVED_METHODS = ["bias correction (weights; float-observed ranges)",
+                          "gptq (float-observed ranges)+bias correction",
+                          "gptq (float target; float-observed ranges)+bias correction",
+                          "gptq (float target output grid; float-observed ranges)"]
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {
     "w4a4": ["bias correction (weights)", "seed002 bn+cosine+teacher-student", "gptq+bias correction", "adaquant",
              "gptq+usp", "gptq (float target)+bias correction", "gptq (float target regridded)",
-             "gptq (float target output grid)"],
+             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS],
     "w3a3": ["bias correction (weights)", "adaquant", "gptq+usp", "gptq+usp+bias correction",
              "gptq (float target)+bias correction", "gptq (float target regridded)",
-             "gptq (float target output grid)"],
+             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS],
     "w2a4": ["bias correction (weights)", "adaround+usp", "gptq+usp", "gptq+usp+bias correction",
              "gptq (float target)", "gptq (float target regridded)",
-             "gptq (float target output grid)"],
+             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS],
 }
-BUDGETS = (10, 60, 180)  # seconds: "about 5 s, 30 s, 2 min" as ceilings; 60 s and 3 min are the goals' limits
+BUDGETS = (10, 60, 180, 600)  # seconds: "about 5 s, 30 s, 2 min" as ceilings (60 s and 3 min are the goals' limits); 600 s shows the peers' longer flows
 
 
 def run_peer(tool: str, python: str, args: argparse.Namespace, model: str, config: str, flow: str,
@@ -137,18 +146,19 @@ def plot(data: dict, model: str, path: Path) -> None:
     stats = summaries(data, model)
     configs = list(LOWBIT_METHODS)
     fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
-    markers = {"lowbit": "o", "brevitas": "s"}
+    markers = {"lowbit": "o", "brevitas": "s", "mct": "D", "aimet": "v"}
+    colors = {"lowbit": "tab:blue", "brevitas": "tab:red", "mct": "tab:green", "aimet": "tab:purple"}
     for ax, config in zip(axes[0], configs):
         for (c, m), v in sorted(stats.items()):
             if c != config:
                 continue
             tool = tool_of(m)
             ax.errorbar(v["seconds"], v["mean"], yerr=v["sd"], fmt=markers.get(tool, "^"),
-                        color="tab:blue" if tool == "lowbit" else "tab:red", capsize=2)
+                        color=colors.get(tool, "tab:grey"), capsize=2)
             ax.annotate(m, (v["seconds"], v["mean"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.axhline(100 * data["float"][model], color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
-        ax.set_title(f"{model} {config.upper()} (blue lowbit, red peers)")
+        ax.set_title(f"{model} {config.upper()} (blue lowbit; red Brevitas, green MCT, purple AIMET)", fontsize=8)
         ax.set_xlabel("quantize wall time (s)")
         ax.set_ylabel("top-1 (%)")
     fig.tight_layout()

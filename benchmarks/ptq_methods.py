@@ -38,6 +38,7 @@ ITERS = 100          # per layer (layer-wise) or per block (block-wise); see REA
 PD_ITERS = 60        # PD-Quant runs the rest of the network every step: fewer iterations
 LONG_ITERS = 1000    # the "long budget" rows: what a bigger budget buys
 USP = {"usp": {"augment_repeats": 1}}
+FLOAT_OBSERVED = {"calibrate": {"observe": "float"}}
 # Below 4 bits the weights use an affine per-channel grid (2^b levels over [min, max] of
 # each channel, as BRECQ and QDrop do); the symmetric grid is narrow-range (2 bits =
 # ternary) and loses a level that matters at these widths. ONNX export needs symmetric
@@ -70,6 +71,14 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target regridded)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]}, True),
     "gptq (float target output grid)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True,
                                                                           "grid_objective": "output"}}]}, True),
+    # activation ranges observed on the float network (calibrate's `observe: float`, issue 16 part 1)
+    "bias correction (weights; float-observed ranges)": (
+        {"steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "weights"}}]}, False),
+    "gptq (float-observed ranges)+bias correction": ({"steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]}, True),
+    "gptq (float target; float-observed ranges)+bias correction": (
+        {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
+    "gptq (float target output grid; float-observed ranges)": (
+        {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
     "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
     "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),

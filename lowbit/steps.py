@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 
 def _calibrate(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
-               weight_estimator: str | None = None, act_estimator: str | None = None) -> None:
+               weight_estimator: str | None = None, act_estimator: str | None = None,
+               observe: str = "quantized_weights") -> None:
     from lowbit.ptq.calibrate import calibrate
 
     calibrate(qm, batches,
@@ -25,7 +26,7 @@ def _calibrate(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", 
               act_estimator=act_estimator or recipe.activations.estimator,
               weight_options=recipe.weights.estimator_options if weight_estimator is None else {},
               act_options=recipe.activations.estimator_options if act_estimator is None else {},
-              seed=recipe.calibration["seed"], progress=progress)
+              seed=recipe.calibration["seed"], progress=progress, observe=observe)
 
 
 def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,

@@ -54,6 +54,20 @@ def test_low_bit_export_clips_to_the_codes_range(resnet20, cifar_slices, tmp_pat
     assert agree >= 0.97
 
 
+def test_full_range_weights_export_their_extra_code(resnet20, cifar_slices, tmp_path):
+    calib, test = cifar_slices
+    recipe = {"extends": "w4a4", "weights": {"narrow_range": False}}
+    qm = lowbit.quantize(resnet20, recipe, calib=calib, progress=False)
+    path = export_onnx(qm, tmp_path / "w4a4-full.onnx", calib[:1])
+    graph = onnx.load(str(path)).graph
+    codes = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith("w_codes")]
+    inner = np.concatenate([c.ravel() for c in codes[1:-1]])
+    assert inner.min() == -8 and inner.max() <= 7  # the 16th level is used, still 4-bit codes
+    x = test[0][:200]
+    agree = (OnnxModel(path)(x).argmax(1) == qm(x).argmax(1)).float().mean()
+    assert agree >= 0.97
+
+
 def test_unsupported_op_is_named(tmp_path):
     class WithSigmoid(nn.Module):
         def __init__(self):

@@ -29,6 +29,7 @@ METHOD_STEPS = {
     "qdrop": {"qdrop": {"iters": 80}},
     "pdquant": {"pdquant": {"iters": 80, "dc_iters": 5}},
     "adaquant": {"adaquant": {"iters": 80}},
+    "adaquant (network-wise)": {"adaquant": {"iters": 80, "granularity": "network"}},
     "teacher_student": {"teacher_student": {"iters": 80}},
 }
 
@@ -86,6 +87,30 @@ def test_zeroq_refuses_real_data_and_reconstruction_needs_calibration(mnist_cnn)
         lowbit.quantize(model, {"steps": ["zeroq", "calibrate"]}, calib=calib, progress=False)
     with pytest.raises(LowbitError, match="calibrate step first"):
         lowbit.quantize(model, {"steps": ["adaround", "calibrate"]}, calib=calib, progress=False)
+
+
+def test_network_wise_reconstruction_fits_the_float_logits_and_refuses_a_checkpoint(mnist_cnn, tmp_path):
+    from lowbit.ptq.cache import run_chunked
+    from lowbit.ptq.reconstruct import reconstruct
+
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, {**BAD, "steps": ["calibrate"]}, calib=calib, progress=False)
+    x = calib
+    with torch.no_grad(), qm.float_reference():
+        target = run_chunked(qm, x)
+
+    def logit_error() -> float:
+        with torch.no_grad():
+            return float((run_chunked(qm, x) - target).pow(2).sum(1).mean())
+
+    before = logit_error()
+    losses = reconstruct(qm, [calib], "adaquant", progress=False, iters=60, granularity="network")
+    assert list(losses) == ["network"]
+    assert logit_error() < 0.7 * before
+    with pytest.raises(RecipeError, match="no unit boundary to resume from"):
+        reconstruct(qm, [calib], "adaquant", progress=False, iters=5, granularity="network", checkpoint=tmp_path)
+    with pytest.raises(RecipeError, match="augment_repeats needs granularity: network"):
+        reconstruct(qm, [calib], "adaquant", progress=False, iters=5, augment_repeats=1)
 
 
 def test_bad_step_parameters_are_named_when_the_recipe_loads():

@@ -113,3 +113,36 @@ def test_random_crop_flip_keeps_content():
     for c in range(3):
         allowed = set(x[:, c].flatten().tolist()) | {float(fills[c])}
         assert set(out[:, c].flatten().tolist()) <= allowed
+
+
+def _act_scales(qm) -> dict[str, torch.Tensor]:
+    return {n: q.scale.clone() for n, q in qm.act_quantizers().items() if q.enabled}
+
+
+def test_float_observation_sets_activation_ranges_the_weights_cannot_move(mnist_cnn):
+    """observe: float reads the float network, so the activation ranges are the same whatever
+    the weight bits; observed with quantized weights they follow the weights' rounding."""
+    model, calib, _ = mnist_cnn
+
+    def scales(w_bits: int, observe: str) -> dict[str, torch.Tensor]:
+        recipe = {"weights": {"bits": w_bits}, "activations": {"bits": 4}, "first_last_bits": None,
+                  "steps": [{"calibrate": {"observe": observe}}]}
+        qm = lowbit.quantize(model, recipe, calib=calib, progress=False)
+        assert qm.meta["calibration"]["observe"] == observe
+        return _act_scales(qm)
+
+    w2, w8 = scales(2, "float"), scales(8, "float")
+    assert all(torch.equal(w2[n], w8[n]) for n in w2)
+    q2, q8 = scales(2, "quantized_weights"), scales(8, "quantized_weights")
+    assert any(not torch.allclose(q2[n], q8[n]) for n in q2)
+    # the network input sees no weight at all: the same range either way
+    first = next(iter(w2))
+    assert torch.equal(w2[first], q2[first])
+
+
+def test_observe_must_name_a_network():
+    from lowbit.errors import RecipeError
+    from lowbit.recipes.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="observe"):
+        load_recipe({"extends": "w4a4", "steps": [{"calibrate": {"observe": "quantised"}}]})

@@ -173,3 +173,23 @@ def test_fused_straight_through_fake_quant_matches_the_autograd_chain(grid, per_
     assert torch.equal(o1, o2)
     assert torch.allclose(gx1, gx2, atol=1e-6) and (gx2 == 0).any()  # some elements clipped
     assert torch.allclose(gs1, gs2, rtol=1e-5, atol=1e-5) and gs2.shape == s0.shape
+
+
+def test_full_range_symmetric_grid_adds_the_most_negative_code_and_keeps_zero_point_zero():
+    from lowbit.quant import functional as QF
+
+    narrow = QuantSpec(bits=4, signed=True, symmetric=True)
+    full = QuantSpec(bits=4, signed=True, symmetric=True, narrow_range=False)
+    assert narrow.code_range() == (-7, 7) and full.code_range() == (-8, 7)
+    scale, zp = QF.range_to_scale_zero_point(torch.tensor(-1.4), torch.tensor(0.7), full, True)
+    assert float(zp) == 0 and abs(float(scale) - 0.2) < 1e-7  # amax / 7, as the narrow grid
+    x = torch.tensor([-1.6, -1.5, 1.4, 1.5])
+    codes = QF.quantize_codes(x, scale, zp, -8, 7, "midtread", 0)
+    assert codes.tolist() == [-8, -8, 7, 7]  # -1.6 reaches the extra level instead of clipping at -1.4
+    # files written before the field existed hold no key: they load as the narrow grid they used
+    assert QuantSpec.from_dict({k: v for k, v in full.to_dict().items() if k != "narrow_range"}) == narrow
+
+
+def test_narrow_range_must_be_a_bool():
+    with pytest.raises(RecipeError, match="narrow_range"):
+        QuantSpec(bits=4, narrow_range="no")

@@ -14,6 +14,9 @@ from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.errors import RecipeError
 
 BN_FALLBACK = "mse"
+# What the activation ranges are observed on: the network with its weights already quantized
+# (lowbit's original choice), or the float network (as MCT and AIMET do; issue 16 part 1).
+OBSERVE = ("quantized_weights", "float")
 
 
 def _rows(t: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
@@ -48,14 +51,18 @@ def calibrate_weights(qm: QuantModel, estimator: str = "mse", options: dict[str,
 def calibrate_activations(
     qm: QuantModel, batches: list[torch.Tensor], estimator: str = "mse",
     options: dict[str, Any] | None = None, seed: int = 0, progress: bool = True,
+    observe: str = "quantized_weights",
 ) -> dict[str, str]:
-    """Observe activations (weights quantized, activations float) and set their ranges.
+    """Observe activations (activations float; weights quantized, or float with
+    ``observe="float"``) and set their ranges.
 
     Returns the estimator actually used per quantizer: "bn" falls back to data-based
     MSE for tensors no BatchNorm describes (the network input, residual sums).
     """
     if estimator not in ESTIMATORS and estimator not in DATA_FREE:
         raise RecipeError(f"unknown range estimator {estimator!r}; known: {sorted(ESTIMATORS) + sorted(DATA_FREE)}")
+    if observe not in OBSERVE:
+        raise RecipeError(f"observe={observe!r}: activation ranges are observed on one of {OBSERVE}")
     acts = {n: q for n, q in qm.act_quantizers().items() if q.enabled}
     used = {n: ("bn" if estimator == "bn" and n in qm.bn_priors else (BN_FALLBACK if estimator == "bn" else estimator))
             for n in acts}
@@ -64,7 +71,7 @@ def calibrate_activations(
         for n, obs in observers.items():
             acts[n].observer = obs
         try:
-            with qm.quantization(weights=True, activations=False):
+            with qm.quantization(weights=observe == "quantized_weights", activations=False):
                 for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
                     qm(x)
         finally:
@@ -90,11 +97,13 @@ def calibrate_activations(
 def calibrate(
     qm: QuantModel, batches: list[torch.Tensor], weight_estimator: str = "mse", act_estimator: str = "mse",
     weight_options: dict[str, Any] | None = None, act_options: dict[str, Any] | None = None,
-    seed: int = 0, progress: bool = True,
+    seed: int = 0, progress: bool = True, observe: str = "quantized_weights",
 ) -> QuantModel:
-    """Weights first (their ranges need no data), then activations given quantized weights."""
+    """Weights first (their ranges need no data), then activations, observed with the weights
+    quantized (``observe="quantized_weights"``) or on the float network (``"float"``)."""
     calibrate_weights(qm, weight_estimator, weight_options)
-    used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress)
+    used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress,
+                                 observe=observe)
     qm.meta["calibration"] = {"weight_estimator": weight_estimator, "act_estimator": act_estimator,
-                              "act_estimators_used": used, "seed": seed}
+                              "act_estimators_used": used, "seed": seed, "observe": observe}
     return qm

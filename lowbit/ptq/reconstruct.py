@@ -45,7 +45,7 @@ from lowbit.quant.quantizer import UniformQuantizer
 
 @dataclass(frozen=True)
 class ReconConfig:
-    granularity: str = "layer"        # "layer" | "block"
+    granularity: str = "layer"        # "layer" | "block" | "network"
     rounding: str = "adaround"        # "adaround" | "ste" (learn latent float weights)
     iters: int = 500
     batch_size: int = 32
@@ -65,6 +65,7 @@ class ReconConfig:
     dc_iters: int = 0                 # PD-Quant distribution correction steps per block
     dc_lr: float = 0.01
     dc_reg: float = 1.0
+    augment_repeats: int = 0          # network-wise only: crop-and-flip copies added to the calibration set
 
 
 PRESETS: dict[str, ReconConfig] = {
@@ -104,6 +105,18 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
     units = split_units(qm)
     x = torch.cat(batches)
     gen = torch.Generator().manual_seed(seed)
+    if cfg.augment_repeats and cfg.granularity != "network":
+        raise RecipeError(f"{method}: augment_repeats needs granularity: network (the unit-wise loops cache "
+                          "each unit's inputs for the calibration images as they are)")
+    if cfg.granularity == "network":
+        if checkpoint:
+            raise RecipeError(f"{method}: a network-wise run is one optimisation with no unit boundary to "
+                              "resume from; drop `checkpoint`")
+        with requires_grad(list(qm.parameters()), False):
+            losses = {"network": _network(qm, cfg, units, x, gen, progress, method)}
+        qm.meta.setdefault("reconstruction", []).append({"method": method, **asdict(cfg), "seed": seed,
+                                                         "final_losses": losses})
+        return losses
     state = _Checkpoint(checkpoint, method, cfg, [u.name for u in units]) if checkpoint else None
     done = state.load(qm) if state else 0
     fp_logits = None
@@ -172,6 +185,31 @@ def _block(qm, cfg, unit: Unit, fp_in, q_in, fp_out, rest: list[Unit], fp_logits
     with quantization_off(rest):
         return _optimize(cfg, unit.layers, [q for q in unit.quantizers if q.enabled],
                          lambda xq, xf: unit(xq), q_in, fp_in, fp_out, extra, gen, progress, unit.name)
+
+
+def _network(qm, cfg: ReconConfig, units: list[Unit], x: torch.Tensor, gen: torch.Generator, progress: bool,
+             name: str) -> float:
+    """Every layer at once against the float network's logits on the calibration set
+    (network-wise reconstruction): what layer- and block-wise losses cannot see, how one
+    layer's error is amplified or cancelled by the rest of the network, is in this loss.
+    The local term compares logits (squared error); ``pd_weight`` adds their tempered KL.
+    With ``augment_repeats``, crop-and-flip copies of 4-D image inputs join the set, so a
+    network fitted to 1,024 images sees more than those exact pixels."""
+    if cfg.augment_repeats and x.dim() == 4:
+        from lowbit.data.augment import random_crop_flip
+
+        x = torch.cat([x] + [random_crop_flip(x, 4, True, gen) for _ in range(cfg.augment_repeats)])
+    with qm.float_reference():
+        fp_logits = run_chunked(qm, x)
+    extra = None
+    if cfg.pd_weight > 0:
+        def extra(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            t = cfg.pd_temperature
+            return cfg.pd_weight * t * t * F.kl_div(F.log_softmax(out / t, 1), F.softmax(fp_logits[idx] / t, 1),
+                                                    reduction="batchmean")
+    layers = [layer for u in units for layer in u.layers]
+    quantizers = list({id(q): q for u in units for q in u.quantizers if q.enabled}.values())
+    return _optimize(cfg, layers, quantizers, lambda xq, _xf: qm(xq), x, x, fp_logits, extra, gen, progress, name)
 
 
 @contextlib.contextmanager

@@ -96,8 +96,8 @@ def _recon_schema() -> list[Param]:
     from lowbit.ptq.reconstruct import ReconConfig
 
     ranges: dict[str, dict[str, Any]] = {
-        "granularity": {"choices": ("layer", "block")}, "rounding": {"choices": ("adaround", "ste")},
-        "iters": {"low": 1}, "batch_size": {"low": 1}, "dc_iters": {"low": 0},
+        "granularity": {"choices": ("layer", "block", "network")}, "rounding": {"choices": ("adaround", "ste")},
+        "iters": {"low": 1}, "batch_size": {"low": 1}, "dc_iters": {"low": 0}, "augment_repeats": {"low": 0},
         "lr_round": {"low": 0, "open_low": True}, "lr_weight": {"low": 0, "open_low": True},
         "lr_scale": {"low": 0, "open_low": True}, "dc_lr": {"low": 0, "open_low": True},
         "pd_temperature": {"low": 0, "open_low": True},
@@ -155,6 +155,9 @@ def step_schemas() -> dict[str, list[Param]]:
         "calibrate": [
             Param("weight_estimator", "str", "", choices=weight_est, doc="default: the recipe's weights.estimator"),
             Param("act_estimator", "str", "", choices=act_est, doc="default: the recipe's activations.estimator"),
+            Param("observe", "str", "quantized_weights", choices=("quantized_weights", "float"),
+                  doc="the network whose activations set the ranges: with the weights already quantized, "
+                      "or the float network (as MCT and AIMET calibrate)"),
         ],
         "usp": [
             Param("recalibrate_activations", "bool", True, doc="re-fit activation ranges after the BN update"),
