@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> None:
                            "quant_seconds": qm.meta["quantize_seconds"],
                            "eval_seconds": time.perf_counter() - start,
                            "calibration_images": 0 if data_free else qm.meta["calibration_samples"]}
+                    # re-read first: another lane (ptq_budgets' peers) may have added rows since
+                    fresh = load_results(args.out)
+                    fresh["float"].setdefault(model_name, data["float"][model_name])
+                    data = fresh
                     data["runs"].append(row)
                     data["machine"] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                        "cpu": platform.processor() or platform.machine()}

@@ -71,6 +71,9 @@ MATRIX = {
     "TWN / — from float-target GPTQ with regrid, distilled (lr 0.0005)": {
         3: ("qat_families_resnet20_e30.json", "w2a32-twn-builtin-e30"),
         4: ("qat_families_resnet20_gptq.json", "w2a32-twn-gptq-regrid-kd1-e1")},
+    "TTQ / — from the same start, gradient norm clipped at 1": {
+        3: ("qat_families_resnet20_e30.json", "w2a32-ttq-builtin-e30"),
+        4: ("qat_families_resnet20_gptq.json", "w2a32-ttq-gptq-regrid-kd1-clip1-e1")},
     "XNOR-Net weights / — from the same start": {5: ("qat_families_resnet20_gptq.json", "w1a32-xnor-gptq-regrid-kd1-e1")},
     "BinaryConnect / — from the same start": {
         5: ("qat_families_resnet20_gptq.json", "w1a32-binaryconnect-gptq-regrid-kd1-e1"),
