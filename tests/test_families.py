@@ -325,7 +325,13 @@ def test_bireal_resnet20_exports_to_onnx(resnet20, cifar_slices, tmp_path):
 
     pytest.importorskip("onnxruntime")
     calib, test = cifar_slices
-    qm = lowbit.quantize(resnet20, {"extends": "w4a4", "shortcut": "bireal"}, calib=calib[:128], progress=False)
+    # Ranges observed with quantized weights, as when this test was written: with the plain w4a4's
+    # float-observed ranges the runtime agrees on 96.5% here (max logit gap 16 vs 10 before; the
+    # shared layout stays at 100%). An open Bi-Real export fragility, noted in README, not hidden by
+    # a looser bound.
+    steps = ["calibrate", {"bias_correction": {"source": "weights"}}]
+    qm = lowbit.quantize(resnet20, {"extends": "w4a4", "shortcut": "bireal", "steps": steps}, calib=calib[:128],
+                         progress=False)
     runner = OnnxModel(lowbit.export_onnx(qm, tmp_path / "bireal.onnx", calib[:1]), threads=1)
     x = test[0][:200]
     with torch.no_grad():
