@@ -42,13 +42,9 @@ Matching lowbit's convention (first_last_bits 8, add_bits 8):
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
-import sys
 import tempfile
-import time
 
 import torch
 from torch import nn
@@ -160,48 +156,17 @@ def describe(qmodel: nn.Module) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--config", default="w4a4", choices=sorted(BITS))
-    ap.add_argument("--flow", default="ptq", choices=FLOWS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-dir", default="../shared/data")
-    ap.add_argument("--models-dir", default="../shared/models")
-    ap.add_argument("--test-samples", type=int, default=0, help="0: the full test split")
+    from importlib.metadata import version
+
+    from peer_cli import parser, run
+
+    ap = parser(__doc__, BITS, FLOWS, "ptq")
     ap.add_argument("--adaround-iters", type=int, default=ADAROUND_ITERS, help="flow adaround: iterations a layer")
     ap.add_argument("--show-quantizers", action="store_true", help="list AIMET's quantizers on stderr")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from importlib.metadata import version
-
-    from lowbit.api import evaluate
-    from lowbit.data import load_dataset
-    from lowbit.evaluation import TensorBatches, calibration_batches
-    from lowbit.recipes.recipe import load_recipe
-    from lowbit.zoo import pretrained
-
-    model = pretrained(args.model, models_dir=args.models_dir, download=False).eval()
-    train = load_dataset("cifar10", "train", data_dir=args.data_dir, download=False)
-    test = load_dataset("cifar10", "test", data_dir=args.data_dir, download=False)
-    recipe = load_recipe({"extends": "w4a4", "calibration": {"seed": args.seed}})
-    calib = torch.cat(calibration_batches(train, recipe))
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-        qmodel = aimet_quantize(model, calib, args.config, args.flow, args.adaround_iters)
-    seconds = time.perf_counter() - start
-    if args.show_quantizers:
-        print("\n".join(describe(qmodel)), file=sys.stderr)
-    batches = list(TensorBatches(test, 500))
-    if args.test_samples:  # a quick look: the first whole batches covering that many images
-        batches = batches[:-(-args.test_samples // 500)]
-    with torch.no_grad():
-        top1 = evaluate(qmodel, batches)
-    print(json.dumps({"tool": f"aimet-torch {version('aimet-torch')}", "flow": args.flow, "config": args.config,
-                      "seed": args.seed, "top1": 100 * top1, "test_images": sum(len(b[1]) for b in batches),
-                      "quant_seconds": seconds, "threads": args.threads, "calibration_images": len(calib)}))
-
+    run(args, f"aimet-torch {version('aimet-torch')}",
+        lambda model, calib: aimet_quantize(model, calib, args.config, args.flow, args.adaround_iters),
+        describe if args.show_quantizers else None)
 
 if __name__ == "__main__":
     main()
