@@ -499,6 +499,11 @@ def _train_qat(args: argparse.Namespace) -> int:
     for step in source["steps"]:
         if isinstance(step, dict) and "qat" in step:
             step["qat"] = {**(step["qat"] or {}), **{k: v for k, v in changes.items() if v is not None}}
+            if args.kd_teacher:
+                if not step["qat"].get("kd"):
+                    raise LowbitError(f"--kd-teacher needs distillation on: recipe {recipe.name!r} does not distil, "
+                                      "add --kd WEIGHT")
+                step["qat"]["kd"] = {**step["qat"]["kd"], "teacher": args.kd_teacher}
     source["name"] = recipe.name
     qm = quantize(model, source, calib=calibration_batches(train, recipe), train=train, device=args.device,
                   progress=not args.no_progress and D.rank() == 0)
@@ -695,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive_int, help="global batch size (default: the recipe's; 32 from scratch)")
     t.add_argument("--kd", type=positive_float, help="distil from the float model with this loss weight (0..1)")
     t.add_argument("--kd-temperature", type=positive_float, default=4.0, help="distillation temperature")
+    t.add_argument("--kd-teacher", help="distil from this zoo model (e.g. resnet32) instead of the float model")
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun: one GPU per process)")
     t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
     t.add_argument("--val-samples", type=positive_int,

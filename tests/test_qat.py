@@ -245,6 +245,61 @@ def test_kill_and_resume_ends_with_identical_weights(mnist_cnn, mnist_train, tmp
         lowbit.quantize(model, other, calib=calib, train=small, progress=False)
 
 
+def test_weight_average_follows_its_recursion_and_restores_the_live_state():
+    from lowbit.qat.ema import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    layer.register_buffer("count", torch.tensor(0))
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average = WeightAverage(layer, 0.9)
+    expected = torch.ones(1, 2)
+    for step, value in enumerate([3.0, -1.0, 5.0, 2.0, 2.0, 7.0, 0.5, 1.0, 4.0, -2.0, 6.0, 3.0]):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+            layer.count.fill_(step)
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))  # the ramp, then the decay
+        expected = d * expected + (1 - d) * value
+    assert torch.allclose(average.shadow["weight"], expected, atol=1e-6)
+    assert int(average.shadow["count"]) == 11  # integer state is copied, not averaged
+    with average.applied(layer):
+        assert torch.allclose(layer.weight, expected)
+    assert torch.all(layer.weight == 3.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        WeightAverage(torch.nn.Linear(3, 1), 0.9, shadow=average.shadow)
+
+
+def test_qat_with_a_weight_average_keeps_it_and_resumes_it(mnist_cnn, mnist_train, tmp_path):
+    from lowbit.qat import engine
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    short = {"val_samples": 300, "steps_per_epoch": 6, "lr": 0.05}
+    plain = lowbit.quantize(model, _qat_recipe(**short), calib=calib, train=small, progress=False)
+    straight = lowbit.quantize(model, _qat_recipe(ema=0.9, **short), calib=calib, train=small, progress=False)
+    w_plain, w_avg = plain.state_dict(), straight.state_dict()
+    assert any(not torch.allclose(w_plain[k], w_avg[k]) for k in w_plain if w_plain[k].is_floating_point())
+    ckpt = tmp_path / "run"
+    original = engine.save_state
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    engine.save_state = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lowbit.quantize(model, _qat_recipe(ema=0.9, checkpoint=str(ckpt), **short), calib=calib, train=small,
+                            progress=False)
+    finally:
+        engine.save_state = original
+    resumed = lowbit.quantize(model, _qat_recipe(ema=0.9, checkpoint=str(ckpt), **short), calib=calib, train=small,
+                              progress=False)
+    for k, v in resumed.state_dict().items():
+        assert torch.allclose(v, w_avg[k], atol=1e-6), k
+
+
 def test_distillation_changes_the_loss_and_keeps_training(mnist_cnn, mnist_train):
     from lowbit.qat.engine import distillation_loss
 
@@ -257,6 +312,39 @@ def test_distillation_changes_the_loss_and_keeps_training(mnist_cnn, mnist_train
     qm = lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=300, kd={"temperature": 4, "weight": 0.5}),
                          calib=calib, train=small, progress=False)
     assert _top1(qm, test) > 0.5
+
+
+class _ConstantTeacher(torch.nn.Module):
+    """Predicts one class whatever the input: a student distilled from it alone must follow it."""
+
+    def __init__(self, classes: int, favoured: int) -> None:
+        super().__init__()
+        self.logits = torch.full((classes,), -5.0)
+        self.logits[favoured] = 5.0
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1)
+
+
+def test_a_given_teacher_is_the_one_distilled_from(mnist_cnn, mnist_train):
+    model, calib, test = mnist_cnn
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    recipe = _qat_recipe(epochs=1, val_samples=300)
+    params = {"epochs": 1, "batch_size": 64, "lr": 0.02, "val_samples": 300, "kd": {"temperature": 1.0, "weight": 1.0}}
+    qm = lowbit.quantize(model, dict(recipe, steps=["calibrate"]), calib=calib, progress=False)
+    lowbit.train_qat(qm, small, recipe=recipe, config=params, teacher=_ConstantTeacher(10, 3), progress=False)
+    with torch.no_grad():
+        share = float((qm(test[0]).argmax(1) == 3).float().mean())
+    assert share > 0.9  # the float model's own teacher would keep ~10% of the images in class 3
+
+    qm = lowbit.quantize(model, dict(recipe, steps=["calibrate"]), calib=calib, progress=False)
+    with pytest.raises(LowbitError, match="same classes"):
+        lowbit.train_qat(qm, small, recipe=recipe, config=params, teacher=_ConstantTeacher(5, 0), progress=False)
+    with pytest.raises(LowbitError, match="distillation is off"):
+        lowbit.train_qat(qm, small, recipe=recipe, config=dict(params, kd={}), teacher=_ConstantTeacher(10, 0),
+                         progress=False)
+    with pytest.raises(RecipeError, match="not a zoo model.*resnet32"):
+        lowbit.load_recipe(_qat_recipe(kd={"weight": 1.0, "teacher": "resnet-32"}))
 
 
 def test_cli_train_with_a_qat_recipe_resumes_and_saves(mnist_cnn, data_dir, tmp_path, capsys):

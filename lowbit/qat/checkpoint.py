@@ -1,6 +1,7 @@
 """QAT checkpoints: a folder of safetensors + JSON, written atomically after every epoch.
 
-``state.safetensors``: model (weights, quantizer and BN state) and optimizer tensors;
+``state.safetensors``: model (weights, quantizer and BN state), optimizer tensors and the
+weight average when one is kept;
 ``best.safetensors``: the model at the best validation epoch; ``state.json``: epoch, history,
 the optimizer's scalars, the RNG state and the fingerprint of the recipe that wrote it (the
 commit point: written last, so a run killed mid-save resumes from the previous epoch);
@@ -32,6 +33,7 @@ class TrainingState:
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, torch.Tensor] | None = None
+    ema: dict[str, torch.Tensor] | None = None  # the weight average (qat ema > 0)
 
 
 def metrics_path(folder: Path) -> Path:
@@ -42,7 +44,8 @@ def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state
                fingerprint: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     optim, scalars, groups = optimizer_tensors(opt)
-    tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state()}
+    tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state(),
+               **{f"ema/{k}": v for k, v in (state.ema or {}).items()}}
     stamp = {"format": FORMAT, "epoch": str(state.epoch)}
     if state.best is not None and state.best_epoch == state.epoch:
         atomic_save_tensors(state.best, folder / "best.safetensors", stamp)
@@ -125,5 +128,6 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
             best = load_file(str(best_path), device="cpu")
     if best is None:
         best_val = -1.0  # killed between the two writes: the next epoch becomes the best
+    ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
     return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
-                         history=list(side["history"]), best=best)
+                         history=list(side["history"]), best=best, ema=ema)

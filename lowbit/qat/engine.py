@@ -30,6 +30,7 @@ from lowbit.qat import distributed as D
 from lowbit.qat.bn import FoldedBatchNorm
 from lowbit.qat.checkpoint import TrainingState, load_state, save_state
 from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
+from lowbit.qat.ema import WeightAverage
 from lowbit.quant.learned.base import TrainableQuantizer
 
 
@@ -46,7 +47,7 @@ class QATConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     warmup: float = 0.0                # epochs of linear warm-up
-    kd: dict[str, float] = field(default_factory=dict)  # {temperature, weight}; empty: off
+    kd: dict[str, Any] = field(default_factory=dict)  # {temperature, weight, teacher}; empty: off
     train_bn: bool = True
     freeze_bn_after: int = -1          # epochs; -1: 3/4 of them (at 3/4 of the steps of a 1-epoch run)
     bn_momentum: float = 0.1
@@ -56,6 +57,7 @@ class QATConfig:
     checkpoint: str = ""
     steps_per_epoch: int = 0           # 0: the whole training set each epoch
     clip_grad_norm: float = 0.0        # > 0: rescale each step's gradient to at most this global L2 norm
+    ema: float = 0.0                   # > 0: validate and keep an exponential moving average of the state
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "QATConfig":
@@ -187,6 +189,34 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     return (1.0 - weight) * F.cross_entropy(student, labels) + weight * soft
 
 
+def distillation_teacher(qm: QuantModel, cfg: QATConfig, teacher: nn.Module | None, sample: torch.Tensor,
+                         dev: torch.device) -> nn.Module | None:
+    """The network ``kd`` distils from: a given module, the zoo model ``kd.teacher`` names
+    (a larger pretrained network gives the student a better target than its own float
+    version), or the float model; None when distillation is off."""
+    if not cfg.kd:
+        if teacher is not None:
+            raise LowbitError("a teacher was given but distillation is off: set kd (e.g. kd={'weight': 1.0})")
+        return None
+    if teacher is None and cfg.kd.get("teacher"):
+        from lowbit.zoo import pretrained
+
+        teacher = pretrained(cfg.kd["teacher"])
+    if teacher is None:  # the float network; the original one where the recipe rewrote its graph (hardtanh, bireal)
+        teacher = qm.float_model if qm.float_model is not None else qm
+    teacher = copy.deepcopy(teacher).to(dev).eval()
+    with torch.no_grad(), (teacher.float_reference() if isinstance(teacher, QuantModel) else contextlib.nullcontext()):
+        try:
+            t_out, s_out = teacher(sample.to(dev)), qm.to(dev).eval()(sample.to(dev))
+        except Exception as err:  # noqa: BLE001 - a teacher that cannot read the student's inputs
+            raise LowbitError(f"kd teacher {type(teacher).__name__} fails on the training inputs "
+                              f"{tuple(sample.shape)}: {err}") from err
+    if t_out.shape != s_out.shape:
+        raise LowbitError(f"kd teacher {type(teacher).__name__} outputs {tuple(t_out.shape)} but the student "
+                          f"{tuple(s_out.shape)}: a teacher must predict the same classes")
+    return teacher
+
+
 # -- the loop -------------------------------------------------------------------------------
 def trained_batchnorms(model: nn.Module) -> list[tuple[str, FoldedBatchNorm]]:
     """The BNs QAT trains, by layer name: found once, checked every step."""
@@ -222,7 +252,7 @@ def train_qat(
     qm: QuantModel, train: Any, epochs: int | None = None, val: Any = None, *,
     recipe: dict[str, Any] | None = None, config: QATConfig | dict[str, Any] | None = None,
     calib: list[torch.Tensor] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-    **overrides: Any,
+    teacher: nn.Module | None = None, **overrides: Any,
 ) -> QuantModel:
     """Train a calibrated QuantModel in place and return it in deployed form.
 
@@ -230,7 +260,8 @@ def train_qat(
     ``val_samples`` are held out of ``train``). ``config`` or keyword overrides give the
     ``qat`` step's parameters; ``recipe`` (default: the model's own) names the trainable
     quantizer kinds. ``calib``: input batches that measure the BN statistics (default: the
-    first batches of ``train``). With ``checkpoint`` set, state is written after every epoch
+    first batches of ``train``). ``teacher``: the network to distil from when ``kd`` is on
+    (default: ``kd.teacher``'s zoo model, else the float model). With ``checkpoint`` set, state is written after every epoch
     and a rerun continues from it. Under torchrun (``torch.distributed`` initialised) every
     process runs this with the same arguments.
     """
@@ -264,9 +295,7 @@ def train_qat(
     if calib is None:
         calib = list(torch.split(dataset_tensors(train_ds, list(range(min(n, 1024))))[0], 256))
 
-    teacher = None
-    if cfg.kd:  # the float network; the original one where the recipe rewrote its graph (hardtanh, bireal)
-        teacher = copy.deepcopy(qm.float_model if qm.float_model is not None else qm).to(dev).eval()
+    teacher = distillation_teacher(qm, cfg, teacher, sample_x, dev)
     qm.to(dev)
     # A per-tensor weight grid or codebook cannot follow a per-channel BN scale (at 1 bit it
     # erases it: every channel becomes ±α·σ), so batch statistics learnt in training would
@@ -281,9 +310,9 @@ def train_qat(
     ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
     # "weight_step": a learned weight step is the step of the pre-BN weight (see
     # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
-    # (clip_grad_norm joins the fingerprint only when set, so checkpoints written before it existed still resume)
+    # (clip_grad_norm and ema join the fingerprint only when set, so checkpoints written before it existed still resume)
     fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items()
-                                                    if k != "checkpoint" and not (k == "clip_grad_norm" and not v)},
+                                                    if k != "checkpoint" and not (k in ("clip_grad_norm", "ema") and not v)},
                    "weight_step": "pre-bn"}
     state = TrainingState()
     if ckpt_dir is not None:
@@ -292,6 +321,7 @@ def train_qat(
             state = loaded
             if rank == 0 and progress:
                 print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
+    average = WeightAverage(qm, cfg.ema, state.ema) if cfg.ema > 0 else None
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
     freeze_step = round(cfg.bn_freeze_epoch * per_epoch)
@@ -341,6 +371,8 @@ def train_qat(
                 check_bn_statistics(batchnorms, epoch, i)
                 for layer in constrained:
                     layer.weight_quantizer.project_(layer)
+                if average is not None:
+                    average.update(step)
                 loss_sum += loss.item() * len(y)
                 correct += float((out.argmax(1) == y).sum())
                 seen += len(y)
@@ -353,7 +385,10 @@ def train_qat(
                 print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
             raise
         bar.close()
-        val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)), desc="validate")
+        with average.applied(qm) if average is not None else contextlib.nullcontext():  # the average is what is kept
+            val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)),
+                                      desc="validate")
+            candidate = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
                "processes": world}
@@ -364,7 +399,8 @@ def train_qat(
         improved = val_top1 > state.best_val or bool(scheduled)
         if improved:
             state.best_val, state.best_epoch = val_top1, epoch + 1
-            state.best = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
+            state.best = candidate
+        state.ema = average.shadow if average is not None else None
         if rank == 0 and progress:
             print(f"qat epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {row['train_top1']:.2f}%, "
                   f"val {val_top1:.2f}%{' (best)' if improved else ''}, {row['seconds']:.0f} s", flush=True)

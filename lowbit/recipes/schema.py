@@ -35,7 +35,8 @@ class Param:
         if self.kind == "shape":
             return "a list of 3 positive integers [C, H, W]"
         if self.kind == "kd":
-            return "a mapping {temperature: > 0, weight: 0..1}, or {} to switch distillation off"
+            return ("a mapping {temperature: > 0, weight: 0..1, teacher: a zoo model name}, or {} to switch "
+                    "distillation off")
         text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                 "path": "a file path"}[self.kind]
         if self.low is not None or self.high is not None:
@@ -60,9 +61,16 @@ class Param:
                 raise bad()
             return value
         if self.kind == "kd":
-            if not isinstance(value, dict) or set(value) - {"temperature", "weight"}:
+            if not isinstance(value, dict) or set(value) - {"temperature", "weight", "teacher"}:
                 raise bad()
-            out = {}
+            out: dict[str, Any] = {}
+            if "teacher" in value:
+                from lowbit.zoo import list_models
+
+                if value["teacher"] not in list_models():
+                    raise RecipeError(f"step {step!r}: kd teacher {value['teacher']!r} is not a zoo model; "
+                                      f"known: {', '.join(list_models())}")
+                out["teacher"] = value["teacher"]
             for key, low, high in (("temperature", 0.0, None), ("weight", 0.0, 1.0)):
                 if key in value:
                     out[key] = Param(key, "float", low=low, high=high, open_low=key == "temperature").check(step, value[key])
@@ -129,7 +137,7 @@ def _qat_schema() -> list[Param]:
         ("momentum", "float", {"low": 0, "high": 1}, "SGD momentum"),
         ("schedule", "str", {"choices": ("cosine", "constant")}, "learning-rate schedule after warm-up"),
         ("warmup", "float", {"low": 0}, "epochs of linear warm-up"),
-        ("kd", "kd", {}, "distillation from the float model: {temperature: 4, weight: 0.5}"),
+        ("kd", "kd", {}, "distillation from the float model (or a zoo model named by teacher): {temperature: 4, weight: 0.5}"),
         ("train_bn", "bool", {}, "train with BatchNorm unfolded (batch statistics), fold at the end"),
         ("freeze_bn_after", "int", {"low": -1}, "epoch after which BN statistics freeze (-1: at 3/4 of the epochs)"),
         ("bn_momentum", "float", {"low": 0, "open_low": True, "high": 1}, "BN running-statistics momentum"),
@@ -138,6 +146,8 @@ def _qat_schema() -> list[Param]:
         ("val_samples", "int", {"low": 1}, "training samples held out to choose the final epoch"),
         ("seed", "int", {"low": 0}, "data order, augmentation and the validation split"),
         ("checkpoint", "path", {}, "folder written after every epoch; a rerun continues from it"),
+        ("ema", "float", {"low": 0, "high": 0.99999}, "decay of a moving average of the weights, validated and kept "
+         "instead of the last step's (0: off; e.g. 0.998)"),
         ("steps_per_epoch", "int", {"low": 0}, "cap on steps per epoch (0: the whole training set)"),
         ("clip_grad_norm", "float", {"low": 0}, "rescale each step's gradient to at most this L2 norm (0: off)"),
     ]
