@@ -326,9 +326,10 @@ def test_bireal_resnet20_exports_to_onnx(resnet20, cifar_slices, tmp_path):
     pytest.importorskip("onnxruntime")
     calib, test = cifar_slices
     # Ranges observed with quantized weights, as when this test was written: with the plain w4a4's
-    # float-observed ranges the runtime agrees on 96.5% here (max logit gap 16 vs 10 before; the
-    # shared layout stays at 100%). An open Bi-Real export fragility, noted in README, not hidden by
-    # a looser bound.
+    # float-observed ranges the runtime agrees on 96.5% here. Traced (README): this untrained Bi-Real
+    # network is chaotic (17.6% top-1, logits ~200) and the runtime's convolutions sum in another
+    # order, so ~1e-6 of the values cross a rounding tie and 18 chained shortcut quantizers amplify it;
+    # the same graph, not an export fault. The bound is not loosened.
     steps = ["calibrate", {"bias_correction": {"source": "weights"}}]
     qm = lowbit.quantize(resnet20, {"extends": "w4a4", "shortcut": "bireal", "steps": steps}, calib=calib[:128],
                          progress=False)
