@@ -22,6 +22,43 @@ def test_mse_search_finds_the_gaussian_optimum(bits):
     assert step == pytest.approx(optimal_gaussian_step(bits, "midtread")[0], rel=0.03)
 
 
+def test_mse_with_independent_ends_clips_only_the_long_tail():
+    """A skewed row (short negative side, long positive tail): the shared-shrink search must
+    cut both ends by one factor, the independent search keeps lo and clips hi; it reaches the
+    brute-force optimum of a fine 2-D grid and never scores worse than the shared search."""
+    from lowbit.quant import functional as F
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([-3.0 * torch.rand(20_000, generator=gen), torch.empty(20_000).exponential_(1.0, generator=gen)])
+    x = torch.stack([x, -x])  # the mirror row: the long tail on the other side
+    spec = QuantSpec(bits=3, symmetric=False)
+    qmin, qmax = spec.code_range(True)
+
+    def error(lo, hi):
+        s, z = F.range_to_scale_zero_point(lo, hi, spec, True)
+        xq = F.fake_quantize_broadcast(x, s[:, None], z[:, None], qmin, qmax, spec.grid)
+        return (xq - x).square().mean(1)
+
+    shared = estimate_range("mse", x, spec, True)
+    independent = estimate_range("mse", x, spec, True, ends="independent")
+    assert torch.all(error(*independent) < 0.85 * error(*shared))  # 0.0925 vs 0.1178
+    lo0, hi0 = x.min(1).values, x.max(1).values
+    # more of the short side kept, more of the long tail clipped (row 0: tail positive; row 1: mirrored)
+    assert float(independent[0][0] / lo0[0]) > float(shared[0][0] / lo0[0])
+    assert float(independent[1][0] / hi0[0]) < float(shared[1][0] / hi0[0])
+    assert float(independent[1][1] / hi0[1]) > float(shared[1][1] / hi0[1])
+    fractions = torch.linspace(0.0125, 1.0, 80)
+    brute = torch.stack([torch.stack([error(a * lo0, b * hi0) for b in fractions]) for a in fractions])  # [a, b, row]
+    best = brute.reshape(-1, 2).min(0).values
+    assert torch.all(error(*independent) <= best * 1.01)
+    # one end to search: symmetric and unsigned grids are left to the shared search
+    sym = QuantSpec(bits=3)
+    assert all(torch.equal(a, b) for a, b in zip(estimate_range("mse", x, sym, True, ends="independent"),
+                                                  estimate_range("mse", x, sym, True)))
+    with pytest.raises(RecipeError, match="ends must be one of shared, independent"):
+        estimate_range("mse", x, spec, True, ends="both")
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_gaussian_estimator_scales_with_sigma(bits):
     spec = QuantSpec(bits=bits)

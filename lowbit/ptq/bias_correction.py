@@ -23,13 +23,14 @@ the 1,024 images gave 90.54 and all of them 90.84.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.cache import run_chunked
 
-SOURCES = ("outputs", "weights")
+SOURCES = ("outputs", "weights", "float_inputs")
 
 
 def _channel_mean(t: torch.Tensor) -> torch.Tensor:
@@ -51,14 +52,57 @@ def _float_output_means(qm, layers: list[QuantLayer], x: torch.Tensor) -> dict[s
     return {name: v / x.shape[0] for name, v in sums.items()}
 
 
+def _layer_output(layer: QuantLayer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    m = layer.module
+    return F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)
+
+
+def _correct_on_float_inputs(qm, layers: list[QuantLayer], x: torch.Tensor) -> dict[str, float]:
+    """``source="float_inputs"``: each layer's own weight-rounding shift, mean over the *float*
+    network's input to it, E[(W − Q(W)) ∗ x_float] (the shift as MCT and Nagel et al. 2019
+    eq. 3 take it, from float statistics). Layers do not depend on each other's correction,
+    so one float pass computes every shift."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def measure(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+        layer.quantize_weight = True
+        try:
+            q = layer.quantized_weight()
+        finally:
+            layer.quantize_weight = False
+        diff = _channel_mean(_layer_output(layer, args[0], layer.weight - q)) * args[0].shape[0]
+        sums[layer.name] = sums.get(layer.name, 0) + diff
+        counts[layer.name] = counts.get(layer.name, 0) + args[0].shape[0]  # a module called twice: its mean
+
+    handles = [layer.register_forward_hook(measure) for layer in layers]
+    try:
+        with qm.quantization(weights=False, activations=False):
+            run_chunked(qm, x)
+    finally:
+        for h in handles:
+            h.remove()
+    shifts: dict[str, float] = {}
+    for layer in layers:
+        shift = sums[layer.name] / counts[layer.name]
+        module = layer.module
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros_like(shift))
+            qm.register_float_param(module.bias, torch.zeros_like(shift))
+        module.bias.add_(shift)
+        shifts[layer.name] = float(shift.abs().mean())
+    qm.meta["bias_correction"] = shifts
+    return shifts
+
+
 @torch.no_grad()
 def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source: str = "outputs",
                  samples: int = 1024) -> dict[str, float]:
     """Returns the mean absolute correction per layer (for the report)."""
     if source not in SOURCES:
         raise LowbitError(f"bias correction: source must be one of {', '.join(SOURCES)}, not {source!r}")
-    if source == "weights" and "gptq" in qm.meta:
-        raise LowbitError("bias correction with source: weights after gptq changes nothing: GPTQ writes its rounded "
+    if source in ("weights", "float_inputs") and "gptq" in qm.meta:
+        raise LowbitError(f"bias correction with source: {source} after gptq changes nothing: GPTQ writes its rounded "
                           "weights into the float copy, so float and quantized weights agree; use source: outputs")
     if not qm.calibrated:
         raise LowbitError("bias correction compares against the quantized network: calibrate first")
@@ -92,6 +136,8 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source:
         finally:
             busy.discard(layer.name)
 
+    if source == "float_inputs":
+        return _correct_on_float_inputs(qm, layers, x)
     handles = [layer.register_forward_hook(correct) for layer in layers]
     try:
         qm(x)

@@ -176,8 +176,9 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("flip", "bool", True, doc="random horizontal flips"),
         ],
         "bias_correction": [
-            Param("source", "str", "outputs", choices=("outputs", "weights"),
-                  doc="outputs: match the float network's layer means; weights: undo only the layer's own rounding shift"),
+            Param("source", "str", "outputs", choices=("outputs", "weights", "float_inputs"),
+                  doc="outputs: match the float network's layer means; weights: undo only the layer's own rounding shift "
+                  "on its quantized input; float_inputs: the same shift on the float network's input"),
             Param("samples", "int", 1024, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
         ],
         "easyquant": [
