@@ -34,6 +34,7 @@ PEER_SCRIPTS = {"brevitas": PEERS / "brevitas_ptq.py", "mct": PEERS / "mct_ptq.p
 PEER_FLOWS = {"brevitas": ["mse", "gptq+bc"], "mct": ["ptq", "gptq"], "aimet": ["ptq", "adaround"]}
 # calibrate's `observe: float` (activation ranges from the float network), on the plain and GPTQ flows
 FLOAT_OBSERVED_METHODS = ["bias correction (weights; float-observed ranges)",
+                          "bias correction (float inputs; float-observed ranges; peer grid)",
                           "gptq (float-observed ranges)+bias correction",
                           "gptq (float target; float-observed ranges)+bias correction",
                           "gptq (float target output grid; float-observed ranges)"]

@@ -45,11 +45,13 @@ FLOAT_OBSERVED = {"calibrate": {"observe": "float"}}
 # weights, the .lowbit artifact stores either.
 CONFIG_FIELDS = {"w3a3": {"weights": {"symmetric": False}}, "w2a4": {"weights": {"symmetric": False}}}
 
-# name -> (recipe fields added to the bit-width built-in, stochastic?)
+# name -> (recipe fields added to the bit-width built-in, seed-dependent?). Every data-based row depends on
+# its seed's calibration draw; the False rows were once run at seed 0 only, as if they drew nothing, and the
+# plain rows the budget table compares with the peers' (which run every seed) are now True.
 METHODS: dict[str, tuple[dict, bool]] = {
     "calibrate (mse)": ({"steps": ["calibrate"]}, False),
     "bias correction": ({"steps": ["calibrate", "bias_correction"]}, False),
-    "bias correction (weights)": ({"steps": ["calibrate", {"bias_correction": {"source": "weights"}}]}, False),
+    "bias correction (weights)": ({"steps": ["calibrate", {"bias_correction": {"source": "weights"}}]}, True),
     "seed002 bn+cosine": ({"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
                            "steps": ["calibrate"]}, False),
     "seed002 bn+cosine+teacher-student": ({"weights": {"estimator": "cosine"}, "activations": {"estimator": "bn"},
@@ -73,7 +75,12 @@ METHODS: dict[str, tuple[dict, bool]] = {
                                                                           "grid_objective": "output"}}]}, True),
     # activation ranges observed on the float network (calibrate's `observe: float`, issue 16 part 1)
     "bias correction (weights; float-observed ranges)": (
-        {"steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "weights"}}]}, False),
+        {"steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "weights"}}]}, True),
+    # the peers' plain flow matched (issue 16 part 1): full-range symmetric weight grid (or, on affine weights,
+    # lo and hi searched independently) and each layer's rounding shift taken on the float network's input
+    "bias correction (float inputs; float-observed ranges; peer grid)": (
+        {"weights": {"narrow_range": False, "estimator_options": {"ends": "independent"}},
+         "steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "float_inputs"}}]}, True),
     "gptq (float-observed ranges)+bias correction": ({"steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]}, True),
     "gptq (float target; float-observed ranges)+bias correction": (
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),

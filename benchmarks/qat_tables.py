@@ -56,6 +56,13 @@ MATRIX = {
     "LSQ / LSQ+, from the GPTQ + bias correction start, distillation only (weight 1)": {
         0: ("qat_resnet20_w4a4_lr.json", "w4a4-lsq-gptq-init-kd1-e5")},
     "the same (w4a4-gptq-lsq), second seed": {0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed1-e5")},
+    "the same (w4a4-gptq-lsq), third seed": {0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed2-e5")},
+    "the same, keeping a moving average of the weights (ema 0.998)": {
+        0: ("qat_resnet20_w4a4_ema.json", "w4a4-gptq-lsq-ema0.998-e5")},
+    "the same, full-range 4-bit weight grid ([−8, 7])": {
+        0: ("qat_resnet20_w4a4_fullrange.json", "w4a4-gptq-lsq-fullrange-e5")},
+    "the same, distilled from ResNet-32 (92.63) instead of the float ResNet-20": {
+        0: ("qat_resnet20_w4a4_teacher.json", "w4a4-gptq-lsq-r32teacher-e5")},
     "LSQ / LSQ+, from the float-target GPTQ + bias correction start, distillation only (weight 1)": {
         1: ("qat_resnet20_w3a3_gptq.json", "w3a3-lsq-gptq-float-kd1-e30"),
         2: ("qat_resnet20_w2a2_gptq.json", "w2a2-lsq-gptq-float-kd1-e30")},
