@@ -369,6 +369,9 @@ def test_cli_train_with_a_qat_recipe_resumes_and_saves(mnist_cnn, data_dir, tmp_
     assert main(["train", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w4a4",
                  "--data-dir", str(data_dir)]) == 2
     assert "has no `qat` step" in capsys.readouterr().err
+    assert main(["train", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w2a32-ul2q",
+                 "--kd-teacher", "small_cnn", "--data-dir", str(data_dir)]) == 2
+    assert "--kd-teacher needs distillation on" in capsys.readouterr().err
 
 
 def test_lsq_step_pushed_through_zero_keeps_quantizing_and_learning():
