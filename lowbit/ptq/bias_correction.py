@@ -52,6 +52,17 @@ def _float_output_means(qm, layers: list[QuantLayer], x: torch.Tensor) -> dict[s
     return {name: v / x.shape[0] for name, v in sums.items()}
 
 
+def _add_to_bias(qm, layer: QuantLayer, shift: torch.Tensor) -> float:
+    """Add a per-channel shift to the layer's bias (creating a zero bias, recorded as float, if it
+    has none); returns the mean absolute shift for the report."""
+    module = layer.module
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros_like(shift))
+        qm.register_float_param(module.bias, torch.zeros_like(shift))
+    module.bias.add_(shift)
+    return float(shift.abs().mean())
+
+
 def _layer_output(layer: QuantLayer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     m = layer.module
     return F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)
@@ -84,13 +95,7 @@ def _correct_on_float_inputs(qm, layers: list[QuantLayer], x: torch.Tensor) -> d
             h.remove()
     shifts: dict[str, float] = {}
     for layer in layers:
-        shift = sums[layer.name] / counts[layer.name]
-        module = layer.module
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(shift))
-            qm.register_float_param(module.bias, torch.zeros_like(shift))
-        module.bias.add_(shift)
-        shifts[layer.name] = float(shift.abs().mean())
+        shifts[layer.name] = _add_to_bias(qm, layer, sums[layer.name] / counts[layer.name])
     qm.meta["bias_correction"] = shifts
     return shifts
 
@@ -125,13 +130,7 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source:
                     layer.quantize_weight = True
             else:
                 target = targets[layer.name]
-            shift = target - _channel_mean(out)
-            module = layer.module
-            if module.bias is None:
-                module.bias = nn.Parameter(torch.zeros_like(shift))
-                qm.register_float_param(module.bias, torch.zeros_like(shift))
-            module.bias.add_(shift)
-            shifts[layer.name] = float(shift.abs().mean())
+            shifts[layer.name] = _add_to_bias(qm, layer, target - _channel_mean(out))
             return layer(*args)  # the corrected output (its bias on the int32 grid) is what moves on
         finally:
             busy.discard(layer.name)
