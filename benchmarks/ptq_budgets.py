@@ -41,6 +41,7 @@ FLOAT_OBSERVED_METHODS = ["bias correction (weights; float-observed ranges)",
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {
     "w4a4": ["bias correction (weights)", "seed002 bn+cosine+teacher-student", "gptq+bias correction", "adaquant",
+             "gptq (float-observed ranges; full-range grid)+bias correction",
              "gptq+usp", "gptq (float target)+bias correction", "gptq (float target regridded)",
              "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS],
     "w3a3": ["bias correction (weights)", "adaquant", "gptq+usp", "gptq+usp+bias correction",

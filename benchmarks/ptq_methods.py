@@ -82,6 +82,8 @@ METHODS: dict[str, tuple[dict, bool]] = {
         {"weights": {"narrow_range": False, "estimator_options": {"ends": "independent"}},
          "steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "float_inputs"}}]}, True),
     "gptq (float-observed ranges)+bias correction": ({"steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]}, True),
+    "gptq (float-observed ranges; full-range grid)+bias correction": (
+        {"weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]}, True),
     "gptq (float target; float-observed ranges)+bias correction": (
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges)": (
