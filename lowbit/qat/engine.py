@@ -205,12 +205,14 @@ def distillation_teacher(qm: QuantModel, cfg: QATConfig, teacher: nn.Module | No
     if teacher is None:  # the float network; the original one where the recipe rewrote its graph (hardtanh, bireal)
         teacher = qm.float_model if qm.float_model is not None else qm
     teacher = copy.deepcopy(teacher).to(dev).eval()
-    with torch.no_grad(), (teacher.float_reference() if isinstance(teacher, QuantModel) else contextlib.nullcontext()):
-        try:
-            t_out, s_out = teacher(sample.to(dev)), qm.to(dev).eval()(sample.to(dev))
-        except Exception as err:  # noqa: BLE001 - a teacher that cannot read the student's inputs
-            raise LowbitError(f"kd teacher {type(teacher).__name__} fails on the training inputs "
-                              f"{tuple(sample.shape)}: {err}") from err
+    with torch.no_grad():
+        s_out = qm.to(dev).eval()(sample.to(dev))
+        with teacher.float_reference() if isinstance(teacher, QuantModel) else contextlib.nullcontext():
+            try:
+                t_out = teacher(sample.to(dev))
+            except Exception as err:  # noqa: BLE001 - a teacher that cannot read the student's inputs
+                raise LowbitError(f"kd teacher {type(teacher).__name__} fails on the training inputs "
+                                  f"{tuple(sample.shape)}: {err}") from err
     if t_out.shape != s_out.shape:
         raise LowbitError(f"kd teacher {type(teacher).__name__} outputs {tuple(t_out.shape)} but the student "
                           f"{tuple(s_out.shape)}: a teacher must predict the same classes")
