@@ -22,6 +22,9 @@ the 1,024 images gave 90.54 and all of them 90.84.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,19 +40,32 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.mean([d for d in range(t.dim()) if d != 1]) if t.dim() > 1 else t
 
 
-def _float_output_means(qm, layers: list[QuantLayer], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each layer's output channel means in the original float network, over ``x`` in chunks."""
+def _float_pass_means(qm, layers: list[QuantLayer], x: torch.Tensor, context: AbstractContextManager,
+                      value: Callable[[QuantLayer, torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer, the channel mean of ``value(layer, input, output)`` over one pass of ``x`` in chunks
+    under ``context`` (a float run of the network); a module called twice per pass gives the mean
+    over its calls."""
     sums: dict[str, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(
-        lambda _m, _a, out, name=layer.name: sums.__setitem__(name, sums.get(name, 0) + _channel_mean(out)
-                                                                * out.shape[0])) for layer in layers]
+    counts: dict[str, int] = {}
+
+    def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+        n = args[0].shape[0]
+        sums[layer.name] = sums.get(layer.name, 0) + _channel_mean(value(layer, args[0], out)) * n
+        counts[layer.name] = counts.get(layer.name, 0) + n
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        with qm.float_reference():
+        with context:
             run_chunked(qm, x)
     finally:
         for h in handles:
             h.remove()
-    return {name: v / x.shape[0] for name, v in sums.items()}
+    return {name: v / counts[name] for name, v in sums.items()}
+
+
+def _float_output_means(qm, layers: list[QuantLayer], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer's output channel means in the original float network."""
+    return _float_pass_means(qm, layers, x, qm.float_reference(), lambda _layer, _x, out: out)
 
 
 def _add_to_bias(qm, layer: QuantLayer, shift: torch.Tensor) -> float:
@@ -73,29 +89,16 @@ def _correct_on_float_inputs(qm, layers: list[QuantLayer], x: torch.Tensor) -> d
     network's input to it, E[(W − Q(W)) ∗ x_float] (the shift as MCT and Nagel et al. 2019
     eq. 3 take it, from float statistics). Layers do not depend on each other's correction,
     so one float pass computes every shift."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def measure(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+    def rounding_shift(layer: QuantLayer, x_float: torch.Tensor, _out: torch.Tensor) -> torch.Tensor:
         layer.quantize_weight = True
         try:
             q = layer.quantized_weight()
         finally:
             layer.quantize_weight = False
-        diff = _channel_mean(_layer_output(layer, args[0], layer.weight - q)) * args[0].shape[0]
-        sums[layer.name] = sums.get(layer.name, 0) + diff
-        counts[layer.name] = counts.get(layer.name, 0) + args[0].shape[0]  # a module called twice: its mean
+        return _layer_output(layer, x_float, layer.weight - q)
 
-    handles = [layer.register_forward_hook(measure) for layer in layers]
-    try:
-        with qm.quantization(weights=False, activations=False):
-            run_chunked(qm, x)
-    finally:
-        for h in handles:
-            h.remove()
-    shifts: dict[str, float] = {}
-    for layer in layers:
-        shifts[layer.name] = _add_to_bias(qm, layer, sums[layer.name] / counts[layer.name])
+    means = _float_pass_means(qm, layers, x, qm.quantization(weights=False, activations=False), rounding_shift)
+    shifts = {layer.name: _add_to_bias(qm, layer, means[layer.name]) for layer in layers}
     qm.meta["bias_correction"] = shifts
     return shifts
 
