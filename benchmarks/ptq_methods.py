@@ -88,6 +88,20 @@ METHODS: dict[str, tuple[dict, bool]] = {
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges)": (
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
+    # seed 004's USP in folded form (match_moments): each layer's channel mean and variance set to the float one's
+    "moment matching (float-observed ranges)": ({"steps": [FLOAT_OBSERVED, "match_moments"]}, True),
+    "moment matching (float-observed ranges; peer grid)": (
+        {"weights": {"narrow_range": False, "estimator_options": {"ends": "independent"}},
+         "steps": [FLOAT_OBSERVED, "match_moments"]}, True),
+    "bias correction (float inputs)+moment matching (float-observed ranges; peer grid)": (
+        {"weights": {"narrow_range": False, "estimator_options": {"ends": "independent"}},
+         "steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "float_inputs"}}, "match_moments"]}, True),
+    "gptq (float-observed ranges)+moment matching": ({"steps": [FLOAT_OBSERVED, "gptq", "match_moments"]}, True),
+    "gptq (float target; float-observed ranges)+moment matching": (
+        {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "match_moments"]}, True),
+    "gptq (float target output grid; float-observed ranges)+moment matching": (
+        {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
+                   "match_moments"]}, True),
     "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
     "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),

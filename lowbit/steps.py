@@ -59,6 +59,13 @@ def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Rec
     correct_bias(qm, batches, progress=progress, source=source, samples=samples)
 
 
+def _match_moments(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
+                   variance: bool = True, samples: int = 1024, max_ratio: float = 2.0) -> None:
+    from lowbit.ptq.moments import match_moments
+
+    match_moments(qm, batches, progress=progress, variance=variance, samples=samples, max_ratio=max_ratio)
+
+
 def _easyquant(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
                **params: Any) -> None:
     from lowbit.ptq.easyquant import easyquant
@@ -156,6 +163,7 @@ STEPS: dict[str, Callable[..., None]] = {
     "calibrate": _calibrate,
     "usp": _usp,
     "bias_correction": _bias_correction,
+    "match_moments": _match_moments,
     "easyquant": _easyquant,
     "zeroq": _zeroq,
     **{m: _reconstruction(m) for m in RECONSTRUCTION_METHODS},

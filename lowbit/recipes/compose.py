@@ -25,6 +25,7 @@ NAME = re.compile(r"w(\d+)a(\d+)((?:\+[a-z0-9_]+)*)")
 
 PTQ_WORDS: dict[str, str] = {
     "bias_correction": "undo each layer's output shift from quantization (statistics of the calibration set)",
+    "match_moments": "USP for folded BN: match each layer's channel mean and variance to the float network's",
     "usp": "re-estimate BN statistics on the quantized network (seed 004)",
     "gptq": "column-by-column rounding with inverse-Hessian error feedback (Frantar et al. 2022)",
     "adaround": "learned rounding, layer by layer (Nagel et al. 2020)",

@@ -181,6 +181,12 @@ def step_schemas() -> dict[str, list[Param]]:
                   "on its quantized input; float_inputs: the same shift on the float network's input"),
             Param("samples", "int", 1024, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
         ],
+        "match_moments": [
+            Param("variance", "bool", True, doc="match each channel's variance too (scales its weight step; "
+                  "the integer codes stay), not only its mean"),
+            Param("samples", "int", 1024, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
+            Param("max_ratio", "float", 2.0, low=1, doc="bound on a channel's scale change, either way"),
+        ],
         "easyquant": [
             Param("rounds", "int", 2, low=1, doc="alternations of the weight and activation search (eqs. 6-7)"),
             Param("candidates", "int", 50, low=2, doc="scales tried per search"),

@@ -1,0 +1,121 @@
+"""Moment matching: seed 004's USP for a network whose BatchNorm is folded.
+
+USP "corrects the mean and variance shift that quantization produces by updating the mean
+and variance in the BatchNorm layers" (seed 004, abstract). Once BN is folded into the
+convolution (the layout an integer runtime runs) there is no BN left to update, but the
+same correction is an affine map per output channel of each layer: with the float
+network's channel mean and variance of the layer's output (m_f, v_f) and the quantized
+network's (m_q, v_q) on the same images,
+
+    y' = a·y + c,    a = sqrt(v_f / v_q),    c = m_f − a·m_q,
+
+which is exactly what re-estimated BN statistics do to the folded layer. The scale a is
+applied to each output channel's weight step (and to the float weights with it, so the
+integer codes stay the same), the shift goes into the bias: the corrected model has the
+same integer weights and runs unchanged in every runtime.
+
+With ``fold_bn: false`` the BN stays a float op after the layer; matching the layer's own
+output to the float one then hands that BN the statistics it was trained for, the same end.
+Layers are corrected in network order in one pass of the quantized network (each layer's
+hook corrects it before its output moves on), plus one float pass for the targets.
+Matching the mean alone (bias correction on outputs) is worse than leaving it: on
+ResNet-20 W4A4 it is the variance that carries the gain (README, issue 16 part 1).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.model.quant_layer import QuantLayer
+from lowbit.ptq.bias_correction import _add_to_bias, _float_pass_means
+from lowbit.quant.quantizer import UniformQuantizer
+
+
+def _channel_moments(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(out.dim()) if d != 1] if out.dim() > 1 else []
+    return out.mean(dims), out.var(dims, unbiased=False)
+
+
+def _check_layer(layer: QuantLayer, variance: bool) -> None:
+    if layer.bn is not None:
+        raise LowbitError(f"match_moments: layer {layer.name!r} carries a BatchNorm that trains with it (QAT's "
+                          "training form); match moments before the qat step or after its BN is folded")
+    q = layer.weight_quantizer
+    if not variance:
+        return
+    channels = layer.module.weight.shape[0]
+    if not isinstance(q, UniformQuantizer) or q.scale.numel() != channels:
+        kind = type(q).__name__ if not isinstance(q, UniformQuantizer) else "a per-tensor uniform grid"
+        raise LowbitError(f"match_moments: variance matching scales each output channel's weight step, but layer "
+                          f"{layer.name!r} has {kind}; use per-channel uniform weights or variance: false")
+
+
+def _scale_channels(layer: QuantLayer, a: torch.Tensor) -> None:
+    """Multiply output channel k of the layer's weights, and its weight step, by a[k]: the
+    integer codes stay what they were, the dequantized weights scale by a."""
+    w = layer.module.weight
+    w.mul_(a.reshape([-1] + [1] * (w.dim() - 1)))
+    q = layer.weight_quantizer
+    q.scale = q.scale * a.reshape(q.scale.shape).to(q.scale.dtype)
+    if layer.module.bias is not None:
+        layer.module.bias.mul_(a)
+
+
+def _bias_term(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
+    """The bias as the layer adds it (on its int32 grid), shaped to broadcast over ``out``."""
+    b = layer.quantized_bias()
+    if b is None:
+        return torch.zeros((), dtype=out.dtype, device=out.device)
+    return b.reshape([1, -1] + [1] * (out.dim() - 2))
+
+
+@torch.no_grad()
+def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, variance: bool = True,
+                  samples: int = 1024, max_ratio: float = 2.0) -> dict[str, dict[str, float]]:
+    """Match each layer's per-channel output mean (and variance) to the float network's.
+
+    ``max_ratio`` bounds a to [1/max_ratio, max_ratio] so a channel that is nearly dead in
+    one network cannot blow up. Returns, per layer, the mean |a − 1| and mean |c| (report)."""
+    if not qm.calibrated:
+        raise LowbitError("match_moments compares the quantized network with the float one: calibrate first")
+    if max_ratio < 1:
+        raise LowbitError(f"match_moments: max_ratio must be at least 1, got {max_ratio}")
+    layers = [r.layer for r in qm.layers if r.layer.quantize_weight]
+    for layer in layers:
+        _check_layer(layer, variance)
+    x = torch.cat(batches)[:samples]
+    # one float pass: channel means of y and y² give the targets' mean and variance
+    sums = _float_pass_means(qm, layers, x, qm.float_reference(), lambda _l, _x, out: torch.cat([out, out * out], 1))
+    targets = {}
+    for name, s in sums.items():
+        mean, square = s.chunk(2)
+        targets[name] = (mean, (square - mean * mean).clamp_min(0))
+    report: dict[str, dict[str, float]] = {}
+
+    def correct(layer: QuantLayer, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if layer.name in report:
+            return None  # a module called twice per pass is corrected on its first call
+        m_f, v_f = targets[layer.name]
+        m_q, v_q = _channel_moments(out)
+        a = torch.ones_like(m_q)
+        old_bias = _bias_term(layer, out)
+        if variance:
+            tiny = 1e-12 * float(torch.maximum(v_f.max(), v_q.max()).clamp_min(1e-30))
+            a = ((v_f + tiny) / (v_q + tiny)).sqrt().clamp(1 / max_ratio, max_ratio)
+            _scale_channels(layer, a)
+        shift = m_f - a * m_q
+        _add_to_bias(qm, layer, shift)
+        report[layer.name] = {"scale": float((a - 1).abs().mean()), "shift": float(shift.abs().mean())}
+        # the corrected output moves on: the weight part scales by a (same codes, step × a), the bias
+        # part is the new bias on its int32 grid; no second run of the layer
+        shape = [1, -1] + [1] * (out.dim() - 2)
+        return (out - old_bias) * a.reshape(shape) + _bias_term(layer, out)
+
+    handles = [layer.register_forward_hook(correct) for layer in layers]
+    try:
+        qm(x)
+    finally:
+        for h in handles:
+            h.remove()
+    qm.meta["match_moments"] = report
+    return report
