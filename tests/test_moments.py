@@ -108,10 +108,22 @@ def test_refusals_name_the_problem(mnist_cnn):
     with pytest.raises(LowbitError, match="BatchNorm that trains with it.*before the qat step"):
         match_moments(training_form, [calib], progress=False)
     per_tensor = {**RECIPE, "weights": {**RECIPE["weights"], "per_channel": False}}
-    with pytest.raises(LowbitError, match="per-tensor uniform grid.*variance: false"):
+    with pytest.raises(LowbitError, match="no layer can take it.*per-tensor uniform grid.*variance: false"):
         lowbit.quantize(model, {**per_tensor, "steps": ["calibrate", "match_moments"]}, calib=calib, progress=False)
-    lowbit.quantize(model, {**per_tensor, "steps": ["calibrate", {"match_moments": {"variance": False}}]},
-                    calib=calib, progress=False)
+    mean_only = lowbit.quantize(model, {**per_tensor, "steps": ["calibrate", {"match_moments": {"variance": False}}]},
+                                calib=calib, progress=False)
+    assert all(v["shift"] > 0 for v in mean_only.meta["match_moments"].values())
+    # codebook layers among uniform ones (k-means inside, the 8-bit first and last layers uniform): the
+    # codebook layers are left as they are, and said so
+    codebook = {"extends": "w4a4", "weights": {"bits": 3}}
+    clustered = lowbit.quantize(model, {**codebook, "steps": ["calibrate", "kmeans"]}, calib=calib, progress=False)
+    with pytest.warns(UserWarning, match=r"leaves 2 layer\(s\) uncorrected.*conv2 \(CodebookQuantizer weights\)"):
+        qm = lowbit.quantize(model, {**codebook, "steps": ["calibrate", "kmeans", "match_moments"]}, calib=calib,
+                             progress=False)
+    assert qm.meta["match_moments"]["conv2"] == {"skipped": "CodebookQuantizer weights"}
+    assert qm.meta["match_moments"]["conv1"]["scale"] > 0
+    with torch.no_grad():
+        assert torch.equal(qm.layers[1].layer.quantized_weight(), clustered.layers[1].layer.quantized_weight())
     with pytest.raises(RecipeError, match="max_ratio"):
         lowbit.quantize(model, {**RECIPE, "steps": ["calibrate", {"match_moments": {"max_ratio": 0.5}}]},
                         calib=calib, progress=False)

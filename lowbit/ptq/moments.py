@@ -23,6 +23,8 @@ ResNet-20 W4A4 it is the variance that carries the gain (README, issue 16 part 1
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lowbit.errors import LowbitError
@@ -36,18 +38,14 @@ def _channel_moments(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out.mean(dims), out.var(dims, unbiased=False)
 
 
-def _check_layer(layer: QuantLayer, variance: bool) -> None:
-    if layer.bn is not None:
-        raise LowbitError(f"match_moments: layer {layer.name!r} carries a BatchNorm that trains with it (QAT's "
-                          "training form); match moments before the qat step or after its BN is folded")
+def _why_not(layer: QuantLayer) -> str | None:
+    """Why the layer's weight grid cannot take a per-channel scale (None: it can)."""
     q = layer.weight_quantizer
-    if not variance:
-        return
-    channels = layer.module.weight.shape[0]
-    if not isinstance(q, UniformQuantizer) or q.scale.numel() != channels:
-        kind = type(q).__name__ if not isinstance(q, UniformQuantizer) else "a per-tensor uniform grid"
-        raise LowbitError(f"match_moments: variance matching scales each output channel's weight step, but layer "
-                          f"{layer.name!r} has {kind}; use per-channel uniform weights or variance: false")
+    if type(q) is not UniformQuantizer:  # subclasses (codebooks, learned kinds) read their scale otherwise
+        return f"{type(q).__name__} weights"
+    if q.scale.numel() != layer.module.weight.shape[0]:
+        return "a per-tensor uniform grid"
+    return None
 
 
 def _scale_channels(layer: QuantLayer, a: torch.Tensor) -> None:
@@ -75,14 +73,29 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
     """Match each layer's per-channel output mean (and variance) to the float network's.
 
     ``max_ratio`` bounds a to [1/max_ratio, max_ratio] so a channel that is nearly dead in
-    one network cannot blow up. Returns, per layer, the mean |a − 1| and mean |c| (report)."""
+    one network cannot blow up. Returns, per layer, the mean |a − 1| and mean |c|, or why it
+    was skipped (report)."""
     if not qm.calibrated:
         raise LowbitError("match_moments compares the quantized network with the float one: calibrate first")
     if max_ratio < 1:
         raise LowbitError(f"match_moments: max_ratio must be at least 1, got {max_ratio}")
     layers = [r.layer for r in qm.layers if r.layer.quantize_weight]
     for layer in layers:
-        _check_layer(layer, variance)
+        if layer.bn is not None:
+            raise LowbitError(f"match_moments: layer {layer.name!r} carries a BatchNorm that trains with it (QAT's "
+                              "training form); match moments before the qat step or after its BN is folded")
+    # matching the mean alone is worse than no correction (module docstring), so a layer whose grid cannot
+    # take the variance's per-channel scale is left as it is, and the report and a warning say so
+    skipped = {layer.name: why for layer in layers if variance and (why := _why_not(layer))}
+    if skipped and len(skipped) == len(layers):
+        first = next(iter(skipped.items()))
+        raise LowbitError(f"match_moments: variance matching scales each output channel's weight step, but no layer "
+                          f"can take it (e.g. {first[0]!r} has {first[1]}); use per-channel uniform weights or "
+                          "variance: false")
+    if skipped:
+        warnings.warn(f"match_moments leaves {len(skipped)} layer(s) uncorrected, their weight grid cannot take a "
+                      f"per-channel scale: {', '.join(f'{n} ({w})' for n, w in skipped.items())}", stacklevel=2)
+    layers = [layer for layer in layers if layer.name not in skipped]
     x = torch.cat(batches)[:samples]
     # one float pass: channel means of y and y² give the targets' mean and variance
     sums = _float_pass_means(qm, layers, x, qm.float_reference(), lambda _l, _x, out: torch.cat([out, out * out], 1))
@@ -117,5 +130,6 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
     finally:
         for h in handles:
             h.remove()
+    report.update({name: {"skipped": why} for name, why in skipped.items()})
     qm.meta["match_moments"] = report
     return report
