@@ -60,10 +60,11 @@ def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Rec
 
 
 def _match_moments(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
-                   variance: bool = True, samples: int = 1024, max_ratio: float = 2.0) -> None:
+                   variance: bool = True, samples: int = 1024, max_ratio: float = 2.0, chunk: int = 0) -> None:
     from lowbit.ptq.moments import match_moments
 
-    match_moments(qm, batches, progress=progress, variance=variance, samples=samples, max_ratio=max_ratio)
+    match_moments(qm, batches, progress=progress, variance=variance, samples=samples, max_ratio=max_ratio,
+                  chunk=chunk)
 
 
 def _easyquant(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,

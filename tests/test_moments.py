@@ -129,3 +129,18 @@ def test_refusals_name_the_problem(mnist_cnn):
                         calib=calib, progress=False)
     with pytest.raises(LowbitError, match="calibrate first"):
         lowbit.quantize(model, {**RECIPE, "steps": ["match_moments"]}, calib=calib, progress=False)
+
+
+def test_chunks_bound_memory_and_land_near_the_exact_correction(mnist_cnn):
+    """Several chunks (each corrected by its own statistics on the way, as BN in training mode) give
+    nearly the one-chunk answer: the same codes, the step scales within a few percent."""
+    model, calib, _ = mnist_cnn
+    exact = lowbit.quantize(model, {**RECIPE, "steps": ["calibrate", "match_moments"]}, calib=calib, progress=False)
+    chunked = lowbit.quantize(model, {**RECIPE, "steps": ["calibrate", {"match_moments": {"chunk": 128}}]},
+                              calib=calib, progress=False)
+    for a, b in zip(exact.layers, chunked.layers):
+        qa, qb = a.layer.weight_quantizer, b.layer.weight_quantizer
+        assert torch.equal(qa.codes(a.layer.quantized_weight()), qb.codes(b.layer.quantized_weight()))
+        assert torch.allclose(qa.scale, qb.scale, rtol=0.05), a.layer.name
+    first_a, first_b = exact.layers[0].layer.weight_quantizer, chunked.layers[0].layer.weight_quantizer
+    assert torch.allclose(first_a.scale, first_b.scale, rtol=1e-4)  # its input is the same: exact either way

@@ -17,7 +17,8 @@ same integer weights and runs unchanged in every runtime.
 With ``fold_bn: false`` the BN stays a float op after the layer; matching the layer's own
 output to the float one then hands that BN the statistics it was trained for, the same end.
 Layers are corrected in network order in one pass of the quantized network (each layer's
-hook corrects it before its output moves on), plus one float pass for the targets.
+hook corrects it before its output moves on), plus one float pass for the targets; a large
+calibration set goes through in chunks (``chunk``).
 Matching the mean alone (bias correction on outputs) is worse than leaving it: on
 ResNet-20 W4A4 it is the variance that carries the gain (README, issue 16 part 1).
 """
@@ -26,11 +27,15 @@ from __future__ import annotations
 import warnings
 
 import torch
+from tqdm import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.bias_correction import _add_to_bias, _float_pass_means
 from lowbit.quant.quantizer import UniformQuantizer
+
+
+AUTO_CHUNK_VALUES = 4 * 1024 * 1024
 
 
 def _channel_moments(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +74,16 @@ def _bias_term(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, variance: bool = True,
-                  samples: int = 1024, max_ratio: float = 2.0) -> dict[str, dict[str, float]]:
+                  samples: int = 1024, max_ratio: float = 2.0, chunk: int = 0) -> dict[str, dict[str, float]]:
     """Match each layer's per-channel output mean (and variance) to the float network's.
 
     ``max_ratio`` bounds a to [1/max_ratio, max_ratio] so a channel that is nearly dead in
     one network cannot blow up. Returns, per layer, the mean |a − 1| and mean |c|, or why it
-    was skipped (report)."""
+    was skipped (report). ``chunk`` images go through the network at once: with all the samples in
+    one chunk the correction is exact layer after layer; with several, each chunk moves on corrected
+    by its own statistics (as BN does in training mode) and each layer's correction is set from all
+    of them, memory bounded by one chunk. ``chunk=0``: as many images as hold AUTO_CHUNK_VALUES input
+    values (all 1,024 CIFAR images; 27 ImageNet-sized ones)."""
     if not qm.calibrated:
         raise LowbitError("match_moments compares the quantized network with the float one: calibrate first")
     if max_ratio < 1:
@@ -105,31 +114,59 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
         targets[name] = (mean, (square - mean * mean).clamp_min(0))
     report: dict[str, dict[str, float]] = {}
 
-    def correct(layer: QuantLayer, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if layer.name in report:
-            return None  # a module called twice per pass is corrected on its first call
+    def ratio(v_f: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
+        if not variance:
+            return torch.ones_like(v_q)
+        tiny = 1e-12 * float(torch.maximum(v_f.max(), v_q.max()).clamp_min(1e-30))
+        return ((v_f + tiny) / (v_q + tiny)).sqrt().clamp(1 / max_ratio, max_ratio)
+
+    def apply(layer: QuantLayer, m_q: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
         m_f, v_f = targets[layer.name]
-        m_q, v_q = _channel_moments(out)
-        a = torch.ones_like(m_q)
-        old_bias = _bias_term(layer, out)
+        a = ratio(v_f, v_q)
         if variance:
-            tiny = 1e-12 * float(torch.maximum(v_f.max(), v_q.max()).clamp_min(1e-30))
-            a = ((v_f + tiny) / (v_q + tiny)).sqrt().clamp(1 / max_ratio, max_ratio)
             _scale_channels(layer, a)
         shift = m_f - a * m_q
         _add_to_bias(qm, layer, shift)
         report[layer.name] = {"scale": float((a - 1).abs().mean()), "shift": float(shift.abs().mean())}
-        # the corrected output moves on: the weight part scales by a (same codes, step × a), the bias
-        # part is the new bias on its int32 grid; no second run of the layer
+        return a
+
+    chunks = x.split(chunk if chunk > 0 else max(1, AUTO_CHUNK_VALUES // max(1, x[0].numel())))
+    seen: set[str] = set()  # layers met in the current chunk (a module called twice is taken on its first call)
+    acc: dict[str, list[torch.Tensor | int]] = {}  # uncorrected output: channel sum, sum of squares, count
+
+    def correct(layer: QuantLayer, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if layer.name in seen:
+            return None
+        seen.add(layer.name)
+        m_q, v_q = _channel_moments(out)
         shape = [1, -1] + [1] * (out.dim() - 2)
-        return (out - old_bias) * a.reshape(shape) + _bias_term(layer, out)
+        if len(chunks) == 1:  # exact: correct the layer now; the weight part of its output scales by a (same
+            old_bias = _bias_term(layer, out)  # codes, step × a), the bias part is the new int32-grid bias
+            a = apply(layer, m_q, v_q)
+            return (out - old_bias) * a.reshape(shape) + _bias_term(layer, out)
+        # several chunks (bounded memory): like BN in training mode, each chunk moves on corrected by its own
+        # statistics, while the layer's own correction waits for the statistics of every chunk
+        n = out.numel() // out.shape[1]
+        s = acc.setdefault(layer.name, [torch.zeros_like(m_q), torch.zeros_like(m_q), 0])
+        s[0], s[1], s[2] = s[0] + m_q * n, s[1] + (v_q + m_q * m_q) * n, s[2] + n
+        m_f, v_f = targets[layer.name]
+        a = ratio(v_f, v_q)
+        return out * a.reshape(shape) + (m_f - a * m_q).reshape(shape)
 
     handles = [layer.register_forward_hook(correct) for layer in layers]
     try:
-        qm(x)
+        for part in tqdm(chunks, desc="match_moments", unit="chunk", disable=not progress or len(chunks) == 1,
+                         leave=False):
+            seen.clear()
+            qm(part)
     finally:
         for h in handles:
             h.remove()
+    for layer in layers:
+        if layer.name in acc:
+            total, squares, n = acc[layer.name]
+            mean = total / n
+            apply(layer, mean, (squares / n - mean * mean).clamp_min(0))
     report.update({name: {"skipped": why} for name, why in skipped.items()})
     qm.meta["match_moments"] = report
     return report

@@ -184,7 +184,10 @@ def step_schemas() -> dict[str, list[Param]]:
         "match_moments": [
             Param("variance", "bool", True, doc="match each channel's variance too (scales its weight step; "
                   "the integer codes stay), not only its mean"),
-            Param("samples", "int", 1024, low=1, doc="calibration images, run as one batch (memory: one pass at once)"),
+            Param("samples", "int", 1024, low=1, doc="calibration images used"),
+            Param("chunk", "int", 0, low=0, doc="images per pass (0: all of them while they hold at most 4M input "
+                  "values); one chunk is exact layer by layer, several bound memory (each corrected by its own "
+                  "statistics on the way, as BN in training mode)"),
             Param("max_ratio", "float", 2.0, low=1, doc="bound on a channel's scale change, either way"),
         ],
         "easyquant": [
