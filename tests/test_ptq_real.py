@@ -94,7 +94,8 @@ def test_usp_with_training_augmentation_helps_resnet20_w4a4(resnet20, cifar_slic
     crop-and-flip; USP on augmented copies recovers accuracy instead."""
     calib, test = cifar_slices
     base = {"extends": "w4a4", "fold_bn": False}
-    plain = lowbit.evaluate(lowbit.quantize(resnet20, base, calib=calib, progress=False), batches(test))
+    plain = lowbit.evaluate(lowbit.quantize(resnet20, {**base, "steps": ["calibrate"]}, calib=calib, progress=False),
+                            batches(test))
     usp = lowbit.quantize(resnet20, {**base, "steps": ["calibrate", {"usp": {"augment_repeats": 2}}]},
                           calib=calib, progress=False)
     assert lowbit.evaluate(usp, batches(test)) > plain + 0.01
