@@ -162,6 +162,11 @@ def test_float_target_is_a_recipe_option(mnist_cnn):
     affine = load_recipe("w3a3-gptq-affine")  # the 3-minute W3A3 leader of benchmarks/ptq_budgets.py
     assert [n for n, _ in affine.steps] == ["calibrate", "gptq", "bias_correction"]
     assert affine.steps[1][1] == {"target": "float"} and not affine.weights.spec.symmetric
+    for name in ("w3a3-gptq-moments", "w2a4-gptq-moments"):  # the 60 s leaders of W3A3 and W2A4
+        fast = load_recipe(name)
+        assert [n for n, _ in fast.steps] == ["calibrate", "gptq", "match_moments"], name
+        assert fast.steps[1][1] == {"target": "float", "regrid": True, "grid_objective": "output"}, name
+        assert fast.steps[0][1] == {"observe": "float"} and not fast.weights.spec.symmetric, name
 
 
 def test_regrid_fits_the_grid_to_the_refitted_weights():
