@@ -67,6 +67,8 @@ MATRIX = {
     "LSQ / LSQ+, from the float-target GPTQ + bias correction start, distillation only (weight 1)": {
         1: ("qat_resnet20_w3a3_gptq.json", "w3a3-lsq-gptq-float-kd1-e30"),
         2: ("qat_resnet20_w2a2_gptq.json", "w2a2-lsq-gptq-float-kd1-e30")},
+    "the same from the float-observed float-target GPTQ + bias correction start (w3a3-gptq-affine's steps, symmetric)": {
+        1: ("qat_resnet20_w3a3_gptq.json", "w3a3-lsq-gptq-float-fobs-kd1-e30")},
     "LSQ / PACT": {0: ("qat_resnet20_w4a4_methods.json", "w4a4+pact+kd-e5")},
     "μL2Q (seed 000) / LSQ+": {
         0: ("qat_resnet20_w4a4_methods.json", "w4a4+ul2q+kd-e5"), 3: ("qat_resnet20.json", "w2a32-ul2q-e30"),
