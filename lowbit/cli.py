@@ -378,7 +378,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = analyze(qm, make_loader(subset, 250), progress=not args.no_progress)
     rows = [r.row() for r in out["layers"]]
     print(f"{args.model} {recipe.name} on {out['images']} training-split images (not the calibration ones): "
-          f"float {out['float_top1']:.2f}%, quantized {out['quantized_top1']:.2f}%; layers, most harmful first")
+          f"float {out['float_top1']:.2f}%, quantized {out['quantized_top1']:.2f}% (weights only "
+          f"{out['weights_only_top1']:.2f}%, activations only {out['activations_only_top1']:.2f}%); "
+          "layers, most harmful first")
     payload = {"model": args.model, "recipe": recipe.name, **out, "layers": rows}
     _emit(args, payload, rows)
     return 0

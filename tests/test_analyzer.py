@@ -84,3 +84,31 @@ def test_analyze_command_ranks_layers_on_training_images(tmp_path, capsys, data_
     assert main(["analyze", "--model", "small_cnn_fashion", "--samples", "60000", "--data-dir", str(data_dir),
                  "--no-progress", "--no-download"]) == 2
     assert "left beside the calibration set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["weights", "activations"])
+def test_the_split_puts_the_loss_on_the_quantized_side(mnist_cnn, side):
+    """With only one side quantized, that side's top-1 is the quantized model's and the other's is float's."""
+    model, calib, test = mnist_cnn
+    bits = {"w_bits": 2, "a_bits": 32} if side == "weights" else {"w_bits": 32, "a_bits": 2}
+    recipe = {"extends": "w2a4", "first_last_bits": None, "quantize_adds": False, "steps": ["calibrate"],
+              "overrides": [{"pattern": "*", **bits}]}
+    qm = lowbit.quantize(model, recipe, calib=calib, progress=False)
+    batches = _batches(test, 400)
+    out = analyze(qm, batches, progress=False)
+    assert out["quantized_top1"] < out["float_top1"] - 1  # the quantized side costs something
+    own, other = ("weights_only_top1", "activations_only_top1")[:: 1 if side == "weights" else -1]
+    assert out[own] == pytest.approx(out["quantized_top1"])
+    assert out[other] == pytest.approx(out["float_top1"])
+
+
+def test_activations_only_runs_the_float_weights_as_built(mnist_cnn):
+    """Steps that edit weights and biases (GPTQ, bias correction) are the weights' side of the split."""
+    model, calib, test = mnist_cnn
+    qm = lowbit.quantize(model, {"extends": "w2a4", "steps": ["calibrate", "gptq", "bias_correction"]},
+                         calib=calib, progress=False)
+    batches = _batches(test, 400)
+    out = analyze(qm, batches, progress=False)
+    plain = lowbit.quantize(model, {"extends": "w2a4", "steps": ["calibrate"]}, calib=calib, progress=False)
+    with plain.quantization(weights=False):
+        assert out["activations_only_top1"] == pytest.approx(_top1(plain, batches))

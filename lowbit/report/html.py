@@ -48,6 +48,14 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], table_id: str
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _split(analysis: dict) -> str:
+    """Which side loses, where the analysis has it (files written before the split was added do not)."""
+    if analysis.get("weights_only_top1") is None or analysis.get("activations_only_top1") is None:
+        return ""
+    return (f" (weights only {analysis['weights_only_top1']:.2f}%, activations only "
+            f"{analysis['activations_only_top1']:.2f}%)")
+
+
 def _missing(what: str) -> str:
     return f'<p class="muted">Not in these sources: {html.escape(what)}</p>'
 
@@ -92,7 +100,8 @@ def render(inputs: ReportInputs, float_model: nn.Module | None = None, title: st
     if inputs.analysis:
         a = inputs.analysis
         parts.append(f"<p>On {a.get('images')} training-split images: float {a['float_top1']:.2f}%, quantized "
-                     f"{a['quantized_top1']:.2f}%. Layers ranked by the drop with only that layer quantized.</p>")
+                     f"{a['quantized_top1']:.2f}%{_split(a)}. Layers ranked by the drop with only that layer "
+                     "quantized.</p>")
         parts.append(_img("fig-analysis", figures.analyzer_bars(a["layers"]), "per-layer sensitivity"))
         parts.append(_table(a["layers"], ["name", "quantizer", "w_bits", "a_bits", "weight_sqnr_db", "output_sqnr_db",
                                           "drop_alone_pt", "recovered_pt"], "table-analysis"))
