@@ -63,6 +63,8 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_fullrange.json", "w4a4-gptq-lsq-fullrange-e5")},
     "the same, distillation temperature 1 (not 4)": {0: ("qat_resnet20_w4a4_kdT1.json", "w4a4-gptq-lsq-kdT1-e5")},
     "the same, distillation temperature 8 (not 4)": {0: ("qat_resnet20_w4a4_kdT8.json", "w4a4-gptq-lsq-kdT8-e5")},
+    "the same, step sizes learning at 0.01 (10× the weights' lr)": {
+        0: ("qat_resnet20_w4a4_qlr.json", "w4a4-gptq-lsq-qlr0.01-e5")},
     "the same, distilled from ResNet-32 (92.63) instead of the float ResNet-20": {
         0: ("qat_resnet20_w4a4_teacher.json", "w4a4-gptq-lsq-r32teacher-e5")},
     "LSQ / LSQ+, from the float-target GPTQ + bias correction start, distillation only (weight 1)": {
