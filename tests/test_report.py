@@ -189,3 +189,10 @@ def test_the_python_api_takes_the_same_sources(tmp_path):
     assert set(parse(text).images) == {"fig-qat"}
     assert "<title>QAT &lt;run&gt;</title>" in text  # user text is escaped
     assert lowbit.html_report(_inputs(), tmp_path / "s.html").stat().st_size > 10_000
+
+
+def test_the_analysis_says_which_side_loses_where_the_file_has_it():
+    inputs = _inputs()
+    assert "weights only" not in render(inputs)  # an analysis written before the split renders as before
+    inputs.analysis.update(weights_only_top1=90.5, activations_only_top1=89.25)
+    assert "weights only 90.50%, activations only 89.25%" in render(inputs)

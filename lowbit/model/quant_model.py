@@ -281,14 +281,16 @@ class QuantModel(nn.Module):
         self._float_copy.append((param, float_value.detach().clone()))
 
     @contextlib.contextmanager
-    def float_reference(self) -> Iterator[None]:
+    def float_reference(self, activations: bool = False) -> Iterator[None]:
         """Run as the original float network: quantization off and every parameter back
-        at its value from before any algorithm edited it (the teacher of reconstruction)."""
+        at its value from before any algorithm edited it (the teacher of reconstruction).
+        ``activations=True`` keeps the activation quantizers as they are: the float weights
+        as built behind quantized activations (the analyzer's activations-only network)."""
         saved = [p.data for p, _ in self._float_copy]
         try:
             for p, f in self._float_copy:
                 p.data = f
-            with self.quantization(weights=False, activations=False):
+            with self.quantization(weights=False, activations=activations):
                 yield
         finally:
             for (p, _), d in zip(self._float_copy, saved):

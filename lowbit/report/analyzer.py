@@ -98,21 +98,6 @@ def _only(qm: QuantModel, record: Any, on: bool) -> Iterator[None]:
                 q.enabled = saved[1]
 
 
-@contextlib.contextmanager
-def _float_weights(qm: QuantModel) -> Iterator[None]:
-    """Every parameter back at its value as built (float_reference's), weights unquantized, the
-    activation quantizers left as they are: the activations-only network."""
-    saved = [p.data for p, _ in qm._float_copy]
-    try:
-        for p, f in qm._float_copy:
-            p.data = f
-        with qm.quantization(weights=False):
-            yield
-    finally:
-        for (p, _), d in zip(qm._float_copy, saved):
-            p.data = d
-
-
 @torch.no_grad()
 def _layer_outputs(qm: QuantModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every layer's output on ``x``, by layer name."""
@@ -144,7 +129,7 @@ def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[
         quant_out = _layer_outputs(qm, batches[0][0])
         with qm.quantization(activations=False):
             weights_only = evaluate(qm, batches)
-        with _float_weights(qm):
+        with qm.float_reference(activations=True):
             activations_only = evaluate(qm, batches)
         readers: dict[int, list[str]] = {}
         for r in qm.layers:
