@@ -53,6 +53,20 @@ def test_round_trip_is_bit_exact_and_size_tracks_bits(small, tmp_path, recipe):
     assert ideal <= size <= ideal + 1280, (size, ideal)
 
 
+def test_a_builtin_description_is_left_to_its_name_and_a_custom_one_kept(small, tmp_path):
+    model, x = small
+    qm = lowbit.quantize(model, "w8a8", calib=x, progress=False)
+    text = lowbit.load_recipe("w8a8").description
+    assert text and qm.meta["recipe"]["description"] == text
+    header, _, _ = read_header(lowbit.save(qm, tmp_path / "b.lowbit"))
+    assert header["recipe"]["name"] == "w8a8" and "description" not in header["recipe"]
+    assert lowbit.load(tmp_path / "b.lowbit").meta["recipe"] == qm.meta["recipe"]
+    mine = lowbit.quantize(model, {"extends": "w8a8", "description": "mine"}, calib=x, progress=False)
+    header, _, _ = read_header(lowbit.save(mine, tmp_path / "c.lowbit"))
+    assert header["recipe"]["description"] == "mine"
+    assert lowbit.load(tmp_path / "c.lowbit").meta["recipe"]["description"] == "mine"
+
+
 def test_saved_files_are_readable_like_any_other_file(small, tmp_path):
     """safetensors writes 0600; an artifact or checkpoint gets the mode open() would give."""
     from lowbit.state_io import atomic_save_tensors

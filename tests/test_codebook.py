@@ -147,6 +147,9 @@ def test_codebook_qat_trains_and_deploys_bit_exact(mnist_cnn, tmp_path, kind):
     back = lowbit.load(lowbit.save(qm, tmp_path / f"{kind}.lowbit"), model=type(model)())
     assert torch.equal(back(test[0][:100]), qm(test[0][:100]))
     assert back.layers.rows()[1]["quantizer"] == kind
+    if kind == "lqnet":  # the 8-bit first/last layers keep LSQ's integer grid, not 256 float levels per channel
+        assert [back.layers.rows()[i]["quantizer"] for i in (0, -1)] == ["lsq", "lsq"]
+        assert not isinstance(qm.layers[0].layer.weight_quantizer, CodebookQuantizer)
     if kind == "lqnet":  # per-channel codebooks: ONNX gathers from the flattened tables
         pytest.importorskip("onnxruntime")
         onnx_model = lowbit.OnnxModel(lowbit.export_onnx(qm, tmp_path / "lq.onnx", test[0][:1]), threads=1)
@@ -175,6 +178,22 @@ def test_lqnet_starts_on_the_uniform_grid_and_fits_its_basis_by_least_squares():
         q(w)
     after = float((q.deployed_weight(w) - w).pow(2).mean())
     assert after < before  # QEM lowers the quantization error
+    src.set_bits(8)
+    with pytest.raises(RecipeError, match="lqnet weights are for 4 bits or fewer"):
+        make_trainable(src, "lqnet", "weights")
+
+
+def test_qem_basis_from_code_counts_equals_least_squares_on_the_encoding_matrix():
+    from lowbit.quant.learned.lqnet import _all_bits, least_squares_basis
+
+    torch.manual_seed(1)
+    table = _all_bits(3)
+    values, codes = torch.randn(3, 400), torch.randint(0, 8, (3, 400))
+    codes[1][codes[1] == 5] = 4  # a level no value uses
+    fitted = least_squares_basis(values, codes, table)
+    for r in range(3):
+        expected = torch.linalg.lstsq(table[codes[r]].double(), values[r].double().unsqueeze(-1)).solution.squeeze(-1)
+        assert torch.allclose(fitted[r].double(), expected, atol=1e-5)
 
 
 def test_inq_levels_and_schedule_freeze_exactly_the_stated_portions():

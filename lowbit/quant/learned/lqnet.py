@@ -9,6 +9,7 @@ that best fits those encodings by least squares, v* = (BᵀB)⁻¹Bᵀw over the
 v starts as s·[1/2, 1, 2, …, 2^(K−2)] from the calibrated step s: exactly the uniform
 mid-rise grid of that step, so training starts from the PTQ model. Deployed as a per-channel
 codebook of the 2^K levels (lowbit.quant.codebook): the basis drifts off any uniform grid.
+Above 4 bits (the 8-bit first/last layers) weights and activations keep LSQ(+)'s integer grid.
 
 Activations (:class:`LQNetActivationQuantizer`, the paper's sec. 3.1 for a ReLU output): levels
 vᵀb with b ∈ {0, 1}^K and one basis per tensor, starting at s·[1, 2, …, 2^(K−1)] (the
@@ -35,17 +36,47 @@ def _all_bits(k: int, signed: bool = True) -> torch.Tensor:
 
 
 MAX_ACTIVATION_BITS = 4  # above this the codebook (2^K float levels) buys nothing over the int8 grid
+# Weights likewise: an 8-bit first/last layer as LQ-Nets would store 256 float levels per channel
+# (ResNet-20 W2A2: 27 KB of its 110 KB file) and no integer kernel could run it; it keeps LSQ's grid.
+MAX_WEIGHT_BITS = 4
 
 
 @torch.no_grad()
-def least_squares_basis(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """QEM's basis step: v* = (BᵀB)⁻¹Bᵀx for values [R, N] with encodings B [R, N, K]
-    (a tiny ridge keeps an unused bit from making BᵀB singular); a row whose solve is not
-    finite comes back NaN for the caller to skip."""
-    btb = bits.transpose(1, 2) @ bits                                    # [R, K, K]
-    btx = (bits.transpose(1, 2) @ values.unsqueeze(-1)).squeeze(-1)      # [R, K]
-    ridge = torch.eye(btb.shape[-1]) * 1e-6 * btb.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).unsqueeze(-1)
-    return torch.linalg.solve(btb + ridge, btx)
+def least_squares_basis(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """QEM's basis step: v* = (BᵀB)⁻¹Bᵀx for values [R, N] whose encodings are the rows ``codes``
+    [R, N] of ``table`` [2^K, K] (a tiny ridge keeps an unused bit from making BᵀB singular); a
+    row whose solve is not finite comes back NaN for the caller to skip.
+
+    Every value with code j has the same encoding b_j, so BᵀB = Σ_j n_j b_j b_jᵀ and
+    Bᵀx = Σ_j (Σ of the values coded j) b_j: two bincounts instead of the [R, N, K] matrix B,
+    which for one batch of ResNet-20 activations is ~25 MB per layer per step."""
+    rows, levels = values.shape[0], table.shape[0]
+    flat = (codes.reshape(rows, -1) + levels * torch.arange(rows, device=codes.device)[:, None]).reshape(-1)
+    counts = torch.bincount(flat, minlength=rows * levels).reshape(rows, levels).double()
+    # summed in the values' own precision (a float64 copy of a batch of activations costs more than it buys)
+    sums = torch.bincount(flat, weights=values.reshape(-1), minlength=rows * levels).reshape(rows, levels).double()
+    b = table.double()
+    btb = torch.einsum("rj,jk,jl->rkl", counts, b, b)                   # [R, K, K]
+    btx = sums @ b                                                      # [R, K]
+    ridge = torch.eye(b.shape[1], dtype=b.dtype, device=b.device) * 1e-6 \
+        * btb.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).unsqueeze(-1)
+    return torch.linalg.solve(btb + ridge, btx).to(values.dtype)
+
+
+class _ClippedStraightThrough(torch.autograd.Function):
+    """Forward: the nearest level ``q`` of ``x``; backward: the clipped ReLU's straight-through
+    gradient, 1 where bottom ≤ x ≤ top and 0 where the top level clipped (one saved mask,
+    instead of the where/detach chain that builds the same gradient from three full tensors)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward((x >= bottom) & (x <= top))
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
 
 
 class LQNetQuantizer(TrainableQuantizer):
@@ -59,6 +90,9 @@ class LQNetQuantizer(TrainableQuantizer):
         return cls(source, role, **options)
 
     def __init__(self, source: UniformQuantizer, role: str, momentum: float = 0.1) -> None:
+        if source.spec.bits > MAX_WEIGHT_BITS:  # the 8-bit first/last layers keep LSQ's integer grid
+            raise RecipeError(f"lqnet weights are for {MAX_WEIGHT_BITS} bits or fewer; "
+                              f"{source.name!r} has {source.spec.bits}")
         super().__init__(source, role)
         self.spec = source.spec.with_(signed=True, symmetric=True)
         k = self.spec.bits
@@ -90,7 +124,7 @@ class LQNetQuantizer(TrainableQuantizer):
     def fit_basis(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """QEM's basis step: least squares for the current encodings, then the moving average."""
         rows = x.detach().reshape(self.basis.shape[0], -1)
-        fitted = least_squares_basis(rows, self.bits_table[codes])
+        fitted = least_squares_basis(rows, codes, self.bits_table)
         ok = torch.isfinite(fitted).all(1, keepdim=True)
         self.basis.copy_(torch.where(ok, (1 - self.momentum) * self.basis + self.momentum * fitted, self.basis))
 
@@ -132,18 +166,20 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         return perm[torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.encode(x)
-        lv = self.levels()
+        # Works in the sorted level order throughout: a whole batch of activations goes through
+        # one bucketize and one lookup, not a second lookup through the sort's permutation.
+        ordered, perm = torch.sort(self.levels())
+        pos = torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)
         if self.training:
-            self.fit_basis(x, codes)
-        top, bottom = lv.max(), lv.min()
-        inside = torch.where((x >= bottom) & (x <= top), x, x.detach())  # gradient 1 inside, 0 where clipped
-        return lv[codes] + (inside - inside.detach())
+            self.fit_basis(x, pos, self.bits_table[perm])
+        return _ClippedStraightThrough.apply(x, ordered[pos], ordered[0], ordered[-1])
 
     @torch.no_grad()
-    def fit_basis(self, x: torch.Tensor, codes: torch.Tensor) -> None:
-        """The weights' QEM step over every value of the batch (one basis for the tensor)."""
-        fitted = least_squares_basis(x.detach().reshape(1, -1).float(), self.bits_table[codes.reshape(1, -1)])
+    def fit_basis(self, x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor | None = None) -> None:
+        """The weights' QEM step over every value of the batch (one basis for the tensor);
+        ``codes`` index the rows of ``table`` (default: ``bits_table``)."""
+        table = self.bits_table if table is None else table
+        fitted = least_squares_basis(x.detach().reshape(1, -1).float(), codes.reshape(1, -1), table)
         if bool(torch.isfinite(fitted).all()):
             self.basis.copy_((1 - self.momentum) * self.basis + self.momentum * fitted)
 
