@@ -161,24 +161,27 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         """[2^K] levels vᵀb (index j: the bits of j)."""
         return (self.basis @ self.bits_table.T).reshape(-1)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _sorted_nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(levels sorted, the sort's permutation, each value's position among the sorted levels)."""
         ordered, perm = torch.sort(self.levels())
-        return perm[torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)]
+        return ordered, perm, torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        _, perm, pos = self._sorted_nearest(x)
+        return perm[pos]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # Works in the sorted level order throughout: a whole batch of activations goes through
         # one bucketize and one lookup, not a second lookup through the sort's permutation.
-        ordered, perm = torch.sort(self.levels())
-        pos = torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)
+        ordered, perm, pos = self._sorted_nearest(x)
         if self.training:
             self.fit_basis(x, pos, self.bits_table[perm])
         return _ClippedStraightThrough.apply(x, ordered[pos], ordered[0], ordered[-1])
 
     @torch.no_grad()
-    def fit_basis(self, x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor | None = None) -> None:
+    def fit_basis(self, x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> None:
         """The weights' QEM step over every value of the batch (one basis for the tensor);
-        ``codes`` index the rows of ``table`` (default: ``bits_table``)."""
-        table = self.bits_table if table is None else table
+        ``codes`` index the rows of ``table`` (``bits_table`` in the sorted level order)."""
         fitted = least_squares_basis(x.detach().reshape(1, -1).float(), codes.reshape(1, -1), table)
         if bool(torch.isfinite(fitted).all()):
             self.basis.copy_((1 - self.momentum) * self.basis + self.momentum * fitted)
