@@ -235,6 +235,16 @@ def test_joint_hessian_kmeans_shares_one_codebook_across_layers():
     assert books[0].numel() == 8 and qm.meta["kmeans"] == {r.name: 8 for r in qm.layers}
 
 
+def test_midpoint_count_equals_bucketize_including_ties():
+    from lowbit.quant.codebook import count_below
+
+    torch.manual_seed(2)
+    for levels in (1, 2, 4, 8, 16, 17, 256):  # 17 and 256: bucketize's own path
+        mid = torch.sort(torch.rand(levels - 1) * 3)[0]
+        x = torch.cat([torch.randn(5000) * 2 + 1, mid, torch.tensor([-1e9, 1e9])])  # values exactly on a midpoint too
+        assert torch.equal(count_below(x, mid), torch.bucketize(x, mid))
+
+
 def test_lqnet_activations_start_on_the_unsigned_grid_and_fit_their_basis():
     src = UniformQuantizer(QuantSpec(bits=2, signed=False, symmetric=False))
     src.signed = False

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import RecipeError
-from lowbit.quant.codebook import CodebookQuantizer
+from lowbit.quant.codebook import CodebookQuantizer, count_below
 from lowbit.quant.learned.base import TrainableQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 
@@ -51,7 +51,9 @@ def least_squares_basis(values: torch.Tensor, codes: torch.Tensor, table: torch.
     Bᵀx = Σ_j (Σ of the values coded j) b_j: two bincounts instead of the [R, N, K] matrix B,
     which for one batch of ResNet-20 activations is ~25 MB per layer per step."""
     rows, levels = values.shape[0], table.shape[0]
-    flat = (codes.reshape(rows, -1) + levels * torch.arange(rows, device=codes.device)[:, None]).reshape(-1)
+    flat = codes.reshape(-1)
+    if rows > 1:  # row r's codes count in bins r·2^K …; one row (an activation tensor) needs no offset pass
+        flat = (codes.reshape(rows, -1) + levels * torch.arange(rows, device=codes.device)[:, None]).reshape(-1)
     counts = torch.bincount(flat, minlength=rows * levels).reshape(rows, levels).double()
     # summed in the values' own precision (a float64 copy of a batch of activations costs more than it buys)
     sums = torch.bincount(flat, weights=values.reshape(-1), minlength=rows * levels).reshape(rows, levels).double()
@@ -164,7 +166,7 @@ class LQNetActivationQuantizer(TrainableQuantizer):
     def _sorted_nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(levels sorted, the sort's permutation, each value's position among the sorted levels)."""
         ordered, perm = torch.sort(self.levels())
-        return ordered, perm, torch.bucketize(x.detach(), (ordered[1:] + ordered[:-1]) / 2)
+        return ordered, perm, count_below(x.detach(), (ordered[1:] + ordered[:-1]) / 2)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         _, perm, pos = self._sorted_nearest(x)
@@ -176,7 +178,8 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         ordered, perm, pos = self._sorted_nearest(x)
         if self.training:
             self.fit_basis(x, pos, self.bits_table[perm])
-        return _ClippedStraightThrough.apply(x, ordered[pos], ordered[0], ordered[-1])
+        q = ordered.index_select(0, pos.reshape(-1)).reshape(x.shape)  # a flat lookup: ~2× faster than ordered[pos]
+        return _ClippedStraightThrough.apply(x, q, ordered[0], ordered[-1])
 
     @torch.no_grad()
     def fit_basis(self, x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> None:
