@@ -87,7 +87,8 @@ MATRIX = {
     "TTQ / — from the same start, gradient norm clipped at 1": {
         3: ("qat_families_resnet20_e30.json", "w2a32-ttq-builtin-e30"),
         4: ("qat_families_resnet20_gptq.json", "w2a32-ttq-gptq-regrid-kd1-clip1-e1")},
-    "XNOR-Net weights / — from the same start": {5: ("qat_families_resnet20_gptq.json", "w1a32-xnor-gptq-regrid-kd1-e1")},
+    "XNOR-Net weights / — from the same start": {5: ("qat_families_resnet20_gptq.json", "w1a32-xnor-gptq-regrid-kd1-e1"),
+        6: ("qat_families_resnet20_e30.json", "w1a32-xnor-builtin-e30")},
     "BinaryConnect / — from the same start": {
         5: ("qat_families_resnet20_gptq.json", "w1a32-binaryconnect-gptq-regrid-kd1-e1"),
         6: ("qat_families_resnet20_e30.json", "w1a32-binaryconnect-builtin-e30")},
