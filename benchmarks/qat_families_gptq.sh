@@ -30,3 +30,5 @@ run w1a32-binaryconnect ""
 run w1a2-hwgq ""
 run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=twn
 run w2a2-lqnet lsq-acts activations.quantizer=lsq+
+
+run w1a32-xnor lr0.005 set:lr=0.005  # the XNOR gradient scales the latent update by alpha = mean|W| (0.03-0.3 here)
