@@ -32,3 +32,7 @@ run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=tw
 run w2a2-lqnet lsq-acts activations.quantizer=lsq+
 
 run w1a32-xnor lr0.005 set:lr=0.005  # the XNOR gradient scales the latent update by alpha = mean|W| (0.03-0.3 here)
+run w1a32-xnor lr0.02 set:lr=0.02
+run w1a32-binaryconnect lr0.002 set:lr=0.002  # collapsed to chance in its epoch
+run w2a32-twn lr0.002 set:lr=0.002
+run w2a32-twn lr0.005 set:lr=0.005
