@@ -36,3 +36,4 @@ run w1a32-xnor lr0.02 set:lr=0.02
 run w1a32-binaryconnect lr0.002 set:lr=0.002  # collapsed to chance in its epoch
 run w2a32-twn lr0.002 set:lr=0.002
 run w2a32-twn lr0.005 set:lr=0.005
+run w1a2-hwgq twn-w2a2-lr0.002 weights.bits=2 weights.grid=midtread weights.quantizer=twn set:lr=0.002
