@@ -174,7 +174,7 @@ class LQNetActivationQuantizer(TrainableQuantizer):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # Works in the sorted level order throughout: a whole batch of activations goes through
-        # one bucketize and one lookup, not a second lookup through the sort's permutation.
+        # one nearest-level count and one lookup, not a second lookup through the sort's permutation.
         ordered, perm, pos = self._sorted_nearest(x)
         if self.training:
             self.fit_basis(x, pos, self.bits_table[perm])
