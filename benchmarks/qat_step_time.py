@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--label", default="", help="which code ran (e.g. a commit), stored as the row's 'code'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train = load_dataset(model_info(args.model).dataset, "train", data_dir=args.data_dir, download=False)
@@ -72,6 +73,8 @@ def main() -> None:
            "rounds": args.rounds, "float_ms": 1000 * statistics.median(times["float"]),
            "qat_ms": 1000 * statistics.median(times["qat"])}
     row["ratio"] = row["qat_ms"] / row["float_ms"]
+    if args.label:
+        row["code"] = args.label
     print(json.dumps(row))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"rows": []}

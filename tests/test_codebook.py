@@ -243,6 +243,9 @@ def test_midpoint_count_equals_bucketize_including_ties():
         mid = torch.sort(torch.rand(levels - 1) * 3)[0]
         x = torch.cat([torch.randn(5000) * 2 + 1, mid, torch.tensor([-1e9, 1e9])])  # values exactly on a midpoint too
         assert torch.equal(count_below(x, mid), torch.bucketize(x, mid))
+        compact = count_below(x, mid, compact=True)  # the uint8 counter where one pass per midpoint ran
+        assert compact.dtype == (torch.uint8 if 1 <= mid.numel() <= 15 else torch.int64)
+        assert torch.equal(compact.long(), torch.bucketize(x, mid))
 
 
 def test_lqnet_activations_start_on_the_unsigned_grid_and_fit_their_basis():

@@ -78,17 +78,23 @@ class CodebookQuantizer(UniformQuantizer):
 COMPARE_MAX_MIDPOINTS = 15  # a ≤ 4-bit table; past it bucketize's binary search wins
 
 
-def count_below(x: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
+def count_below(x: torch.Tensor, midpoints: torch.Tensor, compact: bool = False) -> torch.Tensor:
     """How many of the sorted ``midpoints`` lie strictly below each value: the index of its nearest
     level, ties to the lower one (``torch.bucketize``'s answer, int64). For up to 15 midpoints one
     comparison pass per midpoint into a uint8 counter runs 2–3× faster on a batch of activations
-    than bucketize's per-element binary search (LQ-Nets encodes every activation every step)."""
+    than bucketize's per-element binary search (LQ-Nets encodes every activation every step).
+
+    ``compact``: return that uint8 counter itself (when there is one) for a caller that only
+    bincounts it: a bincount reads uint8 codes ~3× faster than int64 ones (it scans its input for
+    min and max first), and the int64 copy is skipped."""
     if midpoints.numel() == 0 or midpoints.numel() > COMPARE_MAX_MIDPOINTS:
         return torch.bucketize(x, midpoints)
-    pos = (x > midpoints[0]).to(torch.uint8)
+    pos = torch.gt(x, midpoints[0]).view(torch.uint8)  # a fresh bool tensor, read as 0/1 counts
+    above = torch.empty_like(pos, dtype=torch.bool)     # one buffer for every later comparison
     for m in midpoints[1:].unbind():
-        pos += x > m
-    return pos.long()
+        torch.gt(x, m, out=above)
+        pos.add_(above.view(torch.uint8))               # no bool → uint8 conversion pass
+    return pos if compact else pos.long()
 
 
 def kmeans_1d(values: torch.Tensor, k: int, importance: torch.Tensor | None = None, iterations: int = 100,

@@ -166,11 +166,11 @@ class LQNetActivationQuantizer(TrainableQuantizer):
     def _sorted_nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(levels sorted, the sort's permutation, each value's position among the sorted levels)."""
         ordered, perm = torch.sort(self.levels())
-        return ordered, perm, count_below(x.detach(), (ordered[1:] + ordered[:-1]) / 2)
+        return ordered, perm, count_below(x.detach(), (ordered[1:] + ordered[:-1]) / 2, compact=True)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         _, perm, pos = self._sorted_nearest(x)
-        return perm[pos]
+        return perm[pos.long()]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # Works in the sorted level order throughout: a whole batch of activations goes through
@@ -178,7 +178,8 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         ordered, perm, pos = self._sorted_nearest(x)
         if self.training:
             self.fit_basis(x, pos, self.bits_table[perm])
-        q = ordered.index_select(0, pos.reshape(-1)).reshape(x.shape)  # a flat lookup: ~2× faster than ordered[pos]
+        # the fit bincounts the uint8 positions; the lookup needs int64 ones (a flat index_select: ~2× faster than ordered[pos])
+        q = ordered.index_select(0, pos.reshape(-1).long()).reshape(x.shape)
         return _ClippedStraightThrough.apply(x, q, ordered[0], ordered[-1])
 
     @torch.no_grad()
