@@ -59,7 +59,7 @@ class FoldedBatchNorm(nn.Module):
         """The same function through torch's fused batch_norm: z = y0·σ/γ is the pre-BN
         output, and BN(z) = γ(z − μ_B)/√(σ_B² + ε) + β is term for term the expression of
         :meth:`_normalise_global` (one fused kernel each way instead of five elementwise
-        passes: about 2× faster per layer on CPU). A channel with γ = 0 outputs β either way;
+        passes; the W4A4 LSQ step −4%, benchmarks/results/qat_step_time_bn.json). A channel with γ = 0 outputs β either way;
         its z is taken at γ = 1 and its running statistics are kept, as there."""
         g = self.gamma
         live = g.detach().abs() > 1e-12
