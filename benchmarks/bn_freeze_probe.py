@@ -25,7 +25,7 @@ import lowbit
 from lowbit.data import dataset_tensors, load_dataset
 from lowbit.data.augment import random_crop_flip
 from lowbit.qat.bn import FoldedBatchNorm
-from lowbit.qat.convert import freeze_batchnorms, to_training_form
+from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_training_form
 from lowbit.qat.engine import QATConfig, distillation_loss, make_optimizer
 from lowbit.recipes.recipe import load_recipe
 from lowbit.zoo import pretrained
@@ -38,6 +38,7 @@ VARIANTS = {
     "frozen-bn-only": (True, 1.0, "bn"),         # the layers' weights held
     "frozen-mid-weights": (True, 1.0, "mid"),    # only the low-bit layers' weights step
     "frozen-ends": (True, 1.0, "ends"),          # only the 8-bit first/last layers' weights step
+    "frozen-snapped": (True, 1.0, "all"),        # binary/ternary latent weights set to their quantized values first
 }
 
 
@@ -88,6 +89,8 @@ def main() -> None:
                 m.frozen = False
         if frozen:
             freeze_batchnorms(qm)
+        if name == "frozen-snapped":  # W := Q(W·γ/σ)/(γ/σ): the same forward, no latent weight left at a threshold
+            snap_latent_weights(qm)
         opt = make_optimizer(qm, QATConfig(lr=args.lr * lr_mult, weight_decay=args.weight_decay))
         qm.train()
         losses, first_change = [], {}

@@ -406,6 +406,36 @@ def test_a_one_epoch_run_trains_bn_for_three_quarters_of_its_steps(mnist_cnn, mn
     assert qm.meta["qat"]["history"][0]["bn_frozen"] is True
 
 
+def test_snap_at_freeze_snaps_once_at_the_freeze_and_a_resumed_run_does_not_again(mnist_cnn, mnist_train, monkeypatch,
+                                                                                  tmp_path):
+    import lowbit.qat.engine as engine
+
+    model, calib, _ = mnist_cnn
+    steps, snaps, stop_at = [0], [], [10]
+    real_step, real_snap = torch.optim.SGD.step, engine.snap_latent_weights
+
+    def counted_step(self, *args, **kwargs):
+        steps[0] += 1
+        if steps[0] == stop_at[0]:
+            raise KeyboardInterrupt  # Ctrl-C in epoch 3: epochs 1-2 are in the checkpoint
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counted_step)
+    monkeypatch.setattr(engine, "snap_latent_weights", lambda qm: (snaps.append(steps[0]), real_snap(qm))[1])
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    recipe = {**_qat_recipe(epochs=3, val_samples=300, steps_per_epoch=4, freeze_bn_after=1, snap_at_freeze=True,
+                            checkpoint=str(tmp_path / "run")),
+              "weights": {"bits": 2, "quantizer": "twn"}}
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+    assert snaps == [4]  # before the first step of epoch 2, when BN froze
+    assert '"snap_at_freeze": true' in (tmp_path / "run" / "state.json").read_text()
+    snaps.clear()
+    stop_at[0] = -1
+    qm = lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)  # resumes in epoch 3, BN frozen
+    assert snaps == [] and len(qm.meta["qat"]["history"]) == 3 and qm.meta["qat"]["history"][2]["bn_frozen"]
+
+
 def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():
     from lowbit.errors import NumericalError
     from lowbit.qat.bn import FoldedBatchNorm
@@ -455,6 +485,44 @@ def _trained_form_w2a2(model, calib, weight_kind="lsq"):
                          calib=calib, progress=False)
     to_training_form(qm, weight_kind, "lsq+", batches=[calib])
     return qm
+
+
+@pytest.mark.parametrize("weight_kind", ["twn", "xnor", "binaryconnect"])
+def test_snapping_latent_weights_keeps_the_forward_and_leaves_them_at_their_fixed_point(mnist_cnn, weight_kind):
+    from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_training_form
+
+    model, calib, _ = mnist_cnn
+    weights = {"bits": 2} if weight_kind == "twn" else {"bits": 1, "grid": "midrise"}
+    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": weights, "activations": {"bits": 8}},
+                         calib=calib, progress=False)
+    to_training_form(qm, weight_kind, "lsq+", batches=[calib])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for r in qm.layers:
+            if r.layer.bn is not None:  # BN factors away from 1, one negative
+                r.layer.bn.gamma.mul_(torch.rand_like(r.layer.bn.gamma) + 0.5)
+                r.layer.bn.gamma[0] = -r.layer.bn.gamma[0]
+            r.layer.module.weight.add_(torch.randn_like(r.layer.module.weight) * 1e-3)  # latents off the grid
+    freeze_batchnorms(qm)
+    qm.train()
+    before = qm(calib).detach()
+    latent_before = {r.name: r.layer.module.weight.detach().clone() for r in qm.layers}
+    quantized_before = {r.name: r.layer.quantized_weight().detach().clone() for r in qm.layers}
+    snapped = snap_latent_weights(qm)
+    # the 8-bit first/last layers train as LSQ, which is not snapped
+    assert snapped == [r.name for r in qm.layers][1:-1] and snapped
+    for r in qm.layers:  # the weights the layers compute with: unchanged up to float rounding of (w/f)·f
+        torch.testing.assert_close(r.layer.quantized_weight(), quantized_before[r.name], rtol=1e-6, atol=1e-8)
+    # (that rounding moves a few 8-bit activation codes by one step downstream)
+    torch.testing.assert_close(qm(calib).detach(), before, rtol=0, atol=1e-2)
+    for r in qm.layers:
+        layer, w = r.layer, r.layer.module.weight
+        if r.name not in snapped:
+            assert torch.equal(w, latent_before[r.name])
+            continue
+        assert not torch.equal(w, latent_before[r.name])
+        f = layer.bn.weight_factor().reshape([-1] + [1] * (w.dim() - 1))
+        torch.testing.assert_close(layer.quantized_weight() / f, w, rtol=1e-5, atol=1e-7)  # a fixed point
 
 
 @pytest.mark.parametrize("weight_kind", ["lsq", "uniform", "binaryconnect"])

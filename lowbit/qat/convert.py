@@ -108,6 +108,35 @@ def freeze_batchnorms(qm: QuantModel) -> None:
 
 
 @torch.no_grad()
+def snap_latent_weights(qm: QuantModel) -> list[str]:
+    """Set each layer's latent weights to their (deterministic) quantized values, W := Q(W·f)/f
+    with f the BN factor γ/σ (1 without a BN), where the weight quantizer is idempotent
+    (binary, ternary): the forward is unchanged, and no latent weight is left at a threshold.
+
+    Why: after many epochs such latents gather at their thresholds and flip at every step
+    (QAT's weight oscillation); batch statistics re-normalise each channel after the flips,
+    frozen ones do not, and a frozen ternary ResNet-20 collapsed within two steps at lr 3.3e-4
+    (benchmarks/bn_freeze_probe.py). Returns the layers snapped."""
+    snapped = []
+    for r in qm.layers:
+        layer, q = r.layer, r.layer.weight_quantizer
+        if not (layer.quantize_weight and getattr(q, "idempotent_weights", False)):
+            continue
+        was = q.training
+        q.eval()  # the deterministic weight (stochastic BinaryConnect samples in training)
+        wq = layer.quantized_weight()
+        q.train(was)
+        w = layer.module.weight
+        if layer.bn is not None:
+            f = layer.bn.weight_factor().reshape([-1] + [1] * (w.dim() - 1))
+            live = f.abs() > 1e-12  # a channel with γ = 0 keeps its latents (its output is β)
+            wq = torch.where(live, wq / torch.where(live, f, torch.ones_like(f)), w)
+        w.copy_(wq)
+        snapped.append(r.name)
+    return snapped
+
+
+@torch.no_grad()
 def to_deployed_form(qm: QuantModel) -> None:
     """Fold BNs, bake quantized weights, and put uniform quantizers back (in place)."""
     for r in qm.layers:

@@ -29,9 +29,12 @@ from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
 from lowbit.qat.bn import FoldedBatchNorm
 from lowbit.qat.checkpoint import TrainingState, load_state, save_state
-from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
+from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_deployed_form, to_training_form
 from lowbit.qat.ema import WeightAverage
 from lowbit.quant.learned.base import TrainableQuantizer
+
+
+LATER_OPTIONS = ("clip_grad_norm", "ema", "snap_at_freeze")  # in a checkpoint's fingerprint only when set
 
 
 @dataclass
@@ -58,6 +61,7 @@ class QATConfig:
     steps_per_epoch: int = 0           # 0: the whole training set each epoch
     clip_grad_norm: float = 0.0        # > 0: rescale each step's gradient to at most this global L2 norm
     ema: float = 0.0                   # > 0: validate and keep an exponential moving average of the state
+    snap_at_freeze: bool = False       # at the BN freeze, binary/ternary latent weights := their quantized values
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "QATConfig":
@@ -312,9 +316,9 @@ def train_qat(
     ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
     # "weight_step": a learned weight step is the step of the pre-BN weight (see
     # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
-    # (clip_grad_norm and ema join the fingerprint only when set, so checkpoints written before it existed still resume)
+    # (options added later join the fingerprint only when set, so checkpoints written before them still resume)
     fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items()
-                                                    if k != "checkpoint" and not (k in ("clip_grad_norm", "ema") and not v)},
+                                                    if k != "checkpoint" and not (k in LATER_OPTIONS and not v)},
                    "weight_step": "pre-bn"}
     state = TrainingState()
     if ckpt_dir is not None:
@@ -345,6 +349,8 @@ def train_qat(
                 if not frozen and step >= freeze_step:
                     freeze_batchnorms(qm)
                     frozen = True
+                    if cfg.snap_at_freeze and step == freeze_step:  # once: a run resumed past it is already snapped
+                        snap_latent_weights(qm)
                 factor = lr_factor(cfg, step, total, per_epoch)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor

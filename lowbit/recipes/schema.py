@@ -150,6 +150,8 @@ def _qat_schema() -> list[Param]:
          "instead of the last step's (0: off; e.g. 0.998)"),
         ("steps_per_epoch", "int", {"low": 0}, "cap on steps per epoch (0: the whole training set)"),
         ("clip_grad_norm", "float", {"low": 0}, "rescale each step's gradient to at most this L2 norm (0: off)"),
+        ("snap_at_freeze", "bool", {}, "when BN freezes, set binary/ternary latent weights to their quantized values "
+         "(same forward; none left at a threshold where they oscillate and a frozen layer collapses)"),
     ]
     defaults = QATConfig()
     return [Param(name, kind, getattr(defaults, name), doc=doc, **ranges) for name, kind, ranges, doc in declared]

@@ -50,6 +50,10 @@ class TrainableQuantizer(UniformQuantizer):
 
     kind = "trainable"
     roles: tuple[str, ...] = ("weights", "activations")
+    # Quantizing a quantized weight gives it back (Q(Q(W)) = Q(W), also for W·f with f > 0 per
+    # channel), so latent weights may be set to their quantized values without changing the
+    # forward: the QAT engine's ``snap_at_freeze`` does that for kinds that say so.
+    idempotent_weights = False
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         need = getattr(self, "grid_required", None)  # binary/ternary kinds: one grid only

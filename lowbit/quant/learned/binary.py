@@ -51,6 +51,7 @@ def sign_ste(x: torch.Tensor, limit: torch.Tensor | float = 1.0) -> torch.Tensor
 
 class _BinaryWeights(TrainableQuantizer):
     roles = ("weights",)
+    idempotent_weights = True  # ±a (BinaryConnect's fixed level, XNOR's mean |W|) signs back to itself
     grid_required = (1, "midrise")
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:

@@ -20,6 +20,7 @@ DELTA_FACTOR = 0.7  # TWN: Δ* ≈ 0.7·E|W| for uniform or normal weights
 class TWNQuantizer(TrainableQuantizer):
     kind = "twn"
     roles = ("weights",)
+    idempotent_weights = True  # {0, ±α}: Δ = 0.7·mean|·| < α keeps the non-zeros, whose mean is α
     grid_required = (2, "midtread")
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
