@@ -50,9 +50,9 @@ class TrainableQuantizer(UniformQuantizer):
 
     kind = "trainable"
     roles: tuple[str, ...] = ("weights", "activations")
-    # Quantizing a quantized weight gives it back (Q(Q(W)) = Q(W), also for W·f with f > 0 per
-    # channel), so latent weights may be set to their quantized values without changing the
-    # forward: the QAT engine's ``snap_at_freeze`` does that for kinds that say so.
+    # Quantizing a quantized weight gives it back (Q(Q(W)) = Q(W), and Q(W·f)/f for a per-channel
+    # factor f ≠ 0 is a fixed point too), so latent weights may be set to their quantized values
+    # without changing the forward: the QAT engine's ``snap_at_freeze`` does that for kinds that say so.
     idempotent_weights = False
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
