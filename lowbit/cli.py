@@ -495,7 +495,8 @@ def _train_qat(args: argparse.Namespace) -> int:
     source = json.loads(json.dumps(recipe.source))
     changes = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                "val_samples": args.val_samples,
-               "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+               "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+               "branch_from": str(args.branch_from) if args.branch_from else None}
     if args.kd:
         changes["kd"] = {"temperature": args.kd_temperature, "weight": args.kd}
     for step in source["steps"]:
@@ -710,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=non_negative_int, default=0)
     t.add_argument("--checkpoint", help="QAT: folder written after every epoch; from scratch: a state file. "
                                         "Rerunning the same command resumes from it")
+    t.add_argument("--branch-from", help="QAT: start from another run's checkpoint folder, for a run that differs "
+                                         "only in freeze_bn_after / snap_at_freeze, before either freezes BN")
     t.add_argument("--save", type=output_file, help="QAT: write the trained model as a .lowbit artifact")
     t.add_argument("--out", type=output_file, help="from scratch: where to write the weights (<model>.safetensors)")
     t.set_defaults(func=cmd_train)

@@ -436,6 +436,61 @@ def test_snap_at_freeze_snaps_once_at_the_freeze_and_a_resumed_run_does_not_agai
     assert snaps == [] and len(qm.meta["qat"]["history"]) == 3 and qm.meta["qat"]["history"][2]["bn_frozen"]
 
 
+def test_a_branch_before_the_freeze_equals_the_run_from_scratch_and_a_late_one_is_refused(mnist_cnn, mnist_train,
+                                                                                         monkeypatch, tmp_path):
+    import lowbit.qat.engine as engine
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+
+    def twn(**qat):
+        return {**_qat_recipe(epochs=3, val_samples=300, steps_per_epoch=4, **qat),
+                "weights": {"bits": 2, "quantizer": "twn"}}
+
+    def run_one_epoch(recipe):  # a run "killed" right after its epoch-1 checkpoint
+        real_save = engine.save_state
+
+        def save_then_stop(*args, **kwargs):
+            real_save(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(engine, "save_state", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+        monkeypatch.setattr(engine, "save_state", real_save)
+
+    source = tmp_path / "late-freeze"
+    run_one_epoch(twn(freeze_bn_after=2, checkpoint=str(source)))
+    straight = lowbit.quantize(model, twn(freeze_bn_after=1, snap_at_freeze=True), calib=calib, train=small,
+                               progress=False)
+    branch = tmp_path / "early-freeze-snapped"
+    branched = lowbit.quantize(model, twn(freeze_bn_after=1, snap_at_freeze=True, branch_from=str(source),
+                                          checkpoint=str(branch)), calib=calib, train=small, progress=False)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), branched.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert branched.meta["qat"]["branched_from"] == {"folder": str(source), "epoch": 1}
+    assert [r["bn_frozen"] for r in branched.meta["qat"]["history"]] == [False, True, True]
+    import json
+    source_epoch = json.loads((source / "metrics.jsonl").read_text().splitlines()[0])
+    assert branched.meta["qat"]["history"][0]["seconds"] == source_epoch["seconds"]  # epoch 1 was not recomputed
+    assert '"branched_from"' in (branch / "state.json").read_text()
+    # Only BN-freeze settings may differ, and only before either run freezes.
+    with pytest.raises(LowbitError, match="another recipe or other qat settings .*lr"):
+        lowbit.quantize(model, twn(freeze_bn_after=2, lr=0.02, branch_from=str(source), checkpoint=str(tmp_path / "a")),
+                        calib=calib, train=small, progress=False)
+    with pytest.raises(LowbitError, match="at epoch 1, past this run's BN freeze"):
+        lowbit.quantize(model, twn(freeze_bn_after=0, branch_from=str(source), checkpoint=str(tmp_path / "b")),
+                        calib=calib, train=small, progress=False)
+    early = tmp_path / "frozen-from-the-start"
+    run_one_epoch(twn(freeze_bn_after=0, checkpoint=str(early)))
+    with pytest.raises(LowbitError, match="past the source run's BN freeze"):
+        lowbit.quantize(model, twn(freeze_bn_after=2, branch_from=str(early), checkpoint=str(tmp_path / "c")),
+                        calib=calib, train=small, progress=False)
+    with pytest.raises(LowbitError, match="no QAT checkpoint there"):
+        lowbit.quantize(model, twn(branch_from=str(tmp_path / "nothing"), checkpoint=str(tmp_path / "d")),
+                        calib=calib, train=small, progress=False)
+
+
 def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():
     from lowbit.errors import NumericalError
     from lowbit.qat.bn import FoldedBatchNorm

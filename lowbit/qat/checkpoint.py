@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.state_io import atomic_save_tensors, atomic_write_text, optimizer_state, optimizer_tensors
 
 FORMAT = "lowbit-qat-checkpoint"
+LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how they train
 VERSION = 1
 
 
@@ -34,6 +35,7 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, torch.Tensor] | None = None
     ema: dict[str, torch.Tensor] | None = None  # the weight average (qat ema > 0)
+    branched_from: dict[str, Any] | None = None  # {folder, epoch}: the run this one continues (qat branch_from)
 
 
 def metrics_path(folder: Path) -> Path:
@@ -54,6 +56,8 @@ def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state
             "best_epoch": state.best_epoch, "history": state.history, "fingerprint": fingerprint,
             "param_groups": groups,
             "state_scalars": scalars}
+    if state.branched_from is not None:
+        side["branched_from"] = state.branched_from
     atomic_write_text(folder / "state.json", json.dumps(side, indent=1, sort_keys=True, default=str))
     atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
 
@@ -67,30 +71,48 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: checkpoint {a!r}, now {b!r}"]
 
 
-def _without_location(fingerprint: Any) -> Any:
-    """The fingerprint less each step's ``checkpoint`` parameter: where a run is kept is not how it
-    trains, so a checkpoint folder that was moved or copied (another disk, a GPU machine's run
+def _without(fingerprint: Any, keys: tuple[str, ...]) -> Any:
+    """The fingerprint less the parameters ``keys`` names, in the ``qat`` settings and in every
+    recipe step. Always left out: where runs are kept (LOCATION_KEYS), which is not how they
+    train, so a checkpoint folder that was moved or copied (another disk, a GPU machine's run
     brought back) still resumes."""
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("recipe"), dict):
+    if not isinstance(fingerprint, dict):
         return fingerprint
-    steps = fingerprint["recipe"].get("steps")
-    if not isinstance(steps, list):
-        return fingerprint
-    return {**fingerprint, "recipe": {**fingerprint["recipe"], "steps": [_step_without_location(s) for s in steps]}}
+    keys = LOCATION_KEYS + keys
+    out = dict(fingerprint)
+    if isinstance(out.get("qat"), dict):
+        out["qat"] = {k: v for k, v in out["qat"].items() if k not in keys}
+    recipe = out.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("steps"), list):
+        out["recipe"] = {**recipe, "steps": [_step_without(s, keys) for s in recipe["steps"]]}
+    return out
 
 
-def _step_without_location(step: Any) -> Any:
-    """One recipe step ({name: params} or a bare name) without a ``checkpoint`` parameter."""
+def _step_without(step: Any, keys: tuple[str, ...]) -> Any:
+    """One recipe step ({name: params} or a bare name) without the parameters ``keys``."""
     if not isinstance(step, dict):
         return step
-    return {name: {k: v for k, v in params.items() if k != "checkpoint"} if isinstance(params, dict) else params
+    return {name: {k: v for k, v in params.items() if k not in keys} if isinstance(params, dict) else params
             for name, params in step.items()}
 
 
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint folder's state.json (epoch, fingerprint, history); None when it holds none."""
+    side_path = folder / "state.json"
+    if not side_path.is_file():
+        return None
+    try:
+        return json.loads(side_path.read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}") from e
+
+
 def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
-               fingerprint: dict[str, Any]) -> TrainingState | None:
+               fingerprint: dict[str, Any], may_differ: tuple[str, ...] = ()) -> TrainingState | None:
     """The saved state, restored into ``model``/``opt``; None when ``folder`` holds none.
-    A checkpoint written by another recipe or other QAT settings is refused."""
+    A checkpoint written by another recipe or other QAT settings is refused, except in the
+    qat parameters ``may_differ`` names (e.g. ``freeze_bn_after``: the caller checks that the
+    difference has not acted yet)."""
     side_path = folder / "state.json"
     if folder.exists() and not folder.is_dir():
         raise LowbitError(f"checkpoint {folder} is a file; QAT checkpoints are folders")
@@ -104,7 +126,7 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     if side.get("format") != FORMAT:
         raise LowbitError(f"{side_path} is not a lowbit QAT checkpoint")
     now = json.loads(json.dumps(fingerprint, default=str))
-    diffs = [d for d in _differences(_without_location(side.get("fingerprint")), _without_location(now))
+    diffs = [d for d in _differences(_without(side.get("fingerprint"), may_differ), _without(now, may_differ))
              if not d.startswith("recipe.description")]  # prose: rewording a recipe changes no result
     if diffs:
         raise LowbitError(f"checkpoint {folder} was written with another recipe or other qat settings ("
@@ -130,4 +152,4 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
         best_val = -1.0  # killed between the two writes: the next epoch becomes the best
     ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
     return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
-                         history=list(side["history"]), best=best, ema=ema)
+                         history=list(side["history"]), best=best, ema=ema, branched_from=side.get("branched_from"))

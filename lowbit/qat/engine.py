@@ -28,13 +28,16 @@ from lowbit.errors import LowbitError, NumericalError, RecipeError
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
 from lowbit.qat.bn import FoldedBatchNorm
-from lowbit.qat.checkpoint import TrainingState, load_state, save_state
+from lowbit.qat.checkpoint import LOCATION_KEYS, TrainingState, load_state, read_summary, save_state
 from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_deployed_form, to_training_form
 from lowbit.qat.ema import WeightAverage
 from lowbit.quant.learned.base import TrainableQuantizer
 
 
 LATER_OPTIONS = ("clip_grad_norm", "ema", "snap_at_freeze")  # in a checkpoint's fingerprint only when set
+# Settings that act only from the BN freeze on: a run may branch from another run's checkpoint
+# that differs in them as long as neither run has frozen yet (lowbit.qat.engine.branch_state).
+BRANCHABLE = ("freeze_bn_after", "snap_at_freeze")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class QATConfig:
     val_samples: int = 5000            # held out of the training data when no val set is given
     seed: int = 0
     checkpoint: str = ""
+    branch_from: str = ""              # a checkpoint folder to start from (see branch_state)
     steps_per_epoch: int = 0           # 0: the whole training set each epoch
     clip_grad_norm: float = 0.0        # > 0: rescale each step's gradient to at most this global L2 norm
     ema: float = 0.0                   # > 0: validate and keep an exponential moving average of the state
@@ -254,6 +258,34 @@ def _layers_with_hook(qm: QuantModel, hook: str) -> list[torch.nn.Module]:
             and getattr(type(r.layer.weight_quantizer), hook) is not getattr(TrainableQuantizer, hook)]
 
 
+def branch_state(source: Path, ckpt_dir: Path | None, qm: QuantModel, opt: torch.optim.Optimizer,
+                 fingerprint: dict[str, Any], cfg: QATConfig, per_epoch: int, train_bn: bool) -> TrainingState:
+    """Another run's latest checkpoint as this run's start, restored into ``qm``/``opt``.
+
+    Why: runs that differ only in when BN freezes (or whether latent weights snap then) share
+    every step before the freeze; branching one from the other skips recomputing them. It is
+    allowed only where the result is the run from scratch: the two may differ in BRANCHABLE
+    settings alone, and neither run's freeze may have happened by the branch point."""
+    if ckpt_dir is not None and ckpt_dir.resolve() == source.resolve():
+        raise LowbitError(f"branch_from {source} is this run's own checkpoint folder: give the branch another one")
+    summary = read_summary(source)
+    if summary is None:
+        raise LowbitError(f"branch_from {source}: no QAT checkpoint there (no state.json)")
+    theirs = summary.get("fingerprint")
+    their_qat = theirs.get("qat", {}) if isinstance(theirs, dict) else {}
+    defaults = QATConfig()
+    their_cfg = QATConfig(**{**asdict(cfg), **{k: their_qat.get(k, getattr(defaults, k)) for k in BRANCHABLE}})
+    epoch = int(summary.get("epoch", 0))
+    for who, c in (("the source run", their_cfg), ("this run", cfg)):
+        if train_bn and epoch * per_epoch > round(c.bn_freeze_epoch * per_epoch):
+            raise LowbitError(f"branch_from {source}: it is at epoch {epoch}, past {who}'s BN freeze (after "
+                              f"epoch {c.bn_freeze_epoch:g}); a branch must start before both runs freeze")
+    state = load_state(source, qm, opt, fingerprint, may_differ=BRANCHABLE)
+    assert state is not None  # read_summary found its state.json
+    state.branched_from = {"folder": str(source), "epoch": state.epoch}
+    return state
+
+
 def train_qat(
     qm: QuantModel, train: Any, epochs: int | None = None, val: Any = None, *,
     recipe: dict[str, Any] | None = None, config: QATConfig | dict[str, Any] | None = None,
@@ -318,19 +350,26 @@ def train_qat(
     # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
     # (options added later join the fingerprint only when set, so checkpoints written before them still resume)
     fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items()
-                                                    if k != "checkpoint" and not (k in LATER_OPTIONS and not v)},
+                                                    if k not in LOCATION_KEYS and not (k in LATER_OPTIONS and not v)},
                    "weight_step": "pre-bn"}
-    state = TrainingState()
-    if ckpt_dir is not None:
-        loaded = load_state(ckpt_dir, qm, opt, fingerprint)
-        if loaded is not None:
-            state = loaded
-            if rank == 0 and progress:
-                print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
-    average = WeightAverage(qm, cfg.ema, state.ema) if cfg.ema > 0 else None
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
     freeze_step = round(cfg.bn_freeze_epoch * per_epoch)
+    state = TrainingState()
+    loaded = load_state(ckpt_dir, qm, opt, fingerprint) if ckpt_dir is not None else None
+    if loaded is not None:
+        state = loaded
+        if rank == 0 and progress:
+            print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
+    elif cfg.branch_from:
+        state = branch_state(Path(cfg.branch_from), ckpt_dir, qm, opt, fingerprint, cfg, per_epoch, train_bn)
+        if rank == 0 and progress:
+            print(f"qat: branching from {cfg.branch_from} after epoch {state.epoch}/{cfg.epochs}", flush=True)
+        if ckpt_dir is not None:
+            if rank == 0:  # the branch point is this run's first checkpoint
+                save_state(ckpt_dir, qm, opt, state, fingerprint)
+            D.barrier()
+    average = WeightAverage(qm, cfg.ema, state.ema) if cfg.ema > 0 else None
     constrained, scheduled = _layers_with_hook(qm, "project_"), _layers_with_hook(qm, "on_epoch_start")
     batchnorms = trained_batchnorms(model)
     frozen = not train_bn
@@ -422,4 +461,6 @@ def train_qat(
     qm.eval()
     qm.meta["qat"] = {**info, "epochs": cfg.epochs, "best_epoch": state.best_epoch, "best_val_top1": state.best_val,
                       "val_samples": len(val_ds), "processes": world, "history": state.history}  # type: ignore[arg-type]
+    if state.branched_from is not None:
+        qm.meta["qat"]["branched_from"] = state.branched_from
     return qm

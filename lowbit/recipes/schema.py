@@ -146,6 +146,9 @@ def _qat_schema() -> list[Param]:
         ("val_samples", "int", {"low": 1}, "training samples held out to choose the final epoch"),
         ("seed", "int", {"low": 0}, "data order, augmentation and the validation split"),
         ("checkpoint", "path", {}, "folder written after every epoch; a rerun continues from it"),
+        ("branch_from", "path", {}, "start from another run's checkpoint folder (its latest epoch) when the two "
+         "differ only in freeze_bn_after / snap_at_freeze and neither has frozen BN yet: the same result as from "
+         "scratch, without recomputing the shared epochs"),
         ("ema", "float", {"low": 0, "high": 0.99999}, "decay of a moving average of the weights, validated and kept "
          "instead of the last step's (0: off; e.g. 0.998)"),
         ("steps_per_epoch", "int", {"low": 0}, "cap on steps per epoch (0: the whole training set)"),
