@@ -9,14 +9,17 @@ near zero means training barely moved them (README, XNOR vs BinaryConnect).
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+from lowbit.state_io import committed_tensors
+
 
 def latent_stats(run: Path) -> list[tuple[str, float, float]]:
-    state = load_file(str(run / "state.safetensors"))
+    state = load_file(str(committed_tensors(run, json.loads((run / "state.json").read_text()), "state.safetensors")))
     rows = []
     for key, w in state.items():
         if not key.endswith("module.weight") or w.dim() != 4 or "net.conv1." in key:

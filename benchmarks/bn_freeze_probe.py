@@ -1,5 +1,5 @@
 """What freezing BN does to a QAT run: from a saved training-form state (a QAT checkpoint's
-``best.safetensors`` or ``state.safetensors``, written before its BN froze), take a few SGD
+``best.safetensors`` or ``state-<epoch>.safetensors``, written before its BN froze), take a few SGD
 steps with the BN statistics frozen, or still training, and print each step's loss.
 
 Why: a 30-epoch ternary run at lr 0.002 collapsed in the first steps after its BN froze

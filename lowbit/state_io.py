@@ -3,6 +3,7 @@ atomically (to a ``.part`` file, then renamed), so a killed run never leaves a h
 file where a good one was. Shared by float training, QAT checkpoints and saved weights."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def commit_state(folder: Path, stem: str, tag: int | str, tensors: Mapping[str, torch.Tensor], side_name: str,
+                 side: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+    """A tensors file and the JSON that describes it, saved as one commit.
+
+    Why not two atomic files: with one fixed tensors name, a run killed between the two
+    writes would leave new tensors beside the old JSON, and a resume would pair them. Here
+    the tensors go to a file of their own (``<stem>-<tag>.safetensors``), the JSON, written
+    last, names it under ``"tensors"``, and only then is the previous tensors file removed: at
+    every moment the JSON and the file it names come from the same save."""
+    name = f"{stem}-{tag}.safetensors"
+    atomic_save_tensors(tensors, folder / name, metadata)
+    atomic_write_text(folder / side_name, json.dumps({**side, "tensors": name}, indent=1, sort_keys=True, default=str))
+    for old in folder.glob(f"{stem}*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def committed_tensors(folder: Path, side: Mapping[str, Any], legacy: str) -> Path:
+    """The tensors file a JSON written by :func:`commit_state` names (``legacy``: the fixed
+    name of folders written before it). A name with a directory part is refused: a folder
+    received from someone else must not point outside itself."""
+    name = side.get("tensors", legacy)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"names its tensors file {name!r}, not a file in the folder")
+    return folder / name
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]],

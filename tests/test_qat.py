@@ -245,6 +245,44 @@ def test_kill_and_resume_ends_with_identical_weights(mnist_cnn, mnist_train, tmp
         lowbit.quantize(model, other, calib=calib, train=small, progress=False)
 
 
+def test_a_run_killed_between_its_tensors_and_its_json_resumes_from_the_previous_epoch(mnist_cnn, mnist_train,
+                                                                                        monkeypatch, tmp_path):
+    import lowbit.state_io as state_io
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    recipe = _qat_recipe(epochs=2, val_samples=300, steps_per_epoch=5, checkpoint=str(tmp_path / "run"))
+    straight = lowbit.quantize(model, _qat_recipe(epochs=2, val_samples=300, steps_per_epoch=5), calib=calib,
+                               train=small, progress=False)
+    real_write = state_io.atomic_write_text
+
+    def die_before_the_second_json(path, text):
+        if path.name == "state.json" and '"epoch": 2' in text:
+            raise KeyboardInterrupt  # epoch 2's tensors are on disk, its state.json is not
+        real_write(path, text)
+
+    monkeypatch.setattr(state_io, "atomic_write_text", die_before_the_second_json)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+    monkeypatch.setattr(state_io, "atomic_write_text", real_write)
+    assert {p.name for p in (tmp_path / "run").glob("state*.safetensors")} == {"state-1.safetensors",
+                                                                               "state-2.safetensors"}
+    resumed = lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)  # epoch 2 again, from epoch 1
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert sorted(p.name for p in (tmp_path / "run").glob("state*.safetensors")) == ["state-2.safetensors"]
+
+
+def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    from lowbit.state_io import committed_tensors
+
+    assert committed_tensors(tmp_path, {}, "state.safetensors") == tmp_path / "state.safetensors"
+    assert committed_tensors(tmp_path, {"tensors": "state-3.safetensors"}, "x") == tmp_path / "state-3.safetensors"
+    for bad in ("../state-3.safetensors", "/etc/passwd", "", 7):
+        with pytest.raises(ValueError, match="not a file in the folder"):
+            committed_tensors(tmp_path, {"tensors": bad}, "state.safetensors")
+
+
 def test_weight_average_follows_its_recursion_and_restores_the_live_state():
     from lowbit.qat.ema import WeightAverage
 

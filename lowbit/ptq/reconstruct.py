@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from lowbit.errors import LowbitError, RecipeError
@@ -41,6 +41,7 @@ from lowbit.ptq.distribution import correct_block_input
 from lowbit.ptq.drop import keep_mask, select
 from lowbit.ptq.units import Unit, quantization_off, split_units
 from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.state_io import commit_state, committed_tensors
 
 
 @dataclass(frozen=True)
@@ -332,22 +333,26 @@ class _Checkpoint:
         self.info = {"method": method, "config": asdict(cfg), "units": unit_names}
 
     def load(self, qm) -> int:
-        meta, weights = self.dir / "progress.json", self.dir / "state.safetensors"
+        meta = self.dir / "progress.json"
         if not meta.exists():
             return 0
-        saved = json.loads(meta.read_text())
+        try:
+            saved = json.loads(meta.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("progress.json is not a JSON object")
+            weights = committed_tensors(self.dir, saved, "state.safetensors")
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"cannot read reconstruction checkpoint {self.dir}: {e}; delete the directory") from e
         if {k: saved.get(k) for k in self.info} != self.info:
             raise LowbitError(f"checkpoint {self.dir} was written by a different reconstruction "
                               f"({saved.get('method')}, other settings); delete it or pick another directory")
         if not weights.exists():
-            raise LowbitError(f"checkpoint {self.dir}: progress.json without state.safetensors; delete the directory")
+            raise LowbitError(f"checkpoint {self.dir}: progress.json without {weights.name}; delete the directory")
         qm.load_state_dict(load_file(str(weights)))
         return int(saved["units_done"])
 
     def save(self, qm, units_done: int) -> None:
+        """The model after ``units_done`` units and the progress naming it, as one commit."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in qm.state_dict().items()}
-        tmp = self.dir / "state.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(self.dir / "state.safetensors")
-        (self.dir / "progress.json").write_text(json.dumps({**self.info, "units_done": units_done}, indent=1))
+        commit_state(self.dir, "state", units_done, qm.state_dict(), "progress.json",
+                     {**self.info, "units_done": units_done})

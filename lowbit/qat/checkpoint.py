@@ -1,10 +1,12 @@
 """QAT checkpoints: a folder of safetensors + JSON, written atomically after every epoch.
 
-``state.safetensors``: model (weights, quantizer and BN state), optimizer tensors and the
-weight average when one is kept;
+``state-<epoch>.safetensors``: model (weights, quantizer and BN state), optimizer tensors and
+the weight average when one is kept (``state.safetensors`` in folders written before 2026-12-06);
 ``best.safetensors``: the model at the best validation epoch; ``state.json``: epoch, history,
-the optimizer's scalars, the RNG state and the fingerprint of the recipe that wrote it (the
-commit point: written last, so a run killed mid-save resumes from the previous epoch);
+the optimizer's scalars, the RNG state, the fingerprint of the recipe that wrote it and the
+name of the state tensors file (the commit point: written last, and the previous tensors
+file is removed only after it, so a run killed mid-save resumes from the previous epoch;
+lowbit.state_io.commit_state);
 ``metrics.jsonl``: one line per finished epoch. Nothing is ever unpickled.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.state_io import atomic_save_tensors, atomic_write_text, optimizer_state, optimizer_tensors
+from lowbit.state_io import (atomic_save_tensors, atomic_write_text, commit_state, committed_tensors, optimizer_state,
+                             optimizer_tensors)
 
 FORMAT = "lowbit-qat-checkpoint"
 LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how they train
@@ -51,14 +54,13 @@ def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state
     stamp = {"format": FORMAT, "epoch": str(state.epoch)}
     if state.best is not None and state.best_epoch == state.epoch:
         atomic_save_tensors(state.best, folder / "best.safetensors", stamp)
-    atomic_save_tensors(tensors, folder / "state.safetensors", stamp)
     side = {"format": FORMAT, "version": VERSION, "epoch": state.epoch, "best_val": state.best_val,
             "best_epoch": state.best_epoch, "history": state.history, "fingerprint": fingerprint,
             "param_groups": groups,
             "state_scalars": scalars}
     if state.branched_from is not None:
         side["branched_from"] = state.branched_from
-    atomic_write_text(folder / "state.json", json.dumps(side, indent=1, sort_keys=True, default=str))
+    commit_state(folder, "state", state.epoch, tensors, "state.json", side, stamp)
     atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
 
 
@@ -120,7 +122,9 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
         return None
     try:
         side = json.loads(side_path.read_text())
-        tensors = load_file(str(folder / "state.safetensors"), device="cpu")
+        if not isinstance(side, dict):
+            raise ValueError("state.json is not a JSON object")
+        tensors = load_file(str(committed_tensors(folder, side, "state.safetensors")), device="cpu")
     except (OSError, ValueError, SafetensorError) as e:
         raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}; delete the folder to start over") from e
     if side.get("format") != FORMAT:
