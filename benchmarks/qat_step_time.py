@@ -22,18 +22,26 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.data import calibration_subset, dataset_tensors, load_dataset
 from lowbit.qat.convert import to_training_form
+from lowbit.qat.engine import training_precision
 from lowbit.recipes.recipe import load_recipe
 from lowbit.state_io import atomic_write_text
 from lowbit.zoo import model_info, pretrained
 
 
-def step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
+def step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32",
+               channels_last: bool = False):  # noqa: ANN201
+    if channels_last:  # as the qat step lays them out (qat channels_last)
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     model.train()
+    context = training_precision(precision, torch.device("cpu"))
 
     def step() -> float:
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with context():
+            out = model(x).float()
+        loss = F.cross_entropy(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -52,6 +60,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "both"),
+                    help="arithmetic of both steps' convolutions (qat precision); both: time fp32 and bf16 interleaved")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory order for both (qat channels_last)")
     ap.add_argument("--label", default="", help="which code ran (e.g. a commit), stored as the row's 'code'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,16 +74,24 @@ def main() -> None:
     qm = lowbit.quantize(model, ptq, calib=x, progress=False)
     to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
                      recipe.activations.quantizer_options, [x])
-    float_step, qat_step = step_timer(model, x, y), step_timer(qm, x, y)
-    float_step(), qat_step()  # warm-up
-    times: dict[str, list[float]] = {"float": [], "qat": []}
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    timers = {f"{kind}_{p}": step_timer(m, x, y, p, args.channels_last)
+              for p in precisions for kind, m in (("float", model), ("qat", qm))}
+    for step in timers.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(args.rounds):
-        times["float"].append(float_step())
-        times["qat"].append(qat_step())
+        for name, step in timers.items():
+            times[name].append(step())
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    base = precisions[0]
     row = {"model": args.model, "recipe": args.recipe, "batch_size": args.batch_size, "threads": args.threads,
-           "rounds": args.rounds, "float_ms": 1000 * statistics.median(times["float"]),
-           "qat_ms": 1000 * statistics.median(times["qat"])}
+           "rounds": args.rounds, "precision": args.precision, "channels_last": args.channels_last, "float_ms": ms[f"float_{base}"],
+           "qat_ms": ms[f"qat_{base}"]}
     row["ratio"] = row["qat_ms"] / row["float_ms"]
+    if "bf16" in precisions and base != "bf16":
+        row.update(float_bf16_ms=ms["float_bf16"], qat_bf16_ms=ms["qat_bf16"],
+                   qat_bf16_over_fp32=ms["qat_bf16"] / ms["qat_fp32"], qat_bf16_over_float_fp32=ms["qat_bf16"] / ms["float_fp32"])
     if args.label:
         row["code"] = args.label
     print(json.dumps(row))

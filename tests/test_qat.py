@@ -175,6 +175,44 @@ def test_short_qat_recovers_w2a2_accuracy_and_deploys_bit_exact(mnist_cnn, mnist
     assert qm.layers[1].w_bits == 2 and len(torch.unique(qm.layers[1].layer.quantized_weight()[0])) <= 3
 
 
+def test_bf16_channels_last_training_matches_fp32_and_deploys_float32_contiguous(mnist_cnn, mnist_train, tmp_path):
+    model, calib, test = mnist_cnn
+    small = (mnist_train[0][:3000], mnist_train[1][:3000])
+    fp32 = lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=500), calib=calib, train=small, progress=False)
+    fast_recipe = _qat_recipe(epochs=1, val_samples=500, precision="bf16", channels_last=True,
+                              checkpoint=str(tmp_path / "run"))
+    fast = lowbit.quantize(model, fast_recipe, calib=calib, train=small, progress=False)
+    assert abs(_top1(fast, test) - _top1(fp32, test)) < 0.02  # bf16 convolutions: the same training, to noise
+    assert _top1(fast, test) > _top1(model.eval(), test) - 0.05
+    for name, p in list(fast.named_parameters()) + list(fast.named_buffers()):
+        assert p.dtype != torch.bfloat16 and p.is_contiguous(), name  # deployed in float32, usual layout
+    assert fast(test[0][:8]).dtype == torch.float32
+    fingerprint = (tmp_path / "run" / "state.json").read_text()
+    assert '"precision": "bf16"' in fingerprint and '"channels_last": true' in fingerprint
+    layer = fast.layers[1].layer  # under autocast only the convolution runs in bf16: its output is float32 again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.rand(2, layer.module.in_channels, 8, 8)).dtype == torch.float32
+
+
+def test_an_fp32_run_keeps_the_fingerprint_of_runs_written_before_precision_existed(mnist_cnn, mnist_train, tmp_path):
+    import json
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:800], mnist_train[1][:800])
+    lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=200, steps_per_epoch=2, checkpoint=str(tmp_path / "r")),
+                    calib=calib, train=small, progress=False)
+    text = (tmp_path / "r" / "state.json").read_text()
+    assert '"precision"' not in text and '"channels_last"' not in text and '"snap_at_freeze"' not in text
+    spelled_out = _qat_recipe(epochs=1, val_samples=200, steps_per_epoch=2, checkpoint=str(tmp_path / "r"),
+                              precision="fp32", channels_last=False, snap_at_freeze=False, ema=0.0)
+    again = lowbit.quantize(model, spelled_out, calib=calib, train=small, progress=False)  # the off values: resumes
+    assert again.meta["qat"]["history"][0]["seconds"] == json.loads(text)["history"][0]["seconds"]
+    with pytest.raises(LowbitError, match="precision: checkpoint 'fp32', now 'bf16'"):
+        lowbit.quantize(model, {**spelled_out, "steps": ["calibrate", {"qat": {**spelled_out["steps"][1]["qat"],
+                                                                              "precision": "bf16"}}]},
+                        calib=calib, train=small, progress=False)
+
+
 def test_qat_model_runs_the_same_in_onnx_runtime(mnist_cnn, mnist_train, tmp_path):
     pytest.importorskip("onnxruntime")
     model, calib, test = mnist_cnn

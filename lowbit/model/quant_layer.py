@@ -167,13 +167,16 @@ class QuantLayer(nn.Module):
         m = self.module
         k = self.xnor_input_scale()
         if k is not None:  # (sign(I) ⊛ W_b) ⊙ K, then the bias
-            out = (F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)) * k
+            out = (F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)).to(x.dtype) * k
             if b is not None:
                 out = out + b.reshape([1, -1] + [1] * (out.dim() - 2))
         elif isinstance(m, nn.Linear):
             out = F.linear(x, w, b)
         else:
             out = m._conv_forward(x, w, b)
+        # Under a bfloat16 autocast (qat precision bf16) only the convolution runs in bf16: what
+        # follows (BN, the next quantizer's rounding, the loss) keeps the input's float32.
+        out = out.to(x.dtype)
         if batch_norm:
             out = self.bn.normalise(out)
         if self.macs is None:

@@ -27,6 +27,11 @@ from lowbit.state_io import (atomic_save_tensors, atomic_write_text, commit_stat
 
 FORMAT = "lowbit-qat-checkpoint"
 LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how they train
+# qat options added after the first checkpoints were written, with the value that means "off":
+# a fingerprint holds one only when it is set otherwise, and comparisons read an absent one as
+# off, so older checkpoints resume, also under a recipe that spells the off value out.
+LATER_OPTIONS: dict[str, Any] = {"clip_grad_norm": 0.0, "ema": 0.0, "snap_at_freeze": False, "precision": "fp32",
+                                 "channels_last": False}
 VERSION = 1
 
 
@@ -82,8 +87,7 @@ def _without(fingerprint: Any, keys: tuple[str, ...]) -> Any:
         return fingerprint
     keys = LOCATION_KEYS + keys
     out = dict(fingerprint)
-    if isinstance(out.get("qat"), dict):
-        out["qat"] = {k: v for k, v in out["qat"].items() if k not in keys}
+    out["qat"] = _params_without(out.get("qat"), keys)
     recipe = out.get("recipe")
     if isinstance(recipe, dict) and isinstance(recipe.get("steps"), list):
         out["recipe"] = {**recipe, "steps": [_step_without(s, keys) for s in recipe["steps"]]}
@@ -91,11 +95,21 @@ def _without(fingerprint: Any, keys: tuple[str, ...]) -> Any:
 
 
 def _step_without(step: Any, keys: tuple[str, ...]) -> Any:
-    """One recipe step ({name: params} or a bare name) without the parameters ``keys``."""
+    """One recipe step ({name: params} or a bare name) without the parameters ``keys`` (a qat
+    step with the later options it leaves out at their off value)."""
     if not isinstance(step, dict):
         return step
-    return {name: {k: v for k, v in params.items() if k not in keys} if isinstance(params, dict) else params
+    return {name: _params_without(params, keys) if name == "qat" else
+            {k: v for k, v in params.items() if k not in keys} if isinstance(params, dict) else params
             for name, params in step.items()}
+
+
+def _params_without(params: Any, keys: tuple[str, ...]) -> Any:
+    """qat parameters less ``keys``, with every LATER_OPTIONS entry they leave out at its off value."""
+    if not isinstance(params, dict):
+        return params
+    return {**{k: v for k, v in LATER_OPTIONS.items() if k not in keys},
+            **{k: v for k, v in params.items() if k not in keys}}
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:

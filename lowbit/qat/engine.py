@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,13 +29,12 @@ from lowbit.errors import LowbitError, NumericalError, RecipeError
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
 from lowbit.qat.bn import FoldedBatchNorm
-from lowbit.qat.checkpoint import LOCATION_KEYS, TrainingState, load_state, read_summary, save_state
+from lowbit.qat.checkpoint import LATER_OPTIONS, LOCATION_KEYS, TrainingState, load_state, read_summary, save_state
 from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_deployed_form, to_training_form
 from lowbit.qat.ema import WeightAverage
 from lowbit.quant.learned.base import TrainableQuantizer
 
 
-LATER_OPTIONS = ("clip_grad_norm", "ema", "snap_at_freeze")  # in a checkpoint's fingerprint only when set
 # Settings that act only from the BN freeze on: a run may branch from another run's checkpoint
 # that differs in them as long as neither run has frozen yet (lowbit.qat.engine.branch_state).
 BRANCHABLE = ("freeze_bn_after", "snap_at_freeze")
@@ -66,6 +66,8 @@ class QATConfig:
     clip_grad_norm: float = 0.0        # > 0: rescale each step's gradient to at most this global L2 norm
     ema: float = 0.0                   # > 0: validate and keep an exponential moving average of the state
     snap_at_freeze: bool = False       # at the BN freeze, binary/ternary latent weights := their quantized values
+    precision: str = "fp32"            # bf16: convolutions and matmuls of the training steps in bfloat16 (autocast)
+    channels_last: bool = False        # train 4-D tensors in NHWC memory order (faster convolutions, above all in bf16)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "QATConfig":
@@ -227,6 +229,20 @@ def distillation_teacher(qm: QuantModel, cfg: QATConfig, teacher: nn.Module | No
     return teacher
 
 
+def training_precision(precision: str, dev: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context the training forwards run in. ``bf16``: autocast, so convolutions and
+    matmuls take bfloat16 inputs (QuantLayer casts each result back to float32, so quantizers,
+    BN and the loss stay in float32); validation and the deployed model are float32 throughout.
+    Why: on a CPU with native bfloat16 (AMX / AVX512-BF16) or a GPU a training step takes about
+    half the time (benchmarks/qat_step_time.py --precision); elsewhere it is emulated and slower."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if dev.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("qat precision bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX), so it is emulated "
+                      "and slower than fp32", stacklevel=3)
+    return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
+
+
 # -- the loop -------------------------------------------------------------------------------
 def trained_batchnorms(model: nn.Module) -> list[tuple[str, FoldedBatchNorm]]:
     """The BNs QAT trains, by layer name: found once, checked every step."""
@@ -334,6 +350,7 @@ def train_qat(
         calib = list(torch.split(dataset_tensors(train_ds, list(range(min(n, 1024))))[0], 256))
 
     teacher = distillation_teacher(qm, cfg, teacher, sample_x, dev)
+    lower_precision = training_precision(cfg.precision, dev)
     qm.to(dev)
     # A per-tensor weight grid or codebook cannot follow a per-channel BN scale (at 1 bit it
     # erases it: every channel becomes ±α·σ), so batch statistics learnt in training would
@@ -343,6 +360,10 @@ def train_qat(
     info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
                             rec.activations.quantizer_options, [c.to(dev) for c in calib], train_bn, cfg.bn_momentum)
     info["train_bn"] = train_bn
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    qm.to(memory_format=memory_format)  # 4-D weights; each batch is laid out the same way below
+    if teacher is not None:
+        teacher.to(memory_format=memory_format)
     opt = make_optimizer(qm, cfg)
     model: nn.Module = D.wrap(qm, dev)
     ckpt_dir = Path(cfg.checkpoint) if cfg.checkpoint else None
@@ -350,7 +371,7 @@ def train_qat(
     # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
     # (options added later join the fingerprint only when set, so checkpoints written before them still resume)
     fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items()
-                                                    if k not in LOCATION_KEYS and not (k in LATER_OPTIONS and not v)},
+                                                    if k not in LOCATION_KEYS and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])},
                    "weight_step": "pre-bn"}
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
@@ -398,11 +419,14 @@ def train_qat(
                 x, y = dataset_tensors(train_ds, idx.tolist())
                 x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
                 x, y = x[rank::world].to(dev), y[rank::world].to(dev)
-                out = model(x)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=memory_format)
+                with lower_precision():
+                    out = model(x).float()
                 if teacher is not None:
-                    with torch.no_grad(), (teacher.float_reference() if isinstance(teacher, QuantModel)
-                                           else contextlib.nullcontext()):
-                        t_out = teacher(x)
+                    with torch.no_grad(), lower_precision(), (teacher.float_reference() if isinstance(teacher, QuantModel)
+                                                              else contextlib.nullcontext()):
+                        t_out = teacher(x).float()
                     loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
                 else:
                     loss = F.cross_entropy(out, y)
@@ -457,6 +481,7 @@ def train_qat(
             D.barrier()
     if state.best is not None:
         qm.load_state_dict(state.best)
+    qm.to(memory_format=torch.contiguous_format)  # the deployed model's usual layout, whatever training used
     to_deployed_form(qm)
     qm.eval()
     qm.meta["qat"] = {**info, "epochs": cfg.epochs, "best_epoch": state.best_epoch, "best_val_top1": state.best_val,
