@@ -194,6 +194,24 @@ def test_bf16_channels_last_training_matches_fp32_and_deploys_float32_contiguous
         assert layer(torch.rand(2, layer.module.in_channels, 8, 8)).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["w3a32-kmeans-ft", "w1a1-xnor", "w1a2-hwgq", "w2a2-lqnet", "w5a32-inq", "w2a32-ttq"])
+def test_every_quantizer_kind_trains_in_bf16_channels_last_without_warnings(mnist_cnn, mnist_train, name):
+    import warnings
+
+    from lowbit.recipes.recipe import load_recipe
+
+    model, calib, test = mnist_cnn
+    source = load_recipe(name).source
+    steps = [{"qat": {**s["qat"], "epochs": 1, "steps_per_epoch": 2, "val_samples": 200, "precision": "bf16",
+                      "channels_last": True}} if isinstance(s, dict) and "qat" in s else s for s in source["steps"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. torch's "non-contiguous input" performance warnings
+        qm = lowbit.quantize(model, {**source, "steps": steps, "name": name}, calib=calib[:256],
+                             train=(mnist_train[0][:1000], mnist_train[1][:1000]), progress=False)
+    assert qm(test[0][:4]).dtype == torch.float32
+    assert all(p.is_contiguous() for p in qm.parameters())
+
+
 def test_an_fp32_run_keeps_the_fingerprint_of_runs_written_before_precision_existed(mnist_cnn, mnist_train, tmp_path):
     import json
 

@@ -76,7 +76,7 @@ class INQQuantizer(TrainableQuantizer):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Each weight's nearest level (INQ eq. 3)."""
         c = self.levels
-        return c[torch.bucketize(x.detach(), (c[1:] + c[:-1]) / 2)]
+        return c[torch.bucketize(x.detach().contiguous(), (c[1:] + c[:-1]) / 2)]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.project(x)
