@@ -86,12 +86,13 @@ def main() -> None:
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     base = precisions[0]
     row = {"model": args.model, "recipe": args.recipe, "batch_size": args.batch_size, "threads": args.threads,
-           "rounds": args.rounds, "precision": args.precision, "channels_last": args.channels_last, "float_ms": ms[f"float_{base}"],
-           "qat_ms": ms[f"qat_{base}"]}
+           "rounds": args.rounds, "precision": args.precision, "channels_last": args.channels_last,
+           "float_ms": ms[f"float_{base}"], "qat_ms": ms[f"qat_{base}"]}
     row["ratio"] = row["qat_ms"] / row["float_ms"]
     if "bf16" in precisions and base != "bf16":
         row.update(float_bf16_ms=ms["float_bf16"], qat_bf16_ms=ms["qat_bf16"],
-                   qat_bf16_over_fp32=ms["qat_bf16"] / ms["qat_fp32"], qat_bf16_over_float_fp32=ms["qat_bf16"] / ms["float_fp32"])
+                   qat_bf16_over_fp32=ms["qat_bf16"] / ms["qat_fp32"],
+                   qat_bf16_over_float_fp32=ms["qat_bf16"] / ms["float_fp32"])
     if args.label:
         row["code"] = args.label
     print(json.dumps(row))

@@ -370,8 +370,9 @@ def train_qat(
     # "weight_step": a learned weight step is the step of the pre-BN weight (see
     # TrainableQuantizer.follows_bn_factor); checkpoints from before that change are refused.
     # (options added later join the fingerprint only when set, so checkpoints written before them still resume)
-    fingerprint = {"recipe": rec.to_dict(), "qat": {k: v for k, v in asdict(cfg).items()
-                                                    if k not in LOCATION_KEYS and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])},
+    fingerprint = {"recipe": rec.to_dict(),
+                   "qat": {k: v for k, v in asdict(cfg).items()
+                           if k not in LOCATION_KEYS and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])},
                    "weight_step": "pre-bn"}
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
@@ -424,8 +425,9 @@ def train_qat(
                 with lower_precision():
                     out = model(x).float()
                 if teacher is not None:
-                    with torch.no_grad(), lower_precision(), (teacher.float_reference() if isinstance(teacher, QuantModel)
-                                                              else contextlib.nullcontext()):
+                    reference = (teacher.float_reference() if isinstance(teacher, QuantModel)
+                                 else contextlib.nullcontext())
+                    with torch.no_grad(), lower_precision(), reference:
                         t_out = teacher(x).float()
                     loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
                 else:

@@ -88,7 +88,7 @@ def count_below(x: torch.Tensor, midpoints: torch.Tensor, compact: bool = False)
     bincounts it: a bincount scans its input for min and max before counting, over 8× fewer bytes
     in uint8 than in int64, and the int64 copy is skipped."""
     if midpoints.numel() == 0 or midpoints.numel() > COMPARE_MAX_MIDPOINTS:
-        return torch.bucketize(x.contiguous(), midpoints)  # (bucketize copies a channels-last input anyway, with a warning)
+        return torch.bucketize(x.contiguous(), midpoints)  # it copies a channels-last input anyway, with a warning
     pos = torch.gt(x, midpoints[0]).view(torch.uint8)  # a fresh bool tensor, read as 0/1 counts
     above = torch.empty_like(pos, dtype=torch.bool)     # one buffer for every later comparison
     for m in midpoints[1:].unbind():
