@@ -496,7 +496,8 @@ def _train_qat(args: argparse.Namespace) -> int:
     changes = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                "val_samples": args.val_samples,
                "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-               "branch_from": str(args.branch_from) if args.branch_from else None}
+               "branch_from": str(args.branch_from) if args.branch_from else None,
+               "precision": args.precision, "channels_last": True if args.channels_last else None}
     if args.kd:
         changes["kd"] = {"temperature": args.kd_temperature, "weight": args.kd}
     for step in source["steps"]:
@@ -713,6 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Rerunning the same command resumes from it")
     t.add_argument("--branch-from", help="QAT: start from another run's checkpoint folder, for a run that differs "
                                          "only in freeze_bn_after / snap_at_freeze, before either freezes BN")
+    t.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="QAT: arithmetic of the training convolutions (default: the recipe's, fp32); bf16 about "
+                        "halves a step on CPUs with AMX/AVX512-BF16 and on GPUs, the deployed model stays float32")
+    t.add_argument("--channels-last", action="store_true", help="QAT: train in NHWC memory order (faster convolutions)")
     t.add_argument("--save", type=output_file, help="QAT: write the trained model as a .lowbit artifact")
     t.add_argument("--out", type=output_file, help="from scratch: where to write the weights (<model>.safetensors)")
     t.set_defaults(func=cmd_train)

@@ -460,6 +460,8 @@ def test_cli_train_with_a_qat_recipe_resumes_and_saves(mnist_cnn, data_dir, tmp_
     assert first.split("test top-1")[1].split("%")[0] == again.split("test top-1")[1].split("%")[0]
     assert main(args[:-2] + ["--lr", "0.05"]) == 2
     assert "written with another recipe or other qat settings" in capsys.readouterr().err
+    assert main(args + ["--precision", "bf16", "--channels-last"]) == 2  # the flags reach the qat step
+    assert "precision: checkpoint 'fp32', now 'bf16'" in capsys.readouterr().err
     assert main(["train", "--model", "small_cnn", "--weights", str(weights), "--recipe", "w4a4",
                  "--data-dir", str(data_dir)]) == 2
     assert "has no `qat` step" in capsys.readouterr().err
