@@ -286,6 +286,27 @@ def test_lqnet_activations_start_on_the_unsigned_grid_and_fit_their_basis():
         make_trainable(src, "lqnet", "activations")
 
 
+def test_lqnet_activations_give_the_same_answer_in_channels_last_and_keep_that_layout():
+    import copy
+
+    src = UniformQuantizer(QuantSpec(bits=3, signed=False, symmetric=False))
+    src.signed = False
+    src.set_params(torch.tensor(0.25), torch.tensor(0.0))
+    plain = make_trainable(src, "lqnet", "activations")
+    nhwc = copy.deepcopy(plain)
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4, 5, 6, 7)) ** 1.3
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    out, out_cl = plain(x), nhwc(x_cl)  # training mode: each also fits its basis on the batch
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    assert torch.equal(out, out_cl)
+    assert torch.allclose(plain.basis, nhwc.basis, atol=1e-6)  # the fit summed the same values, in another order
+    (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    (out_cl * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    assert torch.equal(x.grad, x_cl.grad)
+
+
 def test_lqnet_activations_train_save_and_export(mnist_cnn, tmp_path):
     model, calib, test = mnist_cnn
     recipe = {"extends": "w2a2-lqnet", "name": "test-lq-acts", "steps": ["calibrate", {"qat": {

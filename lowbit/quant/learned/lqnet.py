@@ -65,6 +65,23 @@ def least_squares_basis(values: torch.Tensor, codes: torch.Tensor, table: torch.
     return torch.linalg.solve(btb + ridge, btx).to(values.dtype)
 
 
+def memory_order_flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as a 1-D view in the order memory holds them: for a channels-last
+    tensor a plain ``reshape(-1)`` would copy the batch into NCHW order first, and a bincount or
+    a lookup does not care about the order (a copy only where ``t`` is neither layout)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def shaped_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`memory_order_flat`: ``flat`` as a tensor of ``like``'s shape and layout."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = like.shape
+        return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.reshape(like.shape)
+
+
 class _ClippedStraightThrough(torch.autograd.Function):
     """Forward: the nearest level ``q`` of ``x``; backward: the clipped ReLU's straight-through
     gradient, 1 where bottom ≤ x ≤ top and 0 where the top level clipped (one saved mask,
@@ -179,14 +196,16 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         if self.training:
             self.fit_basis(x, pos, self.bits_table[perm])
         # the fit bincounts the uint8 positions; the lookup needs int64 ones (a flat index_select: ~2× faster than ordered[pos])
-        q = ordered.index_select(0, pos.reshape(-1).long()).reshape(x.shape)
+        q = shaped_like(ordered.index_select(0, memory_order_flat(pos).long()), x)
         return _ClippedStraightThrough.apply(x, q, ordered[0], ordered[-1])
 
     @torch.no_grad()
     def fit_basis(self, x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> None:
         """The weights' QEM step over every value of the batch (one basis for the tensor);
         ``codes`` index the rows of ``table`` (``bits_table`` in the sorted level order)."""
-        fitted = least_squares_basis(x.detach().reshape(1, -1).float(), codes.reshape(1, -1), table)
+        # both in memory order (x and its codes share a layout): no channels-last copy of the batch
+        fitted = least_squares_basis(memory_order_flat(x.detach()).reshape(1, -1).float(),
+                                     memory_order_flat(codes).reshape(1, -1), table)
         if bool(torch.isfinite(fitted).all()):
             self.basis.copy_((1 - self.momentum) * self.basis + self.momentum * fitted)
 
