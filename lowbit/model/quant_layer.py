@@ -167,7 +167,7 @@ class QuantLayer(nn.Module):
         m = self.module
         k = self.xnor_input_scale()
         if k is not None:  # (sign(I) ⊛ W_b) ⊙ K, then the bias
-            out = (F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)).to(x.dtype) * k
+            out = (F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)) * k
             if b is not None:
                 out = out + b.reshape([1, -1] + [1] * (out.dim() - 2))
         elif isinstance(m, nn.Linear):

@@ -118,9 +118,12 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
     if not side_path.is_file():
         return None
     try:
-        return json.loads(side_path.read_text())
+        side = json.loads(side_path.read_text())
+        if not isinstance(side, dict):
+            raise ValueError("state.json is not a JSON object")
     except (OSError, ValueError) as e:
-        raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}") from e
+        raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}; delete the folder to start over") from e
+    return side
 
 
 def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
@@ -132,12 +135,10 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     side_path = folder / "state.json"
     if folder.exists() and not folder.is_dir():
         raise LowbitError(f"checkpoint {folder} is a file; QAT checkpoints are folders")
-    if not side_path.is_file():
+    side = read_summary(folder)
+    if side is None:
         return None
     try:
-        side = json.loads(side_path.read_text())
-        if not isinstance(side, dict):
-            raise ValueError("state.json is not a JSON object")
         tensors = load_file(str(committed_tensors(folder, side, "state.safetensors")), device="cpu")
     except (OSError, ValueError, SafetensorError) as e:
         raise LowbitError(f"cannot read QAT checkpoint {folder}: {e}; delete the folder to start over") from e

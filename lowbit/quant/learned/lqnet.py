@@ -65,18 +65,23 @@ def least_squares_basis(values: torch.Tensor, codes: torch.Tensor, table: torch.
     return torch.linalg.solve(btb + ridge, btx).to(values.dtype)
 
 
+def _channels_last_only(t: torch.Tensor) -> bool:
+    """Laid out NHWC (and not also NCHW, as a tensor with 1×1 images or one channel is)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def memory_order_flat(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elements as a 1-D view in the order memory holds them: for a channels-last
     tensor a plain ``reshape(-1)`` would copy the batch into NCHW order first, and a bincount or
     a lookup does not care about the order (a copy only where ``t`` is neither layout)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last_only(t):
         return t.permute(0, 2, 3, 1).reshape(-1)
     return t.reshape(-1)
 
 
 def shaped_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Undo :func:`memory_order_flat`: ``flat`` as a tensor of ``like``'s shape and layout."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last_only(like):
         n, c, h, w = like.shape
         return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
     return flat.reshape(like.shape)
