@@ -329,6 +329,16 @@ def test_a_run_killed_between_its_tensors_and_its_json_resumes_from_the_previous
     assert sorted(p.name for p in (tmp_path / "run").glob("state*.safetensors")) == ["state-2.safetensors"]
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_an_unreadable_state_json_is_refused_with_the_folder_named(tmp_path, text):
+    from lowbit.qat.checkpoint import load_state
+
+    (tmp_path / "state.json").write_text(text)
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(LowbitError, match=f"cannot read QAT checkpoint {tmp_path}.*delete the folder"):
+        load_state(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+
+
 def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path):
     from lowbit.state_io import committed_tensors
 
