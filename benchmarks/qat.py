@@ -40,6 +40,39 @@ def model_and_data(name: str, data_dir: str, models_dir: str):
         load_dataset(dataset, "test", data_dir=data_dir, download=False)
 
 
+def trained_start(model: torch.nn.Module, folder: str, train) -> torch.nn.Module:  # noqa: ANN001
+    """The float weights under a finished QAT run's kept epoch (its checkpoint folder), with its trained BN
+    folded in: the start of a run at fewer bits. The run's post-training start is rebuilt from the recipe its
+    checkpoint records, put in training form, and given the kept epoch's state (best.safetensors). Latent, not
+    deployed, weights: deployed ones sit exactly on their grid, and re-quantizing exact zeros on a mid-rise
+    grid biased every layer (lowbit.model.as_float)."""
+    from safetensors.torch import load_file
+
+    from lowbit.ptq.batches import as_batches
+    from lowbit.qat.checkpoint import read_summary
+    from lowbit.qat.convert import to_training_form
+
+    summary = read_summary(Path(folder))
+    if summary is None:
+        raise SystemExit(f"--init-from {folder}: no QAT checkpoint (state.json) there")
+    source, qat = summary["fingerprint"]["recipe"], summary["fingerprint"]["qat"]
+    if summary["epoch"] < qat["epochs"]:
+        raise SystemExit(f"--init-from {folder}: that run stopped after epoch {summary['epoch']} of {qat['epochs']}; "
+                         "finish it first")
+    recipe = load_recipe(source)
+    before = [s for s in source["steps"] if not (isinstance(s, dict) and "qat" in s)]
+    c = source["calibration"]
+    calib = dataset_tensors(calibration_subset(train, c["samples"], c["seed"]))[0]
+    qm = lowbit.quantize(model, dict(source, steps=before), calib=calib, progress=False)
+    batches = as_batches(calib, c["samples"], c["batch_size"])  # what the qat step measured BN statistics on
+    train_bn = qat["train_bn"] and all(r.layer.weight_quantizer.spec.per_channel for r in qm.layers
+                                       if r.layer.quantize_weight)
+    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
+                     recipe.activations.quantizer_options, batches, train_bn, qat["bn_momentum"])
+    qm.load_state_dict(load_file(str(Path(folder) / "best.safetensors")))
+    return lowbit.as_float_model(qm.eval(), model, weights="latent")
+
+
 def append_row(out: Path, row: dict) -> None:
     """Re-read OUT under a lock and add one row: two lanes may write the same file, and a copy read at start
     would drop the other lane's rows (or a rename made meanwhile)."""
@@ -64,6 +97,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", default="runs", help="folder of per-row checkpoints")
+    ap.add_argument("--init-from", default="", help="a finished QAT run's checkpoint folder: its trained model, made "
+                    "float, is quantized instead of the pretrained one, which stays the float baseline and the "
+                    "distillation teacher (progressive quantization; name it in --tag)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import yaml
@@ -76,6 +112,9 @@ def main() -> None:
     model, train, test = model_and_data(args.model, args.data_dir, args.models_dir)
     test_batches = TensorBatches(test, 500)
     float_top1 = None
+    start_model, teacher = model, None
+    if args.init_from:
+        start_model, teacher = trained_start(model, args.init_from, train), model
     for name in args.recipes.split(","):
         recipe = load_recipe(name)
         src = json.loads(json.dumps(recipe.source))
@@ -113,12 +152,13 @@ def main() -> None:
         ptq_src = dict(src, steps=steps[:before] or ["calibrate"])
         if src.get("weights", {}).get("quantizer") == "kmeans":  # its qat needs the kmeans step before it
             ptq_src["weights"] = dict(src["weights"], quantizer="uniform")
-        ptq = lowbit.quantize(model, ptq_src, calib=calib, progress=False)
+        ptq = lowbit.quantize(start_model, ptq_src, calib=calib, progress=False)
         ptq_top1 = 100 * lowbit.evaluate(ptq, test_batches)
+        print(f"{row_name}: float {float_top1:.2f}, post-training start {ptq_top1:.2f}", flush=True)
         start = time.perf_counter()
         if not qat["epochs"]:
-            qm = lowbit.quantize(model, src, calib=calib, progress=False)
-            row = {"row": row_name, "recipe": name, "model": args.model, "epochs": 0, "top1": 100 * lowbit.evaluate(
+            qm = lowbit.quantize(start_model, src, calib=calib, progress=False)
+            row = {"row": row_name, "recipe": name, "model": args.model, "epochs": 0, "init_from": args.init_from, "top1": 100 * lowbit.evaluate(
                 qm, test_batches), "float_top1": float_top1, "ptq_start_top1": ptq_top1,
                 "w_bits": qm.mean_bits()["w_bits"], "wall_seconds": time.perf_counter() - start,
                 "threads": args.threads, "edits": args.edit}
@@ -126,7 +166,8 @@ def main() -> None:
             append_row(out, row)
             continue
         try:
-            qm = lowbit.quantize(model, src, calib=calib, train=train, device=args.device)
+            qm = lowbit.quantize(start_model, src, calib=calib, train=train, device=args.device,
+                                 teacher=teacher if qat.get("kd") else None)
         except NumericalError as err:  # a diverged run is a result too: recorded, not retried
             row = {"row": row_name, "recipe": name, "model": args.model, "epochs": qat["epochs"], "qat": qat,
                    "top1": None, "diverged": str(err), "float_top1": float_top1, "ptq_start_top1": ptq_top1,
@@ -143,7 +184,7 @@ def main() -> None:
                "best_epoch": info["best_epoch"], "best_val_top1": info["best_val_top1"],
                "wall_seconds": wall, "threads": args.threads, "device": args.device,
                "hardware": platform.processor() or platform.machine(), "history": info["history"],
-               "fallbacks": info["fallbacks"], "edits": args.edit}
+               "fallbacks": info["fallbacks"], "edits": args.edit, "init_from": args.init_from}
         print(json.dumps({k: row[k] for k in ("row", "top1", "float_top1", "ptq_start_top1", "wall_seconds")}),
               flush=True)
         append_row(out, row)

@@ -82,6 +82,7 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
 def quantize(
     model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8", calib: Any = None,
     progress: bool = True, *, train: Any = None, val: Any = None, device: str = "cpu",
+    teacher: nn.Module | None = None,
 ) -> QuantModel:
     """Quantize a copy of ``model`` with a recipe; the float model is left unchanged.
 
@@ -89,13 +90,18 @@ def quantize(
     tensor; the recipe's ``calibration.samples`` inputs are used. Recipes whose first
     step is ``zeroq`` make their own data and take ``calib=None``. Recipes with a ``qat``
     step train on ``train`` (a Dataset of (input, label) from the training split) and
-    choose their final epoch on ``val`` (default: held out of ``train``).
+    choose their final epoch on ``val`` (default: held out of ``train``). ``teacher``: the network
+    the ``qat`` step distils from when its ``kd`` is on (default: ``kd.teacher``, else ``model``;
+    give the original float model when ``model`` is a trained low-bit network made float again,
+    ``lowbit.as_float_model``).
     """
     r = load_recipe(recipe)
     has_qat = any(name == "qat" for name, _ in r.steps)
-    if (train is not None or val is not None) and not has_qat:
-        raise LowbitError(f"recipe {r.name!r} has no `qat` step, so it does not train: drop train=/val=, or use a "
-                          "recipe with a qat step (e.g. w4a4-lsq)")
+    if (train is not None or val is not None or teacher is not None) and not has_qat:
+        raise LowbitError(f"recipe {r.name!r} has no `qat` step, so it does not train: drop train=/val=/teacher=, "
+                          "or use a recipe with a qat step (e.g. w4a4-lsq)")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise LowbitError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     start = time.perf_counter()
     qm = prepare(model, r)
     data_free = r.data_free
@@ -106,7 +112,7 @@ def quantize(
         probe_forward(model, batches[0], "calibration batch 0")  # fail now, not deep inside a step
     torch.manual_seed(r.calibration["seed"])
     if has_qat:
-        qm.qat_data = {"train": train, "val": val, "device": device}
+        qm.qat_data = {"train": train, "val": val, "device": device, "teacher": teacher}
     try:
         for name, params in r.steps:
             run_step(name, params, qm, batches, r, progress)

@@ -119,7 +119,7 @@ def _qat(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
                           "lowbit.quantize(model, recipe, calib, train=train_set) or `lowbit train`")
     params.setdefault("seed", recipe.calibration["seed"])
     train_qat(qm, data["train"], val=data.get("val"), recipe=recipe, config=QATConfig.from_params(params),
-              calib=batches, device=data.get("device", "cpu"), progress=progress)
+              calib=batches, device=data.get("device", "cpu"), progress=progress, teacher=data.get("teacher"))
 
 
 def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,

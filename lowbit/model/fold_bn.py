@@ -40,6 +40,26 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias = nn.Parameter(new_bias.detach().clone())
 
 
+def foldable_batchnorms(gm: fx.GraphModule, foldable: tuple[type, ...]) -> list[tuple[fx.Node, fx.Node]]:
+    """(layer node, BN node) for every BN that directly follows a foldable layer used only by
+    that BN and keeps running statistics: the pairs :func:`fold_batchnorms` folds."""
+    modules = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BN_TYPES):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        if not isinstance(modules.get(src.target), foldable):
+            continue
+        bn = modules[node.target]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        pairs.append((src, node))
+    return pairs
+
+
 def fold_batchnorms(gm: fx.GraphModule, foldable: tuple[type, ...]) -> dict[str, BNPrior]:
     """Fold every BN that directly follows a foldable layer used only by that BN.
 
@@ -48,20 +68,10 @@ def fold_batchnorms(gm: fx.GraphModule, foldable: tuple[type, ...]) -> dict[str,
     """
     modules = dict(gm.named_modules())
     priors: dict[str, BNPrior] = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), BN_TYPES):
-            continue
-        src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
-            continue
-        layer = modules.get(src.target)
-        if not isinstance(layer, foldable):
-            continue
+    for src, node in foldable_batchnorms(gm, foldable):
         bn = modules[node.target]
-        if not bn.track_running_stats or bn.running_mean is None:
-            continue
         priors[src.name] = bn_prior(bn)
-        fold_into(layer, bn)
+        fold_into(modules[src.target], bn)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
     gm.graph.lint()

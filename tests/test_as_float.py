@@ -1,0 +1,105 @@
+"""A QuantModel made float again (lowbit.as_float_model): the start of progressive quantization."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError, UnsupportedModelError
+from lowbit.zoo.lenet import LeNet5
+
+
+def _w3a3(**changes):
+    return {"extends": "w4a4", "name": "test-w3a3", "weights": {"bits": 3, "estimator": "minmax"},
+            "activations": {"bits": 3}, "steps": ["calibrate"], **changes}
+
+
+def test_the_float_copy_computes_the_quantized_weights_with_float_activations(mnist_cnn):
+    model, calib, test = mnist_cnn
+    qm = lowbit.quantize(model, _w3a3(), calib=calib, progress=False)
+    copy = lowbit.as_float_model(qm, model)
+    assert type(copy) is type(model) and copy is not model
+    assert not torch.equal(copy.conv2.weight, model.conv2.weight)  # the original is left as it was
+    with torch.no_grad(), qm.quantization(weights=True, activations=False):
+        expected = qm(test[0][:256])
+    assert torch.allclose(copy(test[0][:256]), expected, atol=1e-5, rtol=1e-5)
+    # the BN after conv2 is the identity carrying the folded bias
+    assert torch.equal(copy.bn2.running_mean, torch.zeros(32)) and torch.equal(copy.bn2.weight.data, torch.ones(32))
+    assert torch.allclose(copy.bn2.bias, qm.layers[1].layer.bias)
+
+
+def test_quantizing_the_float_copy_at_the_same_bits_gives_back_the_same_weights(mnist_cnn):
+    """Its weights already lie on the grid, and min-max finds that grid again: the round trip is exact."""
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, _w3a3(), calib=calib, progress=False)
+    again = lowbit.quantize(lowbit.as_float_model(qm, model), _w3a3(), calib=calib, progress=False)
+    for first, second in zip(qm.layers, again.layers):
+        assert torch.allclose(first.layer.quantized_weight(), second.layer.quantized_weight(), atol=1e-6), first.name
+        assert torch.allclose(first.layer.bias, second.layer.bias, atol=1e-6), first.name
+
+
+def test_a_quantized_model_is_refused_where_its_layers_do_not_fit(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, _w3a3(), calib=calib, progress=False)
+    with pytest.raises(LowbitError, match="takes a QuantModel, got SmallCNN"):
+        lowbit.as_float_model(model, model)
+    with pytest.raises(UnsupportedModelError, match="'conv1' of the QuantModel is not a Conv/Linear layer of Sequential"):
+        lowbit.as_float_model(qm, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(UnsupportedModelError, match=r"'conv1': the QuantModel's weight is \(16, 1, 3, 3\), LeNet5's"):
+        lowbit.as_float_model(qm, LeNet5())
+    wide = lowbit.quantize(model, _w3a3(widen=2), calib=calib, progress=False)
+    with pytest.raises(UnsupportedModelError, match="widened, for a widening recipe"):
+        lowbit.as_float_model(wide, model)
+
+
+def test_a_model_in_training_form_gives_its_latent_weights_with_the_trained_bn_folded(mnist_cnn, mnist_train_small):
+    from lowbit.qat.convert import to_training_form
+
+    model, calib, test = mnist_cnn
+    qm = lowbit.quantize(model, _w3a3(), calib=calib, progress=False)
+    to_training_form(qm, "lsq", "lsq+", batches=[calib])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    qm.train()
+    for i in range(0, 640, 64):  # a few steps: the BN statistics and latent weights move off their start
+        loss = torch.nn.functional.cross_entropy(qm(mnist_train_small[0][i:i + 64]), mnist_train_small[1][i:i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qm.eval()
+    latent = lowbit.as_float_model(qm, model, weights="latent")
+    quantized = lowbit.as_float_model(qm, model)
+    x = test[0][:256]
+    with torch.no_grad():
+        with qm.quantization(weights=False, activations=False):
+            assert torch.allclose(latent(x), qm(x), atol=1e-4, rtol=1e-4)
+        with qm.quantization(weights=True, activations=False):
+            assert torch.allclose(quantized(x), qm(x), atol=1e-4, rtol=1e-4)
+    folded = qm.layers[1].layer
+    assert torch.allclose(latent.conv2.weight, folded.weight)  # W·γ/σ of the trained BN, not yet on a grid
+    assert not torch.allclose(latent.conv2.weight, quantized.conv2.weight)
+    with pytest.raises(LowbitError, match="weights must be 'quantized' or 'latent', got 'float'"):
+        lowbit.as_float_model(qm, model, weights="float")
+
+
+def test_a_teacher_reaches_the_qat_step_through_quantize(mnist_cnn, mnist_train_small):
+    class FiveClasses(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 5)
+
+    model, calib, _ = mnist_cnn
+    qat = {"epochs": 1, "batch_size": 64, "lr": 0.01, "val_samples": 300, "kd": {"temperature": 4.0, "weight": 1.0}}
+    recipe = _w3a3(steps=["calibrate", {"qat": qat}])
+    with pytest.raises(LowbitError, match="same classes"):  # the given teacher, not the float model, is used
+        lowbit.quantize(model, recipe, calib=calib, train=mnist_train_small, teacher=FiveClasses(), progress=False)
+    with pytest.raises(LowbitError, match="has no `qat` step.*teacher="):
+        lowbit.quantize(model, _w3a3(), calib=calib, teacher=model, progress=False)
+    with pytest.raises(LowbitError, match="teacher must be a torch.nn.Module, got str"):
+        lowbit.quantize(model, recipe, calib=calib, train=mnist_train_small, teacher="resnet32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def mnist_train_small(data_dir):
+    from lowbit.data import dataset_tensors, load_dataset
+
+    train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
+    return dataset_tensors(train, torch.arange(1500))
