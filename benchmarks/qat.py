@@ -51,6 +51,7 @@ def trained_start(model: torch.nn.Module, folder: str, train) -> torch.nn.Module
     from lowbit.ptq.batches import as_batches
     from lowbit.qat.checkpoint import read_summary
     from lowbit.qat.convert import to_training_form
+    from lowbit.qat.engine import trains_batchnorms
 
     summary = read_summary(Path(folder))
     if summary is None:
@@ -65,10 +66,9 @@ def trained_start(model: torch.nn.Module, folder: str, train) -> torch.nn.Module
     calib = dataset_tensors(calibration_subset(train, c["samples"], c["seed"]))[0]
     qm = lowbit.quantize(model, dict(source, steps=before), calib=calib, progress=False)
     batches = as_batches(calib, c["samples"], c["batch_size"])  # what the qat step measured BN statistics on
-    train_bn = qat["train_bn"] and all(r.layer.weight_quantizer.spec.per_channel for r in qm.layers
-                                       if r.layer.quantize_weight)
     to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
-                     recipe.activations.quantizer_options, batches, train_bn, qat["bn_momentum"])
+                     recipe.activations.quantizer_options, batches, trains_batchnorms(qm, qat["train_bn"]),
+                     qat["bn_momentum"])
     qm.load_state_dict(load_file(str(Path(folder) / "best.safetensors")))
     return lowbit.as_float_model(qm.eval(), model, weights="latent")
 

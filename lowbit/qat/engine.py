@@ -245,6 +245,15 @@ def training_precision(precision: str, dev: torch.device) -> Callable[[], contex
 
 
 # -- the loop -------------------------------------------------------------------------------
+def trains_batchnorms(qm: QuantModel, train_bn: bool) -> bool:
+    """Whether QAT trains BN apart from the layers (``train_bn``, where every weight grid allows it).
+
+    A per-tensor weight grid or codebook cannot follow a per-channel BN scale (at 1 bit it
+    erases it: every channel becomes ±α·σ), so batch statistics learnt in training would
+    not survive folding; such layers train folded from the start."""
+    return train_bn and all(r.layer.weight_quantizer.spec.per_channel for r in qm.layers if r.layer.quantize_weight)
+
+
 def trained_batchnorms(model: nn.Module) -> list[tuple[str, FoldedBatchNorm]]:
     """The BNs QAT trains, by layer name: found once, checked every step."""
     return [(name.removesuffix(".bn"), m) for name, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]
@@ -353,11 +362,7 @@ def train_qat(
     teacher = distillation_teacher(qm, cfg, teacher, sample_x, dev)
     lower_precision = training_precision(cfg.precision, dev)
     qm.to(dev)
-    # A per-tensor weight grid or codebook cannot follow a per-channel BN scale (at 1 bit it
-    # erases it: every channel becomes ±α·σ), so batch statistics learnt in training would
-    # not survive folding; such layers train folded from the start.
-    train_bn = cfg.train_bn and all(r.layer.weight_quantizer.spec.per_channel for r in qm.layers
-                                    if r.layer.quantize_weight)
+    train_bn = trains_batchnorms(qm, cfg.train_bn)
     info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
                             rec.activations.quantizer_options, [c.to(dev) for c in calib], train_bn, cfg.bn_momentum)
     info["train_bn"] = train_bn
