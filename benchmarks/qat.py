@@ -24,6 +24,7 @@ import lowbit
 from lowbit.data import calibration_subset, dataset_tensors, load_dataset
 from lowbit.errors import NumericalError
 from lowbit.evaluation import TensorBatches
+from lowbit.qat.warm_start import trained_float_model
 from lowbit.recipes.recipe import load_recipe
 from lowbit.state_io import atomic_write_text
 
@@ -38,39 +39,6 @@ def model_and_data(name: str, data_dir: str, models_dir: str):
         model = pretrained(name, models_dir=models_dir, download=False)
     return model, load_dataset(dataset, "train", data_dir=data_dir, download=False), \
         load_dataset(dataset, "test", data_dir=data_dir, download=False)
-
-
-def trained_start(model: torch.nn.Module, folder: str, train) -> torch.nn.Module:  # noqa: ANN001
-    """The float weights under a finished QAT run's kept epoch (its checkpoint folder), with its trained BN
-    folded in: the start of a run at fewer bits. The run's post-training start is rebuilt from the recipe its
-    checkpoint records, put in training form, and given the kept epoch's state (best.safetensors). Latent, not
-    deployed, weights: deployed ones sit exactly on their grid, and re-quantizing exact zeros on a mid-rise
-    grid biased every layer (lowbit.model.as_float)."""
-    from safetensors.torch import load_file
-
-    from lowbit.ptq.batches import as_batches
-    from lowbit.qat.checkpoint import read_summary
-    from lowbit.qat.convert import to_training_form
-    from lowbit.qat.engine import trains_batchnorms
-
-    summary = read_summary(Path(folder))
-    if summary is None:
-        raise SystemExit(f"--init-from {folder}: no QAT checkpoint (state.json) there")
-    source, qat = summary["fingerprint"]["recipe"], summary["fingerprint"]["qat"]
-    if summary["epoch"] < qat["epochs"]:
-        raise SystemExit(f"--init-from {folder}: that run stopped after epoch {summary['epoch']} of {qat['epochs']}; "
-                         "finish it first")
-    recipe = load_recipe(source)
-    before = [s for s in source["steps"] if not (isinstance(s, dict) and "qat" in s)]
-    c = source["calibration"]
-    calib = dataset_tensors(calibration_subset(train, c["samples"], c["seed"]))[0]
-    qm = lowbit.quantize(model, dict(source, steps=before), calib=calib, progress=False)
-    batches = as_batches(calib, c["samples"], c["batch_size"])  # what the qat step measured BN statistics on
-    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
-                     recipe.activations.quantizer_options, batches, trains_batchnorms(qm, qat["train_bn"]),
-                     qat["bn_momentum"])
-    qm.load_state_dict(load_file(str(Path(folder) / "best.safetensors")))
-    return lowbit.as_float_model(qm.eval(), model, weights="latent")
 
 
 def append_row(out: Path, row: dict) -> None:
@@ -114,7 +82,7 @@ def main() -> None:
     float_top1 = None
     start_model, teacher = model, None
     if args.init_from:
-        start_model, teacher = trained_start(model, args.init_from, train), model
+        start_model, teacher = trained_float_model(args.init_from, model, train), model
     for name in args.recipes.split(","):
         recipe = load_recipe(name)
         src = json.loads(json.dumps(recipe.source))

@@ -509,8 +509,15 @@ def _train_qat(args: argparse.Namespace) -> int:
                                       "add --kd WEIGHT")
                 step["qat"]["kd"] = {**step["qat"]["kd"], "teacher": args.kd_teacher}
     source["name"] = recipe.name
-    qm = quantize(model, source, calib=calibration_batches(train, recipe), train=train, device=args.device,
-                  progress=not args.no_progress and D.rank() == 0)
+    start, teacher = model, None
+    if args.init_from:  # progressive: the finished run's float weights are the start, the float model the teacher
+        from lowbit.qat.warm_start import trained_float_model
+
+        start = trained_float_model(args.init_from, model, train)
+        kd = next((s["qat"].get("kd") for s in source["steps"] if isinstance(s, dict) and "qat" in s), None)
+        teacher = model if kd and not kd.get("teacher") else None  # a --kd-teacher zoo model stays the teacher
+    qm = quantize(start, source, calib=calibration_batches(train, recipe), train=train, device=args.device,
+                  progress=not args.no_progress and D.rank() == 0, teacher=teacher)
     qm.to("cpu")
     if D.rank() != 0:
         return 0
@@ -714,6 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Rerunning the same command resumes from it")
     t.add_argument("--branch-from", help="QAT: start from another run's checkpoint folder, for a run that differs "
                                          "only in freeze_bn_after / snap_at_freeze, before either freezes BN")
+    t.add_argument("--init-from", help="QAT: start from the float weights of a finished run (its --checkpoint "
+                                       "folder; same model) instead of the pretrained ones, e.g. W2A2 from a trained "
+                                       "W3A3 (progressive quantization); the pretrained model stays the float "
+                                       "baseline and the distillation teacher")
     t.add_argument("--precision", choices=("fp32", "bf16"),
                    help="QAT: arithmetic of the training convolutions (default: the recipe's, fp32); bf16 about "
                         "halves a step on CPUs with AMX/AVX512-BF16 and on GPUs, the deployed model stays float32")

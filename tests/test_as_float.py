@@ -1,6 +1,7 @@
 """A QuantModel made float again (lowbit.as_float_model): the start of progressive quantization."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -118,3 +119,48 @@ def test_exact_zero_weights_on_a_midrise_grid_are_warned_about(mnist_cnn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lowbit.quantize(model, midrise, calib=calib, progress=False)  # dense float weights: no warning
+
+
+def test_a_finished_run_is_the_start_of_a_run_at_fewer_bits(mnist_cnn, mnist_train_small, data_dir, tmp_path, capsys):
+    """`lowbit train --init-from`: the library call rebuilds the run's kept epoch; its quantized weights
+    reproduce the deployed model, and a W2A2 run starts from its latent weights."""
+    from lowbit.cli import main
+    from lowbit.data import load_dataset
+    from lowbit.qat.warm_start import trained_float_model
+    from lowbit.zoo import save_weights
+
+    model, _, test = mnist_cnn
+    weights = save_weights(model, tmp_path / "float.safetensors")
+    common = ["--model", "small_cnn", "--weights", str(weights), "--epochs", "1", "--train-limit", "1500",
+              "--val-samples", "300", "--batch-size", "64", "--data-dir", str(data_dir), "--no-progress",
+              "--test-limit", "500"]
+    run = tmp_path / "w3a3"
+    assert main(["train", "--recipe", "w3a3-lsq", "--checkpoint", str(run), "--save", str(tmp_path / "w3a3.lowbit"),
+                 *common]) == 0
+    capsys.readouterr()
+    deployed = lowbit.load(tmp_path / "w3a3.lowbit", model=type(model)())
+    train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
+    from torch.utils.data import Subset
+
+    train = Subset(train, range(1500))
+    quantized = trained_float_model(run, model, train, weights="quantized")
+    latent = trained_float_model(run, model, train)
+    x = test[0][:256]
+    with torch.no_grad(), deployed.quantization(weights=True, activations=False):
+        assert torch.allclose(quantized(x), deployed(x), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(latent.conv2.weight, quantized.conv2.weight)
+
+    assert main(["train", "--recipe", "w2a2-lsq", "--init-from", str(run), "--kd", "1.0",
+                 "--checkpoint", str(tmp_path / "w2a2"), *common]) == 0
+    assert "small_cnn w2a2-lsq: test top-1" in capsys.readouterr().out
+    assert main(["train", "--recipe", "w2a2-lsq", "--init-from", str(tmp_path / "nothing"), *common]) == 2
+    assert "holds no QAT checkpoint" in capsys.readouterr().err
+    side = json.loads((run / "state.json").read_text())
+    side["epoch"] = 0
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "state.json").write_text(json.dumps(side))
+    with pytest.raises(LowbitError, match="stopped after epoch 0 of 1: finish it"):
+        trained_float_model(unfinished, model, train)
+    with pytest.raises(LowbitError, match="does not fit LeNet5"):
+        trained_float_model(run, LeNet5(), train)

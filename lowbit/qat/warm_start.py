@@ -1,0 +1,62 @@
+"""A finished QAT run as the start of another: progressive quantization (Zhuang et al. 2018
+train 32 → 4 → 2 bits, each stage starting from the float weights of the one before).
+
+The run's checkpoint folder records its recipe; the model is rebuilt from it (its post-training
+steps, then the QAT training form), given the kept epoch's state (``best.safetensors``), and made
+float by :func:`lowbit.model.as_float.as_float_model`: by default the *latent* weights with the
+trained BN folded in, not the deployed ones, which sit exactly on their grid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.model.as_float import as_float_model
+from lowbit.qat.checkpoint import read_summary
+
+
+def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weights: str = "latent") -> nn.Module:
+    """The float network of the finished QAT run in ``folder``, in ``model``'s architecture.
+
+    ``model``: the float model that run started from; ``train``: its training split (the recipe's
+    calibration subset is drawn from it, as in that run); ``weights``: "latent" or "quantized".
+    """
+    from lowbit.api import quantize
+    from lowbit.evaluation import calibration_batches
+    from lowbit.qat.convert import to_training_form
+    from lowbit.qat.engine import trains_batchnorms
+    from lowbit.recipes.recipe import load_recipe
+
+    folder = Path(folder)
+    summary = read_summary(folder)
+    if summary is None:
+        raise LowbitError(f"{folder} holds no QAT checkpoint (state.json): pass the --checkpoint folder of a finished run")
+    fingerprint = summary.get("fingerprint") or {}
+    source, qat = fingerprint.get("recipe"), fingerprint.get("qat")
+    if not (isinstance(source, dict) and isinstance(qat, dict)):
+        raise LowbitError(f"{folder}/state.json records no recipe: it was not written by lowbit's QAT")
+    if int(summary["epoch"]) < int(qat["epochs"]):
+        raise LowbitError(f"the run in {folder} stopped after epoch {summary['epoch']} of {qat['epochs']}: finish it "
+                          "(rerun its command) before starting another run from it")
+    recipe = load_recipe(source)
+    before = [s for s in source["steps"] if not (isinstance(s, dict) and "qat" in s)]
+    calib = calibration_batches(train, recipe)
+    qm = quantize(model, dict(source, steps=before or ["calibrate"]), calib=calib, progress=False)
+    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
+                     recipe.activations.quantizer_options, calib, trains_batchnorms(qm, qat["train_bn"]),
+                     qat["bn_momentum"])
+    try:
+        best = load_file(str(folder / "best.safetensors"), device="cpu")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise LowbitError(f"cannot read {folder}/best.safetensors: {e}") from e
+    try:
+        qm.load_state_dict(best)
+    except RuntimeError as e:
+        raise LowbitError(f"the run in {folder} does not fit {type(model).__name__} "
+                          f"({str(e).splitlines()[0]}): pass the model that run started from") from e
+    return as_float_model(qm.eval(), model, weights=weights)
