@@ -164,3 +164,20 @@ def test_a_finished_run_is_the_start_of_a_run_at_fewer_bits(mnist_cnn, mnist_tra
         trained_float_model(unfinished, model, train)
     with pytest.raises(LowbitError, match="does not fit LeNet5"):
         trained_float_model(run, LeNet5(), train)
+
+
+def test_an_untraceable_model_made_float_again_keeps_its_quantized_weights():
+    """The hook fallback (no graph, BN not folded): each layer takes its weights and bias back directly."""
+    from tests.test_quant_model import Untraceable
+
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    x = torch.randn(32, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the documented hook-fallback warning
+        qm = lowbit.quantize(model, {"extends": "w4a4", "first_last_bits": None}, calib=x, progress=False)
+    assert qm.mode == "hooks"
+    copy = lowbit.as_float_model(qm, model)
+    with torch.no_grad(), qm.quantization(weights=True, activations=False):
+        assert torch.allclose(copy(x), qm(x), atol=1e-6)
+    assert len(torch.unique(copy.a.weight[0])) <= 15  # on the 4-bit grid
