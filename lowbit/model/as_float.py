@@ -2,9 +2,10 @@
 quantization, where a network trained at b bits becomes the pretrained model of a run at fewer
 bits (Zhuang et al. 2018 train 4 → 2 bits this way; lowbit measures W3A3 → W2A2).
 
-Each quantized layer of the copy holds the QuantModel's dequantized weight and its float bias; where the original folded a BatchNorm into the layer, that BN becomes the
-identity carrying the bias (γ = 1, μ = 0, σ = 1, β = b), so quantizing the copy folds it back
-to exactly the same layer and QAT can still train a BN there. Activation quantizers are dropped:
+Each quantized layer of the copy holds the QuantModel's dequantized weight and its float bias;
+where the original folded a BatchNorm into the layer, that BN becomes the identity carrying the
+bias (γ = 1, μ = 0, σ = 1, β = b), so quantizing the copy folds it back to exactly the same
+layer and QAT can still train a BN there. Activation quantizers are dropped:
 the copy computes the QuantModel's function with float activations.
 
 ``weights="latent"`` takes the float weights under the quantizers instead (of a model in its QAT
