@@ -202,7 +202,8 @@ def test_every_quantizer_kind_trains_in_bf16_channels_last_without_warnings(mnis
 
     model, calib, test = mnist_cnn
     source = load_recipe(name).source
-    steps = [{"qat": {**s["qat"], "epochs": 1, "steps_per_epoch": 2, "val_samples": 200, "precision": "bf16",
+    steps = [{"qat": {**{k: v for k, v in s["qat"].items() if k != "freeze_bn_after"},  # (W1A1's 29 > 1 epoch)
+                      "epochs": 1, "steps_per_epoch": 2, "val_samples": 200, "precision": "bf16",
                       "channels_last": True}} if isinstance(s, dict) and "qat" in s else s for s in source["steps"]]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. torch's "non-contiguous input" performance warnings
@@ -510,6 +511,11 @@ def test_a_one_epoch_run_trains_bn_for_three_quarters_of_its_steps(mnist_cnn, mn
                          train=small, progress=False)
     assert steps[0] == 8 and frozen_after == [6]  # 6 of 8 steps with batch statistics, then frozen
     assert qm.meta["qat"]["history"][0]["bn_frozen"] is True
+    frozen_after.clear()
+    with pytest.warns(UserWarning, match="freeze_bn_after 1 is not below epochs 1: BN statistics never freeze"):
+        lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=300, steps_per_epoch=4, freeze_bn_after=1),
+                        calib=calib, train=small, progress=False)
+    assert frozen_after == []
 
 
 def test_snap_at_freeze_snaps_once_at_the_freeze_and_a_resumed_run_does_not_again(mnist_cnn, mnist_train, monkeypatch,

@@ -366,6 +366,11 @@ def train_qat(
     info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
                             rec.activations.quantizer_options, [c.to(dev) for c in calib], train_bn, cfg.bn_momentum)
     info["train_bn"] = train_bn
+    if train_bn and cfg.bn_freeze_epoch >= cfg.epochs and D.rank() == 0:
+        warnings.warn(f"qat freeze_bn_after {cfg.freeze_bn_after} is not below epochs {cfg.epochs}: BN statistics never "
+                      "freeze, so no epoch trains the folded layers that are deployed (the kept epoch is still chosen "
+                      f"on them); set freeze_bn_after below {cfg.epochs} (e.g. {cfg.epochs - 1}: the last epoch folded)",
+                      stacklevel=2)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     qm.to(memory_format=memory_format)  # 4-D weights; each batch is laid out the same way below
     if teacher is not None:
