@@ -72,6 +72,9 @@ MATRIX = {
         2: ("qat_resnet20_w2a2_gptq.json", "w2a2-lsq-gptq-float-kd1-e30")},
     "the same from the float-observed float-target GPTQ + bias correction start (w3a3-gptq-affine's steps, symmetric)": {
         1: ("qat_resnet20_w3a3_gptq.json", "w3a3-lsq-gptq-float-fobs-kd1-e30")},
+    "W2A2 from the W3A3 row above's latent weights (progressive; the pretrained model stays the teacher), bf16": {
+        2: ("qat_resnet20_w2a2_progressive.json", "w2a2-lsq-gptq-float-kd1-from-w3a3-latent-bf16-e30")},
+    "WRPN: every conv 2× wider, then w4a4-gptq-lsq (bf16)": {0: ("qat_resnet20_wrpn.json", "w4a4-gptq-lsq-wrpn2-bf16-e5")},
     "LSQ / PACT": {0: ("qat_resnet20_w4a4_methods.json", "w4a4+pact+kd-e5")},
     "μL2Q (seed 000) / LSQ+": {
         0: ("qat_resnet20_w4a4_methods.json", "w4a4+ul2q+kd-e5"), 3: ("qat_resnet20.json", "w2a32-ul2q-e30"),
@@ -89,6 +92,9 @@ MATRIX = {
         4: ("qat_families_resnet20_gptq.json", "w2a32-ttq-gptq-regrid-kd1-clip1-e1")},
     "XNOR-Net weights / — from the same start": {5: ("qat_families_resnet20_gptq.json", "w1a32-xnor-gptq-regrid-kd1-e1"),
         6: ("qat_families_resnet20_e30.json", "w1a32-xnor-builtin-e30")},
+    "the same at lr 0.005, latent weights snapped at the BN freeze (w1a32-xnor now; the 30 epochs in bf16)": {
+        5: ("qat_families_resnet20_gptq.json", "w1a32-xnor-gptq-regrid-kd1-lr0.005-e1"),
+        6: ("qat_families_resnet20_e30.json", "w1a32-xnor-lr0.005-snap-bf16-e30")},
     "BinaryConnect / — from the same start": {
         5: ("qat_families_resnet20_gptq.json", "w1a32-binaryconnect-gptq-regrid-kd1-e1"),
         6: ("qat_families_resnet20_e30.json", "w1a32-binaryconnect-builtin-e30")},
@@ -101,6 +107,16 @@ BEST_PTQ = ["90.84 (GPTQ + bias correction)", "88.00 ± 0.18 (GPTQ, float target
             "76.04 (GPTQ, float target, regrid)",
             "88.67 (ternary: GPTQ, float target, regrid)", "88.67 (the same)",
             "74.64 (1-bit: GPTQ, float target, regrid)", "74.64 (the same)"]
+
+
+def _unfinished(row: str, model: str = "resnet20") -> str:
+    """A row without a result: where its resumable run stopped, if it has a committed checkpoint."""
+    state = RESULTS / "checkpoints" / f"{model}-{row}" / "state.json"
+    if not state.is_file():
+        return "not run"
+    side = json.loads(state.read_text())
+    epochs = side["fingerprint"]["qat"]["epochs"]
+    return f"running: epoch {side['epoch']}/{epochs}, held-out {side['best_val']:.2f}"
 
 
 def method_matrix() -> str:
@@ -117,7 +133,7 @@ def method_matrix() -> str:
             file, row = cells[i]
             rows = cache.setdefault(file, _rows(file))
             r = rows.get(row)
-            texts.append("not run" if r is None else "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**")
+            texts.append(_unfinished(row) if r is None else "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**")
         out.append(f"| {method} | " + " | ".join(texts) + " |")
     out.append("| best PTQ, same layout | " + " | ".join(BEST_PTQ) + " |")
     return "\n".join(out) + ("\n\nQuantized-activation cells distil from the float model (T 4, weight 0.5) unless the "
