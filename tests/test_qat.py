@@ -492,6 +492,15 @@ def test_lsq_step_pushed_through_zero_keeps_quantizing_and_learning():
     assert q.scale.grad.abs().item() > 0  # and the step still gets a gradient
 
 
+@pytest.mark.parametrize("epochs, after, expected", [(1, -1, 0.75), (2, -1, 1.0), (3, -1, 2.0), (4, -1, 3.0),
+                                                    (5, -1, 4.0), (30, -1, 22.0), (30, 29, 29.0)])
+def test_bn_freezes_at_three_quarters_and_always_before_the_last_epoch_ends(epochs, after, expected):
+    """Round-half-to-even put a 2-epoch run's default freeze at epoch 2 of 2: never frozen."""
+    from lowbit.qat.engine import QATConfig
+
+    assert QATConfig.from_params({"epochs": epochs, "freeze_bn_after": after}).bn_freeze_epoch == expected
+
+
 def test_a_one_epoch_run_trains_bn_for_three_quarters_of_its_steps(mnist_cnn, mnist_train, monkeypatch):
     """Freezing BN from the first step left 1-bit ResNet-20 at chance; a 1-epoch run freezes at 3/4."""
     import lowbit.qat.engine as engine

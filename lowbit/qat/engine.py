@@ -87,7 +87,8 @@ class QATConfig:
         batch statistics that re-normalise a freshly binarised network (stuck at 10%)."""
         if self.freeze_bn_after >= 0:
             return float(self.freeze_bn_after)
-        return float(round(0.75 * self.epochs)) if self.epochs > 1 else 0.75
+        # (at most epochs − 1: round(0.75 · 2) = 2 left a 2-epoch run never frozen)
+        return float(min(round(0.75 * self.epochs), self.epochs - 1)) if self.epochs > 1 else 0.75
 
 
 # -- data ---------------------------------------------------------------------------------
