@@ -121,21 +121,9 @@ def count_below_row(x: torch.Tensor, rounds: int) -> dict:
 
 
 def model_step_row(args: argparse.Namespace) -> dict:
-    import lowbit
-    from lowbit.data import calibration_subset, dataset_tensors, load_dataset
-    from lowbit.qat.convert import to_training_form
-    from lowbit.recipes.recipe import load_recipe
-    from lowbit.zoo import model_info, pretrained
+    from qat_step_time import step_timer, training_form  # benchmarks/ is on sys.path when this script runs
 
-    from qat_step_time import step_timer  # benchmarks/ is on sys.path when this script runs
-
-    train = load_dataset(model_info(args.model).dataset, "train", data_dir=args.data_dir, download=False)
-    x, y = dataset_tensors(calibration_subset(train, 128, seed=0))
-    recipe = load_recipe(args.recipe)
-    model = pretrained(args.model, models_dir=args.models_dir, download=False)
-    qm = lowbit.quantize(model, dict(recipe.source, steps=["calibrate"]), calib=x, progress=False)
-    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
-                     recipe.activations.quantizer_options, [x])
+    _, qm, x, y = training_form(args.model, args.recipe, args.data_dir, args.models_dir, 128)
     row = {"op": f"whole QAT step, {args.model} {args.recipe}, batch 128", "recipe": args.recipe}
     eager = step_timer(qm, x, y)
     try:

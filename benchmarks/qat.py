@@ -24,7 +24,7 @@ import lowbit
 from lowbit.data import calibration_subset, dataset_tensors, load_dataset
 from lowbit.errors import NumericalError
 from lowbit.evaluation import TensorBatches
-from lowbit.qat.warm_start import trained_float_model
+from lowbit.qat.warm_start import progressive_teacher, trained_float_model
 from lowbit.recipes.recipe import load_recipe
 from lowbit.state_io import atomic_write_text
 
@@ -80,9 +80,7 @@ def main() -> None:
     model, train, test = model_and_data(args.model, args.data_dir, args.models_dir)
     test_batches = TensorBatches(test, 500)
     float_top1 = None
-    start_model, teacher = model, None
-    if args.init_from:
-        start_model, teacher = trained_float_model(args.init_from, model, train), model
+    start_model = trained_float_model(args.init_from, model, train) if args.init_from else model
     for name in args.recipes.split(","):
         recipe = load_recipe(name)
         src = json.loads(json.dumps(recipe.source))
@@ -135,7 +133,7 @@ def main() -> None:
             continue
         try:
             qm = lowbit.quantize(start_model, src, calib=calib, train=train, device=args.device,
-                                 teacher=teacher if qat.get("kd") else None)
+                                 teacher=progressive_teacher(model, qat) if args.init_from else None)
         except NumericalError as err:  # a diverged run is a result too: recorded, not retried
             row = {"row": row_name, "recipe": name, "model": args.model, "epochs": qat["epochs"], "qat": qat,
                    "top1": None, "diverged": str(err), "float_top1": float_top1, "ptq_start_top1": ptq_top1,

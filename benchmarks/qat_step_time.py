@@ -50,6 +50,18 @@ def step_timer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precisi
     return step
 
 
+def training_form(model_name: str, recipe_name: str, data_dir: str, models_dir: str, batch_size: int):  # noqa: ANN201
+    """(float model, the same calibrated and in the qat step's training form, one training batch x, y)."""
+    train = load_dataset(model_info(model_name).dataset, "train", data_dir=data_dir, download=False)
+    x, y = dataset_tensors(calibration_subset(train, batch_size, seed=0))
+    model = pretrained(model_name, models_dir=models_dir, download=False)
+    recipe = load_recipe(recipe_name)
+    qm = lowbit.quantize(model, dict(recipe.source, steps=["calibrate"]), calib=x, progress=False)
+    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
+                     recipe.activations.quantizer_options, [x])
+    return model, qm, x, y
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True)
@@ -66,14 +78,7 @@ def main() -> None:
     ap.add_argument("--label", default="", help="which code ran (e.g. a commit), stored as the row's 'code'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    train = load_dataset(model_info(args.model).dataset, "train", data_dir=args.data_dir, download=False)
-    x, y = dataset_tensors(calibration_subset(train, args.batch_size, seed=0))
-    model = pretrained(args.model, models_dir=args.models_dir, download=False)
-    recipe = load_recipe(args.recipe)
-    ptq = dict(recipe.source, steps=["calibrate"])
-    qm = lowbit.quantize(model, ptq, calib=x, progress=False)
-    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
-                     recipe.activations.quantizer_options, [x])
+    model, qm, x, y = training_form(args.model, args.recipe, args.data_dir, args.models_dir, args.batch_size)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     timers = {f"{kind}_{p}": step_timer(m, x, y, p, args.channels_last)
               for p in precisions for kind, m in (("float", model), ("qat", qm))}

@@ -511,11 +511,10 @@ def _train_qat(args: argparse.Namespace) -> int:
     source["name"] = recipe.name
     start, teacher = model, None
     if args.init_from:  # progressive: the finished run's float weights are the start, the float model the teacher
-        from lowbit.qat.warm_start import trained_float_model
+        from lowbit.qat.warm_start import progressive_teacher, trained_float_model
 
         start = trained_float_model(args.init_from, model, train)
-        kd = next((s["qat"].get("kd") for s in source["steps"] if isinstance(s, dict) and "qat" in s), None)
-        teacher = model if kd and not kd.get("teacher") else None  # a --kd-teacher zoo model stays the teacher
+        teacher = progressive_teacher(model, next(s["qat"] for s in source["steps"] if isinstance(s, dict) and "qat" in s))
     qm = quantize(start, source, calib=calibration_batches(train, recipe), train=train, device=args.device,
                   progress=not args.no_progress and D.rank() == 0, teacher=teacher)
     qm.to("cpu")

@@ -181,3 +181,12 @@ def test_an_untraceable_model_made_float_again_keeps_its_quantized_weights():
     with torch.no_grad(), qm.quantization(weights=True, activations=False):
         assert torch.allclose(copy(x), qm(x), atol=1e-6)
     assert len(torch.unique(copy.a.weight[0])) <= 15  # on the 4-bit grid
+
+
+def test_a_progressive_run_distils_from_the_pretrained_model_unless_it_names_a_teacher():
+    from lowbit.qat.warm_start import progressive_teacher
+
+    model = LeNet5()
+    assert progressive_teacher(model, {"kd": {"temperature": 4.0, "weight": 1.0}}) is model
+    assert progressive_teacher(model, {"kd": {"weight": 1.0, "teacher": "resnet32"}}) is None  # the zoo model stays
+    assert progressive_teacher(model, {"kd": {}}) is None and progressive_teacher(model, {}) is None  # no distillation

@@ -20,6 +20,13 @@ from lowbit.model.as_float import as_float_model
 from lowbit.qat.checkpoint import read_summary
 
 
+def progressive_teacher(model: nn.Module, qat: dict[str, Any]) -> nn.Module | None:
+    """The teacher of a run started from another run's float weights: the pretrained ``model`` when the
+    ``qat`` step distils and names no teacher of its own (a ``kd.teacher`` zoo model stays the teacher)."""
+    kd = qat.get("kd") or {}
+    return model if kd and not kd.get("teacher") else None
+
+
 def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weights: str = "latent") -> nn.Module:
     """The float network of the finished QAT run in ``folder``, in ``model``'s architecture.
 
