@@ -260,6 +260,9 @@ def test_lqnet_activations_start_on_the_unsigned_grid_and_fit_their_basis():
     assert torch.equal(out.detach(), torch.tensor([0.0, 0.0, 0.5, 0.5, 1.5, 1.5]))
     out.sum().backward()
     assert torch.equal(x.grad, torch.tensor([0.0, 1, 1, 1, 0, 0]))  # clipped-ReLU STE: 1 on [0, top]
+    relu_out = torch.tensor([0.0, 0.2, 1.5, 1.6, 3.0], requires_grad=True)  # no value below 0: the one-comparison mask
+    q(relu_out).sum().backward()
+    assert torch.equal(relu_out.grad, torch.tensor([1.0, 1, 1, 0, 0]))
     torch.manual_seed(0)
     a = torch.relu(torch.randn(4000)) ** 1.5  # skewed: the uniform grid is not its best fit
     before = float((q(a) - a).pow(2).mean())
@@ -305,6 +308,35 @@ def test_lqnet_activations_give_the_same_answer_in_channels_last_and_keep_that_l
     (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
     (out_cl * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
     assert torch.equal(x.grad, x_cl.grad)
+
+
+def test_lqnet_activations_fit_their_basis_on_the_first_share_of_the_batch():
+    from lowbit.quant.registry import check_kind_options
+
+    src = UniformQuantizer(QuantSpec(bits=3, signed=False, symmetric=False))
+    src.signed = False
+    src.set_params(torch.tensor(0.25), torch.tensor(0.0))
+    torch.manual_seed(0)
+    x = (torch.relu(torch.randn(8, 3, 5, 5)) ** 1.4).contiguous(memory_format=torch.channels_last)
+    fits = {}
+    for share in (0.25, 1.0):
+        q = make_trainable(src, "lqnet", "activations", momentum=1.0, fit_fraction=share)
+        codes = q.encode(x)  # the encodings the fit sees (made with the starting basis)
+        q.train()
+        q(x)
+        used = x[:2] if share < 1 else x  # ceil(8 · 0.25) = 2 images
+        b = q.bits_table[codes[: used.shape[0]].reshape(-1)]
+        expected = torch.linalg.lstsq(b, used.reshape(-1, 1)).solution.squeeze(-1)
+        assert torch.allclose(q.basis.reshape(-1), expected, atol=1e-4)
+        fits[share] = q.basis.clone()
+    assert not torch.allclose(fits[0.25], fits[1.0], atol=1e-4)  # two images are not the whole batch
+    one = make_trainable(src, "lqnet", "activations", fit_fraction=0.01)
+    assert one.fit_sample(x).shape[0] == 1  # at least one image
+    with pytest.raises(RecipeError, match="fit_fraction must be in"):
+        make_trainable(src, "lqnet", "activations", fit_fraction=0.0)
+    with pytest.raises(RecipeError, match="not options of quantizer 'lqnet'"):
+        check_kind_options("lqnet", {"fit_fraction": 0.5}, "weights")  # weights always fit on every weight
+    assert check_kind_options("lqnet", {"fit_fraction": 0.5}, "activations") == {"fit_fraction": 0.5}
 
 
 def test_lqnet_activations_train_save_and_export(mnist_cnn, tmp_path):
