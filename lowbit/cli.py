@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lowbit.errors import DataMismatchError, LowbitError
+from lowbit.errors import DataMismatchError, LowbitError, RecipeError
 
 # The main job shows lowbit at its best in a few minutes: plain calibration at 8 bits, the plain
 # W4A4 flow ending with match_moments (90.49 on ResNet-20 over 3 seeds, 9 s quiet) and at 2-bit weights
@@ -548,10 +548,20 @@ def cmd_recipes(args: argparse.Namespace) -> int:
                      "activations": f"{r.activations.spec.bits}b {r.activations.estimator}",
                      "steps": ",".join(s for s, _ in r.steps), "description": r.description})
     if args.explain:
-        from lowbit.recipes.schema import explain
+        from lowbit.quant.registry import KINDS, TRAINABLE, explain_kind
+        from lowbit.recipes.schema import explain, step_schemas
 
-        print(f"step {args.explain!r} parameters (a float also accepts a numeric string such as YAML's 1e-3):")
-        print(format_table(explain(args.explain)) if explain(args.explain) else "  (none)")
+        name = args.explain
+        if name not in step_schemas() and name not in KINDS:
+            raise RecipeError(f"unknown step or quantizer kind {name!r}; steps: {sorted(step_schemas())}; "
+                              f"quantizer kinds: {list(KINDS)}")
+        if name in step_schemas():  # "kmeans" is both a step and a quantizer kind: both are printed
+            print(f"step {name!r} parameters (a float also accepts a numeric string such as YAML's 1e-3):")
+            print(format_table(explain(name)) if explain(name) else "  (none)")
+        if name in KINDS:  # a quantizer kind: its options under <role>.quantizer_options
+            roles = " and ".join(TRAINABLE[name].roles) if name in TRAINABLE else "weights and activations"
+            print(f"quantizer {name!r} ({roles}) options, set under <role>.quantizer_options:")
+            print(format_table(explain_kind(name)) if explain_kind(name) else "  (none)")
         return 0
     print(format_table(rows))
     from lowbit.recipes.compose import grammar_help
@@ -733,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--show", help="print one recipe (a name or file) in full")
-    r.add_argument("--explain", metavar="STEP", help="print a step's parameters: type, range, default, meaning")
+    r.add_argument("--explain", metavar="NAME", help="print a step's parameters (type, range, default, meaning), "
+                   "or a quantizer kind's options (e.g. lqnet)")
     r.set_defaults(func=cmd_recipes)
     u = sub.add_parser("runs", help="the run registry: list recent runs, show one, compare two")
     u.add_argument("action", nargs="?", default="list", choices=("list", "show", "compare"))

@@ -311,7 +311,22 @@ def test_recipes_explain_prints_a_steps_schema(capsys):
     out = capsys.readouterr().out
     assert "keep_prob" in out and "a number > 0 and <= 1" in out and "iters" in out
     assert main(["recipes", "--explain", "nosuch"]) == 2
-    assert "unknown step 'nosuch'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown step or quantizer kind 'nosuch'" in err and "'lqnet'" in err and "'qdrop'" in err
+
+
+def test_recipes_explain_prints_a_quantizer_kinds_options_per_role(capsys):
+    assert main(["recipes", "--explain", "lqnet"]) == 0
+    out = capsys.readouterr().out
+    assert "quantizer 'lqnet' (weights and activations)" in out
+    rows = [line.split() for line in out.splitlines() if "momentum" in line or "fit_fraction" in line]
+    assert [r[:2] for r in rows] == [["weights", "momentum"], ["activations", "momentum"], ["activations", "fit_fraction"]]
+    assert "0.25" in rows[2]  # the default
+    assert main(["recipes", "--explain", "uniform"]) == 0
+    assert "(none)" in capsys.readouterr().out  # a fixed grid has no options
+    assert main(["recipes", "--explain", "kmeans"]) == 0  # a step and a quantizer kind of that name: both shown
+    out = capsys.readouterr().out
+    assert "step 'kmeans' parameters" in out and "quantizer 'kmeans' (weights)" in out
 
 
 def test_cli_dataset_that_does_not_fit_the_model_is_named(capsys, data_dir, models_dir):

@@ -122,6 +122,14 @@ def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
     }.get(kind, [])
 
 
+def explain_kind(kind: str) -> list[dict[str, Any]]:
+    """Rows for ``lowbit recipes --explain KIND``: each option of a quantizer kind, per role it quantizes
+    (set under ``weights.quantizer_options`` or ``activations.quantizer_options``)."""
+    roles = TRAINABLE[kind].roles if kind in TRAINABLE else ()
+    return [{"role": role, "option": p.name, "expects": p.expected(), "default": p.default, "meaning": p.doc}
+            for role in roles for p in kind_options_schema(kind, role)]
+
+
 def check_kind_options(kind: str, options: Any, role: str) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise RecipeError(f"{role}.quantizer_options must be a mapping, got {options!r}")
