@@ -14,9 +14,10 @@ Above 4 bits (the 8-bit first/last layers) weights and activations keep LSQ(+)'s
 Activations (:class:`LQNetActivationQuantizer`, the paper's sec. 3.1 for a ReLU output): levels
 vᵀb with b ∈ {0, 1}^K and one basis per tensor, starting at s·[1, 2, …, 2^(K−1)] (the
 calibrated unsigned grid 0, s, …, (2^K − 1)s); the same QEM step fits v on each training
-batch (on its first quarter of images by default: ``fit_fraction``). Values above the top level clip to it, with zero gradient there (the clipped ReLU's
-straight-through gradient, 1 inside [0, top]). Deployed as a per-tensor codebook: the runtime
-computes the nearest level with standard ops and the next layer runs in float.
+batch (on its first quarter of images by default: ``fit_fraction``). Values above the top level
+clip to it, with zero gradient there (the clipped ReLU's straight-through gradient, 1 inside
+[0, top]). Deployed as a per-tensor codebook: the runtime computes the nearest level with
+standard ops and the next layer runs in float.
 """
 from __future__ import annotations
 
@@ -230,7 +231,7 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         Algorithm 1 fits on the whole batch; its two bincounts over it were ~10% of a ResNet-20 W3A3
         training step. A quarter of a batch of 128 is still ≥ 130k values for ≤ 16 levels: on real
         batches each basis element lands within 1.3% of the whole-batch fit (whole-batch fits of two
-        batches differ by 0.6%), and the moving average (m = 0.1) spreads that over ~19 batches
+        batches differ by up to 0.6%), and the moving average (m = 0.1) spreads that over ~19 batches
         (benchmarks/lqnet_fit_sample.py)."""
         x, codes = self.fit_sample(x.detach()), self.fit_sample(codes)
         # both in memory order (x and its codes share a layout): no channels-last copy of the batch
