@@ -263,6 +263,8 @@ def test_lqnet_activations_start_on_the_unsigned_grid_and_fit_their_basis():
     relu_out = torch.tensor([0.0, 0.2, 1.5, 1.6, 3.0], requires_grad=True)  # no value below 0: the one-comparison mask
     q(relu_out).sum().backward()
     assert torch.equal(relu_out.grad, torch.tensor([1.0, 1, 1, 0, 0]))
+    assert q(torch.empty(0, requires_grad=True)).shape == (0,)  # an empty tensor has no min to take
+    assert torch.equal(q(relu_out.detach()), q(relu_out).detach())  # no gradient asked for: no mask, same values
     torch.manual_seed(0)
     a = torch.relu(torch.randn(4000)) ** 1.5  # skewed: the uniform grid is not its best fit
     before = float((q(a) - a).pow(2).mean())

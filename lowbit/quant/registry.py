@@ -115,7 +115,7 @@ def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
         "xnor": [approx] if role == "activations" else [],
         "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],
         "lqnet": [Param("momentum", "float", 0.1, low=0, high=1, doc="moving average of the least-squares basis")]
-        + ([Param("fit_fraction", "float", 0.25, low=0.001, high=1,
+        + ([Param("fit_fraction", "float", 0.25, low=0, open_low=True, high=1,
                   doc="share of a batch's images the basis is fitted on (1: the whole batch, as Algorithm 1)")]
            if role == "activations" else []),
         "ttq": [Param("threshold", "float", 0.05, low=0, high=1, doc="t: zero where |w| <= t*max|w| (TTQ eq. 6)")],

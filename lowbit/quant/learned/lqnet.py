@@ -97,9 +97,11 @@ class _ClippedStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: torch.Tensor, bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        if x.device.type == "cpu" and bool(bottom <= 0) and float(x.min()) >= 0:
-            # a ReLU output never lies below a bottom level ≤ 0: one comparison pass instead of three
-            # (a read-only min is cheaper than a bool tensor and an AND; on a GPU the min would sync)
+        if not ctx.needs_input_grad[0]:
+            ctx.save_for_backward(None)  # no gradient asked for: no mask pass at all
+        elif x.device.type == "cpu" and x.numel() and bool(bottom <= 0) and float(x.min()) >= 0:
+            # a ReLU output never lies below a bottom level ≤ 0: a read-only min and one comparison
+            # instead of two comparisons and an AND into fresh bool tensors (on a GPU the min would sync)
             ctx.save_for_backward(x <= top)
         else:
             ctx.save_for_backward((x >= bottom) & (x <= top))
@@ -108,7 +110,7 @@ class _ClippedStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
+        return (None if inside is None else grad * inside), None, None, None
 
 
 class LQNetQuantizer(TrainableQuantizer):
@@ -229,10 +231,10 @@ class LQNetActivationQuantizer(TrainableQuantizer):
         of images; ``codes`` index the rows of ``table`` (``bits_table`` in the sorted level order).
 
         Algorithm 1 fits on the whole batch; its two bincounts over it were ~10% of a ResNet-20 W3A3
-        training step. A quarter of a batch of 128 is still ≥ 130k values for ≤ 16 levels: on real
-        batches each basis element lands within 1.3% of the whole-batch fit (whole-batch fits of two
-        batches differ by up to 0.6%), and the moving average (m = 0.1) spreads that over ~19 batches
-        (benchmarks/lqnet_fit_sample.py)."""
+        training step. A quarter of a ResNet-20 batch of 128 is still ≥ 130k values for ≤ 16 levels
+        (under DDP, whose buffers follow rank 0, a quarter of rank 0's share of the batch); on
+        CIFAR-10 batches the fitted basis stays close to the whole-batch fit, and the moving average
+        (m = 0.1) spreads the difference over ~19 batches (benchmarks/lqnet_fit_sample.py, README)."""
         x, codes = self.fit_sample(x.detach()), self.fit_sample(codes)
         # both in memory order (x and its codes share a layout): no channels-last copy of the batch
         fitted = least_squares_basis(memory_order_flat(x).reshape(1, -1).float(),
