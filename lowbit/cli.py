@@ -551,17 +551,19 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         from lowbit.quant.registry import KINDS, TRAINABLE, explain_kind
         from lowbit.recipes.schema import explain, step_schemas
 
-        name = args.explain
-        if name not in step_schemas() and name not in KINDS:
-            raise RecipeError(f"unknown step or quantizer kind {name!r}; steps: {sorted(step_schemas())}; "
+        name, steps = args.explain, step_schemas()
+        if name not in steps and name not in KINDS:
+            raise RecipeError(f"unknown step or quantizer kind {name!r}; steps: {sorted(steps)}; "
                               f"quantizer kinds: {list(KINDS)}")
-        if name in step_schemas():  # "kmeans" is both a step and a quantizer kind: both are printed
+        if name in steps:  # "kmeans" is both a step and a quantizer kind: both are printed
             print(f"step {name!r} parameters (a float also accepts a numeric string such as YAML's 1e-3):")
-            print(format_table(explain(name)) if explain(name) else "  (none)")
+            rows = explain(name)
+            print(format_table(rows) if rows else "  (none)")
         if name in KINDS:  # a quantizer kind: its options under <role>.quantizer_options
             roles = " and ".join(TRAINABLE[name].roles) if name in TRAINABLE else "weights and activations"
             print(f"quantizer {name!r} ({roles}) options, set under <role>.quantizer_options:")
-            print(format_table(explain_kind(name)) if explain_kind(name) else "  (none)")
+            rows = explain_kind(name)
+            print(format_table(rows) if rows else "  (none)")
         return 0
     print(format_table(rows))
     from lowbit.recipes.compose import grammar_help
