@@ -822,3 +822,69 @@ def test_qat_starts_from_a_gptq_result_and_the_builtin_composes_it(mnist_cnn, mn
     qm = lowbit.quantize(model, short, calib=calib, train=mnist_train, progress=False)
     assert qm.meta["qat"]["epochs"] == 1
     assert _top1(qm, test) >= _top1(start, test) - 0.01
+
+
+def test_dampening_weight_rises_from_zero_to_its_final_value_on_a_half_cosine():
+    from lowbit.qat.dampen import dampening_weight
+
+    assert dampening_weight(0.1, 0, 100) == 0.0
+    assert dampening_weight(0.1, 50, 100) == pytest.approx(0.05)
+    assert dampening_weight(0.1, 25, 100) == pytest.approx(0.1 * (1 - math.cos(math.pi / 4)) / 2)
+    assert dampening_weight(0.1, 100, 100) == pytest.approx(0.1)
+    assert dampening_weight(0.0, 50, 100) == 0.0
+
+
+@pytest.mark.parametrize("weight_kind", ["lsq", "twn"])
+def test_dampening_gradient_pulls_each_latent_weight_to_its_level_and_skips_clipped_ones(mnist_cnn, weight_kind):
+    """∂/∂W of ‖sg(Q(W·f)) − clip(W·f, lo, hi)‖² is 2·(clip(W·f) − Q)·f inside the span of the row's
+    levels and 0 beyond it (Nagel et al. 2022 eq. 6), with f = γ/σ held still."""
+    from lowbit.qat.dampen import dampening_loss
+
+    model, calib, _ = mnist_cnn
+    weights = {"bits": 2} if weight_kind == "lsq" else {"bits": 2, "grid": "midtread"}
+    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": weights, "activations": {"bits": 8}},
+                         calib=calib, progress=False)
+    from lowbit.qat.convert import to_training_form
+
+    to_training_form(qm, weight_kind, "lsq+", batches=[calib])
+    layer = qm.layers[1].layer
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.bn.gamma.mul_(torch.rand_like(layer.bn.gamma) + 0.5)
+        layer.bn.gamma[0] = -layer.bn.gamma[0]
+    qm.train()
+    w = layer.module.weight
+    f = layer.bn.weight_factor().detach().reshape([-1] + [1] * (w.dim() - 1))
+    with torch.no_grad():
+        q = layer.quantized_weight()
+        rows = q.reshape(q.shape[0], -1)
+        lo, hi = rows.amin(1).reshape(f.shape), rows.amax(1).reshape(f.shape)
+        wf = w * f
+        inside = (wf >= lo) & (wf <= hi)
+    assert (~inside).any() and inside.any()  # both cases occur in this layer
+    loss = dampening_loss([layer])
+    torch.testing.assert_close(loss, (q - wf.clamp(min=lo, max=hi)).pow(2).sum(), rtol=1e-5, atol=1e-8)
+    w.grad = None
+    gamma_grad_before = layer.bn.gamma.grad
+    loss.backward()
+    expected = torch.where(inside, 2 * (wf - q) * f, torch.zeros_like(w))
+    torch.testing.assert_close(w.grad, expected, rtol=1e-4, atol=1e-8)
+    assert layer.bn.gamma.grad is gamma_grad_before  # BN's scale is not pulled
+    assert layer.weight_quantizer.training  # the target is taken in eval mode, the mode restored
+
+
+def test_qat_with_dampening_logs_its_weight_and_changes_the_training(mnist_cnn, mnist_train, tmp_path):
+    import json
+
+    model, calib, test = mnist_cnn
+    results = {}
+    for dampen in (0.0, 50.0):
+        folder = tmp_path / f"d{dampen}"
+        qm = lowbit.quantize(model, _qat_recipe(epochs=1, steps_per_epoch=6, dampen=dampen, checkpoint=str(folder)),
+                             calib=calib, train=mnist_train, progress=False)
+        results[dampen] = qm(test[0][:256]).detach()
+        row = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row.get("dampen_weight") == (pytest.approx(dampen) if dampen else None)
+    assert not torch.allclose(results[0.0], results[50.0])
+    with pytest.raises(RecipeError, match="dampen"):
+        lowbit.load_recipe(_qat_recipe(dampen=-0.1))

@@ -31,7 +31,7 @@ LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how th
 # a fingerprint holds one only when it is set otherwise, and comparisons read an absent one as
 # off, so older checkpoints resume, also under a recipe that spells the off value out.
 LATER_OPTIONS: dict[str, Any] = {"clip_grad_norm": 0.0, "ema": 0.0, "snap_at_freeze": False, "precision": "fp32",
-                                 "channels_last": False}
+                                 "channels_last": False, "dampen": 0.0}
 VERSION = 1
 
 

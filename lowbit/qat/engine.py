@@ -30,6 +30,7 @@ from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
 from lowbit.qat.bn import FoldedBatchNorm
 from lowbit.qat.checkpoint import LATER_OPTIONS, LOCATION_KEYS, TrainingState, load_state, read_summary, save_state
+from lowbit.qat.dampen import dampened_layers, dampening_loss, dampening_weight
 from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_deployed_form, to_training_form
 from lowbit.qat.ema import WeightAverage
 from lowbit.quant.learned.base import TrainableQuantizer
@@ -66,6 +67,7 @@ class QATConfig:
     clip_grad_norm: float = 0.0        # > 0: rescale each step's gradient to at most this global L2 norm
     ema: float = 0.0                   # > 0: validate and keep an exponential moving average of the state
     snap_at_freeze: bool = False       # at the BN freeze, binary/ternary latent weights := their quantized values
+    dampen: float = 0.0                # > 0: final weight of the oscillation-dampening loss (lowbit.qat.dampen)
     precision: str = "fp32"            # bf16: convolutions and matmuls of the training steps in bfloat16 (autocast)
     channels_last: bool = False        # train 4-D tensors in NHWC memory order (faster convolutions, above all in bf16)
 
@@ -406,6 +408,7 @@ def train_qat(
     average = WeightAverage(qm, cfg.ema, state.ema) if cfg.ema > 0 else None
     constrained, scheduled = _layers_with_hook(qm, "project_"), _layers_with_hook(qm, "on_epoch_start")
     batchnorms = trained_batchnorms(model)
+    dampened = dampened_layers(qm) if cfg.dampen > 0 else []
     frozen = not train_bn
     for epoch in range(state.epoch, cfg.epochs):
         for layer in scheduled:
@@ -447,6 +450,10 @@ def train_qat(
                 if not torch.isfinite(loss):
                     raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
                                          "(or quantizer_lr)")
+                task_loss = loss.detach()
+                damp = dampening_weight(cfg.dampen, step, total)
+                if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
+                    loss = loss + damp * dampening_loss(dampened)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient
@@ -458,7 +465,7 @@ def train_qat(
                     layer.weight_quantizer.project_(layer)
                 if average is not None:
                     average.update(step)
-                loss_sum += loss.item() * len(y)
+                loss_sum += task_loss.item() * len(y)
                 correct += float((out.argmax(1) == y).sum())
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
@@ -477,6 +484,8 @@ def train_qat(
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
                "processes": world}
+        if cfg.dampen > 0:
+            row["dampen_weight"] = dampening_weight(cfg.dampen, (epoch + 1) * per_epoch, total)
         state.epoch = epoch + 1
         state.history.append(row)
         # A scheduled kind (INQ) validates a partly float network until its last stage, so

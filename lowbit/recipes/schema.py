@@ -160,6 +160,8 @@ def _qat_schema() -> list[Param]:
         ("clip_grad_norm", "float", {"low": 0}, "rescale each step's gradient to at most this L2 norm (0: off)"),
         ("snap_at_freeze", "bool", {}, "when BN freezes, set binary/ternary latent weights to their quantized values "
          "(same forward; none left at a threshold where they oscillate and a frozen layer collapses)"),
+        ("dampen", "float", {"low": 0}, "oscillation dampening (Nagel et al. 2022): final weight of a loss pulling "
+         "each latent weight to the level it rounds to, rising from 0 on a cosine (0: off; e.g. 0.1)"),
     ]
     defaults = QATConfig()
     return [Param(name, kind, getattr(defaults, name), doc=doc, **ranges) for name, kind, ranges, doc in declared]

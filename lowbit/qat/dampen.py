@@ -1,0 +1,76 @@
+"""Oscillation dampening (Nagel et al. 2022, "Overcoming Oscillations in Quantization-Aware Training").
+
+With a straight-through gradient, latent weights that sit near a decision threshold flip
+between two neighbouring levels at almost every step; the forward keeps changing while the
+latent weight hardly moves. lowbit's own probe found this in ternary ResNet-20 (README,
+"Why the freeze can collapse a run"). The paper's remedy (its eq. 6) adds to the task loss
+
+    L_dampen = Σ ‖ sg(Q(w)) − clip(w, lo, hi) ‖²
+
+so each latent weight is pulled towards the centre of the level it rounds to, away from the
+thresholds; sg is stop-gradient, and the clip keeps weights beyond the outer levels (whose
+gradient belongs to the range, not the rounding) out of it. Its weight λ rises from 0 to
+its final value on a cosine (sec. 4.1), so early training explores and late training settles.
+
+Kind-independent: the target is whatever the layer's weight quantizer puts the weight on
+(uniform grid, ternary, binary, codebook), taken in eval mode so that a stochastic kind
+gives its deterministic level and no quantizer updates its state; lo/hi are the lowest and
+highest level each output channel uses.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowbit.model.quant_model import QuantModel
+
+
+def dampening_weight(final: float, step: int, total: int) -> float:
+    """λ at global ``step`` of ``total``: 0 → ``final`` on a half cosine (Nagel et al. sec. 4.1)."""
+    if final <= 0 or total <= 0:
+        return 0.0
+    t = min(max(step / total, 0.0), 1.0)
+    return final * 0.5 * (1.0 - math.cos(math.pi * t))
+
+
+def dampened_layers(qm: QuantModel) -> list[nn.Module]:
+    """The layers whose weights are quantized (and not being reconstructed by a rounding of their own)."""
+    return [r.layer for r in qm.layers if r.layer.quantize_weight and r.layer.weight_fn is None]
+
+
+def _target_and_factor(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Q(W·f) without gradient, f = γ/σ without gradient or None): the level each weight
+    rounds to now, and the BN factor the quantized weight is taken of."""
+    q = layer.weight_quantizer
+    was = q.training
+    q.eval()
+    try:
+        with torch.no_grad():
+            target = layer.quantized_weight().float()
+            factor = layer.bn.weight_factor().detach() if layer.bn is not None else None
+    finally:
+        q.train(was)
+    return target, factor
+
+
+def dampening_loss(layers: list[nn.Module]) -> torch.Tensor:
+    """Σ over ``layers`` of ‖sg(Q(W·f)) − clip(W·sg(f), lo, hi)‖² (the paper's eq. 6, summed).
+
+    The BN factor f is held still: the pull moves latent weights, not BN's scale."""
+    total: torch.Tensor | None = None
+    for layer in layers:
+        target, factor = _target_and_factor(layer)
+        w = layer.module.weight
+        if factor is not None:
+            w = w * factor.reshape([-1] + [1] * (w.dim() - 1))
+        rows = target.reshape(target.shape[0], -1)
+        shape = [-1] + [1] * (w.dim() - 1)
+        lo, hi = rows.amin(1).reshape(shape), rows.amax(1).reshape(shape)
+        clipped = torch.maximum(torch.minimum(w.float(), hi), lo)
+        term = (target - clipped).pow(2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total
