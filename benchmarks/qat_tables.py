@@ -109,6 +109,89 @@ BEST_PTQ = ["90.84 (GPTQ + bias correction)", "88.00 ± 0.18 (GPTQ, float target
             "74.64 (1-bit: GPTQ, float target, regrid)", "74.64 (the same)"]
 
 
+E30 = "qat_families_resnet20_e30.json"
+GPTQ_E1 = "qat_families_resnet20_gptq.json"
+PLAIN_E1 = "qat_families_resnet20.json"
+KMEANS_PTQ = "kmeans_resnet20.json"
+IRNET_W1A32 = "IR-Net 90.8 (W1A32; Qin et al., CVPR 2020)"
+IRNET_W1A1 = "IR-Net 86.5 (W1A1, 400 epochs from scratch; Qin et al., CVPR 2020)"
+TTQ = "TTQ 91.13, float 91.77 (Zhu et al., ICLR 2017)"
+# Issue 12's table: (family row, layout, post-training row, 1-epoch row, 30-epoch row, published anchor); each
+# row reference is (file, row) or None. benchmarks/qat_families_e30.sh runs the 30-epoch rows.
+FAMILY_TABLE = [
+    ("BinaryConnect", "W1A32", None, (GPTQ_E1, "w1a32-binaryconnect-gptq-regrid-kd1-e1"),
+     (E30, "w1a32-binaryconnect-builtin-e30"), IRNET_W1A32),
+    ("XNOR-Net weights, lr 0.0005", "W1A32", None, (GPTQ_E1, "w1a32-xnor-gptq-regrid-kd1-e1"),
+     (E30, "w1a32-xnor-builtin-e30"), IRNET_W1A32),
+    ("XNOR-Net weights, lr 0.005, snapped at the BN freeze (w1a32-xnor; 30 epochs bf16)", "W1A32", None,
+     (GPTQ_E1, "w1a32-xnor-gptq-regrid-kd1-lr0.005-e1"), (E30, "w1a32-xnor-lr0.005-snap-bf16-e30"), IRNET_W1A32),
+    ("BNN, lr 0.05", "W1A1", None, None, (E30, "w1a1-bnn-builtin-lr0.05-fz29-e30"), IRNET_W1A1),
+    ("XNOR-Net, lr 0.05 (bf16)", "W1A1", None, None, (E30, "w1a1-xnor-lr0.05-fz29-bf16-e30"), IRNET_W1A1),
+    ("TWN", "W2A32", None, (GPTQ_E1, "w2a32-twn-gptq-regrid-kd1-e1"), (E30, "w2a32-twn-builtin-e30"), TTQ),
+    ("TWN, BN frozen after epoch 27", "W2A32", None, None, (E30, "w2a32-twn-builtin-fz27-e30"), TTQ),
+    ("TWN, snapped at the BN freeze (w2a32-twn)", "W2A32", None, None, (E30, "w2a32-twn-builtin-snap-e30"), TTQ),
+    ("TWN, oscillation dampening λ 1 (bf16)", "W2A32", None, ("qat_dampen_probe.json", "w2a32-twn-dampen1-bf16-e1"),
+     (E30, "w2a32-twn-builtin-dampen1-bf16-e30"), TTQ),
+    ("TTQ, gradient norm clipped at 1", "W2A32", None, (GPTQ_E1, "w2a32-ttq-gptq-regrid-kd1-clip1-e1"),
+     (E30, "w2a32-ttq-builtin-e30"), TTQ),
+    ("k-means, 2 bits (fine-tuned: centroid lr 1e-6)", "W2A32", (KMEANS_PTQ, "w3a32-kmeans-w2-e0"),
+     (PLAIN_E1, "w3a32-kmeans-ft-w2-clr1e-6-e1"), (E30, "w3a32-kmeans-ft-w2-clr1e-6-bf16-e30"), "—"),
+    ("k-means, 3 bits", "W3A32", (KMEANS_PTQ, "w3a32-kmeans-w3-e0"), (PLAIN_E1, "w3a32-kmeans-ft-e1"),
+     (E30, "w3a32-kmeans-ft-bf16-e30"), "—"),
+    ("k-means, 4 bits", "W4A32", (KMEANS_PTQ, "w3a32-kmeans-w4-e0"), (PLAIN_E1, "w3a32-kmeans-ft-w4-e1"),
+     (E30, "w3a32-kmeans-ft-w4-bf16-e30"), "—"),
+    ("Hessian-weighted k-means, 2 bits (fine-tuned: centroid lr 1e-6)", "W2A32", (KMEANS_PTQ, "w3a32-kmeans-hessian-w2-e0"),
+     (PLAIN_E1, "w3a32-kmeans-ft-hessian-w2-clr1e-6-e1"), (E30, "w3a32-kmeans-ft-hessian-w2-clr1e-6-bf16-e30"), "—"),
+    ("Hessian-weighted k-means, 3 bits", "W3A32", (KMEANS_PTQ, "w3a32-kmeans-hessian-w3-e0"),
+     (PLAIN_E1, "w3a32-kmeans-ft-hessian-e1"), (E30, "w3a32-kmeans-ft-hessian-bf16-e30"), "—"),
+    ("Hessian-weighted k-means, 4 bits", "W4A32", (KMEANS_PTQ, "w3a32-kmeans-hessian-w4-e0"),
+     (PLAIN_E1, "w3a32-kmeans-ft-hessian-w4-e1"), (E30, "w3a32-kmeans-ft-hessian-w4-bf16-e30"), "—"),
+    ("INQ, 5 bits (BN kept apart)", "W5A32", None, (PLAIN_E1, "w5a32-inq-nofold-e1"), (E30, "w5a32-inq-w5-nofold-e30"), "—"),
+    ("INQ, 3 bits (BN kept apart)", "W3A32", None, (PLAIN_E1, "w5a32-inq-w3-nofold-e1"), (E30, "w5a32-inq-w3-nofold-e30"),
+     "—"),
+    ("HWGQ activations, XNOR weights", "W1A2", None, (GPTQ_E1, "w1a2-hwgq-gptq-regrid-kd1-e1"),
+     (E30, "w1a2-hwgq-gptq-regrid-kd1-bf16-e30"), "—"),
+    ("HWGQ activations, TWN weights", "W2A2", None, (GPTQ_E1, "w1a2-hwgq-gptq-regrid-kd1-twn-w2a2-e1"), (E30, "w1a2-hwgq-gptq-regrid-kd1-twn-w2a2-bf16-e30"), "—"),
+    ("LQ-Nets weights and activations", "W3A3", None, (PLAIN_E1, "w3a3-lqnet-lsq-firstlast-e1"),
+     (E30, "w3a3-lqnet-kd1-bf16-e30"), "LQ-Nets 91.6 (Zhang et al., ECCV 2018)"),
+    ("LQ-Nets weights and activations", "W2A2", None, (PLAIN_E1, "w2a2-lqnet-e1"), (E30, "w2a2-lqnet-kd1-bf16-e30"),
+     "LQ-Nets 90.2 (Zhang et al., ECCV 2018)"),
+]
+
+
+def family_table() -> str:
+    """Issue 12's table on ResNet-20: each family row post-training, after 1 and after 30 QAT epochs, its anchor."""
+    cache: dict[str, dict[str, dict]] = {}
+
+    def get(ref: tuple[str, str] | None) -> dict | None:
+        return None if ref is None else cache.setdefault(ref[0], _rows(ref[0])).get(ref[1])
+
+    def score(ref: tuple[str, str] | None) -> str:
+        if ref is None:
+            return "—"
+        r = get(ref)
+        if r is None:
+            return _unfinished(ref[1]) if ref[0] == E30 else "not run"
+        return "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**"
+
+    out = ["| family | layout | post-training | 1 epoch | 30 epochs | published anchor |", "|---|---|---|---|---|---|"]
+    for label, layout, ptq, e1, e30, anchor in FAMILY_TABLE:
+        if ptq is not None:  # a post-training method of its own (k-means without fine-tuning)
+            r = get(ptq)
+            start = f"{r['top1']:.2f}" if r is not None else "not run"
+        else:  # the trained rows' own post-training start (calibration, or GPTQ where the row starts from it)
+            r = get(e30) or get(e1)
+            start = f"{r['ptq_start_top1']:.2f}" if r is not None else "—"
+        out.append(f"| {label} | {layout} | {start} | {score(e1)} | {score(e30)} | {anchor} |")
+    return "\n".join(out) + ("\n\nPost-training: the row's own start (its calibration, or float-target GPTQ with regrid "
+                             "where the row starts from it); for k-means, clustering alone. The 1-epoch cells ran with the "
+                             "flags of benchmarks/qat_families.sh (k-means, INQ, LQ-Nets) or qat_families_gptq.sh (the rest), "
+                             "the 30-epoch cells with those of qat_families_e30.sh; they differ in places (LQ-Nets: lr 0.002 "
+                             "for 1 epoch, W3A3 not distilled and W2A2 at weight 0.5, the built-ins' lr (0.001 / 0.0005) "
+                             "distilled at weight 1 for 30; the Hessian k-means rows: weight decay 5e-4 for 1 epoch, 5e-5 "
+                             "for 30).")
+
+
 def _unfinished(row: str, model: str = "resnet20") -> str:
     """A row without a result: where its resumable run stopped, if it has a committed checkpoint."""
     state = RESULTS / "checkpoints" / f"{model}-{row}" / "state.json"
@@ -143,6 +226,7 @@ def method_matrix() -> str:
 
 def main() -> None:
     print(f"### ResNet-20 QAT, method × bit width (float 91.73)\n\n{method_matrix()}\n")
+    print(f"### ResNet-20 quantizer families, post-training / 1 / 30 QAT epochs (float 91.73)\n\n{family_table()}\n")
     for title, text in (
         ("ResNet-20 weight quantizers (qat_resnet20_weights_bnfix.json)", weight_quantizers("qat_resnet20_weights_bnfix.json")),
         ("ResNet-20 weight quantizers, before the BN fixes (qat_resnet20_weights.json)",

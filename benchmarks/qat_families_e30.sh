@@ -1,0 +1,57 @@
+# Issue 12's table on ResNet-20 / CIFAR-10 at the QAT issue's 30-epoch budget: every 30-epoch family row, with
+# the settings each ran with pinned (several built-ins changed after their row ran, e.g. w1a32-xnor's lr and
+# w2a32-twn's snap_at_freeze; a pinned setting equal to its off value leaves the checkpoint's fingerprint as it was).
+#   bash benchmarks/qat_families_e30.sh            # runs only the rows not yet in the results file
+#   python benchmarks/qat_tables.py                # prints the table ("running: epoch N/30" for unfinished rows)
+# Resumable: qat.py skips rows already in OUT and resumes a row from its checkpoint folder (committed under
+# benchmarks/results/checkpoints/). One thread each; two such scripts may run side by side on different rows
+# only if started with ONLY=... (a regular expression on the row tag) so that they never share a row.
+set -e
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-benchmarks/results/qat_families_resnet20_e30.json}
+BF16=(set:precision=bf16 set:channels_last=true)
+KD1='set:kd={temperature: 4.0, weight: 1.0}'
+GPTQ_START='steps=[calibrate, {gptq: {target: float, regrid: true}}, {qat: {}}]'
+HESSIAN='steps=[calibrate, {kmeans: {hessian: fisher}}, {qat: {epochs: 30, lr: 0.002, quantizer_lr: 1.0e-5, weight_decay: 5.0e-5, batch_size: 128}}]'
+run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
+  recipe=$1; tag=$2; shift 2
+  if [ -n "$ONLY" ] && ! [[ $tag =~ $ONLY ]]; then return; fi
+  extra=()
+  for e in "$@"; do case $e in set:*) extra+=(--set "${e#set:}");; *) extra+=(--edit "$e");; esac; done
+  $PY benchmarks/qat.py --data-dir ../shared/data --models-dir ../shared/models --recipes "$recipe" --epochs 30 \
+    --set val_samples=5000 --tag "$tag" "${extra[@]}" --threads 1 --runs benchmarks/results/checkpoints --out "$OUT"
+}
+# W1A32
+run w1a32-binaryconnect builtin
+run w1a32-xnor builtin set:lr=0.0005 set:snap_at_freeze=false   # the built-in before lr 0.005 + snapping
+run w1a32-xnor lr0.005-snap-bf16 set:lr=0.005 set:snap_at_freeze=true "${BF16[@]}"
+# W1A1 (no distillation: the start is at chance; lr 0.05, BN frozen for the last epoch only)
+run w1a1-bnn builtin-lr0.05-fz29 set:lr=0.05 set:freeze_bn_after=29
+run w1a1-xnor lr0.05-fz29-bf16 set:lr=0.05 set:freeze_bn_after=29 "${BF16[@]}"
+# (w1a1-bireal at its first lr 0.002 was stopped at epoch 11, held-out 41.48: not resumed)
+# W2A32 ternary
+run w2a32-twn builtin set:snap_at_freeze=false                  # the built-in before snapping
+run w2a32-twn builtin-fz27 set:freeze_bn_after=27 set:snap_at_freeze=false
+# builtin-br22 / builtin-snap branched from a copy of builtin-fz27 at epoch 22 (README, "The freeze tested"):
+#   --set branch_from=<copy> --tag builtin-br22            and   ... --set snap_at_freeze=true --tag builtin-snap
+run w2a32-twn builtin-lr0.002 set:lr=0.002 set:snap_at_freeze=false
+run w2a32-twn builtin-dampen1-bf16 set:dampen=1 "${BF16[@]}"     # oscillation dampening, λ 1
+run w2a32-ttq builtin
+# k-means weight sharing, fine-tuned (3-bit plain first; 2/4-bit and the Hessian-weighted start after)
+run w3a32-kmeans-ft bf16 "${BF16[@]}"
+run w3a32-kmeans-ft w4-bf16 weights.bits=4 "${BF16[@]}"
+run w3a32-kmeans-ft w2-clr1e-6-bf16 weights.bits=2 set:quantizer_lr=1e-6 "${BF16[@]}"  # 1e-5 collapses at 2 bits
+run w3a32-kmeans-ft hessian-bf16 "$HESSIAN" "${BF16[@]}"
+run w3a32-kmeans-ft hessian-w4-bf16 weights.bits=4 "$HESSIAN" "${BF16[@]}"
+run w3a32-kmeans-ft hessian-w2-clr1e-6-bf16 weights.bits=2 "$HESSIAN" set:quantizer_lr=1e-6 "${BF16[@]}"
+# INQ (BN kept apart from the conv: folded, 3-bit INQ diverged at step 4)
+run w5a32-inq w5-nofold fold_bn=false set:lr=0.002 set:quantizer_lr=0
+run w5a32-inq w3-nofold weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_lr=0
+# HWGQ activations, from the float-target GPTQ start, distilled
+run w1a2-hwgq gptq-regrid-kd1-bf16 "$GPTQ_START" set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
+run w1a2-hwgq gptq-regrid-kd1-twn-w2a2-bf16 "$GPTQ_START" weights.bits=2 weights.grid=midtread weights.quantizer=twn \
+  set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
+# LQ-Nets weights and activations (the built-ins' lr; distillation weight 1)
+run w3a3-lqnet kd1-bf16 "$KD1" "${BF16[@]}"
+run w2a2-lqnet kd1-bf16 "$KD1" "${BF16[@]}"
