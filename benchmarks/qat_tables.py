@@ -156,6 +156,8 @@ FAMILY_TABLE = [
      (E30, "w3a3-lqnet-kd1-bf16-e30"), "LQ-Nets 91.6 (Zhang et al., ECCV 2018)"),
     ("LQ-Nets weights and activations", "W2A2", None, (PLAIN_E1, "w2a2-lqnet-e1"), (E30, "w2a2-lqnet-kd1-bf16-e30"),
      "LQ-Nets 90.2 (Zhang et al., ECCV 2018)"),
+    ("LQ-Nets weights and activations, from float-target GPTQ (bf16)", "W2A2", None, None,
+     (E30, "w2a2-lqnet-gptq-regrid-kd1-bf16-e30"), "LQ-Nets 90.2 (Zhang et al., ECCV 2018)"),
 ]
 
 
