@@ -54,6 +54,10 @@ run w1a2-hwgq gptq-regrid-kd1-twn-w2a2-bf16 "$GPTQ_START" weights.bits=2 weights
   set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
 # LQ-Nets weights and activations (the built-ins' lr; distillation weight 1)
 run w3a3-lqnet kd1-bf16 "$KD1" "${BF16[@]}"
+# the same from float-target GPTQ on the 8-level mid-rise grid, whose levels LQ-Nets' initial basis (s/2, s, 2s) has
+# (2-step probe: 94.0% held-out against 84.5% from the calibrated start)
+run w3a3-lqnet midrise-gptq-regrid-kd1-bf16 weights.grid=midrise "$GPTQ_START" set:lr=0.001 set:weight_decay=1.0e-4 \
+  "$KD1" "${BF16[@]}"
 run w2a2-lqnet kd1-bf16 "$KD1" "${BF16[@]}"
 # from float-target GPTQ on the 4-level mid-rise grid: LQ-Nets' initial basis (s/2, s) has exactly that grid's levels,
 # so training starts at GPTQ's result (a 100-step probe: 78.0% held-out against 47.7% from the calibrated start)
