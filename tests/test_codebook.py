@@ -183,6 +183,27 @@ def test_lqnet_starts_on_the_uniform_grid_and_fits_its_basis_by_least_squares():
         make_trainable(src, "lqnet", "weights")
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_weights_on_the_midrise_grid_are_a_fixed_point_of_lqnet(bits):
+    """Why a GPTQ start works for LQ-Nets weights: the initial basis (s/2, s, 2s, ...) has exactly the
+    2^K levels of the mid-rise grid of step s, so weights GPTQ rounded onto that grid are reproduced
+    and a QEM step on them gives the basis back (benchmarks/qat_families_e30.sh's GPTQ-start rows)."""
+    src = UniformQuantizer(QuantSpec(bits=bits, grid="midrise", per_channel=True))
+    src.signed = True
+    step = torch.tensor([0.02, 0.3])
+    src.set_params(step, torch.zeros(2))
+    q = make_trainable(src, "lqnet", "weights", momentum=1.0)
+    half = 2 ** (bits - 1)
+    grid = (torch.arange(-half, half) + 0.5)[None] * step[:, None]
+    torch.testing.assert_close(torch.sort(q.levels(), 1)[0], grid)
+    torch.manual_seed(0)
+    w = torch.gather(grid, 1, torch.randint(0, 2 * half, (2, 300)))
+    basis = q.basis.clone()
+    q.train()
+    torch.testing.assert_close(q(w), w)
+    torch.testing.assert_close(q.basis, basis, rtol=1e-5, atol=1e-7)
+
+
 def test_qem_basis_from_code_counts_equals_least_squares_on_the_encoding_matrix():
     from lowbit.quant.learned.lqnet import _all_bits, least_squares_basis
 
