@@ -5,7 +5,8 @@
 #   python benchmarks/qat_tables.py                # prints the table ("running: epoch N/30" for unfinished rows)
 # Resumable: qat.py skips rows already in OUT and resumes a row from its checkpoint folder (committed under
 # benchmarks/results/checkpoints/). One thread each; two such scripts may run side by side on different rows
-# only if started with ONLY=... (a regular expression on the row tag) so that they never share a row.
+# only if started with ONLY=... (an extended regular expression on "<recipe>-<tag>", e.g.
+# ONLY='^w2a32-twn-builtin-dampen1-bf16$') so that they never share a row.
 set -e
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -16,7 +17,7 @@ GPTQ_START='steps=[calibrate, {gptq: {target: float, regrid: true}}, {qat: {}}]'
 HESSIAN='steps=[calibrate, {kmeans: {hessian: fisher}}, {qat: {epochs: 30, lr: 0.002, quantizer_lr: 1.0e-5, weight_decay: 5.0e-5, batch_size: 128}}]'
 run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
   recipe=$1; tag=$2; shift 2
-  if [ -n "$ONLY" ] && ! [[ $tag =~ $ONLY ]]; then return; fi
+  if [ -n "$ONLY" ] && ! [[ "$recipe-$tag" =~ $ONLY ]]; then return; fi
   extra=()
   for e in "$@"; do case $e in set:*) extra+=(--set "${e#set:}");; *) extra+=(--edit "$e");; esac; done
   $PY benchmarks/qat.py --data-dir ../shared/data --models-dir ../shared/models --recipes "$recipe" --epochs 30 \
@@ -36,7 +37,7 @@ run w2a32-twn builtin-fz27 set:freeze_bn_after=27 set:snap_at_freeze=false
 # builtin-br22 / builtin-snap branched from a copy of builtin-fz27 at epoch 22 (README, "The freeze tested"):
 #   --set branch_from=<copy> --tag builtin-br22            and   ... --set snap_at_freeze=true --tag builtin-snap
 run w2a32-twn builtin-lr0.002 set:lr=0.002 set:snap_at_freeze=false
-run w2a32-twn builtin-dampen1-bf16 set:dampen=1 "${BF16[@]}"     # oscillation dampening, λ 1
+run w2a32-twn builtin-dampen1-bf16 set:dampen=1 "${BF16[@]}"     # the built-in (snapped at the freeze) + dampening, λ 1
 run w2a32-ttq builtin
 # k-means weight sharing, fine-tuned (3-bit plain first; 2/4-bit and the Hessian-weighted start after)
 run w3a32-kmeans-ft bf16 "${BF16[@]}"

@@ -130,7 +130,8 @@ FAMILY_TABLE = [
     ("TWN", "W2A32", None, (GPTQ_E1, "w2a32-twn-gptq-regrid-kd1-e1"), (E30, "w2a32-twn-builtin-e30"), TTQ),
     ("TWN, BN frozen after epoch 27", "W2A32", None, None, (E30, "w2a32-twn-builtin-fz27-e30"), TTQ),
     ("TWN, snapped at the BN freeze (w2a32-twn)", "W2A32", None, None, (E30, "w2a32-twn-builtin-snap-e30"), TTQ),
-    ("TWN, oscillation dampening λ 1 (bf16)", "W2A32", None, ("qat_dampen_probe.json", "w2a32-twn-dampen1-bf16-e1"),
+    ("TWN, snapped at the BN freeze, + oscillation dampening λ 1 (bf16)", "W2A32", None,
+     ("qat_dampen_probe.json", "w2a32-twn-dampen1-gridclip-bf16-e1"),
      (E30, "w2a32-twn-builtin-dampen1-bf16-e30"), TTQ),
     ("TTQ, gradient norm clipped at 1", "W2A32", None, (GPTQ_E1, "w2a32-ttq-gptq-regrid-kd1-clip1-e1"),
      (E30, "w2a32-ttq-builtin-e30"), TTQ),
@@ -193,7 +194,8 @@ def family_table() -> str:
                              "the 30-epoch cells with those of qat_families_e30.sh; they differ in places (LQ-Nets: lr 0.002 "
                              "for 1 epoch, W3A3 not distilled and W2A2 at weight 0.5, the built-ins' lr (0.001 / 0.0005) "
                              "distilled at weight 1 for 30; the Hessian k-means rows: weight decay 5e-4 for 1 epoch, 5e-5 "
-                             "for 30).")
+                             "for 30; the HWGQ and GPTQ-start LQ-Nets rows replace the built-in's qat step, so where "
+                             "qat_families_e30.sh sets no weight decay (HWGQ) it is the qat default 5e-4).")
 
 
 def _unfinished(row: str, model: str = "resnet20") -> str:
@@ -203,7 +205,7 @@ def _unfinished(row: str, model: str = "resnet20") -> str:
         return "not run"
     side = json.loads(state.read_text())
     epochs = side["fingerprint"]["qat"]["epochs"]
-    return f"running: epoch {side['epoch']}/{epochs}, held-out {side['best_val']:.2f}"
+    return f"running: epoch {side['epoch']}/{epochs}, held-out {side['best_val']:.2f} (training-split images)"
 
 
 def method_matrix() -> str:

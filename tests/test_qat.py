@@ -834,18 +834,15 @@ def test_dampening_weight_rises_from_zero_to_its_final_value_on_a_half_cosine():
     assert dampening_weight(0.0, 50, 100) == 0.0
 
 
-@pytest.mark.parametrize("weight_kind", ["lsq", "twn"])
-def test_dampening_gradient_pulls_each_latent_weight_to_its_level_and_skips_clipped_ones(mnist_cnn, weight_kind):
-    """∂/∂W of ‖sg(Q(W·f)) − clip(W·f, lo, hi)‖² is 2·(clip(W·f) − Q)·f inside the span of the row's
-    levels and 0 beyond it (Nagel et al. 2022 eq. 6), with f = γ/σ held still."""
-    from lowbit.qat.dampen import dampening_loss
-
-    model, calib, _ = mnist_cnn
-    weights = {"bits": 2} if weight_kind == "lsq" else {"bits": 2, "grid": "midtread"}
-    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": weights, "activations": {"bits": 8}},
-                         calib=calib, progress=False)
+def _dampening_layer(mnist_cnn, weight_kind):
+    """Layer 1 of the MNIST CNN in training form at 2 bits (LQ-Nets and LSQ: the 4-level mid-rise grid), its BN
+    factors moved away from 1 and one made negative."""
     from lowbit.qat.convert import to_training_form
 
+    model, calib, _ = mnist_cnn
+    weights = {"bits": 2, "grid": "midtread" if weight_kind == "twn" else "midrise"}
+    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": weights, "activations": {"bits": 8}},
+                         calib=calib, progress=False)
     to_training_form(qm, weight_kind, "lsq+", batches=[calib])
     layer = qm.layers[1].layer
     torch.manual_seed(0)
@@ -853,24 +850,79 @@ def test_dampening_gradient_pulls_each_latent_weight_to_its_level_and_skips_clip
         layer.bn.gamma.mul_(torch.rand_like(layer.bn.gamma) + 0.5)
         layer.bn.gamma[0] = -layer.bn.gamma[0]
     qm.train()
-    w = layer.module.weight
-    f = layer.bn.weight_factor().detach().reshape([-1] + [1] * (w.dim() - 1))
+    return qm, layer
+
+
+def _grid_ends(layer, weight_kind, wf):
+    """The grid's outer levels per channel, found without lowbit.qat.dampen: LSQ's quantizer saturated by huge
+    inputs, TWN's ±α from its formula (α = mean |w| over |w| > 0.7·mean|w|), LQ-Nets' ±(v1 + v2)."""
+    q = layer.weight_quantizer
+    shape = [-1] + [1] * (wf.dim() - 1)
     with torch.no_grad():
-        q = layer.quantized_weight()
-        rows = q.reshape(q.shape[0], -1)
-        lo, hi = rows.amin(1).reshape(f.shape), rows.amax(1).reshape(f.shape)
+        if weight_kind == "lsq":
+            big = torch.ones_like(wf) * 1e6
+            f = layer.bn.weight_factor()
+            return q.quantize_folded(-big, f).amin((1, 2, 3)).reshape(shape), q.quantize_folded(big, f).amax(
+                (1, 2, 3)).reshape(shape)
+        if weight_kind == "twn":
+            a = wf.abs().reshape(wf.shape[0], -1)
+            keep = a > 0.7 * a.mean(1, keepdim=True)
+            alpha = (a * keep).sum(1) / keep.sum(1)
+            return -alpha.reshape(shape), alpha.reshape(shape)
+        top = q.basis.sum(1)
+        return -top.reshape(shape), top.reshape(shape)
+
+
+@pytest.mark.parametrize("weight_kind", ["lsq", "twn", "lqnet"])
+def test_dampening_gradient_pulls_each_latent_weight_to_its_level_inside_the_grid_only(mnist_cnn, weight_kind):
+    """∂/∂W of ‖sg(Q(W·f)) − clip(W·f, lo, hi)‖² is 2·(W·f − Q)·f between the grid's outer levels lo/hi and 0
+    beyond them (Nagel et al. 2022 eq. 6), f = γ/σ held still. lo/hi are the grid's, not the levels in use."""
+    from lowbit.qat.dampen import dampening_loss
+
+    qm, layer = _dampening_layer(mnist_cnn, weight_kind)
+    w = layer.module.weight
+    if weight_kind == "lsq":  # channel 1 inside its grid: it uses only the inner levels, yet its clip is the grid's
+        with torch.no_grad():
+            w[1].mul_(0.15)
+    f = layer.bn.weight_factor().detach().reshape([-1] + [1] * (w.dim() - 1))
+    layer.weight_quantizer.eval()  # (in training mode LQ-Nets would refit its basis while quantizing)
+    with torch.no_grad():
         wf = w * f
-        inside = (wf >= lo) & (wf <= hi)
+        q = layer.quantized_weight()
+    layer.weight_quantizer.train()
+    lo, hi = _grid_ends(layer, weight_kind, wf)
+    inside = (wf >= lo) & (wf <= hi)
     assert (~inside).any() and inside.any()  # both cases occur in this layer
+    if weight_kind == "lsq":  # channel 1 leaves its outer levels unused: the clip must not stop at its inner ones
+        assert float(q[1].abs().max()) < float(hi[1].abs()) - 1e-9
+    basis = layer.weight_quantizer.basis.clone() if weight_kind == "lqnet" else None
     loss = dampening_loss([layer])
     torch.testing.assert_close(loss, (q - wf.clamp(min=lo, max=hi)).pow(2).sum(), rtol=1e-5, atol=1e-8)
     w.grad = None
-    gamma_grad_before = layer.bn.gamma.grad
     loss.backward()
     expected = torch.where(inside, 2 * (wf - q) * f, torch.zeros_like(w))
     torch.testing.assert_close(w.grad, expected, rtol=1e-4, atol=1e-8)
-    assert layer.bn.gamma.grad is gamma_grad_before  # BN's scale is not pulled
+    assert layer.bn.gamma.grad is None  # BN's scale is not pulled
     assert layer.weight_quantizer.training  # the target is taken in eval mode, the mode restored
+    if basis is not None:  # nor does taking it refit LQ-Nets' basis
+        assert torch.equal(layer.weight_quantizer.basis, basis)
+
+
+def test_dampening_target_of_stochastic_binaryconnect_is_its_deterministic_sign(mnist_cnn):
+    from lowbit.qat.convert import to_training_form
+    from lowbit.qat.dampen import dampening_loss
+
+    model, calib, _ = mnist_cnn
+    qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": {"bits": 1, "grid": "midrise"},
+                                 "activations": {"bits": 8}}, calib=calib, progress=False)
+    to_training_form(qm, "binaryconnect", "lsq+", {"stochastic": True}, batches=[calib])
+    qm.train()
+    layer = qm.layers[1].layer
+    torch.manual_seed(0)
+    sampled = [layer.quantized_weight().detach() for _ in range(2)]
+    assert not torch.equal(*sampled)  # the training forward samples
+    losses = [float(dampening_loss([layer]).detach()) for _ in range(3)]
+    assert losses[0] == losses[1] == losses[2] > 0
 
 
 def test_qat_with_dampening_logs_its_weight_and_changes_the_training(mnist_cnn, mnist_train, tmp_path):
@@ -888,3 +940,22 @@ def test_qat_with_dampening_logs_its_weight_and_changes_the_training(mnist_cnn, 
     assert not torch.allclose(results[0.0], results[50.0])
     with pytest.raises(RecipeError, match="dampen"):
         lowbit.load_recipe(_qat_recipe(dampen=-0.1))
+
+
+def test_the_logged_training_loss_is_the_task_loss_without_the_dampening_term(mnist_cnn, mnist_train, tmp_path,
+                                                                              monkeypatch):
+    """A dampening term of 1e6 (constant, so training is unchanged) must not show in train_loss."""
+    import json
+
+    import lowbit.qat.engine as engine
+
+    model, calib, _ = mnist_cnn
+    logged = {}
+    for name, fake in (("plain", None), ("damped", lambda layers: torch.tensor(1e6))):
+        if fake is not None:
+            monkeypatch.setattr(engine, "dampening_loss", fake)
+        folder = tmp_path / name
+        lowbit.quantize(model, _qat_recipe(epochs=1, steps_per_epoch=3, dampen=1.0 if fake else 0.0,
+                                           checkpoint=str(folder)), calib=calib, train=mnist_train, progress=False)
+        logged[name] = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
+    assert logged["damped"] == pytest.approx(logged["plain"], rel=1e-6)

@@ -13,9 +13,13 @@ gradient belongs to the range, not the rounding) out of it. Its weight λ rises 
 its final value on a cosine (sec. 4.1), so early training explores and late training settles.
 
 Kind-independent: the target is whatever the layer's weight quantizer puts the weight on
-(uniform grid, ternary, binary, codebook), taken in eval mode so that a stochastic kind
-gives its deterministic level and no quantizer updates its state; lo/hi are the lowest and
-highest level each output channel uses.
+(uniform grid, ternary, binary, learned basis), taken in eval mode so that a stochastic kind
+gives its deterministic level and LQ-Nets does not refit its basis; lo/hi are the lowest and
+highest level of the layer's grid (per output channel where the grid is), whether or not a
+weight uses them: clipping to the levels in use would leave a weight just inside the grid's
+outer threshold unpulled and, once it flipped outward, pull it further out. Kinds whose
+forward does not round the latent weight (k-means: a fixed assignment; INQ: its quantized
+portion frozen) have nothing to oscillate and are left out.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import torch
 from torch import nn
 
 from lowbit.model.quant_model import QuantModel
+from lowbit.quant.codebook import CodebookQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer
 
 
 def dampening_weight(final: float, step: int, total: int) -> float:
@@ -36,13 +42,15 @@ def dampening_weight(final: float, step: int, total: int) -> float:
 
 
 def dampened_layers(qm: QuantModel) -> list[nn.Module]:
-    """The layers whose weights are quantized (and not being reconstructed by a rounding of their own)."""
-    return [r.layer for r in qm.layers if r.layer.quantize_weight and r.layer.weight_fn is None]
+    """The layers whose quantized weights round their latent weights (not being reconstructed by a
+    rounding of their own, and not a kind that keeps a fixed assignment: k-means, INQ)."""
+    return [r.layer for r in qm.layers if r.layer.quantize_weight and r.layer.weight_fn is None
+            and getattr(r.layer.weight_quantizer, "rounds_latent_weights", True)]
 
 
 def _target_and_factor(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Q(W·f) without gradient, f = γ/σ without gradient or None): the level each weight
-    rounds to now, and the BN factor the quantized weight is taken of."""
+    """(Q(W·f) without gradient, f = γ/σ without gradient or None): the level each weight rounds
+    to after this step's forward, and the BN factor the quantized weight is taken of."""
     q = layer.weight_quantizer
     was = q.training
     q.eval()
@@ -55,6 +63,29 @@ def _target_and_factor(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     return target, factor
 
 
+def grid_span(layer: nn.Module, folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest level of the layer's weight grid, per output channel where the grid is
+    per channel, shaped to broadcast against the weight (eq. 6's clip). Call after the target:
+    kinds that derive their step from the weight (TWN, XNOR, DoReFa, μL2Q) have just set it."""
+    q = layer.weight_quantizer
+    shape = [-1] + [1] * (folded.dim() - 1)
+    with torch.no_grad():
+        if isinstance(q, TrainableQuantizer) and type(q).deploy is not TrainableQuantizer.deploy:
+            book = q.deploy(folded)  # a codebook kind (LQ-Nets, TTQ): its levels
+            if isinstance(book, CodebookQuantizer):
+                c = book.centroids.detach().float()
+                rows = c if c.dim() == 2 else c.reshape(1, -1)
+                return rows.amin(1).reshape(shape), rows.amax(1).reshape(shape)
+        qmin, qmax = q.code_range()
+        step = layer.weight_step().detach().abs().float()  # the folded weight's step (s·|f| where it follows BN)
+        zero = q.zero_point.detach().float()
+        if q.spec.grid == "midrise":
+            lo, hi = (qmin + 0.5) * step, (qmax + 0.5) * step
+        else:
+            lo, hi = (qmin - zero) * step, (qmax - zero) * step
+    return lo.reshape(shape), hi.reshape(shape)
+
+
 def dampening_loss(layers: list[nn.Module]) -> torch.Tensor:
     """Σ over ``layers`` of ‖sg(Q(W·f)) − clip(W·sg(f), lo, hi)‖² (the paper's eq. 6, summed).
 
@@ -65,9 +96,7 @@ def dampening_loss(layers: list[nn.Module]) -> torch.Tensor:
         w = layer.module.weight
         if factor is not None:
             w = w * factor.reshape([-1] + [1] * (w.dim() - 1))
-        rows = target.reshape(target.shape[0], -1)
-        shape = [-1] + [1] * (w.dim() - 1)
-        lo, hi = rows.amin(1).reshape(shape), rows.amax(1).reshape(shape)
+        lo, hi = grid_span(layer, w.detach())
         clipped = torch.maximum(torch.minimum(w.float(), hi), lo)
         term = (target - clipped).pow(2).sum()
         total = term if total is None else total + term

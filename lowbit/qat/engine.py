@@ -447,13 +447,13 @@ def train_qat(
                     loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
                 else:
                     loss = F.cross_entropy(out, y)
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
-                                         "(or quantizer_lr)")
                 task_loss = loss.detach()
                 damp = dampening_weight(cfg.dampen, step, total)
                 if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
                     loss = loss + damp * dampening_loss(dampened)
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
+                                         "(or quantizer_lr)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient

@@ -54,6 +54,10 @@ class TrainableQuantizer(UniformQuantizer):
     # factor f ≠ 0 is a fixed point too), so latent weights may be set to their quantized values
     # without changing the forward: the QAT engine's ``snap_at_freeze`` does that for kinds that say so.
     idempotent_weights = False
+    # Whether the forward rounds the latent weight it is given, so that one near a threshold can flip
+    # between levels at every step (what lowbit.qat.dampen pulls it away from). k-means keeps a fixed
+    # assignment and INQ freezes its quantized portion: neither does.
+    rounds_latent_weights = True
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         need = getattr(self, "grid_required", None)  # binary/ternary kinds: one grid only

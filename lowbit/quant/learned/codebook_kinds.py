@@ -28,6 +28,7 @@ from lowbit.quant.quantizer import UniformQuantizer
 class KMeansFineTuneQuantizer(TrainableQuantizer):
     kind = "kmeans"
     roles = ("weights",)
+    rounds_latent_weights = False  # the forward reads its fixed assignment, not the latent weight
     needs_weight = True
 
     def __init__(self, source: UniformQuantizer, role: str, weight: torch.Tensor) -> None:

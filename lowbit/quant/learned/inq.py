@@ -42,6 +42,7 @@ class INQQuantizer(TrainableQuantizer):
     roles = ("weights",)
     needs_weight = True
     per_tensor_only = True
+    rounds_latent_weights = False  # quantized portions are frozen; the float portion is not rounded
 
     def __init__(self, source: UniformQuantizer, role: str, weight: torch.Tensor) -> None:
         super().__init__(source, role)
