@@ -3,11 +3,12 @@
 0 and ±α at the smallest step), and the mean distance of each weight to its level in units of α.
 
 Why: oscillation dampening (the qat option ``dampen``) is meant to pull latent weights off the
-thresholds and onto their levels; this says whether it did, from the checkpoints alone. Per
+thresholds and onto their levels; this says whether it did, from the checkpoints alone (read a
+snapped run before its BN freeze: ``snap_at_freeze`` puts every latent on its level). Per
 channel both Δ and α scale with the channel, so the BN factor (a per-channel scale) cancels and
 the latent weights of the checkpoint can be read as they are.
 
-    python benchmarks/ternary_latents.py benchmarks/results/checkpoints/resnet20-w2a32-twn-builtin-snap-e30 \
+    python benchmarks/ternary_latents.py benchmarks/results/checkpoints/resnet20-w2a32-twn-builtin-e30 \
         benchmarks/results/checkpoints/resnet20-w2a32-twn-builtin-dampen1-bf16-e30
 """
 from __future__ import annotations
