@@ -43,7 +43,8 @@ def run_stats(run: Path, which: str) -> list[tuple[str, float, float]]:
     path = committed_tensors(run, side, name) if which == "last" else run / name
     state = load_file(str(path))
     return [(key, *layer_stats(w)) for key, w in state.items()
-            if key.endswith("module.weight") and w.dim() == 4 and "net.conv1." not in key]  # ternary convs only
+            if key.endswith("module.weight") and w.dim() == 4 and "net.conv1." not in key
+            and not key.startswith(("ema/", "optim/"))]  # the model's ternary convs only
 
 
 def main() -> None:
