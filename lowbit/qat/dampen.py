@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.model.quant_model import QuantModel
+from lowbit.quant import functional as F
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.learned.base import TrainableQuantizer
 
@@ -76,14 +77,11 @@ def grid_span(layer: nn.Module, folded: torch.Tensor) -> tuple[torch.Tensor, tor
                 c = book.centroids.detach().float()
                 rows = c if c.dim() == 2 else c.reshape(1, -1)
                 return rows.amin(1).reshape(shape), rows.amax(1).reshape(shape)
-        qmin, qmax = q.code_range()
         step = layer.weight_step().detach().abs().float()  # the folded weight's step (s·|f| where it follows BN)
-        zero = q.zero_point.detach().float()
-        if q.spec.grid == "midrise":
-            lo, hi = (qmin + 0.5) * step, (qmax + 0.5) * step
-        else:
-            lo, hi = (qmin - zero) * step, (qmax - zero) * step
-    return lo.reshape(shape), hi.reshape(shape)
+        ends = torch.tensor([q.code_range()], dtype=torch.float32).expand(max(step.numel(), 1), 2)
+        ends = F.dequantize_codes(ends, step.reshape(-1) if step.dim() else step,
+                                  q.zero_point.detach().float(), q.spec.grid, 0)  # rows: (lowest, highest) level
+    return ends[:, 0].reshape(shape), ends[:, 1].reshape(shape)
 
 
 def dampening_loss(layers: list[nn.Module]) -> torch.Tensor:
