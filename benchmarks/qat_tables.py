@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
 
+@lru_cache(maxsize=None)
 def _rows(name: str) -> dict[str, dict]:
     path = RESULTS / name
     return {r["row"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
@@ -166,18 +168,11 @@ FAMILY_TABLE = [
 
 def family_table() -> str:
     """Issue 12's table on ResNet-20: each family row post-training, after 1 and after 30 QAT epochs, its anchor."""
-    cache: dict[str, dict[str, dict]] = {}
-
     def get(ref: tuple[str, str] | None) -> dict | None:
-        return None if ref is None else cache.setdefault(ref[0], _rows(ref[0])).get(ref[1])
+        return None if ref is None else _rows(ref[0]).get(ref[1])
 
     def score(ref: tuple[str, str] | None) -> str:
-        if ref is None:
-            return "—"
-        r = get(ref)
-        if r is None:
-            return _unfinished(ref[1]) if ref[0] == E30 else "not run"
-        return "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**"
+        return "—" if ref is None else _result(*ref)
 
     out = ["| family | layout | post-training | 1 epoch | 30 epochs | published anchor |", "|---|---|---|---|---|---|"]
     for label, layout, ptq, e1, e30, anchor in FAMILY_TABLE:
@@ -208,9 +203,16 @@ def _unfinished(row: str, model: str = "resnet20") -> str:
     return f"running: epoch {side['epoch']}/{epochs}, held-out {side['best_val']:.2f} (training-split images)"
 
 
+def _result(file: str, row: str) -> str:
+    """A trained row's test top-1 (bold), "diverged", or where its unfinished run stopped."""
+    r = _rows(file).get(row)
+    if r is None:
+        return _unfinished(row)
+    return "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**"
+
+
 def method_matrix() -> str:
     """Issue 11's table: method × bit width on ResNet-20, one budget per column, best PTQ beside."""
-    cache: dict[str, dict[str, dict]] = {}
     head = "| weights / activations | " + " | ".join(f"{c} ({b})" for c, b in MATRIX_COLUMNS) + " |"
     out = [head, "|---" * (len(MATRIX_COLUMNS) + 1) + "|"]
     for method, cells in MATRIX.items():
@@ -219,10 +221,7 @@ def method_matrix() -> str:
             if i not in cells:
                 texts.append("—")
                 continue
-            file, row = cells[i]
-            rows = cache.setdefault(file, _rows(file))
-            r = rows.get(row)
-            texts.append(_unfinished(row) if r is None else "diverged" if r.get("top1") is None else f"**{r['top1']:.2f}**")
+            texts.append(_result(*cells[i]))
         out.append(f"| {method} | " + " | ".join(texts) + " |")
     out.append("| best PTQ, same layout | " + " | ".join(BEST_PTQ) + " |")
     return "\n".join(out) + ("\n\nQuantized-activation cells distil from the float model (T 4, weight 0.5) unless the "
