@@ -18,6 +18,8 @@ EXTRA=("$@")
 # the calibrated start these rows were measured from (TWN, TTQ, XNOR and BinaryConnect now ship the GPTQ start:
 # benchmarks/qat_families_gptq.sh)
 CAL='steps=[calibrate, {qat: {epochs: 30, lr: 0.002, weight_decay: 5.0e-5, batch_size: 128}}]'
+# w2a2-lqnet's calibrated start and qat step as they were when its rows ran (it now starts from float-target GPTQ)
+LQ_CAL='steps=[calibrate, {qat: {epochs: 30, lr: 0.0005, quantizer_lr: 1.0e-5, weight_decay: 5.0e-5, batch_size: 128, kd: {temperature: 4.0, weight: 0.5}}}]'
 run w3a32-kmeans ""
 run w3a32-kmeans-hessian ""
 run w1a32-binaryconnect "" "$CAL"
@@ -30,8 +32,8 @@ run w3a32-kmeans-ft "" set:quantizer_lr=1e-5  # centroid gradients sum their clu
 run w5a32-inq ""
 run w1a2-hwgq ""
 run w1a2-hwgq twn-w2a2 weights.bits=2 weights.grid=midtread weights.quantizer=twn
-run w2a2-lqnet ""  # LQ-Nets weights and activations
-run w2a2-lqnet lsq-acts activations.quantizer=lsq+  # LQ-Nets weights, LSQ+ activations
+run w2a2-lqnet "" "$LQ_CAL"  # LQ-Nets weights and activations
+run w2a2-lqnet lsq-acts activations.quantizer=lsq+ "$LQ_CAL"  # LQ-Nets weights, LSQ+ activations
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
 run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K
 run w1a1-bireal ""  # Bi-Real Net: a real-valued shortcut around every conv, ApproxSign gradient

@@ -59,7 +59,8 @@ run w3a3-lqnet kd1-bf16 "$KD1" "${BF16[@]}"
 # (2-step probe: 94.0% held-out against 84.5% from the calibrated start)
 run w3a3-lqnet midrise-gptq-regrid-kd1-bf16 weights.grid=midrise "$GPTQ_START" set:lr=0.001 set:weight_decay=1.0e-4 \
   "$KD1" "${BF16[@]}"
-run w2a2-lqnet kd1-bf16 "$KD1" "${BF16[@]}"
+run w2a2-lqnet kd1-bf16 "steps=[calibrate, {qat: {epochs: 30, lr: 0.0005, quantizer_lr: 1.0e-5, weight_decay: 5.0e-5, batch_size: 128}}]" \
+  "$KD1" "${BF16[@]}"  # the calibrated start w2a2-lqnet had before it started from GPTQ (the row below)
 # from float-target GPTQ on the 4-level mid-rise grid: LQ-Nets' initial basis (s/2, s) has exactly that grid's levels,
 # so training starts at GPTQ's result (a 100-step probe: 78.0% held-out against 47.7% from the calibrated start)
 run w2a2-lqnet gptq-regrid-kd1-bf16 "$GPTQ_START" set:lr=0.0005 set:quantizer_lr=1.0e-5 set:weight_decay=5.0e-5 \

@@ -159,9 +159,9 @@ FAMILY_TABLE = [
      (E30, "w3a3-lqnet-kd1-bf16-e30"), "LQ-Nets 91.6 (Zhang et al., ECCV 2018)"),
     ("LQ-Nets weights and activations, mid-rise weight grid, from float-target GPTQ (bf16)", "W3A3", None, None,
      (E30, "w3a3-lqnet-midrise-gptq-regrid-kd1-bf16-e30"), "LQ-Nets 91.6 (Zhang et al., ECCV 2018)"),
-    ("LQ-Nets weights and activations", "W2A2", None, (PLAIN_E1, "w2a2-lqnet-e1"), (E30, "w2a2-lqnet-kd1-bf16-e30"),
-     "LQ-Nets 90.2 (Zhang et al., ECCV 2018)"),
-    ("LQ-Nets weights and activations, from float-target GPTQ (bf16)", "W2A2", None, None,
+    ("LQ-Nets weights and activations, from the calibrated start", "W2A2", None, (PLAIN_E1, "w2a2-lqnet-e1"),
+     (E30, "w2a2-lqnet-kd1-bf16-e30"), "LQ-Nets 90.2 (Zhang et al., ECCV 2018)"),
+    ("LQ-Nets weights and activations, from float-target GPTQ (w2a2-lqnet; bf16)", "W2A2", None, None,
      (E30, "w2a2-lqnet-gptq-regrid-kd1-bf16-e30"), "LQ-Nets 90.2 (Zhang et al., ECCV 2018)"),
 ]
 

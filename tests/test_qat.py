@@ -824,6 +824,20 @@ def test_qat_starts_from_a_gptq_result_and_the_builtin_composes_it(mnist_cnn, mn
     assert _top1(qm, test) >= _top1(start, test) - 0.01
 
 
+@pytest.mark.parametrize("name, before", [
+    ("w3a3-gptq-lsq", [("calibrate", {"observe": "float"}), ("gptq", {"target": "float"}), ("bias_correction", {})]),
+    ("w2a2-gptq-lsq", [("calibrate", {}), ("gptq", {"target": "float"}), ("bias_correction", {})]),
+    ("w2a2-lqnet", [("calibrate", {}), ("gptq", {"target": "float", "regrid": True})])])
+def test_the_gptq_start_qat_builtins_run_the_steps_their_figures_were_measured_with(name, before):
+    """Each description quotes a 30-epoch ResNet-20 run (README, QAT results); these are that run's steps."""
+    recipe = lowbit.load_recipe(name)
+    assert recipe.steps[:-1] == before
+    qat = recipe.steps[-1]
+    assert qat[0] == "qat" and qat[1]["epochs"] == 30 and qat[1]["kd"] == {"temperature": 4.0, "weight": 1.0}
+    if name == "w2a2-lqnet":  # LQ-Nets' initial basis (s/2, s) is the 2-bit mid-rise grid: GPTQ's result is its start
+        assert (recipe.weights.quantizer, recipe.weights.spec.grid, recipe.weights.spec.bits) == ("lqnet", "midrise", 2)
+
+
 def test_dampening_weight_rises_from_zero_to_its_final_value_on_a_half_cosine():
     from lowbit.qat.dampen import dampening_weight
 
