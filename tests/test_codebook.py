@@ -244,6 +244,66 @@ def test_inq_levels_and_schedule_freeze_exactly_the_stated_portions():
     assert q.project(torch.tensor([0.80, 0.004, 0.0039])).tolist() == [1.0, 2.0**-7, 0.0]  # β/2 splits 0 / 2^-7
 
 
+def test_inq_frozen_weights_keep_their_level_while_the_latents_drift():
+    """INQ eq. 4 masks the quantized portion's update out: weight decay and momentum still move those
+    latents (their task gradient is zero), and the forward and the deployed weight must not follow."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 32) * 0.3
+    src = UniformQuantizer(QuantSpec(bits=4, per_channel=False))
+    src.signed = True
+    src.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    q = make_trainable(src, "inq", "weights", weight=w)
+    q.freeze_portion(w, 0.5)
+    frozen = q.frozen.clone()
+    first = q(w).detach()
+    assert not q.frozen_codes.is_floating_point()  # so a weight average (lowbit.qat.ema) copies it, never blends
+    torch.testing.assert_close(first[frozen], q.project(w)[frozen])
+    latent = torch.nn.Parameter(w.clone())
+    opt = torch.optim.SGD([latent], lr=0.1, momentum=0.9, weight_decay=0.05)
+    for _ in range(50):  # the frozen entries' only update is the decay: they shrink toward 0
+        opt.zero_grad()
+        q(latent).pow(2).sum().backward()
+        opt.step()
+    moved = (q.project(latent.detach()) != q.project(w)) & frozen
+    assert int(moved.sum()) > 10  # the latents of frozen weights did cross level boundaries
+    after = q(latent).detach()
+    assert torch.equal(after[frozen], first[frozen])
+    assert torch.equal(q.deployed_weight(latent.detach())[frozen], first[frozen])
+    assert torch.equal(q.deployed_weight(latent.detach())[~frozen], q.project(latent.detach())[~frozen])
+    q.freeze_portion(latent.detach(), 0.75)  # a later stage takes the newly frozen ones' levels from now on
+    newly = q.frozen & ~frozen
+    torch.testing.assert_close(q(latent).detach()[newly], q.project(latent.detach())[newly])
+    legacy = {k: v for k, v in q.state_dict().items() if k not in ("frozen_codes", "captured")}
+    old = make_trainable(src, "inq", "weights", weight=w)
+    old.load_state_dict(legacy)  # a checkpoint from before the levels were held: taken again on the next use
+    assert torch.equal(old.frozen, q.frozen) and not bool(old.captured.any())
+    torch.testing.assert_close(old(latent).detach(), torch.where(q.frozen, q.project(latent.detach()), latent.detach()))
+
+
+def test_an_inq_checkpoint_from_before_the_held_levels_still_resumes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.qat.checkpoint import TrainingState, load_state, save_state
+
+    w = torch.linspace(-0.9, 0.9, 200).reshape(20, 10)
+    src = UniformQuantizer(QuantSpec(bits=5, per_channel=False))
+    src.signed = True
+    src.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    holder = torch.nn.Module()
+    holder.q = make_trainable(src, "inq", "weights", weight=w)
+    holder.q.freeze_portion(w, 0.5)
+    opt = torch.optim.SGD([torch.nn.Parameter(w.clone())], lr=0.1)
+    save_state(tmp_path, holder, opt, TrainingState(epoch=1, history=[{}]), {"qat": {}})
+    path = tmp_path / "state-1.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v for k, v in tensors.items() if not k.endswith(("frozen_codes", "captured"))}, str(path))
+    fresh = torch.nn.Module()
+    fresh.q = make_trainable(src, "inq", "weights", weight=w)
+    assert load_state(tmp_path, fresh, opt, {"qat": {}}).epoch == 1
+    assert torch.equal(fresh.q.frozen, holder.q.frozen) and not bool(fresh.q.captured.any())
+    assert torch.equal(fresh.q(w), holder.q(w))
+
+
 def test_joint_hessian_kmeans_shares_one_codebook_across_layers():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),

@@ -300,6 +300,49 @@ def test_kill_and_resume_ends_with_identical_weights(mnist_cnn, mnist_train, tmp
     other = _qat_recipe(epochs=2, val_samples=300, checkpoint=str(ckpt), lr=0.02)
     with pytest.raises(LowbitError, match="another recipe or other qat settings .*lr"):
         lowbit.quantize(model, other, calib=calib, train=small, progress=False)
+    fewer = (mnist_train[0][:1200], mnist_train[1][:1200])  # another epoch length: another lr schedule
+    with pytest.raises(LowbitError, match="trained on other data .train_samples: checkpoint 1200, now 900"):
+        lowbit.quantize(model, reworded, calib=calib, train=fewer, progress=False)
+
+
+def test_stochastic_sampling_is_seeded_per_step_so_a_resumed_run_draws_the_same(mnist_cnn, mnist_train, tmp_path,
+                                                                                monkeypatch):
+    """Stochastic BinaryConnect draws from the global generator, seeded from (seed, step) before every step:
+    a killed run resumed without its saved generator state (a GPU's is not saved) ends where the
+    uninterrupted one does."""
+    from lowbit.qat import engine
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:1000], mnist_train[1][:1000])
+
+    def recipe(**qat):
+        return {"extends": "w4a4", "name": "test-bc-stochastic", "overrides": [{"pattern": "*", "a_bits": 32}],
+                "quantize_adds": False, "weights": {"bits": 1, "grid": "midrise", "quantizer": "binaryconnect",
+                                                    "quantizer_options": {"stochastic": True}},
+                "steps": ["calibrate", {"qat": {"epochs": 2, "batch_size": 64, "lr": 0.002, "val_samples": 200,
+                                                "steps_per_epoch": 4, **qat}}]}
+
+    straight = lowbit.quantize(model, recipe(), calib=calib, train=small, progress=False)
+    again = lowbit.quantize(model, recipe(), calib=calib, train=small, progress=False)
+    ckpt = str(tmp_path / "run")
+    real_save = engine.save_state
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(model, recipe(checkpoint=ckpt), calib=calib, train=small, progress=False)
+    monkeypatch.setattr(engine, "save_state", real_save)
+    # As on a GPU, whose generator the checkpoint does not hold: the saved CPU generator state is not restored.
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
+    resumed = lowbit.quantize(model, recipe(checkpoint=ckpt), calib=calib, train=small, progress=False)
+    monkeypatch.undo()
+    weights = [k for k in straight.state_dict() if k.endswith("weight")]
+    for k in weights:
+        assert torch.equal(straight.state_dict()[k], again.state_dict()[k]), k
+        assert torch.allclose(straight.state_dict()[k], resumed.state_dict()[k], atol=1e-6), k
 
 
 def test_a_run_killed_between_its_tensors_and_its_json_resumes_from_the_previous_epoch(mnist_cnn, mnist_train,
@@ -610,6 +653,30 @@ def test_a_branch_before_the_freeze_equals_the_run_from_scratch_and_a_late_one_i
     with pytest.raises(LowbitError, match="no QAT checkpoint there"):
         lowbit.quantize(model, twn(branch_from=str(tmp_path / "nothing"), checkpoint=str(tmp_path / "d")),
                         calib=calib, train=small, progress=False)
+
+
+def test_a_branch_keeps_the_best_epoch_from_before_its_branch_point_when_resumed(tmp_path):
+    """The source run's best came before the branch point: the branch's folder must hold that model too,
+    or a branch killed and rerun would forget it (best_val -1) and keep a worse epoch."""
+    from lowbit.qat.checkpoint import TrainingState, load_state, save_state
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fingerprint = {"recipe": {}, "qat": {"epochs": 6}}
+    best = {k: v.clone() for k, v in net.state_dict().items()}
+    source, branch = tmp_path / "source", tmp_path / "branch"
+    state = TrainingState(epoch=2, best_val=80.0, best_epoch=2, best=best, history=[{}, {}])
+    save_state(source, net, opt, state, fingerprint)
+    with torch.no_grad():
+        net.weight.add_(1.0)  # epoch 3 moved the weights and scored lower: best stays epoch 2
+    state.epoch, state.history = 3, [{}, {}, {}]
+    save_state(source, net, opt, state, fingerprint)
+    at_branch = load_state(source, net, opt, fingerprint)
+    save_state(branch, net, opt, at_branch, fingerprint)  # what lowbit.qat.engine does at the branch point
+    resumed = load_state(branch, net, opt, fingerprint)
+    assert (resumed.epoch, resumed.best_epoch, resumed.best_val) == (3, 2, 80.0)
+    assert all(torch.equal(resumed.best[k], best[k]) for k in best)
 
 
 def test_non_finite_bn_running_statistics_stop_training_with_the_layer_named():

@@ -32,6 +32,9 @@ LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how th
 # off, so older checkpoints resume, also under a recipe that spells the off value out.
 LATER_OPTIONS: dict[str, Any] = {"clip_grad_norm": 0.0, "ema": 0.0, "snap_at_freeze": False, "precision": "fp32",
                                  "channels_last": False, "dampen": 0.0}
+# quantizer state added after the first checkpoints were written: a checkpoint without it still
+# loads, the quantizer rebuilding it on its own (lowbit.quant.learned.inq: the frozen levels)
+LATER_STATE = ("frozen_codes", "captured")
 VERSION = 1
 
 
@@ -44,6 +47,7 @@ class TrainingState:
     best: dict[str, torch.Tensor] | None = None
     ema: dict[str, torch.Tensor] | None = None  # the weight average (qat ema > 0)
     branched_from: dict[str, Any] | None = None  # {folder, epoch}: the run this one continues (qat branch_from)
+    data: dict[str, int] | None = None  # {train_samples, val_samples}: what the epochs ran over
 
 
 def metrics_path(folder: Path) -> Path:
@@ -57,16 +61,33 @@ def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state
     tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state(),
                **{f"ema/{k}": v for k, v in (state.ema or {}).items()}}
     stamp = {"format": FORMAT, "epoch": str(state.epoch)}
-    if state.best is not None and state.best_epoch == state.epoch:
-        atomic_save_tensors(state.best, folder / "best.safetensors", stamp)
+    if state.best is not None and (state.best_epoch == state.epoch or _best_epoch_on_disk(folder) != state.best_epoch):
+        # a new best, or one this folder never held (a branch's best from before its branch point)
+        atomic_save_tensors(state.best, folder / "best.safetensors", {**stamp, "epoch": str(state.best_epoch)})
     side = {"format": FORMAT, "version": VERSION, "epoch": state.epoch, "best_val": state.best_val,
             "best_epoch": state.best_epoch, "history": state.history, "fingerprint": fingerprint,
             "param_groups": groups,
             "state_scalars": scalars}
     if state.branched_from is not None:
         side["branched_from"] = state.branched_from
+    if state.data is not None:
+        side["data"] = state.data
     commit_state(folder, "state", state.epoch, tensors, "state.json", side, stamp)
     atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
+
+
+def _best_epoch_on_disk(folder: Path) -> int:
+    """The epoch whose model ``best.safetensors`` holds (its stamp); -1 when there is none."""
+    path = folder / "best.safetensors"
+    if not path.is_file():
+        return -1
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("epoch", -1))
+    except (OSError, ValueError, SafetensorError):
+        return -1
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -127,11 +148,14 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
-               fingerprint: dict[str, Any], may_differ: tuple[str, ...] = ()) -> TrainingState | None:
+               fingerprint: dict[str, Any], may_differ: tuple[str, ...] = (),
+               data: dict[str, int] | None = None) -> TrainingState | None:
     """The saved state, restored into ``model``/``opt``; None when ``folder`` holds none.
     A checkpoint written by another recipe or other QAT settings is refused, except in the
     qat parameters ``may_differ`` names (e.g. ``freeze_bn_after``: the caller checks that the
-    difference has not acted yet)."""
+    difference has not acted yet); so is one whose epochs ran over another number of training or
+    validation samples than ``data`` (the schedule and the held-out choice would silently change;
+    checkpoints written before the sizes were kept do not say, and resume)."""
     side_path = folder / "state.json"
     if folder.exists() and not folder.is_dir():
         raise LowbitError(f"checkpoint {folder} is a file; QAT checkpoints are folders")
@@ -151,24 +175,27 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
         raise LowbitError(f"checkpoint {folder} was written with another recipe or other qat settings ("
                           + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
                           + "): use another --checkpoint folder, or delete this one to start over")
+    saved_data = side.get("data")
+    if data is not None and isinstance(saved_data, dict):
+        changed = [f"{k}: checkpoint {saved_data[k]}, now {v}" for k, v in data.items()
+                   if k in saved_data and saved_data[k] != v]
+        if changed:
+            raise LowbitError(f"checkpoint {folder} was trained on other data (" + "; ".join(changed)
+                              + "): give the same training data (and val_samples / --train-limit), use another "
+                              "--checkpoint folder, or delete this one to start over")
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    missing = set(model.state_dict()) - set(model_sd)
+    missing = {k for k in set(model.state_dict()) - set(model_sd) if k.rsplit(".", 1)[-1] not in LATER_STATE}
     if missing:
         raise LowbitError(f"checkpoint {folder} does not fit this model (missing {sorted(missing)[:3]})")
     model.load_state_dict(model_sd)
     opt.load_state_dict(optimizer_state(tensors, side.get("state_scalars", {}), side["param_groups"]))
     torch.set_rng_state(tensors["rng/torch"])
     best, best_val = None, float(side["best_val"])
-    best_path = folder / "best.safetensors"
-    if best_path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(best_path), framework="pt") as f:
-            best_written = int((f.metadata() or {}).get("epoch", -1))
-        if best_written == int(side["best_epoch"]):
-            best = load_file(str(best_path), device="cpu")
+    if _best_epoch_on_disk(folder) == int(side["best_epoch"]):
+        best = load_file(str(folder / "best.safetensors"), device="cpu")
     if best is None:
         best_val = -1.0  # killed between the two writes: the next epoch becomes the best
     ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
     return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
-                         history=list(side["history"]), best=best, ema=ema, branched_from=side.get("branched_from"))
+                         history=list(side["history"]), best=best, ema=ema, branched_from=side.get("branched_from"),
+                         data=saved_data if isinstance(saved_data, dict) else None)

@@ -288,7 +288,8 @@ def _layers_with_hook(qm: QuantModel, hook: str) -> list[torch.nn.Module]:
 
 
 def branch_state(source: Path, ckpt_dir: Path | None, qm: QuantModel, opt: torch.optim.Optimizer,
-                 fingerprint: dict[str, Any], cfg: QATConfig, per_epoch: int, train_bn: bool) -> TrainingState:
+                 fingerprint: dict[str, Any], cfg: QATConfig, per_epoch: int, train_bn: bool,
+                 data: dict[str, int]) -> TrainingState:
     """Another run's latest checkpoint as this run's start, restored into ``qm``/``opt``.
 
     Why: runs that differ only in when BN freezes (or whether latent weights snap then) share
@@ -309,7 +310,7 @@ def branch_state(source: Path, ckpt_dir: Path | None, qm: QuantModel, opt: torch
         if train_bn and epoch * per_epoch > round(c.bn_freeze_epoch * per_epoch):
             raise LowbitError(f"branch_from {source}: it is at epoch {epoch}, past {who}'s BN freeze (after "
                               f"epoch {c.bn_freeze_epoch:g}); a branch must start before both runs freeze")
-    state = load_state(source, qm, opt, fingerprint, may_differ=BRANCHABLE)
+    state = load_state(source, qm, opt, fingerprint, may_differ=BRANCHABLE, data=data)
     assert state is not None  # read_summary found its state.json
     state.branched_from = {"folder": str(source), "epoch": state.epoch}
     return state
@@ -391,14 +392,17 @@ def train_qat(
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
     freeze_step = round(cfg.bn_freeze_epoch * per_epoch)
-    state = TrainingState()
-    loaded = load_state(ckpt_dir, qm, opt, fingerprint) if ckpt_dir is not None else None
+    data = {"train_samples": n, "val_samples": len(val_ds)}  # type: ignore[arg-type]
+    state = TrainingState(data=data)
+    loaded = load_state(ckpt_dir, qm, opt, fingerprint, data=data) if ckpt_dir is not None else None
     if loaded is not None:
         state = loaded
+        state.data = data  # (a checkpoint from before the sizes were kept says none: it holds them from now on)
         if rank == 0 and progress:
             print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
     elif cfg.branch_from:
-        state = branch_state(Path(cfg.branch_from), ckpt_dir, qm, opt, fingerprint, cfg, per_epoch, train_bn)
+        state = branch_state(Path(cfg.branch_from), ckpt_dir, qm, opt, fingerprint, cfg, per_epoch, train_bn, data)
+        state.data = data
         if rank == 0 and progress:
             print(f"qat: branching from {cfg.branch_from} after epoch {state.epoch}/{cfg.epochs}", flush=True)
         if ckpt_dir is not None:
@@ -410,98 +414,103 @@ def train_qat(
     batchnorms = trained_batchnorms(model)
     dampened = dampened_layers(qm) if cfg.dampen > 0 else []
     frozen = not train_bn
-    for epoch in range(state.epoch, cfg.epochs):
-        for layer in scheduled:
-            layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
-        started = time.perf_counter()
-        model.train()
-        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)
-        bar = tqdm(batches, desc=f"qat epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                   disable=not progress or rank != 0)
-        loss_sum = correct = seen = 0.0
-        try:
-            for i, idx in enumerate(bar):
-                step = epoch * per_epoch + i
-                if not frozen and step >= freeze_step:
-                    freeze_batchnorms(qm)
-                    frozen = True
-                    if cfg.snap_at_freeze and step == freeze_step:  # once: a run resumed past it is already snapped
-                        snap_latent_weights(qm)
-                factor = lr_factor(cfg, step, total, per_epoch)
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                # The global batch is augmented as one process would, then each of ``world``
-                # processes takes its share (rank r: positions r, r + world, ...).
-                x, y = dataset_tensors(train_ds, idx.tolist())
-                x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
-                x, y = x[rank::world].to(dev), y[rank::world].to(dev)
-                if x.dim() == 4:
-                    x = x.contiguous(memory_format=memory_format)
-                with lower_precision():
-                    out = model(x).float()
-                if teacher is not None:
-                    reference = (teacher.float_reference() if isinstance(teacher, QuantModel)
-                                 else contextlib.nullcontext())
-                    with torch.no_grad(), lower_precision(), reference:
-                        t_out = teacher(x).float()
-                    loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
-                else:
-                    loss = F.cross_entropy(out, y)
-                task_loss = loss.detach()
-                damp = dampening_weight(cfg.dampen, step, total)
-                if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
-                    loss = loss + damp * dampening_loss(dampened)
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
-                                         "(or quantizer_lr)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                   cfg.clip_grad_norm)
-                opt.step()
-                check_bn_statistics(batchnorms, epoch, i)
-                for layer in constrained:
-                    layer.weight_quantizer.project_(layer)
-                if average is not None:
-                    average.update(step)
-                loss_sum += task_loss.item() * len(y)
-                correct += float((out.argmax(1) == y).sum())
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                                lr=f"{opt.param_groups[-1]['lr']:.3g}", refresh=False)
-        except KeyboardInterrupt:
+    # Stochastic kinds (BinaryConnect's stochastic sign) draw from the global generator: it is seeded from
+    # (seed, step) before every step, so a resumed run draws what an uninterrupted one would, on any device,
+    # and the caller's own generator state is given back afterwards.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        for epoch in range(state.epoch, cfg.epochs):
+            for layer in scheduled:
+                layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
+            started = time.perf_counter()
+            model.train()
+            batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)
+            bar = tqdm(batches, desc=f"qat epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                       disable=not progress or rank != 0)
+            loss_sum = correct = seen = 0.0
+            try:
+                for i, idx in enumerate(bar):
+                    step = epoch * per_epoch + i
+                    if not frozen and step >= freeze_step:
+                        freeze_batchnorms(qm)
+                        frozen = True
+                        if cfg.snap_at_freeze and step == freeze_step:  # once: a run resumed past it is already snapped
+                            snap_latent_weights(qm)
+                    torch.manual_seed(cfg.seed * 1000003 + step)
+                    factor = lr_factor(cfg, step, total, per_epoch)
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * factor
+                    # The global batch is augmented as one process would, then each of ``world``
+                    # processes takes its share (rank r: positions r, r + world, ...).
+                    x, y = dataset_tensors(train_ds, idx.tolist())
+                    x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
+                    x, y = x[rank::world].to(dev), y[rank::world].to(dev)
+                    if x.dim() == 4:
+                        x = x.contiguous(memory_format=memory_format)
+                    with lower_precision():
+                        out = model(x).float()
+                    if teacher is not None:
+                        reference = (teacher.float_reference() if isinstance(teacher, QuantModel)
+                                     else contextlib.nullcontext())
+                        with torch.no_grad(), lower_precision(), reference:
+                            t_out = teacher(x).float()
+                        loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
+                    else:
+                        loss = F.cross_entropy(out, y)
+                    task_loss = loss.detach()
+                    damp = dampening_weight(cfg.dampen, step, total)
+                    if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
+                        loss = loss + damp * dampening_loss(dampened)
+                    if not torch.isfinite(loss):
+                        raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
+                                             "(or quantizer_lr)")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient
+                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                       cfg.clip_grad_norm)
+                    opt.step()
+                    check_bn_statistics(batchnorms, epoch, i)
+                    for layer in constrained:
+                        layer.weight_quantizer.project_(layer)
+                    if average is not None:
+                        average.update(step)
+                    loss_sum += task_loss.item() * len(y)
+                    correct += float((out.argmax(1) == y).sum())
+                    seen += len(y)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                                    lr=f"{opt.param_groups[-1]['lr']:.3g}", refresh=False)
+            except KeyboardInterrupt:
+                bar.close()
+                if rank == 0:
+                    where = f"; {ckpt_dir} holds {state.epoch} finished epoch(s): rerun to continue" if ckpt_dir else ""
+                    print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
+                raise
             bar.close()
-            if rank == 0:
-                where = f"; {ckpt_dir} holds {state.epoch} finished epoch(s): rerun to continue" if ckpt_dir else ""
-                print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
-            raise
-        bar.close()
-        with average.applied(qm) if average is not None else contextlib.nullcontext():  # the average is what is kept
-            val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)),
-                                      desc="validate")
-            candidate = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
-               "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
-               "processes": world}
-        if cfg.dampen > 0:
-            row["dampen_weight"] = dampening_weight(cfg.dampen, (epoch + 1) * per_epoch, total)
-        state.epoch = epoch + 1
-        state.history.append(row)
-        # A scheduled kind (INQ) validates a partly float network until its last stage, so
-        # earlier epochs are not candidates: its last epoch is kept.
-        improved = val_top1 > state.best_val or bool(scheduled)
-        if improved:
-            state.best_val, state.best_epoch = val_top1, epoch + 1
-            state.best = candidate
-        state.ema = average.shadow if average is not None else None
-        if rank == 0 and progress:
-            print(f"qat epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {row['train_top1']:.2f}%, "
-                  f"val {val_top1:.2f}%{' (best)' if improved else ''}, {row['seconds']:.0f} s", flush=True)
-        if ckpt_dir is not None:
-            if rank == 0:
-                save_state(ckpt_dir, qm, opt, state, fingerprint)
-            D.barrier()
+            with average.applied(qm) if average is not None else contextlib.nullcontext():  # the average is what is kept
+                val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)),
+                                          desc="validate")
+                candidate = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
+                   "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
+                   "processes": world}
+            if cfg.dampen > 0:
+                row["dampen_weight"] = dampening_weight(cfg.dampen, (epoch + 1) * per_epoch, total)
+            state.epoch = epoch + 1
+            state.history.append(row)
+            # A scheduled kind (INQ) validates a partly float network until its last stage, so
+            # earlier epochs are not candidates: its last epoch is kept.
+            improved = val_top1 > state.best_val or bool(scheduled)
+            if improved:
+                state.best_val, state.best_epoch = val_top1, epoch + 1
+                state.best = candidate
+            state.ema = average.shadow if average is not None else None
+            if rank == 0 and progress:
+                print(f"qat epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {row['train_top1']:.2f}%, "
+                      f"val {val_top1:.2f}%{' (best)' if improved else ''}, {row['seconds']:.0f} s", flush=True)
+            if ckpt_dir is not None:
+                if rank == 0:
+                    save_state(ckpt_dir, qm, opt, state, fingerprint)
+                D.barrier()
     if state.best is not None:
         qm.load_state_dict(state.best)
     qm.to(memory_format=torch.contiguous_format)  # the deployed model's usual layout, whatever training used

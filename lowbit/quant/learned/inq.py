@@ -7,8 +7,10 @@ thresholds are the midpoints, 3β/2 between β and 2β, β/2 between 0 and the s
 
 Not all at once: the weights are partitioned by magnitude, and at each stage the largest
 of the still-float weights join the quantized set until the accumulated portions are 50%,
-75%, 87.5% and 100% (the paper's schedule). Quantized weights are fixed (no gradient); the
-float rest retrains to make up for them. Stages start at evenly spaced epochs of the QAT
+75%, 87.5% and 100% (the paper's schedule). Quantized weights are fixed (INQ eq. 4 masks their
+update out): each keeps the level it had when frozen, held as an index into the level set (an
+integer buffer, which a weight average copies rather than blends), so weight decay and momentum
+moving its latent value cannot move it; the float rest retrains to make up for them. Stages start at evenly spaced epochs of the QAT
 run; the last portion (100%) is quantized when training ends, at deployment. Deployed as a
 codebook of the level set (lowbit.quant.codebook), b-bit indices.
 """
@@ -51,6 +53,16 @@ class INQQuantizer(TrainableQuantizer):
         self.spec = source.spec.with_(signed=True, symmetric=True)
         self.register_buffer("levels", power_of_two_levels(weight, self.spec.bits))
         self.register_buffer("frozen", torch.zeros(weight.shape, dtype=torch.bool))
+        # the level index each frozen weight took, taken on its first use after freezing (``captured``)
+        self.register_buffer("frozen_codes", torch.zeros(weight.shape, dtype=torch.long))
+        self.register_buffer("captured", torch.zeros(weight.shape, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001 - torch hook
+        """A checkpoint written before the levels were held (only ``frozen``): they are taken again
+        from the latent weights on the next use, which is what that version's forward read."""
+        for name, like in (("frozen_codes", self.frozen_codes), ("captured", self.captured)):
+            state_dict.setdefault(prefix + name, torch.zeros_like(like))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def portion_at(self, epoch: int, epochs: int) -> float:
         """Accumulated portion quantized during ``epoch`` (0-based) of ``epochs``."""
@@ -74,18 +86,32 @@ class INQQuantizer(TrainableQuantizer):
         flat[chosen] = True
         self.frozen.copy_(flat.reshape(self.frozen.shape))
 
+    def level_index(self, x: torch.Tensor) -> torch.Tensor:
+        """Each weight's nearest level's index in ``levels`` (INQ eq. 3: thresholds at the midpoints)."""
+        c = self.levels
+        return torch.bucketize(x.detach().contiguous(), (c[1:] + c[:-1]) / 2)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Each weight's nearest level (INQ eq. 3)."""
-        c = self.levels
-        return c[torch.bucketize(x.detach().contiguous(), (c[1:] + c[:-1]) / 2)]
+        return self.levels[self.level_index(x)]
+
+    @torch.no_grad()
+    def held_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen weights' levels; a weight frozen since the last call takes its nearest
+        level of ``x`` now (on_epoch_start freezes on the same weight the next forward reads)."""
+        pending = self.frozen & ~self.captured
+        if bool(pending.any()):
+            self.frozen_codes.copy_(torch.where(pending, self.level_index(x), self.frozen_codes))
+            self.captured.copy_(self.frozen)
+        return self.levels[self.frozen_codes]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        quantized = self.project(x)
-        return torch.where(self.frozen, quantized.detach(), x)  # fixed where quantized, training elsewhere
+        held = self.held_levels(x).to(x.dtype)
+        return torch.where(self.frozen, held, x)  # fixed where quantized, training elsewhere
 
     def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.project(weight)  # the last portion: 100%
+        with torch.no_grad():  # the last portion (100%): the still-float weights take their nearest level
+            return torch.where(self.frozen, self.held_levels(weight).to(weight.dtype), self.project(weight))
 
     def deploy(self, weight: torch.Tensor | None = None) -> UniformQuantizer:
         return CodebookQuantizer(self.spec, self.levels, name=self.name, method="inq")
