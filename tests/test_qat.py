@@ -921,10 +921,12 @@ def _dampening_layer(mnist_cnn, weight_kind):
     from lowbit.qat.convert import to_training_form
 
     model, calib, _ = mnist_cnn
-    weights = {"bits": 2, "grid": "midtread" if weight_kind == "twn" else "midrise"}
+    weights = {"bits": 2, "grid": "midtread" if weight_kind.startswith("twn") else "midrise"}
+    if weight_kind == "twn-fullrange":  # the calibrated grid [−2, 1]: TWN's codes are still −1, 0, 1
+        weights["narrow_range"] = False
     qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": weights, "activations": {"bits": 8}},
                          calib=calib, progress=False)
-    to_training_form(qm, weight_kind, "lsq+", batches=[calib])
+    to_training_form(qm, weight_kind.split("-")[0], "lsq+", batches=[calib])
     layer = qm.layers[1].layer
     torch.manual_seed(0)
     with torch.no_grad():
@@ -945,7 +947,7 @@ def _grid_ends(layer, weight_kind, wf):
             f = layer.bn.weight_factor()
             return q.quantize_folded(-big, f).amin((1, 2, 3)).reshape(shape), q.quantize_folded(big, f).amax(
                 (1, 2, 3)).reshape(shape)
-        if weight_kind == "twn":
+        if weight_kind.startswith("twn"):
             a = wf.abs().reshape(wf.shape[0], -1)
             keep = a > 0.7 * a.mean(1, keepdim=True)
             alpha = (a * keep).sum(1) / keep.sum(1)
@@ -954,7 +956,7 @@ def _grid_ends(layer, weight_kind, wf):
         return -top.reshape(shape), top.reshape(shape)
 
 
-@pytest.mark.parametrize("weight_kind", ["lsq", "twn", "lqnet"])
+@pytest.mark.parametrize("weight_kind", ["lsq", "twn", "twn-fullrange", "lqnet"])
 def test_dampening_gradient_pulls_each_latent_weight_to_its_level_inside_the_grid_only(mnist_cnn, weight_kind):
     """∂/∂W of ‖sg(Q(W·f)) − clip(W·f, lo, hi)‖² is 2·(W·f − Q)·f between the grid's outer levels lo/hi and 0
     beyond them (Nagel et al. 2022 eq. 6), f = γ/σ held still. lo/hi are the grid's, not the levels in use."""

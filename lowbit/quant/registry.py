@@ -77,8 +77,8 @@ def spec_for_kind(kind: str | None, spec: Any) -> Any:
     levels per layer (TTQ, INQ)."""
     cls = TRAINABLE.get(kind or "uniform")
     need = getattr(cls, "grid_required", None)
-    if need is not None:
-        spec = spec.with_(grid=need[1], signed=True, symmetric=True)
+    if need is not None:  # (narrow: a ternary grid has codes −1, 0, 1 only, whatever the recipe's narrow_range)
+        spec = spec.with_(grid=need[1], signed=True, symmetric=True, narrow_range=True)
     if getattr(cls, "per_tensor_only", False):
         spec = spec.with_(per_channel=False)
     return spec

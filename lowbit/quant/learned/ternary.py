@@ -25,7 +25,7 @@ class TWNQuantizer(TrainableQuantizer):
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         super().__init__(source, role)
-        self.spec = source.spec.with_(signed=True, symmetric=True)
+        self.spec = source.spec.with_(signed=True, symmetric=True, narrow_range=True)  # codes −1, 0, 1 only
         self.signed = True
 
     def threshold_and_alpha(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
