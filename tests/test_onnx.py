@@ -4,6 +4,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import lowbit
 from lowbit.deploy.onnx_export import ExportError, export_onnx
@@ -80,6 +81,46 @@ def test_unsupported_op_is_named(tmp_path):
     qm = lowbit.quantize(WithSigmoid().eval(), "w8a8", calib=torch.randn(8, 4), progress=False)
     with pytest.raises(ExportError, match="sigmoid"):
         export_onnx(qm, tmp_path / "x.onnx", torch.randn(1, 4))
+
+
+def test_pooling_exports_its_padding_dilation_and_divisor_and_refuses_ceil_mode(tmp_path):
+    class Pools(nn.Module):
+        def __init__(self, ceil: bool = False):
+            super().__init__()
+            self.c, self.c2, self.fc, self.ceil = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Linear(8, 10), ceil
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.c(x)), 3, 2, 1, dilation=2)
+            x = F.avg_pool2d(F.relu(self.c2(x)), 3, stride=1, padding=1, ceil_mode=self.ceil)  # zeros counted
+            x = F.avg_pool2d(x, 2, count_include_pad=False, padding=1)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 20, 20)
+    qm = lowbit.quantize(Pools().eval(), "w8a8", calib=x, progress=False)
+    path = export_onnx(qm, tmp_path / "pools.onnx", x[:1])
+    with torch.no_grad():
+        assert torch.allclose(OnnxModel(path)(x), qm(x), atol=1e-4)
+    qm = lowbit.quantize(Pools(ceil=True).eval(), "w8a8", calib=x, progress=False)
+    with pytest.raises(ExportError, match="avg_pool2d with ceil_mode=True is not exported"):
+        export_onnx(qm, tmp_path / "ceil.onnx", x[:1])
+
+
+def test_a_one_bit_weight_layer_has_its_bias_on_the_int32_grid_as_onnx_runtime_runs_it(resnet20, cifar_slices,
+                                                                                        tmp_path):
+    """1-bit sign weights export as int8 codes ±1 (step s/2), which ONNX Runtime fuses into an integer conv that
+    rounds the bias: the model must round it too (it kept it float: logits 0.7 apart on average)."""
+    calib, test = cifar_slices
+    recipe = {"extends": "w4a4", "overrides": [{"pattern": "layer1.0.conv1", "w_bits": 1}]}
+    qm = lowbit.quantize(resnet20, recipe, calib=calib[:64], progress=False)
+    layer = qm.layers["layer1.0.conv1"].layer
+    assert layer.weight_quantizer.spec.bits == 1 and not torch.equal(layer.quantized_bias(), layer.bias)
+    path = export_onnx(qm, tmp_path / "w1.onnx", calib[:1])
+    x = test[0][:100]
+    with torch.no_grad():
+        ours, runtime = qm(x), OnnxModel(path)(x)
+    assert float((ours - runtime).abs().mean()) < 0.05  # (4-bit rounding ties aside, as the plain w4a4 export)
+    assert (ours.argmax(1) == runtime.argmax(1)).float().mean() >= 0.97
 
 
 def test_missing_onnx_file_is_a_clear_error(tmp_path):

@@ -40,6 +40,38 @@ class ExportError(LowbitError):
     """The model holds an op or a quantizer the ONNX exporter cannot express."""
 
 
+_POOL_PARAMETERS = {True: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                    False: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")}
+_POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False,
+                  "count_include_pad": True, "divisor_override": None}
+
+
+def pool_attributes(node: fx.Node, max_pool: bool) -> dict[str, Any]:
+    """ONNX MaxPool / AveragePool attributes for an F.max_pool2d / F.avg_pool2d call, every argument
+    read (padding, dilation, count_include_pad): one left out silently changes the result. What ONNX
+    cannot say the same way (ceil_mode, whose last-window rule differs between runtimes; indices;
+    a divisor override) is an ExportError naming it."""
+    names = _POOL_PARAMETERS[max_pool]
+    given = {**_POOL_DEFAULTS, **dict(zip(names, node.args[1:])), **node.kwargs}
+    for name in ("ceil_mode", "return_indices", "divisor_override"):  # each off when None or False
+        if name in names and given[name] not in (None, False):
+            raise ExportError(f"{node.name}: {'max' if max_pool else 'avg'}_pool2d with {name}={given[name]!r} is "
+                              "not exported")
+
+    def pair(v: Any) -> list[int]:
+        return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+    kernel = pair(given["kernel_size"])
+    pad = pair(given["padding"])
+    attrs: dict[str, Any] = {"kernel_shape": kernel, "strides": pair(given["stride"] or kernel),
+                             "pads": pad + pad}
+    if max_pool:
+        attrs["dilations"] = pair(given["dilation"])
+    else:  # PyTorch counts the zero padding in each window's divisor by default; ONNX does not
+        attrs["count_include_pad"] = int(bool(given["count_include_pad"]))
+    return attrs
+
+
 class _Builder:
     def __init__(self, gm: fx.GraphModule) -> None:
         import onnx  # noqa: F401 - fail early with a clear message if missing
@@ -355,14 +387,11 @@ class _Builder:
                 raise ExportError(f"{node.name}: adaptive_avg_pool2d to {size} is not exported (global pooling only)")
             return self.op("GlobalAveragePool", [self.arg(node.args[0])], "gap")
         if t in (F.max_pool2d, F.avg_pool2d):
-            k = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
-            k = [k, k] if isinstance(k, int) else list(k)
-            stride = node.kwargs.get("stride", node.args[2] if len(node.args) > 2 else None) or k
-            stride = [stride, stride] if isinstance(stride, int) else list(stride)
+            attrs = pool_attributes(node, max_pool=t is F.max_pool2d)
             if t is F.max_pool2d:  # on the codes when its input is quantized: max commutes with Q
                 x = self.quantize_early(node, self.arg(node.args[0]))
-                return self.on_codes(x, "MaxPool", [], "pool", kernel_shape=k, strides=stride)
-            return self.op("AveragePool", [self.arg(node.args[0])], "pool", kernel_shape=k, strides=stride)
+                return self.on_codes(x, "MaxPool", [], "pool", **attrs)
+            return self.op("AveragePool", [self.arg(node.args[0])], "pool", **attrs)
         if t is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             return self.flatten(self.quantize_early(node, self.arg(node.args[0])), int(start))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import RecipeError
+from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.functional import round_ste
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec, weight_spec_at
@@ -136,9 +137,11 @@ class QuantLayer(nn.Module):
         q_in, q_w = self.input_ref[0], self.weight_quantizer
         if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
             return b
-        if not q_in.integer_kernel or not q_w.integer_kernel:
+        if not q_in.integer_kernel or isinstance(q_w, CodebookQuantizer):
             # binary or codebook inputs, or codebook weights: no integer kernel runs this layer (the
-            # exporter rebuilds a codebook weight in float), so its bias has no int32 grid either
+            # exporter rebuilds a codebook weight in float), so its bias has no int32 grid either. 1-bit
+            # sign weights do run on one (int8 codes ±1, step s/2: ONNX Runtime fuses them into an integer
+            # conv and rounds a float bias itself), so theirs is on the grid like every integer layer's.
             return b
         step = q_in.scale * self.weight_step()
         return round_ste(b / step) * step
