@@ -289,9 +289,22 @@ def test_reconstruction_resumes_from_its_checkpoint(mnist_cnn, tmp_path, monkeyp
     qm = lowbit.quantize(model, recipe, calib=calib, progress=False)
     assert calls == ["conv3", "linear"]  # the first two units were restored, not redone
     assert json.loads((ckpt / "progress.json").read_text())["units_done"] == 4
+    straight = lowbit.quantize(model, {**BAD, "steps": ["calibrate", {"adaround": {"iters": 10}}]}, calib=calib,
+                               progress=False)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), qm.state_dict().items()):
+        assert torch.equal(a, b), k  # the sampler resumed where it was: the same batches, the same result
     other = {**BAD, "steps": ["calibrate", {"adaround": {"iters": 11, "checkpoint": str(ckpt)}}]}
     with pytest.raises(LowbitError, match="different reconstruction"):
         lowbit.quantize(model, other, calib=calib, progress=False)
+    elsewhere = {**recipe, "weights": {**BAD.get("weights", {}), "bits": 3}}  # another start, same settings
+    with pytest.raises(LowbitError, match="another starting point"):
+        lowbit.quantize(model, elsewhere, calib=calib, progress=False)
+    with pytest.raises(LowbitError, match="another starting point"):
+        lowbit.quantize(model, recipe, calib=calib[: len(calib) // 2], progress=False)
+    state = next(ckpt.glob("state*.safetensors"))
+    state.write_bytes(state.read_bytes()[:100])  # damaged on disk
+    with pytest.raises(LowbitError, match="cannot read reconstruction checkpoint .*delete the directory"):
+        lowbit.quantize(model, recipe, calib=calib, progress=False)
     assert qm.calibrated
 
 

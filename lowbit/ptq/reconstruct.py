@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -118,8 +119,9 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
         qm.meta.setdefault("reconstruction", []).append({"method": method, **asdict(cfg), "seed": seed,
                                                          "final_losses": losses})
         return losses
-    state = _Checkpoint(checkpoint, method, cfg, [u.name for u in units]) if checkpoint else None
-    done = state.load(qm) if state else 0
+    state = _Checkpoint(checkpoint, method, cfg, [u.name for u in units], start_summary(qm, x, seed)) \
+        if checkpoint else None
+    done = state.load(qm, gen) if state else 0
     fp_logits = None
     if cfg.pd_weight > 0:
         with qm.float_reference():
@@ -148,7 +150,7 @@ def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method,
                 losses[unit.name] = _block(qm, cfg, unit, step.fp_in, step.q_in, step.fp_out, units[k + 1:],
                                            fp_logits, gen, progress)
             if state:
-                state.save(qm, k + 1)
+                state.save(qm, k + 1, gen)
         bar.update(1)
     bar.close()
 
@@ -325,34 +327,78 @@ def _cosine_lr(opt: torch.optim.Optimizer, groups: list[dict[str, Any]], step: i
 
 
 # -- resumable state ---------------------------------------------------------------------
+GENERATOR_KEY = "rng/generator"  # the batch sampler's state beside the model's tensors
+
+
+def start_summary(qm, x: torch.Tensor, seed: int) -> dict[str, Any]:
+    """What the reconstruction starts from: each tensor of the model's state (weights, biases,
+    quantizer parameters the steps before it left: bits show in the ranges) and the calibration
+    inputs as (shape, sum, sum of |.|), and the seed. A checkpoint resumes only onto the same
+    start: another model, other bits or other data would otherwise load the first run's weights
+    without a word. Sums, not a hash: a resumed process with another thread count may calibrate
+    to the last bit differently, which must not refuse the resume (see :func:`same_start`)."""
+    def stats(t: torch.Tensor) -> list[Any]:
+        t = t.detach().double()
+        return [list(t.shape), float(t.sum()), float(t.abs().sum())]
+
+    return {"seed": seed, "inputs": stats(x),
+            "state": {name: stats(t) for name, t in qm.state_dict().items() if t.is_floating_point()}}
+
+
+def same_start(saved: dict[str, Any], now: dict[str, Any], rtol: float = 1e-4) -> bool:
+    """Whether two :func:`start_summary` results describe one start, to float noise."""
+    if saved.get("seed") != now["seed"] or set(saved.get("state", {})) != set(now["state"]):
+        return False
+    pairs = [(saved["inputs"], now["inputs"])] + [(saved["state"][k], v) for k, v in now["state"].items()]
+    return all(a[0] == b[0] and all(math.isclose(p, q, rel_tol=rtol, abs_tol=1e-6) for p, q in zip(a[1:], b[1:]))
+               for a, b in pairs)
+
+
 class _Checkpoint:
     """Model state after each finished unit (safetensors) + what produced it (JSON)."""
 
-    def __init__(self, path: str | Path, method: str, cfg: ReconConfig, unit_names: list[str]) -> None:
+    def __init__(self, path: str | Path, method: str, cfg: ReconConfig, unit_names: list[str],
+                 start: dict[str, Any]) -> None:
         self.dir = Path(path)
         self.info = {"method": method, "config": asdict(cfg), "units": unit_names}
+        self.start = start
 
-    def load(self, qm) -> int:
+    def load(self, qm, gen: torch.Generator) -> int:
+        """Units already done (0 without a checkpoint), their result loaded into ``qm`` and the
+        batch sampler ``gen`` put where the interrupted run had it, so the rest draws the same batches."""
         meta = self.dir / "progress.json"
         if not meta.exists():
             return 0
+        problem = f"cannot read reconstruction checkpoint {self.dir}"
         try:
             saved = json.loads(meta.read_text())
             if not isinstance(saved, dict):
                 raise ValueError("progress.json is not a JSON object")
             weights = committed_tensors(self.dir, saved, "state.safetensors")
         except (OSError, ValueError) as e:
-            raise LowbitError(f"cannot read reconstruction checkpoint {self.dir}: {e}; delete the directory") from e
+            raise LowbitError(f"{problem}: {e}; delete the directory") from e
         if {k: saved.get(k) for k in self.info} != self.info:
             raise LowbitError(f"checkpoint {self.dir} was written by a different reconstruction "
                               f"({saved.get('method')}, other settings); delete it or pick another directory")
+        if "start" in saved and not same_start(saved["start"], self.start):  # (older checkpoints do not say)
+            raise LowbitError(f"checkpoint {self.dir} was written from another starting point (another model, "
+                              "recipe, bits, earlier steps or calibration data); delete it or pick another directory")
         if not weights.exists():
             raise LowbitError(f"checkpoint {self.dir}: progress.json without {weights.name}; delete the directory")
-        qm.load_state_dict(load_file(str(weights)))
-        return int(saved["units_done"])
+        try:
+            tensors = load_file(str(weights))
+            generator = tensors.pop(GENERATOR_KEY, None)
+            qm.load_state_dict(tensors)
+            done = int(saved["units_done"])
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            raise LowbitError(f"{problem}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                              "delete the directory") from e
+        if generator is not None:
+            gen.set_state(generator)
+        return done
 
-    def save(self, qm, units_done: int) -> None:
-        """The model after ``units_done`` units and the progress naming it, as one commit."""
+    def save(self, qm, units_done: int, gen: torch.Generator) -> None:
+        """The model after ``units_done`` units, the sampler's state and the progress naming them, as one commit."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        commit_state(self.dir, "state", units_done, qm.state_dict(), "progress.json",
-                     {**self.info, "units_done": units_done})
+        commit_state(self.dir, "state", units_done, {**qm.state_dict(), GENERATOR_KEY: gen.get_state()},
+                     "progress.json", {**self.info, "start": self.start, "units_done": units_done})
