@@ -47,8 +47,9 @@ def commit_state(folder: Path, stem: str, tag: int | str, tensors: Mapping[str, 
     name = f"{stem}-{tag}.safetensors"
     atomic_save_tensors(tensors, folder / name, metadata)
     atomic_write_text(folder / side_name, json.dumps({**side, "tensors": name}, indent=1, sort_keys=True, default=str))
-    for old in folder.glob(f"{stem}*.safetensors"):
-        if old.name != name:
+    for old in folder.glob(f"{stem}*.safetensors"):  # this function's own earlier files only (and the legacy
+        tag_part = old.name[len(stem):-len(".safetensors")]  # fixed name), never e.g. a user's state_backup
+        if old.name != name and (tag_part == "" or (tag_part.startswith("-") and tag_part[1:].isdigit())):
             old.unlink(missing_ok=True)
 
 

@@ -335,3 +335,21 @@ def test_cli_dataset_that_does_not_fit_the_model_is_named(capsys, data_dir, mode
     err = capsys.readouterr().err
     assert "layer `conv1` (Conv2d) expects a 4-D (N, C, H, W) input with 3 channels" in err
     assert "--dataset mnist does not fit --model resnet20" in err and "Traceback" not in err
+
+
+def test_a_state_commit_removes_only_its_own_earlier_tensors_files(tmp_path):
+    """lowbit.state_io.commit_state drops the tensors file the JSON no longer names, and the legacy fixed
+    name, but never another file that merely starts with the stem (a user's state_backup.safetensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lowbit.state_io import commit_state, committed_tensors
+
+    for name in ("state.safetensors", "state-3.safetensors", "state_backup.safetensors", "statement.safetensors"):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name))
+    commit_state(tmp_path, "state", 4, {"x": torch.ones(2)}, "side.json", {"epoch": 4})
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "state-4.safetensors", "state_backup.safetensors", "statement.safetensors"]
+    side = json.loads((tmp_path / "side.json").read_text())
+    assert committed_tensors(tmp_path, side, "state.safetensors").name == "state-4.safetensors"
