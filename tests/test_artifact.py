@@ -186,3 +186,20 @@ def test_truncated_header_tensor_is_named(small, tmp_path):
     save_file(tensors, str(path), metadata={"lowbit": "3"})
     with pytest.raises(ArtifactError, match="header is corrupt"):
         lowbit.load(path)
+
+
+def test_a_loaded_artifact_has_no_float_reference_unless_given_its_float_model(resnet20, cifar_slices, tmp_path):
+    """An artifact holds quantized weights only: rebuilt from the zoo name, the network's own weights are its
+    random initialisation, so a step that compares with the float network must refuse rather than use them;
+    with the float model passed, it is that model."""
+    calib, _ = cifar_slices
+    qm = lowbit.quantize(resnet20, "w8a8", calib=calib[:64], progress=False)
+    path = lowbit.save(qm, tmp_path / "r.lowbit")
+    bare = lowbit.load(path)
+    with pytest.raises(lowbit.LowbitError, match="loaded without its float model .*load\\(path, model="):
+        with bare.float_reference():
+            pass
+    given = lowbit.load(path, model=resnet20)
+    with torch.no_grad(), given.float_reference():
+        assert torch.allclose(given(calib[:4]), resnet20(calib[:4]), atol=1e-4)
+    assert torch.equal(bare(calib[:4]), qm(calib[:4])) and torch.equal(given(calib[:4]), qm(calib[:4]))

@@ -260,18 +260,26 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
     """Rebuild the saved QuantModel; outputs equal the saved model's bit for bit.
 
     Zoo models rebuild themselves from the header; for other models pass the float
-    architecture as ``model`` (its weights are not used).
+    architecture as ``model``. The stored weights replace the model's; the model's own weights
+    become the float reference that steps comparing with the float network read (bias
+    correction, GPTQ's float target, reconstruction, the analyzer, distillation), so pass the
+    trained float model to run those on a loaded artifact; without one they are refused.
     """
     from lowbit.api import prepare
     from lowbit.zoo import build
 
     header, codes, floats = read_header(path)
+    given = model is not None
     if model is None:
         arch = header.get("arch")
         if not arch:
             raise ArtifactError(f"{path} holds no architecture name: pass the float model, load(path, model=...)")
         model = build(arch["name"], **arch.get("kwargs", {}))
     qm = prepare(model, header["recipe"])
+    if not given:  # the rebuilt network's own weights are its random initialisation, not a float reference
+        qm.no_float_reference = (f"{Path(path).name} was loaded without its float model (an artifact stores the "
+                                 "quantized weights only); load it with load(path, model=<the float model>) to "
+                                 "correct, reconstruct, analyse or distil against the float network")
     if qm.layers.names() != [r["name"] for r in header["layers"]]:
         raise ArtifactError(f"{path}: its layers {[r['name'] for r in header['layers']]} do not match the model's "
                             f"{qm.layers.names()}")

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import torch
 from torch import fx, nn
 
-from lowbit.errors import NumericalError, RecipeError, UnsupportedModelError
+from lowbit.errors import LowbitError, NumericalError, RecipeError, UnsupportedModelError
 from lowbit.model import graph as G
 from lowbit.model.fold_bn import BNPrior, fold_batchnorms
 from lowbit.model.layer_table import LayerRecord, LayerTable
@@ -127,6 +127,9 @@ class QuantModel(nn.Module):
         tensors = list(self.net.parameters()) + [b for b in self.net.buffers()
                                                  if b.is_floating_point() and id(b) not in quantizer_buffers]
         self._float_copy: list[tuple[torch.Tensor, torch.Tensor]] = [(t, t.detach().clone()) for t in tensors]
+        # why float_reference cannot run, when the float weights are not known (an artifact loaded
+        # without its float model stores only the quantized weights); None: they are known
+        self.no_float_reference: str | None = None
 
     # -- construction -------------------------------------------------------------------
     def _skip(self, name: str, keep_float: list[str]) -> bool:
@@ -286,6 +289,9 @@ class QuantModel(nn.Module):
         at its value from before any algorithm edited it (the teacher of reconstruction).
         ``activations=True`` keeps the activation quantizers as they are: the float weights
         as built behind quantized activations (the analyzer's activations-only network)."""
+        if self.no_float_reference is not None:
+            raise LowbitError(f"this step compares with the float network, which is not known here: "
+                              f"{self.no_float_reference}")
         saved = [p.data for p, _ in self._float_copy]
         try:
             for p, f in self._float_copy:
