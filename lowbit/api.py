@@ -62,6 +62,9 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
     A recipe with ``widen: k`` wraps a k× wider copy computing the same function (WRPN)."""
     if not isinstance(model, nn.Module):
         raise LowbitError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, QuantModel):
+        raise LowbitError("quantize got a QuantModel, which is already quantized: pass the float model it was made "
+                          "from (a QuantModel trains further with lowbit.train_qat)")
     r = load_recipe(recipe)
     if r.widen != 1:
         from lowbit.model.widen import widen
@@ -126,6 +129,23 @@ def quantize(
     return qm
 
 
+def check_labels(y: Any, logits: torch.Tensor, seen: int) -> None:
+    """Labels a top-1 count can read: one integer class index per input, inside the model's classes.
+    (An (N, 1) label tensor broadcasts against the (N,) predictions to N×N and reports top-1 far
+    above 100%; an index outside the classes can never be right.)"""
+    where = f"labels of the batch starting at sample {seen}"
+    if not isinstance(y, torch.Tensor):
+        raise LowbitError(f"{where} are a {type(y).__name__}, not a tensor")
+    if y.dim() != 1 or y.shape[0] != logits.shape[0]:
+        raise LowbitError(f"{where} have shape {tuple(y.shape)}; evaluate needs one class index per input, shape "
+                          f"({logits.shape[0]},)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise LowbitError(f"{where} are {y.dtype}; class indices are integers")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise LowbitError(f"{where} run from {int(y.min())} to {int(y.max())}; the model has {logits.shape[1]} "
+                          f"classes (0 to {logits.shape[1] - 1})")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], progress: bool = False, desc: str = "evaluate") -> float:
     """Top-1 accuracy in [0, 1] over (input, label) batches."""
@@ -140,6 +160,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], progress: bool = False, desc
             if total == 0:
                 probe_forward(model, x, "test batch 0")
             logits = model(x)
+            check_labels(y, logits, total)
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())
     finally:

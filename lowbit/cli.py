@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit.errors import DataMismatchError, LowbitError, RecipeError
+from lowbit.state_io import atomic_write_text
 
 # The main job shows lowbit at its best in a few minutes: plain calibration at 8 bits, the plain
 # W4A4 flow ending with match_moments (90.49 on ResNet-20 over 3 seeds, 9 s quiet) and at 2-bit weights
@@ -233,7 +234,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str
     args._payload = payload  # for --mlflow
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
+        atomic_write_text(args.json, json.dumps(payload, indent=2, default=str))
         print(f"wrote {args.json}")
 
 
@@ -391,13 +392,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     from lowbit.mixed.search import search_subsets
     from lowbit.recipes.recipe import load_recipe
 
+    if args.candidates and args.method != "hawq":
+        raise LowbitError("--candidates is a HAWQ option (MSQ lowers one bit at a time)")
+    if args.bops_ratio is not None and args.method != "hawq":
+        raise LowbitError("--bops-ratio is a HAWQ option: MSQ's search has no BOPs cap, so it would be ignored")
+    if args.checkpoint is not None and args.method == "hawq":
+        raise LowbitError("--checkpoint is an MSQ option: HAWQ's search is one pass with nothing to resume, so it "
+                          "would be ignored")
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
     recipe = load_recipe(args.recipe)
     calib, val = search_subsets(train, recipe, args.val_samples)
     target = {"target_ratio": args.target_ratio, "target_bits": args.target_bits}
-    if args.candidates and args.method != "hawq":
-        raise LowbitError("--candidates is a HAWQ option (MSQ lowers one bit at a time)")
     if args.method == "msq":
         from lowbit.mixed.msq import msq_search
 
@@ -414,8 +420,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     plan_path = result.plan.save(args.out)
     s = result.plan.meta
-    print(f"{args.method}: {s['mean_w_bits']:.3f} mean weight bits, {s['weight_compression']:.2f}x weight compression "
-          f"(budget {result.budget_bits} bits), {result.calibrations} calibrations, {result.seconds:.0f} s; "
+    print(f"{args.method}: {s['mean_w_bits']:.3f} mean weight bits, {s['weight_compression']:.2f}x weight-code "
+          f"compression (budget {result.budget_bits} code bits; per-channel scales and codebooks add to the stored "
+          f"size), {result.calibrations} calibrations, {result.seconds:.0f} s; "
           f"wrote {plan_path}")
     payload: dict[str, Any] = {"model": args.model, "dataset": dataset, "search": result.to_dict()}
     rows = [{"layer": n, **b} for n, b in result.plan.layers.items()]

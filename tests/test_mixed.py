@@ -156,6 +156,17 @@ def test_choose_layer_follows_algorithm_1(resnet20):
         choose_layer(space, plan, gains, rank="random")
 
 
+def test_a_weights_only_plan_leaves_activations_to_the_recipe_it_is_applied_with(resnet20):
+    """A plan searched with w4a8 at lower: weights carries no a_bits, so with w4a4 the activations stay at 4 bits
+    (it pinned every layer's inputs at the search recipe's 8 while the run said w4a4)."""
+    space = SearchSpace.build(resnet20, lowbit.recipes.recipe.load_recipe("w4a8"), b_min=2, b_max=6)
+    plan = space.with_bits(space.start(), "layer2.0.conv1", 3)
+    assert all("a_bits" not in b for b in plan.layers.values())
+    qm = lowbit.api.prepare(resnet20, lowbit.recipes.recipe.load_recipe("w4a4").with_plan(plan))
+    assert qm.layers["layer2.0.conv1"].w_bits == 3 and qm.layers["layer2.0.conv1"].a_bits == 4
+    assert qm.layers["layer3.0.conv2"].a_bits == 4 and qm.layers["conv1"].a_bits == 8  # first layer: first_last_bits
+
+
 def test_lower_both_moves_weight_and_input_bits_together(resnet20):
     recipe = lowbit.recipes.recipe.load_recipe("w4a8")
     space = SearchSpace.build(resnet20, recipe, b_min=2, b_max=6, lower="both")
@@ -318,11 +329,12 @@ def test_hawq_bops_budget_is_honoured(mnist_labelled):
     with torch.no_grad(), qm.float_reference():
         qm(calib[0][:2])                                   # fills the MAC counts
     macs = {r.name: r.macs for r in qm.layers}
+    a_bits = {r.name: r.a_bits for r in qm.layers}  # the recipe's: a weights-only plan carries none
 
     def bops(plan):
-        return sum(macs[n] * b["w_bits"] * b["a_bits"] for n, b in plan.layers.items())
+        return sum(macs[n] * b["w_bits"] * a_bits[n] for n, b in plan.layers.items())
 
-    full = sum(macs[n] * 4 * b["a_bits"] for n, b in free.plan.layers.items())
+    full = sum(macs[n] * 4 * a_bits[n] for n in free.plan.layers)
     assert bops(capped.plan) <= full / 2.0 < bops(free.plan)
 
 
@@ -412,6 +424,11 @@ def test_hawq_over_kinds_picks_the_cheaper_kind_and_the_plan_trains(mnist_labell
                                                          "lr": 0.002, "val_samples": 200}}]}
     if not any(k == "kmeans" for _, k in kinds.values()):
         recipe["steps"].remove("kmeans")
+    # the same plan with a recipe whose steps cannot make its kinds: refused, not run on the uniform grid
+    with pytest.raises(RecipeError, match=r"the plan give\(s\) layers (the QAT weight kind|w_quantizer kmeans)"):
+        lowbit.load_recipe({**recipe, "steps": ["calibrate"]})
+    with pytest.raises(RecipeError, match=r"the plan give\(s\) layers (the QAT weight kind|w_quantizer kmeans)"):
+        lowbit.load_recipe(MNIST_BACKEND).with_plan(res.plan)
     qm = lowbit.quantize(model, recipe, calib=calib[0], train=mnist_train, progress=False)
     methods = {r.name: r.quantizer for r in qm.layers}
     for n, (bits, kind) in kinds.items():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import lowbit
 from lowbit.cli import main
 from lowbit.data.user import load_factory, load_user_data
 from lowbit.errors import LowbitError
@@ -138,3 +139,36 @@ def test_user_data_and_model_errors_name_the_problem(user_project, tmp_path, cap
         load_user_data(f"tensors:{bad}")
     with pytest.raises(LowbitError, match="--std gives 2 values for images with 1 channels"):
         load_user_data(f"imagefolder:{root / 'images'}", None, [0.3, 0.3])
+
+
+def test_labels_and_splits_that_would_score_wrong_are_refused(tmp_path, capsys):
+    """(N, 1) labels broadcast against (N,) predictions and reported top-1 far above 100%; labels outside the
+    classes and a uint8 train split beside a float test split (calibrated on [0, 1], scored on 0-255) were
+    accepted without a word."""
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 255, (6, 1, 4, 4), dtype=np.uint8)
+    column = tmp_path / "column.npz"
+    np.savez(column, x_train=x8, y_train=(np.arange(6) % 3)[:, None], x_test=x8, y_test=np.arange(6) % 3)
+    with pytest.raises(LowbitError, match="y_train \\(shape \\(N,\\)\\); got \\(6, 1, 4, 4\\) and \\(6, 1\\)"):
+        load_user_data(f"tensors:{column}")
+    mixed = tmp_path / "mixed.npz"
+    np.savez(mixed, x_train=x8, y_train=np.arange(6) % 3, x_test=x8.astype(np.float32), y_test=np.arange(6) % 3)
+    with pytest.raises(LowbitError, match="x_train is uint8 and x_test is float32"):
+        load_user_data(f"tensors:{mixed}")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4)
+    for y, message in [(torch.arange(6).reshape(6, 1) % 3, "shape \\(6, 1\\); evaluate needs one class index"),
+                       (torch.tensor([0, 1, 2, 3, 0, 1]), "run from 0 to 3; the model has 3 classes"),
+                       (torch.tensor([0, 1, -1, 0, 1, 2]), "run from -1 to 2"),
+                       (torch.zeros(6), "are torch.float32; class indices are integers")]:
+        with pytest.raises(LowbitError, match=message):
+            lowbit.evaluate(net, [(x, y)])
+    assert lowbit.evaluate(net, [(x, torch.arange(6) % 3)]) >= 0.0
+    qm = lowbit.quantize(net, "w8a8", calib=x, progress=False)
+    with pytest.raises(LowbitError, match="already quantized: pass the float model"):
+        lowbit.quantize(qm, "w8a8", calib=x, progress=False)
+    assert main(["search", "--method", "msq", "--bops-ratio", "2", "--target-bits", "4", "--no-progress"]) == 2
+    assert "--bops-ratio is a HAWQ option" in capsys.readouterr().err
+    assert main(["search", "--method", "hawq", "--checkpoint", str(tmp_path / "c"), "--target-bits", "4",
+                 "--no-progress"]) == 2
+    assert "--checkpoint is an MSQ option" in capsys.readouterr().err

@@ -235,6 +235,11 @@ def test_train_resumes_from_checkpoint(mnist_train: object, tmp_path: Path) -> N
     assert side["epoch"] == 1 and side["optimizer"] == "sgd"
     tensors = load_file(str(ckpt))
     assert "model/conv1.weight" in tensors and any(k.startswith("optim/") for k in tensors)
+    # killed after the tensors file and before the sidecar: the sidecar still says epoch 0, and the epoch
+    # counter must come from the tensors file itself, or epoch 1 would be trained twice
+    (tmp_path / "run" / "ckpt.safetensors.json").write_text(json.dumps({**side, "epoch": 0}))
+    with pytest.raises(LowbitError, match="lr: checkpoint 0.02, now 0.03"):  # another schedule: refused
+        train_classifier(build("small_cnn"), loader, epochs=2, lr=0.03, checkpoint=ckpt, progress=False)
 
     torch.manual_seed(123)  # different init: everything must come from the checkpoint
     resumed = train_classifier(build("small_cnn"), loader, epochs=2, lr=0.02, checkpoint=ckpt, progress=False)

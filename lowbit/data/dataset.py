@@ -32,6 +32,8 @@ class ImageDataset(Dataset):
     ) -> None:
         self.images = torch.as_tensor(images, dtype=torch.uint8)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
+        if self.labels.ndim != 1:
+            raise LowbitError(f"labels must be one class index per image, shape (N,), got {tuple(self.labels.shape)}")
         if self.images.ndim != 4 or self.images.shape[0] != self.labels.shape[0]:
             raise LowbitError(
                 f"images must be N×C×H×W matching {self.labels.shape[0]} labels, got {tuple(self.images.shape)}"

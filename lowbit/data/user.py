@@ -111,12 +111,16 @@ def _npz(path: Path, mean, std) -> tuple[Dataset, Dataset]:
     missing = [k for k in need if k not in data.files]
     if missing:
         raise LowbitError(f"{path} lacks {missing}; it holds {sorted(data.files)} (need {', '.join(need)})")
+    if data["x_train"].dtype != data["x_test"].dtype:  # uint8 is scaled to [0, 1], floats taken as they are
+        raise LowbitError(f"{path}: x_train is {data['x_train'].dtype} and x_test is {data['x_test'].dtype}; both "
+                          "splits must be uint8 pixels or both floats, or calibration and scoring see different "
+                          "scales")
     out = []
     for split in ("train", "test"):
         x, y = data[f"x_{split}"], data[f"y_{split}"]
-        if x.ndim != 4 or len(x) != len(y):
-            raise LowbitError(f"{path}: x_{split} must be N×C×H×W with one label per image in y_{split}; got "
-                              f"{x.shape} and {y.shape}")
+        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+            raise LowbitError(f"{path}: x_{split} must be N×C×H×W with one label per image in y_{split} (shape "
+                              f"(N,)); got {x.shape} and {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise LowbitError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
         if x.dtype == np.uint8:

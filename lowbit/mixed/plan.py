@@ -16,6 +16,7 @@ from lowbit.errors import BitsError, LowbitError, RecipeError
 from lowbit.model.layer_table import FLOAT_BITS, LayerTable
 from lowbit.quant.registry import check_kind
 from lowbit.quant.spec import MAX_BITS
+from lowbit.state_io import atomic_write_text
 
 PLAN_FORMAT = "lowbit-plan/1"
 BIT_KEYS = ("w_bits", "a_bits")
@@ -77,7 +78,7 @@ class Plan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))  # a killed save leaves the old plan whole
         return path
 
     def apply(self, table: LayerTable) -> None:
@@ -111,6 +112,10 @@ class Plan:
             if first[1] != bits["a_bits"]:
                 raise LowbitError(f"plan gives a_bits {first[1]} to {first[0]!r} and {bits['a_bits']} to {name!r}, "
                                   "but both read the same tensor through one activation quantizer; give them equal a_bits")
+
+    def kinds(self) -> set[str]:
+        """The per-layer weight kinds the plan names (k-means, binary, ... ; empty: the recipe's own)."""
+        return {str(b[KIND_KEY]) for b in self.layers.values() if KIND_KEY in b}
 
     def weight_bits(self, params: Mapping[str, int]) -> int:
         """Stored weight-code bits of the listed layers (the size a search budgets)."""

@@ -14,6 +14,7 @@ from lowbit.errors import BitsError, LowbitError
 from lowbit.mixed.plan import Plan, check_plan_bits
 from lowbit.model.layer_table import FLOAT_BITS
 from lowbit.recipes.recipe import Recipe
+from lowbit.state_io import atomic_write_text
 
 Labelled = tuple[torch.Tensor, torch.Tensor]
 
@@ -70,7 +71,10 @@ class SearchSpace:
         searchable = [n for n in names if n not in frozen]
         if not searchable:
             raise LowbitError("nothing to search: every quantized layer is frozen by first_last_bits")
-        return cls(names, {r.name: r.params for r in table}, Plan(table.plan()), searchable, b_min, b_max, lower)
+        base = table.plan()
+        if lower == "weights":  # a weights-only plan leaves activations to whichever recipe it is applied with
+            base = {n: {k: v for k, v in b.items() if k != "a_bits"} for n, b in base.items()}
+        return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower)
 
     def start(self) -> Plan:
         """Every searchable layer at B_max (Algorithm 1's initialisation)."""
@@ -146,5 +150,5 @@ class SearchResult:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))  # a long search's result: never half-written
         return path

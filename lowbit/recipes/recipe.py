@@ -172,19 +172,15 @@ class Recipe:
             raise RecipeError(f"steps must be a non-empty list such as [calibrate], got {raw_steps!r}")
         steps = [_parse_step(s, i) for i, s in enumerate(raw_steps)]
         names = [n for n, _ in steps]
-        layer_kinds = {o["w_quantizer"] for o in overrides if "w_quantizer" in o}
-        if layer_kinds - {"uniform", "kmeans"} and "qat" not in names:
-            raise RecipeError(f"overrides give layers the QAT weight kind(s) {sorted(layer_kinds - {'uniform', 'kmeans'})}, "
-                              "which only a `qat` step trains: add one to the steps")
-        if "kmeans" in layer_kinds and ("kmeans" not in names or ("qat" in names and "kmeans" not in names[:names.index("qat")])):
-            raise RecipeError("overrides give layers w_quantizer kmeans: the steps need a `kmeans` step (before any "
-                              "`qat`) to cluster them, e.g. [calibrate, kmeans]")
+        check_layer_kinds({o["w_quantizer"] for o in overrides if "w_quantizer" in o}, names, "overrides")
         if weights.quantizer == "kmeans" and ("qat" not in names or "kmeans" not in names[:names.index("qat")]):
             raise RecipeError("weights.quantizer kmeans fine-tunes k-means centroids in a `qat` step: the steps need "
                               "`kmeans` before `qat`, e.g. [calibrate, kmeans, qat]")
         if data.get("plan") is not None and not isinstance(data["plan"], (str, dict)):
             raise RecipeError(f"plan must be a plan file path or a mapping, got {data['plan']!r}")
         plan = load_plan(data["plan"]) if data.get("plan") is not None else None
+        if plan is not None:
+            check_layer_kinds(plan.kinds(), names, "the plan")
         fold_bn = data.get("fold_bn", True)
         quantize_adds = data.get("quantize_adds", True)
         for key, value in (("fold_bn", fold_bn), ("quantize_adds", quantize_adds)):
@@ -231,10 +227,26 @@ class Recipe:
 
     def with_plan(self, plan: "Plan | None") -> "Recipe":
         """The same recipe with a mixed-precision plan applied last (replacing any plan)."""
+        if plan is not None:
+            check_layer_kinds(plan.kinds(), [n for n, _ in self.steps], "the plan")
         out = copy.copy(self)
         out.plan = plan
         out.source = {**self.source, "plan": plan.to_dict()} if plan is not None else dict(self.source)
         return out
+
+
+def check_layer_kinds(kinds: set[str], step_names: list[str], source: str) -> None:
+    """Per-layer weight kinds (overrides or a plan) need the step that makes them: a QAT kind a
+    `qat` step, k-means a `kmeans` step before any `qat`. Without it the layer would stay on the
+    recipe's uniform grid while the plan or the layer table says otherwise."""
+    trained = kinds - {"uniform", "kmeans"}
+    if trained and "qat" not in step_names:
+        raise RecipeError(f"{source} give(s) layers the QAT weight kind(s) {sorted(trained)}, which only a `qat` step "
+                          "trains: add one to the steps")
+    before_qat = step_names[:step_names.index("qat")] if "qat" in step_names else step_names
+    if "kmeans" in kinds and "kmeans" not in before_qat:
+        raise RecipeError(f"{source} give(s) layers w_quantizer kmeans: the steps need a `kmeans` step (before any "
+                          "`qat`) to cluster them, e.g. [calibrate, kmeans]")
 
 
 # The recipe files being read, innermost last: an `extends` chain that comes back to one of

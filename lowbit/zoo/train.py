@@ -43,31 +43,42 @@ def _make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """Write tensors then the sidecar, each atomically; the sidecar's epoch is the commit point."""
+    """One atomic file: the tensors, with the sidecar's content in their metadata, so the epoch counter
+    and the weights can never come from different saves (a run killed between two files could pair new
+    weights with the old epoch and train that epoch twice). The sidecar is written after it as well,
+    for people and for readers of older checkpoints."""
     optim, scalars, groups = optimizer_tensors(opt)
     tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()}, **optim, "rng/torch": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(tensors, path, {"format": _FORMAT, "epoch": str(meta["epoch"])})
     side = dict(meta, format=_FORMAT, version=_VERSION, param_groups=groups, state_scalars=scalars)
-    atomic_write_text(_sidecar(path), json.dumps(side, indent=1, sort_keys=True))
+    text = json.dumps(side, indent=1, sort_keys=True)
+    atomic_save_tensors(tensors, path, {"format": _FORMAT, "epoch": str(meta["epoch"]), "side": text})
+    atomic_write_text(_sidecar(path), text)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, optimizer: str) -> int:
-    """Restore model/optimizer/RNG from ``path``; returns the number of finished epochs."""
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, settings: dict[str, Any]) -> int:
+    """Restore model/optimizer/RNG from ``path``; returns the number of finished epochs. A checkpoint
+    written with other ``settings`` (the schedule and the update depend on them: epochs, lr, weight
+    decay, optimizer, momentum, batches per epoch) is refused; one from before a setting was kept
+    does not say, and resumes."""
+    from safetensors import safe_open
+
     side_path = _sidecar(path)
-    if not side_path.is_file():
-        raise LowbitError(f"checkpoint {path} has no sidecar {side_path}; delete the checkpoint to start over")
     try:
-        side = json.loads(side_path.read_text())
+        with safe_open(str(path), framework="pt") as f:
+            stamped = (f.metadata() or {}).get("side")
+        if stamped is None and not side_path.is_file():
+            raise LowbitError(f"checkpoint {path} has no sidecar {side_path}; delete the checkpoint to start over")
+        side = json.loads(stamped if stamped is not None else side_path.read_text())  # (older: the sidecar)
         tensors = load_file(str(path), device="cpu")
     except (OSError, ValueError, SafetensorError) as e:
         raise LowbitError(f"cannot read training checkpoint {path}: {e}") from e
-    if side.get("format") != _FORMAT:
-        raise LowbitError(f"{side_path} is not a lowbit training checkpoint")
-    if side.get("optimizer") != optimizer:
-        raise LowbitError(
-            f"checkpoint {path} was written with optimizer {side.get('optimizer')!r}, not {optimizer!r}"
-        )
+    if not isinstance(side, dict) or side.get("format") != _FORMAT:
+        raise LowbitError(f"{path} is not a lowbit training checkpoint")
+    changed = [f"{k}: checkpoint {side[k]!r}, now {v!r}" for k, v in settings.items() if k in side and side[k] != v]
+    if changed:
+        raise LowbitError(f"checkpoint {path} was written with other training settings or data ("
+                          + "; ".join(changed) + "): use another checkpoint path, or delete this one to start over")
     from lowbit.zoo.weights import load_state_dict_strict  # local: avoid import cycle at module import
 
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
@@ -112,9 +123,11 @@ def train_classifier(
     device = next(model.parameters()).device
     opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer,
+                "momentum": momentum, "steps_per_epoch": steps_per_epoch}
     start = 0
     if ckpt is not None and ckpt.exists():
-        start = _load_checkpoint(ckpt, model, opt, optimizer)
+        start = _load_checkpoint(ckpt, model, opt, settings)
     total = epochs * steps_per_epoch
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(start, epochs):
@@ -139,14 +152,6 @@ def train_classifier(
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{opt.param_groups[0]['lr']:.4g}", refresh=False)
         bar.close()
         if ckpt is not None:
-            meta = {
-                "epoch": epoch + 1,
-                "epochs": epochs,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "optimizer": optimizer,
-                "momentum": momentum,
-                "train_loss": loss_sum / max(seen, 1),
-            }
+            meta = {"epoch": epoch + 1, **settings, "train_loss": loss_sum / max(seen, 1)}
             _save_checkpoint(ckpt, model, opt, meta)
     return model.eval()
