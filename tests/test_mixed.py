@@ -1,6 +1,7 @@
 """Issue 5: plans, MSQ probes and search, HAWQ traces and the ILP, on real data."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -207,6 +208,18 @@ def test_msq_search_honours_the_budget_exactly(mnist_labelled, tmp_path):
     with pytest.raises(LowbitError, match="other settings"):
         msq_search(model, MNIST_BACKEND, calib, val, target_bits=2.5, b_max=4, b_min=1, progress=False,
                    checkpoint=tmp_path / "msq.json")
+    other_model = copy.deepcopy(model)  # another trained model of the same shape: not this search's
+    with torch.no_grad():
+        next(other_model.parameters()).mul_(1.5)
+    with pytest.raises(LowbitError, match="another model or other data"):
+        msq_search(other_model, MNIST_BACKEND, calib, val, target_bits=3.0, b_max=4, b_min=1, progress=False,
+                   checkpoint=tmp_path / "msq.json")
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for bad, message in (("folder.json", "is a folder"), ("list.json", "is not an MSQ search state")):
+        with pytest.raises(LowbitError, match=message):
+            msq_search(model, MNIST_BACKEND, calib, val, target_bits=3.0, b_max=4, b_min=1, progress=False,
+                       checkpoint=tmp_path / bad)
 
 
 def test_msq_search_refuses_unreachable_targets(mnist_labelled):

@@ -2,10 +2,11 @@
 layer adds the least accuracy, re-quantizing with the PTQ back-end after every change."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +54,16 @@ def choose_layer(space: SearchSpace, plan: Plan, gains: Sequence[float], rank: s
     return None
 
 
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 (16 hex) over names, shapes and bytes: the same weights or data, the same digest (no
+    arithmetic on them, so no thread count can change it)."""
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class _Checkpoint:
     """The search so far as JSON (settings, current plan, path); a rerun continues it."""
 
@@ -61,15 +72,21 @@ class _Checkpoint:
         self.settings = settings
 
     def load(self) -> dict[str, Any] | None:
+        if self.path is not None and self.path.is_dir():
+            raise LowbitError(f"search checkpoint {self.path} is a folder; MSQ's checkpoint is a JSON file")
         if self.path is None or not self.path.is_file():
             return None
         try:
             state = json.loads(self.path.read_text())
-        except json.JSONDecodeError as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise LowbitError(f"search checkpoint {self.path} is corrupt ({err}); delete it to start over") from None
-        if state.get("settings") != self.settings:
-            raise LowbitError(f"search checkpoint {self.path} was written with other settings; "
-                              "delete it or use another path")
+        saved = state.get("settings") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or not all(k in state for k in ("plan", "path", "calibrations", "seconds")):
+            raise LowbitError(f"search checkpoint {self.path} is not an MSQ search state; delete it to start over")
+        # a setting the checkpoint lacks was added later (e.g. the model and data digests): it does not refuse
+        if any(k not in self.settings or self.settings[k] != v for k, v in saved.items()):
+            raise LowbitError(f"search checkpoint {self.path} was written with other settings, another model or "
+                              "other data; delete it or use another path")
         return state
 
     def save(self, plan: Plan, path: list[dict[str, Any]], calibrations: int, seconds: float) -> None:
@@ -102,7 +119,10 @@ def msq_search(
     budget = space.budget(target_ratio, target_bits)
     settings = {"method": "msq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
                 "lower": lower, "rank": rank, "probe_at": probe_at, "pool_sizes": list(pool_sizes), "augment": augment,
-                "calib": int(calib[0].shape[0]), "val": int(val[0].shape[0])}
+                "calib": int(calib[0].shape[0]), "val": int(val[0].shape[0]),
+                "model_sha256": tensors_digest(model.state_dict().items()),
+                "data_sha256": tensors_digest([("calib_x", calib[0]), ("calib_y", calib[1]), ("val_x", val[0]),
+                                               ("val_y", val[1])])}
     ckpt = _Checkpoint(checkpoint, settings)
     state = ckpt.load()
     plan = Plan.from_mapping(state["plan"]) if state else space.start()
