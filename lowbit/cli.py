@@ -238,6 +238,16 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str
         print(f"wrote {args.json}")
 
 
+def artifact_stem(recipe: str) -> str:
+    """The file name `--save` gives a recipe's model: the recipe's name, less a recipe-file suffix only
+    (``exp.1`` and ``exp.2`` stay apart; Path.stem made both ``exp``, the second overwriting the first)."""
+    name = Path(str(recipe)).name
+    for suffix in (".yaml", ".yml", ".toml", ".json"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _recipes(args: argparse.Namespace) -> list[Any]:
     """The --recipe list, each with the --plan (a mixed-precision plan JSON) applied."""
     from lowbit.mixed.plan import load_plan
@@ -259,15 +269,23 @@ def _recipes(args: argparse.Namespace) -> list[Any]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluation import compare_recipes
 
+    recipes = _recipes(args)
+    if getattr(args, "save", None):  # one file per recipe: two recipes of one name would overwrite each other
+        from lowbit.recipes.recipe import load_recipe
+
+        stems = [artifact_stem(load_recipe(r).name if isinstance(r, str) else r.name) for r in recipes]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise LowbitError(f"--save would write {', '.join(f'{s}.lowbit' for s in twice)} for more than one "
+                              "recipe: give the recipes distinct names")
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
-    recipes = _recipes(args)
 
     def keep(qm, result) -> None:
         if getattr(args, "save", None):
             from lowbit.deploy.artifact import save
 
-            path = save(qm, Path(args.save) / f"{Path(result.recipe).stem}.lowbit",
+            path = save(qm, Path(args.save) / f"{artifact_stem(result.recipe)}.lowbit",
                         metrics={"top1": result.top1, "float_top1": result.float_top1})
             print(f"saved {path}")
 

@@ -117,3 +117,16 @@ def test_a_model_without_published_weights_uses_the_float_baseline_trained_here(
     captured = capsys.readouterr()
     assert "small_cnn_fashion on fashion-mnist" in captured.out
     assert "training its float baseline" not in captured.err  # the cached baseline, not a new one
+
+
+def test_save_names_each_recipes_file_apart_and_refuses_two_of_one_name(tmp_path, capsys):
+    from lowbit.cli import artifact_stem
+
+    assert [artifact_stem(n) for n in ("exp.1", "exp.2", "dir/my.recipe.yaml", "w4a4+gptq")] == [
+        "exp.1", "exp.2", "my.recipe", "w4a4+gptq"]  # Path.stem made the first two one file, "exp"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same.yaml").write_text("extends: w8a8\n")
+    recipes = f"{tmp_path / 'a' / 'same.yaml'},{tmp_path / 'b' / 'same.yaml'}"
+    assert main(["quantize", "--recipe", recipes, "--save", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "--save would write same.lowbit for more than one recipe" in capsys.readouterr().err
