@@ -43,7 +43,9 @@ run w2a32-ttq builtin
 run w3a32-kmeans-ft bf16 "${BF16[@]}"
 run w3a32-kmeans-ft w4-bf16 weights.bits=4 "${BF16[@]}"
 run w3a32-kmeans-ft w2-clr1e-6-bf16 weights.bits=2 set:quantizer_lr=1e-6 "${BF16[@]}"  # 1e-5 collapses at 2 bits
-run w3a32-kmeans-ft hessian-bf16 "$HESSIAN" "${BF16[@]}"
+# (hessian-bf16, the same in bf16, fell to chance within its first 5 steps, 2026-12-07; a 40-step bf16 probe on other
+#  batches did not, 95.6% held-out: not understood, so this row runs in fp32, as its 1-epoch row did)
+run w3a32-kmeans-ft hessian "$HESSIAN"
 run w3a32-kmeans-ft hessian-w4-bf16 weights.bits=4 "$HESSIAN" "${BF16[@]}"
 run w3a32-kmeans-ft hessian-w2-clr1e-6-bf16 weights.bits=2 "$HESSIAN" set:quantizer_lr=1e-6 "${BF16[@]}"
 # INQ (BN kept apart from the conv: folded, 3-bit INQ diverged at step 4)

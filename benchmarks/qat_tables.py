@@ -146,7 +146,7 @@ FAMILY_TABLE = [
     ("Hessian-weighted k-means, 2 bits (fine-tuned: centroid lr 1e-6)", "W2A32", (KMEANS_PTQ, "w3a32-kmeans-hessian-w2-e0"),
      (PLAIN_E1, "w3a32-kmeans-ft-hessian-w2-clr1e-6-e1"), (E30, "w3a32-kmeans-ft-hessian-w2-clr1e-6-bf16-e30"), "—"),
     ("Hessian-weighted k-means, 3 bits", "W3A32", (KMEANS_PTQ, "w3a32-kmeans-hessian-w3-e0"),
-     (PLAIN_E1, "w3a32-kmeans-ft-hessian-e1"), (E30, "w3a32-kmeans-ft-hessian-bf16-e30"), "—"),
+     (PLAIN_E1, "w3a32-kmeans-ft-hessian-e1"), (E30, "w3a32-kmeans-ft-hessian-e30"), "—"),
     ("Hessian-weighted k-means, 4 bits", "W4A32", (KMEANS_PTQ, "w3a32-kmeans-hessian-w4-e0"),
      (PLAIN_E1, "w3a32-kmeans-ft-hessian-w4-e1"), (E30, "w3a32-kmeans-ft-hessian-w4-bf16-e30"), "—"),
     ("INQ, 5 bits (BN kept apart)", "W5A32", None, (PLAIN_E1, "w5a32-inq-nofold-e1"), (E30, "w5a32-inq-w5-nofold-e30"), "—"),
