@@ -234,7 +234,11 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str
     args._payload = payload  # for --mlflow
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps(payload, indent=2, default=str))
+        text = json.dumps(payload, indent=2, default=str)
+        if args.json.is_symlink() or (args.json.exists() and not args.json.is_file()):
+            args.json.write_text(text)  # /dev/stdout, a pipe, a link: written through, not replaced
+        else:
+            atomic_write_text(args.json, text)
         print(f"wrote {args.json}")
 
 
@@ -243,7 +247,7 @@ def artifact_stem(recipe: str) -> str:
     (``exp.1`` and ``exp.2`` stay apart; Path.stem made both ``exp``, the second overwriting the first)."""
     name = Path(str(recipe)).name
     for suffix in (".yaml", ".yml", ".toml", ".json"):
-        if name.lower().endswith(suffix):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
 
@@ -414,6 +418,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise LowbitError("--candidates is a HAWQ option (MSQ lowers one bit at a time)")
     if args.bops_ratio is not None and args.method != "hawq":
         raise LowbitError("--bops-ratio is a HAWQ option: MSQ's search has no BOPs cap, so it would be ignored")
+    if args.evaluate and args.candidates:  # the plan's kinds must be runnable by the recipe: say so before searching
+        from lowbit.mixed.hawq import parse_candidates
+        from lowbit.recipes.recipe import check_layer_kinds
+
+        check_layer_kinds({k for _, k in parse_candidates(args.candidates) if k},
+                          [n for n, _ in load_recipe(args.recipe).steps], "--candidates (for --evaluate)")
     if args.checkpoint is not None and args.method == "hawq":
         raise LowbitError("--checkpoint is an MSQ option: HAWQ's search is one pass with nothing to resume, so it "
                           "would be ignored")

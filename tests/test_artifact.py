@@ -199,6 +199,10 @@ def test_a_loaded_artifact_has_no_float_reference_unless_given_its_float_model(r
     with pytest.raises(lowbit.LowbitError, match="loaded without its float model .*load\\(path, model="):
         with bare.float_reference():
             pass
+    labels = torch.zeros(len(calib), dtype=torch.long)
+    with pytest.raises(lowbit.LowbitError, match="distillation needs the float network as its teacher"):
+        lowbit.train_qat(bare, (calib, labels), epochs=1, progress=False, recipe={"extends": "w8a8+lsq"},
+                         kd={"temperature": 4.0, "weight": 1.0}, batch_size=32, val_samples=32, steps_per_epoch=1)
     given = lowbit.load(path, model=resnet20)
     with torch.no_grad(), given.float_reference():
         assert torch.allclose(given(calib[:4]), resnet20(calib[:4]), atol=1e-4)

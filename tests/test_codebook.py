@@ -304,6 +304,25 @@ def test_an_inq_checkpoint_from_before_the_held_levels_still_resumes(tmp_path):
     assert torch.equal(fresh.q(w), holder.q(w))
 
 
+def test_layers_behind_or_with_kinds_that_deploy_to_codebooks_keep_a_float_bias_while_training(mnist_cnn):
+    """LQ-Nets inputs, and LQ-Nets / k-means / TTQ / INQ weights, become codebooks at deployment, where no
+    integer kernel runs the layer and its bias stays float: in training the bias must not be rounded either
+    (it was, to s_in·s_w with a stale step, so the trained and the deployed model differed)."""
+    from lowbit.qat.convert import to_training_form
+
+    model, calib, _ = mnist_cnn
+    for weight_kind, act_kind, bits in (("lsq", "lqnet", 2), ("lqnet", "lsq+", 1), ("lsq", "lsq+", 2)):
+        qm = lowbit.quantize(model, {"extends": "w4a4", "name": "t", "weights": {"bits": bits, "grid": "midrise"},
+                                     "activations": {"bits": 2}}, calib=calib, progress=False)
+        to_training_form(qm, weight_kind, act_kind, batches=[calib])
+        layer = qm.layers[1].layer
+        layer.bn = None  # (the folded form: the bias is the layer's own)
+        with torch.no_grad():
+            layer.module.bias.add_(0.123)
+        rounded = not torch.equal(layer.quantized_bias(), layer.bias)
+        assert rounded == ((weight_kind, act_kind) == ("lsq", "lsq+")), (weight_kind, act_kind)  # the control rounds
+
+
 def test_joint_hessian_kmeans_shares_one_codebook_across_layers():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),

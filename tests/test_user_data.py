@@ -155,6 +155,10 @@ def test_labels_and_splits_that_would_score_wrong_are_refused(tmp_path, capsys):
     np.savez(mixed, x_train=x8, y_train=np.arange(6) % 3, x_test=x8.astype(np.float32), y_test=np.arange(6) % 3)
     with pytest.raises(LowbitError, match="x_train is uint8 and x_test is float32"):
         load_user_data(f"tensors:{mixed}")
+    floats = tmp_path / "floats.npz"  # two float widths: both taken as they are
+    np.savez(floats, x_train=x8.astype(np.float32) / 255, y_train=np.arange(6) % 3, x_test=x8.astype(np.float64) / 255,
+             y_test=np.arange(6) % 3)
+    assert len(load_user_data(f"tensors:{floats}")[1]) == 6
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     x = torch.rand(6, 1, 4, 4)
     for y, message in [(torch.arange(6).reshape(6, 1) % 3, "shape \\(6, 1\\); evaluate needs one class index"),

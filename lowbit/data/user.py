@@ -111,7 +111,7 @@ def _npz(path: Path, mean, std) -> tuple[Dataset, Dataset]:
     missing = [k for k in need if k not in data.files]
     if missing:
         raise LowbitError(f"{path} lacks {missing}; it holds {sorted(data.files)} (need {', '.join(need)})")
-    if data["x_train"].dtype != data["x_test"].dtype:  # uint8 is scaled to [0, 1], floats taken as they are
+    if (data["x_train"].dtype == np.uint8) != (data["x_test"].dtype == np.uint8):  # uint8 scaled, floats as they are
         raise LowbitError(f"{path}: x_train is {data['x_train'].dtype} and x_test is {data['x_test'].dtype}; both "
                           "splits must be uint8 pixels or both floats, or calibration and scoring see different "
                           "scales")

@@ -137,7 +137,7 @@ class QuantLayer(nn.Module):
         q_in, q_w = self.input_ref[0], self.weight_quantizer
         if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
             return b
-        if not q_in.integer_kernel or isinstance(q_w, CodebookQuantizer):
+        if not q_in.integer_kernel or isinstance(q_w, CodebookQuantizer) or getattr(q_w, "deploys_to_codebook", False):
             # binary or codebook inputs, or codebook weights: no integer kernel runs this layer (the
             # exporter rebuilds a codebook weight in float), so its bias has no int32 grid either. 1-bit
             # sign weights do run on one (int8 codes ±1, step s/2: ONNX Runtime fuses them into an integer

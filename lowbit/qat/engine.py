@@ -216,6 +216,9 @@ def distillation_teacher(qm: QuantModel, cfg: QATConfig, teacher: nn.Module | No
 
         teacher = pretrained(cfg.kd["teacher"])
     if teacher is None:  # the float network; the original one where the recipe rewrote its graph (hardtanh, bireal)
+        if qm.no_float_reference is not None:  # (its float_model too is the rebuilt, untrained network)
+            raise LowbitError(f"distillation needs the float network as its teacher: {qm.no_float_reference}; "
+                              "or give teacher=")
         teacher = qm.float_model if qm.float_model is not None else qm
     teacher = copy.deepcopy(teacher).to(dev).eval()
     with torch.no_grad():

@@ -58,6 +58,15 @@ class TrainableQuantizer(UniformQuantizer):
     # between levels at every step (what lowbit.qat.dampen pulls it away from). k-means keeps a fixed
     # assignment and INQ freezes its quantized portion: neither does.
     rounds_latent_weights = True
+    # whether deploy() gives a codebook (float levels: the layer runs in float, its bias has no int32 grid,
+    # in training as after deployment; QuantLayer.quantized_bias)
+    deploys_to_codebook = False
+
+    @property
+    def integer_kernel(self) -> bool:
+        """As the quantizer it deploys to: a kind that becomes a codebook has no integer kernel already
+        while it trains (an LQ-Nets input keeps the next layer's bias float, as after deployment)."""
+        return not self.deploys_to_codebook and super().integer_kernel
 
     def __init__(self, source: UniformQuantizer, role: str) -> None:
         need = getattr(self, "grid_required", None)  # binary/ternary kinds: one grid only

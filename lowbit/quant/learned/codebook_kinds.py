@@ -27,6 +27,7 @@ from lowbit.quant.quantizer import UniformQuantizer
 
 class KMeansFineTuneQuantizer(TrainableQuantizer):
     kind = "kmeans"
+    deploys_to_codebook = True
     roles = ("weights",)
     rounds_latent_weights = False  # the forward reads its fixed assignment, not the latent weight
     needs_weight = True
@@ -73,6 +74,7 @@ class _TTQFunction(torch.autograd.Function):
 
 class TTQQuantizer(TrainableQuantizer):
     kind = "ttq"
+    deploys_to_codebook = True
     roles = ("weights",)
     needs_weight = True
     grid_required = (2, "midtread")

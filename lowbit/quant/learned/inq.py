@@ -41,6 +41,7 @@ def power_of_two_levels(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 class INQQuantizer(TrainableQuantizer):
     kind = "inq"
+    deploys_to_codebook = True
     roles = ("weights",)
     needs_weight = True
     per_tensor_only = True

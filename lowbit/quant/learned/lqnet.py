@@ -115,6 +115,7 @@ class _ClippedStraightThrough(torch.autograd.Function):
 
 class LQNetQuantizer(TrainableQuantizer):
     kind = "lqnet"
+    deploys_to_codebook = True
     roles = ("weights", "activations")  # activations: LQNetActivationQuantizer
 
     @classmethod
@@ -176,6 +177,7 @@ class LQNetActivationQuantizer(TrainableQuantizer):
     """LQ-Nets on a non-negative tensor: levels vᵀb, b ∈ {0, 1}^K, one learned basis."""
 
     kind = "lqnet"
+    deploys_to_codebook = True
     roles = ("activations",)
 
     def __init__(self, source: UniformQuantizer, role: str, momentum: float = 0.1, fit_fraction: float = 0.25) -> None:
