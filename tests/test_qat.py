@@ -153,6 +153,22 @@ def _qat_recipe(**qat):
             "activations": {"bits": 2, "quantizer": "lsq+"}, "steps": ["calibrate", {"qat": params}]}
 
 
+def _run_killed_after_its_first_checkpoint(monkeypatch, model, recipe, calib, train):
+    """A QAT run "killed" (KeyboardInterrupt) right after it wrote its first checkpoint."""
+    from lowbit.qat import engine
+
+    real_save = engine.save_state
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(model, recipe, calib=calib, train=train, progress=False)
+    monkeypatch.setattr(engine, "save_state", real_save)
+
+
 def _top1(model, xy):
     with torch.no_grad():
         return float((model(xy[0]).argmax(1) == xy[1]).float().mean())
@@ -310,8 +326,6 @@ def test_stochastic_sampling_is_seeded_per_step_so_a_resumed_run_draws_the_same(
     """Stochastic BinaryConnect draws from the global generator, seeded from (seed, step) before every step:
     a killed run resumed without its saved generator state (a GPU's is not saved) ends where the
     uninterrupted one does."""
-    from lowbit.qat import engine
-
     model, calib, _ = mnist_cnn
     small = (mnist_train[0][:1000], mnist_train[1][:1000])
 
@@ -325,16 +339,7 @@ def test_stochastic_sampling_is_seeded_per_step_so_a_resumed_run_draws_the_same(
     straight = lowbit.quantize(model, recipe(), calib=calib, train=small, progress=False)
     again = lowbit.quantize(model, recipe(), calib=calib, train=small, progress=False)
     ckpt = str(tmp_path / "run")
-    real_save = engine.save_state
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        lowbit.quantize(model, recipe(checkpoint=ckpt), calib=calib, train=small, progress=False)
-    monkeypatch.setattr(engine, "save_state", real_save)
+    _run_killed_after_its_first_checkpoint(monkeypatch, model, recipe(checkpoint=ckpt), calib, small)
     # As on a GPU, whose generator the checkpoint does not hold: the saved CPU generator state is not restored.
     monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
     resumed = lowbit.quantize(model, recipe(checkpoint=ckpt), calib=calib, train=small, progress=False)
@@ -602,8 +607,6 @@ def test_snap_at_freeze_snaps_once_at_the_freeze_and_a_resumed_run_does_not_agai
 
 def test_a_branch_before_the_freeze_equals_the_run_from_scratch_and_a_late_one_is_refused(mnist_cnn, mnist_train,
                                                                                          monkeypatch, tmp_path):
-    import lowbit.qat.engine as engine
-
     model, calib, _ = mnist_cnn
     small = (mnist_train[0][:1500], mnist_train[1][:1500])
 
@@ -611,17 +614,8 @@ def test_a_branch_before_the_freeze_equals_the_run_from_scratch_and_a_late_one_i
         return {**_qat_recipe(epochs=3, val_samples=300, steps_per_epoch=4, **qat),
                 "weights": {"bits": 2, "quantizer": "twn"}}
 
-    def run_one_epoch(recipe):  # a run "killed" right after its epoch-1 checkpoint
-        real_save = engine.save_state
-
-        def save_then_stop(*args, **kwargs):
-            real_save(*args, **kwargs)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(engine, "save_state", save_then_stop)
-        with pytest.raises(KeyboardInterrupt):
-            lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
-        monkeypatch.setattr(engine, "save_state", real_save)
+    def run_one_epoch(recipe):
+        _run_killed_after_its_first_checkpoint(monkeypatch, model, recipe, calib, small)
 
     source = tmp_path / "late-freeze"
     run_one_epoch(twn(freeze_bn_after=2, checkpoint=str(source)))
