@@ -46,8 +46,8 @@ run w3a32-kmeans-ft w2-clr1e-6-bf16 weights.bits=2 set:quantizer_lr=1e-6 "${BF16
 # (hessian-bf16, the same in bf16, fell to chance within its first 5 steps, 2026-12-07; a 40-step bf16 probe on other
 #  batches did not, 95.6% held-out: not understood, so this row runs in fp32, as its 1-epoch row did)
 run w3a32-kmeans-ft hessian "$HESSIAN"
-run w3a32-kmeans-ft hessian-w4-bf16 weights.bits=4 "$HESSIAN" "${BF16[@]}"
-run w3a32-kmeans-ft hessian-w2-clr1e-6-bf16 weights.bits=2 "$HESSIAN" set:quantizer_lr=1e-6 "${BF16[@]}"
+run w3a32-kmeans-ft hessian-w4 weights.bits=4 "$HESSIAN"                           # fp32: see the 3-bit row
+run w3a32-kmeans-ft hessian-w2-clr1e-6 weights.bits=2 "$HESSIAN" set:quantizer_lr=1e-6
 # INQ (BN kept apart from the conv: folded, 3-bit INQ diverged at step 4)
 run w5a32-inq w5-nofold fold_bn=false set:lr=0.002 set:quantizer_lr=0
 run w5a32-inq w3-nofold weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_lr=0
