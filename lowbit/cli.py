@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit.errors import DataMismatchError, LowbitError, RecipeError
-from lowbit.state_io import atomic_write_text
+from lowbit.state_io import atomic_write_text, tensors_digest
 
 # The main job shows lowbit at its best in a few minutes: plain calibration at 8 bits, the plain
 # W4A4 flow ending with match_moments (90.49 on ResNet-20 over 3 seeds, 9 s quiet) and at 2-bit weights
@@ -183,13 +183,7 @@ def _load_zoo_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (16 hex) over the state dict's names and bytes: the same weights, the same print."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_digest(model.state_dict().items())
 
 
 def _record(args: argparse.Namespace, **fields: Any) -> None:

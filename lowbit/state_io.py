@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -90,3 +90,15 @@ def optimizer_state(tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, M
     for idx, sc in scalars.items():
         state.setdefault(int(idx), {}).update(sc)
     return {"state": state, "param_groups": param_groups}
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 (16 hex) over each tensor's name and bytes: the same weights or data, the same digest (no
+    arithmetic on them, so no thread count can change it; any dtype, bf16 and bool included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -2,11 +2,10 @@
 layer adds the least accuracy, re-quantizing with the PTQ back-end after every change."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from lowbit.mixed.plan import Plan
 from lowbit.mixed.probes import DEFAULT_POOL_SIZES, probe_accuracy
 from lowbit.mixed.search import Labelled, SearchResult, SearchSpace
 from lowbit.recipes.recipe import Recipe, load_recipe
+from lowbit.state_io import tensors_digest
 
 
 def imprint_set(calib: Labelled, augment: bool, seed: int) -> Labelled:
@@ -52,16 +52,6 @@ def choose_layer(space: SearchSpace, plan: Plan, gains: Sequence[float], rank: s
         if name in space.searchable and plan.layers[name]["w_bits"] > space.b_min:
             return name
     return None
-
-
-def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 (16 hex) over names, shapes and bytes: the same weights or data, the same digest (no
-    arithmetic on them, so no thread count can change it)."""
-    h = hashlib.sha256()
-    for name, t in named:
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class _Checkpoint:
