@@ -213,6 +213,20 @@ def test_float_inputs_bias_correction_is_the_rounding_shift_on_the_float_network
                         calib=calib, progress=False)
 
 
+def test_weight_source_bias_correction_is_refused_after_learned_rounding_and_kept_after_adaquant(mnist_cnn):
+    """AdaRound bakes its rounded weights into the float copy: a weight-rounding shift is then zero, and a
+    correction that silently adds nothing would be a wrong report. AdaQuant's latent weights still round."""
+    model, calib, _ = mnist_cnn
+    with pytest.raises(LowbitError, match="weights after adaround changes nothing"):
+        lowbit.quantize(model, {**BAD, "steps": ["calibrate", {"adaround": {"iters": 2}},
+                                                 {"bias_correction": {"source": "weights"}}]},
+                        calib=calib, progress=False)
+    qm = lowbit.quantize(model, {**BAD, "steps": ["calibrate", {"adaquant": {"iters": 2}},
+                                                  {"bias_correction": {"source": "weights"}}]},
+                         calib=calib, progress=False)
+    assert max(qm.meta["bias_correction"].values()) > 0
+
+
 def test_units_chain_equals_the_model_and_blocks_are_residual_blocks(resnet20, cifar_slices):
     calib, _ = cifar_slices
     cheap = {"extends": "w4a4", "weights": {"estimator": "minmax"}, "activations": {"estimator": "minmax"}}

@@ -103,15 +103,28 @@ def _correct_on_float_inputs(qm, layers: list[QuantLayer], x: torch.Tensor) -> d
     return shifts
 
 
+def _weights_rounded_by(qm) -> str | None:
+    """The earlier step that wrote rounded weights into the float copy (GPTQ, or a reconstruction with learned
+    rounding, which bakes its decisions), if any: a weight-rounding shift is zero after it."""
+    if "gptq" in qm.meta:
+        return "gptq"
+    for run in qm.meta.get("reconstruction", []):
+        if run.get("rounding") == "adaround":
+            return run["method"]
+    return None
+
+
 @torch.no_grad()
 def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source: str = "outputs",
                  samples: int = 1024) -> dict[str, float]:
     """Returns the mean absolute correction per layer (for the report)."""
     if source not in SOURCES:
         raise LowbitError(f"bias correction: source must be one of {', '.join(SOURCES)}, not {source!r}")
-    if source in ("weights", "float_inputs") and "gptq" in qm.meta:
-        raise LowbitError(f"bias correction with source: {source} after gptq changes nothing: GPTQ writes its rounded "
-                          "weights into the float copy, so float and quantized weights agree; use source: outputs")
+    rounded_by = _weights_rounded_by(qm)
+    if source in ("weights", "float_inputs") and rounded_by:
+        raise LowbitError(f"bias correction with source: {source} after {rounded_by} changes nothing: {rounded_by} "
+                          "writes its rounded weights into the float copy, so float and quantized weights agree; "
+                          "use source: outputs")
     if not qm.calibrated:
         raise LowbitError("bias correction compares against the quantized network: calibrate first")
     x = torch.cat(batches)[:samples]
