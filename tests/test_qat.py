@@ -605,6 +605,40 @@ def test_snap_at_freeze_snaps_once_at_the_freeze_and_a_resumed_run_does_not_agai
     assert snaps == [] and len(qm.meta["qat"]["history"]) == 3 and qm.meta["qat"]["history"][2]["bn_frozen"]
 
 
+def test_snap_at_freeze_snaps_the_weight_average_too_and_keeps_the_live_state(mnist_cnn, mnist_train, monkeypatch):
+    """With ``ema`` the average is what is validated and kept: its latents must be snapped at the freeze too, or the
+    kept model's ternary latents sit at their thresholds as before (snapping an already snapped state is a no-op)."""
+    from lowbit.qat.convert import snap_latent_weights
+    from lowbit.qat.ema import WeightAverage
+
+    model, calib, _ = mnist_cnn
+    seen = []
+    real_transform = WeightAverage.transform
+
+    def checked_transform(self, qm, edit):
+        live = {k: v.clone() for k, v in qm.state_dict().items()}
+        before = {k: v.clone() for k, v in self.shadow.items()}
+        real_transform(self, qm, edit)
+        assert all(torch.equal(v, live[k]) for k, v in qm.state_dict().items())  # the live state is restored
+        moved = [k for k in self.shadow if not torch.equal(self.shadow[k], before[k])]
+        with self.applied(qm):
+            snapped = {k: v.clone() for k, v in qm.state_dict().items()}
+            snap_latent_weights(qm)
+            again = [k for k, v in qm.state_dict().items() if not torch.allclose(v, snapped[k], atol=1e-6)]
+        seen.append((moved, again))
+
+    monkeypatch.setattr(WeightAverage, "transform", checked_transform)
+    small = (mnist_train[0][:1500], mnist_train[1][:1500])
+    recipe = {**_qat_recipe(epochs=2, val_samples=300, steps_per_epoch=4, freeze_bn_after=1, snap_at_freeze=True,
+                            ema=0.9, lr=0.05),
+              "weights": {"bits": 2, "quantizer": "twn"}}
+    lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+    assert len(seen) == 1
+    moved, again = seen[0]
+    assert any(k.endswith("weight") for k in moved)  # the average's latents were snapped ...
+    assert again == []  # ... to values that snapping again leaves where they are
+
+
 def test_a_branch_before_the_freeze_equals_the_run_from_scratch_and_a_late_one_is_refused(mnist_cnn, mnist_train,
                                                                                          monkeypatch, tmp_path):
     model, calib, _ = mnist_cnn

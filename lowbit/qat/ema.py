@@ -10,7 +10,7 @@ enough to validate and deploy as it is.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -54,3 +54,13 @@ class WeightAverage:
             yield
         finally:
             model.load_state_dict(live)
+
+    @torch.no_grad()
+    def transform(self, model: nn.Module, edit: Callable[[nn.Module], object]) -> None:
+        """Apply an in-place edit of the model (e.g. snapping latent weights) to the averaged state too:
+        without it the average keeps the unedited latents and the model it validates and keeps is not
+        the edited one. The live state is restored after."""
+        with self.applied(model):
+            edit(model)
+            for k, v in model.state_dict().items():
+                self.shadow[k].copy_(v)  # in place: the update pairs hold these tensors

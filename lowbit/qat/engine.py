@@ -438,6 +438,8 @@ def train_qat(
                         frozen = True
                         if cfg.snap_at_freeze and step == freeze_step:  # once: a run resumed past it is already snapped
                             snap_latent_weights(qm)
+                            if average is not None:  # the average is what is kept: snap its latents too
+                                average.transform(qm, snap_latent_weights)
                     torch.manual_seed(cfg.seed * 1000003 + step)
                     factor = lr_factor(cfg, step, total, per_epoch)
                     for g in opt.param_groups:
