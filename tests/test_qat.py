@@ -421,6 +421,9 @@ def test_weight_average_follows_its_recursion_and_restores_the_live_state():
     assert torch.all(layer.weight == 3.0)
     with pytest.raises(ValueError, match="does not fit"):
         WeightAverage(torch.nn.Linear(3, 1), 0.9, shadow=average.shadow)
+    layer.weight = torch.nn.Parameter(torch.full((1, 2), 10.0))  # a rebound parameter is followed, not the old one
+    average.update(100)
+    assert torch.allclose(average.shadow["weight"], 0.9 * expected + 0.1 * 10.0)
 
 
 def test_qat_with_a_weight_average_keeps_it_and_resumes_it(mnist_cnn, mnist_train, tmp_path):

@@ -28,10 +28,13 @@ class WeightAverage:
         elif set(shadow) != set(live):
             raise ValueError("the saved weight average does not fit this model")
         self.shadow = {k: t.to(live[k].device) for k, t in shadow.items()}
-        shadow = self.shadow
-        pairs = [(shadow[k], v) for k, v in live.items()]
-        self._float = [(s, v) for s, v in pairs if v.is_floating_point()]
-        self._other = [(s, v) for s, v in pairs if not v.is_floating_point()]
+        self._model = model
+
+    def _pairs(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(shadow, live) pairs of floating and other tensors, read from the model at each update: some
+        quantizer kinds rebind a parameter or buffer (a new tensor), which pairs made once would miss."""
+        pairs = [(self.shadow[k], v) for k, v in self._model.state_dict().items()]
+        return [(s, v) for s, v in pairs if v.is_floating_point()], [(s, v) for s, v in pairs if not v.is_floating_point()]
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1.0 + step) / (10.0 + step))
@@ -39,10 +42,11 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the live state after optimizer step ``step`` (0-based, global)."""
-        if self._float:
-            shadows, lives = zip(*self._float)
+        floats, others = self._pairs()
+        if floats:
+            shadows, lives = zip(*floats)
             torch._foreach_lerp_(list(shadows), list(lives), 1.0 - self.decay_at(step))
-        for s, v in self._other:
+        for s, v in others:
             s.copy_(v)
 
     @contextlib.contextmanager
@@ -63,4 +67,4 @@ class WeightAverage:
         with self.applied(model):
             edit(model)
             for k, v in model.state_dict().items():
-                self.shadow[k].copy_(v)  # in place: the update pairs hold these tensors
+                self.shadow[k].copy_(v)
