@@ -168,6 +168,27 @@ def test_a_weights_only_plan_leaves_activations_to_the_recipe_it_is_applied_with
     assert qm.layers["layer3.0.conv2"].a_bits == 4 and qm.layers["conv1"].a_bits == 8  # first layer: first_last_bits
 
 
+def test_a_searched_plan_is_refused_on_another_network_whose_names_include_its_layers(resnet20, tmp_path):
+    """A ResNet-20 plan names only layers a ResNet-32 has too: the name check passed it, and the extra blocks took
+    the recipe's bits. A searched plan records its layers and sizes; a hand-written one (no record) still applies."""
+    from lowbit.zoo import resnet32
+
+    recipe = lowbit.recipes.recipe.load_recipe("w4a8")
+    space = SearchSpace.build(resnet20, recipe, b_min=2, b_max=6)
+    plan = space.final_plan(space.with_bits(space.start(), "layer2.0.conv1", 3), method="test", budget_bits=1)
+    path = plan.save(tmp_path / "plan.json")
+    loaded = load_plan(path)
+    assert loaded.meta["architecture"]["layers"]["layer2.0.conv1"] == 32 * 16 * 9
+    assert lowbit.api.prepare(resnet20, recipe.with_plan(loaded)).layers["layer2.0.conv1"].w_bits == 3
+    with pytest.raises(LowbitError, match=r"searched on another network \(layers the plan does not know: layer1.3"):
+        lowbit.api.prepare(resnet32(), recipe.with_plan(loaded))
+    wide = lowbit.zoo.resnet_cifar(20, width=32)
+    with pytest.raises(LowbitError, match=r"other sizes: conv1 \(432 -> 864 weights\)"):
+        lowbit.api.prepare(wide, recipe.with_plan(loaded))
+    hand_written = Plan(loaded.layers)  # no record: applies by name, as before
+    assert lowbit.api.prepare(resnet32(), recipe.with_plan(hand_written)).layers["layer2.0.conv1"].w_bits == 3
+
+
 def test_lower_both_moves_weight_and_input_bits_together(resnet20):
     recipe = lowbit.recipes.recipe.load_recipe("w4a8")
     space = SearchSpace.build(resnet20, recipe, b_min=2, b_max=6, lower="both")

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.mixed.plan import Plan, check_plan_bits
+from lowbit.mixed.plan import check_plan_bits
 from lowbit.mixed.search import SearchResult, SearchSpace
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.calibrate import calibrate_weight_quantizer
@@ -206,7 +206,7 @@ def hawq_search(
     settings = {"method": "hawq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
                 "bops_ratio": bops_ratio, "hutchinson_samples": samples,
                 "candidates": [f"{b}:{k}" if k else str(b) for b, k in options], "trace_images": min(trace_images, int(x.shape[0]))}
-    final = Plan(plan.layers, {"method": "hawq", "budget_bits": budget, **space.summary(plan)})
+    final = space.final_plan(plan, method="hawq", budget_bits=budget)
     path = [{**space.summary(plan), "plan": plan.layers, "traces": traces,
              "sensitivity": {row.name: c for row, c in zip(qm.layers, costs)}}]
     return SearchResult("hawq", final, budget, settings, path, calibrations=0, seconds=time.perf_counter() - start)

@@ -140,5 +140,5 @@ def msq_search(
     bar.close()
     path.append({**space.summary(plan), "plan": plan.to_dict()["layers"], "lowered": None})
     variant = ", ".join(v for v, default in ((rank, "gain"), (probe_at, "output")) if v != default)
-    final = Plan(plan.layers, {"method": f"msq ({variant})" if variant else "msq", "budget_bits": budget, **space.summary(plan)})
+    final = space.final_plan(plan, method=f"msq ({variant})" if variant else "msq", budget_bits=budget)
     return SearchResult("msq", final, budget, settings, path, calibrations, spent + time.perf_counter() - start)

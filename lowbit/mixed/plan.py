@@ -19,6 +19,7 @@ from lowbit.quant.spec import MAX_BITS
 from lowbit.state_io import atomic_write_text
 
 PLAN_FORMAT = "lowbit-plan/1"
+ARCHITECTURE_KEY = "architecture"  # in a plan's meta: the quantizable layers it was searched on, name -> weights
 BIT_KEYS = ("w_bits", "a_bits")
 KIND_KEY = "w_quantizer"
 
@@ -87,6 +88,7 @@ class Plan:
         missing = [n for n in self.layers if n not in names]
         if missing:
             raise LowbitError(f"plan names layer(s) {missing} that the model does not have; layers: {table.names()}")
+        self._check_architecture(table)
         self._check_shared_inputs(table)
         for name, bits in self.layers.items():
             row = table[name]
@@ -99,6 +101,27 @@ class Plan:
                     row.w_quantizer = bits[KIND_KEY]
             except BitsError as err:
                 raise BitsError(f"plan layer {name!r}: {err}") from None
+
+    def _check_architecture(self, table: LayerTable) -> None:
+        """A searched plan records the layers it was searched on. Applied to another network whose layer names
+        include them (a ResNet-20 plan on a ResNet-32, or on a widened ResNet-20) it would pass the name check
+        and give bits chosen for other layers and sizes; that is refused. Hand-written plans record none."""
+        recorded = self.meta.get(ARCHITECTURE_KEY)
+        if recorded is None:
+            return
+        if not isinstance(recorded, Mapping) or not isinstance(recorded.get("layers"), Mapping):
+            raise RecipeError(f"plan meta.{ARCHITECTURE_KEY} must be {{'layers': {{name: weight count}}}}")
+        made_for, here = dict(recorded["layers"]), table_params(table)
+        if made_for == here:
+            return
+        extra = [n for n in here if n not in made_for]
+        absent = [n for n in made_for if n not in here]
+        resized = [f"{n} ({made_for[n]} -> {here[n]} weights)" for n in here if n in made_for and made_for[n] != here[n]]
+        diffs = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                 for what, names in (("layers the plan does not know", extra), ("layers missing", absent),
+                                     ("other sizes", resized)) if names]
+        raise LowbitError(f"plan was searched on another network ({'; '.join(diffs)}): search a plan for this model, "
+                          f"or delete meta.{ARCHITECTURE_KEY} from the file to apply it anyway")
 
     def _check_shared_inputs(self, table: LayerTable) -> None:
         """Layers reading the same tensor share one activation quantizer (the integer graph
@@ -147,3 +170,8 @@ def weight_compression(table: LayerTable, plan: Plan | None = None) -> float:
     params = table_params(table)
     bits = (plan or Plan.from_table(table)).weight_bits(params)
     return FLOAT_BITS * sum(params.values()) / bits
+
+
+def architecture_of(params: Mapping[str, int]) -> dict[str, Any]:
+    """What a searched plan records of its network (see Plan._check_architecture)."""
+    return {"layers": {str(n): int(p) for n, p in params.items()}}

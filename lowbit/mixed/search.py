@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lowbit.errors import BitsError, LowbitError
-from lowbit.mixed.plan import Plan, check_plan_bits
+from lowbit.mixed.plan import ARCHITECTURE_KEY, Plan, architecture_of, check_plan_bits
 from lowbit.model.layer_table import FLOAT_BITS
 from lowbit.recipes.recipe import Recipe
 from lowbit.state_io import atomic_write_text
@@ -128,6 +128,11 @@ class SearchSpace:
         size = self.weight_bits(plan)
         return {"weight_bits": size, "mean_w_bits": size / self.total_params(),
                 "weight_compression": FLOAT_BITS * self.total_params() / size}
+
+    def final_plan(self, plan: Plan, **meta: Any) -> Plan:
+        """The search's answer: its bits, provenance, size and the layers it was searched on (so that applying it
+        to another network is refused)."""
+        return Plan(plan.layers, {**meta, **self.summary(plan), ARCHITECTURE_KEY: architecture_of(self.params)})
 
 
 @dataclass
