@@ -91,6 +91,15 @@ def test_plan_cannot_split_a_shared_activation_quantizer():
     with pytest.raises(LowbitError, match="read the same tensor"):
         lowbit.api.prepare(TwoHeads(), {"extends": "w8a8", "first_last_bits": None,
                                         "plan": {"a": {"a_bits": 4}, "b": {"a_bits": 8}}})
+    # a search lowering weights and inputs together gives the shared tensor the lowest bits its readers ask for
+    recipe = lowbit.recipes.recipe.load_recipe({"extends": "w8a8", "first_last_bits": None})
+    space = SearchSpace.build(TwoHeads(), recipe, b_min=2, b_max=6, lower="both")
+    assert space.shared_inputs == [["a", "b"]]
+    lowered = space.with_bits(space.start(), "a", 4)
+    assert lowered.layers == {"a": {"w_bits": 4, "a_bits": 4}, "b": {"w_bits": 6, "a_bits": 4}}
+    qm = lowbit.api.prepare(TwoHeads(), recipe.with_plan(lowered))  # applies (it raised "read the same tensor")
+    assert (qm.layers["a"].w_bits, qm.layers["b"].w_bits, qm.layers["b"].a_bits) == (4, 6, 4)
+    assert space.with_bits(lowered, "b", 5).layers["b"] == {"w_bits": 5, "a_bits": 4}
 
 
 def test_one_weight_bit_is_binary_and_reverts(resnet20, cifar_slices):

@@ -53,6 +53,7 @@ class SearchSpace:
     b_min: int
     b_max: int
     lower: str = "weights"
+    shared_inputs: list[list[str]] = field(default_factory=list)  # layers reading one tensor (one act. quantizer)
 
     @classmethod
     def build(cls, model: nn.Module, recipe: Recipe, b_min: int, b_max: int, lower: str = "weights") -> "SearchSpace":
@@ -74,7 +75,22 @@ class SearchSpace:
         base = table.plan()
         if lower == "weights":  # a weights-only plan leaves activations to whichever recipe it is applied with
             base = {n: {k: v for k, v in b.items() if k != "a_bits"} for n, b in base.items()}
-        return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower)
+        groups: dict[int, list[str]] = {}
+        for r in table:
+            if r.input_quantizer is not None:
+                groups.setdefault(id(r.input_quantizer), []).append(r.name)
+        shared = [g for g in groups.values() if len(g) > 1]
+        return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower, shared)
+
+    def _tie_shared_inputs(self, layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Under lower: both, layers that read one tensor share its activation quantizer, so they must share
+        a_bits: the tensor takes the lowest bits any of its readers asks for (a plan splitting them is refused)."""
+        if self.lower == "both":
+            for group in self.shared_inputs:
+                bits = min(layers[n]["a_bits"] for n in group if "a_bits" in layers[n])
+                for n in group:
+                    layers[n]["a_bits"] = bits
+        return layers
 
     def start(self) -> Plan:
         """Every searchable layer at B_max (Algorithm 1's initialisation)."""
@@ -83,14 +99,14 @@ class SearchSpace:
             layers[n]["w_bits"] = self.b_max
             if self.lower == "both":
                 layers[n]["a_bits"] = self.b_max
-        return Plan(layers)
+        return Plan(self._tie_shared_inputs(layers))
 
     def with_bits(self, plan: Plan, name: str, bits: int) -> Plan:
         layers = {n: dict(b) for n, b in plan.layers.items()}
         layers[name]["w_bits"] = bits
         if self.lower == "both":
             layers[name]["a_bits"] = bits
-        return Plan(layers)
+        return Plan(self._tie_shared_inputs(layers))
 
     def weight_bits(self, plan: Plan) -> int:
         return plan.weight_bits(self.params)
