@@ -293,15 +293,19 @@ def test_an_inq_checkpoint_from_before_the_held_levels_still_resumes(tmp_path):
     holder.q = make_trainable(src, "inq", "weights", weight=w)
     holder.q.freeze_portion(w, 0.5)
     opt = torch.optim.SGD([torch.nn.Parameter(w.clone())], lr=0.1)
-    save_state(tmp_path, holder, opt, TrainingState(epoch=1, history=[{}]), {"qat": {}})
+    average = {k: v.clone() for k, v in holder.state_dict().items()}  # a run with a weight average (qat ema)
+    save_state(tmp_path, holder, opt, TrainingState(epoch=1, history=[{}], ema=average), {"qat": {}})
     path = tmp_path / "state-1.safetensors"
     tensors = load_file(str(path))
     save_file({k: v for k, v in tensors.items() if not k.endswith(("frozen_codes", "captured"))}, str(path))
     fresh = torch.nn.Module()
     fresh.q = make_trainable(src, "inq", "weights", weight=w)
-    assert load_state(tmp_path, fresh, opt, {"qat": {}}).epoch == 1
+    state = load_state(tmp_path, fresh, opt, {"qat": {}})
+    assert state.epoch == 1
     assert torch.equal(fresh.q.frozen, holder.q.frozen) and not bool(fresh.q.captured.any())
     assert torch.equal(fresh.q(w), holder.q(w))
+    assert set(state.ema) == set(fresh.state_dict())  # the average gets the new state too, so it fits the model
+    assert torch.equal(state.ema["q.frozen"], holder.q.frozen) and not bool(state.ema["q.captured"].any())
 
 
 def test_layers_behind_or_with_kinds_that_deploy_to_codebooks_keep_a_float_bias_while_training(mnist_cnn):

@@ -196,6 +196,9 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     if best is None:
         best_val = -1.0  # killed between the two writes: the next epoch becomes the best
     ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
+    if ema is not None:  # state added later: the average starts it where the model's loader did
+        ema.update({k: v.detach().clone() for k, v in model.state_dict().items()
+                    if k not in ema and k.rsplit(".", 1)[-1] in LATER_STATE})
     return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
                          history=list(side["history"]), best=best, ema=ema, branched_from=side.get("branched_from"),
                          data=saved_data if isinstance(saved_data, dict) else None)
