@@ -223,6 +223,26 @@ def test_mnist_family_loads(name: str, train_first: int, test_first: int) -> Non
 
 
 @needs_data
+def test_a_folder_of_files_another_dataset_shares_names_with_is_not_taken_for_it(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """MNIST and Fashion-MNIST files have the same names: the MNIST folder passed as Fashion-MNIST's data dir loaded
+    MNIST under Fashion-MNIST's name and normalisation. A folder holding the files itself must be named for them."""
+    monkeypatch.delenv("LOWBIT_DATA_DIR", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="fashion-mnist"):
+        load_dataset("fashion-mnist", "test", data_dir=SHARED / "mnist", download=False)
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    for n in DATASETS["mnist"].files["test"]:
+        (digits / n).symlink_to(SHARED / "mnist" / n)
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset("mnist", "test", data_dir=digits, download=False)
+    assert len(load_dataset("mnist", "test", data_dir=tmp_path / "digits" / "..", download=False)) == 10000 \
+        if (tmp_path / "mnist").exists() else True
+    (tmp_path / "mnist").symlink_to(digits)
+    assert load_dataset("mnist", "test", data_dir=tmp_path, download=False)[0][1] == 7
+
+
+@needs_data
 def test_uncompressed_idx_is_accepted(tmp_path: Path) -> None:
     folder = tmp_path / "mnist"
     folder.mkdir()

@@ -72,9 +72,22 @@ def _split_files(folder: Path, names: tuple[str, ...]) -> list[Path] | None:
     return found
 
 
+def _name_is_shared(info: DatasetInfo, split: str) -> bool:
+    """Whether another known dataset's split has the same file names (MNIST and Fashion-MNIST do)."""
+    from lowbit.data.registry import DATASETS
+
+    return any(other.name != info.name and set(other.files.get(split, ())) == set(info.files[split])
+               for other in DATASETS.values())
+
+
 def find_in(info: DatasetInfo, split: str, directory: Path) -> list[Path] | None:
-    """Files of ``split`` if ``directory`` holds the dataset folder or is it."""
-    for folder in (directory / info.folder, directory):
+    """Files of ``split`` if ``directory`` holds the dataset folder or is it. A directory holding the files itself
+    counts only when its name says which dataset they are, if another dataset's files have the same names (the
+    MNIST folder passed for Fashion-MNIST loaded MNIST under Fashion-MNIST's name and statistics)."""
+    candidates = [directory / info.folder]
+    if directory.name == info.folder or not _name_is_shared(info, split):
+        candidates.append(directory)
+    for folder in candidates:
         files = _split_files(folder, info.files[split])
         if files is not None:
             return files
