@@ -236,8 +236,6 @@ def test_a_folder_of_files_another_dataset_shares_names_with_is_not_taken_for_it
         (digits / n).symlink_to(SHARED / "mnist" / n)
     with pytest.raises(DatasetNotFoundError):
         load_dataset("mnist", "test", data_dir=digits, download=False)
-    assert len(load_dataset("mnist", "test", data_dir=tmp_path / "digits" / "..", download=False)) == 10000 \
-        if (tmp_path / "mnist").exists() else True
     (tmp_path / "mnist").symlink_to(digits)
     assert load_dataset("mnist", "test", data_dir=tmp_path, download=False)[0][1] == 7
 
