@@ -220,3 +220,17 @@ def test_conv1d_and_linear_model():
 def test_bad_recipes_are_named(unseen, inputs, recipe, message):
     with pytest.raises(RecipeError, match=message):
         lowbit.quantize(unseen, recipe, calib=inputs, progress=False)
+
+
+def test_evaluate_leaves_a_quantized_model_in_eval_mode(unseen, inputs):
+    """The wrapper was built in training mode (nn.Module's default) around an eval-mode network; evaluate's
+    ``train(was_training)`` then put the whole network in training mode, so BN (kept with fold_bn: false) used batch
+    statistics and moved its running ones on the next call."""
+    qm = lowbit.quantize(unseen, {"extends": "w8a8", "fold_bn": False}, calib=inputs, progress=False)
+    assert not qm.training and not any(m.training for m in qm.modules())
+    labels = torch.zeros(len(inputs), dtype=torch.long)
+    lowbit.evaluate(qm, [(inputs, labels)])
+    assert not any(m.training for m in qm.modules())
+    first, bn = qm(inputs[:4]), next(m for m in qm.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = bn.running_mean.clone()
+    assert torch.equal(qm(inputs[:4]), first) and torch.equal(bn.running_mean, stats)

@@ -130,6 +130,10 @@ class QuantModel(nn.Module):
         # why float_reference cannot run, when the float weights are not known (an artifact loaded
         # without its float model stores only the quantized weights); None: they are known
         self.no_float_reference: str | None = None
+        # In eval mode like the network inside it: a wrapper left in training mode (nn.Module's default) handed
+        # its flag to the network at the first ``train(was_training)`` (lowbit.evaluate), after which BN used
+        # batch statistics and updated its running ones during calibration and plain inference
+        self.eval()
 
     # -- construction -------------------------------------------------------------------
     def _skip(self, name: str, keep_float: list[str]) -> bool:
