@@ -147,3 +147,27 @@ def test_observe_must_name_a_network():
 
     with pytest.raises(RecipeError, match="observe"):
         load_recipe({"extends": "w4a4", "steps": [{"calibrate": {"observe": "quantised"}}]})
+
+
+def test_usp_statistics_weigh_every_sample_equally_and_take_a_single_sample_tail():
+    """129 samples in batches of 128 and 1: the one-sample batch weighed half the estimate (and made BatchNorm1d
+    raise inside torch). The running mean is now the mean over all samples."""
+    from lowbit.ptq.usp import update_bn_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(129, 6)
+    x[128] += 40.0  # an outlier alone in the last batch
+    recipe = {"extends": "w8a8", "fold_bn": False, "first_last_bits": None}
+    qm = lowbit.quantize(model, recipe, calib=x, progress=False)
+    bn = next(m for m in qm.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    captured = []
+    handle = bn.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach().clone()))
+    update_bn_statistics(qm, [x[:64], x[64:128], x[128:]], progress=False)
+    handle.remove()
+    inputs = torch.cat(captured)
+    assert inputs.shape[0] == 129  # the tail ran, joined to the batch before it
+    assert torch.allclose(bn.running_mean, inputs.mean(0), atol=1e-4)
+    with pytest.raises(LowbitError, match="at least 2"):
+        update_bn_statistics(qm, [x[:1]], progress=False)

@@ -17,7 +17,8 @@ from lowbit.model.quant_model import QuantModel
 
 @torch.no_grad()
 def update_bn_statistics(qm: QuantModel, batches: list[torch.Tensor], progress: bool = True) -> int:
-    """Cumulative (equal-weight) re-estimate over all batches; returns how many BNs changed."""
+    """Cumulative re-estimate over all batches, each weighted by its number of samples (a remainder batch of
+    one image weighed as much as a full one); returns how many BNs changed."""
     bns = [m for m in qm.net.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
     if not bns:
         raise LowbitError(
@@ -26,16 +27,31 @@ def update_bn_statistics(qm: QuantModel, batches: list[torch.Tensor], progress: 
         )
     if not qm.calibrated:
         raise LowbitError("USP runs the quantized network: calibrate before the usp step")
+    batches = _without_single_sample_tail(list(batches))
     saved = [(bn.momentum, bn.training) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average: every batch counts equally
         bn.train()
+    seen = 0
     try:
         for x in tqdm(batches, desc="usp", unit="batch", disable=not progress, leave=False):
+            n = int(x.shape[0])
+            for bn in bns:  # running := running + n/(seen + n)·(batch − running): the mean over all samples so far
+                bn.momentum = n / (seen + n)
             qm(x)
+            seen += n
     finally:
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum
             bn.train(training)
     return len(bns)
+
+
+def _without_single_sample_tail(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batches with a last batch of one sample joined to the one before: BN in training mode cannot take
+    the statistics of one value per channel (BatchNorm1d raises), and one image is no estimate."""
+    if not batches or sum(int(x.shape[0]) for x in batches) < 2:
+        raise LowbitError("USP re-estimates BatchNorm statistics from the calibration images: give it at least 2")
+    if len(batches) > 1 and int(batches[-1].shape[0]) == 1:
+        batches = batches[:-2] + [torch.cat(batches[-2:])]
+    return batches
