@@ -354,3 +354,29 @@ def test_capture_inputs_stops_early_and_records_what_capture_layers_records(resn
     assert torch.equal(first[unit.layers[0].name], full[unit.layers[0].name]) and not ran
     both = capture_inputs(unit, x, unit.layers, chunk=8)
     assert all(torch.equal(both[n], full[n]) for n in full) and len(both) == len(unit.layers)
+
+
+def test_per_channel_corrections_of_a_linear_on_token_sequences_work_per_feature():
+    """A Linear on [batch, tokens, features] has its channels last: bias correction and moment matching took dim 1
+    (the tokens), raised on a shape clash, or, with as many tokens as features, silently corrected per token."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).eval()
+    x = torch.randn(64, 8, 8) + torch.linspace(-1, 1, 8)  # as many tokens as features
+    recipe = {"weights": {"bits": 3}, "activations": {"bits": 8}, "first_last_bits": None}  # a fine int32 bias grid
+    with torch.no_grad():
+        float_mean = model[0](x).mean((0, 1))
+    errors = {}
+    for step in ("calibrate", "bias_correction", "match_moments"):
+        qm = lowbit.quantize(model, {**recipe, "steps": ["calibrate"] + [step] * (step != "calibrate")}, calib=x,
+                             progress=False)
+        seen = []
+        handle = qm.layers["0"].layer.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        with torch.no_grad():
+            qm(x)
+        handle.remove()
+        errors[step] = float((seen[0].mean((0, 1)) - float_mean).abs().max())  # per feature
+    # corrected to the int32 bias grid (s_w·s_x, about 4e-3 here), from a shift several times larger
+    assert errors["calibrate"] > 0.02 and errors["bias_correction"] < 3e-3 and errors["match_moments"] < 3e-3, errors
+    qm = lowbit.quantize(model, {**recipe, "steps": ["calibrate", "easyquant"]}, calib=torch.randn(64, 6, 8),
+                         progress=False)
+    assert qm.calibrated

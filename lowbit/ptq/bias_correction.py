@@ -32,6 +32,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.cache import run_chunked
+from lowbit.ptq.channels import channels_first
 
 SOURCES = ("outputs", "weights", "float_inputs")
 
@@ -50,7 +51,7 @@ def _float_pass_means(qm, layers: list[QuantLayer], x: torch.Tensor, context: Ab
 
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
         n = args[0].shape[0]
-        sums[layer.name] = sums.get(layer.name, 0) + _channel_mean(value(layer, args[0], out)) * n
+        sums[layer.name] = sums.get(layer.name, 0) + _channel_mean(channels_first(layer.module, value(layer, args[0], out))) * n
         counts[layer.name] = counts.get(layer.name, 0) + n
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
@@ -141,12 +142,12 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source:
             if source == "weights":  # the same input with only this layer's weights left float
                 layer.quantize_weight = False
                 try:
-                    target = _channel_mean(layer(*args))
+                    target = _channel_mean(channels_first(layer.module, layer(*args)))
                 finally:
                     layer.quantize_weight = True
             else:
                 target = targets[layer.name]
-            shifts[layer.name] = _add_to_bias(qm, layer, target - _channel_mean(out))
+            shifts[layer.name] = _add_to_bias(qm, layer, target - _channel_mean(channels_first(layer.module, out)))
             return layer(*args)  # the corrected output (its bias on the int32 grid) is what moves on
         finally:
             busy.discard(layer.name)

@@ -16,12 +16,17 @@ from tqdm import tqdm
 from lowbit.errors import LowbitError, RecipeError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.cache import capture_inputs, walk_units
+from lowbit.ptq.channels import channels_first
 from lowbit.ptq.units import split_units
 from lowbit.quant.quantizer import UniformQuantizer
 
 
-def mean_cosine(out: torch.Tensor, target: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """Eq. 6: mean over samples of cos(r_i, r̄_i); per output channel when asked."""
+def mean_cosine(out: torch.Tensor, target: torch.Tensor, per_channel: bool,
+                module: torch.nn.Module | None = None) -> torch.Tensor:
+    """Eq. 6: mean over samples of cos(r_i, r̄_i); per output channel when asked (``module``: the layer
+    that made ``out``, which says where its channels are)."""
+    if module is not None:
+        out, target = channels_first(module, out), channels_first(module, target)
     if per_channel and out.dim() > 2:
         a, b = out.flatten(2), target.flatten(2)  # [N, C, positions]
         cos = torch.nn.functional.cosine_similarity(a, b, dim=2, eps=1e-12)  # [N, C]
@@ -40,7 +45,7 @@ def _search_weight(layer: QuantLayer, act: UniformQuantizer | None, x: torch.Ten
     scores = []
     for f in factors:
         q.scale = base * f
-        scores.append(mean_cosine(layer(xin), target, per_channel=q.spec.per_channel))
+        scores.append(mean_cosine(layer(xin), target, per_channel=q.spec.per_channel, module=layer.module))
     scores = torch.stack(scores)  # [F] or [F, C]
     best = factors[scores.argmax(0)]
     q.scale = base * best

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from lowbit.errors import LowbitError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.bias_correction import _add_to_bias, _float_pass_means
+from lowbit.ptq.channels import channel_dim, channel_shape, channels_first
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -69,7 +70,7 @@ def _bias_term(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
     b = layer.quantized_bias()
     if b is None:
         return torch.zeros((), dtype=out.dtype, device=out.device)
-    return b.reshape([1, -1] + [1] * (out.dim() - 2))
+    return b.reshape(channel_shape(layer.module, out))
 
 
 @torch.no_grad()
@@ -107,7 +108,8 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
     layers = [layer for layer in layers if layer.name not in skipped]
     x = torch.cat(batches)[:samples]
     # one float pass: channel means of y and y² give the targets' mean and variance
-    sums = _float_pass_means(qm, layers, x, qm.float_reference(), lambda _l, _x, out: torch.cat([out, out * out], 1))
+    sums = _float_pass_means(qm, layers, x, qm.float_reference(),
+                             lambda layer, _x, out: torch.cat([out, out * out], channel_dim(layer.module, out)))
     targets = {}
     for name, s in sums.items():
         mean, square = s.chunk(2)
@@ -138,8 +140,8 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
         if layer.name in seen:
             return None
         seen.add(layer.name)
-        m_q, v_q = _channel_moments(out)
-        shape = [1, -1] + [1] * (out.dim() - 2)
+        m_q, v_q = _channel_moments(channels_first(layer.module, out))
+        shape = channel_shape(layer.module, out)
         if len(chunks) == 1:  # exact: correct the layer now; the weight part of its output scales by a (same
             old_bias = _bias_term(layer, out)  # codes, step × a), the bias part is the new int32-grid bias
             a = apply(layer, m_q, v_q)
