@@ -116,3 +116,32 @@ def test_unknown_estimator_and_option():
         estimate_range("bogus", GAUSS, QuantSpec(), True)
     with pytest.raises(RecipeError, match="unknown option"):
         estimate_range("minmax", GAUSS, QuantSpec(), True, q=3)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gaussian_estimator_on_relu_and_affine_grids_hits_the_optima(bits):
+    """ReLU'd N(0, 1): the unsigned grid is the half-Gaussian optimum in units of σ = 1 (σ was taken as the
+    RMS, σ/√2, a step √2 too small), with low end 0 on an affine grid too; an affine grid on N(0, 1) spans
+    2^b − 1 optimal mid-rise steps between its end levels (it spanned 2^b)."""
+    from lowbit.quant.gaussian import optimal_half_gaussian_step
+
+    relu = torch.relu(GAUSS)
+    half = optimal_half_gaussian_step(bits)[0] * (2**bits - 1)
+    _, hi = estimate_range("gaussian", relu, QuantSpec(bits=bits, signed=False), False)
+    assert float(hi[0]) == pytest.approx(half, rel=0.01)
+    lo, hi = estimate_range("gaussian", relu, QuantSpec(bits=bits, signed=False, symmetric=False), False)
+    assert float(lo[0]) == 0.0 and float(hi[0]) == pytest.approx(half, rel=0.01)
+    lo, hi = estimate_range("gaussian", GAUSS, QuantSpec(bits=bits, symmetric=False), True)
+    span = optimal_gaussian_step(bits, "midrise")[0] * (2**bits - 1)
+    assert float(hi[0] - lo[0]) == pytest.approx(span, rel=0.01)
+
+
+def test_kl_on_a_signed_tensor_with_an_unsigned_affine_grid_sizes_each_tail_from_its_own_values():
+    """The default activation layout (unsigned affine) on a signed tensor: the negative tail, 4× wider here, was
+    clipped at the mirror of the positive threshold (17% of values clipped)."""
+    z = torch.randn(1, 200_000, generator=torch.Generator().manual_seed(3))
+    x = torch.where(z < 0, 4 * z, z)
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    lo, hi = estimate_range("kl", x, spec, False)
+    assert 2.5 < float(-lo[0] / hi[0]) < 6.0
+    assert float((x < lo[0]).float().mean()) < 0.01

@@ -8,13 +8,14 @@ estimators score candidates with exactly the arithmetic that will run.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
 from lowbit.errors import NumericalError, RecipeError
 from lowbit.quant import functional as F
-from lowbit.quant.gaussian import optimal_gaussian_step
+from lowbit.quant.gaussian import optimal_gaussian_step, optimal_half_gaussian_step
 from lowbit.quant.spec import QuantSpec
 
 Range = tuple[torch.Tensor, torch.Tensor]
@@ -165,12 +166,17 @@ def gaussian(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
     """μL2Q (seed 000): standardise, then use the minimum-MSE step of a unit Gaussian.
 
     Symmetric grids take σ = RMS(x) (the distribution is centred on 0 by the grid). A
-    non-negative tensor (post-ReLU) is treated as one half of a symmetric distribution:
-    its b-bit unsigned grid is the positive half of a (b+1)-bit mid-tread grid. Affine
-    grids centre on the mean and use the 2^b-level (mid-rise) optimum for the spread.
+    non-negative tensor (post-ReLU) is taken as a ReLU'd N(0, σ²): σ = √2·RMS(x) (the RMS of
+    a ReLU'd Gaussian is σ/√2) and the half-Gaussian optimum step; on an affine grid too, whose
+    low end is then 0 (a grid centred on the mean wasted levels on values that never occur).
+    Other affine rows centre on the mean and use the 2^b-level (mid-rise) optimum, whose end
+    levels sit at ±(2^(b−1) − ½) steps.
     """
+    xf = x.float()
+    rms = xf.pow(2).mean(dim=1).sqrt()
+    half_step, _ = optimal_half_gaussian_step(spec.bits)
+    half_gaussian_amax = math.sqrt(2.0) * rms * half_step * (2**spec.bits - 1)
     if spec.symmetric:
-        rms = x.float().pow(2).mean(dim=1).sqrt()
         if spec.grid == "midrise":
             step, _ = optimal_gaussian_step(spec.bits, "midrise")
             amax = rms * step * 2 ** (spec.bits - 1)
@@ -178,14 +184,16 @@ def gaussian(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Range:
             step, _ = optimal_gaussian_step(spec.bits, "midtread")
             amax = rms * step * (2 ** (spec.bits - 1) - 1)
         else:
-            step, _ = optimal_gaussian_step(spec.bits + 1, "midtread")
-            amax = rms * step * (2**spec.bits - 1)
+            amax = half_gaussian_amax
         return -amax, amax
-    mu = x.float().mean(dim=1)
-    sigma = x.float().std(dim=1, unbiased=False)
+    mu = xf.mean(dim=1)
+    sigma = xf.std(dim=1, unbiased=False)
     step, _ = optimal_gaussian_step(spec.bits, "midrise")
-    half = sigma * step * 2 ** (spec.bits - 1)
-    return mu - half, mu + half
+    half = sigma * step * (2 ** (spec.bits - 1) - 0.5)
+    nonnegative = xf.amin(dim=1) >= 0
+    lo = torch.where(nonnegative, torch.zeros_like(mu), mu - half)
+    hi = torch.where(nonnegative, half_gaussian_amax, mu + half)
+    return lo, hi
 
 
 MIN_KL_VALUES_PER_LEVEL = 32
@@ -193,32 +201,50 @@ MIN_KL_VALUES_PER_LEVEL = 32
 
 def kl(x: torch.Tensor, spec: QuantSpec, signed: bool, bins: int = 2048) -> Range:
     """Entropy calibration: the threshold whose quantized histogram is closest in KL
-    divergence to the clipped float histogram (of |x| for symmetric grids). Exact zeros
-    are left out; rows with fewer than 32 values per level keep their full range."""
+    divergence to the clipped float histogram (of |x| for symmetric grids). An affine grid on
+    data of both signs takes each tail's threshold from that tail, with the levels shared in
+    proportion to the tails' extents (the sides follow the data, not the grid's ``signed``: the
+    default unsigned activation grid on a signed tensor, the network input, had its negative side
+    mirrored from the positive one and clipped). Exact zeros are left out; a tail with fewer than
+    32 values per level keeps its full extent."""
     qmin, qmax = spec.code_range(signed)
-    n_levels = qmax + 1 if (spec.symmetric or not signed) else (qmax - qmin + 2) // 2
     lo_all, hi_all = _minmax(x)
-    out_lo, out_hi = torch.empty_like(lo_all), torch.empty_like(hi_all)
+    out_lo, out_hi = lo_all.clone(), hi_all.clone()
     for r in range(x.shape[0]):
-        row = x[r].abs() if (spec.symmetric or signed) else x[r].clamp(min=0)
-        # Exact zeros (ReLU's spike, padding) are stored exactly by every candidate; left in,
-        # their spike dominates the divergence and drags the threshold down.
-        row = row[row > 0]
-        amax = float(row.max()) if row.numel() else 0.0
-        if amax == 0.0 or row.numel() < MIN_KL_VALUES_PER_LEVEL * n_levels:
-            # Too few values for a histogram with n_levels levels (e.g. one output channel
-            # of a small conv at 8 bits): no divergence to minimise, keep the full range.
-            out_lo[r], out_hi[r] = lo_all[r], hi_all[r]
-            continue
-        nb = int(min(bins, max(4 * n_levels, row.numel() // 4)))
-        nb = max(nb, n_levels)
-        hist = torch.histc(row.float(), bins=nb, min=0.0, max=amax).double()
-        t = _kl_threshold(hist, n_levels) * amax / nb
+        lo, hi = float(lo_all[r]), float(hi_all[r])
         if spec.symmetric:
-            out_lo[r], out_hi[r] = -t, t
-        else:
-            out_lo[r], out_hi[r] = max(float(lo_all[r]), -t), min(float(hi_all[r]), t)
+            t = _kl_tail(x[r].abs(), qmax + 1, bins)
+            if t is not None:
+                out_lo[r], out_hi[r] = -t, t
+            continue
+        steps = qmax - qmin
+        if lo < 0 < hi:  # both tails on one affine grid: each gets its share of the steps
+            up = min(steps - 1, max(1, round(steps * hi / (hi - lo))))
+            t_up, t_down = _kl_tail(x[r], up, bins), _kl_tail(-x[r], steps - up, bins)
+            out_hi[r] = t_up if t_up is not None else hi
+            out_lo[r] = -t_down if t_down is not None else lo
+        elif hi > 0:
+            t = _kl_tail(x[r], steps + 1, bins)
+            out_hi[r] = t if t is not None else hi
+        elif lo < 0:
+            t = _kl_tail(-x[r], steps + 1, bins)
+            out_lo[r] = -t if t is not None else lo
     return out_lo, out_hi
+
+
+def _kl_tail(values: torch.Tensor, n_levels: int, bins: int) -> float | None:
+    """The KL threshold of the positive values among ``values`` for ``n_levels`` levels, or None when
+    there are too few for a histogram with that many levels (e.g. one output channel of a small conv
+    at 8 bits): no divergence to minimise."""
+    # Exact zeros (ReLU's spike, padding) are stored exactly by every candidate; left in,
+    # their spike dominates the divergence and drags the threshold down.
+    row = values[values > 0]
+    if row.numel() < max(1, MIN_KL_VALUES_PER_LEVEL * n_levels):
+        return None
+    amax = float(row.max())
+    nb = max(int(min(bins, max(4 * n_levels, row.numel() // 4))), n_levels)
+    hist = torch.histc(row.float(), bins=nb, min=0.0, max=amax).double()
+    return _kl_threshold(hist, n_levels) * amax / nb
 
 
 def _kl_threshold(hist: torch.Tensor, n_levels: int, max_candidates: int = 256) -> int:
