@@ -353,3 +353,111 @@ def test_download_mnist_verifies_official_checksums(monkeypatch: pytest.MonkeyPa
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(ChecksumError):
         load_dataset("mnist", "test", download=True)
+
+
+# ---------------------------------------------------------------------------- corrupt and dropped downloads
+
+
+def _damaged_gzip(src: Path, dest: Path) -> Path:
+    """``src`` with its deflate stream damaged: the gzip header is fine, decompressing raises zlib.error."""
+    data = bytearray(src.read_bytes())
+    for i in range(30, 60):
+        data[i] ^= 0xFF
+    dest.write_bytes(bytes(data))
+    with pytest.raises(Exception) as raw:  # the failure the download code must turn into a ChecksumError
+        gzip.decompress(bytes(data))
+    assert type(raw.value).__module__ == "zlib"
+    return dest
+
+
+def _labels_resource() -> Resource:
+    return next(r for r in DATASETS["mnist"].resources if r.filename == "t10k-labels-idx1-ubyte.gz")
+
+
+@needs_data
+def test_corrupt_gzip_mirror_falls_back_to_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A mirror serving a gzip with a broken deflate stream raised a raw zlib.error: no fallback, .part left."""
+    res = _labels_resource()
+    good = SHARED / "mnist" / res.filename
+    bad = _damaged_gzip(good, tmp_path / "bad.gz")
+    with pytest.raises(ChecksumError, match="corrupt gzip"):
+        dl.file_hash(bad, decompress=True)
+    monkeypatch.setattr(dl, "fetch_url", _REAL_FETCH)
+    dest = tmp_path / "got" / res.filename
+    got = dl.download_file([bad.as_uri(), good.as_uri()], dest, md5=res.md5, raw_md5=res.raw_md5, progress=False)
+    assert got == dest and dest.read_bytes() == good.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [res.filename]  # no .part left
+    dest.unlink()
+    with pytest.raises(ChecksumError, match="could not get a valid"):
+        dl.download_file([bad.as_uri()], dest, md5=res.md5, raw_md5=res.raw_md5, progress=False)
+    assert not any(dest.parent.iterdir())
+
+
+@needs_data
+def test_corrupt_cached_gzip_is_deleted_and_fetched_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A corrupt .gz in an incomplete cache folder escaped download_dataset's LowbitError handler as zlib.error."""
+    monkeypatch.delenv("LOWBIT_DATA_DIR")
+    res = _labels_resource()
+    cached = tmp_path / "cache" / "data" / "mnist" / res.filename
+    cached.parent.mkdir(parents=True)
+    _damaged_gzip(SHARED / "mnist" / res.filename, cached)
+    fetched: list[str] = []
+
+    def fake_fetch(url: str, dest: Path, *, progress: bool = True) -> None:
+        fetched.append(url.rsplit("/", 1)[1])
+        shutil.copyfile(SHARED / "mnist" / url.rsplit("/", 1)[1], dest)
+
+    monkeypatch.setattr(dl, "fetch_url", fake_fetch)
+    ds = load_dataset("mnist", "test", download=True)
+    assert len(ds) == 10000 and ds[0][1] == 7
+    assert res.filename in fetched
+    assert cached.read_bytes() == (SHARED / "mnist" / res.filename).read_bytes()
+
+
+def test_dropped_http_response_falls_back_to_the_next_mirror(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A chunked response cut mid-chunk raises http.client.IncompleteRead, which is not an OSError."""
+    import http.client
+
+    payload = b"the real file"
+
+    def flaky_fetch(url: str, dest: Path, *, progress: bool = True) -> None:
+        dest.write_bytes(payload[:3])
+        if "dropped" in url:
+            raise http.client.IncompleteRead(payload[:3], len(payload) - 3)
+        dest.write_bytes(payload)
+
+    monkeypatch.setattr(dl, "fetch_url", flaky_fetch)
+    md5 = hashlib.md5(payload).hexdigest()
+    dest = tmp_path / "dl" / "f.bin"
+    assert dl.download_file(["http://dropped/f.bin", "http://fine/f.bin"], dest, md5=md5, progress=False) == dest
+    assert dest.read_bytes() == payload and sorted(p.name for p in dest.parent.iterdir()) == ["f.bin"]
+    dest.unlink()
+    with pytest.raises(LowbitError, match="could not download f.bin: http://dropped/f.bin: IncompleteRead"):
+        dl.download_file(["http://dropped/f.bin"], dest, md5=md5, progress=False)
+    assert not any(dest.parent.iterdir())
+
+
+def test_download_into_a_symlinked_dataset_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A cache whose dataset folder links to another disk was refused as 'would land outside'."""
+    archive = tmp_path / "served" / "cifar-10-binary.tar.gz"
+    archive.parent.mkdir()
+    _use_archive(monkeypatch, archive, _fake_cifar_archive(archive))
+    bigdisk = tmp_path / "bigdisk"
+    bigdisk.mkdir()
+    cache = tmp_path / "cache" / "data"
+    cache.mkdir(parents=True)
+    (cache / "cifar-10-batches-bin").symlink_to(bigdisk, target_is_directory=True)
+    assert len(load_dataset("cifar10", "test", download=True)) == 3
+    assert (bigdisk / "test_batch.bin").is_file() and (cache / "cifar-10-batches-bin").is_symlink()
+    # A link below the dataset folder that leads elsewhere is still refused.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (bigdisk / "sub").symlink_to(outside, target_is_directory=True)
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-bin/sub/x.bin")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(LowbitError, match="would land outside"):
+        dl.safe_extract_tar(evil, cache, only_under="cifar-10-batches-bin")
+    assert not any(outside.iterdir())

@@ -176,3 +176,44 @@ def test_labels_and_splits_that_would_score_wrong_are_refused(tmp_path, capsys):
     assert main(["search", "--method", "hawq", "--checkpoint", str(tmp_path / "c"), "--target-bits", "4",
                  "--no-progress"]) == 2
     assert "--checkpoint is an MSQ option" in capsys.readouterr().err
+
+
+def test_16bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """Pillow's convert("L") clipped 16-bit grayscale (mode I;16) to 0 and 255; the top 8 bits are kept now."""
+    from PIL import Image
+
+    wide = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # 0..63000
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(wide).save(tmp_path / split / name / "0.png")
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode == "I;16"
+    train, test = load_user_data(f"imagefolder:{tmp_path}")
+    assert train.images.shape == (2, 1, 8, 8)
+    assert np.array_equal(train.images[0, 0].numpy(), (wide >> 8).astype(np.uint8))
+    assert np.array_equal(test.images[1, 0].numpy(), (wide >> 8).astype(np.uint8))
+
+
+def test_npz_files_that_fail_later_are_refused_by_name(tmp_path):
+    """An object array gave a raw ValueError, a .npy a raw AttributeError; train/test images of different shapes
+    and negative labels were accepted."""
+    x = np.zeros((4, 1, 8, 8), np.uint8)
+    y = np.arange(4) % 2
+    cases = {
+        "obj.npz": dict(x_train=np.array([x], dtype=object), y_train=y, x_test=x, y_test=y),
+        "shape.npz": dict(x_train=x, y_train=y, x_test=np.zeros((4, 3, 16, 16), np.uint8), y_test=y),
+        "neg.npz": dict(x_train=x, y_train=-np.ones(4, np.int64), x_test=x, y_test=y),
+    }
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    np.save(tmp_path / "plain.npy", x)
+    for name, message in [("obj.npz", "x_train is an object array .*save plain numeric arrays"),
+                          ("plain.npy", "holds a single array \\(ndarray\\), not an .npz archive: save the splits "
+                                        "with np.savez"),
+                          ("shape.npz", "x_train images are C×H×W \\(1, 8, 8\\) but x_test images are \\(3, 16, 16\\)"),
+                          ("neg.npz", "y_train holds negative labels \\(smallest -1\\); labels are class indices")]:
+        with pytest.raises(LowbitError, match=message):
+            load_user_data(f"tensors:{tmp_path / name}")
+    np.savez(tmp_path / "fine.npz", x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+    train, test = load_user_data(f"tensors:{tmp_path / 'fine.npz'}")
+    assert len(train) == 4 and len(test) == 2

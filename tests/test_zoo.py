@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,40 @@ def test_trained_here_reuses_its_cache_and_refuses_published_models(tmp_path: Pa
         trained_here("lenet5", epochs=0)
     with pytest.raises(LowbitError, match="unknown model"):
         trained_here("lenet6")
+
+
+def test_trained_here_initial_weights_come_from_its_seed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """build() ran before torch.manual_seed(seed): the same seed (and cache name) gave different initial weights
+    depending on the caller's RNG; and the caller's RNG state was changed."""
+    import lowbit.data
+    import lowbit.zoo.train
+    from lowbit.zoo import trained_here
+
+    monkeypatch.setattr(lowbit.zoo.train, "train_classifier", lambda model, loader, epochs, **kw: model)
+    tiny = torch.utils.data.TensorDataset(torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+    monkeypatch.setattr(lowbit.data, "load_dataset", lambda *a, **k: tiny)
+    got = []
+    for caller_seed in (123, 456):
+        torch.manual_seed(caller_seed)
+        before = torch.random.get_rng_state()
+        got.append(trained_here("small_cnn", seed=0, cache=tmp_path / f"c{caller_seed}.safetensors", progress=False))
+        assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left as it was
+    for k, v in got[0].state_dict().items():
+        assert torch.equal(got[1].state_dict()[k], v), k
+    other = trained_here("small_cnn", seed=1, cache=tmp_path / "s1.safetensors", progress=False)
+    assert not torch.equal(other.conv1.weight, got[0].conv1.weight)
+
+
+def test_trained_here_names_an_unusable_cache_file(tmp_path: Path) -> None:
+    """A garbage cache file raised a raw SafetensorError, another model's weights a raw RuntimeError."""
+    from lowbit.zoo import build, save_weights, trained_here
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"garbage")
+    name = re.escape(str(garbage))
+    with pytest.raises(LowbitError, match=f"unusable: {name}: cannot read weights .*Delete {name}"):
+        trained_here("small_cnn", cache=garbage, download=False)
+    other = save_weights(build("lenet5"), tmp_path / "lenet5.safetensors")
+    name = re.escape(str(other))
+    with pytest.raises(LowbitError, match=f"{name} does not fit SmallCNN: missing keys.*Delete {name}"):
+        trained_here("small_cnn", cache=other, download=False)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -25,15 +27,20 @@ _TIMEOUT_S = 60.0
 
 
 def file_hash(path: str | os.PathLike[str], algorithm: str = "md5", *, decompress: bool = False) -> str:
-    """Hex digest of a file read in chunks (so large archives need no RAM)."""
+    """Hex digest of a file read in chunks (so large archives need no RAM).
+
+    With ``decompress`` a damaged gzip stream (bad header, bad deflate data, truncation) raises
+    ChecksumError: it is bad bytes like a digest mismatch, so a download falls back to the next
+    mirror and a corrupt cached copy is fetched again.
+    """
     h = hashlib.new(algorithm)
     opener = gzip.open if decompress else open
     try:
         with opener(path, "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 h.update(chunk)
-    except (EOFError, gzip.BadGzipFile) as e:
-        raise LowbitError(f"{path}: corrupt gzip file ({e})") from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ChecksumError(f"{path}: corrupt gzip file ({e}); delete it to fetch it again") from e
     return h.hexdigest()
 
 
@@ -110,7 +117,8 @@ def download_file(
     for url in urls:
         try:
             fetch_url(url, part, progress=progress)
-        except (OSError, urllib.error.URLError, ValueError) as e:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
+            # HTTPException: a connection dropped mid-response (IncompleteRead) is a network failure too
             failures.append(f"{url}: {e}")
             part.unlink(missing_ok=True)
             continue
@@ -137,6 +145,20 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return p
 
 
+def _contained_target(dest: Path, rel: PurePosixPath, name: str) -> Path:
+    """Where member ``rel`` is written: inside ``dest``, or inside the folder its top-level directory links to.
+
+    ``dest``'s own top-level entries may be symlinks the user made (a dataset folder in the cache that
+    links to a bigger disk), so each member is checked against its resolved top-level folder rather
+    than against ``dest``; anything a link below that leads elsewhere is still refused.
+    """
+    top = (dest / rel.parts[0]).resolve() if len(rel.parts) > 1 else dest
+    target = (dest / Path(*rel.parts)).resolve()
+    if top not in target.parents:
+        raise LowbitError(f"refusing to extract {name!r}: it would land outside {top}")
+    return target
+
+
 def safe_extract_tar(
     archive: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -146,7 +168,8 @@ def safe_extract_tar(
 ) -> list[Path]:
     """Extract regular files of a tar archive into ``dest``, refusing anything unsafe.
 
-    Links, devices and paths escaping ``dest`` raise LowbitError before anything is written.
+    Links, devices and paths escaping ``dest`` raise LowbitError before anything is written; a
+    top-level folder of ``dest`` that is a symlink (a dataset folder on another disk) is written through.
     ``only_under``/``names`` restrict extraction to the files we actually need.
     """
     dest = Path(dest).resolve()
@@ -166,10 +189,7 @@ def safe_extract_tar(
                     continue
                 if wanted is not None and rel.name not in wanted:
                     continue
-                target = (dest / Path(*rel.parts)).resolve()
-                if dest not in target.parents:
-                    raise LowbitError(f"refusing to extract {m.name!r}: it would land outside {dest}")
-                plan.append((m, target))
+                plan.append((m, _contained_target(dest, rel, m.name)))
             for m, target in plan:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src = tar.extractfile(m)

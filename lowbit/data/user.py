@@ -3,8 +3,8 @@
 Data, ``--data KIND:PATH``:
 - ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (png, jpg, jpeg, bmp,
   gif, webp; read with Pillow). Classes are the sub-folder names, sorted, the same in both
-  splits. Every image must have the size of the first one; grayscale folders give 1 channel,
-  anything else is converted to RGB.
+  splits. Every image must have the size of the first one; grayscale folders give 1 channel (16-bit
+  grayscale keeps its top 8 bits), anything else is converted to RGB.
 - ``tensors:FILE.npz``: arrays ``x_train, y_train, x_test, y_test`` (``x``: N×C×H×W uint8
   pixels, or float already normalised; ``y``: integer labels).
 uint8 pixels are normalised as (x/255 − mean)/std with ``--mean``/``--std`` (default 0 and 1).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lowbit.data.dataset import ImageDataset
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("imagefolder", "tensors")
@@ -82,13 +85,12 @@ def _image_folder(root: Path, mean, std) -> tuple[Dataset, Dataset]:
                 try:
                     with Image.open(f) as im:
                         if mode is None:
-                            mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
+                            mode = "L" if im.mode in ("L", "1") or _is_wide_gray(im.mode) else "RGB"
                             size = im.size
-                        im = im.convert(mode)
                         if im.size != size:
                             raise LowbitError(f"{f} is {im.size[0]}x{im.size[1]}, the first image was "
                                               f"{size[0]}x{size[1]}: every image must have one size")
-                        a = np.asarray(im, dtype=np.uint8)
+                        a = _pixels(im, mode, f)
                 except (UnidentifiedImageError, OSError) as err:
                     raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
                 images.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
@@ -100,29 +102,81 @@ def _image_folder(root: Path, mean, std) -> tuple[Dataset, Dataset]:
                  for split, (x, y) in splits.items())
 
 
-def _npz(path: Path, mean, std) -> tuple[Dataset, Dataset]:
-    if not path.is_file():
-        raise LowbitError(f"tensors file {path} does not exist")
+def _is_wide_gray(pil_mode: str) -> bool:
+    """16-bit ("I;16", "I;16B", ...) and 32-bit integer ("I") grayscale."""
+    return pil_mode == "I" or pil_mode.startswith("I;16")
+
+
+def _pixels(im: PILImage, mode: str, f: Path) -> np.ndarray:
+    """HxW (``mode`` "L") or HxWx3 uint8 pixels of ``im``.
+
+    Pillow's convert("L") clips 16-bit grayscale to 0/255 instead of scaling it, so wide grayscale
+    keeps its top 8 bits (value >> 8) here.
+    """
+    if not _is_wide_gray(im.mode):
+        return np.asarray(im.convert(mode), dtype=np.uint8)
+    wide = np.asarray(im).astype(np.int64)
+    if wide.size and (wide.min() < 0 or wide.max() > 0xFFFF):
+        raise LowbitError(f"{f} is a {im.mode!r} image with values {wide.min()}..{wide.max()}, outside the 16-bit "
+                          "range 0..65535: save it as 8- or 16-bit grayscale")
+    a = (wide >> 8).astype(np.uint8)
+    return a if mode == "L" else np.repeat(a[..., None], 3, axis=2)
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of ``path``, read without pickle; each way the file can be wrong is named."""
     try:
         data = np.load(path, allow_pickle=False)  # no pickle: a file from someone else runs no code
     except (ValueError, OSError) as err:
         raise LowbitError(f"{path} is not a readable .npz of arrays: {err}") from None
-    need = ("x_train", "y_train", "x_test", "y_test")
-    missing = [k for k in need if k not in data.files]
-    if missing:
-        raise LowbitError(f"{path} lacks {missing}; it holds {sorted(data.files)} (need {', '.join(need)})")
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise LowbitError(f"{path} holds a single array ({type(data).__name__}), not an .npz archive: save the splits "
+                          f"with np.savez(file, {'=..., '.join(_NPZ_KEYS)}=...)")
+    with data:
+        missing = [k for k in _NPZ_KEYS if k not in data.files]
+        if missing:
+            raise LowbitError(f"{path} lacks {missing}; it holds {sorted(data.files)} (need {', '.join(_NPZ_KEYS)})")
+        arrays = {}
+        for k in _NPZ_KEYS:
+            try:
+                arrays[k] = data[k]
+            except ValueError as err:  # object arrays need pickle, which is refused
+                raise LowbitError(f"{path}: {k} is an object array ({err}); save plain numeric arrays "
+                                  "(uint8 or float pixels, integer labels)") from None
+    return arrays
+
+
+def _check_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Shapes and labels that would fail later (or score wrong) are refused while the file is named."""
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise LowbitError(f"{path}: x_{split} must be N×C×H×W with one label per image in y_{split} (shape "
+                          f"(N,)); got {x.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise LowbitError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
+    if y.size and y.min() < 0:
+        raise LowbitError(f"{path}: y_{split} holds negative labels (smallest {y.min()}); labels are class "
+                          "indices 0..K-1")
+
+
+def _npz(path: Path, mean, std) -> tuple[Dataset, Dataset]:
+    if not path.is_file():
+        raise LowbitError(f"tensors file {path} does not exist")
+    data = _read_npz(path)
     if (data["x_train"].dtype == np.uint8) != (data["x_test"].dtype == np.uint8):  # uint8 scaled, floats as they are
         raise LowbitError(f"{path}: x_train is {data['x_train'].dtype} and x_test is {data['x_test'].dtype}; both "
                           "splits must be uint8 pixels or both floats, or calibration and scoring see different "
                           "scales")
+    for split in ("train", "test"):
+        _check_split(path, split, data[f"x_{split}"], data[f"y_{split}"])
+    if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
+        raise LowbitError(f"{path}: x_train images are C×H×W {data['x_train'].shape[1:]} but x_test images are "
+                          f"{data['x_test'].shape[1:]}; both splits must hold images of one shape for one model")
     out = []
     for split in ("train", "test"):
         x, y = data[f"x_{split}"], data[f"y_{split}"]
-        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
-            raise LowbitError(f"{path}: x_{split} must be N×C×H×W with one label per image in y_{split} (shape "
-                              f"(N,)); got {x.shape} and {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise LowbitError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
         if x.dtype == np.uint8:
             c = x.shape[1]
             out.append(ImageDataset(x, y, _norm(c, mean, 0.0, "mean"), _norm(c, std, 1.0, "std"),

@@ -29,26 +29,38 @@ def trained_here(name: str, data_dir: str | os.PathLike[str] | None = None, epoc
     """``name`` trained for ``epochs`` on its dataset's training split (cached after the first call), in eval mode.
 
     Refuses a model that has published weights: its float baseline is those weights (``pretrained``).
+    The initial weights and the training come from ``seed`` alone (the cache name says so), and the
+    caller's global RNG state is left as it was.
     """
-    from safetensors.torch import load_file
-
     from lowbit.data import load_dataset, make_loader
     from lowbit.zoo.registry import ARCHITECTURES, build, model_info
     from lowbit.zoo.train import train_classifier
     from lowbit.zoo.weights import save_weights
 
-    model = build(name)  # unknown names fail here, naming the known ones
-    if ARCHITECTURES[name].weights is not None:
-        raise LowbitError(f"model {name!r} has published weights: load them with lowbit.zoo.pretrained({name!r})")
-    if epochs < 1:
-        raise LowbitError(f"epochs must be >= 1 to train {name!r} here, got {epochs}")
-    path = Path(cache) if cache else trained_here_path(name, epochs, seed)
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    dataset = model_info(name).dataset
-    torch.manual_seed(seed)
-    train = load_dataset(dataset, "train", data_dir=data_dir, download=download)
-    train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
+    with torch.random.fork_rng(devices=[]):  # CPU RNG only: the model is built and trained on the CPU
+        torch.manual_seed(seed)
+        model = build(name)  # unknown names fail here, naming the known ones
+        if ARCHITECTURES[name].weights is not None:
+            raise LowbitError(f"model {name!r} has published weights: load them with lowbit.zoo.pretrained({name!r})")
+        if epochs < 1:
+            raise LowbitError(f"epochs must be >= 1 to train {name!r} here, got {epochs}")
+        path = Path(cache) if cache else trained_here_path(name, epochs, seed)
+        if path.is_file():
+            return _load_cached(model, name, path)
+        dataset = model_info(name).dataset
+        train = load_dataset(dataset, "train", data_dir=data_dir, download=download)
+        train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
     save_weights(model, path, {"model": name, "dataset": dataset, "epochs": str(epochs), "seed": str(seed)})
+    return model.eval()
+
+
+def _load_cached(model: nn.Module, name: str, path: Path) -> nn.Module:
+    """``model`` with the cached weights, through the checked loader so a bad file is named, not a raw error."""
+    from lowbit.zoo.weights import load_weights
+
+    try:
+        load_weights(model, path)
+    except LowbitError as err:
+        raise LowbitError(f"cached float baseline of {name!r} is unusable: {err}. Delete {path} to train it "
+                          "again, or pass another cache=") from err
     return model.eval()
