@@ -46,6 +46,16 @@ def test_gptq_is_nearer_the_brute_force_optimum_than_rounding():
         assert sum(g <= r + 1e-12 for g, r in zip(gaps[act_order], gaps["rtn"])) >= 17
 
 
+def test_gptq_is_invariant_to_the_input_scale_with_a_dead_column():
+    """Scaling the inputs by c scales H by c², and GPTQ's answer must not move; a dead (always-zero) input column's
+    placeholder 1 on the diagonal entered the dampening, which then grew with 1/c² relative to the live curvature."""
+    w, h = _problem(0)
+    w, h = torch.cat([w, torch.tensor([[0.5]]).double()], 1), torch.block_diag(h, torch.zeros(1, 1).double())
+    answers = [gptq_round(w, h * c * c, S, Z, QMIN, QMAX, damp=0.01) for c in (1.0, 1e-2, 1e-3)]
+    assert all(torch.equal(a, answers[0]) for a in answers[1:])
+    assert float(answers[0][0, -1]) == 0.0  # the dead column's weight is zero (its input always is)
+
+
 def test_gptq_matches_its_closed_forms():
     # Uncorrelated inputs (diagonal H): no error to move, so GPTQ is round-to-nearest.
     w = torch.tensor([[0.44, -0.16, 0.95, -1.3]]).double()

@@ -174,11 +174,15 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point
     h = h.double().clone()
     cols = w.shape[1]
     dead = torch.diagonal(h) == 0
+    # dampening relative to the live columns' mean curvature: the dead ones' placeholder 1s (below) made it
+    # depend on the input's scale (at inputs ~1e-3 GPTQ was no better than rounding)
+    live = torch.diagonal(h)[~dead]
+    lam = damp * (float(live.mean()) if live.numel() else 1.0)
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols, device=h.device)
     w, h = w[:, order], h[order][:, order]
-    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    h += lam * torch.eye(cols, dtype=h.dtype, device=h.device)
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError:
