@@ -39,7 +39,7 @@ def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
     statistics on clean training images are biased (see lowbit.data.augment).
     """
     from lowbit.data.augment import random_crop_flip
-    from lowbit.ptq.calibrate import calibrate_activations
+    from lowbit.ptq.calibrate import recalibrate_activations as refit_activations
     from lowbit.ptq.usp import update_bn_statistics
 
     stats_batches = batches
@@ -48,8 +48,8 @@ def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
         stats_batches = [random_crop_flip(b, padding, flip, g) for _ in range(augment_repeats) for b in batches]
     update_bn_statistics(qm, stats_batches, progress=progress)
     if recalibrate_activations:
-        calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
-                              seed=recipe.calibration["seed"], progress=progress)
+        refit_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
+                          seed=recipe.calibration["seed"], progress=progress)
 
 
 def _bias_correction(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
@@ -127,7 +127,7 @@ def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", pro
             recalibrate_activations: bool = True) -> None:
     """k-means codebooks for every sub-8-bit layer (lowbit.ptq.kmeans), then activation ranges
     re-fitted to the clustered weights."""
-    from lowbit.ptq.calibrate import calibrate_activations
+    from lowbit.ptq.calibrate import recalibrate_activations as refit_activations
     from lowbit.ptq.kmeans import cluster_weights
 
     if not qm.calibrated:
@@ -135,8 +135,8 @@ def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", pro
     qm.meta["kmeans"] = cluster_weights(qm, batches, hessian=hessian, joint=joint, iterations=iterations,
                                         progress=progress)
     if recalibrate_activations:
-        calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
-                              seed=recipe.calibration["seed"], progress=progress)
+        refit_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
+                          seed=recipe.calibration["seed"], progress=progress)
 
 
 def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool, damp: float = 0.01,
@@ -144,7 +144,7 @@ def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progr
           target: str = "quantized", regrid: bool = False, grid_objective: str = "weights") -> None:
     """GPTQ rounding of every layer's weights (lowbit.ptq.gptq); optionally re-fit the activation
     ranges to the rounded network."""
-    from lowbit.ptq.calibrate import calibrate_activations
+    from lowbit.ptq.calibrate import recalibrate_activations as refit_activations
     from lowbit.ptq.gptq import OUTPUT_GRID, gptq
 
     grid_fit = None
@@ -154,8 +154,8 @@ def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progr
     gptq(qm, batches, damp=damp, block_size=block_size, act_order=act_order, progress=progress, target=target,
          regrid=grid_fit)
     if recalibrate_activations:
-        calibrate_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
-                              seed=recipe.calibration["seed"], progress=progress)
+        refit_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
+                          seed=recipe.calibration["seed"], progress=progress)
 
 
 RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop", "pdquant", "adaquant", "teacher_student")

@@ -380,3 +380,18 @@ def test_per_channel_corrections_of_a_linear_on_token_sequences_work_per_feature
     qm = lowbit.quantize(model, {**recipe, "steps": ["calibrate", "easyquant"]}, calib=torch.randn(64, 6, 8),
                          progress=False)
     assert qm.calibrated
+
+
+def test_recalibration_after_usp_keeps_the_calibrate_steps_settings(mnist_cnn):
+    """USP, k-means and GPTQ re-fit activation ranges: they used the recipe-level estimator and quantized-weight
+    observation, dropping ``calibrate: {act_estimator: minmax, observe: float}``, while the meta still named them."""
+    from lowbit.ptq.calibrate import calibrate_activations
+
+    model, calib, _ = mnist_cnn
+    steps = [{"calibrate": {"act_estimator": "minmax", "observe": "float"}}, "usp"]
+    qm = lowbit.quantize(model, {**BAD, "fold_bn": False, "steps": steps}, calib=calib, progress=False)
+    assert qm.meta["calibration"]["act_estimator"] == "minmax" and qm.meta["calibration"]["observe"] == "float"
+    scales = {n: q.scale.clone() for n, q in qm.act_quantizers().items()}
+    calibrate_activations(qm, [calib], "minmax", {}, seed=0, progress=False, observe="float")
+    assert all(torch.equal(q.scale, scales[n]) for n, q in qm.act_quantizers().items())  # what the step re-fitted
+    assert set(qm.meta["calibration"]["act_estimators_used"].values()) == {"minmax"}

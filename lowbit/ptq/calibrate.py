@@ -124,5 +124,20 @@ def calibrate(
     used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress,
                                  observe=observe)
     qm.meta["calibration"] = {"weight_estimator": weight_estimator, "act_estimator": act_estimator,
-                              "act_estimators_used": used, "seed": seed, "observe": observe}
+                              "act_options": dict(act_options or {}), "act_estimators_used": used, "seed": seed,
+                              "observe": observe}
     return qm
+
+
+def recalibrate_activations(qm: QuantModel, batches: list[torch.Tensor], act_estimator: str,
+                            act_options: dict[str, Any] | None, seed: int, progress: bool = True) -> None:
+    """Re-fit the activation ranges after a step changed the network (USP, k-means, GPTQ) with the settings the
+    calibrate step used (its estimator, options and observation; the arguments only where none is recorded), and
+    record what was used: the recipe-level defaults replaced e.g. ``calibrate: {act_estimator: minmax}``."""
+    done = qm.meta.get("calibration") or {}
+    estimator = done.get("act_estimator", act_estimator)
+    options = done.get("act_options", act_options) if "act_estimator" in done else act_options
+    used = calibrate_activations(qm, batches, estimator, options, seed=done.get("seed", seed), progress=progress,
+                                 observe=done.get("observe", "quantized_weights"))
+    if done:
+        done["act_estimators_used"] = used
