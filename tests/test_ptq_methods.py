@@ -395,3 +395,23 @@ def test_recalibration_after_usp_keeps_the_calibrate_steps_settings(mnist_cnn):
     calibrate_activations(qm, [calib], "minmax", {}, seed=0, progress=False, observe="float")
     assert all(torch.equal(q.scale, scales[n]) for n, q in qm.act_quantizers().items())  # what the step re-fitted
     assert set(qm.meta["calibration"]["act_estimators_used"].values()) == {"minmax"}
+
+
+def test_public_calibrate_takes_what_quantize_takes_and_checks_it_before_changing_anything(mnist_cnn):
+    """lowbit.calibrate on a DataLoader of (input, label) pairs raised deep in an observer; on a wrongly shaped
+    tensor, inside a matmul; on nothing, after rewriting every weight range."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lowbit.errors import DataMismatchError
+
+    model, calib, _ = mnist_cnn
+    labels = torch.zeros(len(calib), dtype=torch.long)
+    qm = lowbit.prepare(model, "w4a4")
+    lowbit.calibrate(qm, DataLoader(TensorDataset(calib, labels), batch_size=64), progress=False)
+    assert qm.calibrated
+    before = [q.scale.clone() for q in qm.weight_quantizers()]
+    with pytest.raises(DataMismatchError, match="calibration batch 0 has shape"):
+        lowbit.calibrate(qm, calib.flatten(1), progress=False)
+    with pytest.raises(LowbitError, match="empty"):
+        lowbit.calibrate(qm, [], progress=False)
+    assert all(torch.equal(q.scale, before[i]) for i, q in enumerate(qm.weight_quantizers()))  # left as it was

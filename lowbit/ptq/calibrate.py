@@ -12,7 +12,7 @@ from lowbit.ptq.bn_ranges import bn_implied_sample
 from lowbit.quant.estimators import DATA_FREE, ESTIMATORS, estimate_range
 from lowbit.quant.observer import SampleObserver
 from lowbit.quant.quantizer import UniformQuantizer
-from lowbit.errors import RecipeError
+from lowbit.errors import DataMismatchError, RecipeError
 
 BN_FALLBACK = "mse"
 # Above this share of exact zeros a mid-rise weight grid, which has no 0 level, biases a layer.
@@ -119,7 +119,12 @@ def calibrate(
     seed: int = 0, progress: bool = True, observe: str = "quantized_weights",
 ) -> QuantModel:
     """Weights first (their ranges need no data), then activations, observed with the weights
-    quantized (``observe="quantized_weights"``) or on the float network (``"float"``)."""
+    quantized (``observe="quantized_weights"``) or on the float network (``"float"``).
+
+    ``batches``: a list of input tensors, or anything ``lowbit.quantize`` takes as ``calib`` (a DataLoader
+    of (input, label) pairs, a Dataset, one tensor). It is checked, and run once on the float network,
+    before any quantizer changes: bad data left the weight ranges rewritten and then failed deep in torch."""
+    batches = _checked_batches(qm, batches)
     calibrate_weights(qm, weight_estimator, weight_options)
     used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress,
                                  observe=observe)
@@ -127,6 +132,26 @@ def calibrate(
                               "act_options": dict(act_options or {}), "act_estimators_used": used, "seed": seed,
                               "observe": observe}
     return qm
+
+
+def _checked_batches(qm: QuantModel, data: Any) -> list[torch.Tensor]:
+    """A list of input tensors is kept as it is batched (observers sample per batch); other forms are cut as
+    ``lowbit.quantize`` cuts them."""
+    from lowbit.checks import probe_forward
+    from lowbit.ptq.batches import as_batches
+
+    if isinstance(data, (list, tuple)) and data and all(isinstance(x, torch.Tensor) for x in data):
+        batches = list(data)
+        for i, x in enumerate(batches):
+            if x.dim() == 0 or not x.is_floating_point() or x.shape[1:] != batches[0].shape[1:]:
+                raise DataMismatchError(f"calibration batch {i} ({x.dtype}, shape {tuple(x.shape)}) does not match "
+                                        f"batch 0 ({batches[0].dtype}, {tuple(batches[0].shape)}): every batch must "
+                                        "be float inputs of one shape")
+    else:
+        batches = as_batches(data)
+    with qm.quantization(weights=False, activations=False):
+        probe_forward(qm, batches[0], "calibration batch 0")
+    return batches
 
 
 def recalibrate_activations(qm: QuantModel, batches: list[torch.Tensor], act_estimator: str,
