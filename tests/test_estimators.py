@@ -145,3 +145,43 @@ def test_kl_on_a_signed_tensor_with_an_unsigned_affine_grid_sizes_each_tail_from
     lo, hi = estimate_range("kl", x, spec, False)
     assert 2.5 < float(-lo[0] / hi[0]) < 6.0
     assert float((x < lo[0]).float().mean()) < 0.01
+
+
+def _mse_at(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, signed: bool) -> torch.Tensor:
+    from lowbit.quant import functional as F
+
+    qmin, qmax = spec.code_range(signed)
+    s, z = F.range_to_scale_zero_point(lo, hi, spec, signed)
+    xq = F.fake_quantize_broadcast(x[None], s[None, :, None], z[None, :, None], qmin, qmax, spec.grid)[0]
+    return (xq - x).square().mean(1)
+
+
+def test_mse_refinement_is_never_worse_than_its_coarse_optimum():
+    """The refine offsets did not include 0, so a row could end slightly worse than the coarse grid's best."""
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(5)) ** 3
+    spec = QuantSpec(bits=3, per_channel=True)
+    lo, hi = estimate_range("mse", x, spec, True)
+    found = _mse_at(x, lo, hi, spec, True)
+    amax = x.abs().amax(1)
+    coarse = torch.stack([_mse_at(x, -f * amax, f * amax, spec, True) for f in torch.linspace(0.01, 1.0, 100)])
+    assert bool((found <= coarse.min(0).values * (1 + 1e-6)).all())
+
+
+def test_independent_ends_search_an_unsigned_affine_grid_on_a_signed_tensor():
+    """``ends: independent`` was gated on a signed grid: the default (unsigned affine) activation layout on the
+    network's signed input kept the shared shrink."""
+    z = torch.randn(1, 50_000, generator=torch.Generator().manual_seed(4))
+    x = torch.where(z < 0, 3 * z, z)
+    spec = QuantSpec(bits=4, signed=False, symmetric=False)
+    shared = estimate_range("mse", x, spec, False)
+    lo, hi = estimate_range("mse", x, spec, False, ends="independent")
+    assert float(lo[0] / x.min()) != pytest.approx(float(hi[0] / x.max()), abs=0.02)  # the ends moved apart
+    assert float(_mse_at(x, lo, hi, spec, False)[0]) < float(_mse_at(x, *shared, spec, False)[0])
+
+
+def test_percentile_of_a_tensor_over_torch_quantiles_limit():
+    x = torch.arange((1 << 24) + 101, dtype=torch.float32).reshape(1, -1)
+    lo, hi = estimate_range("percentile", x, QuantSpec(bits=8, symmetric=False), True, q=99.0)
+    n = x.shape[1]
+    assert float(hi[0]) == pytest.approx(0.99 * (n - 1), rel=1e-6)
+    assert float(lo[0]) == pytest.approx(0.01 * (n - 1), rel=1e-6)

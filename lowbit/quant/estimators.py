@@ -45,11 +45,21 @@ def percentile(x: torch.Tensor, spec: QuantSpec, signed: bool, q: float = 99.99)
     if not 50.0 < q <= 100.0:
         raise RecipeError(f"percentile q={q} must be in (50, 100]")
     if spec.symmetric:
-        amax = torch.quantile(x.abs(), q / 100.0, dim=1)
+        amax = _quantile(x.abs(), q / 100.0)
         return -amax, amax
-    lo = torch.quantile(x, 1 - q / 100.0, dim=1)
-    hi = torch.quantile(x, q / 100.0, dim=1)
-    return lo, hi
+    return _quantile(x, 1 - q / 100.0), _quantile(x, q / 100.0)
+
+
+def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row linear-interpolated quantile, as torch.quantile, which refuses rows over 2^24 values (a large
+    per-tensor Linear): those go through a sort."""
+    if x.shape[1] <= 1 << 24:
+        return torch.quantile(x, q, dim=1)
+    ordered = x.sort(dim=1).values
+    pos = q * (x.shape[1] - 1)
+    below, frac = int(pos), pos - int(pos)
+    above = min(below + 1, x.shape[1] - 1)
+    return ordered[:, below] + frac * (ordered[:, above] - ordered[:, below])
 
 
 def _scaled_candidates(x: torch.Tensor, spec: QuantSpec, fractions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +101,9 @@ def search_shrink(
     step = 1.0 / grid_points
     # Refine each row around its own coarse optimum (a shared set of offsets); on ties the
     # earliest offset wins, as the coarse grid's argmin does.
-    offsets = torch.linspace(-step, step, refine_points)
-    frac = torch.clamp(best[None] + offsets[:, None], min=1e-4, max=1.0)  # [refine, rows]
+    # (offset 0, the coarse optimum itself, goes last: the refined answer is never worse than the coarse one)
+    offsets = torch.cat([torch.linspace(-step, step, refine_points), torch.zeros(1)])
+    frac = torch.clamp(best[None] + offsets[:, None], min=1e-4, max=1.0)  # [refine + 1, rows]
     scores = scores_of(frac)
     best_frac = frac.gather(0, scores.argmin(dim=0, keepdim=True))[0]
     return best_frac * lo0[0], best_frac * hi0[0]
@@ -141,15 +152,15 @@ def mse(x: torch.Tensor, spec: QuantSpec, signed: bool, ends: str = "shared") ->
     measured as the mean squared error of the actual quantizer over the data.
 
     ``ends="independent"`` searches an affine grid's lo and hi separately (as MCT's uniform
-    weights do; ResNet-20 W3A3, affine weights, 3 seeds: 81.89 -> 82.61); symmetric and
-    unsigned grids have one end to search, so it changes nothing there."""
+    weights do; ResNet-20 W3A3, affine weights, 3 seeds: 81.89 -> 82.61); symmetric grids
+    have one end to search, so it changes nothing there."""
     if ends not in ENDS:
         raise RecipeError(f"estimator 'mse': ends must be one of {', '.join(ENDS)}, not {ends!r}")
 
     def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return b.sub_(a).square_().mean(dim=-1)  # b is the search's fresh fake-quant buffer: in place
 
-    if ends == "independent" and signed and not spec.symmetric:
+    if ends == "independent" and not spec.symmetric:  # any affine grid: the default uint8 activations too
         return search_ends(x, spec, signed, squared_error)
     return search_shrink(x, spec, signed, squared_error)
 
