@@ -79,7 +79,11 @@ def _zeroq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", prog
     """Replace the calibration batches with distilled ones (later steps use those)."""
     from lowbit.ptq.zeroq import distill_inputs
 
+    from lowbit.checks import probe_forward
+
     shape = tuple(input_shape) if input_shape else _default_input_shape(qm)
+    with qm.quantization(weights=False, activations=False):  # a wrong shape is named before distilling
+        probe_forward(qm, torch.zeros(1, *shape), f"zeroq's input_shape {list(shape)}")
     seed = recipe.calibration["seed"]
     batches[:] = distill_inputs(qm, recipe.calibration["samples"], shape, seed=seed, progress=progress, **params)
     qm.meta["calibration_data"] = "zeroq (distilled, no real images)"

@@ -87,6 +87,9 @@ def test_zeroq_refuses_real_data_and_reconstruction_needs_calibration(mnist_cnn)
         lowbit.quantize(model, {"steps": ["zeroq", "calibrate"]}, calib=calib, progress=False)
     with pytest.raises(LowbitError, match="calibrate step first"):
         lowbit.quantize(model, {"steps": ["adaround", "calibrate"]}, calib=calib, progress=False)
+    with pytest.raises(LowbitError, match=r"zeroq's input_shape \[3, 28, 28\] has shape \(1, 3, 28, 28\); the "
+                                          r"model's layer `conv1` \(Conv2d\) expects a 4-D \(N, C, H, W\) input with 1 channels"):
+        lowbit.quantize(model, {"steps": [{"zeroq": {"input_shape": [3, 28, 28]}}, "calibrate"]}, progress=False)
 
 
 def test_network_wise_reconstruction_fits_the_float_logits_and_refuses_a_checkpoint(mnist_cnn, tmp_path):
