@@ -8,6 +8,7 @@ that says how to get it.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,31 @@ def check_available() -> None:
     _mlflow()
 
 
+# What MLflow refuses in a metric name (its rule: ^[/\w.\- :]*$; the ':' only from MLflow 2.x on,
+# so it goes too). One bad name makes log_metrics refuse the whole batch.
+_NOT_IN_A_NAME = re.compile(r"[^/\w.\- ]")
+
+
+def metric_name(*parts: Any) -> str:
+    """A metric name MLflow takes: the parts joined by '.', each character it refuses (the '+'
+    of a composed or planned recipe, the '|' of a bench engine) made '_'."""
+    return ".".join(_NOT_IN_A_NAME.sub("_", str(p)) for p in parts)
+
+
+def _row_label(row: dict[str, Any]) -> str | None:
+    """What a payload row's metrics are named under: its recipe (quantize, train), or its
+    engine and runtime (bench rows, as the bench keys its engines)."""
+    if "recipe" in row:
+        return str(row["recipe"])
+    if "engine" in row and "runtime" in row:
+        return f"{row['engine']}|{row['runtime']}"
+    return None
+
+
 def flat_metrics(payload: dict[str, Any] | None) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
     """(metrics, per-step series) from a command's JSON payload: top-level numbers, each result
-    row's numbers under ``<recipe>.<key>``, and a QAT history as series over epochs."""
+    row's numbers under ``<recipe>.<key>`` (bench rows: ``<engine>_<runtime>.<key>``), and a
+    QAT history as series over epochs; every name made one MLflow accepts (:func:`metric_name`)."""
     metrics: dict[str, float] = {}
     series: list[tuple[str, float, int]] = []
 
@@ -38,15 +61,17 @@ def flat_metrics(payload: dict[str, Any] | None) -> tuple[dict[str, float], list
 
     for k, v in (payload or {}).items():
         if number(v):
-            metrics[k] = float(v)
+            metrics[metric_name(k)] = float(v)
     for row in list((payload or {}).get("results") or []) + list((payload or {}).get("rows") or []):
-        if isinstance(row, dict) and "recipe" in row:
+        label = _row_label(row) if isinstance(row, dict) else None
+        if label is not None:
             for k, v in row.items():
                 if number(v):
-                    metrics[f"{row['recipe']}.{k}"] = float(v)
+                    metrics[metric_name(label, k)] = float(v)
     for row in (payload or {}).get("history") or []:
         if isinstance(row, dict) and number(row.get("epoch")):
-            series += [(k, float(v), int(row["epoch"])) for k, v in row.items() if k != "epoch" and number(v)]
+            series += [(metric_name(k), float(v), int(row["epoch"])) for k, v in row.items()
+                       if k != "epoch" and number(v)]
     return metrics, series
 
 

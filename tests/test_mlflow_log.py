@@ -98,3 +98,22 @@ def test_a_tracking_server_that_refuses_is_named_and_the_run_stays_done(monkeypa
     assert "MLflow at file:///y did not take the run (RuntimeError: store is in maintenance mode)" in err
     assert "the command itself finished" in err
     assert [r["status"] for r in Registry(reg).list()] == ["done"]
+
+
+def test_metric_names_are_ones_mlflow_takes_and_bench_rows_are_keyed_by_engine_and_runtime():
+    """A composed or planned recipe's '+' (and a bench engine's '|') would make MLflow refuse
+    the whole batch; bench rows have no recipe, and were dropped."""
+    import re
+
+    valid = re.compile(r"^[/\w.\- ]*$")  # MLflow's name rule (2.x adds ':')
+    payload = {"float_top1": 0.9173, "results": [{"recipe": "w3a3+adaquant", "top1": 85.1},
+                                                 {"recipe": "w4a4+plan:v2", "top1": 90.0}]}
+    metrics, _ = flat_metrics(payload)
+    assert metrics == {"float_top1": 0.9173, "w3a3_adaquant.top1": 85.1, "w4a4_plan_v2.top1": 90.0}
+    bench = {"threads": 1, "rows": [{"engine": "float", "runtime": "ort", "top1": 91.7, "latency_b1_ms": 1.5},
+                                    {"engine": "lowbit w8a8+gptq", "runtime": "openvino", "top1": 91.6,
+                                     "file_kb": None}]}
+    metrics, _ = flat_metrics(bench)
+    assert metrics == {"threads": 1.0, "float_ort.top1": 91.7, "float_ort.latency_b1_ms": 1.5,
+                       "lowbit w8a8_gptq_openvino.top1": 91.6}
+    assert all(valid.match(k) for k in metrics)

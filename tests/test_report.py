@@ -196,3 +196,71 @@ def test_the_analysis_says_which_side_loses_where_the_file_has_it():
     assert "weights only" not in render(inputs)  # an analysis written before the split renders as before
     inputs.analysis.update(weights_only_top1=90.5, activations_only_top1=89.25)
     assert "weights only 90.50%, activations only 89.25%" in render(inputs)
+
+
+def test_weight_sqnr_is_against_the_float_weights_not_the_ones_gptq_put_on_the_grid():
+    import lowbit
+    from lowbit.report.analyzer import analyze, sqnr_db
+    from lowbit.zoo import build
+
+    torch.manual_seed(0)
+    model = build("small_cnn").eval()
+    x = torch.randn(96, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    recipe = {"extends": "w4a4", "calibration": {"samples": 64, "batch_size": 32}, "steps": ["calibrate", "gptq"]}
+    qm = lowbit.quantize(model, recipe, calib=x[:64], progress=False)
+    with torch.no_grad(), qm.float_reference():
+        float_w = {r.name: r.layer.weight.clone() for r in qm.layers}
+    out = analyze(qm, [(x[64:], y[64:])], progress=False)
+    assert out["layers"]
+    for row in out["layers"]:
+        layer = next(r.layer for r in qm.layers if r.name == row.name)
+        with torch.no_grad():
+            assert torch.equal(layer.quantized_weight(), layer.weight)  # GPTQ left the weight on its grid
+            expected = sqnr_db(float_w[row.name], layer.quantized_weight())
+        assert math.isfinite(row.weight_sqnr_db) and row.weight_sqnr_db == pytest.approx(expected)
+
+
+def test_top1_is_converted_by_where_it_comes_from_not_by_its_size(monkeypatch):
+    """Rows hold % and payload-level values fractions: a collapsed model's 0.85 % stays 0.85."""
+    from lowbit.report.sources import add_payload
+
+    inputs = ReportInputs()
+    add_payload(inputs, {"model": "m", "float_top1": 0.76, "results": [{"recipe": "w2a2", "top1": 0.85, "float": 76.0},
+                                                                      {"recipe": "w1a1", "top1": 0.5}]}, "q.json")
+    add_payload(inputs, {"rows": [{"recipe": "w1a1-bnn", "top1": 1.0, "float_top1": 0.9}]}, "t.json")
+    assert [(a["top1"], a["float_top1"]) for a in inputs.accuracy] == [(0.85, 76.0), (0.5, 76.0), (1.0, 0.9)]
+    from matplotlib.axes import Axes
+
+    plotted = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, x, y, *a, **k: plotted.append(list(y)) or real_plot(ax, x, y, *a, **k))
+    from lowbit.report.figures import search_figure
+
+    search_figure({"method": "msq", "path": [{"mean_w_bits": 8, "val_accuracy": 1.0},
+                                             {"mean_w_bits": 4, "val_accuracy": 0.009}], "plan": {}})
+    assert plotted[0] == pytest.approx([100.0, 0.9])  # a search's accuracy is a fraction at any size
+
+
+def test_report_on_a_saved_artifact_names_its_architecture(tmp_path, capsys, monkeypatch):
+    """`lowbit report x.lowbit`: the artifact's arch is {name, kwargs}; the report takes its name
+    (title, float model from the zoo) and reads its metrics as fractions."""
+    import lowbit
+    from lowbit.cli import main
+    from lowbit.deploy.artifact import save
+    from lowbit.zoo import build, save_weights, trained_here_path
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    save_weights(build("small_cnn_fashion"), trained_here_path("small_cnn_fashion"))
+    qm = lowbit.quantize(build("small_cnn_fashion").eval(), "w8a8", calib=torch.randn(64, 1, 28, 28), progress=False)
+    path = save(qm, tmp_path / "b.lowbit", metrics={"top1": 0.004, "float_top1": 0.6})
+    inputs = collect([str(path)])
+    assert inputs.model == "small_cnn_fashion"
+    assert [(a["top1"], a["float_top1"]) for a in inputs.accuracy] == [(pytest.approx(0.4), pytest.approx(60.0))]
+    out = tmp_path / "r.html"
+    assert main(["report", str(path), "-o", str(out), "--no-download"]) == 0
+    text = out.read_text()
+    assert "<title>lowbit report: small_cnn_fashion</title>" in text
+    assert "fig-weights" in parse(text).images  # the zoo model's float weights were found by that name

@@ -2,11 +2,13 @@
 ONNX, and ONNX Runtime's own ``quantize_static`` (the peer) on the same float model.
 
 Accuracy on the test split; lowbit and the peer calibrate on the same training images.
-Latency at batch 1 and throughput at batch 64: warm-up runs, then the median of repeated
+Latency at batch 1 and throughput at batch 64 (the whole test split when it holds fewer
+images; the payload's ``throughput_batch``): warm-up runs, then the median of repeated
 timed runs, with intra-op threads fixed for every engine.
 """
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -91,28 +93,43 @@ def run_runtime_benchmark(
         torch.set_num_threads(previous)  # a library call leaves the process as it found it
 
 
+# The float ONNX model's wrapper: quantization is switched off for the export, so its
+# quantizers only need to be calibrated (min-max on one batch), not good.
+FLOAT_RECIPE = {"name": "float", "description": "the float network as built (BN folded), for the float ONNX model",
+                "weights": {"bits": 8, "estimator": "minmax"}, "activations": {"bits": 8, "estimator": "minmax"},
+                "steps": ["calibrate"]}
+
+
+def float_onnx_model(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
+    """The float ONNX model, wrapped from ``model`` itself: a recipe's QuantModel would carry
+    the weights its steps edited (bias correction, GPTQ, ...) or the network it rewrote
+    (widen, hardtanh, Bi-Real shortcuts), so every ratio would depend on recipe order."""
+    qm = quantize(model, FLOAT_RECIPE, calib=[example], progress=False)
+    with qm.quantization(weights=False, activations=False):
+        return export_onnx(qm, path, example)
+
+
 def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, runtimes, peers) -> dict[str, Any]:
     runtimes = [runtime_name(r) for r in runtimes]
     work = Path(workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
+    # A copy in eval mode: a model in train mode would update its BN statistics while timed
+    # (changing the caller's model) and be timed and scored as a different network.
+    model = copy.deepcopy(model).eval()
     loaded = [load_recipe(r) for r in recipes]
-    calib_sets = [calibration_batches(train, r) for r in loaded]
-    calib = calib_sets[0]  # the peers calibrate on the first recipe's images
+    calib = calibration_batches(train, loaded[0])  # the peers calibrate on the first recipe's images
     example = calib[0][:1]
     # (name, file, runtimes, quantize seconds, artifact file)
     files: list[tuple[str, Path, list[str], float | None, Path | None]] = []
-    float_onnx = None
-    for r, r_calib in zip(loaded, calib_sets):
+    float_onnx = float_onnx_model(model, work / "float.onnx", example)
+    files.append(("float", float_onnx, runtimes, None, None))
+    for i, r in enumerate(loaded):
+        r_calib = _recipe_calibration(train, r, calib if i == 0 else None)
         start = time.perf_counter()
         qm = quantize(model, r, calib=r_calib, progress=False)
         seconds = time.perf_counter() - start
-        if float_onnx is None:
-            with qm.quantization(weights=False, activations=False):
-                float_onnx = export_onnx(qm, work / "float.onnx", example)
-            files.append(("float", float_onnx, runtimes, None, None))
         stem = r.name.replace("/", "_")
         files.append((f"lowbit {r.name}", export_onnx(qm, work / f"{stem}.onnx", example), runtimes, seconds,
                       save(qm, work / f"{stem}.lowbit")))
-    assert float_onnx is not None
     start = time.perf_counter()
     peer_onnx = ort_quantize_static(float_onnx, work / "ort_static.onnx", calib)
     files.append(("ort quantize_static", peer_onnx, runtimes, time.perf_counter() - start, None))
@@ -131,10 +148,12 @@ def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, run
     rows = []
     for key, engine in engines.items():
         name, rt = key.split("|")
-        lat1, lat64 = timing[key]
+        lat1, lat_batch = timing[key]
         path, seconds, artifact = info.get(key, (None, None, None))
         row = {"engine": name, "runtime": rt, "top1": round(100 * evaluate(engine, test_batches), 2),
-               "latency_b1_ms": round(1000 * lat1, 3), "throughput_b64_img_s": round(64 / lat64, 1),
+               "latency_b1_ms": round(1000 * lat1, 3),
+               # a test split under 64 images makes a smaller batch: count the images it holds
+               "throughput_b64_img_s": round(len(x64) / lat_batch, 1),
                "file_kb": None if path is None else round(_model_bytes(path) / 1024, 1),
                "quantize_s": None if seconds is None else round(seconds, 2)}
         if artifact is not None:
@@ -148,7 +167,16 @@ def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, run
             row[f"b64_vs_float_{rt}"] = round(row["throughput_b64_img_s"] / base["throughput_b64_img_s"], 2)
             row[f"b1_vs_float_{rt}"] = round(base["latency_b1_ms"] / row["latency_b1_ms"], 2)
     return {"recipes": [r.name for r in loaded], "threads": threads, "repeats": repeats, "runtimes": runtimes,
-            "test_images": len(test_batches.indices), "calibration_images": sum(len(b) for b in calib), "rows": rows}
+            "test_images": len(test_batches.indices), "calibration_images": sum(len(b) for b in calib),
+            "throughput_batch": len(x64), "rows": rows}
+
+
+def _recipe_calibration(train: Dataset, recipe: Any, ready: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """A recipe's calibration batches (``ready``: already drawn for it); None for a data-free
+    recipe (ZeroQ), which distils its own and refuses real ones."""
+    if recipe.data_free:
+        return None
+    return ready if ready is not None else calibration_batches(train, recipe)
 
 
 def _model_bytes(path: Path) -> int:

@@ -480,5 +480,17 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
     onnx.checker.check_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    # To a .part file beside the target, then renamed over it (as lowbit.state_io writes): a killed
+    # export never leaves half a model where a good one was. A link's target is the file replaced
+    # (the link stays); a device or pipe cannot be renamed over, so it is written through.
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        onnx.save(model, str(target))
+        return path
+    part = target.with_name(target.name + ".part")
+    try:
+        onnx.save(model, str(part))
+        part.replace(target)
+    finally:
+        part.unlink(missing_ok=True)
     return path

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import DataMismatchError, LowbitError
 
 RUNTIMES = ("ort", "openvino")
 RUNTIME_ALIASES = {"ort": "ort", "onnxruntime": "ort", "openvino": "openvino", "ov": "openvino"}
@@ -22,7 +22,27 @@ def runtime_name(runtime: str) -> str:
     return RUNTIME_ALIASES[key]
 
 
-def _ort_runner(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def check_input_shape(x_shape: tuple[int, ...], expected: tuple[int | None, ...] | None, path: Path,
+                      name: str) -> None:
+    """Refuse an input that cannot fit before the runtime sees it: ONNX Runtime and OpenVINO
+    answer a wrong rank or channel count with their own errors, deep in shape inference.
+    ``expected``: one entry per dimension, None where dynamic (the batch); None: rank not fixed."""
+    if expected is None:
+        return
+    fits = len(x_shape) == len(expected) and all(e is None or e == d for d, e in zip(x_shape, expected))
+    if not fits:
+        want = ", ".join(str(e) if e is not None else "batch" if i == 0 else "any" for i, e in enumerate(expected))
+        raise DataMismatchError(f"ONNX model {path} expects input {name!r} of shape ({want}), got "
+                                f"{tuple(x_shape)}")
+
+
+def _static(dim: Any) -> int | None:
+    """An ONNX Runtime dimension: an int where fixed, a name or None where dynamic."""
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
+
+
+def _ort_runner(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], str,
+                                                          tuple[int | None, ...] | None]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -36,8 +56,10 @@ def _ort_runner(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray],
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - ORT raises several unrelated types
         raise LowbitError(f"ONNX Runtime cannot load {path}: {err}") from None
-    name = session.get_inputs()[0].name
-    return (lambda x: session.run(None, {name: x})[0]), name
+    first = session.get_inputs()[0]
+    name = first.name
+    shape = tuple(_static(d) for d in first.shape) if isinstance(first.shape, (list, tuple)) else None
+    return (lambda x: session.run(None, {name: x})[0]), name, shape
 
 
 class _OpenVinoRunner:
@@ -55,16 +77,23 @@ class _OpenVinoRunner:
         except Exception as err:  # noqa: BLE001 - OpenVINO raises its own generic errors
             raise LowbitError(f"OpenVINO cannot read {path}: {err}") from None
         self.input_name = self.model.inputs[0].get_any_name()
+        self.input_shape = self._declared_shape()
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.compiled: dict[tuple[int, ...], Any] = {}
 
+    def _declared_shape(self) -> tuple[int | None, ...] | None:
+        shape = self.model.inputs[0].get_partial_shape()
+        if shape.rank.is_dynamic:
+            return None
+        return tuple(d.get_length() if d.is_static else None for d in shape)
+
     def request(self, shape: tuple[int, ...]) -> Any:
         if shape not in self.compiled:
-            model = self.model.clone()
-            model.reshape({self.input_name: list(shape)})
-            try:
+            try:  # reshape runs shape inference, which is where a shape that does not fit fails
+                model = self.model.clone()
+                model.reshape({self.input_name: list(shape)})
                 self.compiled[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             except Exception as err:  # noqa: BLE001
                 raise LowbitError(f"OpenVINO cannot compile the model for input shape {shape}: {err}") from None
@@ -93,12 +122,13 @@ class OnnxModel(nn.Module):
             raise LowbitError(f"threads must be a positive integer, got {threads!r}")
         self.path = path
         if self.runtime == "ort":
-            self._run, self.input_name = _ort_runner(path, threads)
+            self._run, self.input_name, self.input_shape = _ort_runner(path, threads)
         else:
             runner = _OpenVinoRunner(path, threads)
-            self._run, self.input_name = runner, runner.input_name
+            self._run, self.input_name, self.input_shape = runner, runner.input_name, runner.input_shape
 
     def run_numpy(self, x: np.ndarray) -> np.ndarray:
+        check_input_shape(tuple(x.shape), self.input_shape, self.path, self.input_name)
         return self._run(np.ascontiguousarray(x, dtype=np.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,14 @@ def _layer_outputs(qm: QuantModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return outputs
 
 
+@torch.no_grad()
+def _layer_weights(qm: QuantModel) -> dict[str, torch.Tensor]:
+    """Every layer's (folded) weight as it is now, by layer name: called under
+    ``float_reference``, the weights from before any step edited them (GPTQ and AdaRound
+    leave a weight on its grid, which compared with itself would show no error)."""
+    return {r.name: r.layer.weight.detach().clone() for r in qm.layers}
+
+
 def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[str, Any]:
     """Per-layer sensitivity of ``qm`` on ``data`` ((input, label) batches; use training-split
     images, not the test split). Returns float and quantized top-1, the weights-only and
@@ -125,6 +133,7 @@ def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[
         with qm.float_reference():
             float_top1 = evaluate(qm, batches)
             float_out = _layer_outputs(qm, batches[0][0])
+            float_w = _layer_weights(qm)
         quant_top1 = evaluate(qm, batches)
         quant_out = _layer_outputs(qm, batches[0][0])
         with qm.quantization(activations=False):
@@ -140,8 +149,7 @@ def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[
         rows = []
         for r in tqdm(active, desc="analyze", unit="layer", disable=not progress, leave=False):
             with torch.no_grad():
-                w = r.layer.weight
-                w_sqnr = sqnr_db(w, r.layer.quantized_weight()) if r.layer.quantize_weight else math.inf
+                w_sqnr = sqnr_db(float_w[r.name], r.layer.quantized_weight()) if r.layer.quantize_weight else math.inf
             with _only(qm, r, on=True):
                 alone = evaluate(qm, batches)
             with _only(qm, r, on=False):

@@ -122,13 +122,21 @@ def ul2q_error_figure(table: Sequence[dict[str, Any]]) -> bytes:
     return _png(plt, fig)
 
 
+def search_accuracy_points(path: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(mean weight bits, validation top-1 in %) of each search step that measured one. The
+    accuracy is stored as a fraction (``ProbeResult.network_accuracy``), whatever its size: a
+    step at 0.9 % is not 90 %."""
+    pts = [(p["mean_w_bits"], p.get("val_accuracy")) for p in path if "mean_w_bits" in p]
+    return [(b, 100 * a) for b, a in pts if isinstance(a, (int, float)) and not isinstance(a, bool)]
+
+
 def search_figure(search: dict[str, Any]) -> bytes:
     """A mixed-precision search's path: size against the accuracy it measured on the way."""
     plt = _pyplot()
     path = search.get("path") or []
     fig, ax = plt.subplots(figsize=(7, 4))
     pts = [(p["mean_w_bits"], p.get("val_accuracy")) for p in path if "mean_w_bits" in p]
-    with_acc = [(b, 100 * a if a <= 1 else a) for b, a in pts if isinstance(a, (int, float))]
+    with_acc = search_accuracy_points(path)
     if with_acc:
         ax.plot([b for b, _ in with_acc], [a for _, a in with_acc], marker="o", ms=3, color="#3572a5",
                 label="validation top-1 at each step")

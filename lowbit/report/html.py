@@ -71,7 +71,7 @@ def model_weights(model: nn.Module) -> list[tuple[str, np.ndarray]]:
 
 def render(inputs: ReportInputs, float_model: nn.Module | None = None, title: str | None = None) -> str:
     """The report's HTML text."""
-    title = title or f"lowbit report{': ' + inputs.model if inputs.model else ''}"
+    title = title or f"lowbit report{': ' + str(inputs.model) if inputs.model else ''}"  # a hand-built input too
     parts: list[str] = []
     sections = [("accuracy", "Accuracy"), ("layers", "Layers"), ("analysis", "Which layer hurts"),
                 ("weights", "Weights and the Gaussian"), ("ul2q", "μL2Q error: predicted vs measured"),

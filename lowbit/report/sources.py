@@ -29,11 +29,34 @@ class ReportInputs:
     sources: list[str] = field(default_factory=list)                  # what was read, in order
 
 
-def _percent(v: Any) -> float | None:
-    """Top-1 as a percentage whether it was stored as a fraction (payloads) or in % (rows)."""
-    if not isinstance(v, (int, float)):
-        return None
-    return 100.0 * v if v <= 1.0 else float(v)
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _in_percent(v: Any) -> float | None:
+    """A top-1 that lowbit stores in % (result and train rows: ``RecipeResult.row``)."""
+    return _number(v)
+
+
+def _from_fraction(v: Any) -> float | None:
+    """A top-1 that lowbit stores as a fraction (payload-level ``float_top1``, artifact metrics).
+    Which one a number is follows from where it was read, never from its size: a collapsed
+    model's 0.85 % is not 85 %."""
+    n = _number(v)
+    return None if n is None else 100.0 * n
+
+
+def _model_name(v: Any) -> str | None:
+    """The model a source names, as text: an artifact stores its architecture as
+    ``{"name", "kwargs"}``, and the report's title and ``lowbit report``'s zoo look-up want the name."""
+    if isinstance(v, dict):
+        v = v.get("name")
+    return v if isinstance(v, str) and v else None
+
+
+def _first(*values: float | None) -> float | None:
+    """The first number that is there (a recorded 0.0 counts)."""
+    return next((v for v in values if v is not None), None)
 
 
 def add_payload(inputs: ReportInputs, payload: dict[str, Any], label: str) -> None:
@@ -41,21 +64,21 @@ def add_payload(inputs: ReportInputs, payload: dict[str, Any], label: str) -> No
     if not isinstance(payload, dict):
         raise LowbitError(f"{label}: expected a JSON object from a lowbit command, got {type(payload).__name__}")
     used = False
-    inputs.model = inputs.model or payload.get("model")
-    float_top1 = _percent(payload.get("float_top1"))
+    inputs.model = inputs.model or _model_name(payload.get("model"))
+    float_top1 = _from_fraction(payload.get("float_top1"))
     scored_on = label
     if payload.get("full_test_split") is False:  # --test-limit: a quick look, said so beside the number
         scored_on += f"; first {payload.get('test_images')} test images, not the full split"
     for r in payload.get("results") or []:  # quantize / eval --recipe
         if isinstance(r, dict) and "recipe" in r and "top1" in r:
-            inputs.accuracy.append({"label": str(r["recipe"]), "top1": _percent(r["top1"]),
-                                    "float_top1": _percent(r.get("float")) or float_top1, "note": scored_on})
+            inputs.accuracy.append({"label": str(r["recipe"]), "top1": _in_percent(r["top1"]),
+                                    "float_top1": _first(_in_percent(r.get("float")), float_top1), "note": scored_on})
             used = True
     for r in payload.get("rows") or []:  # train --recipe
         if isinstance(r, dict) and "recipe" in r and "top1" in r and "float_top1" in r:
-            inputs.accuracy.append({"label": f"{r['recipe']} (QAT)", "top1": _percent(r["top1"]),
-                                    "float_top1": _percent(r["float_top1"]), "note": label})
-            inputs.model = inputs.model or r.get("model")
+            inputs.accuracy.append({"label": f"{r['recipe']} (QAT)", "top1": _in_percent(r["top1"]),
+                                    "float_top1": _in_percent(r["float_top1"]), "note": label})
+            inputs.model = inputs.model or _model_name(r.get("model"))
             used = True
     if isinstance(payload.get("history"), list) and payload["history"]:
         inputs.curves.append((label, payload["history"]))
@@ -70,8 +93,8 @@ def add_payload(inputs: ReportInputs, payload: dict[str, Any], label: str) -> No
         inputs.searches.append(search)
         ev = (payload.get("evaluation") or {}).get("results") or []
         for r in ev:
-            inputs.accuracy.append({"label": str(r.get("recipe")), "top1": _percent(r.get("top1")),
-                                    "float_top1": _percent(r.get("float")), "note": label})
+            inputs.accuracy.append({"label": str(r.get("recipe")), "top1": _in_percent(r.get("top1")),
+                                    "float_top1": _in_percent(r.get("float")), "note": label})
         used = True
     if not used:
         keys = ", ".join(sorted(payload)[:8])
@@ -88,12 +111,12 @@ def add_artifact(inputs: ReportInputs, path: Path) -> None:
     inputs.layers = qm.layers.rows()
     inputs.layers_source = str(path)
     metrics = qm.meta.get("metrics") or {}
-    label, top1 = path.stem, _percent(metrics.get("top1"))
+    label, top1 = path.stem, _from_fraction(metrics.get("top1"))
     if top1 is not None and not any(a["label"] == label and a["top1"] is not None and abs(a["top1"] - top1) < 1e-6
                                     for a in inputs.accuracy):  # the run that saved it reported it already
         inputs.accuracy.append({"label": label, "top1": top1,
-                                "float_top1": _percent(metrics.get("float_top1")), "note": str(path)})
-    inputs.model = inputs.model or qm.meta.get("arch")
+                                "float_top1": _from_fraction(metrics.get("float_top1")), "note": str(path)})
+    inputs.model = inputs.model or _model_name(qm.meta.get("arch"))
     inputs.sources.append(str(path))
 
 
@@ -138,7 +161,7 @@ def add_run(inputs: ReportInputs, run: dict[str, Any]) -> None:
     label = f"run {run['id']} ({run['command']}{', ' + run['recipe'] if run.get('recipe') else ''})"
     if run.get("status") != "done":
         raise LowbitError(f"{label} is {run.get('status')}, not done: nothing finished to report")
-    inputs.model = inputs.model or run.get("model")
+    inputs.model = inputs.model or _model_name(run.get("model"))
     before = len(inputs.sources)
     if run.get("metrics"):
         add_payload(inputs, run["metrics"], label)
