@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -331,7 +332,8 @@ def _eval_deployed(args: argparse.Namespace) -> int:
         from lowbit.deploy.artifact import load
 
         model, source = load(args.lowbit), str(args.lowbit)
-    dataset = args.dataset or zoo.model_info(args.model).dataset
+    arch = (model.meta.get("arch") or {}).get("name") if args.lowbit else None  # an artifact names its model
+    dataset = args.dataset or zoo.model_info(arch or args.model).dataset
     _, test = _datasets(args, dataset)
     batches = TensorBatches(test, limit=args.test_limit)
     top1 = evaluate(model, batches, progress=not args.no_progress)
@@ -810,7 +812,9 @@ _ARTIFACT_ARGS = ("out", "save", "lowbit", "checkpoint", "json", "onnx")
 
 def _artifacts(args: argparse.Namespace) -> dict[str, str]:
     """The files and folders this command was told to write, by option name."""
-    return {k: str(getattr(args, k)) for k in _ARTIFACT_ARGS if getattr(args, k, None)}
+    # absolute (not resolved: /dev/stdout stays itself), so `lowbit report N` finds them from any directory
+    return {k: os.path.abspath(os.path.expanduser(str(getattr(args, k))))
+            for k in _ARTIFACT_ARGS if getattr(args, k, None)}
 
 
 def _open_run(args: argparse.Namespace, argv: list[str]) -> None:

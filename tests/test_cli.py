@@ -130,3 +130,25 @@ def test_save_names_each_recipes_file_apart_and_refuses_two_of_one_name(tmp_path
     recipes = f"{tmp_path / 'a' / 'same.yaml'},{tmp_path / 'b' / 'same.yaml'}"
     assert main(["quantize", "--recipe", recipes, "--save", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "--save would write same.lowbit for more than one recipe" in capsys.readouterr().err
+
+
+def test_eval_of_an_artifact_takes_its_dataset_from_it_and_the_registry_keeps_absolute_paths(
+        tmp_path, capsys, data_dir, monkeypatch):
+    """`eval --lowbit` of a Fashion-MNIST model took the dataset of --model's default (CIFAR-10) and failed on the
+    shapes; the registry stored `--save out` as given, which `lowbit report N` could not find from elsewhere."""
+    import torch
+
+    from lowbit.registry import Registry
+    from lowbit.zoo import build, save_weights, trained_here_path
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    save_weights(build("small_cnn_fashion"), trained_here_path("small_cnn_fashion"))
+    monkeypatch.chdir(tmp_path)
+    common = ["--data-dir", str(data_dir), "--no-progress", "--no-download", "--test-limit", "50"]
+    assert main(["quantize", "--model", "small_cnn_fashion", "--recipe", "w8a8", "--save", "out", *common]) == 0
+    run = Registry().list(1)[0]
+    assert run["artifacts"]["save"] == str(tmp_path / "out")
+    capsys.readouterr()
+    assert main(["eval", "--lowbit", str(tmp_path / "out" / "w8a8.lowbit"), "--json", "e.json", *common]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["dataset"] == "fashion-mnist"
