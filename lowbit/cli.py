@@ -76,6 +76,14 @@ def output_file(text: str) -> Path:
     return path
 
 
+def safetensors_file(text: str) -> Path:
+    """argparse type: a weights file to write, checked before the training that fills it."""
+    path = output_file(text)
+    if path.suffix != ".safetensors":
+        raise argparse.ArgumentTypeError(f"{text}: weights are written as safetensors; use a .safetensors file name")
+    return path
+
+
 def output_dir(text: str) -> Path:
     """argparse type: a directory to write into; an existing file there is refused."""
     path = Path(text)
@@ -772,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "halves a step on CPUs with AMX/AVX512-BF16 and on GPUs, the deployed model stays float32")
     t.add_argument("--channels-last", action="store_true", help="QAT: train in NHWC memory order (faster convolutions)")
     t.add_argument("--save", type=output_file, help="QAT: write the trained model as a .lowbit artifact")
-    t.add_argument("--out", type=output_file, help="from scratch: where to write the weights (<model>.safetensors)")
+    t.add_argument("--out", type=safetensors_file,
+                   help="from scratch: where to write the weights (<model>.safetensors)")
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--show", help="print one recipe (a name or file) in full")

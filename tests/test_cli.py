@@ -152,3 +152,10 @@ def test_eval_of_an_artifact_takes_its_dataset_from_it_and_the_registry_keeps_ab
     capsys.readouterr()
     assert main(["eval", "--lowbit", str(tmp_path / "out" / "w8a8.lowbit"), "--json", "e.json", *common]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["dataset"] == "fashion-mnist"
+
+
+def test_train_refuses_a_weights_file_name_it_cannot_write_before_training(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "small_cnn", "--epochs", "1", "--out", "w.pt"])
+    assert exc.value.code == 2
+    assert "w.pt: weights are written as safetensors" in capsys.readouterr().err
