@@ -1,6 +1,8 @@
 """The lowbit command end to end on small real data."""
 import json
 
+import pytest
+
 from lowbit.cli import main
 
 
