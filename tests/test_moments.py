@@ -144,3 +144,16 @@ def test_chunks_bound_memory_and_land_near_the_exact_correction(mnist_cnn):
         assert torch.allclose(qa.scale, qb.scale, rtol=0.05), a.layer.name
     first_a, first_b = exact.layers[0].layer.weight_quantizer, chunked.layers[0].layer.weight_quantizer
     assert torch.allclose(first_a.scale, first_b.scale, rtol=1e-4)  # its input is the same: exact either way
+
+
+def test_match_moments_names_outputs_too_large_for_their_squares_instead_of_writing_nan():
+    """Inputs ~1e18 give outputs whose squares overflow float32: the weights became NaN, silently."""
+    from lowbit.errors import NumericalError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(32, 1, 8, 8) * 1e18
+    with pytest.raises(NumericalError, match="not finite"):
+        lowbit.quantize(model, {"extends": "w4a4", "first_last_bits": None, "steps": ["calibrate", "match_moments"]},
+                        calib=x, progress=False)

@@ -29,7 +29,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, NumericalError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.bias_correction import _add_to_bias, _float_pass_means
 from lowbit.ptq.channels import channel_dim, channel_shape, channels_first
@@ -125,6 +125,9 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
     def apply(layer: QuantLayer, m_q: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
         m_f, v_f = targets[layer.name]
         a = ratio(v_f, v_q)
+        if not (torch.isfinite(a).all() and torch.isfinite(m_f - a * m_q).all()):  # before any weight changes
+            raise NumericalError(f"match_moments: layer {layer.name!r} has output moments that are not finite in "
+                                 "float32 (outputs near 1e19 overflow their squares): check the input scaling")
         if variance:
             _scale_channels(layer, a)
         shift = m_f - a * m_q
