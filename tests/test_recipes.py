@@ -152,3 +152,16 @@ def test_every_step_function_default_is_its_schema_default():
             if p.name in signature and signature[p.name].default is not inspect.Parameter.empty:
                 fn_default = signature[p.name].default
                 assert (fn_default or None) == (p.default or None), (step, p.name, fn_default, p.default)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"estimator": "percentile", "estimator_options": {"q": "99.9"}}, r"estimator_options.q must be a float"),
+    ({"estimator": "kl", "estimator_options": {"bins": "x"}}, r"estimator_options.bins must be a int"),
+    ({"estimator": "mse", "estimator_options": {"q": 99.0}}, r"estimator 'mse' takes \['ends'\], not \['q'\]"),
+    ({"estimator": "minmax", "estimator_options": {"bins": 8}}, r"estimator 'minmax' takes no options"),
+    ({"estimator": "percentile", "estimator_options": {"q": float("nan")}}, r"q must be a float"),
+])
+def test_estimator_options_are_checked_when_the_recipe_is_read(section, message):
+    """They failed only after the calibration passes (a wrong type reported as an unknown option), or never."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe({"extends": "w4a4", "activations": section})

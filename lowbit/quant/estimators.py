@@ -301,6 +301,35 @@ ESTIMATORS: dict[str, Callable[..., Range]] = {
 DATA_FREE = {"bn"}
 
 
+def check_estimator_options(name: str, options: dict[str, Any], where: str) -> None:
+    """Refuse an estimator option the estimator does not take, or of the wrong type, when the recipe is read
+    (they failed after the calibration passes, a wrong type reported as an unknown option, or never)."""
+    import inspect
+
+    if name not in ESTIMATORS:
+        if options:
+            raise RecipeError(f"{where}: estimator {name!r} takes no options, got {sorted(options)}")
+        return
+    params = {p.name: p.default for p in list(inspect.signature(ESTIMATORS[name]).parameters.values())[3:]}
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise RecipeError(f"{where}.estimator_options: estimator {name!r} takes {sorted(params) or 'no options'}, "
+                          f"not {unknown}")
+    for key, value in options.items():
+        default = params[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise RecipeError(f"{where}.estimator_options.{key} must be a {type(default).__name__} "
+                              f"(e.g. {default!r}), got {value!r}")
+
+
 def estimate_range(name: str, x: torch.Tensor, spec: QuantSpec, signed: bool, **options: Any) -> Range:
     """Run a named estimator on a [rows, values] tensor; per-tensor results are scalars."""
     if name not in ESTIMATORS:

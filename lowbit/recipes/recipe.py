@@ -17,7 +17,7 @@ import yaml
 
 from lowbit.errors import BitsError, RecipeError
 from lowbit.mixed.plan import Plan, load_plan
-from lowbit.quant.estimators import DATA_FREE, ESTIMATORS
+from lowbit.quant.estimators import DATA_FREE, ESTIMATORS, check_estimator_options
 from lowbit.quant.spec import MAX_BITS, QuantSpec
 
 TOP_KEYS = {"name", "description", "weights", "activations", "fold_bn", "quantize_adds", "add_bits", "first_last_bits",
@@ -81,6 +81,7 @@ class TensorRecipe:
         known = sorted(ESTIMATORS) + (sorted(DATA_FREE) if where == "activations" else [])
         if estimator not in known:
             raise RecipeError(f"{where}: unknown range estimator {estimator!r}; known: {known}")
+        check_estimator_options(estimator, options, where)
         try:
             spec = QuantSpec.from_dict(merged)
         except RecipeError as err:  # name the section: "weights.symmetric must be ..."
