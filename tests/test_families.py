@@ -318,6 +318,24 @@ def test_bireal_refusals_are_named():
         lowbit.api.prepare(lenet, {"extends": "w1a1-bnn", "shortcut": "bireal"})
 
 
+def test_bireal_takes_convs_with_same_padding():
+    """``padding="same"`` keeps the size, yet it was refused with a message saying its padding breaks the size."""
+    class Same(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3, padding="same")
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv2(torch.relu(self.conv1(x))).mean((2, 3)))
+
+    import operator
+
+    qm = lowbit.api.prepare(Same(), {"extends": "w1a1-bnn", "shortcut": "bireal"})
+    assert sum(n.op == "call_function" and n.target is operator.add for n in qm.net.graph.nodes) == 1  # conv2's
+
+
 def test_bireal_resnet20_exports_to_onnx(resnet20, cifar_slices, tmp_path):
     """At 4 bits (no sign flips to chain through the network) the runtime runs the per-conv
     shortcuts as the fake-quant model does."""

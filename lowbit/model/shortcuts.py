@@ -53,8 +53,11 @@ def _conv_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
 def _check_geometry(name: str, conv: nn.Conv2d) -> None:
     """A shortcut adds the input to the output, so the conv must keep the spatial size (up to
     its stride) and not drop channels."""
-    for k, p, d in zip(conv.kernel_size, conv.padding if isinstance(conv.padding, tuple) else (0, 0),
-                       conv.dilation):
+    if conv.padding == "same":  # torch keeps the size itself (stride 1 only)
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    else:
+        padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)  # "valid"
+    for k, p, d in zip(conv.kernel_size, padding, conv.dilation):
         if k % 2 == 0 or p != d * (k - 1) // 2:
             raise RecipeError(f"shortcut: bireal adds each conv's input to its output, so every conv must keep its "
                               f"input's size (odd kernel, padding = dilation·(kernel−1)/2): layer {name!r} has kernel "
