@@ -185,3 +185,17 @@ def test_percentile_of_a_tensor_over_torch_quantiles_limit():
     n = x.shape[1]
     assert float(hi[0]) == pytest.approx(0.99 * (n - 1), rel=1e-6)
     assert float(lo[0]) == pytest.approx(0.01 * (n - 1), rel=1e-6)
+
+
+def test_observer_keeps_a_remainder_batch_in_proportion_to_its_size():
+    """1,025 calibration images are 8 batches of 128 and one of 1: the one image's values were kept at a full
+    batch's count, 1/9 of the sample from 1/1025 of the data."""
+    from lowbit.quant.observer import SampleObserver
+
+    obs = SampleObserver("t", per_batch=1 << 12)
+    for _ in range(8):
+        obs(torch.zeros(128, 64))
+    obs(torch.full((1, 64), 5.0))
+    values = obs.sample()[0, :-2]  # (less the exact extremes it appends)
+    assert int((values == 5.0).sum()) == 32  # 4096 · 1/128
+    assert values.numel() == 8 * 4096 + 32

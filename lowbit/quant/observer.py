@@ -23,15 +23,21 @@ class SampleObserver:
         self.max: torch.Tensor | None = None
         self.chunks: list[torch.Tensor] = []
         self.count = 0
+        self.largest_batch = 0
 
     def __call__(self, x: torch.Tensor) -> None:
+        batch = int(x.shape[0]) if x.dim() > 1 else 1
         x = x.detach().float().reshape(-1)
         lo, hi = torch.aminmax(x)
         check_finite(x, f"activation at {self.name!r}", extremes=(lo, hi))
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
-        if x.numel() > self.per_batch:
-            idx = torch.randint(0, x.numel(), (self.per_batch,), generator=self.generator)
+        # a batch smaller than the largest seen (the calibration set's remainder) keeps a proportional share: at a
+        # fixed count one remainder image weighed as much as a full batch of 128 in the sample
+        self.largest_batch = max(self.largest_batch, batch)
+        keep = max(1, self.per_batch * batch // self.largest_batch)
+        if x.numel() > keep:
+            idx = torch.randint(0, x.numel(), (keep,), generator=self.generator)
             x = x[idx]
         self.chunks.append(x.clone())
         self.count += 1
