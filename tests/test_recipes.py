@@ -165,3 +165,29 @@ def test_estimator_options_are_checked_when_the_recipe_is_read(section, message)
     """They failed only after the calibration passes (a wrong type reported as an unknown option), or never."""
     with pytest.raises(RecipeError, match=message):
         load_recipe({"extends": "w4a4", "activations": section})
+
+
+def test_extends_adds_overrides_keeps_null_sections_replaces_plans_and_renames_edits(tmp_path):
+    """An override on an a32 built-in replaced its `a_bits: 32` override (4-bit activations under the built-in's
+    name); an all-commented section (null) reset to the defaults (W8A8 described as W4A4); a bare plan merged into
+    a saved-form one was ignored; a dict inheriting the base's name and description claimed the base's method."""
+    r = load_recipe({"extends": "w3a32-kmeans", "overrides": [{"pattern": "layer3.*", "w_bits": 4}]})
+    assert r.overrides == [{"pattern": "*", "a_bits": 32}, {"pattern": "layer3.*", "w_bits": 4}]
+    assert r.name == "w3a32-kmeans-edited" and r.description == "w3a32-kmeans with its overrides changed"
+    (tmp_path / "nulls.yaml").write_text("extends: w4a4\nweights:\n  # bits: 3\nactivations:\n")
+    r = load_recipe(str(tmp_path / "nulls.yaml"))
+    assert (r.weights.spec.bits, r.activations.spec.bits, r.name) == (4, 4, "nulls")
+    assert r.description == load_recipe("w4a4").description  # nothing changed
+    (tmp_path / "base.yaml").write_text("extends: w4a4\nplan: {format: lowbit-plan/1, layers: {layer1.0.conv1: "
+                                        "{w_bits: 2}}, meta: {}}\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\nplan: {layer2.0.conv1: {w_bits: 3}}\n")
+    assert load_recipe(str(tmp_path / "top.yaml")).plan.layers == {"layer2.0.conv1": {"w_bits": 3}}
+    r = load_recipe({"extends": "w4a4-adaround", "steps": ["calibrate", "usp"], "fold_bn": False})
+    assert r.name == "w4a4-adaround-edited" and "adaround" not in r.description.split(" with ")[1]
+    assert load_recipe({"extends": "w4a4", "name": "mine"}).name == "mine"
+    assert load_recipe({"extends": "w4a4"}).name == "w4a4"  # nothing changed: still the built-in
+
+
+def test_the_composed_word_usp_keeps_bn_apart():
+    r = load_recipe("w4a4+usp")
+    assert r.fold_bn is False and [n for n, _ in r.steps] == ["calibrate", "usp"]

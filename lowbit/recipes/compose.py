@@ -7,7 +7,8 @@ they were measured at); a built-in of the exact name always wins over compositio
 
 - ``w{W}a{A}``: W-bit per-channel weights (1-8), A-bit activations (2-8, or 32 for float
   activations), the layout of the plain built-ins (MSE ranges, BN folded, first/last layer
-  8-bit). Alone it means plain calibration then weight bias correction, as ``w4a4`` does.
+  8-bit). Alone it runs the steps of the built-in it extends (``w4a4``'s: float-observed calibration,
+  float-input bias correction, moment matching).
 - post-training words run as steps after ``calibrate``, in the order written (and replace
   the default bias correction): see ``PTQ_WORDS``.
 - at most one training word picks the trainable quantizer kinds and adds a ``qat`` step
@@ -120,6 +121,8 @@ def compose(name: str, builtins: list[str]) -> dict[str, Any]:
         steps.append({"qat": {"kd": {"temperature": 4.0, "weight": 0.5}} if kd else {}})
     if ptq or qat is not None:
         recipe["steps"] = steps  # otherwise the base's own steps (calibration, bias correction)
+    if "usp" in ptq:
+        recipe["fold_bn"] = False  # USP re-estimates BN statistics: BN must stay a layer of its own
     what = [f"{w_bits}-bit weights", "float activations" if a_bits == 32 else f"{a_bits}-bit activations"]
     what += [f"then {w}" for w in ptq]
     if qat is not None:

@@ -125,7 +125,13 @@ class Recipe:
         data = copy.deepcopy(data)
         if "extends" in data:
             base = _load_base(data.pop("extends"))
-            data = _merge(base, data)
+            top, data = data, _merge(base, data)
+            changed = sorted(k for k in data if k not in ("name", "description") and base.get(k) != data[k])
+            base_name = str(base.get("name", "custom"))
+            if "name" not in top and changed:  # (a dict: a file is named by its stem) not the base's results
+                data["name"] = f"{base_name}-edited"
+            if "description" not in top and changed:  # the base's would claim what the edits may have changed
+                data["description"] = f"{base_name} with its {', '.join(changed)} changed"
         source = copy.deepcopy(data)
         for key in ("name", "description"):
             if key in data and not isinstance(data[key], str):
@@ -267,10 +273,24 @@ def _load_base(ref: Any) -> dict[str, Any]:
     return load_recipe(ref).source
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+# Keys an extending recipe gives whole (a plan is one thing: merging two would combine their layers and records)
+REPLACED_KEYS = ("plan", "steps", "keep_float")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any], top_level: bool = True) -> dict[str, Any]:
+    """``base`` with ``top``'s settings: mappings merge key by key, a key given as null (a section whose
+    entries are all commented out) changes nothing, and ``overrides`` add to the base's (applied after
+    them), so extending an a32 built-in with an override keeps its float activations."""
     out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if v is None and isinstance(out.get(k), dict):
+            continue
+        if top_level and k == "overrides" and isinstance(v, list) and isinstance(out.get(k), list):
+            out[k] = [*out[k], *v]
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and not (top_level and k in REPLACED_KEYS):
+            out[k] = _merge(out[k], v, top_level=False)
+        else:
+            out[k] = copy.deepcopy(v)
     return out
 
 
