@@ -181,9 +181,26 @@ STEPS: dict[str, Callable[..., None]] = {
 def check_step_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Reject unknown or invalid step parameters, naming them; returns them converted
     (one schema per step: lowbit.recipes.schema)."""
+    from dataclasses import fields
+
     from lowbit.recipes.schema import check_params
 
-    return check_params(name, params)
+    checked = check_params(name, params)
+    if name in RECONSTRUCTION_METHODS:  # combinations of parameters, refused when the recipe is read
+        from lowbit.ptq.reconstruct import ReconConfig, make_config
+
+        known = {f.name for f in fields(ReconConfig)}
+        cfg = make_config(name, {k: v for k, v in checked.items() if k in known})
+        if cfg.granularity == "network" and checked.get("checkpoint"):
+            raise RecipeError(f"step {name!r}: a network-wise run is one optimisation with no unit boundary to "
+                              "resume from; drop `checkpoint`")
+        if cfg.augment_repeats and cfg.granularity != "network":
+            raise RecipeError(f"step {name!r}: augment_repeats needs granularity: network (the unit-wise loops cache "
+                              "each unit's inputs for the calibration images as they are)")
+    if name == "kmeans" and checked.get("joint") and checked.get("hessian", "none") == "none":
+        raise RecipeError("kmeans.joint clusters all layers into one codebook, which needs hessian: fisher to "
+                          "compare errors across layers")
+    return checked
 
 
 def run_step(name: str, params: dict[str, Any], qm: "QuantModel", batches: list[torch.Tensor],

@@ -1,4 +1,5 @@
 """Codebook weights: k-means (plain and Hessian-weighted), centroid fine-tuning, TTQ; deployment."""
+import copy
 import os
 
 import pytest
@@ -476,3 +477,17 @@ def test_lqnet_activations_train_save_and_export(mnist_cnn, tmp_path):
         assert torch.equal(r.input_quantizer(inp), out)
     agree = (qm(x).argmax(1) == got[0].new_tensor(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]).argmax(1))
     assert float(agree.float().mean()) >= 0.97
+
+
+def test_fisher_kmeans_takes_a_frozen_model_and_clusters_a_layer_asked_for_at_8_bits(mnist_cnn):
+    """A model its owner froze (requires_grad False) raised inside autograd; a layer given `w_quantizer: kmeans` at
+    its first/last 8 bits stayed on the int8 grid while the table said k-means."""
+    model, calib, _ = mnist_cnn
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    recipe = {"extends": "w4a4", "name": "t", "weights": {"bits": 3}, "activations": {"bits": 8},
+              "overrides": [{"pattern": "*", "w_quantizer": "kmeans"}],
+              "steps": ["calibrate", {"kmeans": {"hessian": "fisher"}}]}
+    qm = lowbit.quantize(frozen, recipe, calib=calib[:64], progress=False)
+    assert set(qm.meta["kmeans"]) == set(qm.layers.names())  # the 8-bit first and last layers too
+    assert qm.meta["kmeans"]["linear"] == 256
+    assert not any(p.requires_grad for p in frozen.parameters())

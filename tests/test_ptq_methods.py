@@ -7,6 +7,7 @@ whole file runs in about a minute.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -418,3 +419,79 @@ def test_public_calibrate_takes_what_quantize_takes_and_checks_it_before_changin
     with pytest.raises(LowbitError, match="empty"):
         lowbit.calibrate(qm, [], progress=False)
     assert all(torch.equal(q.scale, before[i]) for i, q in enumerate(qm.weight_quantizers()))  # left as it was
+
+
+def test_reconstruction_refuses_what_it_would_get_wrong_before_any_work(mnist_cnn, tmp_path):
+    """k-means then AdaRound rounded onto the codebook's placeholder grid (every weight a code 0..K-1); a moving
+    weight step under learned rounding re-rounded the learned codes; PD-Quant's terms were dropped layer-wise; a
+    tuple output and a checkpoint that is a file failed deep inside torch after work was done."""
+    model, calib, _ = mnist_cnn
+    small = {**BAD, "calibration": {"samples": 64, "batch_size": 32}}
+    with pytest.raises(RecipeError, match="layer 'conv1' has CodebookQuantizer weights"):
+        lowbit.quantize(model, {**small, "weights": {"bits": 3}, "steps": ["calibrate", "kmeans",
+                                                                            {"adaround": {"iters": 2}}]},
+                        calib=calib, progress=False)
+    with pytest.raises(RecipeError, match="learn_weight_scale needs rounding: ste"):
+        load_recipe({"steps": ["calibrate", {"brecq": {"learn_weight_scale": True}}]})
+    with pytest.raises(RecipeError, match="pd_weight .* needs granularity block or network"):
+        load_recipe({"steps": ["calibrate", {"pdquant": {"granularity": "layer"}}]})
+    with pytest.raises(RecipeError, match="dc_iters .* needs granularity block"):
+        load_recipe({"steps": ["calibrate", {"pdquant": {"granularity": "network", "pd_weight": 1.0}}]})
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x), x.mean()
+
+    with pytest.raises(UnsupportedModelError, match="returns a tuple"):
+        lowbit.quantize(TwoOutputs(), {**small, "steps": ["calibrate", {"adaround": {"iters": 2}}]}, calib=calib,
+                        progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RecipeError, match="is a file; give a folder"):
+        lowbit.quantize(model, {**small, "steps": ["calibrate", {"adaround": {"iters": 2, "checkpoint":
+                                                                               str(tmp_path / "file")}}]},
+                        calib=calib, progress=False)
+
+
+def test_a_float_layer_in_layerwise_reconstruction_is_left_alone(mnist_cnn):
+    model, calib, _ = mnist_cnn
+    recipe = {**BAD, "calibration": {"samples": 64, "batch_size": 32},
+              "overrides": [{"pattern": "conv2", "w_bits": 32}], "steps": ["calibrate", {"adaround": {"iters": 2}}]}
+    qm = lowbit.quantize(model, recipe, calib=calib, progress=False)  # raised "does not require grad"
+    assert math.isnan(qm.meta["reconstruction"][0]["final_losses"]["conv2"])
+
+
+def test_pdquant_runs_the_rest_of_the_network_with_the_float_weights(mnist_cnn, monkeypatch):
+    """After GPTQ (which edits the weights in place) the PD term's "float" rest of the network was the edited one."""
+    import lowbit.ptq.reconstruct as rc
+
+    model, calib, _ = mnist_cnn
+    checks = []
+    real_optimize = rc._optimize
+
+    def spy(cfg, layers, quantizers, forward, q_in, fp_in, target, extra, gen, progress, name):
+        if extra is not None and not checks:  # the first block: the last layer is in the rest
+            last = qm_of[0].layers[-1].layer.module.weight
+            float_value = next(f for t, f in qm_of[0]._float_copy if t is last)
+            checks.append((torch.equal(last, float_value), float(gptq_moved[0])))
+        return real_optimize(cfg, layers, quantizers, forward, q_in, fp_in, target, extra, gen, progress, name)
+
+    qm_of, gptq_moved = [], []
+    real_split = rc.split_units
+
+    def split(qm):
+        qm_of.append(qm)
+        last = qm.layers[-1].layer.module.weight
+        gptq_moved.append((last - next(f for t, f in qm._float_copy if t is last)).abs().max())
+        return real_split(qm)
+
+    monkeypatch.setattr(rc, "split_units", split)
+    monkeypatch.setattr(rc, "_optimize", spy)
+    steps = ["calibrate", "gptq", {"pdquant": {"iters": 1, "dc_iters": 0}}]
+    lowbit.quantize(model, {**BAD, "calibration": {"samples": 64, "batch_size": 32}, "steps": steps}, calib=calib,
+                    progress=False)
+    (is_float, moved), = checks
+    assert moved > 0 and is_float  # GPTQ had moved it; the PD term ran it at its float value

@@ -191,3 +191,12 @@ def test_extends_adds_overrides_keeps_null_sections_replaces_plans_and_renames_e
 def test_the_composed_word_usp_keeps_bn_apart():
     r = load_recipe("w4a4+usp")
     assert r.fold_bn is False and [n for n, _ in r.steps] == ["calibrate", "usp"]
+
+
+def test_seeds_beyond_what_a_generator_takes_are_refused_by_name():
+    with pytest.raises(RecipeError, match="calibration.seed must be an integer from 0 to 2"):
+        load_recipe({"extends": "w4a4", "calibration": {"seed": 2**63}})
+    with pytest.raises(RecipeError, match="seed"):
+        load_recipe({"extends": "w4a4", "steps": ["calibrate", {"adaround": {"seed": 2**64}}]})
+    with pytest.raises(RecipeError, match="kmeans.joint .* needs hessian: fisher"):
+        load_recipe({"extends": "w4a4", "steps": ["calibrate", {"kmeans": {"joint": True}}]})

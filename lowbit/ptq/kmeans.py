@@ -33,8 +33,11 @@ def fisher_diagonal(qm: QuantModel, batches: list[torch.Tensor], progress: bool 
     weights = {r.name: r.layer.module.weight for r in layers}
     sums = {n: torch.zeros_like(w) for n, w in weights.items()}
     was = qm.training
+    frozen = [w for w in weights.values() if not w.requires_grad]  # a model frozen by its owner has no gradients
     qm.eval()
     try:
+        for w in frozen:
+            w.requires_grad_(True)
         with qm.quantization(weights=False, activations=False):
             for x in tqdm(batches, desc="fisher", unit="batch", disable=not progress, leave=False):
                 for n, w in weights.items():
@@ -49,6 +52,8 @@ def fisher_diagonal(qm: QuantModel, batches: list[torch.Tensor], progress: bool 
                     if g is not None:
                         sums[n] += (g.detach() ** 2) * x.shape[0]
     finally:
+        for w in frozen:
+            w.requires_grad_(False)
         qm.train(was)
     total = max(sum(b.shape[0] for b in batches), 1)
     return {n: s / total for n, s in sums.items()}
@@ -68,8 +73,9 @@ def cluster_weights(qm: QuantModel, batches: list[torch.Tensor], hessian: str = 
     # there) are not clustered; when some layer asks for kmeans, only those layers are.
     own = {r.name: r.w_quantizer for r in qm.layers if r.w_quantizer}
     asked = "kmeans" in own.values()
-    targets = [r for r in qm.layers if r.layer.quantize_weight and r.w_bits < CLUSTER_BELOW_BITS
-               and (own.get(r.name) == "kmeans" if asked else r.name not in own)]
+    # (a layer asked for by name is clustered at any width, e.g. an 8-bit first layer: its table said k-means)
+    targets = [r for r in qm.layers if r.layer.quantize_weight
+               and (own.get(r.name) == "kmeans" if asked else r.name not in own and r.w_bits < CLUSTER_BELOW_BITS)]
     if not targets:
         raise RecipeError(f"kmeans: no layer below {CLUSTER_BELOW_BITS} bits to cluster")
     if hessian == "fisher":

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from lowbit.errors import LowbitError, RecipeError
+from lowbit.errors import LowbitError, RecipeError, UnsupportedModelError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
 from lowbit.ptq.cache import capture_inputs, run_chunked, walk_units
@@ -95,7 +95,17 @@ def make_config(method: str, overrides: dict[str, Any]) -> ReconConfig:
         raise RecipeError(f"step {method!r}: unknown parameter(s) {bad}; known: {sorted(known)}")
     # the same typed schema a recipe goes through, for callers of the Python API
     # (types, choices and ranges included: granularity, rounding, iters, keep_prob, ...)
-    return replace(PRESETS[method], **check_params(method, overrides))
+    cfg = replace(PRESETS[method], **check_params(method, overrides))
+    if cfg.rounding == "adaround" and cfg.learn_weight_scale:
+        raise RecipeError(f"step {method!r}: learn_weight_scale needs rounding: ste; learned rounding decides each "
+                          "weight's code on the calibrated step, and a step that moves after it re-rounds the codes")
+    if cfg.pd_weight > 0 and cfg.granularity == "layer":
+        raise RecipeError(f"step {method!r}: pd_weight (PD-Quant's prediction difference) needs granularity block or "
+                          "network; a layer-wise run has no network output to compare (set pd_weight: 0)")
+    if cfg.dc_iters > 0 and cfg.granularity != "block":
+        raise RecipeError(f"step {method!r}: dc_iters (PD-Quant's distribution correction of each block's input) "
+                          "needs granularity block (set dc_iters: 0)")
+    return cfg
 
 
 def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progress: bool = True,
@@ -106,6 +116,7 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
         raise LowbitError(f"{method} starts from calibrated scales: run the calibrate step first")
     units = split_units(qm)
     x = torch.cat(batches)
+    _check_reconstructable(qm, units, cfg, method, x)
     gen = torch.Generator().manual_seed(seed)
     if cfg.augment_repeats and cfg.granularity != "network":
         raise RecipeError(f"{method}: augment_repeats needs granularity: network (the unit-wise loops cache "
@@ -132,6 +143,39 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
     qm.meta.setdefault("reconstruction", []).append({"method": method, **asdict(cfg), "seed": seed,
                                                      "final_losses": losses})
     return losses
+
+
+def _check_reconstructable(qm, units: list[Unit], cfg: ReconConfig, method: str, x: torch.Tensor) -> None:
+    """Refuse, before any work, what reconstruction would get wrong or fail on deep inside torch."""
+    if cfg.rounding == "adaround":
+        for layer in (layer for u in units for layer in u.layers if layer.quantize_weight):
+            if type(layer.weight_quantizer) is not UniformQuantizer:  # its scale and codes are not a uniform grid's
+                raise RecipeError(f"{method} learns the rounding of a uniform grid; layer {layer.name!r} has "
+                                  f"{type(layer.weight_quantizer).__name__} weights (e.g. k-means codebooks): put "
+                                  "the learned rounding before that step, or use rounding: ste")
+    with torch.no_grad():
+        out = qm(x[:1])
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(f"{method} compares the network's output tensors; this model returns a "
+                                    f"{type(out).__name__}. Wrap it so that forward returns one tensor")
+
+
+@contextlib.contextmanager
+def _float_weights(qm, units: list[Unit]) -> Iterator[None]:
+    """These units' parameters and buffers at their values in the original float network (steps before
+    reconstruction, e.g. GPTQ or bias correction, edit them in place); restored after."""
+    owned = {id(t) for u in units for t in [*u.module.parameters(), *u.module.buffers()]}
+    pairs = [(t, f) for t, f in qm._float_copy if id(t) in owned and t.shape == f.shape]
+    saved = [t.detach().clone() for t, _ in pairs]
+    with torch.no_grad():
+        for t, f in pairs:
+            t.copy_(f)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (t, _), v in zip(pairs, saved):
+                t.copy_(v)
 
 
 def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method, losses) -> None:
@@ -185,7 +229,9 @@ def _block(qm, cfg, unit: Unit, fp_in, q_in, fp_out, rest: list[Unit], fp_logits
             t = cfg.pd_temperature
             return cfg.pd_weight * F.kl_div(F.log_softmax(z / t, 1), F.softmax(fp_logits[idx] / t, 1),
                                             reduction="batchmean")
-    with quantization_off(rest):
+    # the rest of the network as the float one (PD-Quant's prediction difference): quantization off and the
+    # original float weights, not those an earlier step (GPTQ, bias correction) edited
+    with quantization_off(rest), _float_weights(qm, rest) if extra is not None else contextlib.nullcontext():
         return _optimize(cfg, unit.layers, [q for q in unit.quantizers if q.enabled],
                          lambda xq, xf: unit(xq), q_in, fp_in, fp_out, extra, gen, progress, unit.name)
 
@@ -273,7 +319,10 @@ def _optimize(cfg: ReconConfig, layers: list[QuantLayer], quantizers: list[Unifo
         scales += [_learnable_scale(q) for q in quantizers]
     if scales:
         groups.append({"params": scales, "lr": cfg.lr_scale, "cosine": True})
+    groups = [g for g in groups if g["params"]]
     trainable = [p for g in groups for p in g["params"]]
+    if not trainable:  # every layer here stays float (w_bits 32) and no step is learned: nothing to fit
+        return float("nan")
     opt = torch.optim.Adam([{k: v for k, v in g.items() if k != "cosine"} for g in groups])
     for layer in layers:
         if layer.name in rounders:
@@ -360,6 +409,8 @@ class _Checkpoint:
     def __init__(self, path: str | Path, method: str, cfg: ReconConfig, unit_names: list[str],
                  start: dict[str, Any]) -> None:
         self.dir = Path(path)
+        if self.dir.exists() and not self.dir.is_dir():  # found now, not after the first unit's work
+            raise RecipeError(f"{method}: checkpoint {self.dir} is a file; give a folder (it is created if missing)")
         self.info = {"method": method, "config": asdict(cfg), "units": unit_names}
         self.start = start
 

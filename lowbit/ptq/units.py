@@ -66,6 +66,12 @@ def split_units(qm) -> list[Unit]:
         if live == {n} and not isinstance(_called_module(n, modules), UniformQuantizer):
             cuts.append(i)
     layer_idx = [i for i, n in enumerate(nodes) if isinstance(_called_module(n, modules), QuantLayer)]
+    targets = [str(nodes[i].target) for i in layer_idx]
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:  # its cached inputs and outputs would pair one call's inputs with the other's outputs
+        raise UnsupportedModelError(f"reconstruction fits each layer to its own inputs and outputs; layer(s) {twice} "
+                                    "are called more than once per forward. Use range-setting steps (calibrate, "
+                                    "gptq, bias_correction, match_moments) for this model")
     # Between two consecutive quantized layers, cut at the latest candidate (so a ReLU or
     # pooling after a layer stays with it).
     bounds = []

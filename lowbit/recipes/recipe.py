@@ -171,8 +171,8 @@ class Recipe:
         calib = {"samples": 1024, "batch_size": 128, "seed": 0, **(data.get("calibration", {}) or {})}
         _check_keys(calib, CALIBRATION_KEYS, "calibration")
         for k, v in calib.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
-                raise RecipeError(f"calibration.{k} must be {'an integer >= 0' if k == 'seed' else 'a positive integer'}"
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1) or v > 2**63 - 1:
+                raise RecipeError(f"calibration.{k} must be {'an integer from 0 to 2**63 - 1' if k == 'seed' else 'a positive integer'}"
                                   f", got {v!r}")
         raw_steps = data.get("steps", ["calibrate"])
         if not isinstance(raw_steps, list) or not raw_steps:

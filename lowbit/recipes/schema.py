@@ -15,6 +15,8 @@ from typing import Any
 
 from lowbit.errors import RecipeError
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
 
 @dataclass(frozen=True)
 class Param:
@@ -117,7 +119,7 @@ def _recon_schema() -> list[Param]:
              "str": "str"}
     out = [Param(f.name, kinds[f.type], None if f.default is MISSING else f.default, **ranges.get(f.name, {}))
            for f in fields(ReconConfig)]
-    out.append(Param("seed", "int", 0, low=0, doc="drives every random choice (default: calibration.seed)"))
+    out.append(Param("seed", "int", 0, low=0, high=MAX_SEED, doc="drives every random choice (default: calibration.seed)"))
     out.append(Param("checkpoint", "path", "", doc="state file written after every unit; a rerun resumes"))
     return out
 
@@ -144,7 +146,7 @@ def _qat_schema() -> list[Param]:
         ("augment", "str", {"choices": ("auto", "crop_flip", "none")},
          "auto: pad-crop-flip for 3x32x32 images, none otherwise"),
         ("val_samples", "int", {"low": 1}, "training samples held out to choose the final epoch"),
-        ("seed", "int", {"low": 0}, "data order, augmentation and the validation split"),
+        ("seed", "int", {"low": 0, "high": MAX_SEED}, "data order, augmentation and the validation split"),
         ("checkpoint", "path", {}, "folder written after every epoch; a rerun continues from it"),
         ("precision", "str", {"choices": ("fp32", "bf16")}, "arithmetic of the training steps' convolutions and "
          "matmuls: bf16 autocast (ResNet-20 QAT steps 1.1-1.6x faster on a CPU with AMX, with channels_last); "
