@@ -51,6 +51,10 @@ run w3a32-kmeans-ft hessian-w2-clr1e-6 weights.bits=2 "$HESSIAN" set:quantizer_l
 # INQ (BN kept apart from the conv: folded, 3-bit INQ diverged at step 4)
 run w5a32-inq w5-nofold fold_bn=false set:lr=0.002 set:quantizer_lr=0
 run w5a32-inq w3-nofold weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_lr=0
+# the same two after frozen weights kept the level they froze at (stop 44; above, weight decay and momentum still
+# moved frozen latents, and a frozen weight's level was re-read from its latent every forward)
+run w5a32-inq w5-nofold-held fold_bn=false set:lr=0.002 set:quantizer_lr=0
+run w5a32-inq w3-nofold-held weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_lr=0
 # HWGQ activations, from the float-target GPTQ start, distilled
 run w1a2-hwgq gptq-regrid-kd1-bf16 "$GPTQ_START" set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
 run w1a2-hwgq gptq-regrid-kd1-twn-w2a2-bf16 "$GPTQ_START" weights.bits=2 weights.grid=midtread weights.quantizer=twn \
