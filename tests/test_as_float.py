@@ -190,3 +190,32 @@ def test_a_progressive_run_distils_from_the_pretrained_model_unless_it_names_a_t
     assert progressive_teacher(model, {"kd": {"temperature": 4.0, "weight": 1.0}}) is model
     assert progressive_teacher(model, {"kd": {"weight": 1.0, "teacher": "resnet32"}}) is None  # the zoo model stays
     assert progressive_teacher(model, {"kd": {}}) is None and progressive_teacher(model, {}) is None  # no distillation
+
+
+def test_a_conv_subclass_followed_by_bn_is_folded_once_in_the_float_copy():
+    """A plain ``class MyConv(nn.Conv2d): pass`` is now quantized with its BN folded; the float copy traced it with
+    torch.fx's own tracer, which entered it, found no BN to reset, and applied the BN a second time."""
+    class MyConv(torch.nn.Conv2d):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = MyConv(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn1(self.conv1(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.bn1.running_mean.normal_()
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(16, 1, 8, 8)
+    qm = lowbit.quantize(model, {"extends": "w4a4", "first_last_bits": None}, calib=x, progress=False)
+    copy = lowbit.as_float_model(qm, model)
+    with torch.no_grad(), qm.quantization(weights=True, activations=False):
+        expected = qm(x)
+    assert torch.allclose(copy(x), expected, atol=1e-5)

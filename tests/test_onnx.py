@@ -264,10 +264,11 @@ def test_bench_runs_a_data_free_recipe_without_real_calibration(tmp_path, monkey
     model = build("small_cnn").eval()
     train, test = _bench_data(model)
     monkeypatch.setattr(bench, "time_engines", _fixed_timing({}))
-    zeroq = {"extends": "w4a4-zeroq", "calibration": {"samples": 16}, "steps": [{"zeroq": {"iters": 2}}, "calibrate"]}
+    zeroq = {"extends": "w4a4-zeroq", "name": "zq", "calibration": {"samples": 16},
+             "steps": [{"zeroq": {"iters": 2}}, "calibrate"]}
     out = bench.run_runtime_benchmark(model, train, test, recipes=(zeroq,), threads=1, repeats=1, workdir=tmp_path)
     engines = {r["engine"] for r in out["rows"]}
-    assert {"float", "lowbit w4a4-zeroq", "ort quantize_static"} <= engines
+    assert {"float", "lowbit zq", "ort quantize_static"} <= engines
     assert out["calibration_images"] == 16  # the peer still calibrates on real training images
 
 

@@ -234,3 +234,263 @@ def test_evaluate_leaves_a_quantized_model_in_eval_mode(unseen, inputs):
     first, bn = qm(inputs[:4]), next(m for m in qm.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
     assert torch.equal(qm(inputs[:4]), first) and torch.equal(bn.running_mean, stats)
+
+
+class CalledTwice(nn.Module):
+    """One conv called twice, each call followed by its own BN (a weight-shared recurrent step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(4)
+        self.b2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c(x)))
+        x = F.relu(self.b2(self.c(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def with_bn_statistics(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a wrong fold shows in the output."""
+    g = torch.Generator().manual_seed(3)
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.copy_(torch.rand(bn.num_features, generator=g) * 2 - 1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 1.8 + 0.2)
+            bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) * 1.5 + 0.5)
+            bn.bias.data.copy_(torch.rand(bn.num_features, generator=g) * 2 - 1)
+    return model.eval()
+
+
+def test_layer_called_twice_keeps_its_batchnorms_unfolded():
+    """Each call's BN was folded into the one shared weight, so both calls ran with both BN factors."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(CalledTwice())
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    qm = lowbit.prepare(model, "w8a8")
+    with torch.no_grad(), qm.quantization(weights=False, activations=False):
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
+    assert isinstance(qm.net.get_submodule("b1"), nn.BatchNorm2d) and "c" not in qm.layer_bn
+
+
+def test_layer_called_twice_is_one_row_of_the_table(tmp_path):
+    """The second call wrapped the conv again: two rows, the first one's layer orphaned (its bits had no
+    effect, saving raised KeyError) and the MACs of one call only."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(CalledTwice())
+    calib = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = calib[:8]
+    qm = lowbit.quantize(model, {"extends": "w8a8", "first_last_bits": None}, calib=calib, progress=False)
+    assert qm.layers.names() == ["c", "fc"]
+    row = qm.layers["c"]
+    assert row.layer is qm.net.get_submodule("c")
+    assert row.macs == 2 * 8 * 8 * 4 * 4 * 9  # both calls' work
+    assert row.params == 4 * 4 * 9 and qm.size_bits()["weight_float_bits"] == 32 * (4 * 4 * 9 + 4 * 3)
+    # both calls read their input through the layer's one quantizer: one a_bits, one int32 bias grid
+    assert row.layer.input_ref == (row.input_quantizer,)
+    assert [str(n.target) for n in qm.net.graph.nodes if n.op == "call_module"].count(
+        next(k for k, m in qm.net.named_modules() if m is row.input_quantizer)) == 2
+    with torch.no_grad():
+        before = qm(x)
+        row.w_bits = 2
+        lowbit.calibrate(qm, [calib], progress=False)
+        assert not torch.equal(qm(x), before)  # the table's bits reach the layer that runs
+    path = lowbit.save(qm, tmp_path / "twice.lowbit")
+    loaded = lowbit.load(path, model=model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qm(x))
+    assert loaded.layers.rows() == qm.layers.rows()
+
+
+def test_batchnorm_fold_leaves_a_tied_weight_alone():
+    """The fold multiplied the shared Parameter in place, so the other layer got the BN factor too."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.c2.weight = self.c1.weight
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.relu(self.c2(F.relu(self.bn(self.c1(x)))))
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = with_bn_statistics(Tied())
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    qm = lowbit.prepare(model, "w8a8")
+    assert "c1" in qm.layer_bn  # folded, into a weight of its own
+    with torch.no_grad(), qm.quantization(weights=False, activations=False):
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
+
+
+class WSConv(nn.Conv2d):
+    """Weight-standardised conv: a Conv2d subclass computing its own op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class PlainSubclass(nn.Conv2d):
+    """A Conv2d subclass that keeps Conv2d's op (only a different class)."""
+
+
+class WithSubclasses(nn.Module):
+    def __init__(self, untraceable: bool = False) -> None:
+        super().__init__()
+        self.c = WSConv(3, 8, 3, padding=1)
+        self.c2 = PlainSubclass(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.untraceable = untraceable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c(x))
+        if self.untraceable and x.sum() > -1e9:  # data-dependent control flow: the hook fallback
+            x = x * 1
+        return self.fc(F.relu(self.c2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_conv_subclass_with_its_own_forward_is_refused_or_kept_float(untraceable):
+    """Graph mode traced into WSConv (left float, missing from the table); the hook fallback replaced its
+    forward by Conv2d's. Now it is refused by name, or kept float as itself under keep_float."""
+    torch.manual_seed(0)
+    model = WithSubclasses(untraceable).eval()
+    calib = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModelError, match=r"c \(WSConv overrides Conv2d\.forward\).*keep_float"):
+            lowbit.prepare(model, "w8a8")
+        qm = lowbit.quantize(model, {"extends": "w8a8", "keep_float": ["c"]}, calib=calib, progress=False)
+    assert qm.mode == ("hooks" if untraceable else "graph")
+    assert qm.layers.names() == ["c2", "fc"]  # the plain subclass is quantized, as one layer
+    assert type(qm.net.get_submodule("c")) is WSConv  # runs as itself, float
+    if not untraceable:
+        assert not [n for n in qm.net.graph.nodes if n.op == "get_attr"]  # nothing traced into its weight
+    with torch.no_grad(), qm.quantization(weights=False, activations=False):
+        assert torch.equal(qm(calib), model(calib))
+
+
+def test_conv_overriding_conv_forward_is_refused():
+    class Standardised(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight / weight.norm(), bias)
+
+    model = nn.Sequential(Standardised(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"0 \(Standardised overrides Conv2d\._conv_forward\)"):
+        lowbit.prepare(model, "w8a8")
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_layer_called_with_keyword_input(untraceable):
+    """``self.fc(input=x)`` crashed prepare with a raw IndexError (graph) or TypeError (hooks)."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv1d(4, 6, 3)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.relu(self.c(input=x))
+            if untraceable and x.sum() > -1e9:
+                x = x * 1
+            return self.fc(input=x.mean(-1))
+
+    torch.manual_seed(0)
+    model = Keyword().eval()
+    calib = torch.randn(32, 4, 10, generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = lowbit.quantize(model, "w8a8", calib=calib, progress=False)
+    assert qm.mode == ("hooks" if untraceable else "graph")
+    assert qm.layers.names() == ["c", "fc"]
+    assert all(r.input_quantizer.calibrated for r in qm.layers)
+    assert F.cosine_similarity(qm(calib).flatten(), model(calib).flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("conv, x, macs", [
+    (nn.Conv1d(2, 4, 3), torch.randn(2, 8), 4 * 6 * 2 * 3),
+    (nn.Conv2d(2, 4, 3), torch.randn(2, 5, 5), 4 * 3 * 3 * 2 * 9),
+    (nn.Conv1d(2, 4, 3), torch.randn(5, 2, 8), 4 * 6 * 2 * 3),
+    (nn.Linear(6, 3), torch.randn(6), 18),
+])
+def test_macs_of_an_unbatched_input(conv, x, macs):
+    """An unbatched conv input (C, L) had its channels taken for the batch."""
+    from lowbit.model.quant_layer import QuantLayer
+    from lowbit.quant.spec import QuantSpec
+
+    layer = QuantLayer(conv, QuantSpec(bits=8), "c")
+    layer.quantize_weight = False
+    with torch.no_grad():
+        layer(x)
+    assert layer.macs == macs
+
+
+def test_batchnorm_after_a_conv_subclass_kept_float_is_not_folded():
+    """Traced as one call, WSConv + BN looked foldable; scaling its weight is undone by its standardisation."""
+    torch.manual_seed(0)
+    model = with_bn_statistics(nn.Sequential(WSConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                             nn.Linear(4 * 36, 2)))
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    qm = lowbit.prepare(model, {"extends": "w8a8", "keep_float": ["0"]})
+    assert isinstance(qm.net.get_submodule("1"), nn.BatchNorm2d)
+    with torch.no_grad(), qm.quantization(weights=False, activations=False):
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
+
+
+def test_batchnorm_is_not_folded_into_a_weight_the_graph_also_reads():
+    class ReadsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.bn(self.c(x))).mean((2, 3))
+            return self.fc(y * self.c.weight.abs().mean())
+
+    torch.manual_seed(0)
+    model = with_bn_statistics(ReadsWeight())
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    qm = lowbit.prepare(model, "w8a8")
+    assert "c" not in qm.layer_bn
+    with torch.no_grad(), qm.quantization(weights=False, activations=False):
+        assert torch.allclose(qm(x), model(x), atol=1e-5)
+
+
+def test_hook_fallback_quantizes_every_attribute_holding_a_layer_and_counts_each_call():
+    """``self.b = self.a``: only the first attribute was replaced, so the second call ran the float layer."""
+
+    class Alias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > -1e9:  # untraceable: the hook fallback
+                x = F.relu(self.b(F.relu(self.a(x))))
+            return self.fc(x)
+
+    model = Alias().eval()
+    calib = torch.randn(32, 8, generator=torch.Generator().manual_seed(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = lowbit.quantize(model, {"extends": "w4a4", "first_last_bits": None}, calib=calib, progress=False)
+    assert qm.mode == "hooks" and qm.layers.names() == ["a", "fc"]
+    assert qm.net.get_submodule("b") is qm.layers["a"].layer
+    assert qm.layers["a"].macs == 2 * 64
+    with torch.no_grad():
+        before = qm(calib)
+        qm.layers["a"].w_bits = 32  # the second call's weight now float too
+        assert not torch.equal(qm(calib), before)

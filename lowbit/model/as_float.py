@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from lowbit.errors import LowbitError, UnsupportedModelError
+from lowbit.model import graph as G
 from lowbit.model.fold_bn import foldable_batchnorms
 from lowbit.model.quant_layer import QUANTIZABLE
 from lowbit.model.quant_model import QuantModel
@@ -29,7 +30,7 @@ from lowbit.model.quant_model import QuantModel
 
 def _batchnorm_after(model: nn.Module) -> dict[str, str]:
     """Layer name → the BN that quantization folds into it (the same rule as fold_batchnorms)."""
-    gm = fx.symbolic_trace(copy.deepcopy(model))
+    gm = G.trace(copy.deepcopy(model))  # the tracer QuantModel uses: Conv/Linear subclasses stay one call
     return {str(layer.target): str(bn.target) for layer, bn in foldable_batchnorms(gm, QUANTIZABLE)}
 
 

@@ -25,6 +25,39 @@ ADD_FUNCTIONS = {operator.add, torch.add}
 POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
 
 
+class LayerTracer(fx.Tracer):
+    """torch.fx's tracer, keeping every Conv1d/Conv2d/Linear (subclasses included) as one module call.
+
+    The default tracer enters modules defined outside torch.nn: a user's ``class MyConv(nn.Conv2d)`` became
+    a ``conv2d`` call on a ``get_attr`` of its weight, so it was left float and missing from the layer
+    table, and an activation quantizer could land on an expression of its weight. As one call it is
+    quantized like any Conv2d, or (overriding the op, see ``custom_op``) refused by name or kept float.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``fx.symbolic_trace`` with :class:`LayerTracer`."""
+    tracer = LayerTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def layer_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a Conv/Linear call reads, passed by position or as ``input=``; the call is rewritten to
+    pass it by position, the form every graph pass reads (``node.args[0]``). None: no tensor input."""
+    if node.args:
+        inp = node.args[0]
+    elif set(node.kwargs) == {"input"}:
+        inp = node.kwargs["input"]
+        node.args, node.kwargs = (inp,), {}
+    else:
+        return None
+    return inp if isinstance(inp, fx.Node) else None
+
+
 def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     parent_name, _, attr = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -16,6 +16,22 @@ from lowbit.quant.spec import QuantSpec, weight_spec_at
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
+def custom_op(module: nn.Module) -> str | None:
+    """What a Conv/Linear subclass overrides of its base class's op (``forward``, ``_conv_forward``), or None.
+
+    A quantized layer runs the base class's op on the quantized weight, and BN folding scales the weight
+    that op reads: a subclass computing something else (a weight-standardised conv) would silently lose
+    its own computation, so only layers running their base class's op are quantized or folded into.
+    """
+    base = next((b for b in QUANTIZABLE if isinstance(module, b)), None)
+    if base is None:
+        return None
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            return f"{base.__name__}.{method}"
+    return None
+
+
 def layer_kind(module: nn.Module) -> str:
     """Kind label for the layer table (depthwise/grouped convolutions named as such)."""
     name = type(module).__name__
@@ -35,8 +51,8 @@ class QuantLayer(nn.Module):
 
     def __init__(self, module: nn.Module, weight_spec: QuantSpec, name: str) -> None:
         super().__init__()
-        if not isinstance(module, QUANTIZABLE):
-            raise TypeError(f"cannot wrap {type(module).__name__}")
+        if not isinstance(module, QUANTIZABLE) or custom_op(module) is not None:
+            raise TypeError(f"cannot wrap {type(module).__name__}: only Conv1d, Conv2d and Linear running their own op")
         self.module = module
         self.name = name
         self.kind = layer_kind(module)
@@ -53,6 +69,9 @@ class QuantLayer(nn.Module):
         # quantizer's round-to-nearest for this layer's weight.
         self.weight_fn: Callable[[], torch.Tensor] | None = None
         self.macs: int | None = None
+        # MACs of this network pass's calls so far, while QuantModel counts them (None: not counting):
+        # a layer called twice in one pass does its work twice
+        self.macs_pass: int | None = None
         # Set only while QAT trains this layer with its BatchNorm (lowbit.qat.bn): the
         # weight and bias seen by everything else are then the folded ones.
         self.bn: nn.Module | None = None
@@ -161,7 +180,8 @@ class QuantLayer(nn.Module):
         pool = F.avg_pool2d if isinstance(m, nn.Conv2d) else F.avg_pool1d
         return pool(a, m.kernel_size, m.stride, m.padding, count_include_pad=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the wrapped layer's name, for ``input=x``
+        x = input
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
@@ -182,13 +202,19 @@ class QuantLayer(nn.Module):
         out = out.to(x.dtype)
         if batch_norm:
             out = self.bn.normalise(out)
-        if self.macs is None:
+        if self.macs_pass is not None:
+            self.macs_pass += self._count_macs(out)
+        elif self.macs is None:  # run outside a QuantModel pass: this call's count
             self.macs = self._count_macs(out)
         return out
 
     def _count_macs(self, out: torch.Tensor) -> int:
-        """Multiply-accumulates per sample: output elements × inputs each one reads."""
+        """Multiply-accumulates per sample: output elements × inputs each one reads.
+
+        An unbatched input (a conv's (C, L) or (C, H, W), one dimension fewer than its weight; a Linear's
+        (features,)) is one sample: its first dimension is channels, not a batch."""
         w = self.module.weight
         per_output = w[0].numel()  # in_channels/groups × kernel (conv) or in_features
-        batch = out.shape[0] if out.dim() > 1 else 1
-        return int(out.numel() // batch * per_output)
+        batched = out.dim() == w.dim() if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else out.dim() > 1
+        per_sample = out.shape[1:].numel() if batched else out.numel()
+        return int(per_sample * per_output)

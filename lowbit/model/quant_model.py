@@ -15,7 +15,7 @@ from lowbit.model import graph as G
 from lowbit.model.fold_bn import BNPrior, fold_batchnorms
 from lowbit.model.layer_table import LayerRecord, LayerTable
 from lowbit.model import shortcuts as S
-from lowbit.model.quant_layer import QUANTIZABLE, QuantLayer
+from lowbit.model.quant_layer import QUANTIZABLE, QuantLayer, custom_op
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec
 from lowbit.recipes.recipe import SHORTCUT_KINDS
@@ -33,18 +33,23 @@ def check_supported(model: nn.Module, keep_float: list[str]) -> None:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise RecipeError(f"keep_float pattern {pattern!r} matches no layer with weights; layers: "
                               + ", ".join(names[:12]) + (" ..." if len(names) > 12 else ""))
-    unknown = []
+    unknown, custom = [], []
     for name, module in weighted:
-        if isinstance(module, QUANTIZABLE + FLOAT_LAYERS):
+        if isinstance(module, FLOAT_LAYERS) or (isinstance(module, QUANTIZABLE) and custom_op(module) is None):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in keep_float):
             continue
-        unknown.append(f"{name or '<root>'} ({type(module).__name__})")
-    if unknown:
+        if isinstance(module, QUANTIZABLE):  # a quantized layer would run the base op and drop the subclass's
+            custom.append(f"{name or '<root>'} ({type(module).__name__} overrides {custom_op(module)})")
+        else:
+            unknown.append(f"{name or '<root>'} ({type(module).__name__})")
+    if unknown or custom:
         raise UnsupportedModelError(
-            "lowbit cannot quantize these layers' weights: " + ", ".join(unknown)
-            + ". Supported: Conv1d, Conv2d (grouped/depthwise too), Linear. To keep them in "
-            "float deliberately, list their names under `keep_float` in the recipe."
+            "lowbit cannot quantize these layers' weights: " + ", ".join(unknown + custom)
+            + ". Supported: Conv1d, Conv2d (grouped/depthwise too), Linear"
+            + (": a subclass that overrides their op (weight standardisation, ...) is not, since a quantized "
+               "layer runs the base class's op and would drop the subclass's computation" if custom else "")
+            + ". To keep them in float deliberately, list their names under `keep_float` in the recipe."
         )
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -81,7 +86,7 @@ class QuantModel(nn.Module):
         gm = None
         if trace:
             try:
-                gm = fx.symbolic_trace(net)
+                gm = G.trace(net)
             except Exception as err:  # noqa: BLE001 - any tracer failure takes the fallback
                 self.trace_error = f"{type(err).__name__}: {err}"
                 warnings.warn(
@@ -145,46 +150,77 @@ class QuantModel(nn.Module):
         # should have (ZeroQ and PD-Quant's distribution correction match it).
         self.layer_bn: dict[str, BNPrior] = {str(n.target): folded[n.name] for n in gm.graph.nodes if n.name in folded}
         modules = dict(gm.named_modules())
+        layer_nodes = [n for n in G.quantizable_nodes(gm) if not self._skip(str(n.target), keep_float)]
+        inputs = {node: self._layer_input(node) for node in layer_nodes}
+        group = self._input_groups(layer_nodes, inputs)
         act_for: dict[fx.Node, UniformQuantizer] = {}
+        group_quantizer: dict[fx.Node, tuple[str, UniformQuantizer]] = {}
         quant_source: dict[fx.Node, fx.Node] = {}
-        records: list[LayerRecord] = []
-        layer_nodes: list[fx.Node] = []
-        for node in G.quantizable_nodes(gm):
+        records: dict[str, LayerRecord] = {}
+        for node in layer_nodes:
             name = str(node.target)
-            if self._skip(name, keep_float):
-                continue
-            layer_nodes.append(node)
-            module = modules[name]
-            if isinstance(module, QuantLayer):  # a layer called twice: wrap once
+            module = gm.get_submodule(name)
+            if isinstance(module, QuantLayer):  # a layer called twice: wrapped once, one row
                 layer = module
             else:
                 layer = QuantLayer(module, weights, name)
                 G.set_submodule(gm, name, layer)
-            inp = node.args[0]
-            inp = quant_source.get(inp, inp)  # already rewired to a shared quantizer
+            inp = inputs[node]
             if inp not in act_for:
-                key = f"act_quant_{len(act_for)}"
-                q = UniformQuantizer(activations, name=f"input of {name}")
-                gm.add_submodule(key, q)
-                prior = G.find_bn_prior(inp, modules, folded)
-                if prior is not None:
-                    self.bn_priors[key] = prior
+                root = group[inp]
+                if root not in group_quantizer:
+                    key = f"act_quant_{len(group_quantizer)}"
+                    q = UniformQuantizer(activations, name=f"input of {name}")
+                    gm.add_submodule(key, q)
+                    group_quantizer[root] = (key, q)
+                    prior = G.find_bn_prior(inp, modules, folded)
+                    if prior is not None:
+                        self.bn_priors[key] = prior
+                else:  # a second tensor on this quantizer: one BN no longer describes what it sees
+                    key, q = group_quantizer[root]
+                    self.bn_priors.pop(key, None)
                 with gm.graph.inserting_after(G.insertion_point(gm.graph, inp)):
                     qnode = gm.graph.call_module(key, (inp,))
                 inp.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
                 act_for[inp] = q
                 quant_source[qnode] = inp
             layer.input_ref = (act_for[inp],)
-            records.append(LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp]))
+            if name not in records:
+                records[name] = LayerRecord(name=name, layer=layer, input_quantizer=act_for[inp])
         if shortcut != "shared":
             S.read_real_values(gm, quant_source)
         if shortcut == "bireal":
             S.add_bireal_shortcuts(gm, layer_nodes, quant_source)
         if quantize_adds:
-            self._quantize_add_inputs(gm, activations, len(act_for), set(quant_source))
+            self._quantize_add_inputs(gm, activations, len(group_quantizer), set(quant_source))
         gm.graph.lint()
         gm.recompile()
-        return gm, records
+        return gm, list(records.values())
+
+    @staticmethod
+    def _layer_input(node: fx.Node) -> fx.Node:
+        """The tensor a layer call reads (by position or as ``input=``), or an error naming the layer."""
+        inp = G.layer_input(node)
+        if inp is None:
+            raise UnsupportedModelError(f"layer {node.target!r} is called with {node.args!r} {node.kwargs!r}: "
+                                        "lowbit quantizes a Conv/Linear call on one input tensor")
+        return inp
+
+    @staticmethod
+    def _input_groups(layer_nodes: list[fx.Node], inputs: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+        """Each layer input tensor → one tensor of its group. A layer called on several tensors gives them
+        one quantizer: a layer has one activation bit width in the table and one int32 bias grid."""
+        parent = {t: t for t in inputs.values()}
+
+        def root(t: fx.Node) -> fx.Node:
+            while parent[t] is not t:
+                t = parent[t]
+            return t
+
+        first: dict[str, fx.Node] = {}
+        for node in layer_nodes:
+            parent[root(inputs[node])] = root(first.setdefault(str(node.target), inputs[node]))
+        return {t: root(t) for t in parent}
 
     def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, first_index: int,
                              quantized: set[fx.Node]) -> None:
@@ -220,17 +256,36 @@ class QuantModel(nn.Module):
     def _build_hooks(self, net, weights, activations, keep_float):
         records: list[LayerRecord] = []
         targets = [(n, m) for n, m in net.named_modules() if isinstance(m, QUANTIZABLE) and not self._skip(n, keep_float)]
+        # every attribute holding a layer (``self.b = self.a``) gets its one quantized layer
+        paths: dict[int, list[str]] = {}
+        for n, m in net.named_modules(remove_duplicate=False):
+            paths.setdefault(id(m), []).append(n)
         for name, module in targets:
             layer = QuantLayer(module, weights, name)
             layer.input_quantizer = UniformQuantizer(activations, name=f"input of {name}")
             layer.input_ref = (layer.input_quantizer,)
-            G.set_submodule(net, name, layer)
+            for path in paths[id(module)]:
+                G.set_submodule(net, path, layer)
             records.append(LayerRecord(name=name, layer=layer, input_quantizer=layer.input_quantizer))
         return net, records
 
     # -- running -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.net(*args, **kwargs)
+        pending = [r.layer for r in self.layers if r.layer.macs is None]
+        if not pending:
+            return self.net(*args, **kwargs)
+        # The first pass counts each layer's MACs over all its calls (a layer called twice does its work twice).
+        for layer in pending:
+            layer.macs_pass = 0
+        try:
+            out = self.net(*args, **kwargs)
+            for layer in pending:
+                if layer.macs_pass:  # a layer this pass did not reach stays unknown
+                    layer.macs = layer.macs_pass
+        finally:
+            for layer in pending:
+                layer.macs_pass = None
+        return out
 
     def weight_quantizers(self) -> list[UniformQuantizer]:
         return [r.layer.weight_quantizer for r in self.layers]
