@@ -495,3 +495,22 @@ def test_pdquant_runs_the_rest_of_the_network_with_the_float_weights(mnist_cnn, 
                     progress=False)
     (is_float, moved), = checks
     assert moved > 0 and is_float  # GPTQ had moved it; the PD term ran it at its float value
+
+
+def test_reconstruction_refuses_a_layer_called_twice():
+    """Its cached inputs of one call were paired with the outputs of the other (or a raw KeyError)."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.c, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1), \
+                torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            s = torch.relu(self.stem(x))
+            return self.fc((s + self.c(torch.relu(self.c(s)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8)
+    with pytest.raises(UnsupportedModelError, match=r"layer\(s\) \['c'\] are called more than once"):
+        lowbit.quantize(Twice().eval(), {**BAD, "calibration": {"samples": 32, "batch_size": 16},
+                                         "steps": ["calibrate", {"adaround": {"iters": 2}}]}, calib=x, progress=False)
