@@ -1,12 +1,14 @@
 """Training state on disk: safetensors for tensors, JSON for the rest, each file written
-atomically (to a ``.part`` file, then renamed), so a killed run never leaves a half-written
-file where a good one was. Shared by float training, QAT checkpoints and saved weights."""
+atomically (to a ``.part`` file of its own, flushed to disk, then renamed), so a killed run
+never leaves a half-written file where a good one was. Shared by float training, QAT
+checkpoints, saved weights and .lowbit artifacts."""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -20,19 +22,44 @@ def usual_permissions(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def write_atomically(path: Path, write: Callable[[Path], None], prefix: str = "", suffix: str = ".part") -> None:
+    """Run ``write(tmp)`` on a fresh file beside ``path``, flush it to disk, give it the usual
+    permissions and rename it over ``path``; on any failure remove it and re-raise.
+
+    Why a unique name (``<prefix><name>.<random><suffix>``) and not a fixed ``<name>.part``:
+    two processes saving to one path (two runs sharing a checkpoint folder) wrote into the same
+    temporary file and renamed it from under each other (a raw FileNotFoundError, or one's bytes
+    under the other's name). Why the fsync: a rename can reach the disk before the data it
+    names, so a crash just after it could leave an empty file where the good one was."""
+    # NAME_MAX is 255 bytes: keep room for the random part and the suffix
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{path.name[:200]}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            usual_permissions(tmp)  # mkstemp creates 0600, as safetensors does
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
                         metadata: Mapping[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".part")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
-              metadata=dict(metadata) if metadata is not None else None)
-    usual_permissions(tmp)
-    os.replace(tmp, path)
+    """Save ``tensors`` as safetensors at ``path`` (see :func:`write_atomically`)."""
+    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = dict(metadata) if metadata is not None else None
+    write_atomically(Path(path), lambda tmp: save_file(owned, str(tmp), metadata=meta))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` at ``path`` (see :func:`write_atomically`)."""
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def commit_state(folder: Path, stem: str, tag: int | str, tensors: Mapping[str, torch.Tensor], side_name: str,

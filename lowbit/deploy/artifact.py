@@ -12,9 +12,9 @@ and 2 (header as base64 text in the safetensors metadata) still load.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from lowbit.model.quant_model import QuantModel
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.spec import QuantSpec
-from lowbit.state_io import usual_permissions
+from lowbit.state_io import write_atomically
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 3  # 2: the checksum covers the header; 3: header as a compressed tensor (1 and 2 still load)
@@ -103,6 +103,11 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     whole); returns the path. Refuses a directory or a file that is not an artifact."""
     if not qm.calibrated:
         raise LowbitError("only a calibrated QuantModel can be saved")
+    if not isinstance(qm.meta.get("recipe"), (dict, str)):
+        # load rebuilds the network from the recipe; a header without one cannot be loaded
+        raise ArtifactError("cannot save a QuantModel without a recipe (qm.meta['recipe'] is not set): load rebuilds "
+                            "the network from it. Build the QuantModel with lowbit.prepare(model, recipe) or "
+                            "lowbit.quantize(model, recipe, calib=...) instead of QuantModel(...)")
     path = Path(path)
     _check_target(path)
     arch = qm.meta.get("arch")
@@ -134,16 +139,14 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
     }
     header["sha256"] = _digest(codes, floats_arr, header)
     blob = np.frombuffer(header_codec.encode(header), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({"codes": codes, "floats": floats_arr, "header": blob}, str(tmp),
-                  metadata={"lowbit": str(FORMAT_VERSION)})
-        usual_permissions(tmp)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ArtifactError(f"cannot write {path}: {err.strerror or err}") from None
+    tensors = {"codes": codes, "floats": floats_arr, "header": blob}
+    try:  # safetensors reports a full disk or an oversized file as SafetensorError, not OSError
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"lowbit": str(FORMAT_VERSION)}),
+                         prefix=".", suffix=".tmp")
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise ArtifactError(f"cannot write {path}: {reason} (any previous file there is left as it was)") from None
     return path
 
 
@@ -177,7 +180,8 @@ def _listing(folder: Path, suffix: str) -> str:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Header and the two buffers, with format, version and checksum verified."""
+    """Header and the two buffers, with format, version, checksum and the header's structure
+    verified (so callers may index it without guarding every key)."""
     path = Path(path)
     if path.is_dir():
         raise ArtifactError(f"{path} is a directory; pass the path of a .lowbit file inside it"
@@ -195,63 +199,152 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarra
         raise ArtifactError(f"{path} is corrupt or truncated: {err}") from None
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{path} cannot be read as a .lowbit file: {err}") from None
+    for name, arr, dtype in (("codes", codes, np.uint8), ("floats", floats, np.float32)):
+        if arr.dtype != dtype or arr.ndim != 1:
+            raise ArtifactError(f"{path}: tensor {name!r} is {arr.dtype} of shape {list(arr.shape)}; a .lowbit file "
+                                f"stores it as 1-D {np.dtype(dtype).name}")
     try:  # format 3 keeps the header as a tensor; 1 and 2 as base64 text in the metadata
-        header = header_codec.decode(blob) if blob is not None else json.loads(zlib.decompress(base64.b64decode(meta["lowbit"])))
+        header = header_codec.decode(blob) if blob is not None else header_codec.decode_legacy(meta["lowbit"])
     except (ValueError, zlib.error) as err:
         raise ArtifactError(f"{path}: the lowbit header is corrupt ({err})") from None
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a lowbit artifact (format {header.get('format')!r})")
-    if header.get("version") not in READABLE_VERSIONS:
-        raise ArtifactError(f"{path}: format version {header.get('version')} is not supported by this lowbit "
+    version = header.get("version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path}: format version {version} is not supported by this lowbit "
                             f"(reads versions {', '.join(map(str, READABLE_VERSIONS))})")
-    covered = header if header["version"] >= 2 else None
+    covered = header if version >= 2 else None
     if _digest(codes, floats, covered) != header.get("sha256"):
         what = "the header or the tensor data" if covered is not None else "the tensor data"
         raise ArtifactError(f"{path}: checksum mismatch — {what} was altered or damaged")
     if isinstance(header.get("layout"), dict):
         header["layout"] = _expand_layout(path, header["layout"])
+    _check_header(path, header)
     _check_layout(path, header, codes, floats)
     return header, codes, floats
+
+
+def _is_int(value: Any) -> bool:
+    """An integer as JSON gives one (True/False are bools, not widths or counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(d) and d >= 0 for d in value)
 
 
 def _expand_layout(path: Path, compact: dict[str, Any]) -> list[dict[str, Any]]:
     """Format 3's ``{"codes": [[key, shape, bits, qmin]...], "floats": [[key, shape]...]}``
     as the entries (with offsets and counts) that earlier formats stored."""
     entries, offsets = [], {"codes": 0, "floats": 0}
-    try:
-        for store in ("codes", "floats"):
-            for item in compact.get(store, []):
-                key, shape = str(item[0]), [int(d) for d in item[1]]
-                count = int(np.prod(shape))
-                e = {"key": key, "store": store, "offset": offsets[store], "count": count, "shape": shape}
-                if store == "codes":
-                    e["bits"], e["qmin"] = int(item[2]), int(item[3])
-                    offsets[store] += packed_nbytes(count, e["bits"]) if 1 <= e["bits"] <= 8 else 0
-                else:
-                    offsets[store] += count
-                entries.append(e)
-    except (TypeError, ValueError, IndexError) as err:
-        raise ArtifactError(f"{path}: the header's layout is malformed ({err})") from None
+    for store, width in (("codes", 4), ("floats", 2)):
+        items = compact.get(store, [])
+        if not isinstance(items, list):
+            raise ArtifactError(f"{path}: the header's layout is malformed ({store!r} is not a list)")
+        for n, item in enumerate(items):
+            fields = ("key, shape, bits, qmin" if store == "codes" else "key, shape")
+            if not (isinstance(item, list) and len(item) == width and isinstance(item[0], str) and _is_shape(item[1])
+                    and all(_is_int(v) for v in item[2:])):
+                raise ArtifactError(f"{path}: the header's layout is malformed ({store} entry {n} is {item!r:.80}, "
+                                    f"not [{fields}] with a shape of non-negative integers)")
+            key, shape = item[0], item[1]
+            count = math.prod(shape)
+            e = {"key": key, "store": store, "offset": offsets[store], "count": count, "shape": shape}
+            if store == "codes":
+                e["bits"], e["qmin"] = item[2], item[3]
+                offsets[store] += packed_nbytes(count, e["bits"]) if 1 <= e["bits"] <= 8 else 0
+            else:
+                offsets[store] += count
+            entries.append(e)
     return entries
 
 
-def _check_layout(path: Path, header: dict[str, Any], codes: np.ndarray, floats: np.ndarray) -> None:
-    """The header agrees with the stored tensors: every entry inside its buffer, shapes
-    that hold its count, bit widths and code ranges that exist."""
+def _check_header(path: Path, header: dict[str, Any]) -> None:
+    """The header's structure, checked once after reading so that crafted or damaged JSON
+    fails here with the key named instead of as a KeyError/TypeError deep inside load: rows
+    with integer bit widths, quantizer states with their flags, layout entries with integer
+    offsets, counts and shapes."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: the header is malformed: {what}")
+
     for key in ("layers", "quantizers", "layout", "recipe"):
         if key not in header:
             raise ArtifactError(f"{path}: the header has no {key!r} entry")
+    if header["recipe"] is None:
+        raise ArtifactError(f"{path}: the header holds no recipe (it was saved from a QuantModel built without one), "
+                            "so load cannot rebuild the network; quantize again with lowbit.prepare/lowbit.quantize "
+                            "and a recipe, and save that")
+    if not isinstance(header["recipe"], (dict, str)):
+        raise bad(f"'recipe' is {type(header['recipe']).__name__}, not a recipe (dict) or a recipe name")
+    arch = header.get("arch")
+    if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get("name"), str)
+                                 and isinstance(arch.get("kwargs", {}), dict)):
+        raise bad(f"'arch' is {arch!r:.80}, not {{\"name\": str, \"kwargs\": dict}} or null")
+    if not isinstance(header.get("metrics", {}), dict):
+        raise bad("'metrics' is not a dict")
+    layers = header["layers"]
+    if not isinstance(layers, list) or not all(isinstance(r, dict) for r in layers):
+        raise bad("'layers' is not a list of rows (dicts)")
+    for n, row in enumerate(layers):
+        name = row.get("name")
+        if not isinstance(name, str):
+            raise bad(f"layers[{n}] has no 'name'")
+        for key in ("w_bits", "a_bits"):
+            if not _is_int(row.get(key)):
+                raise bad(f"layer {name!r}: {key!r} is {row.get(key)!r}, not an integer")
+        if row.get("macs") is not None and not _is_int(row["macs"]):
+            raise bad(f"layer {name!r}: 'macs' is {row['macs']!r}, not an integer")
+    quantizers = header["quantizers"]
+    if not isinstance(quantizers, dict):
+        raise bad("'quantizers' is not a dict of quantizer states")
+    for name, state in quantizers.items():
+        if not isinstance(state, dict):
+            raise bad(f"quantizer {name!r}: its state is {state!r:.40}, not a dict")
+        if not _is_int(state.get("bits")):
+            raise bad(f"quantizer {name!r}: 'bits' is {state.get('bits')!r}, not an integer")
+        for key in ("enabled", "calibrated"):
+            if not isinstance(state.get(key), bool):
+                raise bad(f"quantizer {name!r}: {key!r} is {state.get(key)!r}, not true or false")
+        if "signed" not in state or not (state["signed"] is None or isinstance(state["signed"], bool)):
+            raise bad(f"quantizer {name!r}: 'signed' is {state.get('signed')!r}, not true, false or null")
+        for key, kind in (("spec", dict), ("method", str), ("kind", str)):
+            if key in state and not isinstance(state[key], kind):
+                raise bad(f"quantizer {name!r}: {key!r} is {state[key]!r:.40}, not a {kind.__name__}")
+    layout = header["layout"]
+    if not isinstance(layout, list) or not all(isinstance(e, dict) for e in layout):
+        raise bad("'layout' is not a list of tensor entries (dicts)")
+    for n, e in enumerate(layout):
+        key = e.get("key")
+        if not isinstance(key, str):
+            raise bad(f"layout entry {n} has no 'key'")
+        if e.get("store") not in ("codes", "floats"):
+            raise bad(f"tensor {key!r}: 'store' is {e.get('store')!r}, not 'codes' or 'floats'")
+        if not _is_shape(e.get("shape")):
+            raise bad(f"tensor {key!r}: 'shape' is {e.get('shape')!r:.80}, not a list of non-negative integers")
+        for field in ("offset", "count") + (("bits", "qmin") if e["store"] == "codes" else ()):
+            if not _is_int(e.get(field)):
+                raise bad(f"tensor {key!r}: {field!r} is {e.get(field)!r}, not an integer")
+
+
+def _check_layout(path: Path, header: dict[str, Any], codes: np.ndarray, floats: np.ndarray) -> None:
+    """The header agrees with the stored tensors: one entry per key, every entry inside its
+    buffer, shapes that hold its count, bit widths and code ranges that exist."""
+    seen: set[str] = set()
     for e in header["layout"]:
-        key = e.get("key", "?")
-        size = codes.size if e.get("store") == "codes" else floats.size
-        count = int(e.get("count", -1))
-        if count < 0 or int(np.prod(e.get("shape", [-1]))) != count:
-            raise ArtifactError(f"{path}: tensor {key!r} has shape {e.get('shape')} but {count} values")
-        need = packed_nbytes(count, int(e["bits"])) if e.get("store") == "codes" else count
-        if e.get("store") == "codes":
-            bits, qmin = int(e["bits"]), int(e["qmin"])
+        key = e["key"]
+        if key in seen:
+            raise ArtifactError(f"{path}: tensor {key!r} appears twice in the layout (one of them would be ignored)")
+        seen.add(key)
+        size = codes.size if e["store"] == "codes" else floats.size
+        count = e["count"]
+        if count < 0 or math.prod(e["shape"]) != count:
+            raise ArtifactError(f"{path}: tensor {key!r} has shape {e['shape']} but {count} values")
+        need = count
+        if e["store"] == "codes":
+            bits, qmin = e["bits"], e["qmin"]
             if not 1 <= bits <= 8 or qmin not in (0, -(2 ** (bits - 1)), -(2 ** (bits - 1)) + 1):
                 raise ArtifactError(f"{path}: tensor {key!r} claims {bits}-bit codes from {qmin}: no such grid")
+            need = packed_nbytes(count, bits)
         if e["offset"] < 0 or e["offset"] + need > size:
             raise ArtifactError(f"{path}: tensor {key!r} lies outside the stored data (truncated or altered)")
 
@@ -274,7 +367,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
         arch = header.get("arch")
         if not arch:
             raise ArtifactError(f"{path} holds no architecture name: pass the float model, load(path, model=...)")
-        model = build(arch["name"], **arch.get("kwargs", {}))
+        try:
+            model = build(arch["name"], **arch.get("kwargs", {}))
+        except TypeError as err:  # kwargs the architecture does not take
+            raise ArtifactError(f"{path}: architecture {arch['name']!r} cannot be built from the header ({err})") from None
     qm = prepare(model, header["recipe"])
     if not given:  # the rebuilt network's own weights are its random initialisation, not a float reference
         qm.no_float_reference = (f"{Path(path).name} was loaded without its float model (an artifact stores the "
@@ -286,37 +382,52 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
     _check_shapes(path, qm, header)
     for row in header["layers"]:
         rec = qm.layers[row["name"]]
-        rec.w_bits, rec.a_bits = row["w_bits"], row["a_bits"]
-        rec.layer.macs = row["macs"]
+        try:
+            rec.w_bits, rec.a_bits = row["w_bits"], row["a_bits"]
+        except LowbitError as err:
+            raise ArtifactError(f"{path}: layer {row['name']!r}: {err}") from None
+        if "macs" in row:
+            rec.layer.macs = row["macs"]
     quantizers = _quantizers(qm)
     unknown = sorted(set(header["quantizers"]) - set(quantizers))
     if unknown:
         raise ArtifactError(f"{path}: quantizers {unknown[:5]} are not in the rebuilt model: it was saved from "
                             "another model or recipe layout")
+    missing = sorted(set(quantizers) - set(header["quantizers"]))
+    if missing:
+        raise ArtifactError(f"{path}: the header has no state for quantizers {missing[:5]} of the rebuilt model: it "
+                            "was saved from another model or recipe layout, or edited")
     entries = {e["key"]: e for e in header["layout"]}
     for name, state in header["quantizers"].items():  # codebooks replace the recipe's uniform grids
         if state.get("kind") == "codebook":
             table = entries.get(f"{name}.centroids")
-            if table is None:
+            if table is None or table["store"] != "floats":
                 raise ArtifactError(f"{path}: codebook quantizer {name!r} has no centroids")
-            book = CodebookQuantizer(QuantSpec.from_dict(state["spec"]), torch.zeros(table["shape"]), name=name)
+            if "spec" not in state:
+                raise ArtifactError(f"{path}: codebook quantizer {name!r} has no 'spec'")
+            try:
+                book = CodebookQuantizer(QuantSpec.from_dict(state["spec"]), torch.zeros(table["shape"]), name=name)
+            except (LowbitError, TypeError, ValueError) as err:
+                raise ArtifactError(f"{path}: codebook quantizer {name!r} cannot be rebuilt: {err}") from None
             qm.replace_quantizer(quantizers[name], book)
             quantizers[name] = book
         elif state.get("kind", "uniform") != "uniform":
             raise ArtifactError(f"{path}: quantizer {name!r} has kind {state['kind']!r}, which this lowbit does not know")
     for name, state in header["quantizers"].items():
         q = quantizers[name]
-        # the grid QAT deployed (e.g. μL2Q's mid-rise), not only the recipe's
-        if "spec" in state and not isinstance(q, CodebookQuantizer):
-            try:
+        try:
+            # the grid QAT deployed (e.g. μL2Q's mid-rise), not only the recipe's
+            if "spec" in state and not isinstance(q, CodebookQuantizer):
                 q.spec = QuantSpec.from_dict(state["spec"])
-            except (LowbitError, TypeError) as err:
-                raise ArtifactError(f"{path}: quantizer {name!r} has an invalid spec: {err}") from None
-        q.set_bits(state["bits"])
+            q.set_bits(state["bits"])
+        except (LowbitError, TypeError) as err:
+            raise ArtifactError(f"{path}: quantizer {name!r} has an invalid spec: {err}") from None
         q.signed, q.enabled = state["signed"], state["enabled"]
         q.method = str(state.get("method", "uniform"))
-    _add_learned_biases(qm, entries)
+    _add_learned_biases(path, qm, entries)
+    _check_entries(path, qm, header, entries)
     params = dict(qm.state_dict())
+    weights = {id(r.layer.weight_quantizer): r.layer.weight for r in qm.layers}
 
     def float_tensor(entry: dict[str, Any]) -> torch.Tensor:
         start = entry["offset"]
@@ -324,48 +435,146 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
 
     with torch.no_grad():
         for name, q in quantizers.items():
-            state = header["quantizers"][name]
-            if not state["calibrated"]:
+            if not header["quantizers"][name]["calibrated"]:
                 continue
             scale = float_tensor(entries[f"{name}.scale"])
             zp_entry = entries.get(f"{name}.zero_point")
-            q.set_params(scale, float_tensor(zp_entry) if zp_entry else torch.zeros_like(scale))
+            zero_point = float_tensor(zp_entry) if zp_entry else torch.zeros_like(scale)
+            _check_scale(path, name, q, scale, zero_point, weights.get(id(q)))
+            q.set_params(scale, zero_point)
+        # floats first: a codebook's centroids must be in place (and checked) before its indices decode
+        for key, entry in entries.items():
+            if entry["store"] == "floats" and (not key.endswith((".scale", ".zero_point"))
+                                               or key.rsplit(".", 1)[0] not in quantizers):
+                params[key].copy_(float_tensor(entry))
+        for name, q in quantizers.items():
+            if isinstance(q, CodebookQuantizer):
+                _check_codebook(path, name, q, weights.get(id(q)))
         layers = _packed_weights(qm)
-        # floats first: a codebook's centroids must be in place before its indices decode
-        for key, entry in sorted(entries.items(), key=lambda kv: kv[1]["store"] != "floats"):
-            if key not in params:
-                raise ArtifactError(f"{path}: tensor {key!r} does not exist in the rebuilt model")
-            if entry["store"] == "floats":
-                if not key.endswith((".scale", ".zero_point")) or key.rsplit(".", 1)[0] not in quantizers:
-                    params[key].copy_(float_tensor(entry))
+        for key, entry in entries.items():
+            if entry["store"] != "codes":
                 continue
             layer = layers[key]
+            qmin, qmax = layer.weight_quantizer.code_range()
             nbytes = packed_nbytes(entry["count"], entry["bits"])
             c = unpack_codes(codes[entry["offset"]: entry["offset"] + nbytes], entry["count"], entry["bits"], entry["qmin"])
+            if c.size and (int(c.min()) < qmin or int(c.max()) > qmax):
+                raise ArtifactError(f"{path}: tensor {key!r} holds codes in [{int(c.min())}, {int(c.max())}], outside "
+                                    f"its quantizer's range [{qmin}, {qmax}]")
             layer.weight.copy_(layer.weight_quantizer.dequantize(torch.from_numpy(c).reshape(entry["shape"])))
+    uncalibrated = [n for n, q in quantizers.items()
+                    if not q.calibrated and (q.enabled if id(q) not in weights else _quantizes_weight(qm, q))]
+    if uncalibrated:
+        raise ArtifactError(f"{path}: quantizers {uncalibrated[:5]} are in use but the header says they are not "
+                            "calibrated (a saved model is always calibrated)")
     qm.meta.update({"arch": header.get("arch"), "recipe": _full_recipe(header["recipe"]),
                     "metrics": header.get("metrics", {})})
     return qm
 
 
+def _quantizes_weight(qm: QuantModel, q: UniformQuantizer) -> bool:
+    return any(r.layer.weight_quantizer is q and r.layer.quantize_weight for r in qm.layers)
+
+
 def _check_shapes(path: Path, qm: QuantModel, header: dict[str, Any]) -> None:
     """A model with the same layer names but other widths: name the first layer that differs."""
     params = {k: tuple(v.shape) for k, v in qm.state_dict().items()}
+    quantizer_params = {f"{n}.{b}" for n in _quantizers(qm) for b in ("scale", "zero_point")}  # checked on load
     layer_of = {f"{n}.": r.name for r in qm.layers for n, m in qm.named_modules() if m is r.layer}
     for e in header["layout"]:
         key, shape = e["key"], tuple(e["shape"])
-        if key in params and params[key] != shape and not key.endswith((".scale", ".zero_point")):
+        if key in params and params[key] != shape and key not in quantizer_params:
             layer = next((v for k, v in layer_of.items() if key.startswith(k)), key)
             raise ArtifactError(f"{path}: layer {layer!r}: the file holds {key.rsplit('.', 1)[-1]} of shape "
                                 f"{list(shape)}, the model's is {list(params[key])}")
 
 
-def _add_learned_biases(qm, entries: dict[str, Any]) -> None:
-    """Bias correction gives bias-free layers a bias; the rebuilt model needs the slot."""
+def _check_entries(path: Path, qm: QuantModel, header: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    """The layout names exactly what this model stores: one codes entry per quantized weight,
+    at its quantizer's (bits, qmin), and one float entry per float state tensor. Without this a
+    missing entry left the rebuilt network's own (random) tensor in place, silently."""
+    packed, stored_floats = _stored_tensors(qm)
+    params = qm.state_dict()
+    quantizer_params = {f"{n}.{b}" for n in _quantizers(qm) for b in ("scale", "zero_point")}  # see _check_scale
+    for key, e in entries.items():
+        if key not in params:
+            raise ArtifactError(f"{path}: tensor {key!r} does not exist in the rebuilt model")
+        if e["store"] == "floats" and key not in stored_floats:
+            raise ArtifactError(f"{path}: tensor {key!r} is stored as floats, but the model stores it "
+                                + ("as codes" if key in packed else "nowhere (it is constant or not a float tensor)"))
+        if e["store"] == "codes":
+            if key not in packed:
+                raise ArtifactError(f"{path}: tensor {key!r} is stored as codes, but it is not a quantized weight of "
+                                    "the model (its layer row says float, or the entry names another tensor)")
+            q = packed[key].weight_quantizer
+            try:
+                qmin, _ = q.code_range()
+            except LowbitError as err:
+                raise ArtifactError(f"{path}: tensor {key!r}: {err}") from None
+            if (e["bits"], e["qmin"]) != (q.bits, qmin):
+                raise ArtifactError(f"{path}: tensor {key!r} holds {e['bits']}-bit codes from {e['qmin']}, but its "
+                                    f"quantizer's grid is {q.bits}-bit from {qmin}")
+        elif tuple(e["shape"]) != tuple(params[key].shape) and key not in quantizer_params:
+            raise ArtifactError(f"{path}: tensor {key!r} has shape {e['shape']}, the model's is "
+                                f"{list(params[key].shape)}")
+    for key, layer in packed.items():
+        if entries.get(key, {}).get("store") != "codes":
+            raise ArtifactError(f"{path}: the quantized weight {key!r} has no codes entry (the layer would keep the "
+                                "rebuilt model's weights)")
+    for key in stored_floats:
+        if entries.get(key, {}).get("store") != "floats":
+            raise ArtifactError(f"{path}: tensor {key!r} of the model has no float entry (it would keep the rebuilt "
+                                "model's value)")
+
+
+def _check_scale(path: Path, name: str, q: UniformQuantizer, scale: torch.Tensor, zero_point: torch.Tensor,
+                 weight: torch.Tensor | None) -> None:
+    """A step that a grid can use: finite and positive (0 gave NaN outputs, a negative one a
+    mirrored grid), one value or one per channel (a [2, 4] scale for 8 channels loaded, then
+    failed at the first forward), and a finite zero point of the same size."""
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ArtifactError(f"{path}: quantizer {name!r} has a scale that is not finite and positive "
+                            f"(min {float(scale.min()) if scale.numel() else 'none'})")
+    one_axis = sum(d != 1 for d in scale.shape) <= 1
+    if weight is not None:  # a weight quantizer: one step, or one per output channel
+        axis = q.spec.ch_axis
+        channels = weight.shape[axis] if axis < weight.dim() else None
+        fits = scale.numel() == 1 or (channels is not None and scale.numel() == channels)
+        want = f"[] or [{channels}]" if channels is not None else "[]"
+    else:  # an activation quantizer: per tensor, or per channel when its spec says so
+        fits = scale.numel() == 1 or (q.spec.per_channel and scale.numel() > 0)
+        want = "[]" + (" or [C]" if q.spec.per_channel else "")
+    if not (one_axis and fits):
+        raise ArtifactError(f"{path}: quantizer {name!r} has a scale of shape {list(scale.shape)}; it takes {want}")
+    if not bool(torch.isfinite(zero_point).all()) or zero_point.numel() not in (1, scale.numel()) \
+            or sum(d != 1 for d in zero_point.shape) > 1:
+        raise ArtifactError(f"{path}: quantizer {name!r} has a zero point of shape {list(zero_point.shape)} that is "
+                            f"not finite or does not match its scale's {list(scale.shape)}")
+
+
+def _check_codebook(path: Path, name: str, q: CodebookQuantizer, weight: torch.Tensor | None) -> None:
+    """Centroids as the quantizer keeps them: finite and sorted (codes() bisects them; reversed
+    ones decoded the stored weight differently from the one the layer then ran), and one table
+    per output channel when per channel."""
+    c = q.centroids
+    if not bool(torch.isfinite(c).all()) or not bool((c[..., 1:] >= c[..., :-1]).all()):
+        raise ArtifactError(f"{path}: codebook quantizer {name!r} has centroids that are not finite and sorted")
+    if c.dim() == 2 and weight is not None and c.shape[0] != weight.shape[0]:
+        raise ArtifactError(f"{path}: codebook quantizer {name!r} has {c.shape[0]} tables for a weight with "
+                            f"{weight.shape[0]} output channels")
+
+
+def _add_learned_biases(path: Path, qm: QuantModel, entries: dict[str, Any]) -> None:
+    """Bias correction gives bias-free layers a bias; the rebuilt model needs the slot, and
+    the float network it stands for had none: its float value is 0 (float_reference)."""
     for r in qm.layers:
         key = next((k for k, m in qm.named_modules() if m is r.layer.module), None)
         bias_key = f"{key}.bias"
-        if key is not None and r.layer.module.bias is None and bias_key in entries:
+        module = r.layer.module
+        if key is not None and module.bias is None and bias_key in entries:
             shape = entries[bias_key]["shape"]
-            r.layer.module.bias = torch.nn.Parameter(torch.zeros(shape))
-
+            out = getattr(module, "out_channels", getattr(module, "out_features", None))
+            if out is not None and shape != [out]:
+                raise ArtifactError(f"{path}: tensor {bias_key!r} has shape {shape}; layer {r.name!r} has {out} outputs")
+            module.bias = torch.nn.Parameter(torch.zeros(shape))
+            qm.register_float_param(module.bias, torch.zeros(shape))

@@ -14,6 +14,7 @@ reading).
 """
 from __future__ import annotations
 
+import base64
 import json
 import zlib
 from typing import Any
@@ -52,6 +53,18 @@ _WORDS_V3 = (
 DICTIONARY_V3 = "".join(_WORDS_V3).encode()
 
 
+# What a header may inflate to. Fixed rather than a multiple of the file size: a header is
+# ~1 KB per layer whatever the weights weigh, so a file of small layers can honestly carry a
+# header larger than its tensors. 64 MiB is ~60,000 layers, far past any network, and it caps
+# what a crafted file (a few hundred KB of deflate inflate to gigabytes) makes load allocate
+# before anything has been checked.
+MAX_HEADER_BYTES = 64 << 20
+# How deep the header's JSON may nest. A real header nests ~8 levels (recipe → steps → qat →
+# kd); a deeper one would make the parser, the checksum's re-encoding or the recipe reader
+# overflow the stack (RecursionError) instead of failing with a named error.
+MAX_DEPTH = 64
+
+
 def encode(header: dict[str, Any]) -> bytes:
     """Compressed canonical JSON (compact separators; key order as given)."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, zdict=DICTIONARY_V3)
@@ -59,12 +72,53 @@ def encode(header: dict[str, Any]) -> bytes:
 
 
 def decode(blob: bytes) -> dict[str, Any]:
-    """Inverse of encode; raises ValueError (or zlib.error) on damaged bytes."""
-    unpacker = zlib.decompressobj(zdict=DICTIONARY_V3)
-    text = unpacker.decompress(blob) + unpacker.flush()
+    """Inverse of encode; raises ValueError (or zlib.error) on damaged, oversized or too deeply
+    nested bytes."""
+    return _parse(_inflate(blob, zlib.decompressobj(zdict=DICTIONARY_V3)))
+
+
+def decode_legacy(text: str) -> dict[str, Any]:
+    """The header of formats 1 and 2 (base64 of zlib-compressed JSON, no preset dictionary),
+    under the same bounds as :func:`decode`; raises ValueError (or zlib.error)."""
+    return _parse(_inflate(base64.b64decode(text), zlib.decompressobj()))
+
+
+def _inflate(blob: bytes, unpacker: Any) -> bytes:
+    """Decompress at most MAX_HEADER_BYTES, 1 MiB at a time: the bound holds while inflating
+    (memory never holds more than the bound), not after."""
+    chunk, parts, size, data = 1 << 20, [], 0, blob
+    while not unpacker.eof:
+        part = unpacker.decompress(data, chunk)
+        size += len(part)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"the header inflates to more than {MAX_HEADER_BYTES >> 20} MiB (a decompression bomb "
+                             "or a damaged file)")
+        parts.append(part)
+        data = unpacker.unconsumed_tail
+        if not data and len(part) < chunk:  # all input read and no output held back
+            break
     if not unpacker.eof:
         raise ValueError("the compressed header is truncated")
-    header = json.loads(text)
+    return b"".join(parts)
+
+
+def _parse(text: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(text)
+    except RecursionError:
+        raise ValueError("the header's JSON is nested too deeply to parse") from None
     if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
+        raise ValueError(f"the header is not a JSON object (it is a {type(header).__name__})")
+    _check_depth(header)
     return header
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, walking with an explicit stack (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the header's JSON nests deeper than {MAX_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
