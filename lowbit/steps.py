@@ -77,9 +77,8 @@ def _easyquant(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", 
 def _zeroq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
            input_shape: list[int] | None = None, **params: Any) -> None:
     """Replace the calibration batches with distilled ones (later steps use those)."""
-    from lowbit.ptq.zeroq import distill_inputs
-
     from lowbit.checks import probe_forward
+    from lowbit.ptq.zeroq import distill_inputs
 
     shape = tuple(input_shape) if input_shape else _default_input_shape(qm)
     with qm.quantization(weights=False, activations=False):  # a wrong shape is named before distilling
