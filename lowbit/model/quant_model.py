@@ -348,17 +348,26 @@ class QuantModel(nn.Module):
         at its value from before any algorithm edited it (the teacher of reconstruction).
         ``activations=True`` keeps the activation quantizers as they are: the float weights
         as built behind quantized activations (the analyzer's activations-only network)."""
+        with self.float_weights(), self.quantization(weights=False, activations=activations):
+            yield
+
+    @contextlib.contextmanager
+    def float_weights(self, modules: list[nn.Module] | None = None) -> Iterator[None]:
+        """Every parameter and float buffer (of ``modules`` only, when given) back at its value from before any
+        algorithm edited it, quantization left as it is; restored after. (PD-Quant runs the rest of the network
+        this way behind the block it reconstructs.)"""
         if self.no_float_reference is not None:
             raise LowbitError(f"this step compares with the float network, which is not known here: "
                               f"{self.no_float_reference}")
-        saved = [p.data for p, _ in self._float_copy]
+        owned = None if modules is None else {id(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+        pairs = [(p, f) for p, f in self._float_copy if owned is None or id(p) in owned]
+        saved = [p.data for p, _ in pairs]
         try:
-            for p, f in self._float_copy:
+            for p, f in pairs:
                 p.data = f
-            with self.quantization(weights=False, activations=activations):
-                yield
+            yield
         finally:
-            for (p, _), d in zip(self._float_copy, saved):
+            for (p, _), d in zip(pairs, saved):
                 p.data = d
 
     @property

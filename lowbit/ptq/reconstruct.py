@@ -160,24 +160,6 @@ def _check_reconstructable(qm, units: list[Unit], cfg: ReconConfig, method: str,
                                     f"{type(out).__name__}. Wrap it so that forward returns one tensor")
 
 
-@contextlib.contextmanager
-def _float_weights(qm, units: list[Unit]) -> Iterator[None]:
-    """These units' parameters and buffers at their values in the original float network (steps before
-    reconstruction, e.g. GPTQ or bias correction, edit them in place); restored after."""
-    owned = {id(t) for u in units for t in [*u.module.parameters(), *u.module.buffers()]}
-    pairs = [(t, f) for t, f in qm._float_copy if id(t) in owned and t.shape == f.shape]
-    saved = [t.detach().clone() for t, _ in pairs]
-    with torch.no_grad():
-        for t, f in pairs:
-            t.copy_(f)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for (t, _), v in zip(pairs, saved):
-                t.copy_(v)
-
-
 def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method, losses) -> None:
     layerwise = cfg.granularity == "layer"
     bar = tqdm(total=len(units), desc=method, unit="unit", disable=not progress, leave=False)
@@ -231,7 +213,8 @@ def _block(qm, cfg, unit: Unit, fp_in, q_in, fp_out, rest: list[Unit], fp_logits
                                             reduction="batchmean")
     # the rest of the network as the float one (PD-Quant's prediction difference): quantization off and the
     # original float weights, not those an earlier step (GPTQ, bias correction) edited
-    with quantization_off(rest), _float_weights(qm, rest) if extra is not None else contextlib.nullcontext():
+    float_rest = qm.float_weights([u.module for u in rest]) if extra is not None else contextlib.nullcontext()
+    with quantization_off(rest), float_rest:
         return _optimize(cfg, unit.layers, [q for q in unit.quantizers if q.enabled],
                          lambda xq, xf: unit(xq), q_in, fp_in, fp_out, extra, gen, progress, unit.name)
 
