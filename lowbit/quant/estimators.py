@@ -103,7 +103,7 @@ def search_shrink(
     # earliest offset wins, as the coarse grid's argmin does.
     # (the offsets skip 0, the coarse optimum itself, so a row can end up to ~0.003% worse in MSE than its coarse
     # best; re-scoring it moved every MSE-calibrated figure by noise, ResNet-20 w8a8 91.68 -> 91.63 and w4a4
-    # 90.47 -> 90.41 at seed 0, so it stays as measured)
+    # 90.47 -> 90.41 at seed 0, benchmarks/mse_refine_ab.py, so it stays as measured)
     offsets = torch.linspace(-step, step, refine_points)
     frac = torch.clamp(best[None] + offsets[:, None], min=1e-4, max=1.0)  # [refine, rows]
     scores = scores_of(frac)
