@@ -248,6 +248,26 @@ def test_an_fp32_run_keeps_the_fingerprint_of_runs_written_before_precision_exis
                         calib=calib, train=small, progress=False)
 
 
+def test_a_checkpoint_written_before_narrow_range_existed_resumes(mnist_cnn, mnist_train, tmp_path):
+    import json
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:800], mnist_train[1][:800])
+    recipe = _qat_recipe(epochs=1, val_samples=200, steps_per_epoch=2, checkpoint=str(tmp_path / "r"))
+    lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+    path = tmp_path / "r" / "state.json"
+    side = json.loads(path.read_text())
+    for part in ("weights", "activations"):  # as written before the option existed (it was always narrow then)
+        assert side["fingerprint"]["recipe"][part].pop("narrow_range") is True
+    path.write_text(json.dumps(side))
+    again = lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)  # resumes: nothing retrained
+    assert again.meta["qat"]["history"][0]["seconds"] == side["history"][0]["seconds"]
+    side["fingerprint"]["recipe"]["weights"]["narrow_range"] = False
+    path.write_text(json.dumps(side))
+    with pytest.raises(LowbitError, match="weights.narrow_range: checkpoint False, now True"):
+        lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+
+
 def test_qat_model_runs_the_same_in_onnx_runtime(mnist_cnn, mnist_train, tmp_path):
     pytest.importorskip("onnxruntime")
     model, calib, test = mnist_cnn

@@ -32,6 +32,9 @@ LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how th
 # off, so older checkpoints resume, also under a recipe that spells the off value out.
 LATER_OPTIONS: dict[str, Any] = {"clip_grad_norm": 0.0, "ema": 0.0, "snap_at_freeze": False, "precision": "fp32",
                                  "channels_last": False, "dampen": 0.0}
+# quantizer settings (recipe ``weights``/``activations`` sections) added after the first checkpoints
+# were written, with the value every earlier run had: an absent one reads as that value
+LATER_SPEC_OPTIONS: dict[str, Any] = {"narrow_range": True}
 # quantizer state added after the first checkpoints were written: a checkpoint without it still
 # loads, the quantizer rebuilding it on its own (lowbit.quant.learned.inq: the frozen levels)
 LATER_STATE = ("frozen_codes", "captured")
@@ -110,8 +113,12 @@ def _without(fingerprint: Any, keys: tuple[str, ...]) -> Any:
     out = dict(fingerprint)
     out["qat"] = _params_without(out.get("qat"), keys)
     recipe = out.get("recipe")
-    if isinstance(recipe, dict) and isinstance(recipe.get("steps"), list):
-        out["recipe"] = {**recipe, "steps": [_step_without(s, keys) for s in recipe["steps"]]}
+    if isinstance(recipe, dict):
+        recipe = {**recipe, **{side: {**LATER_SPEC_OPTIONS, **recipe[side]} for side in ("weights", "activations")
+                               if isinstance(recipe.get(side), dict)}}
+        if isinstance(recipe.get("steps"), list):
+            recipe["steps"] = [_step_without(s, keys) for s in recipe["steps"]]
+        out["recipe"] = recipe
     return out
 
 
