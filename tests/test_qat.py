@@ -248,6 +248,46 @@ def test_an_fp32_run_keeps_the_fingerprint_of_runs_written_before_precision_exis
                         calib=calib, train=small, progress=False)
 
 
+def test_the_kept_epoch_is_the_latest_within_one_standard_error_of_the_best():
+    from lowbit.qat.checkpoint import TrainingState
+    from lowbit.qat.engine import keeps_epoch
+
+    def after(vals, rule="within_error", n=5000):
+        state = TrainingState(best={"w": torch.zeros(1)}, best_val=-1.0)
+        kept = 0
+        for epoch, v in enumerate(vals, 1):
+            state.history.append({"val_top1": v})
+            if keeps_epoch(rule, v, state, n):
+                state.best_val, state.best_epoch, kept = v, epoch, epoch
+        return kept
+
+    seed1 = [97.32, 98.10, 98.32, 98.62, 98.60]  # a measured W4A4 run: one standard error at 98.62 % of 5,000 is 0.166
+    assert after(seed1) == 5 and after(seed1, "best") == 4
+    assert after([98.62, 98.40]) == 1  # 0.22 below: outside the error, the earlier epoch stays
+    assert after([98.62, 98.40], n=1000) == 2  # 1,000 images resolve only ±0.37 pt
+    assert after([90.0, 91.0, 90.9, 95.0, 94.0]) == 4  # the error is measured from the highest so far
+    assert after([100.0, 99.98]) == 1 and after([100.0, 100.0]) == 2  # p = 1: no error, ties go to the later
+    assert keeps_epoch("best", 10.0, TrainingState(best=None, best_val=50.0, history=[{"val_top1": 10.0}]), 100)
+
+
+def test_qat_select_is_checked_and_old_checkpoints_resume_under_best(mnist_cnn, mnist_train, tmp_path):
+    import json
+
+    model, calib, _ = mnist_cnn
+    small = (mnist_train[0][:800], mnist_train[1][:800])
+    with pytest.raises(RecipeError, match="select"):
+        lowbit.quantize(model, _qat_recipe(epochs=1, select="last"), calib=calib, train=small, progress=False)
+    recipe = _qat_recipe(epochs=1, val_samples=200, steps_per_epoch=2, checkpoint=str(tmp_path / "r"), select="best")
+    lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+    text = (tmp_path / "r" / "state.json").read_text()
+    assert "select" not in json.loads(text)["fingerprint"]["qat"]  # "best": how runs chose before the option existed
+    with pytest.raises(LowbitError, match="select: checkpoint 'best', now 'within_error'"):
+        lowbit.quantize(model, _qat_recipe(epochs=1, val_samples=200, steps_per_epoch=2,
+                                           checkpoint=str(tmp_path / "r")), calib=calib, train=small, progress=False)
+    again = lowbit.quantize(model, recipe, calib=calib, train=small, progress=False)
+    assert again.meta["qat"]["history"][0]["seconds"] == json.loads(text)["history"][0]["seconds"]
+
+
 def test_a_checkpoint_written_before_narrow_range_existed_resumes(mnist_cnn, mnist_train, tmp_path):
     import json
 

@@ -158,6 +158,9 @@ def _qat_schema() -> list[Param]:
          "scratch, without recomputing the shared epochs"),
         ("ema", "float", {"low": 0, "high": 0.99999}, "decay of a moving average of the weights, validated and kept "
          "instead of the last step's (0: off; e.g. 0.998)"),
+        ("select", "str", {"choices": ("within_error", "best")}, "which epoch's weights are kept: within_error, the "
+         "latest whose held-out top-1 is within one standard error of the highest (a smaller lead is noise); best, "
+         "the highest"),
         ("steps_per_epoch", "int", {"low": 0}, "cap on steps per epoch (0: the whole training set)"),
         ("clip_grad_norm", "float", {"low": 0}, "rescale each step's gradient to at most this L2 norm (0: off)"),
         ("snap_at_freeze", "bool", {}, "when BN freezes, set binary/ternary latent weights to their quantized values "
