@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit.errors import DataMismatchError, LowbitError, RecipeError
-from lowbit.state_io import atomic_write_text, tensors_digest
+from lowbit.state_io import tensors_digest
 
 # The main job shows lowbit at its best in a few minutes: plain calibration at 8 bits, the plain
 # W4A4 flow ending with match_moments (90.49 on ResNet-20 over 3 seeds, 9 s quiet) and at 2-bit weights
@@ -236,12 +236,9 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str
     _record(args, metrics=payload)
     args._payload = payload  # for --mlflow
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(payload, indent=2, default=str)
-        if args.json.is_symlink() or (args.json.exists() and not args.json.is_file()):
-            args.json.write_text(text)  # /dev/stdout, a pipe, a link: written through, not replaced
-        else:
-            atomic_write_text(args.json, text)
+        from lowbit.mixed.plan import write_text_file
+
+        write_text_file(args.json, json.dumps(payload, indent=2, default=str))  # /dev/stdout, a link: written through
         print(f"wrote {args.json}")
 
 
@@ -312,6 +309,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.api import evaluate
     from lowbit.evaluation import TensorBatches
 
+    if args.onnx and args.lowbit:
+        raise LowbitError("--onnx and --lowbit each name the model to score: give one of them")
+    if (args.onnx or args.lowbit) and args.recipe:
+        raise LowbitError(f"--recipe quantizes the float --model; {'--onnx' if args.onnx else '--lowbit'} scores a "
+                          "model already quantized, so it would be ignored: drop one of them")
     if args.onnx or args.lowbit:
         return _eval_deployed(args)
     model, dataset = _load_model(args)
@@ -339,9 +341,11 @@ def _eval_deployed(args: argparse.Namespace) -> int:
     else:
         from lowbit.deploy.artifact import load
 
-        model, source = load(args.lowbit), str(args.lowbit)
+        # an artifact of the user's own architecture (pkg.module:factory) names none: it is rebuilt from --model
+        float_model = _load_model(args)[0] if ":" in args.model else None
+        model, source = load(args.lowbit, model=float_model), str(args.lowbit)
     arch = (model.meta.get("arch") or {}).get("name") if args.lowbit else None  # an artifact names its model
-    dataset = args.dataset or zoo.model_info(arch or args.model).dataset
+    dataset = args.data or args.dataset or zoo.model_info(arch or args.model).dataset
     _, test = _datasets(args, dataset)
     batches = TensorBatches(test, limit=args.test_limit)
     top1 = evaluate(model, batches, progress=not args.no_progress)
@@ -413,43 +417,63 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# options of one method only: given to the other, they would be ignored (value None: not given)
+MSQ_ONLY = ("rank", "probe_at", "val_samples", "checkpoint")
+HAWQ_ONLY = ("hutchinson_samples", "bops_ratio", "candidates")
+
+
+def _check_search_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an option the chosen method (or a search without --evaluate) would ignore."""
+    why = {"hawq": "an MSQ option: HAWQ's search is one ILP pass, with no probes, validation images or steps "
+                   "to resume",
+           "msq": "a HAWQ option: MSQ lowers one bit at a time where its probes say, with no Hessian traces, "
+                  "ILP options or BOPs cap"}
+    for name in (MSQ_ONLY if args.method == "hawq" else HAWQ_ONLY):
+        if getattr(args, name) is not None:
+            raise LowbitError(f"--{name.replace('_', '-')} is {why[args.method]}; --method {args.method} would "
+                              "ignore it")
+    if args.method == "hawq" and args.lower != "weights":
+        raise LowbitError("--lower both is an MSQ option; HAWQ allocates weight bits only")
+    if args.test_limit is not None and not args.evaluate:
+        raise LowbitError("--test-limit limits the test images --evaluate scores; without --evaluate nothing is "
+                          "scored, so it would be ignored")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """Search a plan (bits per layer) for a size target; optionally score it on the test split."""
-    from lowbit.mixed.search import search_subsets
+    from lowbit.mixed.search import search_calibration, search_subsets
     from lowbit.recipes.recipe import load_recipe
 
-    if args.candidates and args.method != "hawq":
-        raise LowbitError("--candidates is a HAWQ option (MSQ lowers one bit at a time)")
-    if args.bops_ratio is not None and args.method != "hawq":
-        raise LowbitError("--bops-ratio is a HAWQ option: MSQ's search has no BOPs cap, so it would be ignored")
-    if args.evaluate and args.candidates:  # the plan's kinds must be runnable by the recipe: say so before searching
+    _check_search_options(args)
+    candidates = None
+    if args.candidates:  # checked at the door, each option named as --candidates
         from lowbit.mixed.hawq import parse_candidates
+
+        candidates = parse_candidates(args.candidates, "--candidates")
+    if args.evaluate and candidates:  # the plan's kinds must be runnable by the recipe: say so before searching
         from lowbit.recipes.recipe import check_layer_kinds
 
-        check_layer_kinds({k for _, k in parse_candidates(args.candidates) if k},
-                          [n for n, _ in load_recipe(args.recipe).steps], "--candidates (for --evaluate)")
-    if args.checkpoint is not None and args.method == "hawq":
-        raise LowbitError("--checkpoint is an MSQ option: HAWQ's search is one pass with nothing to resume, so it "
-                          "would be ignored")
+        check_layer_kinds({k for _, k in candidates if k}, [n for n, _ in load_recipe(args.recipe).steps],
+                          "--candidates (for --evaluate)")
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
     recipe = load_recipe(args.recipe)
-    calib, val = search_subsets(train, recipe, args.val_samples)
     target = {"target_ratio": args.target_ratio, "target_bits": args.target_bits}
     if args.method == "msq":
         from lowbit.mixed.msq import msq_search
 
+        calib, val = search_subsets(train, recipe, 1024 if args.val_samples is None else args.val_samples)
         result = msq_search(model, recipe, calib, val, **target, b_max=args.b_max, b_min=args.b_min,
-                            lower=args.lower, rank=args.rank, probe_at=args.probe_at, checkpoint=args.checkpoint, progress=not args.no_progress)
+                            lower=args.lower, rank=args.rank or "gain", probe_at=args.probe_at or "output",
+                            checkpoint=args.checkpoint, progress=not args.no_progress)
     else:
-        from lowbit.mixed.hawq import hawq_search, parse_candidates
+        from lowbit.mixed.hawq import hawq_search
 
-        if args.lower != "weights":
-            raise LowbitError("--lower both is an MSQ option; HAWQ allocates weight bits only")
+        calib = search_calibration(train, recipe)  # HAWQ validates nothing: no validation subset to draw
         result = hawq_search(model, recipe, calib, **target, b_max=args.b_max, b_min=args.b_min,
-                             bops_ratio=args.bops_ratio, samples=args.hutchinson_samples,
-                             candidates=parse_candidates(args.candidates) if args.candidates else None,
-                             progress=not args.no_progress)
+                             bops_ratio=args.bops_ratio,
+                             samples=32 if args.hutchinson_samples is None else args.hutchinson_samples,
+                             candidates=candidates, progress=not args.no_progress)
     plan_path = result.plan.save(args.out)
     s = result.plan.meta
     print(f"{args.method}: {s['mean_w_bits']:.3f} mean weight bits, {s['weight_compression']:.2f}x weight-code "
@@ -717,15 +741,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--b-min", type=bits, default=2, help="lowest weight bits (1 = binary: sign x per-channel scale)")
     s.add_argument("--lower", choices=["weights", "both"], default="weights",
                    help="MSQ: lower weight bits only, or a layer's weight and input-activation bits together")
-    s.add_argument("--rank", choices=["gain", "gain_per_bit"], default="gain",
-                   help="MSQ: lower the layer of smallest probe gain (the seed), or smallest gain per weight bit saved")
-    s.add_argument("--probe-at", choices=["output", "next_input"], default="output",
-                   help="MSQ: probe each layer's output (the seed) or the next layer's input (block outputs in ResNets)")
-    s.add_argument("--val-samples", type=positive_int, default=1024, help="validation images for the probes (from train)")
+    s.add_argument("--rank", choices=["gain", "gain_per_bit"],
+                   help="MSQ: lower the layer of smallest probe gain (the seed, default), or smallest gain per weight "
+                        "bit saved")
+    s.add_argument("--probe-at", choices=["output", "next_input"],
+                   help="MSQ: probe each layer's output (the seed, default) or the next layer's input (block outputs "
+                        "in ResNets)")
+    s.add_argument("--val-samples", type=positive_int,
+                   help="MSQ: validation images for the probes (from train; default 1024)")
     s.add_argument("--bops-ratio", type=positive_float, help="HAWQ: also cut bit-operations by this factor")
     s.add_argument("--candidates", help="HAWQ: per-layer options BITS[:KIND], e.g. 2,2:twn,1:xnor,3:kmeans,4 "
                    "(replaces --b-min/--b-max; the plan then names each layer's weight kind)")
-    s.add_argument("--hutchinson-samples", type=positive_int, default=32, help="HAWQ: random vectors per trace estimate")
+    s.add_argument("--hutchinson-samples", type=positive_int,
+                   help="HAWQ: random vectors per trace estimate (default 32)")
     s.add_argument("--checkpoint", help="MSQ: JSON state written after every step; a rerun resumes from it")
     s.add_argument("--out", type=output_file, default=Path("plan.json"), help="where to write the plan")
     s.add_argument("--evaluate", action="store_true", help="score the uniform recipe and the plan on the test split")

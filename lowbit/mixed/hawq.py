@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.errors import LowbitError
+from lowbit.errors import BitsError, LowbitError
 from lowbit.mixed.plan import check_plan_bits
 from lowbit.mixed.search import SearchResult, SearchSpace
 from lowbit.model.quant_model import QuantModel
@@ -28,7 +29,7 @@ from lowbit.ptq.reconstruct import requires_grad
 from lowbit.quant.codebook import CodebookQuantizer, kmeans_1d
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.quant.registry import check_kind, make_trainable, required_bits, spec_for_kind
-from lowbit.quant.spec import weight_spec_at
+from lowbit.quant.spec import MAX_BITS, weight_spec_at
 from lowbit.recipes.recipe import Recipe, load_recipe
 
 
@@ -82,20 +83,32 @@ def perturbation(qm: QuantModel, name: str, bits: int, estimator: str, kind: str
     return float(((values - w) ** 2).sum())
 
 
-def parse_candidates(text: str) -> list[tuple[int, str | None]]:
+def parse_candidates(text: str, where: str = "candidate") -> list[tuple[int, str | None]]:
     """``"2,2:twn,1:xnor,3:kmeans,4"`` -> [(2, None), (2, "twn"), ...]; a bare width uses the
-    recipe's own weight kind."""
+    recipe's own weight kind. Errors name ``where`` (the CLI passes "--candidates")."""
     out: list[tuple[int, str | None]] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         bits_text, _, kind = item.partition(":")
         try:
             bits = int(bits_text)
         except ValueError:
-            raise LowbitError(f"candidate {item!r}: expected BITS or BITS:KIND, e.g. 2:twn") from None
+            raise LowbitError(f"{where} {item!r}: expected BITS or BITS:KIND, e.g. 2:twn") from None
         out.append((bits, check_kind(kind, "weights") if kind else None))
     if not out:
         raise LowbitError("no candidates given")
+    check_candidates(out, where)
     return out
+
+
+def check_candidates(candidates: Sequence[tuple[int, str | None]], where: str = "candidate") -> None:
+    """Each option's own bits, checked before they become b_min/b_max (whose error would name those)."""
+    for bits, kind in candidates:
+        label = f"{bits}:{kind}" if kind else str(bits)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+            raise BitsError(f"{where} {label!r}: weight bits must be 1..{MAX_BITS}, got {bits!r}")
+        need = required_bits(kind)
+        if need is not None and bits != need:
+            raise BitsError(f"{where} {label!r}: {kind} quantizes to {need} bits only")
 
 
 CODEBOOK_KINDS = ("kmeans", "ttq", "inq")  # store float levels beside their codes
@@ -104,10 +117,17 @@ CODEBOOK_KINDS = ("kmeans", "ttq", "inq")  # store float levels beside their cod
 def solve_allocation(
     costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float]], budget: float,
     bops: Sequence[Sequence[float]] | None = None, bops_budget: float | None = None,
+    tie_break: Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """Choose one option per layer minimising the summed cost with the summed size (and
     BOPs) within budget: a 0/1 ILP solved exactly by scipy's HiGHS ``milp``. Returns the
-    chosen option index per layer."""
+    chosen option index per layer.
+
+    ``tie_break`` (e.g. each option's quantization error) re-chooses, in a second ILP, the layers
+    whose options all cost the same (no measured curvature) within what the other layers leave
+    of the budgets: without it such a layer gets whichever width the solver meets first, often
+    the lowest, and leaves budget unspent. The other layers keep their choice, so the summed
+    cost stays the optimum."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n_opts = [len(c) for c in costs]
@@ -126,7 +146,22 @@ def solve_allocation(
     res = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, 1))
     if res.status != 0 or res.x is None:
         raise LowbitError(f"no bit allocation fits the budget ({res.message})")
-    return [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(n_opts))]
+    choice = [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(n_opts))]
+    if tie_break is None:
+        return choice
+    if [len(t) for t in tie_break] != n_opts:
+        raise LowbitError("tie_break needs one value per option")
+    flat = [i for i in range(len(n_opts)) if n_opts[i] > 1 and min(costs[i]) == max(costs[i])]
+    if flat:
+        rest = [i for i in range(len(n_opts)) if i not in flat]
+        use_bops = bops is not None and bops_budget is not None
+        again = solve_allocation(
+            [tie_break[i] for i in flat], [sizes[i] for i in flat], budget - sum(sizes[i][choice[i]] for i in rest),
+            [bops[i] for i in flat] if use_bops else None,  # type: ignore[index]
+            bops_budget - sum(bops[i][choice[i]] for i in rest) if use_bops else None)  # type: ignore[index,operator]
+        for i, k in zip(flat, again):
+            choice[i] = k
+    return choice
 
 
 def brute_force_allocation(
@@ -163,6 +198,7 @@ def hawq_search(
     start = time.perf_counter()
     r = load_recipe(recipe)
     if candidates:
+        check_candidates(candidates)
         b_min, b_max = min(b for b, _ in candidates), max(b for b, _ in candidates)
     space = SearchSpace.build(model, r, b_min, b_max, "weights")
     budget = space.budget(target_ratio, target_bits)
@@ -178,24 +214,33 @@ def hawq_search(
     for b, _ in options:
         check_plan_bits(b, "candidate bits")
     estimator = r.weights.estimator if r.weights.estimator in ("mse", "minmax", "cosine") else "mse"
-    costs, sizes, bops = [], [], []
+    flat = [n for n in space.searchable if traces[n] <= 0]
+    if flat:
+        warnings.warn(f"Hutchinson trace estimate <= 0 for {len(flat)} layer(s) ({', '.join(flat[:3])}"
+                      f"{' ...' if len(flat) > 3 else ''}): no measured curvature, so their bits follow the "
+                      "quantization error alone, with the budget the other layers leave (more "
+                      "--hutchinson-samples or trace images give a better estimate)", stacklevel=2)
+    costs, errors, sizes, bops = [], [], [], []
     for row in qm.layers:
         if row.name in space.searchable:
             opts = options
             # A small negative estimate is sampling noise around a flat direction: treat it as 0.
             curvature = max(traces[row.name], 0.0) / row.params
-            omega = [curvature * perturbation(qm, row.name, b, estimator, k) for b, k in opts]
+            error = [perturbation(qm, row.name, b, estimator, k) for b, k in opts]
+            omega = [curvature * e for e in error]
         else:
             opts = [(space.base.layers[row.name]["w_bits"], None)]
-            omega = [0.0]
+            omega = error = [0.0]
         costs.append(omega)
+        errors.append(error)
         sizes.append([row.params * b + (32 * 2**b if k in CODEBOOK_KINDS else 0) for b, k in opts])
         bops.append([(row.macs or 0) * b * row.a_bits for b, _ in opts])
     bops_budget = None
     if bops_ratio is not None:
         full = sum((row.macs or 0) * top.layers[row.name]["w_bits"] * row.a_bits for row in qm.layers)
         bops_budget = full / bops_ratio
-    choice = solve_allocation(costs, sizes, budget, bops if bops_budget else None, bops_budget)
+    # ties (a flat layer costs 0 at every width) go to the least quantization error the budget allows
+    choice = solve_allocation(costs, sizes, budget, bops if bops_budget else None, bops_budget, tie_break=errors)
     plan = top
     for row, k in zip(qm.layers, choice):
         if row.name in space.searchable:

@@ -17,7 +17,7 @@ from lowbit.mixed.plan import Plan
 from lowbit.mixed.probes import DEFAULT_POOL_SIZES, probe_accuracy
 from lowbit.mixed.search import Labelled, SearchResult, SearchSpace
 from lowbit.recipes.recipe import Recipe, load_recipe
-from lowbit.state_io import tensors_digest
+from lowbit.state_io import atomic_write_text, tensors_digest
 
 
 def imprint_set(calib: Labelled, augment: bool, seed: int) -> Labelled:
@@ -54,6 +54,21 @@ def choose_layer(space: SearchSpace, plan: Plan, gains: Sequence[float], rank: s
     return None
 
 
+def check_reachable(space: SearchSpace, budget: int) -> None:
+    """Refuse, before any calibration, a budget MSQ cannot reach: its probes rank layers 1.. only
+    (``choose_layer``), so a searchable first layer (``first_last_bits: null``) stays at b_max, which
+    ``SearchSpace.budget`` (every searchable layer at b_min) does not count."""
+    first = space.names[0]
+    if first not in space.searchable:
+        return
+    smallest = space.weight_bits(space.with_bits(space.uniform(space.b_min), first, space.b_max))
+    if budget < smallest:
+        raise LowbitError(
+            f"target unreachable for MSQ: {budget} weight bits requested, but MSQ never lowers the first layer "
+            f"({first!r}, layer 0 stays at b_max={space.b_max} bits), so with every other searchable layer at "
+            f"b_min={space.b_min} bits the model needs {smallest}; raise the target or lower b_max")
+
+
 class _Checkpoint:
     """The search so far as JSON (settings, current plan, path); a rerun continues it."""
 
@@ -83,10 +98,10 @@ class _Checkpoint:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "plan": plan.to_dict(), "path": path,
-                                   "calibrations": calibrations, "seconds": seconds}))
-        tmp.replace(self.path)
+        # a temporary file of its own, flushed before the rename: a fixed <name>.tmp was the checkpoint itself
+        # when it is named x.tmp (truncated in place), and a crash could leave an empty file renamed over it
+        atomic_write_text(self.path, json.dumps({"settings": self.settings, "plan": plan.to_dict(), "path": path,
+                                                 "calibrations": calibrations, "seconds": seconds}))
 
 
 def msq_search(
@@ -107,6 +122,7 @@ def msq_search(
         raise LowbitError("MSQ needs labelled calibration data; a data-free (zeroq) back-end cannot imprint probes")
     space = SearchSpace.build(model, r, b_min, b_max, lower)
     budget = space.budget(target_ratio, target_bits)
+    check_reachable(space, budget)
     settings = {"method": "msq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
                 "lower": lower, "rank": rank, "probe_at": probe_at, "pool_sizes": list(pool_sizes), "augment": augment,
                 "calib": int(calib[0].shape[0]), "val": int(val[0].shape[0]),
@@ -129,7 +145,7 @@ def msq_search(
         gains = probes.gains()                                                       # step 3
         name = choose_layer(space, plan, gains, rank)                                # step 4
         if name is None:
-            raise LowbitError("MSQ cannot reach the budget: every searchable layer is at b_min")
+            raise LowbitError("MSQ cannot reach the budget: every layer it can lower is at b_min")
         path.append({**space.summary(plan), "plan": plan.to_dict()["layers"], "probe_accuracy": probes.accuracy,
                      "val_accuracy": probes.network_accuracy, "lowered": name})
         plan = space.with_bits(plan, name, plan.layers[name]["w_bits"] - 1)          # step 5

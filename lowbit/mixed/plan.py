@@ -24,6 +24,17 @@ BIT_KEYS = ("w_bits", "a_bits")
 KIND_KEY = "w_quantizer"
 
 
+def write_text_file(path: Path, text: str) -> None:
+    """Write ``text`` at ``path``: a regular file (or a new one) atomically, so a killed save leaves the old
+    file whole; a symlink, a pipe or a device written through, since replacing it would cut the link (or
+    fail on /dev/stdout) instead of writing where the user pointed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        path.write_text(text)
+    else:
+        atomic_write_text(path, text)
+
+
 def check_plan_bits(value: Any, where: str) -> int:
     """1..8 or 32 (float). 1 weight bit is binary (see weight_spec_at); activation grids
     reject 1 bit when the plan is applied."""
@@ -52,7 +63,11 @@ class Plan:
             fmt = data.get("format", PLAN_FORMAT)
             if fmt != PLAN_FORMAT:
                 raise RecipeError(f"{where}: unknown plan format {fmt!r} (expected {PLAN_FORMAT!r})")
-            layers_data, meta = data["layers"], dict(data.get("meta", {}) or {})
+            layers_data, meta_data = data["layers"], data.get("meta") or {}
+            if not isinstance(meta_data, Mapping):  # dict() of a list or a string raised a raw TypeError/ValueError
+                raise RecipeError(f"{where}.meta must be a mapping (method, budget, ...), "
+                                  f"got {type(meta_data).__name__}")
+            meta = dict(meta_data)
             if not isinstance(layers_data, Mapping):
                 raise RecipeError(f"{where}.layers must be a mapping of layer name -> {{w_bits, a_bits}}")
         layers: dict[str, dict[str, int]] = {}
@@ -78,8 +93,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))  # a killed save leaves the old plan whole
+        write_text_file(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     def apply(self, table: LayerTable) -> None:

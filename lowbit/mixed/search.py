@@ -2,35 +2,58 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from lowbit.errors import BitsError, LowbitError
-from lowbit.mixed.plan import ARCHITECTURE_KEY, Plan, architecture_of, check_plan_bits
+from lowbit.mixed.plan import ARCHITECTURE_KEY, Plan, architecture_of, check_plan_bits, write_text_file
 from lowbit.model.layer_table import FLOAT_BITS
 from lowbit.recipes.recipe import Recipe
-from lowbit.state_io import atomic_write_text
 
 Labelled = tuple[torch.Tensor, torch.Tensor]
+
+
+def _calibration(train: Dataset, recipe: Recipe, keep: int = 0) -> Subset:
+    """The recipe's seeded calibration subset of the training split, clamped as ``quantize`` clamps it
+    (a small dataset of the user's calibrates on all of it, with a note), less ``keep`` samples left
+    for validation: a search accepts the datasets that quantize accepts."""
+    from lowbit.data import calibration_subset
+
+    c = recipe.calibration
+    total = len(train)  # type: ignore[arg-type]
+    n = min(c["samples"], total - keep)
+    if n < 1:
+        raise LowbitError(f"the training split has {total} samples: not enough for calibration and {keep} "
+                          "validation samples; lower --val-samples")
+    if n < c["samples"]:
+        spare = f" ({keep} kept for validation)" if keep else ""
+        print(f"lowbit: note: the recipe asks for {c['samples']} calibration images, the training split holds "
+              f"{total}{spare}: using {n}", file=sys.stderr)
+    return calibration_subset(train, n, c["seed"])
+
+
+def search_calibration(train: Dataset, recipe: Recipe) -> Labelled:
+    """The recipe's calibration subset of the training split, labelled (all HAWQ needs)."""
+    from lowbit.data import dataset_tensors
+
+    return dataset_tensors(_calibration(train, recipe))
 
 
 def search_subsets(train: Dataset, recipe: Recipe, val_samples: int = 1024) -> tuple[Labelled, Labelled]:
     """The recipe's calibration subset of the training split, and a disjoint validation
     subset of it (seeded), both labelled: searches never see the test split."""
-    from lowbit.data import calibration_subset, dataset_tensors
+    from lowbit.data import dataset_tensors
 
     c = recipe.calibration
-    calib = calibration_subset(train, c["samples"], c["seed"])
+    calib = _calibration(train, recipe, keep=val_samples)
     taken = set(int(i) for i in calib.indices)
     n = len(train)  # type: ignore[arg-type]
-    if n - len(taken) < val_samples:
-        raise LowbitError(f"the training split has {n} samples: not enough for {c['samples']} calibration "
-                          f"and {val_samples} validation samples")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(c["seed"] + 1)).tolist()
     val_idx = sorted([i for i in order if i not in taken][:val_samples])
     return dataset_tensors(calib), dataset_tensors(train, val_idx)
@@ -65,6 +88,9 @@ class SearchSpace:
             raise BitsError(f"need 1 <= b_min <= b_max <= 8, got b_min={b_min}, b_max={b_max}")
         if lower not in ("weights", "both"):
             raise LowbitError(f"lower must be 'weights' or 'both', got {lower!r}")
+        if lower == "both" and b_min < 2:  # else refused only when the first 1-bit plan is applied, many steps in
+            raise BitsError(f"lower both moves activation bits with weight bits, and activations cannot go below "
+                            f"2 bits: b_min={b_min} needs lower weights (1-bit weights) or b_min >= 2")
         qm = prepare(model, recipe.with_plan(None))
         table = qm.layers
         names = table.names()
@@ -170,6 +196,5 @@ class SearchResult:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))  # a long search's result: never half-written
+        write_text_file(path, json.dumps(self.to_dict(), indent=2))  # a long search's result: never half-written
         return path
