@@ -134,7 +134,7 @@ def test_kmeans_ptq_saves_at_its_true_size_and_runs_in_onnx(mnist_cnn, tmp_path,
 def test_codebook_qat_trains_and_deploys_bit_exact(mnist_cnn, tmp_path, kind):
     model, calib, test = mnist_cnn
     weights = {"bits": 2, "quantizer": kind, "per_channel": kind == "lqnet"}
-    epochs = 2 if kind == "inq" else 1  # INQ: two stages (50%, then 75%), then 100% at deployment
+    epochs = 2 if kind == "inq" else 1  # INQ: two stages (50%, then 75%), then 100% after the last step
     steps = ["calibrate"] + (["kmeans"] if kind == "kmeans" else []) + [
         {"qat": {"epochs": epochs, "batch_size": 64, "lr": 0.002, "val_samples": 200, "steps_per_epoch": 12 // epochs}}]
     recipe = {"extends": "w4a4", "name": f"test-{kind}", "weights": weights, "quantize_adds": False,

@@ -195,6 +195,19 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     missing = {k for k in set(model.state_dict()) - set(model_sd) if k.rsplit(".", 1)[-1] not in LATER_STATE}
     if missing:
         raise LowbitError(f"checkpoint {folder} does not fit this model (missing {sorted(missing)[:3]})")
+    # torch's own errors (unexpected or reshaped tensors, another optimizer layout, a field missing from
+    # state.json) say nothing of the folder, nor that deleting it starts the run over
+    try:
+        return _restore(folder, side, tensors, model_sd, model, opt, saved_data)
+    except (RuntimeError, KeyError, ValueError, TypeError, OSError, SafetensorError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise LowbitError(f"checkpoint {folder} does not fit this run ({type(e).__name__}: {why}): use "
+                          "another --checkpoint folder, or delete this one to start over") from e
+
+
+def _restore(folder: Path, side: dict[str, Any], tensors: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
+             model: nn.Module, opt: torch.optim.Optimizer, saved_data: Any) -> TrainingState:
+    """load_state's restore, once the checkpoint is known to be this run's."""
     model.load_state_dict(model_sd)
     opt.load_state_dict(optimizer_state(tensors, side.get("state_scalars", {}), side["param_groups"]))
     torch.set_rng_state(tensors["rng/torch"])
@@ -205,8 +218,12 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
         best_val = -1.0  # killed between the two writes: the next epoch becomes the best
     ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
     if ema is not None:  # state added later: the average starts it where the model's loader did
-        ema.update({k: v.detach().clone() for k, v in model.state_dict().items()
+        live = model.state_dict()
+        ema.update({k: v.detach().clone() for k, v in live.items()
                     if k not in ema and k.rsplit(".", 1)[-1] in LATER_STATE})
+        if set(ema) != set(live):
+            raise ValueError(f"its weight average holds other tensors than the model (e.g. "
+                             f"{sorted(set(ema) ^ set(live))[:3]})")
     return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
                          history=list(side["history"]), best=best, ema=ema, branched_from=side.get("branched_from"),
                          data=saved_data if isinstance(saved_data, dict) else None)

@@ -36,7 +36,9 @@ def _swap(qm: QuantModel, q: UniformQuantizer, kind: str, role: str, options: di
             raise
         new = make_trainable(q, fallback, role)
         fallbacks[q.name] = fallback
-    qm.replace_quantizer(q, new)
+    # where the model already is (train_qat moves it before building these): a kind that makes a
+    # tensor of its own elsewhere would otherwise fail, or run on the CPU, at its first step
+    qm.replace_quantizer(q, new.to(q.scale.device))
 
 
 @torch.no_grad()
@@ -53,9 +55,12 @@ def attach_batchnorms(qm: QuantModel, batches: list[torch.Tensor], momentum: flo
         y0 = out if b is None else out - b.reshape([1, -1] + [1] * (out.dim() - 2))
         dims = [0] + list(range(2, y0.dim()))
         n = y0.numel() // y0.shape[1]
-        acc = sums.setdefault(id(layer), [torch.zeros(y0.shape[1]), torch.zeros(y0.shape[1]), torch.zeros(())])
-        acc[0] += y0.sum(dims).cpu()
-        acc[1] += (y0.double() ** 2).sum(dims).float().cpu()
+        # float64 sums: the variance is E[y²] − μ², which in float32 cancels to noise where |μ| >> σ
+        zeros = [torch.zeros(y0.shape[1], dtype=torch.float64), torch.zeros(y0.shape[1], dtype=torch.float64)]
+        acc = sums.setdefault(id(layer), [*zeros, torch.zeros((), dtype=torch.float64)])
+        y64 = y0.double()
+        acc[0] += y64.sum(dims).cpu()
+        acc[1] += (y64**2).sum(dims).cpu()
         acc[2] += n
 
     handles = [layer.register_forward_hook(hook) for layer in targets]
@@ -71,7 +76,8 @@ def attach_batchnorms(qm: QuantModel, batches: list[torch.Tensor], momentum: flo
     for layer in targets:
         s, sq, n = sums[id(layer)]
         mean = s / n
-        var = (sq / n - mean**2).clamp_min(0)
+        var = (sq / n - mean**2).clamp_min(0).float()
+        mean = mean.float()
         device = layer.module.weight.device
         bias = layer.module.bias.detach() if layer.module.bias is not None else torch.zeros_like(mean)
         layer.bn = FoldedBatchNorm(mean.to(device), var.to(device), bias.to(device), momentum=momentum)
@@ -93,6 +99,8 @@ def to_training_form(qm: QuantModel, weight_kind: str, act_kind: str, weight_opt
             own = r.layer.weight_kind  # a per-layer kind (override or plan) wins over the recipe's
             kind, options = (own, r.layer.weight_kind_options) if own else (weight_kind, weight_options or {})
             _swap(qm, r.layer.weight_quantizer, kind, "weights", options, fallbacks, r.layer.weight.detach())
+            if not getattr(r.layer.weight_quantizer, "reads_latent_weight", True):  # (k-means: its centroids train)
+                r.layer.module.weight.requires_grad_(False)  # no gradient reaches it: out of the optimizer and DDP
     for q in qm.act_quantizers().values():
         if q.enabled:
             _swap(qm, q, act_kind, "activations", act_options or {}, fallbacks)
@@ -158,7 +166,9 @@ def to_deployed_form(qm: QuantModel) -> None:
             w = r.layer.module.weight
             deployed = q.deploy(w)           # grid first: it is read from the float weight
             w.copy_(q.deployed_weight(w))    # then the weight takes its quantized values
-            qm.replace_quantizer(q, deployed)
+            if not q.reads_latent_weight:    # (to_training_form took it out of training)
+                w.requires_grad_(True)
+            qm.replace_quantizer(q, deployed.to(q.scale.device))
     for q in list(qm.act_quantizers().values()):
         if isinstance(q, TrainableQuantizer):
-            qm.replace_quantizer(q, q.deploy())
+            qm.replace_quantizer(q, q.deploy().to(q.scale.device))

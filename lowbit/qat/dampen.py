@@ -78,7 +78,7 @@ def grid_span(layer: nn.Module, folded: torch.Tensor) -> tuple[torch.Tensor, tor
                 rows = c if c.dim() == 2 else c.reshape(1, -1)
                 return rows.amin(1).reshape(shape), rows.amax(1).reshape(shape)
         step = layer.weight_step().detach().abs().float()  # the folded weight's step (s·|f| where it follows BN)
-        ends = torch.tensor([q.code_range()], dtype=torch.float32).expand(max(step.numel(), 1), 2)
+        ends = torch.tensor([q.code_range()], dtype=torch.float32, device=step.device).expand(max(step.numel(), 1), 2)
         ends = F.dequantize_codes(ends, step.reshape(-1) if step.dim() else step,
                                   q.zero_point.detach().float(), q.spec.grid, 0)  # rows: (lowest, highest) level
     return ends[:, 0].reshape(shape), ends[:, 1].reshape(shape)

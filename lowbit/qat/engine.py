@@ -72,13 +72,32 @@ class QATConfig:
     channels_last: bool = False        # train 4-D tensors in NHWC memory order (faster convolutions, above all in bf16)
     select: str = "within_error"       # which epoch is kept: see keeps_epoch
 
+    def __post_init__(self) -> None:
+        # kd's defaults here, so a QATConfig built directly gets them as one read from a recipe does
+        if self.kd:
+            self.kd = {"temperature": 4.0, "weight": 0.5, **self.kd}
+
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "QATConfig":
         """From parameters the step schema has checked (lowbit.recipes.schema.check_params)."""
-        cfg = cls(**params)
-        if cfg.kd:
-            cfg.kd = {"temperature": 4.0, "weight": 0.5, **cfg.kd}
-        return cfg
+        return cls(**params)
+
+    def changed(self) -> dict[str, Any]:
+        """The parameters set otherwise than their defaults (what a recipe's qat step would spell out)."""
+        defaults = asdict(QATConfig())
+        return {k: v for k, v in asdict(self).items() if v != defaults[k]}
+
+    def freeze_step(self, per_epoch: int) -> int:
+        """The global step from which BN statistics are frozen (bn_freeze_epoch in steps).
+
+        Kept below the last step whenever a freeze is meant (bn_freeze_epoch < epochs) and the run
+        has two steps or more: 3/4 of a 1-epoch run of 1 or 2 steps rounds to all of them, and such
+        a run never trained the folded layers it deploys."""
+        step = round(self.bn_freeze_epoch * per_epoch)
+        total = self.epochs * per_epoch
+        if self.bn_freeze_epoch < self.epochs and total > 1:
+            step = min(step, total - 1)
+        return step
 
     @property
     def bn_freeze_epoch(self) -> float:
@@ -291,6 +310,20 @@ def _layers_with_hook(qm: QuantModel, hook: str) -> list[torch.nn.Module]:
             and getattr(type(r.layer.weight_quantizer), hook) is not getattr(TrainableQuantizer, hook)]
 
 
+def finish_schedules(scheduled: list[torch.nn.Module], epochs: int, qm: QuantModel,
+                     average: WeightAverage | None) -> None:
+    """Advance scheduled kinds to their end stage (INQ: the last portion quantized) after the last
+    epoch's steps, so that the model validated, kept and reported is the one deployed; in the weight
+    average too, when that is what is kept."""
+    def finish(_model: nn.Module) -> None:
+        for layer in scheduled:
+            layer.weight_quantizer.on_epoch_start(epochs, epochs, layer)
+
+    finish(qm)
+    if average is not None:
+        average.transform(qm, finish)
+
+
 def branch_state(source: Path, ckpt_dir: Path | None, qm: QuantModel, opt: torch.optim.Optimizer,
                  fingerprint: dict[str, Any], cfg: QATConfig, per_epoch: int, train_bn: bool,
                  data: dict[str, int]) -> TrainingState:
@@ -311,7 +344,7 @@ def branch_state(source: Path, ckpt_dir: Path | None, qm: QuantModel, opt: torch
     their_cfg = QATConfig(**{**asdict(cfg), **{k: their_qat.get(k, getattr(defaults, k)) for k in BRANCHABLE}})
     epoch = int(summary.get("epoch", 0))
     for who, c in (("the source run", their_cfg), ("this run", cfg)):
-        if train_bn and epoch * per_epoch > round(c.bn_freeze_epoch * per_epoch):
+        if train_bn and epoch * per_epoch > c.freeze_step(per_epoch):
             raise LowbitError(f"branch_from {source}: it is at epoch {epoch}, past {who}'s BN freeze (after "
                               f"epoch {c.bn_freeze_epoch:g}); a branch must start before both runs freeze")
     state = load_state(source, qm, opt, fingerprint, may_differ=BRANCHABLE, data=data)
@@ -361,13 +394,12 @@ def train_qat(
     from lowbit.recipes.recipe import load_recipe
     from lowbit.recipes.schema import check_params
 
-    if isinstance(config, QATConfig):
-        cfg = config
-    else:
-        params = {**(config or {}), **overrides}
-        if epochs is not None:
-            params["epochs"] = epochs
-        cfg = QATConfig.from_params(check_params("qat", params))
+    # A QATConfig is read as the parameters it sets, so ``epochs`` and keyword overrides apply over it
+    # and everything passes the step schema's checks, as a recipe's qat step does.
+    params = {**(config.changed() if isinstance(config, QATConfig) else config or {}), **overrides}
+    if epochs is not None:
+        params["epochs"] = epochs
+    cfg = QATConfig.from_params(check_params("qat", params))
     rec = load_recipe(recipe if recipe is not None else qm.meta.get("recipe") or "w8a8")
     dev = torch.device(device)
     world, rank = D.world_size(), D.rank()
@@ -380,7 +412,9 @@ def train_qat(
         val_ds = as_dataset(val, "val")
     n = len(train_ds)  # type: ignore[arg-type]
     if n < cfg.batch_size:
-        raise LowbitError(f"the training set holds {n} samples, fewer than one batch of {cfg.batch_size}")
+        held = "" if val is not None else (f" after val_samples={cfg.val_samples} of its {n + cfg.val_samples} were held "
+                                           "out for validation (lower val_samples, or pass val=)")
+        raise LowbitError(f"the training set holds {n} samples{held}, fewer than one batch of {cfg.batch_size}")
     sample_x, _ = dataset_tensors(train_ds, [0])
     augment = _augmenter(cfg.augment, sample_x)
     if calib is None:
@@ -393,11 +427,6 @@ def train_qat(
     info = to_training_form(qm, rec.weights.quantizer, rec.activations.quantizer, rec.weights.quantizer_options,
                             rec.activations.quantizer_options, [c.to(dev) for c in calib], train_bn, cfg.bn_momentum)
     info["train_bn"] = train_bn
-    if train_bn and cfg.bn_freeze_epoch >= cfg.epochs and D.rank() == 0:
-        warnings.warn(f"qat freeze_bn_after {cfg.freeze_bn_after} is not below epochs {cfg.epochs}: BN statistics never "
-                      "freeze, so no epoch trains the folded layers that are deployed (the kept epoch is still chosen "
-                      f"on them); set freeze_bn_after below {cfg.epochs} (e.g. {cfg.epochs - 1}: the last epoch folded)",
-                      stacklevel=2)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     qm.to(memory_format=memory_format)  # 4-D weights; each batch is laid out the same way below
     if teacher is not None:
@@ -414,7 +443,21 @@ def train_qat(
                    "weight_step": "pre-bn"}
     per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, cfg.steps_per_epoch))
     total = cfg.epochs * per_epoch
-    freeze_step = round(cfg.bn_freeze_epoch * per_epoch)
+    freeze_step = cfg.freeze_step(per_epoch)
+    if train_bn and freeze_step >= total and rank == 0:
+        if cfg.bn_freeze_epoch >= cfg.epochs:
+            warnings.warn(f"qat freeze_bn_after {cfg.freeze_bn_after} is not below epochs {cfg.epochs}: BN statistics "
+                          "never freeze, so no epoch trains the folded layers that are deployed (the kept epoch is still "
+                          f"chosen on them); set freeze_bn_after below {cfg.epochs} (e.g. {cfg.epochs - 1}: the last "
+                          "epoch folded)", stacklevel=2)
+        else:
+            warnings.warn(f"qat: the run has {total} training step(s), too few to freeze BN statistics before the "
+                          "end, so no step trains the folded layers that are deployed; train more steps (more data, "
+                          "a smaller batch_size, or more epochs)", stacklevel=2)
+    if cfg.snap_at_freeze and not train_bn and rank == 0:
+        warnings.warn("qat snap_at_freeze acts at the BN freeze, and no BN trains in this run (train_bn is off, or a "
+                      "per-tensor weight grid trains the layers folded from the start): nothing is snapped",
+                      stacklevel=2)
     data = {"train_samples": n, "val_samples": len(val_ds)}  # type: ignore[arg-type]
     state = TrainingState(data=data)
     loaded = load_state(ckpt_dir, qm, opt, fingerprint, data=data) if ckpt_dir is not None else None
@@ -511,6 +554,8 @@ def train_qat(
                     print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
                 raise
             bar.close()
+            if epoch + 1 == cfg.epochs and scheduled:
+                finish_schedules(scheduled, cfg.epochs, qm, average)
             with average.applied(qm) if average is not None else contextlib.nullcontext():  # the average is what is kept
                 val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)),
                                           desc="validate")

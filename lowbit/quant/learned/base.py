@@ -58,6 +58,10 @@ class TrainableQuantizer(UniformQuantizer):
     # between levels at every step (what lowbit.qat.dampen pulls it away from). k-means keeps a fixed
     # assignment and INQ freezes its quantized portion: neither does.
     rounds_latent_weights = True
+    # Whether the forward reads the latent weight at all. k-means reads only its centroids (through a
+    # fixed assignment): its latent weight gets no gradient, so QAT leaves it out of training, where
+    # DDP would otherwise wait for a gradient that never comes (lowbit.qat.convert.to_training_form).
+    reads_latent_weight = True
     # whether deploy() gives a codebook (float levels: the layer runs in float, its bias has no int32 grid,
     # in training as after deployment; QuantLayer.quantized_bias)
     deploys_to_codebook = False
@@ -96,8 +100,9 @@ class TrainableQuantizer(UniformQuantizer):
         return [(own, 0.0)] if own else []
 
     def on_epoch_start(self, epoch: int, epochs: int, layer: torch.nn.Module) -> None:
-        """Called on the weight quantizer's layer before every epoch (0-based) of ``epochs``: a
-        kind with a schedule (INQ's growing quantized portion) advances it here; default none."""
+        """Called on the weight quantizer's layer before every epoch (0-based) of ``epochs``, and once
+        with ``epoch == epochs`` after the last epoch's steps, before it is validated: a kind with a
+        schedule (INQ's growing quantized portion) advances it here; default none."""
 
     def project_(self, layer: torch.nn.Module) -> None:
         """Called on the weight quantizer's layer after every optimiser step: a kind that

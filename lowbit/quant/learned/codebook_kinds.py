@@ -30,6 +30,7 @@ class KMeansFineTuneQuantizer(TrainableQuantizer):
     deploys_to_codebook = True
     roles = ("weights",)
     rounds_latent_weights = False  # the forward reads its fixed assignment, not the latent weight
+    reads_latent_weight = False    # ... nor anything else of it: only the centroids train
     needs_weight = True
 
     def __init__(self, source: UniformQuantizer, role: str, weight: torch.Tensor) -> None:
@@ -87,8 +88,8 @@ class TTQQuantizer(TrainableQuantizer):
         w = weight.detach()
         wt = w / w.abs().max().clamp_min(1e-12)
         pos, neg = wt > self.threshold, wt < -self.threshold
-        self.wp = nn.Parameter(wt[pos].mean() if pos.any() else torch.tensor(0.5))
-        self.wn = nn.Parameter((-wt[neg]).mean() if neg.any() else torch.tensor(0.5))
+        self.wp = nn.Parameter(wt[pos].mean() if pos.any() else torch.tensor(0.5, device=w.device))
+        self.wn = nn.Parameter((-wt[neg]).mean() if neg.any() else torch.tensor(0.5, device=w.device))
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         m = x.detach().abs().max().clamp_min(1e-12)
@@ -98,5 +99,5 @@ class TTQQuantizer(TrainableQuantizer):
         if weight is None:
             raise RecipeError(f"{self.name!r}: TTQ deploys from its weight (its max sets the scale)")
         m = weight.detach().abs().max().clamp_min(1e-12)
-        levels = torch.stack([-self.wn.detach() * m, torch.zeros(()), self.wp.detach() * m])
+        levels = torch.stack([-self.wn.detach() * m, torch.zeros((), device=m.device), self.wp.detach() * m])
         return CodebookQuantizer(self.spec, levels, name=self.name, method="ttq")

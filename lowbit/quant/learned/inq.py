@@ -11,7 +11,8 @@ of the still-float weights join the quantized set until the accumulated portions
 update out): each keeps the level it had when frozen, held as an index into the level set (an
 integer buffer, which a weight average copies rather than blends), so weight decay and momentum
 moving its latent value cannot move it; the float rest retrains to make up for them. Stages start at evenly spaced epochs of the QAT
-run; the last portion (100%) is quantized when training ends, at deployment. Deployed as a
+run; the last portion (100%) is quantized when training ends, after the last epoch's steps and
+before that epoch is validated (so the score reported is the deployed model's). Deployed as a
 codebook of the level set (lowbit.quant.codebook), b-bit indices.
 """
 from __future__ import annotations
@@ -31,12 +32,13 @@ PORTIONS = (0.5, 0.75, 0.875)  # accumulated fractions quantized before training
 def power_of_two_levels(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """INQ's sorted level set {−2^n1 … −2^n2, 0, 2^n2 … 2^n1} for this weight tensor."""
     s = float(weight.detach().abs().max())
+    dev = weight.device
     if s <= 0:
-        return torch.zeros(1)
+        return torch.zeros(1, device=dev)
     n1 = math.floor(math.log2(4 * s / 3))
     n2 = n1 + 1 - 2 ** (bits - 1) // 2
-    pos = torch.tensor([2.0**n for n in range(n2, n1 + 1)])
-    return torch.cat([-pos.flip(0), torch.zeros(1), pos])
+    pos = torch.tensor([2.0**n for n in range(n2, n1 + 1)], device=dev)
+    return torch.cat([-pos.flip(0), torch.zeros(1, device=dev), pos])
 
 
 class INQQuantizer(TrainableQuantizer):
@@ -52,11 +54,12 @@ class INQQuantizer(TrainableQuantizer):
         if self.spec.bits < 2:
             raise RecipeError("inq needs at least 2 bits (one codes zero)")
         self.spec = source.spec.with_(signed=True, symmetric=True)
-        self.register_buffer("levels", power_of_two_levels(weight, self.spec.bits))
-        self.register_buffer("frozen", torch.zeros(weight.shape, dtype=torch.bool))
+        dev = source.scale.device  # QAT builds its quantizers after the model moved to the training device
+        self.register_buffer("levels", power_of_two_levels(weight, self.spec.bits).to(dev))
+        self.register_buffer("frozen", torch.zeros(weight.shape, dtype=torch.bool, device=dev))
         # the level index each frozen weight took, taken on its first use after freezing (``captured``)
-        self.register_buffer("frozen_codes", torch.zeros(weight.shape, dtype=torch.long))
-        self.register_buffer("captured", torch.zeros(weight.shape, dtype=torch.bool))
+        self.register_buffer("frozen_codes", torch.zeros(weight.shape, dtype=torch.long, device=dev))
+        self.register_buffer("captured", torch.zeros(weight.shape, dtype=torch.bool, device=dev))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001 - torch hook
         """A checkpoint written before the levels were held (only ``frozen``): they are taken again
@@ -66,7 +69,10 @@ class INQQuantizer(TrainableQuantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def portion_at(self, epoch: int, epochs: int) -> float:
-        """Accumulated portion quantized during ``epoch`` (0-based) of ``epochs``."""
+        """Accumulated portion quantized during ``epoch`` (0-based) of ``epochs``; 1 from ``epochs`` on
+        (the end of training: lowbit.qat.engine.finish_schedules)."""
+        if epoch >= epochs:
+            return 1.0
         stage = min(len(PORTIONS) - 1, epoch * len(PORTIONS) // max(epochs, 1))
         return PORTIONS[stage]
 

@@ -31,10 +31,10 @@ from lowbit.quant.learned.base import TrainableQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
 
 
-def _all_bits(k: int, signed: bool = True) -> torch.Tensor:
+def _all_bits(k: int, signed: bool = True, device: torch.device | None = None) -> torch.Tensor:
     """[2^K, K] matrix of every b ∈ {−1, +1}^K ({0, 1}^K if not ``signed``; row j: the bits of j)."""
-    j = torch.arange(2**k)[:, None]
-    b = ((j >> torch.arange(k)) & 1).float()
+    j = torch.arange(2**k, device=device)[:, None]
+    b = ((j >> torch.arange(k, device=device)) & 1).float()
     return b * 2 - 1 if signed else b
 
 
@@ -45,21 +45,33 @@ MAX_WEIGHT_BITS = 4
 
 
 @torch.no_grad()
-def least_squares_basis(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """QEM's basis step: v* = (BᵀB)⁻¹Bᵀx for values [R, N] whose encodings are the rows ``codes``
-    [R, N] of ``table`` [2^K, K] (a tiny ridge keeps an unused bit from making BᵀB singular); a
-    row whose solve is not finite comes back NaN for the caller to skip.
-
-    Every value with code j has the same encoding b_j, so BᵀB = Σ_j n_j b_j b_jᵀ and
-    Bᵀx = Σ_j (Σ of the values coded j) b_j: two bincounts instead of the [R, N, K] matrix B,
-    which for one batch of ResNet-20 activations is ~25 MB per layer per step."""
-    rows, levels = values.shape[0], table.shape[0]
+def code_statistics(values: torch.Tensor, codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """[2, R, 2^K] float64: how many of the values [R, N] take each code, and their sum per code (all the
+    least-squares fit reads of them; sums over processes under DDP are the global batch's)."""
+    rows = values.shape[0]
     flat = codes.reshape(-1)
     if rows > 1:  # row r's codes count in bins r·2^K …; one row (an activation tensor) needs no offset pass
         flat = (codes.reshape(rows, -1) + levels * torch.arange(rows, device=codes.device)[:, None]).reshape(-1)
     counts = torch.bincount(flat, minlength=rows * levels).reshape(rows, levels).double()
     # summed in the values' own precision (a float64 copy of a batch of activations costs more than it buys)
     sums = torch.bincount(flat, weights=values.reshape(-1), minlength=rows * levels).reshape(rows, levels).double()
+    return torch.stack([counts, sums])
+
+
+@torch.no_grad()
+def least_squares_basis(values: torch.Tensor, codes: torch.Tensor, table: torch.Tensor,
+                        statistics: torch.Tensor | None = None) -> torch.Tensor:
+    """QEM's basis step: v* = (BᵀB)⁻¹Bᵀx for values [R, N] whose encodings are the rows ``codes``
+    [R, N] of ``table`` [2^K, K] (a tiny ridge keeps an unused bit from making BᵀB singular); a
+    row whose solve is not finite comes back NaN for the caller to skip. ``statistics``: their
+    :func:`code_statistics` where the caller has them already (summed over processes).
+
+    Every value with code j has the same encoding b_j, so BᵀB = Σ_j n_j b_j b_jᵀ and
+    Bᵀx = Σ_j (Σ of the values coded j) b_j: two bincounts instead of the [R, N, K] matrix B,
+    which for one batch of ResNet-20 activations is ~25 MB per layer per step."""
+    if statistics is None:
+        statistics = code_statistics(values, codes, table.shape[0])
+    counts, sums = statistics[0], statistics[1]
     b = table.double()
     btb = torch.einsum("rj,jk,jl->rkl", counts, b, b)                   # [R, K, K]
     btx = sums @ b                                                      # [R, K]
@@ -132,8 +144,9 @@ class LQNetQuantizer(TrainableQuantizer):
         self.spec = source.spec.with_(signed=True, symmetric=True)
         k = self.spec.bits
         step = source.scale.detach().reshape(-1, 1).clamp_min(1e-12)  # [C, 1] or [1, 1]
-        self.register_buffer("basis", step * (2.0 ** torch.arange(k, dtype=torch.float32) / 2))
-        self.register_buffer("bits_table", _all_bits(k))
+        # on the source's device: QAT builds its quantizers after the model moved to the training device
+        self.register_buffer("basis", step * (2.0 ** torch.arange(k, dtype=torch.float32, device=step.device) / 2))
+        self.register_buffer("bits_table", _all_bits(k, device=step.device))
         self.momentum = float(momentum)
 
     def levels(self) -> torch.Tensor:
@@ -189,8 +202,8 @@ class LQNetActivationQuantizer(TrainableQuantizer):
             raise RecipeError(f"lqnet activations quantize non-negative (ReLU) tensors with levels vᵀb, b ∈ {{0, 1}}; "
                               f"{source.name!r} is signed or offset")
         step = source.scale.detach().reshape(1, 1).clamp_min(1e-12)
-        self.register_buffer("basis", step * 2.0 ** torch.arange(k, dtype=torch.float32))  # [1, K]
-        self.register_buffer("bits_table", _all_bits(k, signed=False))
+        self.register_buffer("basis", step * 2.0 ** torch.arange(k, dtype=torch.float32, device=step.device))  # [1, K]
+        self.register_buffer("bits_table", _all_bits(k, signed=False, device=step.device))
         self.momentum = float(momentum)
         if not 0 < fit_fraction <= 1:
             raise RecipeError(f"lqnet fit_fraction must be in (0, 1], got {fit_fraction}")
@@ -234,13 +247,18 @@ class LQNetActivationQuantizer(TrainableQuantizer):
 
         Algorithm 1 fits on the whole batch; its two bincounts over it were ~10% of a ResNet-20 W3A3
         training step. A quarter of a ResNet-20 batch of 128 is still ≥ 130k values for ≤ 16 levels
-        (under DDP, whose buffers follow rank 0, a quarter of rank 0's share of the batch); on
-        CIFAR-10 batches the fitted basis stays close to the whole-batch fit, and the moving average
-        (m = 0.1) spreads the difference over ~19 batches (benchmarks/lqnet_fit_sample.py, README)."""
+        (under DDP, a quarter of every process's share, its counts and sums added over processes as
+        HWGQ adds its σ statistics: each process fitting its own shard left the ranks with different
+        bases, and each validated its own); on CIFAR-10 batches the fitted basis stays close to the
+        whole-batch fit, and the moving average (m = 0.1) spreads the difference over ~19 batches
+        (benchmarks/lqnet_fit_sample.py, README)."""
+        from lowbit.qat.distributed import all_reduce_sum
+
         x, codes = self.fit_sample(x.detach()), self.fit_sample(codes)
         # both in memory order (x and its codes share a layout): no channels-last copy of the batch
-        fitted = least_squares_basis(memory_order_flat(x).reshape(1, -1).float(),
-                                     memory_order_flat(codes).reshape(1, -1), table)
+        values, flat_codes = memory_order_flat(x).reshape(1, -1).float(), memory_order_flat(codes).reshape(1, -1)
+        statistics = all_reduce_sum(code_statistics(values, flat_codes, table.shape[0]))
+        fitted = least_squares_basis(values, flat_codes, table, statistics)
         if bool(torch.isfinite(fitted).all()):
             self.basis.copy_((1 - self.momentum) * self.basis + self.momentum * fitted)
 
