@@ -588,7 +588,8 @@ def _train_qat(args: argparse.Namespace) -> int:
     info = qm.meta["qat"]
     note = "full test split" if not args.test_limit else f"first {args.test_limit} test images (NOT the full split)"
     print(f"{args.model} {recipe.name}: test top-1 {100 * top1:.2f}% (float {100 * float_top1:.2f}%, {note}); "
-          f"best epoch {info['best_epoch']}/{info['epochs']} by validation on {info['val_samples']} training images; "
+          f"kept epoch {info['best_epoch']}/{info['epochs']} by validation on {info['val_samples']} training images "
+          f"({info.get('select', 'best')}); "
           f"{info['processes']} process(es)")
     if args.save:
         from lowbit.deploy.artifact import save

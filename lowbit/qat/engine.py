@@ -586,7 +586,7 @@ def train_qat(
     qm.to(memory_format=torch.contiguous_format)  # the deployed model's usual layout, whatever training used
     to_deployed_form(qm)
     qm.eval()
-    qm.meta["qat"] = {**info, "epochs": cfg.epochs, "best_epoch": state.best_epoch, "best_val_top1": state.best_val,
+    qm.meta["qat"] = {**info, "epochs": cfg.epochs, "best_epoch": state.best_epoch, "best_val_top1": state.best_val, "select": cfg.select,
                       "val_samples": len(val_ds), "processes": world, "history": state.history}  # type: ignore[arg-type]
     if state.branched_from is not None:
         qm.meta["qat"]["branched_from"] = state.branched_from
