@@ -3,6 +3,8 @@
 # w2a32-twn's snap_at_freeze; a pinned setting equal to its off value leaves the checkpoint's fingerprint as it was).
 #   bash benchmarks/qat_families_e30.sh            # runs only the rows not yet in the results file
 #   python benchmarks/qat_tables.py                # prints the table ("running: epoch N/30" for unfinished rows)
+# RUNS (default benchmarks/results/checkpoints) is the folder of per-row checkpoints; scoring a finished row's last
+# epoch instead of its kept one: RUNS=<copies without best.safetensors> OUT=<other file> EXTRA="--set select=best" ONLY=...
 # Resumable: qat.py skips rows already in OUT and resumes a row from its checkpoint folder (committed under
 # benchmarks/results/checkpoints/). One thread each; two such scripts may run side by side on different rows
 # only if started with ONLY=... (an extended regular expression on "<recipe>-<tag>", e.g.
@@ -11,6 +13,8 @@ set -e
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-benchmarks/results/qat_families_resnet20_e30.json}
+RUNS=${RUNS:-benchmarks/results/checkpoints}
+read -r -a EXTRA <<< "${EXTRA:-}"   # more qat.py arguments for every row (e.g. EXTRA="--set select=best")
 BF16=(set:precision=bf16 set:channels_last=true)
 KD1='set:kd={temperature: 4.0, weight: 1.0}'
 GPTQ_START='steps=[calibrate, {gptq: {target: float, regrid: true}}, {qat: {}}]'
@@ -21,7 +25,7 @@ run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
   extra=()
   for e in "$@"; do case $e in set:*) extra+=(--set "${e#set:}");; *) extra+=(--edit "$e");; esac; done
   $PY benchmarks/qat.py --data-dir ../shared/data --models-dir ../shared/models --recipes "$recipe" --epochs 30 \
-    --set val_samples=5000 --tag "$tag" "${extra[@]}" --threads 1 --runs benchmarks/results/checkpoints --out "$OUT"
+    --set val_samples=5000 --tag "$tag" "${extra[@]}" "${EXTRA[@]}" --threads 1 --runs "$RUNS" --out "$OUT"
 }
 # W1A32
 run w1a32-binaryconnect builtin

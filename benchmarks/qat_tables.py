@@ -59,12 +59,25 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_lr.json", "w4a4-lsq-gptq-init-kd1-e5")},
     "the same (w4a4-gptq-lsq), second seed": {0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed1-e5")},
     "the same (w4a4-gptq-lsq), third seed": {0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed2-e5")},
+    "the same, second seed, at the epoch `select: within_error` keeps (5; the rule before it kept 4)": {
+        0: ("qat_resnet20_w4a4_last_epoch.json", "w4a4-gptq-lsq-seed1-e5")},
+    "the same, third seed, at the epoch within_error keeps (5; before: 4)": {
+        0: ("qat_resnet20_w4a4_last_epoch.json", "w4a4-gptq-lsq-seed2-e5")},
+    "the same, fourth seed (bf16), at the epoch within_error keeps (5; before: 4, 91.18)": {
+        0: ("qat_resnet20_w4a4_last_epoch.json", "w4a4-gptq-lsq-seed3-bf16-e5")},
+    "the same, fifth seed (bf16), trained under within_error (kept 5)": {
+        0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed4-bf16-e5")},
+    "the same, BN frozen after epoch 3 (two folded epochs, not one; bf16)": {
+        0: ("qat_resnet20_w4a4_bnfreeze.json", "w4a4-gptq-lsq-fbn3-bf16-e5")},
+    "the same, batch 64 (twice the steps; bf16)": {0: ("qat_resnet20_w4a4_bs64.json", "w4a4-gptq-lsq-bs64-bf16-e5")},
     "the same, keeping a moving average of the weights (ema 0.998)": {
         0: ("qat_resnet20_w4a4_ema.json", "w4a4-gptq-lsq-ema0.998-e5")},
     "the same, full-range 4-bit weight grid ([−8, 7])": {
         0: ("qat_resnet20_w4a4_fullrange.json", "w4a4-gptq-lsq-fullrange-e5")},
     "the same, distillation temperature 1 (not 4)": {0: ("qat_resnet20_w4a4_kdT1.json", "w4a4-gptq-lsq-kdT1-e5")},
     "the same, distillation temperature 8 (not 4)": {0: ("qat_resnet20_w4a4_kdT8.json", "w4a4-gptq-lsq-kdT8-e5")},
+    "the same, temperature 8, at the epoch within_error keeps (5; before: 4)": {
+        0: ("qat_resnet20_w4a4_last_epoch.json", "w4a4-gptq-lsq-kdT8-e5")},
     "the same, step sizes learning at 0.01 (10× the weights' lr)": {
         0: ("qat_resnet20_w4a4_qlr.json", "w4a4-gptq-lsq-qlr0.01-e5")},
     "the same, distilled from ResNet-32 (92.63) instead of the float ResNet-20": {
