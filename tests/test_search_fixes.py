@@ -40,13 +40,10 @@ FACTORY = "lowbit_search_fixes_net:build"
 
 
 def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    """The network the CLI builds from FACTORY (the same source, so the two cannot drift apart)."""
+    namespace: dict = {}
+    exec(MODULE, namespace)
+    return namespace["build"]().eval()
 
 
 def tiny_data(n: int = 96, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
