@@ -545,7 +545,7 @@ def _train_qat(args: argparse.Namespace) -> int:
     from lowbit.qat import distributed as D
     from lowbit.recipes.recipe import load_recipe
 
-    D.init_from_env(args.device)
+    device = D.init_from_env(args.device)  # under torchrun with GPUs: this process's own one
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
     if args.train_limit:
@@ -578,7 +578,7 @@ def _train_qat(args: argparse.Namespace) -> int:
 
         start = trained_float_model(args.init_from, model, train)
         teacher = progressive_teacher(model, next(s["qat"] for s in source["steps"] if isinstance(s, dict) and "qat" in s))
-    qm = quantize(start, source, calib=calibration_batches(train, recipe), train=train, device=args.device,
+    qm = quantize(start, source, calib=calibration_batches(train, recipe), train=train, device=device,
                   progress=not args.no_progress and D.rank() == 0, teacher=teacher)
     qm.to("cpu")
     if D.rank() != 0:
@@ -791,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kd", type=positive_float, help="distil from the float model with this loss weight (0..1)")
     t.add_argument("--kd-temperature", type=positive_float, default=4.0, help="distillation temperature")
     t.add_argument("--kd-teacher", help="distil from this zoo model (e.g. resnet32) instead of the float model")
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torchrun: one GPU per process)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda, and each process "
+                   "uses the GPU of its LOCAL_RANK)")
     t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
     t.add_argument("--val-samples", type=positive_int,
                    help="QAT: training images held out to choose the final epoch (default: the recipe's, 5000)")

@@ -371,3 +371,39 @@ def test_snap_at_freeze_without_trained_batchnorms_warns():
     with pytest.warns(UserWarning, match="snap_at_freeze"):
         lowbit.quantize(_model(), _recipe(epochs=1, train_bn=False, snap_at_freeze=True), calib=_calib(),
                         train=_data(), progress=False)
+
+
+def _first_buildable(kind: str, role: str):
+    import itertools
+
+    from lowbit.qat.convert import make_trainable
+
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for bits, signed, per_channel, grid in itertools.product([1, 2, 3, 4], [True, False], [True, False],
+                                                             ["midtread", "midrise"]):
+        try:
+            return make_trainable(_source(bits, signed, per_channel, grid), kind, role,
+                                  weight=w if role == "weights" else None)
+        except Exception:  # noqa: BLE001 - a grid this kind does not take: try the next
+            continue
+    return None
+
+
+def test_every_trainable_kind_moves_all_its_tensors_with_the_model():
+    """XNOR's activation window was a plain tensor attribute: `.to(device)` left it on the CPU
+    (a device mismatch in the first GPU forward). Every tensor a kind holds must be a parameter or
+    a buffer."""
+    from lowbit.quant.registry import TRAINABLE
+
+    checked = []
+    for kind, entry in TRAINABLE.items():
+        for role in entry.roles:
+            q = _first_buildable(kind, role)
+            if q is None:  # k-means starts from its own clustering step, not a uniform grid
+                continue
+            q.to("meta")
+            plain = [name for name, value in vars(q).items() if isinstance(value, torch.Tensor)]
+            tensors = {t.device.type for t in [*q.buffers(), *q.parameters()]}
+            assert plain == [] and tensors <= {"meta"}, (kind, role, plain, tensors)
+            checked.append((kind, role))
+    assert ("xnor", "activations") in checked and len(checked) >= 18, checked

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -303,6 +303,17 @@ def check_bn_statistics(batchnorms: list[tuple[str, FoldedBatchNorm]], epoch: in
         "Lower lr, or freeze BN earlier (freeze_bn_after)")
 
 
+@contextlib.contextmanager
+def _detached(sampling: list[nn.Module]) -> Iterator[None]:
+    """Give stochastic quantizers back without the run's generator (the trained model samples
+    from the global one again, as a freshly built quantizer does)."""
+    try:
+        yield
+    finally:
+        for quantizer in sampling:
+            quantizer.draws = None
+
+
 def _layers_with_hook(qm: QuantModel, hook: str) -> list[torch.nn.Module]:
     """Layers whose weight quantizer overrides ``hook`` of TrainableQuantizer (so the loop
     calls only those, not a no-op for every layer at every step)."""
@@ -480,10 +491,16 @@ def train_qat(
     batchnorms = trained_batchnorms(model)
     dampened = dampened_layers(qm) if cfg.dampen > 0 else []
     frozen = not train_bn
-    # Stochastic kinds (BinaryConnect's stochastic sign) draw from the global generator: it is seeded from
-    # (seed, step) before every step, so a resumed run draws what an uninterrupted one would, on any device,
-    # and the caller's own generator state is given back afterwards.
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    # Stochastic kinds (BinaryConnect's stochastic sign) draw from a generator of their own, seeded from
+    # (seed, step) before every step: a resumed run draws what an uninterrupted one would, and every process
+    # quantizes the weights alike. The global generator (dropout in the user's model) is seeded per step and
+    # per process (D.rank_seed), so processes holding other samples draw other masks; the caller's own
+    # generator state is given back afterwards.
+    sampling = [r.layer.weight_quantizer for r in qm.layers if hasattr(r.layer.weight_quantizer, "draws")]
+    weight_draws = torch.Generator(device=dev)
+    for quantizer in sampling:
+        quantizer.draws = weight_draws
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _detached(sampling):
         for epoch in range(state.epoch, cfg.epochs):
             for layer in scheduled:
                 layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
@@ -503,7 +520,8 @@ def train_qat(
                             snap_latent_weights(qm)
                             if average is not None:  # the average is what is kept: snap its latents too
                                 average.transform(qm, snap_latent_weights)
-                    torch.manual_seed(cfg.seed * 1000003 + step)
+                    weight_draws.manual_seed(cfg.seed * 1000003 + step)
+                    torch.manual_seed(D.rank_seed(cfg.seed * 1000003 + step))
                     factor = lr_factor(cfg, step, total, per_epoch)
                     for g in opt.param_groups:
                         g["lr"] = g["base_lr"] * factor
@@ -528,8 +546,10 @@ def train_qat(
                     damp = dampening_weight(cfg.dampen, step, total)
                     if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
                         loss = loss + damp * dampening_loss(dampened)
-                    if not torch.isfinite(loss):
-                        raise NumericalError(f"QAT loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower lr "
+                    if not D.all_ranks_finite(loss):  # (collective: every process stops here, none waits)
+                        value = loss.item()
+                        became = f"{value}" if not math.isfinite(value) else f"non-finite on another process (here {value:.4g})"
+                        raise NumericalError(f"QAT loss became {became} at epoch {epoch + 1}, step {i}: lower lr "
                                              "(or quantizer_lr)")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -560,6 +580,7 @@ def train_qat(
                 val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)),
                                           desc="validate")
                 candidate = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
+            loss_sum, correct, seen = D.sum_over_ranks([loss_sum, correct, seen], dev)  # the global batch's metrics
             row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
                    "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
                    "processes": world}

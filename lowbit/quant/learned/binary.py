@@ -71,6 +71,9 @@ class BinaryConnectQuantizer(_BinaryWeights):
         # The level comes from the calibrated 1-bit grid: its step is 2a.
         self.register_buffer("level", (source.scale.detach() / 2).clamp_min(1e-12).clone())
         self.stochastic = bool(stochastic)
+        # Where the stochastic sign draws from: the QAT engine sets a generator it seeds per step, the
+        # same on every process (None: the global generator).
+        self.draws: torch.Generator | None = None
         self.scale = self._deploy_step(self.level)
 
     def follows_bn_factor(self) -> bool:
@@ -95,7 +98,7 @@ class BinaryConnectQuantizer(_BinaryWeights):
         u = x / a                                               # BinaryConnect's units: ±1 are the levels
         if self.stochastic and self.training:
             p = torch.clamp((u.detach() + 1) / 2, 0, 1)          # σ_hard(w)
-            b = torch.where(torch.rand_like(p) < p, 1.0, -1.0)
+            b = torch.where(torch.rand(p.shape, generator=self.draws, device=p.device, dtype=p.dtype) < p, 1.0, -1.0)
             wb = u + (b - u).detach()                            # straight through
         else:
             wb = u + (torch.where(u >= 0, 1.0, -1.0) - u).detach()
@@ -193,7 +196,9 @@ class XNORActivationQuantizer(BNNActivationQuantizer):
 
     def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False) -> None:
         super().__init__(source, role, approx_sign)
-        self.window = self.level.clone()         # the STE's window: the calibrated binary level
+        # the STE's window: the calibrated binary level (a buffer, so it moves with the model; not saved:
+        # it is rebuilt from the calibrated source, as the level is)
+        self.register_buffer("window", self.level.clone(), persistent=False)
         self.level = torch.ones_like(self.level)  # output ±1: K scales the layer's output
         self.keep_abs_mean = True
 
