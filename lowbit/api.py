@@ -12,6 +12,7 @@ from tqdm import tqdm
 from lowbit.checks import probe_forward
 from lowbit.errors import LowbitError
 from lowbit.model.quant_model import QuantModel
+from lowbit.model.untie import untie_layer_weights
 from lowbit.ptq.batches import as_batches
 from lowbit.recipes.recipe import Recipe, load_recipe
 from lowbit.steps import run_step
@@ -72,6 +73,7 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
         model = widen(model, r.widen)
     qm = QuantModel(model, r.weights.spec, r.activations.spec, fold_bn=r.fold_bn, keep_float=r.keep_float,
                     quantize_adds=r.quantize_adds, relu=r.relu, shortcut=r.shortcut)
+    untie_layer_weights(qm)
     apply_bit_overrides(qm, r)
     if r.activations.quantizer == "xnor":  # XNOR-Net: binary inputs keep mean_c |x| for their layer's K
         for row in qm.layers:
@@ -90,7 +92,9 @@ def quantize(
     """Quantize a copy of ``model`` with a recipe; the float model is left unchanged.
 
     ``calib``: a DataLoader, an iterable of input batches or (input, label) pairs, or a
-    tensor; the recipe's ``calibration.samples`` inputs are used. Recipes whose first
+    tensor: its first ``calibration.samples`` inputs are used; or a Dataset (the training
+    split): the recipe's seeded ``calibration.samples`` of it, the images `lowbit quantize`
+    takes. Recipes whose first
     step is ``zeroq`` make their own data and take ``calib=None``. Recipes with a ``qat``
     step train on ``train`` (a Dataset of (input, label) from the training split) and
     choose their final epoch on ``val`` (default: held out of ``train``). ``teacher``: the network
@@ -110,7 +114,8 @@ def quantize(
     data_free = r.data_free
     if data_free and calib is not None:
         raise LowbitError(f"recipe {r.name!r} distils its calibration data (zeroq); pass calib=None")
-    batches = [] if data_free else as_batches(calib, r.calibration["samples"], r.calibration["batch_size"])
+    batches = [] if data_free else as_batches(calib, r.calibration["samples"], r.calibration["batch_size"],
+                                               seed=r.calibration["seed"])
     if batches:
         probe_forward(model, batches[0], "calibration batch 0")  # fail now, not deep inside a step
     torch.manual_seed(r.calibration["seed"])

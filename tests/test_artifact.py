@@ -667,3 +667,30 @@ def test_a_failed_save_is_an_artifact_error_and_leaves_the_old_file(tiny, tmp_pa
     with pytest.raises(SafetensorError):
         atomic_save_tensors({"w": torch.ones(3)}, tmp_path / "s.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.lowbit", "plain", "s.safetensors"]
+
+
+class _TiedLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+        self.b.weight = self.a.weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tied_weights_at_two_bit_widths_load_as_they_were_saved(tmp_path):
+    """Both layers' stored codes were decoded into the one shared tensor, so the first layer ran with
+    the second's 2-bit weights after loading (logits 0.08 apart)."""
+    torch.manual_seed(0)
+    model = _TiedLinears().eval()
+    x = torch.randn(64, 8)
+    recipe = {"extends": "w8a8", "overrides": [{"pattern": "b", "w_bits": 2}]}
+    with pytest.warns(UserWarning, match="layers a and b share weights in the float model"):
+        qm = lowbit.quantize(model, recipe, calib=x, progress=False)
+    assert model.b.weight is model.a.weight  # the user's model keeps its tie
+    assert qm.layers["a"].layer.module.weight is not qm.layers["b"].layer.module.weight
+    path = lowbit.save(qm, tmp_path / "tied.lowbit")
+    with pytest.warns(UserWarning, match="share weights"):
+        loaded = lowbit.load(path, model=_TiedLinears().eval())
+    assert torch.equal(loaded(x), qm(x))

@@ -353,3 +353,21 @@ def test_a_state_commit_removes_only_its_own_earlier_tensors_files(tmp_path):
         "state-4.safetensors", "state_backup.safetensors", "statement.safetensors"]
     side = json.loads((tmp_path / "side.json").read_text())
     assert committed_tensors(tmp_path, side, "state.safetensors").name == "state-4.safetensors"
+
+
+def test_a_dataset_calibrates_on_the_images_the_cli_draws_from_it():
+    """The API took a Dataset's first N samples, `lowbit quantize` a seeded subset: the same
+    recipe on the same training split calibrated on other images in the two."""
+    from lowbit.evaluation import calibration_batches
+    from lowbit.ptq.batches import as_batches
+    from lowbit.recipes.recipe import load_recipe
+
+    ds = torch.utils.data.TensorDataset(torch.arange(100.0).reshape(100, 1, 1, 1), torch.zeros(100, dtype=torch.long))
+    recipe = load_recipe({"extends": "w8a8", "calibration": {"samples": 24, "batch_size": 8, "seed": 3}})
+    api = as_batches(ds, 24, 8, seed=3)
+    cli = calibration_batches(ds, recipe)
+    assert [b.shape[0] for b in api] == [8, 8, 8]
+    assert torch.equal(torch.cat(api), torch.cat(cli))
+    assert not torch.equal(torch.cat(api).flatten(), torch.arange(24.0))  # not the first 24
+    assert torch.equal(torch.cat(as_batches(ds, 24, 8)).flatten(), torch.arange(24.0))  # no seed: in order
+    assert torch.equal(torch.cat(as_batches(ds, 500, 8, seed=3)).flatten(), torch.arange(100.0))  # all of it

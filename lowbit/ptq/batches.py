@@ -22,27 +22,36 @@ def _input_of(item: Any) -> torch.Tensor:
     )
 
 
-def _dataset_batches(ds: Dataset, samples: int | None, batch_size: int) -> Iterable[torch.Tensor]:
+def _dataset_batches(ds: Dataset, samples: int | None, batch_size: int, seed: int | None) -> Iterable[torch.Tensor]:
     n = len(ds) if samples is None else min(samples, len(ds))
+    if seed is not None and n < len(ds):  # the seeded subset `lowbit quantize` draws from a training split
+        from lowbit.data import calibration_subset
+
+        indices = calibration_subset(ds, n, seed).indices
+    else:
+        indices = list(range(n))
     for start in range(0, n, batch_size):
-        items = [_input_of(ds[i]) for i in range(start, min(n, start + batch_size))]
+        items = [_input_of(ds[i]) for i in indices[start:start + batch_size]]
         shapes = {tuple(t.shape) for t in items}
         if len(shapes) > 1:
             raise DataMismatchError(f"the calibration Dataset yields samples of different shapes {sorted(shapes)[:3]}")
         yield torch.stack(items)
 
 
-def as_batches(calib: Any, samples: int | None = None, batch_size: int = 128) -> list[torch.Tensor]:
+def as_batches(calib: Any, samples: int | None = None, batch_size: int = 128,
+               seed: int | None = None) -> list[torch.Tensor]:
     """A DataLoader, an iterable of input batches or (input, label) batch pairs, a map-style
     Dataset of single (input, label) samples (stacked into batches), or one tensor → at
-    most ``samples`` inputs as a list of batches."""
+    most ``samples`` inputs as a list of batches. From a larger Dataset, ``seed`` draws them
+    as ``calibration_subset`` does (so the API and the CLI calibrate on the same images);
+    without it, and from the other kinds, the first ``samples`` are taken in order."""
     if calib is None:
         raise LowbitError("no calibration data given: pass calib= (a DataLoader, batches or a tensor)")
     if isinstance(calib, torch.Tensor):
         chunks: Iterable[Any] = torch.split(calib, batch_size)
     elif isinstance(calib, Dataset) and not isinstance(calib, IterableDataset) and hasattr(calib, "__len__"):
         # A map-style Dataset yields single samples: stack them into batches.
-        chunks = _dataset_batches(calib, samples, batch_size)
+        chunks = _dataset_batches(calib, samples, batch_size, seed)
     else:
         try:
             chunks = iter(calib)
