@@ -67,6 +67,8 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_last_epoch.json", "w4a4-gptq-lsq-seed3-bf16-e5")},
     "the same, fifth seed (bf16), trained under within_error (kept 5)": {
         0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed4-bf16-e5")},
+    "the same, first seed in bf16 (the control for the bf16 rows: 91.63 in float32)": {
+        0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed0-bf16-e5")},
     "the same, BN frozen after epoch 3 (two folded epochs, not one; bf16)": {
         0: ("qat_resnet20_w4a4_bnfreeze.json", "w4a4-gptq-lsq-fbn3-bf16-e5")},
     "the same, batch 64 (twice the steps; bf16)": {0: ("qat_resnet20_w4a4_bs64.json", "w4a4-gptq-lsq-bs64-bf16-e5")},

@@ -28,6 +28,11 @@ def _expects(module: nn.Module) -> str:
     return "cannot run it"
 
 
+def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def probe_forward(model: nn.Module, x: Any, what: str) -> None:
     """Run ``model`` on the first sample of ``x``; any failure becomes a DataMismatchError
     naming ``what``, the shape, and the layer that failed with what it expects."""
@@ -45,17 +50,25 @@ def probe_forward(model: nn.Module, x: Any, what: str) -> None:
             entered.append((name, module, shape))
         return record
 
+    param = next(model.parameters(), None)
+    # where the data is, is not what this checks: the recipe steps move the batches to the model (run_step)
+    sample = x[:1] if param is None or param.device == x.device else x[:1].to(param.device)
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
                if n and (not any(True for _ in m.children()) or hasattr(m, "weight_quantizer"))]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x[:1])
+            model(sample)
     except LowbitError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here is the data not fitting
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        dtype = _parameter_dtype(model)
+        if dtype is not None and x.dtype != dtype:  # the shape message below blamed the (right) shape for it
+            fix = ".float()" if dtype == torch.float32 else f".to({dtype})"
+            raise DataMismatchError(f"{what} has dtype {x.dtype}, but the model's parameters are {dtype}: convert "
+                                    f"the inputs with `{fix}` (or the model to {x.dtype}) ({detail})") from None
         if entered:
             layers = [e for e in entered if _expects(e[1]) != "cannot run it"]
             name, module, shape = (layers or entered)[-1]

@@ -147,13 +147,13 @@ def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progr
           target: str = "quantized", regrid: bool = False, grid_objective: str = "weights") -> None:
     """GPTQ rounding of every layer's weights (lowbit.ptq.gptq); optionally re-fit the activation
     ranges to the rounded network."""
-    from lowbit.ptq.calibrate import recalibrate_activations as refit_activations
+    from lowbit.ptq.calibrate import calibrated_weight_estimator, recalibrate_activations as refit_activations
     from lowbit.ptq.gptq import OUTPUT_GRID, gptq
 
     grid_fit = None
-    if regrid:
+    if regrid:  # the grids are re-fitted as the calibrate step fitted them, not with the recipe-level estimator
         grid_fit = ((OUTPUT_GRID, {}) if grid_objective == "output"
-                    else (recipe.weights.estimator, recipe.weights.estimator_options))
+                    else calibrated_weight_estimator(qm, recipe.weights.estimator, recipe.weights.estimator_options))
     gptq(qm, batches, damp=damp, block_size=block_size, act_order=act_order, progress=progress, target=target,
          regrid=grid_fit)
     if recalibrate_activations:
@@ -204,6 +204,11 @@ def check_step_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def run_step(name: str, params: dict[str, Any], qm: "QuantModel", batches: list[torch.Tensor],
              recipe: "Recipe", progress: bool) -> None:
+    # calibration batches go where the model is (a model moved to the GPU read CPU batches and failed inside
+    # torch); in place, so later steps (and a zeroq step's distilled batches) share them
+    device = next(qm.parameters()).device
+    if any(isinstance(b, torch.Tensor) and b.device != device for b in batches):
+        batches[:] = [b.to(device) if isinstance(b, torch.Tensor) else b for b in batches]
     try:
         STEPS[name](qm, batches, recipe, progress, **params)
     except TypeError as err:

@@ -849,9 +849,10 @@ def test_snapping_latent_weights_keeps_the_forward_and_leaves_them_at_their_fixe
         torch.testing.assert_close(r.layer.quantized_weight(), quantized_before[r.name], rtol=1e-6, atol=1e-8)
     # (that rounding moves a few 8-bit activation codes by one step downstream: the logits of a few
     # images move by about one step of a layer's input times its weights, the rest not at all; the
-    # exact images depend on the CPU's convolution kernels: 1e-2 was exceeded by 1e-4 on one machine)
+    # exact images depend on the CPU's convolution kernels: 1e-2 was exceeded by 1e-4 on one machine; and on
+    # float-level changes upstream: match_moments' float64 targets moved XNOR's share from 1.95% to 3.3%)
     moved = (qm(calib).detach() - before).abs()
-    assert float((moved.amax(1) > 1e-4).float().mean()) < 0.03, "more than a few images' logits moved"
+    assert float((moved.amax(1) > 1e-4).float().mean()) < 0.05, "more than a few images' logits moved"
     assert float(moved.max()) < 3e-2
     for r in qm.layers:
         layer, w = r.layer, r.layer.module.weight

@@ -28,7 +28,7 @@ from lowbit.checks import probe_forward
 from lowbit.errors import LowbitError
 from lowbit.model.fold_bn import BN_TYPES
 from lowbit.model.graph import ADD_FUNCTIONS, RELU_FUNCTIONS, RELU_MODULES
-from lowbit.model.quant_layer import QuantLayer
+from lowbit.model.quant_layer import QuantLayer, check_xnor_groups
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
@@ -70,6 +70,15 @@ def pool_attributes(node: fx.Node, max_pool: bool) -> dict[str, Any]:
     else:  # PyTorch counts the zero padding in each window's divisor by default; ONNX does not
         attrs["count_include_pad"] = int(bool(given["count_include_pad"]))
     return attrs
+
+
+def _index_dtype(largest: int) -> type:
+    """The narrowest unsigned type that holds the Gather indices 0..``largest`` (per-channel tables are
+    indexed flattened, C·K entries: past 65535 a uint16 would wrap silently)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
 
 
 class _Builder:
@@ -191,6 +200,7 @@ class _Builder:
         q = layer.input_ref[0] if layer.input_ref else None
         if q is None or not q.enabled or getattr(q, "method", None) != "xnor":
             return None
+        check_xnor_groups(layer)
         a = self.op("ReduceMean", [self.op("Abs", [self.pre_quant[x]], "abs")], "abs_mean", axes=[1], keepdims=1)
         m = layer.module
         if isinstance(m, nn.Linear):
@@ -250,7 +260,7 @@ class _Builder:
             if table.ndim == 2:  # one table per output channel: index the flattened tables
                 codes = codes + (np.arange(table.shape[0]) * table.shape[1]).reshape([-1] + [1] * (codes.ndim - 1))
                 table = table.reshape(-1)
-            idx = self.const("w_index", codes.astype(np.uint8 if codes.max() < 256 else np.uint16))
+            idx = self.const("w_index", codes.astype(_index_dtype(int(codes.max()))))
             idx = self.op("Cast", [idx], "w_index_i64", to=TensorProto.INT64)
             return self.op("Gather", [self.const("w_codebook", table), idx], "w")
         if not q.signed or not q.spec.symmetric:

@@ -41,6 +41,16 @@ def layer_kind(module: nn.Module) -> str:
     return name
 
 
+def check_xnor_groups(layer: "QuantLayer") -> None:
+    """XNOR-Net's input scale K averages |I| over the input channels a conv output reads: for a grouped
+    (or depthwise) conv those are its group's, not all of them, which K = mean_c |I| does not do: refused."""
+    groups = getattr(layer.module, "groups", 1)
+    if groups != 1:
+        raise RecipeError(f"layer {layer.name!r}: XNOR-Net activations scale a conv's output by the mean |input| "
+                          f"over all input channels, and a grouped conv (groups={groups}) reads only its group's; "
+                          "use activations.quantizer bnn for this model")
+
+
 class QuantLayer(nn.Module):
     """Runs the wrapped layer's own op with a fake-quantized weight.
 
@@ -175,6 +185,7 @@ class QuantLayer(nn.Module):
         a, m = q.abs_mean, self.module
         if isinstance(m, nn.Linear):
             return a
+        check_xnor_groups(self)
         if any(d != 1 for d in m.dilation) or isinstance(m.padding, str):
             raise RecipeError(f"layer {self.name!r}: XNOR-Net's input scale needs dilation 1 and numeric padding")
         pool = F.avg_pool2d if isinstance(m, nn.Conv2d) else F.avg_pool1d

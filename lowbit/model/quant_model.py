@@ -5,7 +5,7 @@ import contextlib
 import copy
 import fnmatch
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -337,6 +337,32 @@ class QuantModel(nn.Module):
                 r.layer.quantize_weight = s
             for n, q in self.act_quantizers().items():
                 q.enabled = saved_a[n]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantModel":
+        """``.to()``, ``.double()``, ``.cuda()`` ... convert the float copy too: it is a plain list, so nn.Module left
+        it behind, and a float reference then put float32 CPU tensors back into a float64 (or GPU) network. A buffer
+        that nn.Module replaces by a new tensor keeps its pair, looked up again by where it lives."""
+        pairs = getattr(self, "_float_copy", None)
+        where: dict[int, tuple[nn.Module, str]] = {}
+        if pairs:
+            for module in self.modules():
+                for name, t in [*module._parameters.items(), *module._buffers.items()]:
+                    if t is not None:
+                        where.setdefault(id(t), (module, name))
+        located = [where.get(id(t)) for t, _ in pairs or []]
+        super()._apply(fn, recurse)
+        if pairs:
+            moved = []
+            for (t, f), place in zip(pairs, located):
+                if place is not None:
+                    module, name = place
+                    t = module._parameters[name] if name in module._parameters else module._buffers[name]
+                moved.append((t, fn(f)))
+            self._float_copy = moved
+        teacher = getattr(self, "float_model", None)
+        if teacher is not None:  # the original network kept as the teacher (not a submodule) goes along too
+            teacher._apply(fn)
+        return self
 
     def register_float_param(self, param: torch.Tensor, float_value: torch.Tensor) -> None:
         """Record the float value of a parameter an algorithm adds (e.g. a new bias)."""

@@ -42,22 +42,33 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def _float_pass_means(qm, layers: list[QuantLayer], x: torch.Tensor, context: AbstractContextManager,
-                      value: Callable[[QuantLayer, torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+                      value: Callable[[QuantLayer, torch.Tensor, torch.Tensor], torch.Tensor],
+                      first_call_only: bool = True) -> dict[str, torch.Tensor]:
     """Per layer, the channel mean of ``value(layer, input, output)`` over one pass of ``x`` in chunks
-    under ``context`` (a float run of the network); a module called twice per pass gives the mean
-    over its calls."""
+    under ``context`` (a float run of the network), in ``value``'s dtype. A module called more than once
+    per pass is taken on its first call of each pass (``first_call_only``): bias correction and moment
+    matching measure and correct it there, and a target averaged over all its calls left the first call
+    off by the difference between the calls. ``first_call_only=False`` averages over every call."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    seen: set[str] = set()  # layers met in the current pass
 
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+        if first_call_only and layer.name in seen:
+            return
+        seen.add(layer.name)
         n = args[0].shape[0]
         sums[layer.name] = sums.get(layer.name, 0) + _channel_mean(channels_first(layer.module, value(layer, args[0], out))) * n
         counts[layer.name] = counts.get(layer.name, 0) + n
 
+    def one_pass(part: torch.Tensor) -> torch.Tensor:
+        seen.clear()
+        return qm(part)
+
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
         with context:
-            run_chunked(qm, x)
+            run_chunked(one_pass, x)
     finally:
         for h in handles:
             h.remove()
@@ -98,7 +109,9 @@ def _correct_on_float_inputs(qm, layers: list[QuantLayer], x: torch.Tensor) -> d
             layer.quantize_weight = False
         return _layer_output(layer, x_float, layer.weight - q)
 
-    means = _float_pass_means(qm, layers, x, qm.quantization(weights=False, activations=False), rounding_shift)
+    # every call: the shift is measured and applied on the same calls, and the bias serves them all
+    means = _float_pass_means(qm, layers, x, qm.quantization(weights=False, activations=False), rounding_shift,
+                              first_call_only=False)
     shifts = {layer.name: _add_to_bias(qm, layer, means[layer.name]) for layer in layers}
     qm.meta["bias_correction"] = shifts
     return shifts
@@ -130,6 +143,7 @@ def correct_bias(qm, batches: list[torch.Tensor], progress: bool = True, source:
         raise LowbitError("bias correction compares against the quantized network: calibrate first")
     x = torch.cat(batches)[:samples]
     layers = [r.layer for r in qm.layers if r.layer.quantize_weight]
+    # float targets from each layer's first call per pass, the call `correct` measures and corrects below
     targets = _float_output_means(qm, layers, x) if source == "outputs" else {}
     shifts: dict[str, float] = {}
     busy: set[str] = set()  # layers inside their own hook (it re-runs the layer)

@@ -17,7 +17,8 @@ def bn_implied_sample(prior: BNPrior, rectified: bool, total: int = 1 << 18, see
     g = torch.Generator().manual_seed(seed)
     channels = prior.beta.numel()
     per_channel = max(1, total // channels)
-    z = torch.randn(channels, per_channel, generator=g)
+    # drawn on the CPU generator (the same sample on any device), then put with the BN coefficients
+    z = torch.randn(channels, per_channel, generator=g).to(prior.beta.device)
     x = prior.beta.float()[:, None] + prior.gamma.float().abs()[:, None] * z
     if rectified:
         x = torch.relu(x)

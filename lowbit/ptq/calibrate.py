@@ -128,9 +128,9 @@ def calibrate(
     calibrate_weights(qm, weight_estimator, weight_options)
     used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress,
                                  observe=observe)
-    qm.meta["calibration"] = {"weight_estimator": weight_estimator, "act_estimator": act_estimator,
-                              "act_options": dict(act_options or {}), "act_estimators_used": used, "seed": seed,
-                              "observe": observe}
+    qm.meta["calibration"] = {"weight_estimator": weight_estimator, "weight_options": dict(weight_options or {}),
+                              "act_estimator": act_estimator, "act_options": dict(act_options or {}),
+                              "act_estimators_used": used, "seed": seed, "observe": observe}
     return qm
 
 
@@ -149,9 +149,22 @@ def _checked_batches(qm: QuantModel, data: Any) -> list[torch.Tensor]:
                                         "be float inputs of one shape")
     else:
         batches = as_batches(data)
+    device = next(qm.parameters()).device  # as run_step does for recipes: the batches go where the model is
+    batches = [x if x.device == device else x.to(device) for x in batches]
     with qm.quantization(weights=False, activations=False):
         probe_forward(qm, batches[0], "calibration batch 0")
     return batches
+
+
+def calibrated_weight_estimator(qm: QuantModel, estimator: str, options: dict[str, Any] | None
+                                ) -> tuple[str, dict[str, Any]]:
+    """The weight estimator and options the calibrate step used (the arguments only where none is recorded), for a
+    step that re-fits weight grids (GPTQ's regrid): the recipe-level ones replaced e.g. ``calibrate:
+    {weight_estimator: minmax}``."""
+    done = qm.meta.get("calibration") or {}
+    if "weight_estimator" not in done:
+        return estimator, dict(options or {})
+    return done["weight_estimator"], dict(done.get("weight_options", options) or {})
 
 
 def recalibrate_activations(qm: QuantModel, batches: list[torch.Tensor], act_estimator: str,

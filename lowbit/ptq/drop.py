@@ -20,17 +20,23 @@ from lowbit.quant.functional import float_mask
 _LEVELS = 1 << 16
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, gen: torch.Generator) -> torch.Tensor:
-    """Bool tensor of ``shape``, each element True with probability ``keep_prob`` (to 1/65536)."""
+def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, gen: torch.Generator,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool tensor of ``shape``, each element True with probability ``keep_prob`` (to 1/65536), on ``device``
+    (default: the generator's). The bits are drawn on the generator's device, so a seed gives the same mask
+    whatever device the activations are on, and the mask is then moved to theirs (a CPU mask on a GPU tensor
+    failed in ``select``)."""
+    device = gen.device if device is None else device
     n = math.prod(shape)
     threshold = round(keep_prob * _LEVELS)  # keep iff a uniform 16-bit draw is among the `threshold` smallest
     if threshold >= _LEVELS:
-        return torch.ones(shape, dtype=torch.bool)
+        return torch.ones(shape, dtype=torch.bool, device=device)
     if threshold <= 0:
-        return torch.zeros(shape, dtype=torch.bool)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen)
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen,
+                          device=gen.device)
     draws = words.view(torch.int16)[:n]  # uniform over [-32768, 32767]
-    return (draws < threshold - _LEVELS // 2).view(shape)
+    return (draws < threshold - _LEVELS // 2).view(shape).to(device)
 
 
 class _Select(torch.autograd.Function):

@@ -27,13 +27,27 @@ def mean_cosine(out: torch.Tensor, target: torch.Tensor, per_channel: bool,
     that made ``out``, which says where its channels are)."""
     if module is not None:
         out, target = channels_first(module, out), channels_first(module, target)
-    if per_channel and out.dim() > 2:
+    if per_channel and out.dim() > 2 and out[0, 0].numel() > 1:
         a, b = out.flatten(2), target.flatten(2)  # [N, C, positions]
         cos = torch.nn.functional.cosine_similarity(a, b, dim=2, eps=1e-12)  # [N, C]
         return cos.mean(0)
+    if per_channel and out.dim() > 2:  # one position (a 1x1 output): a cosine of one value is ±1 whatever the
+        a = out.transpose(0, 1).reshape(out.shape[1], -1)  # scale, so score each channel over samples × positions
+        b = target.transpose(0, 1).reshape(out.shape[1], -1)
+        return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
     if per_channel:  # Linear: one value per sample and channel; score channels over samples
         return torch.nn.functional.cosine_similarity(out, target, dim=0, eps=1e-12)
     return torch.nn.functional.cosine_similarity(out.flatten(1), target.flatten(1), dim=1, eps=1e-12).mean()
+
+
+def _best_factor(scores: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Eq. 7's best factor per column of ``scores`` [F] or [F, C], but 1 (the calibrated scale) unless a
+    candidate scores strictly better: where every candidate ties (one sample on a 1x1 output, a dead
+    channel) argmax took the first, the smallest factor, and shrank such scales to ``low``×."""
+    keep = int((factors == 1).nonzero()[0])
+    best = scores.argmax(0)
+    better = scores.gather(0, best.unsqueeze(0)).squeeze(0) > scores[keep]
+    return torch.where(better, factors[best], torch.ones_like(factors[best]))
 
 
 @torch.no_grad()
@@ -46,9 +60,7 @@ def _search_weight(layer: QuantLayer, act: UniformQuantizer | None, x: torch.Ten
     for f in factors:
         q.scale = base * f
         scores.append(mean_cosine(layer(xin), target, per_channel=q.spec.per_channel, module=layer.module))
-    scores = torch.stack(scores)  # [F] or [F, C]
-    best = factors[scores.argmax(0)]
-    q.scale = base * best
+    q.scale = base * _best_factor(torch.stack(scores), factors)  # scores [F] or [F, C]
 
 
 @torch.no_grad()
@@ -59,7 +71,7 @@ def _search_act(layer: QuantLayer, act: UniformQuantizer, x: torch.Tensor, targe
     for f in factors:
         act.scale = base * f
         scores.append(mean_cosine(layer(act(x)), target, per_channel=False))
-    act.scale = base * factors[int(torch.stack(scores).argmax())]
+    act.scale = base * _best_factor(torch.stack(scores), factors)
 
 
 def easyquant(qm, batches: list[torch.Tensor], progress: bool = True, rounds: int = 2, candidates: int = 50,
@@ -70,8 +82,10 @@ def easyquant(qm, batches: list[torch.Tensor], progress: bool = True, rounds: in
     if not (0 < low < high) or candidates < 2 or rounds < 1 or samples < 1:
         raise RecipeError("easyquant: need 0 < low < high, candidates ≥ 2, rounds ≥ 1, samples ≥ 1")
     # Include 1: the search can only keep or improve the calibrated scale.
-    factors = torch.unique(torch.cat([torch.linspace(low, high, candidates), torch.ones(1)]))
     x = torch.cat(batches)[:samples]
+    device = next(qm.parameters()).device  # the factors scale the quantizers' scales, which live with the model
+    factors = torch.unique(torch.cat([torch.linspace(low, high, candidates, device=device),
+                                      torch.ones(1, device=device)]))
     searched: set[int] = set()
     units = split_units(qm)
     bar = tqdm(total=len(units), desc="easyquant", unit="unit", disable=not progress, leave=False)

@@ -112,7 +112,7 @@ def retarget(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.
     regularised towards W (C = H gives W exactly)."""
     w, h, c = w.double(), h.double(), c.double()
     lam = damp * torch.diagonal(h).mean().clamp_min(1e-30)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)  # with H: a model on the GPU has its Hessians there
     try:
         factor = torch.linalg.cholesky(h + lam * eye)
     except torch.linalg.LinAlgError:

@@ -107,13 +107,20 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
                       f"per-channel scale: {', '.join(f'{n} ({w})' for n, w in skipped.items())}", stacklevel=2)
     layers = [layer for layer in layers if layer.name not in skipped]
     x = torch.cat(batches)[:samples]
-    # one float pass: channel means of y and y² give the targets' mean and variance
+    # one float pass: channel means of y and y² give the targets' mean and variance, each layer on its first call
+    # per pass (where `correct` below measures and corrects it). In float64: E[y²] − E[y]² in float32 cancelled
+    # for a channel whose mean is large next to its spread (mean 20, std 0.003: the target std came out halved)
     sums = _float_pass_means(qm, layers, x, qm.float_reference(),
-                             lambda layer, _x, out: torch.cat([out, out * out], channel_dim(layer.module, out)))
-    targets = {}
+                             lambda layer, _x, out: torch.cat([out.double(), out.double().square()],
+                                                              channel_dim(layer.module, out)))
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # float64; taken to the output's dtype where used
     for name, s in sums.items():
         mean, square = s.chunk(2)
         targets[name] = (mean, (square - mean * mean).clamp_min(0))
+
+    def target(layer: QuantLayer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m_f, v_f = targets[layer.name]
+        return m_f.to(like.dtype), v_f.to(like.dtype)
     report: dict[str, dict[str, float]] = {}
 
     def ratio(v_f: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
@@ -123,7 +130,7 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
         return ((v_f + tiny) / (v_q + tiny)).sqrt().clamp(1 / max_ratio, max_ratio)
 
     def apply(layer: QuantLayer, m_q: torch.Tensor, v_q: torch.Tensor) -> torch.Tensor:
-        m_f, v_f = targets[layer.name]
+        m_f, v_f = target(layer, m_q)
         a = ratio(v_f, v_q)
         if not (torch.isfinite(a).all() and torch.isfinite(m_f - a * m_q).all()):  # before any weight changes
             raise NumericalError(f"match_moments: layer {layer.name!r} has output moments that are not finite in "
@@ -137,7 +144,8 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
 
     chunks = x.split(chunk if chunk > 0 else max(1, AUTO_CHUNK_VALUES // max(1, x[0].numel())))
     seen: set[str] = set()  # layers met in the current chunk (a module called twice is taken on its first call)
-    acc: dict[str, list[torch.Tensor | int]] = {}  # uncorrected output: channel sum, sum of squares, count
+    # uncorrected output: channel sum, sum of squares (float64, against the cancellation above), count
+    acc: dict[str, list[torch.Tensor | int]] = {}
 
     def correct(layer: QuantLayer, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if layer.name in seen:
@@ -152,9 +160,11 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
         # several chunks (bounded memory): like BN in training mode, each chunk moves on corrected by its own
         # statistics, while the layer's own correction waits for the statistics of every chunk
         n = out.numel() // out.shape[1]
-        s = acc.setdefault(layer.name, [torch.zeros_like(m_q), torch.zeros_like(m_q), 0])
-        s[0], s[1], s[2] = s[0] + m_q * n, s[1] + (v_q + m_q * m_q) * n, s[2] + n
-        m_f, v_f = targets[layer.name]
+        s = acc.setdefault(layer.name, [torch.zeros_like(m_q, dtype=torch.float64),
+                                        torch.zeros_like(m_q, dtype=torch.float64), 0])
+        m64 = m_q.double()
+        s[0], s[1], s[2] = s[0] + m64 * n, s[1] + (v_q.double() + m64 * m64) * n, s[2] + n
+        m_f, v_f = target(layer, m_q)
         a = ratio(v_f, v_q)
         return out * a.reshape(shape) + (m_f - a * m_q).reshape(shape)
 
@@ -171,7 +181,8 @@ def match_moments(qm, batches: list[torch.Tensor], progress: bool = True, varian
         if layer.name in acc:
             total, squares, n = acc[layer.name]
             mean = total / n
-            apply(layer, mean, (squares / n - mean * mean).clamp_min(0))
+            dtype = layer.module.weight.dtype
+            apply(layer, mean.to(dtype), (squares / n - mean * mean).clamp_min(0).to(dtype))
     report.update({name: {"skipped": why} for name, why in skipped.items()})
     qm.meta["match_moments"] = report
     return report

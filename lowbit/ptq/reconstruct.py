@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -38,6 +39,7 @@ from lowbit.errors import LowbitError, RecipeError, UnsupportedModelError
 from lowbit.model.quant_layer import QuantLayer
 from lowbit.ptq.adaround import AdaRoundWeight, beta_schedule
 from lowbit.ptq.cache import capture_inputs, run_chunked, walk_units
+from lowbit.ptq.channels import channel_dim, channels_first
 from lowbit.ptq.distribution import correct_block_input
 from lowbit.ptq.drop import keep_mask, select
 from lowbit.ptq.units import Unit, quantization_off, split_units
@@ -184,9 +186,28 @@ def _run_units(qm, cfg, units, x, done, state, fp_logits, gen, progress, method,
 # -- one unit ----------------------------------------------------------------------------
 def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels, averaged over samples and positions, the
-    normalisation AdaRound's λ = 0.01 was tuned for."""
+    normalisation AdaRound's λ = 0.01 was tuned for. The channels are at dim 1: ``_channels_first``
+    puts them there for the unit-wise loops."""
     d = (out - target).pow(2)
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+def _channels_first(module: nn.Module | None, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    target: torch.Tensor, extra: Callable | None):
+    """``forward``, ``target`` and ``extra`` with the output's channels (those of ``module``, the layer that
+    made it) at dim 1, where ``_rec_loss`` sums them: a Linear on [B, T, F] has them last, and the tokens were
+    summed instead. ``extra`` (PD-Quant's term, which runs the output on through the network) gets it back in
+    its own layout. A convolution's channels are at dim 1 already (the same tensors, as views)."""
+    if module is None:
+        return forward, target, extra
+
+    def fwd(xq: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+        return channels_first(module, forward(xq, xf))
+
+    def back(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return extra(out.movedim(1, channel_dim(module, out)) if out.dim() > 2 else out, idx)
+
+    return fwd, channels_first(module, target), (back if extra is not None else None)
 
 
 def _layer(cfg, layer: QuantLayer, q_in, fp_in, fp_out, gen, progress) -> float:
@@ -196,6 +217,7 @@ def _layer(cfg, layer: QuantLayer, q_in, fp_in, fp_out, gen, progress) -> float:
     def forward(xq: torch.Tensor, _xf: torch.Tensor) -> torch.Tensor:
         return layer(quantizer(xq) if quantizers else xq)
 
+    forward, fp_out, _ = _channels_first(layer.module, forward, fp_out, None)
     return _optimize(cfg, [layer], quantizers, forward, q_in, fp_in, fp_out, None, gen, progress, layer.name)
 
 
@@ -215,8 +237,11 @@ def _block(qm, cfg, unit: Unit, fp_in, q_in, fp_out, rest: list[Unit], fp_logits
     # original float weights, not those an earlier step (GPTQ, bias correction) edited
     float_rest = qm.float_weights([u.module for u in rest]) if extra is not None else contextlib.nullcontext()
     with quantization_off(rest), float_rest:
+        # a block's output holds its last layer's channels (after its activation and pooling)
+        forward, fp_out, extra = _channels_first(unit.layers[-1].module if unit.layers else None,
+                                                 lambda xq, xf: unit(xq), fp_out, extra)
         return _optimize(cfg, unit.layers, [q for q in unit.quantizers if q.enabled],
-                         lambda xq, xf: unit(xq), q_in, fp_in, fp_out, extra, gen, progress, unit.name)
+                         forward, q_in, fp_in, fp_out, extra, gen, progress, unit.name)
 
 
 def _network(qm, cfg: ReconConfig, units: list[Unit], x: torch.Tensor, gen: torch.Generator, progress: bool,
@@ -266,7 +291,7 @@ def _dropped(quantizers: list[UniformQuantizer], keep_prob: float, gen: torch.Ge
         return
 
     def hook(_m, args, out):
-        return select(keep_mask(out.shape, keep_prob, gen), out, args[0])
+        return select(keep_mask(out.shape, keep_prob, gen, out.device), out, args[0])
 
     handles = [q.register_forward_hook(hook) for q in quantizers]
     try:
@@ -319,7 +344,7 @@ def _optimize(cfg: ReconConfig, layers: list[QuantLayer], quantizers: list[Unifo
                 idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
                 xq, xf = q_in[idx], fp_in[idx]
                 if cfg.input_quant_prob < 1:
-                    xq = select(keep_mask(xq.shape, cfg.input_quant_prob, gen), xq, xf)
+                    xq = select(keep_mask(xq.shape, cfg.input_quant_prob, gen, xq.device), xq, xf)
                 out = forward(xq, xf)
                 rec = _rec_loss(out, target[idx])
                 loss = cfg.rec_weight * rec

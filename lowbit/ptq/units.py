@@ -69,9 +69,12 @@ def split_units(qm) -> list[Unit]:
     targets = [str(nodes[i].target) for i in layer_idx]
     twice = sorted({t for t in targets if targets.count(t) > 1})
     if twice:  # its cached inputs and outputs would pair one call's inputs with the other's outputs
-        raise UnsupportedModelError(f"reconstruction fits each layer to its own inputs and outputs; layer(s) {twice} "
-                                    "are called more than once per forward. Use range-setting steps (calibrate, "
-                                    "gptq, bias_correction, match_moments) for this model")
+        # recommend only steps that handle such a layer: GPTQ and EasyQuant come through here and refuse it too,
+        # bias correction and moment matching measure and correct it on its first call
+        raise UnsupportedModelError(f"reconstruction, gptq and easyquant fit each layer to its own inputs and outputs; "
+                                    f"layer(s) {twice} are called more than once per forward. Use calibrate, "
+                                    "bias_correction or match_moments (which correct such a layer on its first "
+                                    "call) for this model")
     # Between two consecutive quantized layers, cut at the latest candidate (so a ReLU or
     # pooling after a layer stays with it).
     bounds = []

@@ -20,6 +20,7 @@ def distill_inputs(qm, samples: int, input_shape: tuple[int, ...], iters: int = 
     if not targets:
         raise LowbitError("ZeroQ needs BatchNorm statistics to distil data from, and this model has none")
     gen = torch.Generator().manual_seed(seed)
+    like = next(qm.parameters())  # drawn on the CPU generator (same images on any device), made like the model's
     out: list[torch.Tensor] = []
     n_batches = -(-samples // batch_size)
     bar = tqdm(total=n_batches * iters, desc="zeroq distil", disable=not progress, leave=False, mininterval=1.0)
@@ -28,7 +29,7 @@ def distill_inputs(qm, samples: int, input_shape: tuple[int, ...], iters: int = 
                 bn_statistic_loss(targets) as terms:
             for b in range(n_batches):
                 n = min(batch_size, samples - b * batch_size)
-                x = torch.randn((n, *input_shape), generator=gen).requires_grad_(True)
+                x = torch.randn((n, *input_shape), generator=gen).to(like.device, like.dtype).requires_grad_(True)
                 opt = torch.optim.Adam([x], lr=lr)
                 for _ in range(iters):
                     terms.clear()

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from lowbit.errors import RecipeError
+from lowbit.model.quant_layer import check_xnor_groups
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat.bn import FoldedBatchNorm
 from lowbit.quant.learned.base import TrainableQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
-from lowbit.quant.registry import make_trainable
+from lowbit.quant.registry import check_codebook_source, make_trainable
 
 FALLBACK_KIND = "lsq+"  # for tensors a kind cannot take (PACT/DoReFa on a signed input)
 WEIGHT_FALLBACK_KIND = "lsq"  # for layers at other bits than a binary/ternary kind (first/last at 8)
@@ -26,6 +27,9 @@ WEIGHT_FALLBACK_KIND = "lsq"  # for layers at other bits than a binary/ternary k
 
 def _swap(qm: QuantModel, q: UniformQuantizer, kind: str, role: str, options: dict[str, Any],
           fallbacks: dict[str, str], weight: torch.Tensor | None = None) -> None:
+    # Before any fallback: a codebook (the `kmeans` step's) given to another kind would be read as the
+    # uniform grid it is not (its scale field is 1) and silently lost; only kmeans fine-tunes it.
+    check_codebook_source(q, kind, role)
     try:
         new = make_trainable(q, kind, role, weight=weight, **options)
     except RecipeError:
@@ -104,6 +108,10 @@ def to_training_form(qm: QuantModel, weight_kind: str, act_kind: str, weight_opt
     for q in qm.act_quantizers().values():
         if q.enabled:
             _swap(qm, q, act_kind, "activations", act_options or {}, fallbacks)
+    for r in qm.layers:  # refused before training rather than at its first step
+        q = r.layer.input_ref[0] if r.layer.input_ref else None
+        if q is not None and q.enabled and getattr(q, "method", None) == "xnor":
+            check_xnor_groups(r.layer)
     attached = attach_batchnorms(qm, batches, bn_momentum) if (train_bn and batches and qm.fold_bn) else 0
     return {"weights": weight_kind, "activations": act_kind, "fallbacks": fallbacks, "batchnorms": attached}
 

@@ -68,19 +68,20 @@ class _FakeQuantSTE(torch.autograd.Function):
     d out/dx = 1 inside the grid (bounds inclusive, like ``clamp``), 0 outside;
     d out/ds = (q − z + o) − u inside, (q − z + o) outside, with u = x/s, q the clamped
     code and o = ½ on a mid-rise grid (LSQ's step gradient, without its scale factor).
-    "Inside" is decided on the rounded code, or with ``clip_value`` on the mid-tread value
-    u + z before rounding (LSQ's eq. 3, the chain ``round_ste(clamp(u + z))``); the forward
-    is the same either way, since rounding commutes with clamping to integer bounds.
+    "Inside" is decided on the rounded code, or with ``clip_value`` on u itself before
+    rounding (LSQ's eq. 3: qmin − z ≤ u ≤ qmax − z, exact since z and the bounds are integers).
+    The code is round(u) + z either way, as the deployed grid and ONNX QuantizeLinear compute
+    it: round(u + z) in float32 can differ from it at a tie (u = 0.49999997, z = 1 gives 2).
     """
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax, midrise, clip_value=False):  # noqa: ANN001, ANN205
         u = torch.div(x, s)
-        value_clip = clip_value and not midrise  # "inside" decided before rounding
-        q = torch.floor(u) if midrise else (u + z if value_clip else torch.round(u).add_(z))
-        inside = (q >= qmin).logical_and_(q <= qmax)
-        if value_clip:
-            q.round_()
+        q = torch.floor(u) if midrise else torch.round(u).add_(z)
+        if clip_value and not midrise:  # "inside" decided before rounding, on u exactly
+            inside = torch.ge(u, qmin - z).logical_and_(u <= qmax - z)
+        else:
+            inside = (q >= qmin).logical_and_(q <= qmax)
         q.clamp_(qmin, qmax)
         q.add_(0.5) if midrise else q.sub_(z)
         out = q * s
@@ -110,9 +111,10 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 def lsq_fake_quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int,
                       midrise: bool) -> torch.Tensor | None:
-    """LSQ's fake-quant as one op, with s and z already broadcast: mid-tread clips on x/s + z before
-    rounding (LSQ eq. 3), mid-rise on the floored code. None where the fused op does not apply (a
-    zero point that learns, or dtypes that differ): the caller runs its autograd chain instead."""
+    """LSQ's fake-quant as one op, with s and z already broadcast: mid-tread clips on x/s (against
+    qmin − z, qmax − z) before rounding (LSQ eq. 3), mid-rise on the floored code. None where the
+    fused op does not apply (a zero point that learns, or dtypes that differ): the caller runs its
+    autograd chain instead."""
     if _needs_grad(z) or x.dtype != s.dtype:
         return None
     return _FakeQuantSTE.apply(x, s, z, qmin, qmax, midrise, True)
@@ -168,6 +170,23 @@ def dequantize_codes(
     return (c - z) * s
 
 
+# A mid-rise grid has no 0 level: an all-zero channel (BN γ = 0, a pruned filter) takes ±step/2 whatever its
+# step, so it gets this fraction of its layer's median live step. Its values stay ≈ 0 (1e-4 of a live
+# weight), and its int32 bias grid s_in·step stays coarse enough for a bias of any realistic size (a step
+# of 1e-12, what a clamp_min alone leaves, made the ONNX export fail: "bias does not fit int32").
+DEAD_STEP_RATIO = 1e-4
+
+
+def fill_dead_steps(step: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``step`` where ``live``, elsewhere DEAD_STEP_RATIO × the median live step along the last
+    dimension (a layer's channels; 1 when none is live): the step of an all-zero channel on a
+    grid without a 0 level. The reference carries no gradient; live entries keep theirs."""
+    ref = torch.where(live, step.detach(), torch.full_like(step.detach(), float("nan")))
+    ref = ref.reshape(1) if ref.dim() == 0 else ref
+    ref = torch.nan_to_num(ref.nanmedian(dim=-1, keepdim=True).values, nan=1.0)
+    return torch.where(live, step, (ref * DEAD_STEP_RATIO).reshape(ref.shape if step.dim() else ()))
+
+
 def range_to_scale_zero_point(
     lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, signed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +195,9 @@ def range_to_scale_zero_point(
     Symmetric grids use max(|lo|, |hi|); a midrise grid's clip is ``scale * 2^(b-1)``
     (DESIGN.md's convention). Affine grids stretch the range to contain 0 so that zero
     padding and ReLU zeros are exact. A zero-width range (an all-zero channel, a constant
-    0 tensor) gets scale 1, which stores it exactly as code 0.
+    0 tensor) gets scale 1, which stores it exactly as code 0; on a mid-rise grid, which has
+    no code for 0, a tiny step instead (:func:`fill_dead_steps`), so that it stays ≈ 0 rather
+    than becoming +½ everywhere.
     """
     qmin, qmax = spec.code_range(signed)
     lo = torch.as_tensor(lo, dtype=torch.float32)
@@ -184,7 +205,10 @@ def range_to_scale_zero_point(
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         denom = 2 ** (spec.bits - 1) if spec.grid == "midrise" else qmax
-        scale = torch.where(amax > 0, amax / denom, torch.ones_like(amax))
+        if spec.grid == "midrise":
+            scale = fill_dead_steps(amax / denom, amax > 0)
+        else:
+            scale = torch.where(amax > 0, amax / denom, torch.ones_like(amax))
         return scale, torch.zeros_like(scale)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowbit.errors import RecipeError
+from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.learned.base import TrainableQuantizer
 from lowbit.quant.learned.binary import BinaryConnectQuantizer, BNNActivationQuantizer, XNORWeightQuantizer
 from lowbit.quant.learned.codebook_kinds import KMeansFineTuneQuantizer, TTQQuantizer
@@ -84,12 +85,24 @@ def spec_for_kind(kind: str | None, spec: Any) -> Any:
     return spec
 
 
+def check_codebook_source(source: UniformQuantizer, kind: str, role: str) -> None:
+    """Refuse to train a codebook weight (a `kmeans` step's) as any kind but kmeans: the others start from
+    a uniform grid, and a codebook's is a placeholder of step 1, so its centroids would be silently replaced
+    by a step-1 grid. (lowbit.qat.convert checks this before falling back to LSQ, which would do the same.)"""
+    if role == "weights" and kind != "kmeans" and isinstance(source, CodebookQuantizer):
+        layer = source.name.removesuffix(".weight")
+        raise RecipeError(f"layer {layer!r} has a {source.method} codebook ({source.centroids.shape[-1]} centroids) "
+                          f"that weights.quantizer {kind!r} would replace with a uniform grid: use "
+                          "`weights.quantizer: kmeans` to fine-tune its centroids, or put `qat` before `kmeans`")
+
+
 def make_trainable(source: UniformQuantizer, kind: str, role: str, weight: Any = None,
                    **options: Any) -> UniformQuantizer:
     """The quantizer of ``kind`` that starts where ``source`` (calibrated) is; "uniform"
     keeps ``source``'s grid fixed (e.g. min-max STE training). Kinds that start
     from the weight itself (k-means assignments, TTQ's scales) get it as ``weight``."""
     check_kind(kind, role)
+    check_codebook_source(source, kind, role)
     if kind == "uniform":  # a fixed grid: activations keep it as it is; weights follow their BN (see the class)
         return FixedGridWeightQuantizer(source, role) if role == "weights" else source
     cls = TRAINABLE[kind]

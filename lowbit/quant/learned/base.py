@@ -11,9 +11,13 @@ from lowbit.quant.spec import QuantSpec
 
 
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Forward value ``x``, gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
+    """Forward value ``x`` exactly, gradient multiplied by ``scale`` (LSQ's step-size gradient scale).
+
+    Written as x + (y − y.detach()), where y − y.detach() is exactly 0: the old (x − y).detach() + y
+    rounded in float32 and gave a step up to an ulp off the one deployed (lowbit.qat.convert), so
+    the trained model's eval forward and the deployed model rounded some values differently."""
     y = x * scale
-    return (x - y).detach() + y
+    return x.detach() + (y - y.detach())
 
 
 def weight_rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:

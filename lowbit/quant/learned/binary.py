@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import RecipeError
+from lowbit.quant.functional import fill_dead_steps
 from lowbit.quant.learned.base import TrainableQuantizer, per_row, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
@@ -40,13 +41,14 @@ def approx_sign(x: torch.Tensor) -> torch.Tensor:
     inside [−1, 1] and 0 outside: closer to sign's true (impulse) derivative than the box."""
     inner = x.clamp(-1.0, 1.0)
     surrogate = 2 * inner - inner * inner.abs()
-    return surrogate + (torch.where(x >= 0, 1.0, -1.0) - surrogate).detach()
+    return torch.where(x >= 0, 1.0, -1.0) + (surrogate - surrogate.detach())  # ±1 exactly
 
 
 def sign_ste(x: torch.Tensor, limit: torch.Tensor | float = 1.0) -> torch.Tensor:
     """±1 (0 maps to +1: the mid-rise grid has no zero), gradient 1 where |x| ≤ limit."""
     inside = torch.where(x.abs() <= limit, x, x.detach())  # gradient 1 on [−limit, limit], ends included
-    return inside + (torch.where(x >= 0, 1.0, -1.0) - inside).detach()
+    # ±1 exactly: the STE as sign + (v − v.detach()), whose second term is exactly 0 (v + (sign − v) rounds)
+    return torch.where(x >= 0, 1.0, -1.0) + (inside - inside.detach())
 
 
 class _BinaryWeights(TrainableQuantizer):
@@ -99,9 +101,9 @@ class BinaryConnectQuantizer(_BinaryWeights):
         if self.stochastic and self.training:
             p = torch.clamp((u.detach() + 1) / 2, 0, 1)          # σ_hard(w)
             b = torch.where(torch.rand(p.shape, generator=self.draws, device=p.device, dtype=p.dtype) < p, 1.0, -1.0)
-            wb = u + (b - u).detach()                            # straight through
         else:
-            wb = u + (torch.where(u >= 0, 1.0, -1.0) - u).detach()
+            b = torch.where(u >= 0, 1.0, -1.0)
+        wb = b + (u - u.detach())  # straight through, ±1 exactly (u + (b − u) rounds): ±a as deployed
         return wb * a
 
     def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,9 @@ class XNORWeightQuantizer(_BinaryWeights):
 
     def alpha(self, w: torch.Tensor) -> torch.Tensor:
         """α = mean|W| per output channel (per tensor if the recipe says so), with its gradient."""
-        return per_row(weight_rows(w, self.spec.per_channel).abs().mean(1).clamp_min(1e-12), w, self.spec.per_channel)
+        alpha = weight_rows(w, self.spec.per_channel).abs().mean(1)
+        # an all-zero channel: a tiny step (mid-rise has no 0 level), not 1e-12, which its bias cannot be stored at
+        return per_row(fill_dead_steps(alpha, alpha > 0), w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha(x)

@@ -43,7 +43,8 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
     def _magnitude(self, w: torch.Tensor) -> torch.Tensor:
         rows = weight_rows(w.detach(), self.spec.per_channel)
         m = rows.abs().mean(1) if self.spec.bits == 1 else rows.abs().amax(1)
-        return per_row(m.clamp_min(1e-12), w, self.spec.per_channel)
+        # an all-zero channel: a tiny step (mid-rise has no 0 level), not 1e-12, which its bias cannot be stored at
+        return per_row(F.fill_dead_steps(m, m > 0), w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "activations":
@@ -52,7 +53,7 @@ class DoReFaWeightQuantizer(TrainableQuantizer):
         mag = self._magnitude(x)
         if self.spec.bits == 1:
             sign = torch.where(x >= 0, 1.0, -1.0)
-            wq = x + (sign - x).detach()  # straight through sign()
+            wq = sign + (x - x.detach())  # straight through sign(), ±1 exactly (x + (sign − x) rounds)
         else:
             n = 2 ** self.spec.bits - 1
             t = torch.tanh(x)

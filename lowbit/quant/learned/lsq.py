@@ -80,8 +80,11 @@ class LSQQuantizer(TrainableQuantizer):
             return fused
         if self.spec.grid == "midrise":
             return (torch.clamp(F.floor_ste(x / s), qmin, qmax) + 0.5) * s
-        # Clip before rounding: LSQ's eq. 3 decides "clipped" on v/s, not on round(v/s).
-        return (F.round_ste(torch.clamp(x / s + z, qmin, qmax)) - z) * s
+        # Clip before rounding: LSQ's eq. 3 decides "clipped" on v/s, not on round(v/s). Clipping v/s to
+        # [qmin − z, qmax − z] (integers) gives the same gradients as clamp(v/s + z, qmin, qmax) − z and the
+        # value clamp(round(v/s) + z) − z that the deployed grid computes, which round(v/s + z) − z in
+        # float32 is not at every tie.
+        return F.round_ste(torch.clamp(x / s, qmin - z, qmax - z)) * s
 
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         qmin, qmax = self.code_range()

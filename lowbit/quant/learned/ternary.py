@@ -34,7 +34,9 @@ class TWNQuantizer(TrainableQuantizer):
         delta = DELTA_FACTOR * a.mean(1)
         keep = a > delta[:, None]
         alpha = (a * keep).sum(1) / keep.sum(1).clamp_min(1)
-        alpha = alpha.clamp_min(1e-12)  # an all-zero channel stays 0 on any step
+        # A channel with no weight kept (all zero) is 0 on any step: it gets step 1, as PTQ and LSQ give it
+        # (a step of 1e-12 put its bias off the int32 grid at export).
+        alpha = torch.where(keep.any(1), alpha, torch.ones_like(alpha))
         return per_row(delta, w, self.spec.per_channel), per_row(alpha, w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ class TWNQuantizer(TrainableQuantizer):
         wt = alpha * torch.sign(x.detach()) * (x.detach().abs() > delta)
         with torch.no_grad():
             self.scale = alpha.reshape(-1 if self.spec.per_channel else ()).clone()
-        return x + (wt - x).detach()
+        return wt + (x - x.detach())  # wt exactly (x + (wt − x) rounds), gradient straight through
 
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x is None:

@@ -39,8 +39,9 @@ class MuL2QQuantizer(TrainableQuantizer):
 
     def statistics(self, w: torch.Tensor) -> torch.Tensor:
         """σ = sqrt(E[w²]) of the current weight, per tensor or per output channel, shaped to broadcast."""
-        sigma = weight_rows(w.detach(), self.spec.per_channel).pow(2).mean(1).sqrt().clamp_min(1e-12)
-        return per_row(sigma, w, self.spec.per_channel)
+        sigma = weight_rows(w.detach(), self.spec.per_channel).pow(2).mean(1).sqrt()
+        # an all-zero channel: a tiny step (mid-rise has no 0 level), not 1e-12, which its bias cannot be stored at
+        return per_row(F.fill_dead_steps(sigma, sigma > 0), w, self.spec.per_channel)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
