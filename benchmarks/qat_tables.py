@@ -67,6 +67,10 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_last_epoch.json", "w4a4-gptq-lsq-seed3-bf16-e5")},
     "the same, fifth seed (bf16), trained under within_error (kept 5)": {
         0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed4-bf16-e5")},
+    "the same, fourth seed, float32 (within_error; the bf16 fourth seed: 91.37)": {
+        0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed3-e5")},
+    "the same, fifth seed, float32 (within_error; the bf16 fifth seed: 91.15)": {
+        0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed4-e5")},
     "the same, first seed in bf16 (the control for the bf16 rows: 91.63 in float32)": {
         0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed0-bf16-e5")},
     "the same, BN frozen after epoch 3 (two folded epochs, not one; bf16)": {
@@ -150,6 +154,9 @@ FAMILY_TABLE = [
     ("TWN, snapped at the BN freeze, + oscillation dampening λ 1 (bf16)", "W2A32", None,
      ("qat_dampen_probe.json", "w2a32-twn-dampen1-gridclip-bf16-e1"),
      (E30, "w2a32-twn-builtin-dampen1-bf16-e30"), TTQ),
+    ("ternary grid with a learned step (LSQ weights on {−1, 0, 1}; w2a32-twn's schedule, bf16)", "W2A32", None,
+     ("qat_ternary_lsq_probe.json", "w2a32-twn-lsq-ternary-bf16-e1"),
+     ("qat_ternary_lsq_e30.json", "w2a32-twn-lsq-ternary-bf16-e30"), TTQ),
     ("TTQ, gradient norm clipped at 1", "W2A32", None, (GPTQ_E1, "w2a32-ttq-gptq-regrid-kd1-clip1-e1"),
      (E30, "w2a32-ttq-builtin-e30"), TTQ),
     ("k-means, 2 bits (fine-tuned: centroid lr 1e-6)", "W2A32", (KMEANS_PTQ, "w3a32-kmeans-w2-e0"),
