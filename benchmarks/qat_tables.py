@@ -71,6 +71,9 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed3-e5")},
     "the same, fifth seed, float32 (within_error; the bf16 fifth seed: 91.15)": {
         0: ("qat_resnet20_w4a4_seeds.json", "w4a4-gptq-lsq-seed4-e5")},
+    "the same at lr 0.002 (twice the built-in's), first seed": {
+        0: ("qat_resnet20_w4a4_lr0.002.json", "w4a4-gptq-lsq-lr0.002-seed0-e5")},
+    "the same at lr 0.002, second seed": {0: ("qat_resnet20_w4a4_lr0.002.json", "w4a4-gptq-lsq-lr0.002-seed1-e5")},
     "the same, first seed in bf16 (the control for the bf16 rows: 91.63 in float32)": {
         0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed0-bf16-e5")},
     "the same, BN frozen after epoch 3 (two folded epochs, not one; bf16)": {
