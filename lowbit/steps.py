@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from lowbit.errors import RecipeError
+from lowbit.ptq.batches import on_model_device
 
 if TYPE_CHECKING:
     from lowbit.model.quant_model import QuantModel
@@ -206,9 +207,7 @@ def run_step(name: str, params: dict[str, Any], qm: "QuantModel", batches: list[
              recipe: "Recipe", progress: bool) -> None:
     # calibration batches go where the model is (a model moved to the GPU read CPU batches and failed inside
     # torch); in place, so later steps (and a zeroq step's distilled batches) share them
-    device = next(qm.parameters()).device
-    if any(isinstance(b, torch.Tensor) and b.device != device for b in batches):
-        batches[:] = [b.to(device) if isinstance(b, torch.Tensor) else b for b in batches]
+    batches[:] = on_model_device(qm, batches)
     try:
         STEPS[name](qm, batches, recipe, progress, **params)
     except TypeError as err:

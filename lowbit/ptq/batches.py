@@ -79,3 +79,12 @@ def as_batches(calib: Any, samples: int | None = None, batch_size: int = 128,
     # Re-cut into equal batches so the result does not depend on how the caller batched
     # the same inputs (observers subsample per batch).
     return list(torch.split(torch.cat(out), batch_size))
+
+
+def on_model_device(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``batches`` on the device of ``model``'s parameters (the same list when they are there already): a model
+    moved to the GPU read CPU calibration batches and failed deep inside torch."""
+    device = next(model.parameters()).device
+    if all(b.device == device for b in batches):
+        return batches
+    return [b.to(device) for b in batches]

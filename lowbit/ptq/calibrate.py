@@ -138,7 +138,7 @@ def _checked_batches(qm: QuantModel, data: Any) -> list[torch.Tensor]:
     """A list of input tensors is kept as it is batched (observers sample per batch); other forms are cut as
     ``lowbit.quantize`` cuts them."""
     from lowbit.checks import probe_forward
-    from lowbit.ptq.batches import as_batches
+    from lowbit.ptq.batches import as_batches, on_model_device
 
     if isinstance(data, (list, tuple)) and data and all(isinstance(x, torch.Tensor) for x in data):
         batches = list(data)
@@ -149,8 +149,7 @@ def _checked_batches(qm: QuantModel, data: Any) -> list[torch.Tensor]:
                                         "be float inputs of one shape")
     else:
         batches = as_batches(data)
-    device = next(qm.parameters()).device  # as run_step does for recipes: the batches go where the model is
-    batches = [x if x.device == device else x.to(device) for x in batches]
+    batches = on_model_device(qm, batches)  # as run_step does for recipes
     with qm.quantization(weights=False, activations=False):
         probe_forward(qm, batches[0], "calibration batch 0")
     return batches
