@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.qat import distributed as D
-from tests.test_qat_fixes import _calib, _data, _model, _recipe
+from tests.test_qat_fixes import _calib, _calibrated, _data, _model, _recipe
 
 
 def test_under_torchrun_cuda_means_the_gpu_of_the_local_rank(monkeypatch):
@@ -80,10 +80,19 @@ def _worker(rank: int, world: int, folder: str, recipe: dict, nan_rank: int) -> 
                             timeout=timedelta(seconds=30))
     if rank == nan_rank:
         engine.F = _NonFiniteLoss()
+    validated: list[int] = []  # how many held-out labels this process scored, per validation
+    score = lowbit.api.evaluate
+
+    def counting(model, data, **kw):  # noqa: ANN001, ANN003, ANN202
+        batches = list(data)
+        validated.append(sum(len(y) for _, y in batches))
+        return score(model, batches, **kw)
+
+    lowbit.api.evaluate = counting
     try:
         try:
             qm = lowbit.quantize(_model(), recipe, calib=_calib(), train=_data(), progress=False)
-            result = {"ok": qm.meta["qat"]["history"]}
+            result = {"ok": qm.meta["qat"]["history"], "validated": validated, "val_samples": qm.meta["qat"]["val_samples"]}
         except Exception as e:  # noqa: BLE001 - reported to the test
             result = {"error": f"{type(e).__name__}: {e}"}
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
@@ -104,6 +113,20 @@ def test_every_process_logs_the_metrics_of_the_global_batch(tmp_path):
     for a, b in zip(r0["ok"], r1["ok"]):  # each rank summed its own shard before: the two differed
         assert (a["train_loss"], a["train_top1"]) == (b["train_loss"], b["train_top1"])
         assert a["processes"] == 2
+        assert a["val_top1"] == b["val_top1"]
+    # each process scored its half of the held-out images (every one did all of them before)
+    n = r0["val_samples"]
+    assert r0["validated"] == [(n + 1) // 2] * 2 and r1["validated"] == [n // 2] * 2, (n, r0["validated"], r1["validated"])
+
+
+def test_one_process_validates_every_held_out_image():
+    from lowbit.qat.engine import held_out_top1
+
+    qm, _ = _calibrated(_recipe("lsq", "lsq+", 4, 4))
+    x, y = _data()
+    val = torch.utils.data.TensorDataset(x[:101], y[:101])
+    expected = 100 * lowbit.evaluate(qm, [(x[:101], y[:101])])
+    assert held_out_top1(qm, val, torch.device("cpu")) == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="file:// rendezvous")

@@ -2,6 +2,7 @@
 processes (DDP: gradients averaged, BN statistics of the global batch, rank-0 I/O)."""
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -92,6 +93,14 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def collect_wrapper() -> None:
+    """Collect the DDP wrapper a finished (or failed) training loop let go of. DDP sits in
+    reference cycles, so without this it lives until some later garbage collection, which
+    may come after ``destroy_process_group`` (or at interpreter exit) and abort the process."""
+    if active():
+        gc.collect()
 
 
 class _AllReduceSum(torch.autograd.Function):

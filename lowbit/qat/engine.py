@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from lowbit.data.augment import random_crop_flip
@@ -383,6 +383,24 @@ def keeps_epoch(rule: str, val_top1: float, state: TrainingState, val_samples: i
     return val_top1 >= top - 100 * math.sqrt(p * (1 - p) / max(val_samples, 1))
 
 
+def held_out_top1(qm: QuantModel, val_ds: Dataset, dev: torch.device) -> float:
+    """Top-1 (percent) on the held-out images. Under several processes each scores every
+    world-th image and the counts are summed, so validation costs 1/world of an epoch's
+    validation on each process instead of all of it (every rank holds the same weights)."""
+    from lowbit.api import evaluate
+    from lowbit.evaluation import TensorBatches
+
+    world, rank = D.world_size(), D.rank()
+    shard = Subset(val_ds, range(rank, len(val_ds), world)) if world > 1 else val_ds  # type: ignore[arg-type]
+    count = len(shard)  # type: ignore[arg-type]
+    correct = 0.0
+    if count:
+        correct = round(count * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(shard, 500)),
+                                         desc="validate"))
+    correct, count = D.sum_over_ranks([correct, float(count)], dev)
+    return 100 * correct / count
+
+
 def train_qat(
     qm: QuantModel, train: Any, epochs: int | None = None, val: Any = None, *,
     recipe: dict[str, Any] | None = None, config: QATConfig | dict[str, Any] | None = None,
@@ -400,8 +418,6 @@ def train_qat(
     and a rerun continues from it. Under torchrun (``torch.distributed`` initialised) every
     process runs this with the same arguments.
     """
-    from lowbit.api import evaluate
-    from lowbit.evaluation import TensorBatches
     from lowbit.recipes.recipe import load_recipe
     from lowbit.recipes.schema import check_params
 
@@ -500,108 +516,115 @@ def train_qat(
     weight_draws = torch.Generator(device=dev)
     for quantizer in sampling:
         quantizer.draws = weight_draws
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _detached(sampling):
-        for epoch in range(state.epoch, cfg.epochs):
-            for layer in scheduled:
-                layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
-            started = time.perf_counter()
-            model.train()
-            batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)
-            bar = tqdm(batches, desc=f"qat epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                       disable=not progress or rank != 0)
-            loss_sum = correct = seen = 0.0
-            try:
-                for i, idx in enumerate(bar):
-                    step = epoch * per_epoch + i
-                    if not frozen and step >= freeze_step:
-                        freeze_batchnorms(qm)
-                        frozen = True
-                        if cfg.snap_at_freeze and step == freeze_step:  # once: a run resumed past it is already snapped
-                            snap_latent_weights(qm)
-                            if average is not None:  # the average is what is kept: snap its latents too
-                                average.transform(qm, snap_latent_weights)
-                    weight_draws.manual_seed(cfg.seed * 1000003 + step)
-                    torch.manual_seed(D.rank_seed(cfg.seed * 1000003 + step))
-                    factor = lr_factor(cfg, step, total, per_epoch)
-                    for g in opt.param_groups:
-                        g["lr"] = g["base_lr"] * factor
-                    # The global batch is augmented as one process would, then each of ``world``
-                    # processes takes its share (rank r: positions r, r + world, ...).
-                    x, y = dataset_tensors(train_ds, idx.tolist())
-                    x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
-                    x, y = x[rank::world].to(dev), y[rank::world].to(dev)
-                    if x.dim() == 4:
-                        x = x.contiguous(memory_format=memory_format)
-                    with lower_precision():
-                        out = model(x).float()
-                    if teacher is not None:
-                        reference = (teacher.float_reference() if isinstance(teacher, QuantModel)
-                                     else contextlib.nullcontext())
-                        with torch.no_grad(), lower_precision(), reference:
-                            t_out = teacher(x).float()
-                        loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
-                    else:
-                        loss = F.cross_entropy(out, y)
-                    task_loss = loss.detach()
-                    damp = dampening_weight(cfg.dampen, step, total)
-                    if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
-                        loss = loss + damp * dampening_loss(dampened)
-                    if not D.all_ranks_finite(loss):  # (collective: every process stops here, none waits)
-                        value = loss.item()
-                        became = f"{value}" if not math.isfinite(value) else f"non-finite on another process (here {value:.4g})"
-                        raise NumericalError(f"QAT loss became {became} at epoch {epoch + 1}, step {i}: lower lr "
-                                             "(or quantizer_lr)")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient
-                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                       cfg.clip_grad_norm)
-                    opt.step()
-                    check_bn_statistics(batchnorms, epoch, i)
-                    for layer in constrained:
-                        layer.weight_quantizer.project_(layer)
-                    if average is not None:
-                        average.update(step)
-                    loss_sum += task_loss.item() * len(y)
-                    correct += float((out.argmax(1) == y).sum())
-                    seen += len(y)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                                    lr=f"{opt.param_groups[-1]['lr']:.3g}", refresh=False)
-            except KeyboardInterrupt:
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _detached(sampling):
+            for epoch in range(state.epoch, cfg.epochs):
+                for layer in scheduled:
+                    layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
+                started = time.perf_counter()
+                model.train()
+                batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)
+                bar = tqdm(batches, desc=f"qat epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                           disable=not progress or rank != 0)
+                loss_sum = correct = seen = 0.0
+                try:
+                    for i, idx in enumerate(bar):
+                        step = epoch * per_epoch + i
+                        if not frozen and step >= freeze_step:
+                            freeze_batchnorms(qm)
+                            frozen = True
+                            if cfg.snap_at_freeze and step == freeze_step:  # once: a run resumed past it is already snapped
+                                snap_latent_weights(qm)
+                                if average is not None:  # the average is what is kept: snap its latents too
+                                    average.transform(qm, snap_latent_weights)
+                        weight_draws.manual_seed(cfg.seed * 1000003 + step)
+                        torch.manual_seed(D.rank_seed(cfg.seed * 1000003 + step))
+                        factor = lr_factor(cfg, step, total, per_epoch)
+                        for g in opt.param_groups:
+                            g["lr"] = g["base_lr"] * factor
+                        # The global batch is augmented as one process would, then each of ``world``
+                        # processes takes its share (rank r: positions r, r + world, ...).
+                        x, y = dataset_tensors(train_ds, idx.tolist())
+                        x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
+                        x, y = x[rank::world].to(dev), y[rank::world].to(dev)
+                        if x.dim() == 4:
+                            x = x.contiguous(memory_format=memory_format)
+                        with lower_precision():
+                            out = model(x).float()
+                        if teacher is not None:
+                            reference = (teacher.float_reference() if isinstance(teacher, QuantModel)
+                                         else contextlib.nullcontext())
+                            with torch.no_grad(), lower_precision(), reference:
+                                t_out = teacher(x).float()
+                            loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
+                        else:
+                            loss = F.cross_entropy(out, y)
+                        task_loss = loss.detach()
+                        damp = dampening_weight(cfg.dampen, step, total)
+                        if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine
+                            loss = loss + damp * dampening_loss(dampened)
+                        if not D.all_ranks_finite(loss):  # (collective: every process stops here, none waits)
+                            value = loss.item()
+                            became = f"{value}" if not math.isfinite(value) else f"non-finite on another process (here {value:.4g})"
+                            raise NumericalError(f"QAT loss became {became} at epoch {epoch + 1}, step {i}: lower lr "
+                                                 "(or quantizer_lr)")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if cfg.clip_grad_norm > 0:  # after DDP's all-reduce: every rank clips the same gradient
+                            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                           cfg.clip_grad_norm)
+                        opt.step()
+                        check_bn_statistics(batchnorms, epoch, i)
+                        for layer in constrained:
+                            layer.weight_quantizer.project_(layer)
+                        if average is not None:
+                            average.update(step)
+                        loss_sum += task_loss.item() * len(y)
+                        correct += float((out.argmax(1) == y).sum())
+                        seen += len(y)
+                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                                        lr=f"{opt.param_groups[-1]['lr']:.3g}", refresh=False)
+                except KeyboardInterrupt:
+                    bar.close()
+                    if rank == 0:
+                        where = f"; {ckpt_dir} holds {state.epoch} finished epoch(s): rerun to continue" if ckpt_dir else ""
+                        print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
+                    raise
                 bar.close()
-                if rank == 0:
-                    where = f"; {ckpt_dir} holds {state.epoch} finished epoch(s): rerun to continue" if ckpt_dir else ""
-                    print(f"\nqat: interrupted in epoch {epoch + 1}{where}", flush=True)
-                raise
-            bar.close()
-            if epoch + 1 == cfg.epochs and scheduled:
-                finish_schedules(scheduled, cfg.epochs, qm, average)
-            with average.applied(qm) if average is not None else contextlib.nullcontext():  # the average is what is kept
-                val_top1 = 100 * evaluate(qm, ((x.to(dev), y.to(dev)) for x, y in TensorBatches(val_ds, 500)),
-                                          desc="validate")
-                candidate = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
-            loss_sum, correct, seen = D.sum_over_ranks([loss_sum, correct, seen], dev)  # the global batch's metrics
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
-                   "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
-                   "processes": world}
-            if cfg.dampen > 0:
-                row["dampen_weight"] = dampening_weight(cfg.dampen, (epoch + 1) * per_epoch, total)
-            state.epoch = epoch + 1
-            state.history.append(row)
-            # A scheduled kind (INQ) validates a partly float network until its last stage, so
-            # earlier epochs are not candidates: its last epoch is kept.
-            improved = bool(scheduled) or keeps_epoch(cfg.select, val_top1, state, len(val_ds))  # type: ignore[arg-type]
-            if improved:
-                state.best_val, state.best_epoch = val_top1, epoch + 1
-                state.best = candidate
-            state.ema = average.shadow if average is not None else None
-            if rank == 0 and progress:
-                print(f"qat epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {row['train_top1']:.2f}%, "
-                      f"val {val_top1:.2f}%{' (kept)' if improved else ''}, {row['seconds']:.0f} s", flush=True)
-            if ckpt_dir is not None:
-                if rank == 0:
-                    save_state(ckpt_dir, qm, opt, state, fingerprint)
-                D.barrier()
+                if epoch + 1 == cfg.epochs and scheduled:
+                    finish_schedules(scheduled, cfg.epochs, qm, average)
+                with average.applied(qm) if average is not None else contextlib.nullcontext():  # the average is what is kept
+                    val_top1 = held_out_top1(qm, val_ds, dev)
+                    candidate = {k: v.detach().cpu().clone() for k, v in qm.state_dict().items()}
+                loss_sum, correct, seen = D.sum_over_ranks([loss_sum, correct, seen], dev)  # the global batch's metrics
+                row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
+                       "val_top1": val_top1, "lr": opt.param_groups[-1]["lr"], "bn_frozen": frozen, "seconds": time.perf_counter() - started,
+                       "processes": world}
+                if cfg.dampen > 0:
+                    row["dampen_weight"] = dampening_weight(cfg.dampen, (epoch + 1) * per_epoch, total)
+                state.epoch = epoch + 1
+                state.history.append(row)
+                # A scheduled kind (INQ) validates a partly float network until its last stage, so
+                # earlier epochs are not candidates: its last epoch is kept.
+                improved = bool(scheduled) or keeps_epoch(cfg.select, val_top1, state, len(val_ds))  # type: ignore[arg-type]
+                if improved:
+                    state.best_val, state.best_epoch = val_top1, epoch + 1
+                    state.best = candidate
+                state.ema = average.shadow if average is not None else None
+                if rank == 0 and progress:
+                    print(f"qat epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {row['train_top1']:.2f}%, "
+                          f"val {val_top1:.2f}%{' (kept)' if improved else ''}, {row['seconds']:.0f} s", flush=True)
+                if ckpt_dir is not None:
+                    if rank == 0:
+                        save_state(ckpt_dir, qm, opt, state, fingerprint)
+                    D.barrier()
+    finally:
+        # DDP and the last step's graph (its gradient hooks) are let go here, while the process group
+        # is alive: an error unwinding through this frame kept them until a later garbage collection,
+        # which under gloo could run after destroy_process_group and abort the process at exit.
+        model = out = loss = None  # noqa: F841
+        D.collect_wrapper()
+
     if state.best is not None:
         qm.load_state_dict(state.best)
     qm.to(memory_format=torch.contiguous_format)  # the deployed model's usual layout, whatever training used
