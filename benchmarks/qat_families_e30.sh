@@ -31,6 +31,7 @@ run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
 run w1a32-binaryconnect builtin
 run w1a32-xnor builtin set:lr=0.0005 set:snap_at_freeze=false   # the built-in before lr 0.005 + snapping
 run w1a32-xnor lr0.005-snap-bf16 set:lr=0.005 set:snap_at_freeze=true "${BF16[@]}"
+run w1a32-binaryconnect lr0.005-snap-bf16 set:lr=0.005 set:snap_at_freeze=true "${BF16[@]}"   # XNOR's lr + snapping
 # W1A1 (no distillation: the start is at chance; lr 0.05, BN frozen for the last epoch only)
 run w1a1-bnn builtin-lr0.05-fz29 set:lr=0.05 set:freeze_bn_after=29
 run w1a1-xnor lr0.05-fz29-bf16 set:lr=0.05 set:freeze_bn_after=29 "${BF16[@]}"
@@ -61,6 +62,8 @@ run w5a32-inq w5-nofold-held fold_bn=false set:lr=0.002 set:quantizer_lr=0
 run w5a32-inq w3-nofold-held weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_lr=0
 # HWGQ activations, from the float-target GPTQ start, distilled
 run w1a2-hwgq gptq-regrid-kd1-bf16 "$GPTQ_START" set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
+# the same retrained after the 1-bit bias fix of stop 47 (the row above was rescored, not retrained)
+run w1a2-hwgq gptq-regrid-kd1-bf16-biasfix "$GPTQ_START" set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
 run w1a2-hwgq gptq-regrid-kd1-twn-w2a2-bf16 "$GPTQ_START" weights.bits=2 weights.grid=midtread weights.quantizer=twn \
   set:lr=0.0005 set:quantizer_lr=0 "$KD1" "${BF16[@]}"
 # LQ-Nets weights and activations (the built-ins' lr; distillation weight 1)
