@@ -348,3 +348,30 @@ def test_binary_and_ternary_training_forward_is_exactly_the_deployed_weight(kind
         assert torch.allclose(latent.grad, torch.ones_like(w))  # straight through
     if kind == "dorefa":
         assert torch.allclose(latent.grad, q._magnitude(w).expand_as(w))
+
+
+def test_lqnet_starts_an_all_zero_channel_at_zero_and_keeps_it_there(tmp_path):
+    """LQ-Nets' levels vᵀb (b ∈ {−1, +1}^K) have no 0 unless v = 0: on the 2-bit mid-tread grid the w2a2-lqnet
+    recipes calibrate on, an all-zero channel's step is 1 and its basis started at (0.5, 1), so the channel
+    became ±0.5 everywhere (a bias in each of its outputs) until QEM's moving average shrank it."""
+    ort = pytest.importorskip("onnxruntime")  # noqa: F841 - lowbit.OnnxModel runs it
+    qm = _ptq({"extends": "w4a4", "weights": {"bits": 2, "grid": "midtread"}}, _cnn(dead_channel=True))
+    to_training_form(qm, "lqnet", "lsq", train_bn=False)
+    layer = qm.layers["conv2"].layer
+    q = layer.weight_quantizer
+    assert bool((q.basis[0] == 0).all()) and bool((q.basis[1:] > 0).all())
+    x = _images(32, 5)
+    qm.train()
+    with torch.no_grad():
+        for _ in range(3):  # QEM fits the basis on every training forward
+            qm(x)
+            assert layer.quantized_weight().detach()[0].abs().max() == 0
+    assert bool((q.basis[0] == 0).all())
+    qm.eval()
+    to_deployed_form(qm)
+    assert layer.quantized_weight().detach()[0].abs().max() == 0
+    with torch.no_grad():
+        ref = qm(x)
+    path = lowbit.export_onnx(qm, tmp_path / "zero_lqnet.onnx", x[:1])
+    out = torch.as_tensor(lowbit.OnnxModel(path, threads=1)(x))
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()

@@ -110,6 +110,8 @@ def make_trainable(source: UniformQuantizer, kind: str, role: str, weight: Any =
         if weight is None:
             raise RecipeError(f"quantizer {kind!r} starts from the layer's weight; none was given")
         options = {**options, "weight": weight}
+    elif getattr(cls, "takes_weight", False) and role == "weights" and weight is not None:  # optional for it
+        options = {**options, "weight": weight}
     return cls.from_uniform(source, role, **options)
 
 

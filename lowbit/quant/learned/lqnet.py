@@ -27,7 +27,7 @@ import torch
 
 from lowbit.errors import RecipeError
 from lowbit.quant.codebook import CodebookQuantizer, count_below
-from lowbit.quant.learned.base import TrainableQuantizer
+from lowbit.quant.learned.base import TrainableQuantizer, weight_rows
 from lowbit.quant.quantizer import UniformQuantizer
 
 
@@ -129,6 +129,7 @@ class LQNetQuantizer(TrainableQuantizer):
     kind = "lqnet"
     deploys_to_codebook = True
     roles = ("weights", "activations")  # activations: LQNetActivationQuantizer
+    takes_weight = True  # where given: all-zero channels are found, and their basis starts at 0
 
     @classmethod
     def from_uniform(cls, source: UniformQuantizer, role: str, **options):  # noqa: ANN206 - either class
@@ -136,7 +137,8 @@ class LQNetQuantizer(TrainableQuantizer):
             return LQNetActivationQuantizer(source, role, **options)
         return cls(source, role, **options)
 
-    def __init__(self, source: UniformQuantizer, role: str, momentum: float = 0.1) -> None:
+    def __init__(self, source: UniformQuantizer, role: str, momentum: float = 0.1,
+                 weight: torch.Tensor | None = None) -> None:
         if source.spec.bits > MAX_WEIGHT_BITS:  # the 8-bit first/last layers keep LSQ's integer grid
             raise RecipeError(f"lqnet weights are for {MAX_WEIGHT_BITS} bits or fewer; "
                               f"{source.name!r} has {source.spec.bits}")
@@ -145,7 +147,14 @@ class LQNetQuantizer(TrainableQuantizer):
         k = self.spec.bits
         step = source.scale.detach().reshape(-1, 1).clamp_min(1e-12)  # [C, 1] or [1, 1]
         # on the source's device: QAT builds its quantizers after the model moved to the training device
-        self.register_buffer("basis", step * (2.0 ** torch.arange(k, dtype=torch.float32, device=step.device) / 2))
+        basis = step * (2.0 ** torch.arange(k, dtype=torch.float32, device=step.device) / 2)
+        if weight is not None:
+            # No level vᵀb (b ∈ {−1, +1}^K) is 0 unless v = 0: an all-zero channel (γ = 0, a pruned filter)
+            # would start at ±s/2, and on a mid-tread source, whose step for such a channel is 1, at ±0.5.
+            # Its basis starts at 0 (every level 0); least squares on its zeros keeps it there.
+            live = weight_rows(weight.detach(), self.spec.per_channel).abs().amax(1, keepdim=True) > 0
+            basis = torch.where(live.to(basis.device), basis, torch.zeros_like(basis))
+        self.register_buffer("basis", basis)
         self.register_buffer("bits_table", _all_bits(k, device=step.device))
         self.momentum = float(momentum)
 
