@@ -32,7 +32,7 @@ LOCATION_KEYS = ("checkpoint", "branch_from")  # where runs are kept, not how th
 # off, so older checkpoints resume, also under a recipe that spells the off value out.
 LATER_OPTIONS: dict[str, Any] = {"clip_grad_norm": 0.0, "ema": 0.0, "snap_at_freeze": False, "precision": "fp32",
                                  "channels_last": False, "dampen": 0.0,
-                                 "select": "best"}
+                                 "select": "best", "mix": "none", "mix_alpha": 1.0}
 # quantizer settings (recipe ``weights``/``activations`` sections) added after the first checkpoints
 # were written, with the value every earlier run had: an absent one reads as that value
 LATER_SPEC_OPTIONS: dict[str, Any] = {"narrow_range": True}

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +72,8 @@ class QATConfig:
     precision: str = "fp32"            # bf16: convolutions and matmuls of the training steps in bfloat16 (autocast)
     channels_last: bool = False        # train 4-D tensors in NHWC memory order (faster convolutions, above all in bf16)
     select: str = "within_error"       # which epoch is kept: see keeps_epoch
+    mix: str = "none"                  # none | mixup | cutmix: each training batch mixed with itself (see mix_batch)
+    mix_alpha: float = 1.0             # λ ~ Beta(α, α)
 
     def __post_init__(self) -> None:
         # kd's defaults here, so a QATConfig built directly gets them as one read from a recipe does
@@ -214,12 +217,57 @@ def lr_factor(cfg: QATConfig, step: int, total: int, per_epoch: int) -> float:
     raise RecipeError(f"step 'qat': schedule must be cosine or constant, got {cfg.schedule!r}")
 
 
+def mix_batch(x: torch.Tensor, y: torch.Tensor, kind: str, alpha: float, seed: int
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each image mixed with the image at its place in a random permutation π of the batch;
+    returns (x̃, y[π], λ), λ the share of the image's own label. mixup (Zhang et al. 2018):
+    x̃ = λ·x + (1 − λ)·x[π], λ ~ Beta(α, α). cutmix (Yun et al. 2019): a box of about 1 − λ of
+    the area, centred uniformly and clipped to the image, is cut from x[π] into x; λ becomes the
+    area actually left (eq. 1-2). Why: the float teacher was trained on these very images and is
+    near one-hot on them; on mixed images its outputs say more, so a distilled student learns
+    more of the teacher's function from the same training split. cutmix keeps every pixel a
+    real one, so the batch statistics BN trains on stay those of real images."""
+    # drawn from ``seed`` alone (numpy: torch's Beta sampler would read the global generator, which
+    # is seeded per process for the user's dropout), so every process mixes the global batch alike
+    rng = np.random.default_rng(seed)
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    if kind == "mixup":
+        return lam * x + (1.0 - lam) * x[perm], y[perm], lam
+    if kind != "cutmix":
+        raise RecipeError(f"step 'qat': mix must be none, mixup or cutmix, got {kind!r}")
+    if x.dim() != 4:
+        raise LowbitError(f"qat mix: cutmix cuts boxes from images [N, C, H, W]; the training inputs are {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    cut = math.sqrt(1.0 - lam)
+    bh, bw = int(round(h * cut)), int(round(w * cut))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - bh // 2, 0), min(cy + bh - bh // 2, h)
+    x0, x1 = max(cx - bw // 2, 0), min(cx + bw - bw // 2, w)
+    mixed = x.clone()
+    mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return mixed, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mixed: tuple[torch.Tensor, float] | None
+                        ) -> torch.Tensor:
+    """CE against ``labels``, or with ``mixed`` = (y[π], λ) mixup's λ·CE(y) + (1 − λ)·CE(y[π])."""
+    if mixed is None:
+        return F.cross_entropy(logits, labels)
+    other, lam = mixed
+    return lam * F.cross_entropy(logits, labels) + (1.0 - lam) * F.cross_entropy(logits, other)
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, weight: float) -> torch.Tensor:
-    """(1 − w)·CE + w·T²·KL(p_teacher^T ‖ p_student^T) (Hinton et al. 2015)."""
+                      temperature: float, weight: float, mixed: tuple[torch.Tensor, float] | None = None
+                      ) -> torch.Tensor:
+    """(1 − w)·CE + w·T²·KL(p_teacher^T ‖ p_student^T) (Hinton et al. 2015); CE as mixup's
+    when ``mixed`` (the teacher sees the same mixed images as the student)."""
     t = temperature
     soft = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    return (1.0 - weight) * F.cross_entropy(student, labels) + weight * soft
+    if weight >= 1.0:  # distillation only: no CE term to compute
+        return weight * soft
+    return (1.0 - weight) * mixed_cross_entropy(student, labels, mixed) + weight * soft
 
 
 def distillation_teacher(qm: QuantModel, cfg: QATConfig, teacher: nn.Module | None, sample: torch.Tensor,
@@ -546,6 +594,10 @@ def train_qat(
                         # processes takes its share (rank r: positions r, r + world, ...).
                         x, y = dataset_tensors(train_ds, idx.tolist())
                         x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
+                        mixed = None
+                        if cfg.mix != "none":  # on the global batch too, so that pairs cross the processes' shares
+                            x, y_other, lam = mix_batch(x, y, cfg.mix, cfg.mix_alpha, cfg.seed * 5557 + step)
+                            mixed = (y_other[rank::world].to(dev), lam)
                         x, y = x[rank::world].to(dev), y[rank::world].to(dev)
                         if x.dim() == 4:
                             x = x.contiguous(memory_format=memory_format)
@@ -556,9 +608,9 @@ def train_qat(
                                          else contextlib.nullcontext())
                             with torch.no_grad(), lower_precision(), reference:
                                 t_out = teacher(x).float()
-                            loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"])
+                            loss = distillation_loss(out, t_out, y, cfg.kd["temperature"], cfg.kd["weight"], mixed)
                         else:
-                            loss = F.cross_entropy(out, y)
+                            loss = mixed_cross_entropy(out, y, mixed)
                         task_loss = loss.detach()
                         damp = dampening_weight(cfg.dampen, step, total)
                         if damp > 0:  # Nagel et al. 2022 eq. 6, its weight on a rising cosine

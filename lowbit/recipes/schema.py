@@ -165,6 +165,10 @@ def _qat_schema() -> list[Param]:
         ("clip_grad_norm", "float", {"low": 0}, "rescale each step's gradient to at most this L2 norm (0: off)"),
         ("snap_at_freeze", "bool", {}, "when BN freezes, set binary/ternary latent weights to their quantized values "
          "(same forward; none left at a threshold where they oscillate and a frozen layer collapses)"),
+        ("mix", "str", {"choices": ("none", "mixup", "cutmix")}, "mix each training batch with a permutation of "
+         "itself: mixup blends whole images (Zhang et al. 2018), cutmix pastes a box (Yun et al. 2019); labels "
+         "mixed in the same share, and a kd teacher distils on the mixed images"),
+        ("mix_alpha", "float", {"low": 0, "open_low": True}, "λ ~ Beta(α, α) for mix (1: uniform)"),
         ("dampen", "float", {"low": 0}, "oscillation dampening (Nagel et al. 2022): final weight of a loss pulling "
          "each latent weight to the level it rounds to, rising from 0 on a cosine (0: off; e.g. 0.1)"),
     ]
