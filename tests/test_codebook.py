@@ -125,9 +125,14 @@ def test_kmeans_ptq_saves_at_its_true_size_and_runs_in_onnx(mnist_cnn, tmp_path,
     logits = session.run(None, {session.get_inputs()[0].name: test[0][:300].numpy()})[0]
     with torch.no_grad():  # equal up to a rare float-order flip at a 4-bit boundary (it was 0.17-0.3 on average)
         assert float((torch.from_numpy(logits) - qm(test[0][:300])).abs().mean()) < 1e-3
-    onnx_model = lowbit.OnnxModel(path, threads=1)  # fused int8 kernels for the 8-bit first/last layers
-    agree = (onnx_model(test[0][:300]).argmax(1) == qm(test[0][:300]).argmax(1)).float().mean()
-    assert agree > 0.98
+    # Fully optimised (lowbit.OnnxModel: ORT_ENABLE_ALL, fused int8 kernels for the 8-bit first/last layers).
+    # ORT folded the codebook's Gather into a float weight and re-quantized it to int8 between the 4-bit
+    # DequantizeLinear/QuantizeLinear pair: 0.08 off per logit; the indices now pass a DequantizeLinear.
+    optimised = torch.as_tensor(lowbit.OnnxModel(path, threads=1)(test[0][:300]))
+    with torch.no_grad():
+        reference = qm(test[0][:300])
+    assert float((optimised - reference).abs().mean()) < 1e-3
+    assert (optimised.argmax(1) == reference.argmax(1)).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("kind", ["kmeans", "ttq", "inq", "lqnet"])

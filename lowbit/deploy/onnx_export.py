@@ -72,15 +72,6 @@ def pool_attributes(node: fx.Node, max_pool: bool) -> dict[str, Any]:
     return attrs
 
 
-def _index_dtype(largest: int) -> type:
-    """The narrowest unsigned type that holds the Gather indices 0..``largest`` (per-channel tables are
-    indexed flattened, C·K entries: past 65535 a uint16 would wrap silently)."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if largest <= np.iinfo(dtype).max:
-            return dtype
-    return np.int64
-
-
 class _Builder:
     def __init__(self, gm: fx.GraphModule) -> None:
         import onnx  # noqa: F401 - fail early with a clear message if missing
@@ -260,7 +251,18 @@ class _Builder:
             if table.ndim == 2:  # one table per output channel: index the flattened tables
                 codes = codes + (np.arange(table.shape[0]) * table.shape[1]).reshape([-1] + [1] * (codes.ndim - 1))
                 table = table.reshape(-1)
-            idx = self.const("w_index", codes.astype(_index_dtype(int(codes.max()))))
+            # The indices pass through a DequantizeLinear (scale 1: the same integers, as float), which
+            # ONNX Runtime never constant-folds: folded, the Gather became a float weight initializer
+            # between a DequantizeLinear and a QuantizeLinear, which its WeightBiasQuantization pass
+            # re-quantized to int8 (ORT_ENABLE_ALL scored a 3-bit k-means CNN 0.08 off per logit).
+            largest = int(codes.max())
+            stored = np.uint8 if largest <= np.iinfo(np.uint8).max else np.int32  # (DequantizeLinear's types)
+            if largest >= 2**24:  # float32 holds integers exactly up to 2^24
+                raise ExportError(f"weights of {layer.name!r}: {largest + 1} codebook entries, more than the "
+                                  f"{2**24} the exported index path holds exactly")
+            idx = self.op("DequantizeLinear", [self.const("w_index", codes.astype(stored)),
+                                               self.const("w_index_unit", np.array(1.0, dtype=np.float32)),
+                                               self.const("w_index_zp", np.array(0, dtype=stored))], "w_index_f")
             idx = self.op("Cast", [idx], "w_index_i64", to=TensorProto.INT64)
             return self.op("Gather", [self.const("w_codebook", table), idx], "w")
         if not q.signed or not q.spec.symmetric:
