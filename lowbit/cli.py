@@ -519,14 +519,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     info = zoo.model_info(args.model)
     dataset = args.dataset or info.dataset
-    torch.manual_seed(args.seed)
+    seed = args.seed if args.seed is not None else 0
+    torch.manual_seed(seed)
     model = zoo.build(args.model)
     train, test = _datasets(args, dataset)
     if args.train_limit:
         from torch.utils.data import Subset
         train = Subset(train, range(min(args.train_limit, len(train))))
     epochs, lr, batch = args.epochs or 3, args.lr or 0.02, args.batch_size or 32
-    loader = make_loader(train, batch_size=batch, shuffle=True, seed=args.seed)
+    loader = make_loader(train, batch_size=batch, shuffle=True, seed=seed)
     zoo.train_classifier(model, loader, epochs=epochs, lr=lr, checkpoint=args.checkpoint,
                          progress=not args.no_progress)
     top1 = evaluate(model, TensorBatches(test))
@@ -537,6 +538,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_training_targets(args: argparse.Namespace) -> None:
+    """--save must name a file that may be (over)written and --checkpoint a folder that can be made.
+    Found only after training, the first lost the trained model and the second an epoch's work."""
+    from lowbit.deploy.artifact import check_target
+
+    if args.save:
+        check_target(Path(args.save))
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+        if folder.exists() and not folder.is_dir():
+            raise LowbitError(f"--checkpoint {folder} is an existing file; QAT writes a folder there")
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise LowbitError(f"--checkpoint {folder} cannot be made: {blocker} is a file, not a folder")
+
+
 def _train_qat(args: argparse.Namespace) -> int:
     """`lowbit train --recipe R`: calibrate the pretrained model, then QAT; under torchrun
     every process runs this and rank 0 reports."""
@@ -545,6 +562,7 @@ def _train_qat(args: argparse.Namespace) -> int:
     from lowbit.qat import distributed as D
     from lowbit.recipes.recipe import load_recipe
 
+    _check_training_targets(args)  # before any training: a bad path found after it would lose the run
     device = D.init_from_env(args.device)  # under torchrun with GPUs: this process's own one
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
@@ -561,11 +579,15 @@ def _train_qat(args: argparse.Namespace) -> int:
                "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                "branch_from": str(args.branch_from) if args.branch_from else None,
                "precision": args.precision, "channels_last": True if args.channels_last else None}
-    if args.kd:
-        changes["kd"] = {"temperature": args.kd_temperature, "weight": args.kd}
     for step in source["steps"]:
         if isinstance(step, dict) and "qat" in step:
             step["qat"] = {**(step["qat"] or {}), **{k: v for k, v in changes.items() if v is not None}}
+            if args.kd is not None or args.kd_temperature is not None:  # merged into the recipe's kd, not replacing it
+                if args.kd is None and not step["qat"].get("kd"):
+                    raise LowbitError(f"--kd-temperature needs distillation on: recipe {recipe.name!r} does not "
+                                      "distil, add --kd WEIGHT")
+                given = {"weight": args.kd, "temperature": args.kd_temperature}
+                step["qat"]["kd"] = {**(step["qat"].get("kd") or {}), **{k: v for k, v in given.items() if v is not None}}
             if args.kd_teacher:
                 if not step["qat"].get("kd"):
                     raise LowbitError(f"--kd-teacher needs distillation on: recipe {recipe.name!r} does not distil, "
@@ -789,14 +811,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=positive_float, help="peak learning rate (default: the recipe's; 0.02 from scratch)")
     t.add_argument("--batch-size", type=positive_int, help="global batch size (default: the recipe's; 32 from scratch)")
     t.add_argument("--kd", type=positive_float, help="distil from the float model with this loss weight (0..1)")
-    t.add_argument("--kd-temperature", type=positive_float, default=4.0, help="distillation temperature")
+    t.add_argument("--kd-temperature", type=positive_float,
+                   help="distillation temperature (default: the recipe's, else 4); needs distillation on")
     t.add_argument("--kd-teacher", help="distil from this zoo model (e.g. resnet32) instead of the float model")
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda, and each process "
                    "uses the GPU of its LOCAL_RANK)")
     t.add_argument("--train-limit", type=positive_int, help="train on the first N training images only")
     t.add_argument("--val-samples", type=positive_int,
                    help="QAT: training images held out to choose the final epoch (default: the recipe's, 5000)")
-    t.add_argument("--seed", type=non_negative_int, default=0)
+    t.add_argument("--seed", type=non_negative_int,
+                   help="QAT: the qat step's seed (default: the recipe's, else its calibration seed, as the Python "
+                        "API does); from scratch: the initialisation and data order (default 0)")
     t.add_argument("--checkpoint", help="QAT: folder written after every epoch; from scratch: a state file. "
                                         "Rerunning the same command resumes from it")
     t.add_argument("--branch-from", help="QAT: start from another run's checkpoint folder, for a run that differs "

@@ -375,3 +375,19 @@ def test_lqnet_starts_an_all_zero_channel_at_zero_and_keeps_it_there(tmp_path):
     path = lowbit.export_onnx(qm, tmp_path / "zero_lqnet.onnx", x[:1])
     out = torch.as_tensor(lowbit.OnnxModel(path, threads=1)(x))
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("method", ["ttq", "inq", "lqnet"])
+def test_training_a_finished_codebook_run_again_says_to_resume_it(method):
+    """QAT on a TTQ / INQ / LQ-Nets-trained model was refused with k-means' advice ("put qat before kmeans")."""
+    from lowbit.quant.codebook import CodebookQuantizer
+    from lowbit.quant.registry import check_codebook_source
+
+    done = CodebookQuantizer(QuantSpec(bits=2, signed=True, symmetric=True), torch.tensor([-0.1, 0.0, 0.1]),
+                             name="conv2.weight", method=method)
+    with pytest.raises(RecipeError, match=rf"the deployed form of a finished {method} run.*qat checkpoint folder"):
+        check_codebook_source(done, method, "weights")
+    kmeans = CodebookQuantizer(QuantSpec(bits=2, signed=True, symmetric=True), torch.tensor([-0.1, 0.0, 0.1]),
+                               name="conv2.weight", method="kmeans")
+    with pytest.raises(RecipeError, match="put `qat` before `kmeans`"):
+        check_codebook_source(kmeans, "lsq", "weights")

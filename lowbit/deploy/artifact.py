@@ -84,7 +84,7 @@ def _digest(codes: np.ndarray, floats: np.ndarray, header: dict[str, Any] | None
     return h.hexdigest()
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: Path) -> None:
     """Never write over a directory or over a file that is not a .lowbit artifact."""
     if path.is_dir():
         raise ArtifactError(f"cannot save to {path}: it is a directory; give a file path such as {path / 'model.lowbit'}")
@@ -109,7 +109,7 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
                             "the network from it. Build the QuantModel with lowbit.prepare(model, recipe) or "
                             "lowbit.quantize(model, recipe, calib=...) instead of QuantModel(...)")
     path = Path(path)
-    _check_target(path)
+    check_target(path)
     arch = qm.meta.get("arch")
     packed, floats = _stored_tensors(qm)
     code_chunks, float_chunks = [], []

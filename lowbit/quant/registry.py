@@ -91,8 +91,13 @@ def check_codebook_source(source: UniformQuantizer, kind: str, role: str) -> Non
     by a step-1 grid. (lowbit.qat.convert checks this before falling back to LSQ, which would do the same.)"""
     if role == "weights" and kind != "kmeans" and isinstance(source, CodebookQuantizer):
         layer = source.name.removesuffix(".weight")
-        raise RecipeError(f"layer {layer!r} has a {source.method} codebook ({source.centroids.shape[-1]} centroids) "
-                          f"that weights.quantizer {kind!r} would replace with a uniform grid: use "
+        what = f"layer {layer!r} has a {source.method} codebook ({source.centroids.shape[-1]} centroids)"
+        if source.method != "kmeans":  # the deployed form of a finished TTQ / INQ / LQ-Nets run
+            raise RecipeError(f"{what}: the deployed form of a finished {source.method} run, which "
+                              f"weights.quantizer {kind!r} cannot restart from (it starts from a calibrated uniform "
+                              f"grid): to train it further, rerun that run with its qat checkpoint folder and more "
+                              "epochs (it resumes), or fine-tune these centroids with `weights.quantizer: kmeans`")
+        raise RecipeError(f"{what} that weights.quantizer {kind!r} would replace with a uniform grid: use "
                           "`weights.quantizer: kmeans` to fine-tune its centroids, or put `qat` before `kmeans`")
 
 
