@@ -4,7 +4,7 @@
 #   bash benchmarks/qat_families_e30.sh            # runs only the rows not yet in the results file
 #   python benchmarks/qat_tables.py                # prints the table ("running: epoch N/30" for unfinished rows)
 # RUNS (default benchmarks/results/checkpoints) is the folder of per-row checkpoints; scoring a finished row's last
-# epoch instead of its kept one: RUNS=<copies without best.safetensors> OUT=<other file> EXTRA="--set select=best" ONLY=...
+# epoch instead of its kept one: benchmarks/last_epoch_eval.sh (a copy without best.safetensors and with no kept epoch)
 # Resumable: qat.py skips rows already in OUT and resumes a row from its checkpoint folder (committed under
 # benchmarks/results/checkpoints/). One thread each; two such scripts may run side by side on different rows
 # only if started with ONLY=... (an extended regular expression on "<recipe>-<tag>", e.g.

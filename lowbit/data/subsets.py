@@ -78,5 +78,19 @@ def dataset_tensors(
     if not items:
         raise LowbitError("cannot build tensors from an empty dataset")
     xs = torch.stack([torch.as_tensor(x) for x, _ in items])
-    ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+    ys = torch.as_tensor([_class_index(y, pos) for pos, (_, y) in enumerate(items)], dtype=torch.long)
     return xs, ys
+
+
+def _class_index(label: object, position: int) -> int:
+    """One item's label as a class index (as int() reads it); a one-hot vector failed in int() with
+    "only one element tensors can be converted", naming neither the item nor the problem."""
+    try:
+        value = torch.as_tensor(label)
+    except (TypeError, ValueError, RuntimeError):
+        raise LowbitError(f"the label of item {position} of this batch is a {type(label).__name__}, not a class "
+                          "index") from None
+    if value.numel() != 1:
+        raise LowbitError(f"the label of item {position} of this batch has shape {tuple(value.shape)}, not one class "
+                          "index (for one-hot or soft labels, their argmax)")
+    return int(value)

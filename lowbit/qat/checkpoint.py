@@ -77,7 +77,26 @@ def save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state
     if state.data is not None:
         side["data"] = state.data
     commit_state(folder, "state", state.epoch, tensors, "state.json", side, stamp)
-    atomic_write_text(metrics_path(folder), "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
+    atomic_write_text(metrics_path(folder), _metrics_text(state.history))
+
+
+def _metrics_text(history: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+
+
+def sync_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` from a loaded checkpoint's history when it says otherwise.
+
+    Why: save_state writes it after the state.json commit, so a run killed between the two
+    leaves it an epoch behind, and when that was the last epoch no rerun writes it again."""
+    path = metrics_path(folder)
+    want = _metrics_text(history)
+    try:
+        if path.read_text() == want:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass  # missing or torn: written below
+    atomic_write_text(path, want)
 
 
 def _best_epoch_on_disk(folder: Path) -> int:
@@ -85,13 +104,42 @@ def _best_epoch_on_disk(folder: Path) -> int:
     path = folder / "best.safetensors"
     if not path.is_file():
         return -1
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {}).get("epoch", -1))
+        return _stamped_epoch(path)
     except (OSError, ValueError, SafetensorError):
         return -1
+
+
+def _stamped_epoch(path: Path) -> int:
+    """The epoch a best-model file is stamped with (-1: no stamp); raises when it cannot be read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {}).get("epoch", -1))
+
+
+def _kept_model(folder: Path, best_epoch: int) -> dict[str, torch.Tensor] | None:
+    """The model of ``best_epoch`` (state.json's kept epoch) from ``best.safetensors``; None when no
+    epoch is kept yet, or when the file holds another epoch (a run killed after writing a new best
+    but before committing state.json: the next epoch becomes the kept one).
+
+    A missing or unreadable file is refused: the run would go on without it and return the last
+    epoch's weights under the kept epoch's name."""
+    if best_epoch <= 0:
+        return None
+    path = folder / "best.safetensors"
+    if not path.is_file():
+        raise LowbitError(f"QAT checkpoint {folder}: {path.name} is missing, yet state.json keeps epoch {best_epoch}'s "
+                          f"model, which only that file holds: put {path} back, or delete {folder} to start over")
+    try:
+        if _stamped_epoch(path) != best_epoch:
+            return None
+        return load_file(str(path), device="cpu")
+    except (OSError, ValueError, SafetensorError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise LowbitError(f"QAT checkpoint {folder}: cannot read {path.name} ({type(e).__name__}: {why}), which holds "
+                          f"the kept epoch {best_epoch}'s model: restore {path} (e.g. from a backup), or delete "
+                          f"{folder} to start over") from e
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -199,6 +247,8 @@ def load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     # state.json) say nothing of the folder, nor that deleting it starts the run over
     try:
         return _restore(folder, side, tensors, model_sd, model, opt, saved_data)
+    except LowbitError:
+        raise  # already names the folder and the fix
     except (RuntimeError, KeyError, ValueError, TypeError, OSError, SafetensorError) as e:
         why = " ".join(str(e).split())[:300]
         raise LowbitError(f"checkpoint {folder} does not fit this run ({type(e).__name__}: {why}): use "
@@ -210,12 +260,12 @@ def _restore(folder: Path, side: dict[str, Any], tensors: dict[str, torch.Tensor
     """load_state's restore, once the checkpoint is known to be this run's."""
     model.load_state_dict(model_sd)
     opt.load_state_dict(optimizer_state(tensors, side.get("state_scalars", {}), side["param_groups"]))
-    torch.set_rng_state(tensors["rng/torch"])
-    best, best_val = None, float(side["best_val"])
-    if _best_epoch_on_disk(folder) == int(side["best_epoch"]):
-        best = load_file(str(folder / "best.safetensors"), device="cpu")
-    if best is None:
-        best_val = -1.0  # killed between the two writes: the next epoch becomes the best
+    # The saved generator state ("rng/torch") is not restored: every training step reseeds, and
+    # setting it here would change the caller's generator, outside train_qat's fork_rng.
+    best_epoch, best_val = int(side["best_epoch"]), float(side["best_val"])
+    best = _kept_model(folder, best_epoch)
+    if best is None:  # nothing kept (or killed between the two writes): the next epoch becomes the kept one
+        best_val = -1.0  # (best_epoch stays as recorded: lowbit.qat.engine.check_kept reads it)
     ema = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")} or None
     if ema is not None:  # state added later: the average starts it where the model's loader did
         live = model.state_dict()
@@ -224,6 +274,6 @@ def _restore(folder: Path, side: dict[str, Any], tensors: dict[str, torch.Tensor
         if set(ema) != set(live):
             raise ValueError(f"its weight average holds other tensors than the model (e.g. "
                              f"{sorted(set(ema) ^ set(live))[:3]})")
-    return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=int(side["best_epoch"]),
+    return TrainingState(epoch=int(side["epoch"]), best_val=best_val, best_epoch=best_epoch,
                          history=list(side["history"]), best=best, ema=ema, branched_from=side.get("branched_from"),
                          data=saved_data if isinstance(saved_data, dict) else None)

@@ -30,7 +30,9 @@ from lowbit.errors import LowbitError, NumericalError, RecipeError
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
 from lowbit.qat.bn import FoldedBatchNorm
-from lowbit.qat.checkpoint import LATER_OPTIONS, LOCATION_KEYS, TrainingState, load_state, read_summary, save_state
+from lowbit.qat.checkpoint import (LATER_OPTIONS, LOCATION_KEYS, TrainingState, load_state, read_summary, save_state,
+                                   sync_metrics)
+from lowbit.qat.labels import check_batch_labels, check_label_range, class_indices, integral, model_classes
 from lowbit.qat.dampen import dampened_layers, dampening_loss, dampening_weight
 from lowbit.qat.convert import freeze_batchnorms, snap_latent_weights, to_deployed_form, to_training_form
 from lowbit.qat.ema import WeightAverage
@@ -125,7 +127,8 @@ def as_dataset(data: Any, what: str) -> Dataset:
         x, y = data
         if len(x) != len(y):
             raise LowbitError(f"{what}: {len(x)} inputs but {len(y)} labels")
-        return TensorDataset(x, y.long())
+        # integer labels of any width become int64; others stay as given, for class_indices to refuse
+        return TensorDataset(x, y.long() if integral(y) else y)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         return data
     raise LowbitError(f"{what} must be a Dataset of (input, label), a DataLoader over one, or an (inputs, labels) "
@@ -412,6 +415,16 @@ def branch_state(source: Path, ckpt_dir: Path | None, qm: QuantModel, opt: torch
     return state
 
 
+def check_kept(state: TrainingState, folder: Path, epochs: int) -> None:
+    """Refuse a finished run whose kept model was dropped on loading (best.safetensors holds
+    another epoch than state.json keeps): no epoch is left to train a new one, and the last
+    epoch's weights would be returned in its place."""
+    if state.best is None and state.best_epoch > 0 and state.epoch >= epochs > 0:
+        raise LowbitError(f"QAT checkpoint {folder}: best.safetensors holds another epoch's model than the one "
+                          "state.json keeps, and the run is finished, so no epoch is left to replace it: restore "
+                          f"{folder / 'best.safetensors'}, or delete {folder} to start over")
+
+
 def keeps_epoch(rule: str, val_top1: float, state: TrainingState, val_samples: int) -> bool:
     """Whether the epoch just validated (already in ``state.history``) replaces the kept one.
 
@@ -481,16 +494,23 @@ def train_qat(
     if cfg.batch_size % world:
         raise LowbitError(f"batch_size {cfg.batch_size} must divide evenly among {world} processes")
     train_ds = as_dataset(train, "train")
+    labels = {"train": class_indices(train_ds, "train")}  # before the split: held-out samples are checked as train's
     if val is None:
         train_ds, val_ds = split_validation(train_ds, cfg.val_samples, cfg.seed)
     else:
         val_ds = as_dataset(val, "val")
+        labels["val"] = class_indices(val_ds, "val")
     n = len(train_ds)  # type: ignore[arg-type]
     if n < cfg.batch_size:
         held = "" if val is not None else (f" after val_samples={cfg.val_samples} of its {n + cfg.val_samples} were held "
                                            "out for validation (lower val_samples, or pass val=)")
         raise LowbitError(f"the training set holds {n} samples{held}, fewer than one batch of {cfg.batch_size}")
     sample_x, _ = dataset_tensors(train_ds, [0])
+    classes = model_classes(qm, sample_x, dev)
+    check_label_range(labels, classes)
+    # labels not known up front (a dataset of items) are checked batch by batch, as the caller numbers its samples
+    caller_ids = (torch.as_tensor(np.asarray(train_ds.indices)) if isinstance(train_ds, Subset) and val is None
+                  else None)
     augment = _augmenter(cfg.augment, sample_x)
     if calib is None:
         calib = list(torch.split(dataset_tensors(train_ds, list(range(min(n, 1024))))[0], 256))
@@ -539,6 +559,9 @@ def train_qat(
     if loaded is not None:
         state = loaded
         state.data = data  # (a checkpoint from before the sizes were kept says none: it holds them from now on)
+        check_kept(state, ckpt_dir, cfg.epochs)  # type: ignore[arg-type]
+        if rank == 0:
+            sync_metrics(ckpt_dir, state.history)  # type: ignore[arg-type]
         if rank == 0 and progress:
             print(f"qat: resuming {ckpt_dir} after epoch {state.epoch}/{cfg.epochs}", flush=True)
     elif cfg.branch_from:
@@ -593,6 +616,8 @@ def train_qat(
                         # The global batch is augmented as one process would, then each of ``world``
                         # processes takes its share (rank r: positions r, r + world, ...).
                         x, y = dataset_tensors(train_ds, idx.tolist())
+                        if labels["train"] is None:
+                            check_batch_labels(y, classes, "train", idx if caller_ids is None else caller_ids[idx])
                         x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
                         mixed = None
                         if cfg.mix != "none":  # on the global batch too, so that pairs cross the processes' shares
