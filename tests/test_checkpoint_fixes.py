@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 import lowbit
 from lowbit.data.dataset import ImageDataset
 from lowbit.errors import LowbitError
+from tests.test_qat import _run_killed_after_its_first_checkpoint
 from tests.test_qat_fixes import _calib, _data, _model, _recipe
 
 
@@ -32,18 +33,7 @@ def _run(recipe: dict, train=None, val=None) -> lowbit.QuantModel:
 
 def _killed_after_first_checkpoint(monkeypatch, recipe: dict) -> None:
     """A run "killed" (KeyboardInterrupt) right after it wrote its first checkpoint."""
-    from lowbit.qat import engine
-
-    real_save = engine.save_state
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        _run(recipe)
-    monkeypatch.setattr(engine, "save_state", real_save)
+    _run_killed_after_its_first_checkpoint(monkeypatch, _model(), recipe, _calib(), _data())
 
 
 # -- 1. a missing or unreadable best.safetensors ----------------------------------------------------
