@@ -80,7 +80,8 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_val1000.json", "w4a4-gptq-lsq-val1000-seed1-e5")},
     "the same with CutMix (α 1; the teacher distils on the mixed images), first seed": {
         0: ("qat_resnet20_w4a4_mix.json", "w4a4-gptq-lsq-cutmix1.0-seed0-e5")},
-    "the same with CutMix, second seed": {0: ("qat_resnet20_w4a4_mix.json", "w4a4-gptq-lsq-cutmix1.0-seed1-e5")},
+    "the same with mixup (α 0.2; the teacher distils on the mixed images), first seed": {
+        0: ("qat_resnet20_w4a4_mix.json", "w4a4-gptq-lsq-mixup0.2-seed0-e5")},
     "the same, first seed in bf16 (the control for the bf16 rows: 91.63 in float32)": {
         0: ("qat_resnet20_w4a4_seeds_bf16.json", "w4a4-gptq-lsq-seed0-bf16-e5")},
     "the same, BN frozen after epoch 3 (two folded epochs, not one; bf16)": {
