@@ -1,10 +1,11 @@
 """A user's own data and model for the command line (issue 13 part 1).
 
 Data, ``--data KIND:PATH``:
-- ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (png, jpg, jpeg, bmp,
-  gif, webp; read with Pillow). Classes are the sub-folder names, sorted, the same in both
-  splits. Every image must have the size of the first one; grayscale folders give 1 channel (16-bit
-  grayscale keeps its top 8 bits), anything else is converted to RGB.
+- ``imagefolder:DIR``: ``DIR/train/<class>/**`` and ``DIR/test/<class>/**`` (png, jpg, jpeg, bmp,
+  gif, webp; read with Pillow, sub-folders of a class included). Classes are the sub-folder names,
+  sorted, the same in both splits; hidden folders and files (``.ipynb_checkpoints``) are skipped.
+  Every image must have the size of the first one; a folder of only grayscale images gives 1 channel
+  (16-bit grayscale keeps its top 8 bits), otherwise every image is converted to RGB.
 - ``tensors:FILE.npz``: arrays ``x_train, y_train, x_test, y_test`` (``x``: N×C×H×W uint8
   pixels, or float already normalised; ``y``: integer labels).
 uint8 pixels are normalised as (x/255 − mean)/std with ``--mean``/``--std`` (default 0 and 1).
@@ -15,6 +16,7 @@ Model, ``--model pkg.module:factory`` (with ``--weights``): ``factory()`` must r
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -58,48 +60,98 @@ def _norm(channels: int, values: Sequence[float] | None, default: float, what: s
 
 
 def _image_folder(root: Path, mean, std) -> tuple[Dataset, Dataset]:
-    from PIL import Image, UnidentifiedImageError
-
     if not root.is_dir():
         raise LowbitError(f"imagefolder {root} is not a directory")
-    splits = {}
     classes: list[str] | None = None
-    size = mode = None
+    listed: dict[str, list[tuple[Path, int]]] = {}
     for split in ("train", "test"):
-        d = root / split
-        if not d.is_dir():
-            raise LowbitError(f"imagefolder {root} needs a {split}/ sub-folder with one folder per class")
-        names = sorted(p.name for p in d.iterdir() if p.is_dir())
-        if not names:
-            raise LowbitError(f"{d} holds no class folders (one sub-folder per class, images inside)")
+        names, listed[split] = _list_split(root, split)
         if classes is None:
             classes = names
         elif names != classes:
-            raise LowbitError(f"{d} has classes {names}, train/ has {classes}: both splits need the same ones")
-        images, labels = [], []
-        for label, name in enumerate(names):
-            files = sorted(p for p in (d / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise LowbitError(f"{d / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        if mode is None:
-                            mode = "L" if im.mode in ("L", "1") or _is_wide_gray(im.mode) else "RGB"
-                            size = im.size
-                        if im.size != size:
-                            raise LowbitError(f"{f} is {im.size[0]}x{im.size[1]}, the first image was "
-                                              f"{size[0]}x{size[1]}: every image must have one size")
-                        a = _pixels(im, mode, f)
-                except (UnidentifiedImageError, OSError) as err:
-                    raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
-                images.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-                labels.append(label)
-        splits[split] = (np.stack(images), np.asarray(labels))
+            raise LowbitError(f"{root / split} has classes {names}, train/ has {classes}: both splits need the "
+                              "same ones")
+    mode = _folder_mode([f for files in listed.values() for f, _ in files])
+    size = None
+    splits = {}
+    for split, files in listed.items():
+        images = []
+        for f, _ in files:
+            a, size = _read_image(f, mode, size)
+            images.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        splits[split] = (np.stack(images), np.asarray([label for _, label in files]))
     c = splits["train"][0].shape[1]
     m, s = _norm(c, mean, 0.0, "mean"), _norm(c, std, 1.0, "std")
     return tuple(ImageDataset(x, y, m, s, name=f"imagefolder:{root}", split=split, classes=classes or ())  # type: ignore[return-value]
                  for split, (x, y) in splits.items())
+
+
+def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and (image file, label) pairs of ``root/split``; a split without images is refused here."""
+    d = root / split
+    if not d.is_dir():
+        raise LowbitError(f"imagefolder {root} needs a {split}/ sub-folder with one folder per class")
+    names = _class_names(d)
+    files = []
+    for label, name in enumerate(names):
+        found = _class_images(d / name)
+        if not found:
+            raise LowbitError(f"{d / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += [(f, label) for f in found]
+    return names, files
+
+
+def _class_names(d: Path) -> list[str]:
+    """Sorted class folders of ``d``; hidden ones (.ipynb_checkpoints, ...) would be class 0 and shift every label."""
+    folders = sorted(p.name for p in d.iterdir() if p.is_dir())
+    hidden = [n for n in folders if n.startswith(".")]
+    if hidden:
+        warnings.warn(f"{d}: ignoring hidden folder(s) {', '.join(hidden)} (not classes)", stacklevel=5)
+    names = [n for n in folders if not n.startswith(".")]
+    if not names:
+        raise LowbitError(f"{d} holds no class folders (one sub-folder per class, images inside)")
+    return names
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (as torchvision's ImageFolder reads them), sorted, hidden ones skipped."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _is_gray(pil_mode: str) -> bool:
+    """Pillow modes read as one channel."""
+    return pil_mode in ("L", "1") or _is_wide_gray(pil_mode)
+
+
+def _folder_mode(files: list[Path]) -> str:
+    """Mode "L" when every image is grayscale, else "RGB": one colour image must not turn the rest gray."""
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:
+        try:
+            with Image.open(f) as im:  # reads the header only
+                if not _is_gray(im.mode):
+                    return "RGB"
+        except (UnidentifiedImageError, OSError) as err:
+            raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
+    return "L"
+
+
+def _read_image(f: Path, mode: str, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixels of ``f`` in ``mode`` and the size every image must have (the first image's)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            size = size or im.size
+            if im.size != size:
+                raise LowbitError(f"{f} is {im.size[0]}x{im.size[1]}, the first image was "
+                                  f"{size[0]}x{size[1]}: every image must have one size")
+            return _pixels(im, mode, f), size
+    except (UnidentifiedImageError, OSError) as err:
+        raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
 
 
 def _is_wide_gray(pil_mode: str) -> bool:
@@ -156,6 +208,8 @@ def _check_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> None:
                           f"(N,)); got {x.shape} and {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise LowbitError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
+    if len(x) == 0:
+        raise LowbitError(f"{path}: x_{split} holds no images (shape {x.shape}); each split needs at least one")
     if y.size and y.min() < 0:
         raise LowbitError(f"{path}: y_{split} holds negative labels (smallest {y.min()}); labels are class "
                           "indices 0..K-1")
