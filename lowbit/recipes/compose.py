@@ -65,10 +65,12 @@ def _words(name: str, suffix: str) -> tuple[list[str], str | None, bool]:
     qat: str | None = None
     kd = False
     known = sorted([*PTQ_WORDS, *QAT_WORDS, *OPTION_WORDS])
+    seen: set[str] = set()
     for word in filter(None, suffix.split("+")):
+        if word in seen:  # any kind: a repeated kd or training word is a typo, not a stronger setting
+            raise RecipeError(f"recipe {name!r}: {word!r} is written twice")
+        seen.add(word)
         if word in PTQ_WORDS:
-            if word in ptq:
-                raise RecipeError(f"recipe {name!r}: {word!r} is written twice")
             ptq.append(word)
         elif word in QAT_WORDS:
             if qat is not None:
@@ -85,11 +87,20 @@ def _words(name: str, suffix: str) -> tuple[list[str], str | None, bool]:
     return ptq, qat, kd
 
 
+def _check_no_leading_zero(name: str, prefix: str, digits: str) -> None:
+    """Refuse ``w04``: one recipe would otherwise have several names (and artifact stems)."""
+    if len(digits) > 1 and digits.startswith("0"):
+        raise RecipeError(f"recipe {name!r}: {prefix + digits!r} has a leading zero; write "
+                          f"{prefix + str(int(digits))!r}")
+
+
 def compose(name: str, builtins: list[str]) -> dict[str, Any]:
     """The recipe dict a composed name stands for (``Recipe.from_dict`` checks the rest)."""
     m = NAME.fullmatch(name)
     if m is None:
         raise RecipeError(f"{name!r} is not a composed recipe name (w{{W}}a{{A}}[+word...])")
+    _check_no_leading_zero(name, "w", m.group(1))
+    _check_no_leading_zero(name, "a", m.group(2))
     w_bits, a_bits, suffix = int(m.group(1)), int(m.group(2)), m.group(3)
     if w_bits not in _WEIGHT_BITS:
         raise RecipeError(f"recipe {name!r}: weight bits must be 1-8, got {w_bits}")

@@ -52,6 +52,19 @@ def _check_bits(value: Any, where: str, allow_float: bool = True) -> int:
     return value
 
 
+def _check_ch_axis(spec: QuantSpec, where: str) -> None:
+    """Refuse a channel axis the layers would ignore: weight scales are always per output channel
+    (the layer wrapper forces axis 0) and activations are per tensor, so any other axis would be
+    stored in the recipe and artifact while the model quantized along axis 0."""
+    if spec.ch_axis == 0:
+        return
+    if where == "weights":
+        raise RecipeError(f"weights.ch_axis={spec.ch_axis}: per-channel weight grids are per output channel "
+                          "(axis 0 of Conv and Linear weights); remove the key or set it to 0")
+    raise RecipeError(f"{where}.ch_axis={spec.ch_axis}: activations are quantized per tensor (per-channel "
+                      "activation scales are not supported by integer runtimes); remove the key or set it to 0")
+
+
 @dataclass
 class TensorRecipe:
     spec: QuantSpec
@@ -86,6 +99,7 @@ class TensorRecipe:
             spec = QuantSpec.from_dict(merged)
         except RecipeError as err:  # name the section: "weights.symmetric must be ..."
             raise type(err)(f"{where}.{err}") from None
+        _check_ch_axis(spec, where)
         from lowbit.quant.registry import check_kind_grid
 
         check_kind_grid(kind, spec, where)
@@ -120,9 +134,14 @@ class Recipe:
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any], folder: Path | None = None) -> "Recipe":
+        """``folder``: that of the recipe file ``data`` was read from, where its relative plan path
+        points; None (a dict or a built-in) keeps such a path relative to the working directory."""
         _check_keys(data, TOP_KEYS, "recipe")
         data = copy.deepcopy(data)
+        if folder is not None and isinstance(data.get("plan"), str):
+            # Before merging a base: a base file's plan was already made absolute against its own folder.
+            data["plan"] = _plan_near(data["plan"], folder)
         if "extends" in data:
             base = _load_base(data.pop("extends"))
             top, data = data, _merge(base, data)
@@ -273,6 +292,17 @@ def _load_base(ref: Any) -> dict[str, Any]:
     return load_recipe(ref).source
 
 
+def _plan_near(ref: str, folder: Path) -> str:
+    """The plan path a recipe file names, read from the file's folder when it exists there, as
+    ``extends`` is (so a recipe and its plan move together), else as given (the working directory).
+    Made absolute because the recipe's source is reloaded as a dict (``lowbit train``), which
+    resolves against the working directory."""
+    nearby = folder / ref
+    if Path(ref).is_absolute() or not nearby.is_file():
+        return ref
+    return str(nearby)
+
+
 # Keys an extending recipe gives whole (a plan is one thing: merging two would combine their layers and records)
 REPLACED_KEYS = ("plan", "steps", "keep_float")
 
@@ -316,12 +346,50 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one,
+    so a second (mistyped or forgotten) `weights:` section would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        _check_unique_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """Only the keys written in this mapping: those a `<<` merge brings in may be overridden."""
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in first_line:
+                raise RecipeError(f"key {key!r} is given twice (lines {first_line[key]} and {line}); "
+                                  "YAML would keep only the last, so remove or merge one")
+            first_line[key] = line
+        except TypeError:  # an unhashable key: the SafeLoader reports it
+            continue
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
-    text = path.read_text()
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        # utf-8-sig: Windows editors start files with a byte-order mark, which TOML would reject.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {err.start} cannot be decoded); "
+                          "save it as UTF-8") from None
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else _load_yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise RecipeError(f"recipe file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from None
+        raise RecipeError(f"recipe file {path} is not valid {kind}: {err}") from None
+    except RecipeError as err:
+        raise RecipeError(f"recipe file {path}: {err}") from None
     if data is None:
         raise RecipeError(f"recipe file {path} is empty; write at least `extends: w8a8` (see `lowbit recipes`)")
     if not isinstance(data, dict):
@@ -340,7 +408,7 @@ def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
     if isinstance(recipe, (str, Path)):
         text = str(recipe)
         if text in builtin_names():
-            data = yaml.safe_load((resources.files("lowbit.recipes") / "builtin" / f"{text}.yaml").read_text())
+            data = _load_yaml((resources.files("lowbit.recipes") / "builtin" / f"{text}.yaml").read_text("utf-8"))
             data.setdefault("name", text)
             return Recipe.from_dict(data)
         from lowbit.recipes.compose import compose, is_composed
@@ -366,7 +434,7 @@ def load_recipe(recipe: "str | Path | dict[str, Any] | Recipe") -> Recipe:
             data.setdefault("name", path.stem)
             _LOADING.append(key)
             try:
-                return Recipe.from_dict(data)
+                return Recipe.from_dict(data, folder=Path(key).parent)
             finally:
                 _LOADING.pop()
         raise RecipeError(f"unknown recipe {text!r}: not a built-in ({', '.join(builtin_names())}), a composed name "
