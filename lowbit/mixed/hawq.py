@@ -23,12 +23,14 @@ from tqdm import tqdm
 from lowbit.errors import BitsError, LowbitError
 from lowbit.mixed.plan import check_plan_bits
 from lowbit.mixed.search import SearchResult, SearchSpace
+from lowbit.model.layer_table import FLOAT_BITS
+from lowbit.model.quant_layer import QuantLayer
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.calibrate import calibrate_weight_quantizer
 from lowbit.ptq.reconstruct import requires_grad
 from lowbit.quant.codebook import CodebookQuantizer, kmeans_1d
 from lowbit.quant.quantizer import UniformQuantizer
-from lowbit.quant.registry import check_kind, make_trainable, required_bits, spec_for_kind
+from lowbit.quant.registry import TRAINABLE, check_kind, make_trainable, required_bits, spec_for_kind
 from lowbit.quant.spec import MAX_BITS, weight_spec_at
 from lowbit.recipes.recipe import Recipe, load_recipe
 
@@ -111,7 +113,37 @@ def check_candidates(candidates: Sequence[tuple[int, str | None]], where: str = 
             raise BitsError(f"{where} {label!r}: {kind} quantizes to {need} bits only")
 
 
-CODEBOOK_KINDS = ("kmeans", "ttq", "inq")  # store float levels beside their codes
+def is_codebook(kind: str | None) -> bool:
+    """Whether weight kind ``kind`` deploys as a float table beside its codes (k-means, TTQ, INQ, LQ-Nets)."""
+    return bool(getattr(TRAINABLE.get(kind or "uniform"), "deploys_to_codebook", False))
+
+
+def codebook_bits(layer: QuantLayer, bits: int, kind: str | None) -> int:
+    """The float table a codebook kind stores beside its b-bit codes, which a size budget must count: 32 bits
+    x 2^b entries per table, one table per output channel where the kind keeps per-channel levels (LQ-Nets on
+    a per-channel grid), else one per layer (k-means clusters the whole layer into one table; TTQ and INQ are
+    per tensor only). 0 for a grid kind or a float layer."""
+    if not is_codebook(kind) or bits >= FLOAT_BITS:
+        return 0
+    spec = spec_for_kind(kind, weight_spec_at(layer.base_weight_spec, bits))
+    tables = layer.weight.shape[spec.ch_axis] if spec.per_channel and kind != "kmeans" else 1
+    return FLOAT_BITS * 2**bits * tables
+
+
+def check_size_reachable(space: SearchSpace, sizes: Sequence[Sequence[float]], budget: int,
+                         options: Sequence[tuple[int, str | None]]) -> None:
+    """Refuse, before the Hutchinson traces and the solver, a budget no allocation meets: every layer at its
+    smallest option, codebook tables included, which ``SearchSpace.budget`` (plain b_min codes) does not
+    count. Without it the solver failed with its own "infeasible" status, after the costly traces."""
+    smallest = int(sum(min(s) for s in sizes))
+    if budget >= smallest:
+        return
+    books = [f"{b}:{k}" for b, k in options if is_codebook(k)]
+    tables = f" (codebook tables of {', '.join(books)} counted: 32 bits x 2^b entries per table)" if books else ""
+    raise LowbitError(
+        f"target unreachable: {budget} weight bits requested, but with every searchable layer at its smallest "
+        f"candidate{tables} and frozen layers at their recipe bits{space.fixed_note()} the model needs "
+        f"{smallest}; raise the target{' or drop the codebook candidates' if books else ''}")
 
 
 def solve_allocation(
@@ -145,7 +177,7 @@ def solve_allocation(
                                             -np.inf, bops_budget))
     res = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, 1))
     if res.status != 0 or res.x is None:
-        raise LowbitError(f"no bit allocation fits the budget ({res.message})")
+        raise _unmet(res.status, budget, bops_budget if bops is not None else None, str(res.message))
     choice = [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(n_opts))]
     if tie_break is None:
         return choice
@@ -162,6 +194,19 @@ def solve_allocation(
         for i, k in zip(flat, again):
             choice[i] = k
     return choice
+
+
+MILP_INFEASIBLE = 2  # scipy.optimize.milp's status for "no solution satisfies the constraints"
+
+
+def _unmet(status: int, budget: float, bops_budget: float | None, message: str) -> LowbitError:
+    """The solver's failure in the budget's terms (its own message says "HiGHS Status 8" and no more)."""
+    caps = f"{budget:.0f} weight bits" + (f" and {bops_budget:.4g} BOPs" if bops_budget is not None else "")
+    if status == MILP_INFEASIBLE:
+        bops = " or lower the BOPs ratio" if bops_budget is not None else ""
+        return LowbitError(f"the budget cannot be met: no choice of one option per layer fits the budget of {caps}; "
+                           f"raise the target{bops}, or add smaller candidates")
+    return LowbitError(f"no bit allocation fits the budget of {caps}: the solver stopped ({message})")
 
 
 def brute_force_allocation(
@@ -188,7 +233,8 @@ def hawq_search(
     candidates: Sequence[tuple[int, str | None]] | None = None,
 ) -> SearchResult:
     """Weight bits per searchable layer in [b_min, b_max] by ILP; activations keep the
-    recipe's bits. ``bops_ratio`` also caps bit-operations (MACs x w_bits x a_bits) at
+    recipe's bits, and layers that first_last_bits or an override's w_bits fix keep theirs
+    (counted in the size). ``bops_ratio`` also caps bit-operations (MACs x w_bits x a_bits) at
     the B_max model's BOPs divided by this ratio. ``traces`` reuses earlier estimates.
     ``candidates`` replaces the widths b_min..b_max by (bits, weight kind) options, so one
     plan may mix kinds (2-bit ternary here, 3-bit k-means there; kind None = the recipe's);
@@ -204,15 +250,21 @@ def hawq_search(
     budget = space.budget(target_ratio, target_bits)
     top = space.start()                                          # every searchable layer at b_max
     qm = prepare(model, r.with_plan(top))
+    options = list(candidates) if candidates else [(b, None) for b in range(b_min, b_max + 1)]
+    for b, _ in options:
+        check_plan_bits(b, "candidate bits")
+    layer_opts = [options if row.name in space.searchable
+                  else [(space.base.layers[row.name]["w_bits"], space.base.layers[row.name].get("w_quantizer"))]
+                  for row in qm.layers]
+    sizes = [[row.params * b + codebook_bits(row.layer, b, k) for b, k in opts]
+             for row, opts in zip(qm.layers, layer_opts)]
+    check_size_reachable(space, sizes, budget, options)
     x, y = calib
     with torch.no_grad(), qm.float_reference():
         qm(x[:2])                                                # fills each layer's MAC count
     if traces is None:
         traces = hutchinson_traces(qm, x[:trace_images], y[:trace_images], samples=samples,
                                    seed=r.calibration["seed"], progress=progress)
-    options = list(candidates) if candidates else [(b, None) for b in range(b_min, b_max + 1)]
-    for b, _ in options:
-        check_plan_bits(b, "candidate bits")
     estimator = r.weights.estimator if r.weights.estimator in ("mse", "minmax", "cosine") else "mse"
     flat = [n for n in space.searchable if traces[n] <= 0]
     if flat:
@@ -220,20 +272,17 @@ def hawq_search(
                       f"{' ...' if len(flat) > 3 else ''}): no measured curvature, so their bits follow the "
                       "quantization error alone, with the budget the other layers leave (more "
                       "--hutchinson-samples or trace images give a better estimate)", stacklevel=2)
-    costs, errors, sizes, bops = [], [], [], []
-    for row in qm.layers:
+    costs, errors, bops = [], [], []
+    for row, opts in zip(qm.layers, layer_opts):
         if row.name in space.searchable:
-            opts = options
             # A small negative estimate is sampling noise around a flat direction: treat it as 0.
             curvature = max(traces[row.name], 0.0) / row.params
             error = [perturbation(qm, row.name, b, estimator, k) for b, k in opts]
             omega = [curvature * e for e in error]
         else:
-            opts = [(space.base.layers[row.name]["w_bits"], None)]
             omega = error = [0.0]
         costs.append(omega)
         errors.append(error)
-        sizes.append([row.params * b + (32 * 2**b if k in CODEBOOK_KINDS else 0) for b, k in opts])
         bops.append([(row.macs or 0) * b * row.a_bits for b, _ in opts])
     bops_budget = None
     if bops_ratio is not None:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from lowbit.errors import BitsError, LowbitError
 from lowbit.mixed.plan import ARCHITECTURE_KEY, Plan, architecture_of, check_plan_bits, write_text_file
-from lowbit.model.layer_table import FLOAT_BITS
+from lowbit.model.layer_table import FLOAT_BITS, LayerTable
 from lowbit.recipes.recipe import Recipe
 
 Labelled = tuple[torch.Tensor, torch.Tensor]
@@ -59,14 +59,24 @@ def search_subsets(train: Dataset, recipe: Recipe, val_samples: int = 1024) -> t
     return dataset_tensors(calib), dataset_tensors(train, val_idx)
 
 
+def overridden(table: LayerTable, recipe: Recipe, key: str) -> list[str]:
+    """Layers (table order) whose ``key`` ("w_bits" or "a_bits") some recipe override sets: a search
+    must not move them, or its plan, applied last, would silently overrule the recipe."""
+    matched = {r.name for o in recipe.overrides if key in o for r in table.match(o["pattern"])}
+    return [n for n in table.names() if n in matched]
+
+
 @dataclass
 class SearchSpace:
     """Which layers a search may change and between which bit widths.
 
     The recipe's first/last-layer rule (``first_last_bits``) freezes those layers at their
-    recipe bits, the convention every uniform baseline here uses too. ``lower`` is
-    "weights" (activations keep the recipe's bits) or "both" (Algorithm 1 literally: a
-    layer's weights and input activations move together).
+    recipe bits, the convention every uniform baseline here uses too, and so does an
+    ``overrides`` entry that sets a layer's ``w_bits`` (the recipe's word on that layer is
+    final: a plan would otherwise overrule it). Frozen layers stay in the budget at those bits
+    (see ``budget``). ``lower`` is "weights" (activations keep the recipe's bits) or "both"
+    (Algorithm 1 literally: a layer's weights and input activations move together, except
+    activations an override's ``a_bits`` fixes, ``fixed_a``).
     """
 
     names: list[str]
@@ -77,6 +87,8 @@ class SearchSpace:
     b_max: int
     lower: str = "weights"
     shared_inputs: list[list[str]] = field(default_factory=list)  # layers reading one tensor (one act. quantizer)
+    fixed_w: list[str] = field(default_factory=list)   # w_bits set by a recipe override: not searched
+    fixed_a: set[str] = field(default_factory=set)     # a_bits set by an override (or shared with such a layer)
 
     @classmethod
     def build(cls, model: nn.Module, recipe: Recipe, b_min: int, b_max: int, lower: str = "weights") -> "SearchSpace":
@@ -95,9 +107,11 @@ class SearchSpace:
         table = qm.layers
         names = table.names()
         frozen = {names[0], names[-1]} if recipe.first_last_bits is not None else set()
-        searchable = [n for n in names if n not in frozen]
+        fixed_w = overridden(table, recipe, "w_bits")
+        searchable = [n for n in names if n not in frozen and n not in fixed_w]
         if not searchable:
-            raise LowbitError("nothing to search: every quantized layer is frozen by first_last_bits")
+            raise LowbitError("nothing to search: every quantized layer is frozen by first_last_bits or has its "
+                              f"w_bits set by the recipe's overrides ({', '.join(fixed_w) or 'none'})")
         base = table.plan()
         if lower == "weights":  # a weights-only plan leaves activations to whichever recipe it is applied with
             base = {n: {k: v for k, v in b.items() if k != "a_bits"} for n, b in base.items()}
@@ -106,13 +120,19 @@ class SearchSpace:
             if r.input_quantizer is not None:
                 groups.setdefault(id(r.input_quantizer), []).append(r.name)
         shared = [g for g in groups.values() if len(g) > 1]
-        return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower, shared)
+        fixed_a = set(overridden(table, recipe, "a_bits"))
+        # a tensor has one activation quantizer: fixing one reader's a_bits fixes them for all its readers
+        fixed_a |= {n for g in shared if fixed_a.intersection(g) for n in g}
+        return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower, shared,
+                   fixed_w, fixed_a)
 
     def _tie_shared_inputs(self, layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Under lower: both, layers that read one tensor share its activation quantizer, so they must share
         a_bits: the tensor takes the lowest bits any of its readers asks for (a plan splitting them is refused)."""
         if self.lower == "both":
             for group in self.shared_inputs:
+                if self.fixed_a.intersection(group):
+                    continue
                 bits = min(layers[n]["a_bits"] for n in group if "a_bits" in layers[n])
                 for n in group:
                     layers[n]["a_bits"] = bits
@@ -123,14 +143,14 @@ class SearchSpace:
         layers = {n: dict(b) for n, b in self.base.layers.items()}
         for n in self.searchable:
             layers[n]["w_bits"] = self.b_max
-            if self.lower == "both":
+            if self.lower == "both" and n not in self.fixed_a:
                 layers[n]["a_bits"] = self.b_max
         return Plan(self._tie_shared_inputs(layers))
 
     def with_bits(self, plan: Plan, name: str, bits: int) -> Plan:
         layers = {n: dict(b) for n, b in plan.layers.items()}
         layers[name]["w_bits"] = bits
-        if self.lower == "both":
+        if self.lower == "both" and name not in self.fixed_a:
             layers[name]["a_bits"] = bits
         return Plan(self._tie_shared_inputs(layers))
 
@@ -141,7 +161,10 @@ class SearchSpace:
         return sum(self.params.values())
 
     def budget(self, target_ratio: float | None = None, target_bits: float | None = None) -> int:
-        """Weight-code bits allowed: float32 size / ratio, or mean bits x parameters."""
+        """Weight-code bits allowed: float32 size / ratio, or mean bits x parameters, both over every
+        quantizable layer. Frozen layers count at their recipe bits, as the first/last 8-bit layers always
+        have: an override keeping a layer float counts 32 bits per weight, so the target is the whole
+        model's mean (what ``summary`` reports), and fixed layers can make it unreachable up front."""
         if (target_ratio is None) == (target_bits is None):
             raise LowbitError("give exactly one of target_ratio (weight compression) or target_bits (mean weight bits)")
         if target_ratio is not None:
@@ -156,8 +179,16 @@ class SearchSpace:
         if budget < smallest:
             raise LowbitError(
                 f"target unreachable: {budget} weight bits requested, but with every searchable layer at "
-                f"b_min={self.b_min} bits (and frozen layers at their recipe bits) the model needs {smallest}")
+                f"b_min={self.b_min} bits (and frozen layers at their recipe bits{self.fixed_note()}) "
+                f"the model needs {smallest}")
         return budget
+
+    def fixed_note(self) -> str:
+        """The override-fixed layers and their bits, for messages: they are what a user can change."""
+        if not self.fixed_w:
+            return ""
+        shown = ", ".join(f"{n!r} at {self.base.layers[n]['w_bits']}" for n in self.fixed_w[:4])
+        return f"; overrides fix {shown}{' ...' if len(self.fixed_w) > 4 else ''}"
 
     def uniform(self, bits: int) -> Plan:
         """Every searchable layer at ``bits`` (frozen layers at their recipe bits)."""
