@@ -18,6 +18,31 @@ from lowbit.recipes.recipe import Recipe, load_recipe
 from lowbit.steps import run_step
 
 
+def _check_shared_input_override(table: Any, matched: list[Any], index: int, a_bits: int) -> None:
+    """Layers reading one tensor share one activation quantizer: an override's a_bits on some of
+    them set it for the others too, without a word (a plan doing the same is refused)."""
+    chosen = {id(r) for r in matched}
+    for r in matched:
+        q = r.input_quantizer
+        others = [o.name for o in table if q is not None and o.input_quantizer is q and id(o) not in chosen]
+        if others:
+            raise LowbitError(f"overrides[{index}] gives a_bits {a_bits} to {r.name!r}, but {others} read the same "
+                              "tensor through one activation quantizer: widen the pattern to match them too")
+
+
+def _integer_grid_at_8_bits(table: Any) -> None:
+    """A mid-rise grid (1-bit layers need it) has no int8 codes at 8 bits (256 odd levels): a layer
+    raised to 8 bits keeps the integer grid, whether the first/last rule, an override or a plan
+    raised it (only the first/last rule did, so such a model could not be exported)."""
+    for r in table:
+        q = r.layer.weight_quantizer
+        if r.layer.quantize_weight and q.spec.grid == "midrise" and r.w_bits >= 8:
+            q.spec = q.spec.with_(grid="midtread")
+        q = r.input_quantizer
+        if q is not None and q.spec.grid == "midrise" and r.a_bits >= 8:
+            q.spec = q.spec.with_(grid="midtread")
+
+
 def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
     """First/last layer bits, then name-pattern overrides (later entries win), then the
     recipe's mixed-precision plan, which names layers exactly and so has the last word."""
@@ -26,22 +51,15 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
         first, last = table[0], table[len(table) - 1]
         for r in (first, last):
             r.w_bits = max(r.w_bits, recipe.first_last_bits)
-            q = r.layer.weight_quantizer
-            if q.spec.grid == "midrise" and r.w_bits >= 8:
-                # A mid-rise grid is what 1-bit layers need; an 8-bit layer on it has no int8
-                # codes (256 odd levels), so the first/last layer keeps the integer grid.
-                q.spec = q.spec.with_(grid="midtread")
         # The network input and the head's input are 8-bit in every integer runtime.
         first.a_bits = max(first.a_bits, recipe.first_last_bits)
         last.a_bits = max(last.a_bits, recipe.first_last_bits)
-        for r in (first, last):
-            q = r.input_quantizer
-            if q is not None and q.spec.grid == "midrise" and r.a_bits >= 8:  # binary activations' grid: as above
-                q.spec = q.spec.with_(grid="midtread")
     for i, o in enumerate(recipe.overrides):
         matched = table.match(o["pattern"])
         if not matched:
             raise LowbitError(f"overrides[{i}]: pattern {o['pattern']!r} matches no layer; layers: {table.names()}")
+        if "a_bits" in o:
+            _check_shared_input_override(table, matched, i, o["a_bits"])
         for r in matched:
             if "w_bits" in o:
                 r.w_bits = o["w_bits"]
@@ -51,6 +69,7 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
                 r.layer.set_weight_kind(o["w_quantizer"], o.get("w_quantizer_options"))
     if recipe.plan is not None:
         recipe.plan.apply(table)
+    _integer_grid_at_8_bits(table)
     if recipe.add_bits is not None:
         # Residual-add and pooling inputs stay at add_bits (8) however low the layers go, as
         # integer hardware keeps them: they carry the whole signal of a residual network.

@@ -68,11 +68,20 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def _blocking_file(path: Path) -> Path | None:
+    """The regular file among ``path``'s parents, if any: a path under it can never be written,
+    and found only when the results are written, it lost a whole search or quantization."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def output_file(text: str) -> Path:
-    """argparse type: a file to write; an existing directory there is refused."""
+    """argparse type: a file to write; an existing directory there, or a file among its parents, is refused."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is an existing directory; give a file path")
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: {blocker} is a file, not a folder")
     return path
 
 
@@ -85,10 +94,13 @@ def safetensors_file(text: str) -> Path:
 
 
 def output_dir(text: str) -> Path:
-    """argparse type: a directory to write into; an existing file there is refused."""
+    """argparse type: a directory to write into; an existing file there, or among its parents, is refused."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is an existing file; give a directory")
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text} cannot be made: {blocker} is a file, not a folder")
     return path
 
 
@@ -193,6 +205,11 @@ def _load_zoo_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
 def _model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (16 hex) over the state dict's names and bytes: the same weights, the same print."""
     return tensors_digest(model.state_dict().items())
+
+
+def _given(argv: list[str], option: str) -> bool:
+    """Whether ``option`` was typed (as ``--opt value`` or ``--opt=value``), not left at its default."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
 
 
 def _record(args: argparse.Namespace, **fields: Any) -> None:
@@ -333,6 +350,9 @@ def _eval_deployed(args: argparse.Namespace) -> int:
     from lowbit.api import evaluate
     from lowbit.evaluation import TensorBatches
 
+    if args.lowbit and _given(args.argv, "--runtime"):
+        raise LowbitError("--runtime picks the runtime of an --onnx model; a .lowbit artifact runs in PyTorch "
+                          "(export it with `lowbit export` to run it in ONNX Runtime or OpenVINO)")
     if args.onnx:
         from lowbit.deploy.runtime import OnnxModel
 
@@ -345,6 +365,13 @@ def _eval_deployed(args: argparse.Namespace) -> int:
         float_model = _load_model(args)[0] if ":" in args.model else None
         model, source = load(args.lowbit, model=float_model), str(args.lowbit)
     arch = (model.meta.get("arch") or {}).get("name") if args.lowbit else None  # an artifact names its model
+    if arch:  # the artifact rebuilds its own network: --model cannot choose another, and the registry records it
+        if _given(args.argv, "--model") and args.model != arch:
+            raise LowbitError(f"{args.lowbit} holds a {arch}, not the --model {args.model}: drop --model (an "
+                              "artifact rebuilds its own network)")
+        _record(args, model=arch, artifacts=[str(args.lowbit)])
+    elif args.lowbit:
+        _record(args, artifacts=[str(args.lowbit)])
     dataset = args.data or args.dataset or zoo.model_info(arch or args.model).dataset
     _, test = _datasets(args, dataset)
     batches = TensorBatches(test, limit=args.test_limit)
@@ -502,7 +529,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
-    out = run_runtime_benchmark(model, train, test, args.recipe.split(","), threads=args.threads or 2,
+    out = run_runtime_benchmark(model, train, test, [r.strip() for r in args.recipe.split(",") if r.strip()], threads=args.threads or 2,
                                 repeats=args.repeats, test_limit=args.test_limit, runtimes=args.runtime)
     print(f"{args.model}: {out['threads']} threads, {out['test_images']} test images")
     _emit(args, out, out["rows"])
@@ -549,7 +576,7 @@ def _check_training_targets(args: argparse.Namespace) -> None:
         folder = Path(args.checkpoint)
         if folder.exists() and not folder.is_dir():
             raise LowbitError(f"--checkpoint {folder} is an existing file; QAT writes a folder there")
-        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        blocker = _blocking_file(folder)
         if blocker is not None:
             raise LowbitError(f"--checkpoint {folder} cannot be made: {blocker} is a file, not a folder")
 
@@ -630,8 +657,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     rows = []
     for name in builtin_names():
         r = load_recipe(name)
+        # an `overrides: [{pattern: "*", a_bits: 32}]` recipe (every *a32 built-in) keeps activations float
+        float_acts = any(o.get("pattern") == "*" and o.get("a_bits") == 32 for o in r.overrides)
         rows.append({"recipe": name, "weights": f"{r.weights.spec.bits}b {r.weights.estimator}",
-                     "activations": f"{r.activations.spec.bits}b {r.activations.estimator}",
+                     "activations": "float" if float_acts else f"{r.activations.spec.bits}b {r.activations.estimator}",
                      "steps": ",".join(s for s, _ in r.steps), "description": r.description})
     if args.explain:
         from lowbit.quant.registry import KINDS, TRAINABLE, explain_kind
@@ -651,13 +680,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
             rows = explain_kind(name)
             print(format_table(rows) if rows else "  (none)")
         return 0
+    if args.show:  # the one recipe asked for, not the table before it
+        import yaml
+        print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False))
+        return 0
     print(format_table(rows))
     from lowbit.recipes.compose import grammar_help
 
     print("\n" + grammar_help())
-    if args.show:
-        import yaml
-        print(yaml.safe_dump(load_recipe(args.show).to_dict(), sort_keys=False))
     return 0
 
 
@@ -777,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(replaces --b-min/--b-max; the plan then names each layer's weight kind)")
     s.add_argument("--hutchinson-samples", type=positive_int,
                    help="HAWQ: random vectors per trace estimate (default 32)")
-    s.add_argument("--checkpoint", help="MSQ: JSON state written after every step; a rerun resumes from it")
+    s.add_argument("--checkpoint", type=output_file, help="MSQ: JSON state written after every step; a rerun resumes from it")
     s.add_argument("--out", type=output_file, default=Path("plan.json"), help="where to write the plan")
     s.add_argument("--evaluate", action="store_true", help="score the uniform recipe and the plan on the test split")
     s.set_defaults(func=cmd_search)
@@ -915,6 +945,7 @@ def _close_run(args: argparse.Namespace, status: str, error: str | None = None) 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # which options were typed, not defaulted (see _given)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -970,6 +1001,12 @@ def _report_error(args: argparse.Namespace, err: BaseException) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lowbit runs | head`: the reader has gone, nothing went wrong here
+        try:  # (stdout's final flush at exit would raise again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except Exception as err:  # noqa: BLE001 - the last resort: no traceback reaches a user unasked
         if getattr(args, "debug", False):
             import traceback

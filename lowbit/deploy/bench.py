@@ -24,6 +24,7 @@ from lowbit.api import evaluate, quantize
 from lowbit.deploy.artifact import save
 from lowbit.deploy.onnx_export import export_onnx
 from lowbit.deploy.runtime import OnnxModel, runtime_name
+from lowbit.errors import LowbitError
 from lowbit.evaluation import TensorBatches, calibration_batches
 from lowbit.recipes.recipe import load_recipe
 
@@ -88,7 +89,10 @@ def run_runtime_benchmark(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(model, train, test, recipes, threads, repeats, test_limit, workdir, runtimes, peers)
+        if workdir is not None:
+            return _run(model, train, test, recipes, threads, repeats, test_limit, workdir, runtimes, peers)
+        with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as scratch:  # (each run left ~2 MB in /tmp)
+            return _run(model, train, test, recipes, threads, repeats, test_limit, Path(scratch), runtimes, peers)
     finally:
         torch.set_num_threads(previous)  # a library call leaves the process as it found it
 
@@ -111,11 +115,16 @@ def float_onnx_model(model: nn.Module, path: Path, example: torch.Tensor) -> Pat
 
 def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, runtimes, peers) -> dict[str, Any]:
     runtimes = [runtime_name(r) for r in runtimes]
-    work = Path(workdir or tempfile.mkdtemp(prefix="lowbit-bench-"))
+    work = Path(workdir)
     # A copy in eval mode: a model in train mode would update its BN statistics while timed
     # (changing the caller's model) and be timed and scored as a different network.
     model = copy.deepcopy(model).eval()
     loaded = [load_recipe(r) for r in recipes]
+    names = [r.name for r in loaded]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # each recipe's files and row are named by it: the later one overwrote the earlier, one row lost
+        raise LowbitError(f"bench: recipe name(s) {twice} given more than once (two recipe files of one name count "
+                          "too); give each recipe a distinct name")
     calib = calibration_batches(train, loaded[0])  # the peers calibrate on the first recipe's images
     example = calib[0][:1]
     # (name, file, runtimes, quantize seconds, artifact file)
