@@ -130,6 +130,8 @@ MATRIX = {
     "BinaryConnect / — from the same start": {
         5: ("qat_families_resnet20_gptq.json", "w1a32-binaryconnect-gptq-regrid-kd1-e1"),
         6: ("qat_families_resnet20_e30.json", "w1a32-binaryconnect-builtin-e30")},
+    "the same at lr 0.005, latent weights snapped at the BN freeze (XNOR's settings; 30 epochs in bf16)": {
+        6: ("qat_families_resnet20_e30.json", "w1a32-binaryconnect-lr0.005-snap-bf16-e30")},
     "min-max uniform grid, STE / —": {
         4: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-uniform-w2-e1"),
         5: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-uniform-w1-e1")},
@@ -153,6 +155,8 @@ TTQ = "TTQ 91.13, float 91.77 (Zhu et al., ICLR 2017)"
 FAMILY_TABLE = [
     ("BinaryConnect", "W1A32", None, (GPTQ_E1, "w1a32-binaryconnect-gptq-regrid-kd1-e1"),
      (E30, "w1a32-binaryconnect-builtin-e30"), IRNET_W1A32),
+    ("BinaryConnect, lr 0.005, snapped at the BN freeze (30 epochs bf16)", "W1A32", None, None,
+     (E30, "w1a32-binaryconnect-lr0.005-snap-bf16-e30"), IRNET_W1A32),
     ("XNOR-Net weights, lr 0.0005", "W1A32", None, (GPTQ_E1, "w1a32-xnor-gptq-regrid-kd1-e1"),
      (E30, "w1a32-xnor-builtin-e30"), IRNET_W1A32),
     ("XNOR-Net weights, lr 0.005, snapped at the BN freeze (w1a32-xnor; 30 epochs bf16)", "W1A32", None,
@@ -192,6 +196,8 @@ FAMILY_TABLE = [
      (E30, "w5a32-inq-w3-nofold-held-e30"), "—"),
     ("HWGQ activations, XNOR weights", "W1A2", None, (GPTQ_E1, "w1a2-hwgq-gptq-regrid-kd1-e1"),
      (E30, "w1a2-hwgq-gptq-regrid-kd1-bf16-e30"), "—"),
+    ("HWGQ activations, XNOR weights, retrained after the 1-bit bias fix (bf16)", "W1A2", None, None,
+     (E30, "w1a2-hwgq-gptq-regrid-kd1-bf16-biasfix-e30"), "—"),
     ("HWGQ activations, TWN weights", "W2A2", None, (GPTQ_E1, "w1a2-hwgq-gptq-regrid-kd1-twn-w2a2-e1"), (E30, "w1a2-hwgq-gptq-regrid-kd1-twn-w2a2-bf16-e30"), "—"),
     ("LQ-Nets weights and activations", "W3A3", None, (PLAIN_E1, "w3a3-lqnet-lsq-firstlast-e1"),
      (E30, "w3a3-lqnet-kd1-bf16-e30"), "LQ-Nets 91.6 (Zhang et al., ECCV 2018)"),
