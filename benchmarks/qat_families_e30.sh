@@ -28,7 +28,7 @@ run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
     --set val_samples=5000 --tag "$tag" "${extra[@]}" "${EXTRA[@]}" --threads 1 --runs "$RUNS" --out "$OUT"
 }
 # W1A32
-run w1a32-binaryconnect builtin
+run w1a32-binaryconnect builtin set:lr=0.0005 set:snap_at_freeze=false   # the built-in before lr 0.005 + snapping
 run w1a32-xnor builtin set:lr=0.0005 set:snap_at_freeze=false   # the built-in before lr 0.005 + snapping
 run w1a32-xnor lr0.005-snap-bf16 set:lr=0.005 set:snap_at_freeze=true "${BF16[@]}"
 run w1a32-binaryconnect lr0.005-snap-bf16 set:lr=0.005 set:snap_at_freeze=true "${BF16[@]}"   # XNOR's lr + snapping
