@@ -79,15 +79,18 @@ def test_corrupt_plan_file_is_named(tmp_path):
         load_plan(tmp_path / "missing.json")
 
 
+class TwoHeads(nn.Module):
+    """Two Linear layers reading one tensor (one activation quantizer between them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
 def test_plan_cannot_split_a_shared_activation_quantizer():
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
     with pytest.raises(LowbitError, match="read the same tensor"):
         lowbit.api.prepare(TwoHeads(), {"extends": "w8a8", "first_last_bits": None,
                                         "plan": {"a": {"a_bits": 4}, "b": {"a_bits": 8}}})

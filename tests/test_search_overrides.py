@@ -11,6 +11,7 @@ from lowbit.mixed.hawq import hawq_search, solve_allocation
 from lowbit.mixed.msq import msq_search
 from lowbit.mixed.search import SearchSpace
 from lowbit.recipes.recipe import load_recipe
+from tests.test_mixed import TwoHeads
 
 RECIPE = {"extends": "w4a8", "name": "tiny", "calibration": {"samples": 48, "batch_size": 48, "seed": 0},
           "steps": ["calibrate"]}
@@ -103,14 +104,6 @@ def test_lower_both_keeps_activation_bits_an_override_fixes():
 
 
 def test_a_fixed_activation_holds_for_every_reader_of_its_tensor():
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
     recipe = load_recipe({"extends": "w8a8", "first_last_bits": None,
                           "overrides": [{"pattern": "[ab]", "a_bits": 8}]})
     space = SearchSpace.build(TwoHeads(), recipe, 2, 6, "both")

@@ -88,7 +88,7 @@ class SearchSpace:
     lower: str = "weights"
     shared_inputs: list[list[str]] = field(default_factory=list)  # layers reading one tensor (one act. quantizer)
     fixed_w: list[str] = field(default_factory=list)   # w_bits set by a recipe override: not searched
-    fixed_a: set[str] = field(default_factory=set)     # a_bits set by an override (or shared with such a layer)
+    fixed_a: set[str] = field(default_factory=set)     # a_bits set by an override
 
     @classmethod
     def build(cls, model: nn.Module, recipe: Recipe, b_min: int, b_max: int, lower: str = "weights") -> "SearchSpace":
@@ -120,9 +120,8 @@ class SearchSpace:
             if r.input_quantizer is not None:
                 groups.setdefault(id(r.input_quantizer), []).append(r.name)
         shared = [g for g in groups.values() if len(g) > 1]
+        # (an override's a_bits covers every reader of a shared tensor: apply_bit_overrides refuses it otherwise)
         fixed_a = set(overridden(table, recipe, "a_bits"))
-        # a tensor has one activation quantizer: fixing one reader's a_bits fixes them for all its readers
-        fixed_a |= {n for g in shared if fixed_a.intersection(g) for n in g}
         return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower, shared,
                    fixed_w, fixed_a)
 
@@ -131,8 +130,6 @@ class SearchSpace:
         a_bits: the tensor takes the lowest bits any of its readers asks for (a plan splitting them is refused)."""
         if self.lower == "both":
             for group in self.shared_inputs:
-                if self.fixed_a.intersection(group):
-                    continue
                 bits = min(layers[n]["a_bits"] for n in group if "a_bits" in layers[n])
                 for n in group:
                     layers[n]["a_bits"] = bits
