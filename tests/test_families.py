@@ -39,6 +39,74 @@ def test_xnor_weights_are_alpha_sign_with_xnor_nets_gradient():
     assert torch.allclose(step, 2 * alpha.reshape(-1))  # 1-bit mid-rise: levels ±step/2
 
 
+def test_irnet_weights_are_the_balanced_sign_with_the_annealed_tanh_gradient():
+    """IR-Net: sign((W − mean)/std) per channel at the calibrated level a (Libra-PB, eq. 8), backward
+    k·t·(1 − tanh²(t·Ŵ)) through the standardization (EDE, eq. 10–11), t from 0.1 to 10."""
+    from lowbit.quant.learned.binary import ede_factors
+    torch.manual_seed(0)
+    q = make_trainable(_calibrated(1, "midrise", scale=0.2, channels=3), "irnet", "weights")
+    a = 0.1
+    w = (torch.randn(3, 2, 3, 3) * 0.1 + torch.tensor([0.3, -0.2, 0.0])[:, None, None, None]).requires_grad_()
+    out = q(w)
+    rows = w.detach().reshape(3, -1)
+    mean, std = rows.mean(1, keepdim=True), rows.std(1, unbiased=False, keepdim=True)
+    u = ((rows - mean) / std).reshape(w.shape)
+    assert torch.equal(out.detach(), torch.where(u >= 0, a, -a))
+    # balanced: each channel splits at its mean, though channel 0 is all positive and channel 1 all negative
+    assert bool((w.detach()[0] > 0).all()) and bool((out.detach()[0] < 0).any())
+    g = torch.randn_like(w)
+    out.backward(g)
+    t, k = 0.1, 10.0  # the start of training: k·t = 1, so g' ≈ 1 (≈ the identity's slope)
+    assert ede_factors(0.1, 10.0, 0.0) == (t, k)
+    # reference: the same surrogate a·k·tanh(t·Ŵ) written out with torch's own mean and std
+    w_ref = w.detach().clone().requires_grad_()
+    rows_ref = w_ref.reshape(3, -1)
+    u_ref = (rows_ref - rows_ref.mean(1, keepdim=True)) / rows_ref.std(1, unbiased=False, keepdim=True)
+    (a * k * torch.tanh(t * u_ref)).reshape(w.shape).backward(g)
+    assert torch.allclose(w.grad, w_ref.grad, rtol=1e-5, atol=1e-7)
+    q.anneal(1.0)
+    assert (q.t, q.k) == pytest.approx((10.0, 1.0))
+    assert ede_factors(0.1, 10.0, 0.5) == pytest.approx((1.0, 1.0))
+    # the slope itself, k·t·(1 − tanh²(t·u)), at the end of training: without balancing u = W / a
+    unbalanced = make_trainable(_calibrated(1, "midrise", scale=0.2, channels=1), "irnet", "weights", balance=False)
+    unbalanced.anneal(1.0)
+    x = torch.tensor([[-0.3, -0.05, 0.0, 0.02, 0.4]]).requires_grad_()
+    unbalanced(x).sum().backward()
+    u = x.detach() / a
+    assert torch.allclose(x.grad, a * 10.0 * (1 - torch.tanh(10.0 * u) ** 2) / a, rtol=1e-4)
+    # deployed: the same signs as the forward, and the deployed weight is its own fixed point
+    q.eval()
+    deployed = q.deployed_weight(w.detach())
+    assert torch.equal(deployed, out.detach())
+    assert torch.equal(q(deployed), deployed)
+    # a constant channel has std 0: its weights all go to +a, no NaN
+    flat = torch.zeros(3, 2, 3, 3)
+    assert torch.equal(q(flat), torch.full_like(flat, a))
+    # the ablation without balancing is BinaryConnect's sign in units of a
+    plain = make_trainable(_calibrated(1, "midrise", scale=0.2, channels=3), "irnet", "weights", balance=False)
+    assert torch.equal(plain(w.detach()), torch.where(w.detach() >= 0, a, -a))
+    with pytest.raises(RecipeError, match="t_min <= t_max"):
+        make_trainable(_calibrated(1, "midrise", channels=3), "irnet", "weights", t_min=5.0, t_max=1.0)
+    with pytest.raises(RecipeError, match="t_min"):
+        load_recipe({"extends": "w1a32-irnet", "weights": {"quantizer_options": {"t_min": 0}}})
+
+
+def test_the_qat_engine_anneals_irnet_by_the_epoch(mnist_cnn):
+    """t follows epoch / epochs: after 2 epochs the last anneal was at progress 1/2 (t = 1)."""
+    model, calib, test = mnist_cnn
+    recipe = {"extends": "w1a32-irnet", "steps": ["calibrate", {"qat": {"epochs": 2, "batch_size": 64, "lr": 0.002,
+                                                                       "val_samples": 100, "steps_per_epoch": 2}}]}
+    seen = []
+    from lowbit.quant.learned.binary import IRNetWeightQuantizer
+    original = IRNetWeightQuantizer.anneal
+    try:
+        IRNetWeightQuantizer.anneal = lambda self, progress: (seen.append(progress), original(self, progress))[1]
+        lowbit.quantize(model, recipe, calib=calib, train=(test[0][:300], test[1][:300]), progress=False)
+    finally:
+        IRNetWeightQuantizer.anneal = original
+    assert sorted(set(seen)) == [0.0, 0.5]
+
+
 def test_binaryconnect_deterministic_stochastic_and_the_latent_clip():
     torch.manual_seed(0)
     q = make_trainable(_calibrated(1, "midrise", scale=0.2, channels=2), "binaryconnect", "weights",
@@ -122,6 +190,7 @@ def test_binary_and_ternary_kinds_need_their_grid():
 
 
 @pytest.mark.parametrize("kind,bits,grid,levels", [("xnor", 1, "midrise", 2), ("binaryconnect", 1, "midrise", 2),
+                                                   ("irnet", 1, "midrise", 2),
                                                    ("twn", 2, "midtread", 3),
                                                    # mid-rise kinds at 2 bits; their 8-bit first/last
                                                    # layers (no int8 codes on that grid) go to LSQ
@@ -391,7 +460,7 @@ def test_approx_sign_has_bi_reals_gradient():
 
 
 @pytest.mark.parametrize("kind,bits,grid", [("twn", 2, "midtread"), ("xnor", 1, "midrise"),
-                                            ("binaryconnect", 1, "midrise")])
+                                            ("binaryconnect", 1, "midrise"), ("irnet", 1, "midrise")])
 def test_weights_on_the_calibrated_grid_are_the_family_quantizers_fixed_point(kind, bits, grid):
     """Why `calibrate -> gptq -> qat` starts training where post-training quantization ends:
     GPTQ bakes weights onto the uniform grid, and TWN's {-a, 0, a} (a = mean |W| over |W| > 0.7 E|W|),

@@ -11,7 +11,8 @@ from typing import Any
 from lowbit.errors import RecipeError
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.learned.base import TrainableQuantizer
-from lowbit.quant.learned.binary import BinaryConnectQuantizer, BNNActivationQuantizer, XNORWeightQuantizer
+from lowbit.quant.learned.binary import (BinaryConnectQuantizer, BNNActivationQuantizer, IRNetWeightQuantizer,
+                                         XNORWeightQuantizer)
 from lowbit.quant.learned.codebook_kinds import KMeansFineTuneQuantizer, TTQQuantizer
 from lowbit.quant.learned.dorefa import DoReFaWeightQuantizer
 from lowbit.quant.learned.hwgq import HWGQQuantizer
@@ -31,6 +32,7 @@ TRAINABLE: dict[str, type[TrainableQuantizer]] = {
     "ul2q": MuL2QQuantizer,
     "binaryconnect": BinaryConnectQuantizer,
     "xnor": XNORWeightQuantizer,
+    "irnet": IRNetWeightQuantizer,
     "bnn": BNNActivationQuantizer,
     "twn": TWNQuantizer,
     "hwgq": HWGQQuantizer,
@@ -131,6 +133,10 @@ def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
         "lsq+": lsq,
         "pact": [Param("alpha_decay", "float", 5e-4, low=0, doc="L2 penalty on the clipping level alpha")],
         "binaryconnect": [Param("stochastic", "bool", False, doc="sample +1 with probability hard_sigmoid(w) in training")],
+        "irnet": [Param("balance", "bool", True, doc="Libra-PB: sign of each channel's (W - mean)/std (IR-Net eq. 8)"),
+                  Param("ede", "bool", True, doc="EDE backward k*t*(1 - tanh^2(t*x)), t annealed (IR-Net eq. 10-11)"),
+                  Param("t_min", "float", 0.1, low=0, open_low=True, doc="EDE's t at the start of training"),
+                  Param("t_max", "float", 10.0, low=0, open_low=True, doc="EDE's t at the end of training")],
         "bnn": [approx],
         "xnor": [approx] if role == "activations" else [],
         "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],

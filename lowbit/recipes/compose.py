@@ -47,6 +47,7 @@ QAT_WORDS: dict[str, tuple[str, str, str]] = {
     "twn": ("twn", "lsq+", "TWN ternary weights (needs w2), LSQ+ activations"),
     "xnor": ("xnor", "lsq+", "XNOR-Net binary weights (needs w1), LSQ+ activations"),
     "binaryconnect": ("binaryconnect", "lsq+", "BinaryConnect sign weights (needs w1), LSQ+ activations"),
+    "irnet": ("irnet", "lsq+", "IR-Net balanced sign weights with the EDE gradient (needs w1), LSQ+ activations"),
     "lqnet": ("lqnet", "lqnet", "LQ-Nets learned bases for weights and activations"),
 }
 

@@ -108,6 +108,10 @@ class TrainableQuantizer(UniformQuantizer):
         with ``epoch == epochs`` after the last epoch's steps, before it is validated: a kind with a
         schedule (INQ's growing quantized portion) advances it here; default none."""
 
+    def anneal(self, progress: float) -> None:
+        """Called before every epoch with the fraction of training done (epoch / epochs, 0 at the
+        start): a kind whose backward sharpens over training (IR-Net's EDE) sets it here; default none."""
+
     def project_(self, layer: torch.nn.Module) -> None:
         """Called on the weight quantizer's layer after every optimiser step: a kind that
         constrains its latent weights (BinaryConnect's clip) does it here; default none."""

@@ -24,8 +24,12 @@ what the latent float weights may do:
 - **XNOR-Net weights** (Rastegari et al. 2016, sec. 3.1): W ≈ α·sign(W) with α = mean|W|
   per output channel, recomputed from the current weights at every step; the gradient is
   XNOR-Net's: through sign with the window 1_{|W| ≤ 1} and through α's dependence on W.
+- **IR-Net weights** (Qin et al. 2020): BinaryConnect's fixed level on the sign of each channel
+  balanced and standardized (Libra-PB), with the annealed tanh gradient (EDE); see the class.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -127,6 +131,70 @@ class BinaryConnectQuantizer(_BinaryWeights):
     def deploy_params(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         step = self._deploy_step(self.level)
         return step, torch.zeros_like(step)
+
+
+def ede_factors(t_min: float, t_max: float, progress: float) -> tuple[float, float]:
+    """IR-Net's error decay estimator schedule (Qin et al. 2020, eq. 11): t = T_min·10^(p·log10(T_max/T_min))
+    at the fraction p of training done, k = max(1/t, 1): g(x) = k·tanh(t·x) is ≈ the identity's slope at
+    the start and close to sign at the end."""
+    t = t_min * 10 ** (progress * math.log10(t_max / t_min))
+    return t, max(1.0 / t, 1.0)
+
+
+class IRNetWeightQuantizer(BinaryConnectQuantizer):
+    """IR-Net's binary weights (Qin et al., CVPR 2020):
+
+    - **Libra-PB** (sec. 3.1, eq. 6–9): each output channel is balanced and standardized before
+      its sign, Ŵ = (W − mean W)/std W, so half its weights go to +1 (the binary weights carry
+      the most information) whatever the channel's offset; the gradient flows through the
+      mean and the std as well. The paper scales sign(Ŵ) by 2^round(log2 mean|Ŵ|) and lets a
+      BN restore the magnitude; lowbit folds BN, so the level is BinaryConnect's calibrated
+      per-channel a (fixed), and the layer deploys as ±a on the 1-bit mid-rise grid.
+    - **EDE** (sec. 3.2, eq. 10–11): the backward of sign is g'(x) = k·t·(1 − tanh²(t·x)), with t
+      raised from T_min to T_max over training (the QAT engine calls ``anneal`` before every
+      epoch with the fraction done, as the paper's per-epoch schedule) and k = max(1/t, 1).
+    - No latent clipping (IR-Net has none: standardization makes the forward scale-free).
+    """
+
+    kind = "irnet"
+
+    def __init__(self, source: UniformQuantizer, role: str, balance: bool = True, ede: bool = True,
+                 t_min: float = 0.1, t_max: float = 10.0) -> None:
+        super().__init__(source, role)
+        if not 0 < t_min <= t_max:
+            raise RecipeError(f"irnet: need 0 < t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+        self.balance, self.ede = bool(balance), bool(ede)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.t, self.k = ede_factors(self.t_min, self.t_max, 0.0)
+
+    def anneal(self, progress: float) -> None:
+        self.t, self.k = ede_factors(self.t_min, self.t_max, progress)
+
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """Ŵ = (W − mean)/std per output channel (eq. 8); a constant channel stays 0 (sign +1)."""
+        if not self.balance:
+            return x / self._level(x)  # BinaryConnect's units, for the ablation
+        rows = weight_rows(x, self.spec.per_channel)
+        centred = rows - rows.mean(1, keepdim=True)
+        std = centred.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        return (centred / std).reshape(x.shape)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.standardized(x)
+        b = torch.where(u >= 0, 1.0, -1.0)
+        if self.ede:
+            surrogate = self.k * torch.tanh(self.t * u)  # eq. 10: its slope k·t·(1 − tanh²(t·u)) is the backward
+            wb = b + (surrogate - surrogate.detach())
+        else:
+            wb = sign_ste(u, 1.0)
+        return wb * self._level(x)
+
+    def deployed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            a = per_row(self.level, weight, self.spec.per_channel)
+            return torch.where(self.standardized(weight) >= 0, a, -a) if self.balance else super().deployed_weight(weight)
+
+    project_ = TrainableQuantizer.project_  # no clip: IR-Net leaves the latent weights free (weight decay bounds them)
 
 
 class XNORWeightQuantizer(_BinaryWeights):
