@@ -25,6 +25,7 @@ run w3a32-kmeans-hessian ""
 run w1a32-binaryconnect "" "$CAL"
 run w1a32-binaryconnect stochastic "weights.quantizer_options={stochastic: true}" "$CAL"
 run w1a32-binaryconnect lr2e-4 set:lr=0.0002 "$CAL"  # at 0.002 ResNet-20's latent weights diverge (NaN loss)
+run w1a32-irnet "" "$CAL"  # IR-Net (Libra-PB + EDE) from the same calibrated start as BinaryConnect's rows
 run w1a32-xnor "" "$CAL"
 run w2a32-twn "" "$CAL"
 run w2a32-ttq "" set:quantizer_lr=1e-5 "$CAL"  # TTQ's scale gradient sums a whole layer: at the weights' rate it collapses

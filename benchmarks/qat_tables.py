@@ -132,6 +132,8 @@ MATRIX = {
         6: ("qat_families_resnet20_e30.json", "w1a32-binaryconnect-builtin-e30")},
     "the same at lr 0.005, latent weights snapped at the BN freeze (XNOR's settings; 30 epochs in bf16)": {
         6: ("qat_families_resnet20_e30.json", "w1a32-binaryconnect-lr0.005-snap-bf16-e30")},
+    "IR-Net weights (Libra-PB + EDE) at BinaryConnect's settings (w1a32-irnet; 30 epochs in bf16)": {
+        6: ("qat_families_resnet20_e30.json", "w1a32-irnet-builtin-bf16-e30")},
     "min-max uniform grid, STE / —": {
         4: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-uniform-w2-e1"),
         5: ("qat_resnet20_weights_bnfix.json", "w2a32-ul2q-uniform-w1-e1")},
@@ -157,6 +159,8 @@ FAMILY_TABLE = [
      (E30, "w1a32-binaryconnect-builtin-e30"), IRNET_W1A32),
     ("BinaryConnect, lr 0.005, snapped at the BN freeze (30 epochs bf16)", "W1A32", None, None,
      (E30, "w1a32-binaryconnect-lr0.005-snap-bf16-e30"), IRNET_W1A32),
+    ("IR-Net weights (Libra-PB + EDE), BinaryConnect's settings (w1a32-irnet; 30 epochs bf16)", "W1A32", None, None,
+     (E30, "w1a32-irnet-builtin-bf16-e30"), IRNET_W1A32),
     ("XNOR-Net weights, lr 0.0005", "W1A32", None, (GPTQ_E1, "w1a32-xnor-gptq-regrid-kd1-e1"),
      (E30, "w1a32-xnor-builtin-e30"), IRNET_W1A32),
     ("XNOR-Net weights, lr 0.005, snapped at the BN freeze (w1a32-xnor; 30 epochs bf16)", "W1A32", None,
