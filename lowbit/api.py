@@ -103,6 +103,28 @@ def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8
     return qm
 
 
+def check_device(device: Any, recipe: str, has_qat: bool) -> torch.device:
+    """The device ``quantize`` was given, parsed: a name torch does not know, a GPU this machine
+    lacks, or any device but the CPU for a recipe that does not train (its steps run on the CPU,
+    so the device would be ignored) is an error naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise LowbitError(f"device={device!r} is not a device name torch knows (cpu, cuda, cuda:N): "
+                          f"{str(err).splitlines()[0][:120]}") from None
+    if not has_qat and dev.type != "cpu":
+        raise LowbitError(f"recipe {recipe!r} has no `qat` step: its post-training steps run on the CPU, so "
+                          f"device={device!r} would be ignored; drop device=, or use a recipe with a qat step "
+                          "(e.g. w4a4-lsq)")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LowbitError(f"device={device!r}: this machine (this torch build) has no CUDA GPU; use device='cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise LowbitError(f"device={device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return dev
+
+
 def quantize(
     model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8", calib: Any = None,
     progress: bool = True, *, train: Any = None, val: Any = None, device: str = "cpu",
@@ -123,6 +145,7 @@ def quantize(
     """
     r = load_recipe(recipe)
     has_qat = any(name == "qat" for name, _ in r.steps)
+    check_device(device, r.name, has_qat)
     if (train is not None or val is not None or teacher is not None) and not has_qat:
         raise LowbitError(f"recipe {r.name!r} has no `qat` step, so it does not train: drop train=/val=/teacher=, "
                           "or use a recipe with a qat step (e.g. w4a4-lsq)")
@@ -170,6 +193,18 @@ def check_labels(y: Any, logits: torch.Tensor, seen: int) -> None:
                           f"classes (0 to {logits.shape[1] - 1})")
 
 
+def check_logits(logits: Any, x: torch.Tensor, seen: int) -> None:
+    """What a top-1 count reads: one row of class scores per input, a (batch, classes) tensor.
+    (A tuple of heads, an output object or 1-D scores failed deep inside the count.)"""
+    where = f"the model's output for the batch starting at sample {seen}"
+    if not isinstance(logits, torch.Tensor):
+        raise LowbitError(f"{where} is a {type(logits).__name__}, not a tensor: evaluate needs class scores of "
+                          "shape (batch, classes); wrap the model so forward returns its logits tensor")
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise LowbitError(f"{where} has shape {tuple(logits.shape)}; evaluate needs class scores of shape "
+                          f"({x.shape[0]}, classes), one row per input")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], progress: bool = False, desc: str = "evaluate") -> float:
     """Top-1 accuracy in [0, 1] over (input, label) batches."""
@@ -184,6 +219,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], progress: bool = False, desc
             if total == 0:
                 probe_forward(model, x, "test batch 0")
             logits = model(x)
+            check_logits(logits, x, total)
             check_labels(y, logits, total)
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -175,7 +176,8 @@ def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         dataset = args.data
     else:
         model, dataset = _load_zoo_model(args)
-    _record(args, model_fingerprint=_model_fingerprint(model), dataset=dataset)
+    _record(args, model_fingerprint=_model_fingerprint(model), dataset=dataset,
+            weights=os.path.abspath(args.weights) if args.weights else None)  # `lowbit report RUN` draws these
     args._model = model  # the data loader tries it on one image
     return model.eval(), dataset
 
@@ -213,7 +215,12 @@ def _given(argv: list[str], option: str) -> bool:
 
 
 def _record(args: argparse.Namespace, **fields: Any) -> None:
-    """Add fields to this command's row in the run registry (no-op when it is not recorded)."""
+    """Add fields to this command's row in the run registry (when it is recorded), and keep them on
+    ``args`` either way: --mlflow logs the model and dataset the command resolved, not argparse's defaults."""
+    resolved = getattr(args, "_resolved", None)
+    if resolved is None:
+        resolved = args._resolved = {}
+    resolved.update(fields)
     run = getattr(args, "_run", None)
     if run is not None:
         run[0].update(run[1], **fields)
@@ -246,10 +253,24 @@ def _check_fits(model: torch.nn.Module | None, train: Any, source: str) -> None:
         probe_forward(model, train[0][0].unsqueeze(0), f"the model refuses the images of {source}: the first")
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float made None: ``json.dumps`` writes inf and NaN as the bare
+    tokens Infinity and NaN, which strict JSON parsers (RFC 8259: browsers, jq, other languages) refuse.
+    (An analyzed layer that keeps float weights has an infinite weight SQNR.)"""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     from lowbit.report.tables import format_table
 
     print(format_table(rows))
+    payload = strict_json(payload)
     _record(args, metrics=payload)
     args._payload = payload  # for --mlflow
     if args.json:
@@ -307,7 +328,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             from lowbit.deploy.artifact import save
 
             path = save(qm, Path(args.save) / f"{artifact_stem(result.recipe)}.lowbit",
-                        metrics={"top1": result.top1, "float_top1": result.float_top1})
+                        metrics={"top1": result.top1, "float_top1": result.float_top1,
+                                 **scored_on(test, args.test_limit)})
             print(f"saved {path}")
 
     out = compare_recipes(model, recipes, train, test, test_limit=args.test_limit, progress=not args.no_progress,
@@ -340,8 +362,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = TensorBatches(test, limit=args.test_limit)
     top1 = evaluate(model, batches, progress=not args.no_progress)
     rows = [{"model": args.model, "dataset": dataset, "top1": round(100 * top1, 2), "test_images": len(batches.indices)}]
-    _emit(args, {"model": args.model, "dataset": dataset, "top1": top1, "test_images": len(batches.indices)}, rows)
+    _emit(args, {"model": args.model, "dataset": dataset, "top1": top1, **scored_on(test, args.test_limit)}, rows)
     return 0
+
+
+def scored_on(test: Any, limit: int | None) -> dict[str, Any]:
+    """How many test images a top-1 counts and whether that is the whole split: a result written
+    without it (a payload, an artifact's metrics) is shown by `lowbit report` as if it were."""
+    n = len(test) if limit is None else min(limit, len(test))
+    return {"test_images": n, "full_test_split": n == len(test)}
 
 
 def _eval_deployed(args: argparse.Namespace) -> int:
@@ -373,11 +402,14 @@ def _eval_deployed(args: argparse.Namespace) -> int:
     elif args.lowbit:
         _record(args, artifacts=[str(args.lowbit)])
     dataset = args.data or args.dataset or zoo.model_info(arch or args.model).dataset
+    _record(args, dataset=dataset)
     _, test = _datasets(args, dataset)
     batches = TensorBatches(test, limit=args.test_limit)
     top1 = evaluate(model, batches, progress=not args.no_progress)
     row = {"model": source, "dataset": dataset, "top1": round(100 * top1, 2), "test_images": len(batches.indices)}
-    _emit(args, {**row, "top1": top1}, [row])
+    # "deployed": the score is a quantized model's (the report shows it as one); "arch": the network it holds
+    _emit(args, {**row, "top1": top1, **scored_on(test, args.test_limit),
+                 "deployed": "onnx" if args.onnx else "lowbit", **({"arch": arch} if arch else {})}, [row])
     return 0
 
 
@@ -429,12 +461,12 @@ def analysis_subset(train: Any, calibration: dict[str, Any], n: int) -> Any:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit.data import make_loader
-    from lowbit.report.analyzer import analyze
+    from lowbit.report.analyzer import analysis_payload, analyze
 
     qm, recipe, train, _ = _quantize_first_recipe(args)
     subset = analysis_subset(train, recipe.calibration, args.samples)
-    out = analyze(qm, make_loader(subset, 250), progress=not args.no_progress)
-    rows = [r.row() for r in out["layers"]]
+    out = analysis_payload(analyze(qm, make_loader(subset, 250), progress=not args.no_progress))
+    rows = out["layers"]
     print(f"{args.model} {recipe.name} on {out['images']} training-split images (not the calibration ones): "
           f"float {out['float_top1']:.2f}%, quantized {out['quantized_top1']:.2f}% (weights only "
           f"{out['weights_only_top1']:.2f}%, activations only {out['activations_only_top1']:.2f}%); "
@@ -557,11 +589,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     loader = make_loader(train, batch_size=batch, shuffle=True, seed=seed)
     zoo.train_classifier(model, loader, epochs=epochs, lr=lr, checkpoint=args.checkpoint,
                          progress=not args.no_progress)
-    top1 = evaluate(model, TensorBatches(test))
+    batches = TensorBatches(test, limit=args.test_limit)
+    top1 = evaluate(model, batches)
+    split = scored_on(test, args.test_limit)
     out = args.out or Path(f"{args.model}.safetensors")
-    zoo.save_weights(model, out, metadata={"model": args.model, "dataset": dataset, "test_top1": f"{top1:.4f}"})
-    print(f"{args.model} on {dataset}: test top-1 {100 * top1:.2f}% (full test split) after {epochs} "
+    zoo.save_weights(model, out, metadata={"model": args.model, "dataset": dataset, "test_top1": f"{top1:.4f}",
+                                           "test_images": str(split["test_images"])})
+    # the trained weights are this run's float model: `lowbit report RUN` draws them, not the zoo's
+    _record(args, dataset=dataset, model_fingerprint=_model_fingerprint(model), weights=os.path.abspath(out))
+    note = "full test split" if split["full_test_split"] else \
+        f"first {split['test_images']} test images (NOT the full split)"
+    print(f"{args.model} on {dataset}: test top-1 {100 * top1:.2f}% ({note}) after {epochs} "
           f"epoch(s) on {len(train)} training images; saved {out}")
+    rows = [{"model": args.model, "dataset": dataset, "top1": round(100 * top1, 2),
+             "test_images": split["test_images"], "epochs": epochs, "train_images": len(train)}]
+    _emit(args, {"model": args.model, "dataset": dataset, "top1": top1, **split, "epochs": epochs,
+                 "train_images": len(train), "weights": str(out)}, rows)
     return 0
 
 
@@ -640,13 +683,14 @@ def _train_qat(args: argparse.Namespace) -> int:
           f"kept epoch {info['best_epoch']}/{info['epochs']} by validation on {info['val_samples']} training images "
           f"({info.get('select', 'best')}); "
           f"{info['processes']} process(es)")
+    split = scored_on(test, args.test_limit)
     if args.save:
         from lowbit.deploy.artifact import save
 
-        print(f"saved {save(qm, args.save, metrics={'top1': top1, 'float_top1': float_top1})}")
+        print(f"saved {save(qm, args.save, metrics={'top1': top1, 'float_top1': float_top1, **split})}")
     rows = [{"model": args.model, "recipe": recipe.name, "top1": round(100 * top1, 2),
              "float_top1": round(100 * float_top1, 2), "epochs": info["epochs"], "best_epoch": info["best_epoch"]}]
-    _emit(args, {"rows": rows, "history": info["history"]}, rows)
+    _emit(args, {"rows": rows, "history": info["history"], **split}, rows)
     return 0
 
 
@@ -718,8 +762,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             if len(args.ids) != 2:
                 raise LowbitError("runs compare takes two run ids")
             a, b = (reg.get(i) for i in args.ids)
-            keys = ["command", "model", "recipe", "dataset", "model_fingerprint", "data_fingerprint", "status",
-                    "seconds", "versions", "artifacts"]
+            keys = ["command", "model", "recipe", "dataset", "model_fingerprint", "weights", "data_fingerprint",
+                    "status", "seconds", "versions", "artifacts"]
             rows = [{"field": k, f"run {a['id']}": json.dumps(a[k], default=str) if isinstance(a[k], dict) else a[k],
                      f"run {b['id']}": json.dumps(b[k], default=str) if isinstance(b[k], dict) else b[k],
                      "same": a[k] == b[k]} for k in keys]
@@ -744,6 +788,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     model = None
     if args.model is not None:
         args.data = args.dataset = None  # the report reads the model's weights only, never its data
+        if args.weights is None:  # a run that read its own --weights: those, not the zoo's release
+            args.weights = _recorded_weights(inputs.runs, args.model)
         if ":" in args.model:  # pkg.module:factory, the user's own architecture
             if not args.weights:
                 raise LowbitError(f"--model {args.model}: a model from a factory needs --weights")
@@ -752,10 +798,40 @@ def cmd_report(args: argparse.Namespace) -> int:
             model = zoo.load_weights(load_factory(args.model), args.weights)
         else:
             model, _ = _load_zoo_model(args)
+        _check_report_model(inputs.runs, args, _model_fingerprint(model))
     path = write_report(inputs, args.out, model, args.title)
-    print(f"wrote {path} ({path.stat().st_size // 1024} KB) from {len(inputs.sources)} source(s)"
-          + ("" if model is not None else "; no float model, so no weight histograms or μL2Q figure (give --model)"))
+    regular = path.is_file()  # -o /dev/stdout (a pipe): the page is on stdout, this line goes beside it
+    print(f"wrote {path}" + (f" ({path.stat().st_size // 1024} KB)" if regular else "")
+          + f" from {len(inputs.sources)} source(s)"
+          + ("" if model is not None else "; no float model, so no weight histograms or μL2Q figure (give --model)"),
+          file=sys.stdout if regular else sys.stderr)
     return 0
+
+
+def _recorded_weights(runs: list[dict[str, Any]], model: str) -> Path | None:
+    """The float weights file the runs of ``model`` read (their --weights, or a from-scratch training's
+    output), if they recorded one; refused when they read different ones or it is gone."""
+    files = {r["weights"]: r["label"] for r in runs if r.get("model") == model and r.get("weights")}
+    if len(files) > 1:
+        raise LowbitError("the runs read different float weights (" + "; ".join(f"{lbl}: {w}" for w, lbl in
+                          files.items()) + "): report them separately, or choose one with --weights")
+    for weights, label in files.items():
+        if not Path(weights).is_file():
+            raise LowbitError(f"{label} read its float {model} weights from {weights}, which is no longer there: "
+                              "give --weights with the same weights file")
+        return Path(weights)
+    return None
+
+
+def _check_report_model(runs: list[dict[str, Any]], args: argparse.Namespace, fingerprint: str) -> None:
+    """Refuse float weights other than the ones a reported run quantized: the histograms and the μL2Q
+    figure would describe another network than the run's (the zoo's release for a run given --weights)."""
+    for r in runs:
+        if r.get("model") == args.model and r.get("model_fingerprint") and r["model_fingerprint"] != fingerprint:
+            where = f"--weights {args.weights}" if args.weights else f"the zoo's {args.model} weights"
+            raise LowbitError(f"{where} (fingerprint {fingerprint}) are not the float weights {r['label']} "
+                              f"quantized (fingerprint {r['model_fingerprint']}): give --weights with the file "
+                              "that run read (`lowbit runs show` prints its command line)")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -911,9 +987,18 @@ def _artifacts(args: argparse.Namespace) -> dict[str, str]:
             for k in _ARTIFACT_ARGS if getattr(args, k, None)}
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun ($RANK; 0 alone). Only rank 0 records a run and logs it to
+    MLflow: every process of one training runs the same command, and each made its own row and run."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _open_run(args: argparse.Namespace, argv: list[str]) -> None:
     """Start this command's row in the run registry (status running)."""
-    if args.command not in RECORDED_COMMANDS or getattr(args, "no_registry", False):
+    if args.command not in RECORDED_COMMANDS or getattr(args, "no_registry", False) or process_rank() != 0:
         return
     from lowbit.registry import Registry
 
@@ -976,13 +1061,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _log_mlflow(args: argparse.Namespace, argv: list[str], status: str, started: float) -> None:
     """The finished command as an MLflow run, when --mlflow asked for one."""
     uri = getattr(args, "mlflow", None)
-    if not uri:
+    if not uri or process_rank() != 0:  # under torchrun: one training, one MLflow run (rank 0's)
         return
     from lowbit.mlflow_log import log_run
 
     artifacts = _artifacts(args)
-    params = {"model": getattr(args, "model", None), "recipe": getattr(args, "recipe", None),
-              "dataset": getattr(args, "dataset", None) or getattr(args, "data", None)}
+    if args.command == "eval":  # eval's --lowbit and --onnx are the files it read, not ones it wrote
+        artifacts = {k: v for k, v in artifacts.items() if k not in ("lowbit", "onnx")}
+    resolved = getattr(args, "_resolved", None) or {}  # what the command worked out, beside what was typed
+    params = {"model": resolved.get("model") or getattr(args, "model", None),
+              "recipe": getattr(args, "recipe", None),
+              "dataset": resolved.get("dataset") or getattr(args, "dataset", None) or getattr(args, "data", None)}
     run_id = log_run(uri, args.command, argv, status=status, seconds=time.perf_counter() - started,
                      payload=getattr(args, "_payload", None), artifacts=artifacts, params=params)
     print(f"logged to MLflow ({uri}) as run {run_id}", file=sys.stderr)

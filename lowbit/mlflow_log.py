@@ -49,29 +49,52 @@ def _row_label(row: dict[str, Any]) -> str | None:
     return None
 
 
-def flat_metrics(payload: dict[str, Any] | None) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+# analyze's payload keeps its top-1s in % (its documented JSON); every other command's top-level top-1
+# (quantize's and search --evaluate's float_top1, eval's top1) is a fraction. One MLflow key, one unit:
+# these are logged as fractions too.
+PERCENT_AT_TOP = {"analyze": ("float_top1", "quantized_top1", "weights_only_top1", "activations_only_top1")}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def flat_metrics(payload: dict[str, Any] | None, command: str | None = None,
+                 ) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
     """(metrics, per-step series) from a command's JSON payload: top-level numbers, each result
-    row's numbers under ``<recipe>.<key>`` (bench rows: ``<engine>_<runtime>.<key>``), and a
-    QAT history as series over epochs; every name made one MLflow accepts (:func:`metric_name`)."""
+    row's numbers under ``<recipe>.<key>`` (bench rows: ``<engine>_<runtime>.<key>``), a search's
+    evaluation as a quantize run's are and its plan's size under ``plan.<key>``, and a QAT history
+    as series over epochs; every name made one MLflow accepts (:func:`metric_name`). ``command``:
+    the command that wrote it, for the top-1s it keeps in % (:data:`PERCENT_AT_TOP`)."""
     metrics: dict[str, float] = {}
     series: list[tuple[str, float, int]] = []
+    payload = payload or {}
+    evaluation = payload.get("evaluation") if isinstance(payload.get("evaluation"), dict) else {}
+    search = payload.get("search") if isinstance(payload.get("search"), dict) else {}
+    plan = search.get("plan") if isinstance(search.get("plan"), dict) else {}
+    meta = plan.get("meta") if isinstance(plan.get("meta"), dict) else {}
 
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-    for k, v in (payload or {}).items():
-        if number(v):
-            metrics[metric_name(k)] = float(v)
-    for row in list((payload or {}).get("results") or []) + list((payload or {}).get("rows") or []):
+    percent = PERCENT_AT_TOP.get(command or "", ())
+    for k, v in {**payload, **evaluation}.items():  # search --evaluate: float_top1, test_images beside its rows
+        if _number(v):
+            metrics[metric_name(k)] = float(v) / 100 if k in percent else float(v)
+    for k in ("mean_w_bits", "weight_compression", "weight_bits"):  # the plan a search chose
+        if _number(meta.get(k)):
+            metrics[metric_name("plan", k)] = float(meta[k])
+    for k in ("budget_bits", "calibrations", "seconds"):
+        if _number(search.get(k)):
+            metrics[metric_name("search", k)] = float(search[k])
+    for row in (list(payload.get("results") or []) + list(payload.get("rows") or [])
+                + list(evaluation.get("results") or [])):
         label = _row_label(row) if isinstance(row, dict) else None
         if label is not None:
             for k, v in row.items():
-                if number(v):
+                if _number(v):
                     metrics[metric_name(label, k)] = float(v)
-    for row in (payload or {}).get("history") or []:
-        if isinstance(row, dict) and number(row.get("epoch")):
+    for row in payload.get("history") or []:
+        if isinstance(row, dict) and _number(row.get("epoch")):
             series += [(metric_name(k), float(v), int(row["epoch"])) for k, v in row.items()
-                       if k != "epoch" and number(v)]
+                       if k != "epoch" and _number(v)]
     return metrics, series
 
 
@@ -90,7 +113,7 @@ def _log(mlflow, uri: str, command: str, argv: list[str], status: str, seconds: 
          payload: dict[str, Any] | None, artifacts: dict[str, str], params: dict[str, Any]) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("lowbit")
-    metrics, series = flat_metrics(payload)
+    metrics, series = flat_metrics(payload, command)
     with mlflow.start_run(run_name=f"lowbit {command}") as run:
         mlflow.set_tags({"lowbit.command": command, "lowbit.status": status, "lowbit.argv": " ".join(argv)})
         mlflow.log_params({k: str(v) for k, v in params.items() if v is not None})

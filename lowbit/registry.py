@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS runs (
     dataset TEXT,
     model_fingerprint TEXT,
     data_fingerprint TEXT,
+    weights TEXT,
     status TEXT NOT NULL,
     started REAL NOT NULL,
     finished REAL,
@@ -69,6 +70,7 @@ class Registry:
             self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
+            _add_missing_columns(self._db)
         except sqlite3.DatabaseError as err:
             raise LowbitError(f"run registry {self.path} cannot be opened as SQLite: {err}") from None
         self._db.row_factory = sqlite3.Row
@@ -86,7 +88,8 @@ class Registry:
 
     def update(self, run_id: int, **fields: Any) -> None:
         """Set columns of a run (dicts and lists are stored as JSON)."""
-        allowed = {"model", "recipe", "dataset", "model_fingerprint", "data_fingerprint", "metrics", "artifacts"}
+        allowed = {"model", "recipe", "dataset", "model_fingerprint", "data_fingerprint", "weights", "metrics",
+                   "artifacts"}
         bad = sorted(set(fields) - allowed)
         if bad:
             raise LowbitError(f"registry update: unknown field(s) {bad}")
@@ -112,6 +115,19 @@ class Registry:
     def list(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_decode(r) for r in rows]
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Columns added after a registry file was made (``weights``: the float weights file a run
+    read, so ``lowbit report`` draws those and not the zoo's) are added in place; old rows hold NULL."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(runs)").fetchall()}
+    for column in ("weights",):
+        if column not in have:
+            try:
+                db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError as err:  # another process added it first
+                if "duplicate column" not in str(err):
+                    raise
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

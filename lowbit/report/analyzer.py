@@ -120,10 +120,18 @@ def _layer_weights(qm: QuantModel) -> dict[str, torch.Tensor]:
     return {r.name: r.layer.weight.detach().clone() for r in qm.layers}
 
 
+def analysis_payload(result: dict[str, Any]) -> dict[str, Any]:
+    """:func:`analyze`'s result as plain JSON-ready data (each layer its ``row()``): what
+    ``lowbit analyze --json`` writes and ``json.dumps`` takes."""
+    return {**result, "layers": [r.row() if isinstance(r, LayerSensitivity) else r for r in result["layers"]]}
+
+
 def analyze(qm: QuantModel, data: Iterable[Any], progress: bool = True) -> dict[str, Any]:
     """Per-layer sensitivity of ``qm`` on ``data`` ((input, label) batches; use training-split
-    images, not the test split). Returns float and quantized top-1, the weights-only and
-    activations-only top-1, and the layers, most harmful first."""
+    images, not the test split). Returns float and quantized top-1 (in %), the weights-only and
+    activations-only top-1, and the layers (LayerSensitivity), most harmful first. The result
+    goes to ``lowbit.html_report`` as it is (``ReportInputs(analysis=...)``); for JSON, use
+    :func:`analysis_payload`."""
     if not isinstance(qm, QuantModel):
         raise LowbitError(f"analyze takes a QuantModel (from lowbit.quantize), got {type(qm).__name__}")
     batches = _batches(data)

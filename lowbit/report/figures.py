@@ -30,8 +30,11 @@ def accuracy_bars(rows: Sequence[dict[str, Any]]) -> bytes:
     quant = [r.get("top1") or 0.0 for r in rows]
     ax.barh(y + 0.2, floats, height=0.4, color="#bbbbbb", label="float")
     ax.barh(y - 0.2, quant, height=0.4, color="#3572a5", label="quantized")
-    for yi, q, f in zip(y, quant, floats):
-        ax.text(q, yi - 0.2, f" {q:.2f} ({q - f:+.2f})" if f else f" {q:.2f}", va="center", fontsize=8)
+    for yi, r, q, f in zip(y, rows, quant, floats):
+        if r.get("top1") is None:  # a float model's own score (`lowbit eval`): no quantized bar to label
+            ax.text(f, yi + 0.2, f" {f:.2f}", va="center", fontsize=8)
+        else:
+            ax.text(q, yi - 0.2, f" {q:.2f} ({q - f:+.2f})" if f else f" {q:.2f}", va="center", fontsize=8)
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     low = min([v for v in quant + floats if v > 0] or [0.0])

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.report import figures
 from lowbit.report.sources import ReportInputs
-from lowbit.state_io import atomic_write_text
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -54,6 +54,12 @@ def _split(analysis: dict) -> str:
         return ""
     return (f" (weights only {analysis['weights_only_top1']:.2f}%, activations only "
             f"{analysis['activations_only_top1']:.2f}%)")
+
+
+def _analysis_rows(layers: Sequence[Any]) -> list[dict[str, Any]]:
+    """The analyzer's layers as table rows: ``lowbit.analyze`` returns LayerSensitivity objects,
+    its --json (and a run) plain dicts; both are drawn."""
+    return [r.row() if hasattr(r, "row") else dict(r) for r in layers]
 
 
 def _missing(what: str) -> str:
@@ -99,12 +105,13 @@ def render(inputs: ReportInputs, float_model: nn.Module | None = None, title: st
     parts.append('<section id="analysis"><h2>Which layer hurts</h2>')
     if inputs.analysis:
         a = inputs.analysis
-        parts.append(f"<p>On {a.get('images')} training-split images: float {a['float_top1']:.2f}%, quantized "
-                     f"{a['quantized_top1']:.2f}%{_split(a)}. Layers ranked by the drop with only that layer "
+        layers = _analysis_rows(a.get("layers") or [])
+        parts.append(f"<p>On {html.escape(str(a.get('images')))} training-split images: float {a['float_top1']:.2f}%, "
+                     f"quantized {a['quantized_top1']:.2f}%{_split(a)}. Layers ranked by the drop with only that layer "
                      "quantized.</p>")
-        parts.append(_img("fig-analysis", figures.analyzer_bars(a["layers"]), "per-layer sensitivity"))
-        parts.append(_table(a["layers"], ["name", "quantizer", "w_bits", "a_bits", "weight_sqnr_db", "output_sqnr_db",
-                                          "drop_alone_pt", "recovered_pt"], "table-analysis"))
+        parts.append(_img("fig-analysis", figures.analyzer_bars(layers), "per-layer sensitivity"))
+        parts.append(_table(layers, ["name", "quantizer", "w_bits", "a_bits", "weight_sqnr_db", "output_sqnr_db",
+                                     "drop_alone_pt", "recovered_pt"], "table-analysis"))
     else:
         parts.append(_missing("the analyzer's ranking (the --json of `lowbit analyze`, or its run)"))
     parts.append("</section>")
@@ -128,10 +135,12 @@ def render(inputs: ReportInputs, float_model: nn.Module | None = None, title: st
                      "error from that Gaussian alone. Measured: each layer's weights standardised by their own σ "
                      "(about zero), per tensor, on the same mid-rise grid.</p>")
         parts.append(_img("fig-ul2q", figures.ul2q_error_figure(table), "μL2Q predicted vs measured error"))
-        rows = [{"bits": r["bits"], "step α_b": r["step"], "predicted": r["predicted_mse"],
-                 "measured (mean)": float(np.mean(list(r["measured_mse"].values()))),
-                 "measured (min)": min(r["measured_mse"].values()), "measured (max)": max(r["measured_mse"].values())}
-                for r in table]
+        rows = []
+        for r in table:
+            measured = list(r["measured_mse"].values())  # empty when every layer is all zero (no σ to scale by)
+            rows.append({"bits": r["bits"], "step α_b": r["step"], "predicted": r["predicted_mse"],
+                         "measured (mean)": float(np.mean(measured)) if measured else None,
+                         "measured (min)": min(measured, default=None), "measured (max)": max(measured, default=None)})
         parts.append(_table(rows, list(rows[0]), "table-ul2q"))
     else:
         parts.append(_missing("the float model (give --model)"))
@@ -164,19 +173,29 @@ def render(inputs: ReportInputs, float_model: nn.Module | None = None, title: st
 
 def write_report(inputs: ReportInputs, path: str | Path, float_model: nn.Module | None = None,
                  title: str | None = None) -> Path:
-    """Render and write atomically (a report being rewritten is never left half-written)."""
+    """Render and write: a regular file atomically (a report being rewritten is never left
+    half-written), a symlink or a device (/dev/stdout) written through, not replaced."""
+    from lowbit.mixed.plan import write_text_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, render(inputs, float_model, title))
+    if path.is_dir():
+        raise LowbitError(f"{path} is a directory; give the report's file name (e.g. {path / 'report.html'})")
+    write_text_file(path, render(inputs, float_model, title))
     return path
 
 
-def html_report(sources: Sequence[str | Path] | ReportInputs, path: str | Path = "report.html",
+def html_report(sources: str | Path | Sequence[str | Path] | ReportInputs, path: str | Path = "report.html",
                 model: nn.Module | None = None, registry: str | Path | None = None, title: str | None = None) -> Path:
     """Python twin of ``lowbit report``: sources are run ids, JSON results, .lowbit files and QAT
-    checkpoint folders (or a ReportInputs built by hand); ``model`` is the float model whose
+    checkpoint folders (one, or a list; or a ReportInputs built by hand, whose ``analysis`` may be
+    ``lowbit.analyze``'s result as it is); ``model`` is the float model (an nn.Module) whose
     weights the histogram and μL2Q figures read."""
     from lowbit.report.sources import collect
 
+    if model is not None and not isinstance(model, nn.Module):
+        raise LowbitError(f"html_report's model is the float network itself (a torch.nn.Module), got "
+                          f"{type(model).__name__} {model!r:.60}; for a zoo model pass lowbit.zoo.pretrained(name)")
+    if isinstance(sources, (str, Path)):  # one source: not a sequence of its characters
+        sources = [sources]
     inputs = sources if isinstance(sources, ReportInputs) else collect([str(s) for s in sources], registry)
     return write_report(inputs, path, model, title)

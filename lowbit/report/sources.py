@@ -1,7 +1,7 @@
 """What an HTML report is made of, gathered from runs, JSON results, artifacts and checkpoints.
 
 A report reads what lowbit already writes: a run in the registry (its metrics and the files
-it wrote), the ``--json`` payload of ``quantize``/``train``/``analyze``/``search``, a saved
+it wrote), the ``--json`` payload of ``quantize``/``eval``/``train``/``analyze``/``search``, a saved
 ``.lowbit`` artifact (the layer table), or a QAT checkpoint folder (``metrics.jsonl``: the
 training curves). Each source adds what it has; nothing is recomputed here.
 """
@@ -27,6 +27,8 @@ class ReportInputs:
     searches: list[dict[str, Any]] = field(default_factory=list)      # SearchResult.to_dict() payloads
     curves: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (label, per-epoch rows)
     sources: list[str] = field(default_factory=list)                  # what was read, in order
+    # each registry run read: {label, model, model_fingerprint, weights}, so the float model drawn is the run's
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _number(v: Any) -> float | None:
@@ -59,27 +61,56 @@ def _first(*values: float | None) -> float | None:
     return next((v for v in values if v is not None), None)
 
 
+def scored_on(label: str, facts: Any) -> str:
+    """``label`` with what the top-1 beside it counted, read from ``facts`` (a payload, its
+    ``evaluation`` part, an artifact's metrics): a ``--test-limit`` score is said to be one, and a
+    source that does not say is not taken for the full split."""
+    facts = facts if isinstance(facts, dict) else {}
+    full, n = facts.get("full_test_split"), facts.get("test_images")
+    if full is True:
+        return label
+    if full is False:  # --test-limit: a quick look, said so beside the number
+        return f"{label}; first {n} test images, not the full split"
+    if _number(n) is not None:
+        return f"{label}; {int(n)} test images (whether the full split: not recorded)"
+    return f"{label}; test images: unknown"
+
+
+def _deployed(payload: dict[str, Any]) -> bool:
+    """Whether an eval payload scored a quantized model (--lowbit / --onnx) rather than a float one.
+    (Payloads from before the ``deployed`` key name the file they scored as their model.)"""
+    if payload.get("deployed"):
+        return True
+    model = payload.get("model")
+    return isinstance(model, str) and (".lowbit" in model or ".onnx" in model)
+
+
 def add_payload(inputs: ReportInputs, payload: dict[str, Any], label: str) -> None:
     """Add a command's JSON payload (quantize, eval, train, analyze or search); refuse one that is none."""
     if not isinstance(payload, dict):
         raise LowbitError(f"{label}: expected a JSON object from a lowbit command, got {type(payload).__name__}")
     used = False
-    inputs.model = inputs.model or _model_name(payload.get("model"))
+    deployed = _deployed(payload)
+    inputs.model = inputs.model or _model_name(payload.get("arch") if deployed else payload.get("model"))
     float_top1 = _from_fraction(payload.get("float_top1"))
-    scored_on = label
-    if payload.get("full_test_split") is False:  # --test-limit: a quick look, said so beside the number
-        scored_on += f"; first {payload.get('test_images')} test images, not the full split"
+    note = scored_on(label, payload)
     for r in payload.get("results") or []:  # quantize / eval --recipe
         if isinstance(r, dict) and "recipe" in r and "top1" in r:
             inputs.accuracy.append({"label": str(r["recipe"]), "top1": _in_percent(r["top1"]),
-                                    "float_top1": _first(_in_percent(r.get("float")), float_top1), "note": scored_on})
+                                    "float_top1": _first(_in_percent(r.get("float")), float_top1), "note": note})
             used = True
     for r in payload.get("rows") or []:  # train --recipe
         if isinstance(r, dict) and "recipe" in r and "top1" in r and "float_top1" in r:
             inputs.accuracy.append({"label": f"{r['recipe']} (QAT)", "top1": _in_percent(r["top1"]),
-                                    "float_top1": _in_percent(r["float_top1"]), "note": label})
+                                    "float_top1": _in_percent(r["float_top1"]), "note": note})
             inputs.model = inputs.model or _model_name(r.get("model"))
             used = True
+    top1 = _from_fraction(payload.get("top1"))
+    if top1 is not None and not payload.get("results"):  # eval (a float model, or a .lowbit / ONNX one), train
+        name = str(payload.get("model"))
+        inputs.accuracy.append({"label": name if deployed else f"{name} (float)", "top1": top1 if deployed else None,
+                                "float_top1": None if deployed else top1, "note": note})
+        used = True
     if isinstance(payload.get("history"), list) and payload["history"]:
         inputs.curves.append((label, payload["history"]))
         used = True
@@ -91,20 +122,26 @@ def add_payload(inputs: ReportInputs, payload: dict[str, Any], label: str) -> No
         search = payload
     if search is not None:
         inputs.searches.append(search)
-        ev = (payload.get("evaluation") or {}).get("results") or []
-        for r in ev:
+        evaluation = payload.get("evaluation") if isinstance(payload.get("evaluation"), dict) else {}
+        for r in evaluation.get("results") or []:  # search --evaluate: its test-split facts sit beside the rows
             inputs.accuracy.append({"label": str(r.get("recipe")), "top1": _in_percent(r.get("top1")),
-                                    "float_top1": _in_percent(r.get("float")), "note": label})
+                                    "float_top1": _in_percent(r.get("float")), "note": scored_on(label, evaluation)})
         used = True
     if not used:
         keys = ", ".join(sorted(payload)[:8])
         raise LowbitError(f"{label}: nothing a report shows (keys: {keys}); give the --json output of quantize, "
-                          "train, analyze or search, a .lowbit artifact, a QAT checkpoint folder or a run id")
+                          "eval, train, analyze or search, a .lowbit artifact, a QAT checkpoint folder or a run id")
     inputs.sources.append(label)
 
 
-def add_artifact(inputs: ReportInputs, path: Path) -> None:
-    """The layer table (bits and quantizer kind per layer) of a saved model."""
+# Payload rows hold top-1 in % rounded to 2 decimals (RecipeResult.row), artifacts the exact fraction:
+# the same result read from both differs by up to half a hundredth of a point.
+SAME_RESULT_PT = 0.005
+
+
+def add_artifact(inputs: ReportInputs, path: Path, accuracy: bool = True) -> None:
+    """The layer table (bits and quantizer kind per layer) of a saved model, and the top-1 it
+    was saved with unless ``accuracy`` is False (the run that saved it has shown that result)."""
     from lowbit.deploy.artifact import load
 
     qm = load(path)
@@ -112,10 +149,11 @@ def add_artifact(inputs: ReportInputs, path: Path) -> None:
     inputs.layers_source = str(path)
     metrics = qm.meta.get("metrics") or {}
     label, top1 = path.stem, _from_fraction(metrics.get("top1"))
-    if top1 is not None and not any(a["label"] == label and a["top1"] is not None and abs(a["top1"] - top1) < 1e-6
-                                    for a in inputs.accuracy):  # the run that saved it reported it already
-        inputs.accuracy.append({"label": label, "top1": top1,
-                                "float_top1": _from_fraction(metrics.get("float_top1")), "note": str(path)})
+    if accuracy and top1 is not None and not any(
+            a["label"] == label and a["top1"] is not None and abs(a["top1"] - top1) <= SAME_RESULT_PT + 1e-9
+            for a in inputs.accuracy):  # a --json of the command that saved it, given beside it, has it already
+        inputs.accuracy.append({"label": label, "top1": top1, "float_top1": _from_fraction(metrics.get("float_top1")),
+                                "note": scored_on(str(path), metrics)})
     inputs.model = inputs.model or _model_name(qm.meta.get("arch"))
     inputs.sources.append(str(path))
 
@@ -162,16 +200,20 @@ def add_run(inputs: ReportInputs, run: dict[str, Any]) -> None:
     if run.get("status") != "done":
         raise LowbitError(f"{label} is {run.get('status')}, not done: nothing finished to report")
     inputs.model = inputs.model or _model_name(run.get("model"))
-    before = len(inputs.sources)
+    inputs.runs.append({"label": label, "model": _model_name(run.get("model")),
+                        "model_fingerprint": run.get("model_fingerprint"), "weights": run.get("weights")})
+    before, rows_before = len(inputs.sources), len(inputs.accuracy)
     if run.get("metrics"):
         add_payload(inputs, run["metrics"], label)
-    for key, value in (run.get("artifacts") or {}).items():
+    shown = len(inputs.accuracy) > rows_before  # the run's own rows already hold the score it saved
+    artifacts = run.get("artifacts") if isinstance(run.get("artifacts"), dict) else {}
+    for key, value in artifacts.items():
         p = Path(value)
         if key in ("save", "lowbit") and p.suffix == ".lowbit" and p.is_file():
-            add_artifact(inputs, p)
+            add_artifact(inputs, p, accuracy=not shown)
         elif key == "save" and p.is_dir():  # quantize --save DIR: one artifact per recipe
             for a in sorted(p.glob("*.lowbit"))[:1]:
-                add_artifact(inputs, a)
+                add_artifact(inputs, a, accuracy=not shown)
     if len(inputs.sources) == before:
         raise LowbitError(f"{label} recorded no metrics and no .lowbit file that is still on disk: nothing to report")
 
