@@ -320,6 +320,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if twice:
             raise LowbitError(f"--save would write {', '.join(f'{s}.lowbit' for s in twice)} for more than one "
                               "recipe: give the recipes distinct names")
+        _check_artifact_targets([Path(args.save) / f"{s}.lowbit" for s in stems])
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
 
@@ -427,10 +428,24 @@ def _quantize_first_recipe(args: argparse.Namespace) -> tuple[Any, Any, Any, lis
     return quantize(model, recipe, calib=calib, progress=not args.no_progress), recipe, train, calib
 
 
+def _check_artifact_targets(paths: list[Path]) -> None:
+    """Each .lowbit file a command will write must be writable before any quantizing starts: refused
+    after the work, a refusal lost it (and left the command's other outputs behind)."""
+    from lowbit.deploy.artifact import check_target
+
+    for path in paths:
+        blocker = _blocking_file(path)
+        if blocker is not None:
+            raise LowbitError(f"cannot write {path}: {blocker} is a file, not a folder")
+        check_target(path)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.deploy.artifact import save
     from lowbit.deploy.onnx_export import export_onnx
 
+    if args.lowbit:
+        _check_artifact_targets([Path(args.lowbit)])
     qm, _, train, calib = _quantize_first_recipe(args)
     example = calib[0][:1] if calib else train[0][0].unsqueeze(0)
     out = export_onnx(qm, args.out, example)

@@ -136,3 +136,24 @@ def test_an_override_to_8_bits_in_a_1_bit_recipe_keeps_the_integer_grid(tmp_path
     qm = lowbit.quantize(model, recipe, calib=x, progress=False)
     assert qm.layers[names[1]].layer.weight_quantizer.spec.grid == "midtread"
     lowbit.export_onnx(qm, tmp_path / "m.onnx", x[:1])
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_an_artifact_target_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """Refused after quantizing, `export --lowbit notes.txt` left its ONNX file behind and `quantize --save`
+    lost every recipe's work; now nothing is loaded or quantized."""
+    import lowbit.cli as cli
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the target was checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_work)
+    notes = tmp_path / "w8a8.lowbit"
+    notes.write_text("my notes")  # an existing file that is not an artifact
+    if command == "quantize":
+        argv = ["quantize", "--recipe", "w8a8", "--save", str(tmp_path), "--no-progress"]
+    else:
+        argv = ["export", "--recipe", "w8a8", "--out", str(tmp_path / "m.onnx"), "--lowbit", str(notes), "--no-progress"]
+    assert main(argv) == 2
+    assert f"refusing to overwrite {notes}" in capsys.readouterr().err
+    assert notes.read_text() == "my notes" and not (tmp_path / "m.onnx").exists()
