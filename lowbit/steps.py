@@ -14,20 +14,28 @@ from lowbit.ptq.batches import on_model_device
 
 if TYPE_CHECKING:
     from lowbit.model.quant_model import QuantModel
-    from lowbit.recipes.recipe import Recipe
+    from lowbit.recipes.recipe import Recipe, TensorRecipe
 
 
 def _calibrate(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
                weight_estimator: str | None = None, act_estimator: str | None = None,
-               observe: str = "quantized_weights") -> None:
+               observe: str = "quantized_weights", weight_options: dict[str, Any] | None = None,
+               act_options: dict[str, Any] | None = None) -> None:
     from lowbit.ptq.calibrate import calibrate
 
-    calibrate(qm, batches,
-              weight_estimator=weight_estimator or recipe.weights.estimator,
-              act_estimator=act_estimator or recipe.activations.estimator,
-              weight_options=recipe.weights.estimator_options if weight_estimator is None else {},
-              act_options=recipe.activations.estimator_options if act_estimator is None else {},
+    w_est, a_est = weight_estimator or recipe.weights.estimator, act_estimator or recipe.activations.estimator
+    calibrate(qm, batches, weight_estimator=w_est, act_estimator=a_est,
+              weight_options=step_estimator_options(weight_options, w_est, recipe.weights),
+              act_options=step_estimator_options(act_options, a_est, recipe.activations),
               seed=recipe.calibration["seed"], progress=progress, observe=observe)
+
+
+def step_estimator_options(given: dict[str, Any] | None, estimator: str, section: "TensorRecipe") -> dict[str, Any]:
+    """The options a calibrate step hands its estimator: its own, else the recipe section's when the step uses
+    the section's estimator (naming that same estimator dropped them), else none (they belong to another one)."""
+    if given is not None:
+        return dict(given)
+    return dict(section.estimator_options) if estimator == section.estimator else {}
 
 
 def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool,
@@ -37,14 +45,18 @@ def _usp(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progre
 
     With ``augment_repeats`` > 0, image batches are replaced by that many crop-and-flip
     copies of the calibration set — for models trained with that augmentation, whose
-    statistics on clean training images are biased (see lowbit.data.augment).
+    statistics on clean training images are biased (see lowbit.data.augment); inputs that
+    are not NCHW images are refused.
     """
     from lowbit.data.augment import random_crop_flip
     from lowbit.ptq.calibrate import recalibrate_activations as refit_activations
     from lowbit.ptq.usp import update_bn_statistics
 
     stats_batches = batches
-    if augment_repeats > 0 and batches[0].dim() == 4:
+    if augment_repeats > 0:
+        if batches[0].dim() != 4:  # known only now; they were skipped without a word
+            raise RecipeError(f"usp: augment_repeats adds crop-and-flip copies of NCHW images, but the calibration "
+                              f"inputs have shape {tuple(batches[0].shape)}; set augment_repeats: 0")
         g = torch.Generator().manual_seed(recipe.calibration["seed"])
         stats_batches = [random_crop_flip(b, padding, flip, g) for _ in range(augment_repeats) for b in batches]
     update_bn_statistics(qm, stats_batches, progress=progress)
@@ -82,8 +94,11 @@ def _zeroq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", prog
     from lowbit.ptq.zeroq import distill_inputs
 
     shape = tuple(input_shape) if input_shape else _default_input_shape(qm)
+    # the probe in the model's dtype and on its device, as distill_inputs draws its inputs: a float32 CPU probe
+    # refused a float64 (or GPU) model and blamed the user's input
+    p = next(qm.parameters())
     with qm.quantization(weights=False, activations=False):  # a wrong shape is named before distilling
-        probe_forward(qm, torch.zeros(1, *shape), f"zeroq's input_shape {list(shape)}")
+        probe_forward(qm, torch.zeros(1, *shape, dtype=p.dtype, device=p.device), f"zeroq's input_shape {list(shape)}")
     seed = recipe.calibration["seed"]
     batches[:] = distill_inputs(qm, recipe.calibration["samples"], shape, seed=seed, progress=progress, **params)
     qm.meta["calibration_data"] = "zeroq (distilled, no real images)"
@@ -197,6 +212,9 @@ def check_step_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
         if cfg.augment_repeats and cfg.granularity != "network":
             raise RecipeError(f"step {name!r}: augment_repeats needs granularity: network (the unit-wise loops cache "
                               "each unit's inputs for the calibration images as they are)")
+    if name == "usp" and not checked.get("augment_repeats") and {"padding", "flip"} & set(checked):
+        raise RecipeError("step 'usp': padding and flip shape the crop-and-flip copies of augment_repeats, which is "
+                          "0 here; set augment_repeats or drop them")
     if name == "kmeans" and checked.get("joint") and checked.get("hessian", "none") == "none":
         raise RecipeError("kmeans.joint clusters all layers into one codebook, which needs hessian: fisher to "
                           "compare errors across layers")

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from lowbit.model.quant_model import QuantModel
 from lowbit.ptq.bn_ranges import bn_implied_sample
-from lowbit.quant.estimators import DATA_FREE, ESTIMATORS, estimate_range
+from lowbit.quant.estimators import DATA_FREE, ESTIMATORS, check_estimator_options, estimate_range
 from lowbit.quant.observer import SampleObserver
 from lowbit.quant.quantizer import UniformQuantizer
 from lowbit.errors import DataMismatchError, RecipeError
@@ -96,6 +96,14 @@ def calibrate_activations(
         finally:
             for q in acts.values():
                 q.observer = None
+    idle = [n for n, obs in observers.items() if obs.count == 0]
+    if idle:  # named by the layers they feed, for keep_float (the observer alone knows only the quantizer)
+        feeds = {n: [r.name for r in qm.layers if r.input_quantizer is acts[n]] for n in idle}
+        layers = sorted({name for names in feeds.values() for name in names})
+        raise DataMismatchError(f"no calibration input reached {', '.join(repr(n) for n in idle)}"
+                                f"{f' (the input of layer(s) {layers})' if layers else ''}: a branch the data never "
+                                "takes gets no range. Calibrate with inputs that run it, or keep those layers float: "
+                                f"keep_float: {layers or ['<layer name>']}")
     for n, q in acts.items():
         if used[n] == "bn":
             prior, rectified = qm.bn_priors[n]
@@ -124,6 +132,9 @@ def calibrate(
     ``batches``: a list of input tensors, or anything ``lowbit.quantize`` takes as ``calib`` (a DataLoader
     of (input, label) pairs, a Dataset, one tensor). It is checked, and run once on the float network,
     before any quantizer changes: bad data left the weight ranges rewritten and then failed deep in torch."""
+    # every argument is checked before the first grid changes: a typo in act_estimator or observe left the
+    # weight grids re-fitted with the new weight estimator and then failed
+    check_calibration_args(weight_estimator, act_estimator, weight_options, act_options, observe)
     batches = _checked_batches(qm, batches)
     calibrate_weights(qm, weight_estimator, weight_options)
     used = calibrate_activations(qm, batches, act_estimator, act_options, seed=seed, progress=progress,
@@ -132,6 +143,24 @@ def calibrate(
                               "act_estimator": act_estimator, "act_options": dict(act_options or {}),
                               "act_estimators_used": used, "seed": seed, "observe": observe}
     return qm
+
+
+def check_calibration_args(weight_estimator: str, act_estimator: str, weight_options: dict[str, Any] | None,
+                           act_options: dict[str, Any] | None, observe: str) -> None:
+    """RecipeError naming the first bad estimator name, estimator option or ``observe``, before any work."""
+    if weight_estimator not in ESTIMATORS:
+        extra = " (it sets activation ranges only)" if weight_estimator in DATA_FREE else ""
+        raise RecipeError(f"unknown weight estimator {weight_estimator!r}{extra}; known: {sorted(ESTIMATORS)}")
+    if act_estimator not in ESTIMATORS and act_estimator not in DATA_FREE:
+        raise RecipeError(f"unknown activation estimator {act_estimator!r}; known: "
+                          f"{sorted(ESTIMATORS) + sorted(DATA_FREE)}")
+    if observe not in OBSERVE:
+        raise RecipeError(f"observe={observe!r}: activation ranges are observed on one of {OBSERVE}")
+    for name, options, key in ((weight_estimator, weight_options, "weight_options"),
+                               (act_estimator, act_options, "act_options")):
+        if options is not None and not isinstance(options, dict):
+            raise RecipeError(f"calibrate: {key} must be a mapping, got {type(options).__name__}")
+        check_estimator_options(name, options or {}, "calibrate", key)
 
 
 def _checked_batches(qm: QuantModel, data: Any) -> list[torch.Tensor]:
@@ -147,6 +176,9 @@ def _checked_batches(qm: QuantModel, data: Any) -> list[torch.Tensor]:
                 raise DataMismatchError(f"calibration batch {i} ({x.dtype}, shape {tuple(x.shape)}) does not match "
                                         f"batch 0 ({batches[0].dtype}, {tuple(batches[0].shape)}): every batch must "
                                         "be float inputs of one shape")
+            if x.shape[0] == 0:  # it failed in the observers, after the weight grids were rewritten
+                raise DataMismatchError(f"calibration batch {i} is empty (shape {tuple(x.shape)}): every batch "
+                                        "needs at least one sample")
     else:
         batches = as_batches(data)
     batches = on_model_device(qm, batches)  # as run_step does for recipes

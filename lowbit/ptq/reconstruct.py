@@ -107,7 +107,29 @@ def make_config(method: str, overrides: dict[str, Any]) -> ReconConfig:
     if cfg.dc_iters > 0 and cfg.granularity != "block":
         raise RecipeError(f"step {method!r}: dc_iters (PD-Quant's distribution correction of each block's input) "
                           "needs granularity block (set dc_iters: 0)")
+    for key in overrides:  # an option given but never read (e.g. lr_round under rounding: ste) was silently dropped
+        why = _unread(cfg, key)
+        if why:
+            raise RecipeError(f"step {method!r}: {key} is not used here: {why}; drop it")
     return cfg
+
+
+def _unread(cfg: ReconConfig, key: str) -> str | None:
+    """Why option ``key`` has no effect under ``cfg`` (None: it is read)."""
+    if key in ("lr_round", "reg_weight", "warmup") and cfg.rounding != "adaround":
+        return "it drives AdaRound's learned rounding (its rate, regulariser and annealing), and rounding is ste"
+    if key == "lr_weight" and cfg.rounding == "adaround" and not cfg.learn_bias:
+        return ("it is the rate of the latent float weights (rounding: ste) and of the biases (learn_bias), and "
+                "here rounding is adaround with learn_bias off")
+    if key == "lr_scale" and not (cfg.learn_act_scale or cfg.learn_weight_scale):
+        return "it is the rate of learned step sizes, and learn_act_scale and learn_weight_scale are off"
+    if key == "pd_temperature" and cfg.pd_weight <= 0:
+        return "it tempers PD-Quant's prediction-difference loss, and pd_weight is 0"
+    if key in ("dc_lr", "dc_reg") and cfg.dc_iters <= 0:
+        return "it drives PD-Quant's distribution correction, and dc_iters is 0"
+    if key == "input_quant_prob" and cfg.granularity == "network":
+        return "a network-wise run feeds the network input itself, the same in the float and quantized networks"
+    return None
 
 
 def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progress: bool = True,
@@ -118,6 +140,9 @@ def reconstruct(qm, batches: list[torch.Tensor], method: str = "adaround", progr
         raise LowbitError(f"{method} starts from calibrated scales: run the calibrate step first")
     units = split_units(qm)
     x = torch.cat(batches)
+    if cfg.augment_repeats and x.dim() != 4:  # only known now: the inputs were skipped, not augmented
+        raise RecipeError(f"{method}: augment_repeats adds crop-and-flip copies of NCHW images, but the calibration "
+                          f"inputs have shape {tuple(x.shape)}; set augment_repeats: 0")
     _check_reconstructable(qm, units, cfg, method, x)
     gen = torch.Generator().manual_seed(seed)
     if cfg.augment_repeats and cfg.granularity != "network":
@@ -252,7 +277,7 @@ def _network(qm, cfg: ReconConfig, units: list[Unit], x: torch.Tensor, gen: torc
     The local term compares logits (squared error); ``pd_weight`` adds their tempered KL.
     With ``augment_repeats``, crop-and-flip copies of 4-D image inputs join the set, so a
     network fitted to 1,024 images sees more than those exact pixels."""
-    if cfg.augment_repeats and x.dim() == 4:
+    if cfg.augment_repeats:  # 4-D images (reconstruct refuses other inputs)
         from lowbit.data.augment import random_crop_flip
 
         x = torch.cat([x] + [random_crop_flip(x, 4, True, gen) for _ in range(cfg.augment_repeats)])

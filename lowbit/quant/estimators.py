@@ -9,6 +9,7 @@ estimators score candidates with exactly the arithmetic that will run.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -254,6 +255,10 @@ def _kl_tail(values: torch.Tensor, n_levels: int, bins: int) -> float | None:
     row = values[values > 0]
     if row.numel() < max(1, MIN_KL_VALUES_PER_LEVEL * n_levels):
         return None
+    if bins <= n_levels:  # the histogram below would have n_levels bins: no threshold to search, i.e. min-max
+        warnings.warn(f"estimator 'kl': bins={bins} is not above the grid's {n_levels} levels, so there is no "
+                      "threshold to search and the range is the full extent (min-max); use more bins (default "
+                      "2048)", stacklevel=2)
     amax = float(row.max())
     nb = max(int(min(bins, max(4 * n_levels, row.numel() // 4))), n_levels)
     hist = torch.histc(row.float(), bins=nb, min=0.0, max=amax).double()
@@ -303,9 +308,20 @@ ESTIMATORS: dict[str, Callable[..., Range]] = {
 DATA_FREE = {"bn"}
 
 
-def check_estimator_options(name: str, options: dict[str, Any], where: str) -> None:
-    """Refuse an estimator option the estimator does not take, or of the wrong type, when the recipe is read
-    (they failed after the calibration passes, a wrong type reported as an unknown option, or never)."""
+# Values each option's estimator can use, checked when the recipe is read: (low, low open?, high) or the choices.
+# kl bins <= 0 made every histogram one of n_levels bins, i.e. silently min-max; percentile's q and mse's ends were
+# refused only after the calibration passes.
+OPTION_RANGES: dict[tuple[str, str], tuple[float, bool, float | None] | tuple[str, ...]] = {
+    ("kl", "bins"): (2, False, None),
+    ("percentile", "q"): (50.0, True, 100.0),
+    ("mse", "ends"): ENDS,
+}
+
+
+def check_estimator_options(name: str, options: dict[str, Any], where: str, key: str = "estimator_options") -> None:
+    """Refuse an estimator option the estimator does not take, of the wrong type or out of its range, when the
+    recipe is read (they failed after the calibration passes, a wrong type reported as an unknown option, or
+    never). ``key``: what the options are called where they were given (``{where}.{key}`` in messages)."""
     import inspect
 
     if name not in ESTIMATORS:
@@ -315,10 +331,10 @@ def check_estimator_options(name: str, options: dict[str, Any], where: str) -> N
     params = {p.name: p.default for p in list(inspect.signature(ESTIMATORS[name]).parameters.values())[3:]}
     unknown = sorted(set(options) - set(params))
     if unknown:
-        raise RecipeError(f"{where}.estimator_options: estimator {name!r} takes {sorted(params) or 'no options'}, "
-                          f"not {unknown}")
-    for key, value in options.items():
-        default = params[key]
+        raise RecipeError(f"{where}.{key}: unknown option(s): estimator {name!r} takes "
+                          f"{sorted(params) or 'no options'}, not {unknown}")
+    for option, value in options.items():
+        default = params[option]
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -328,14 +344,26 @@ def check_estimator_options(name: str, options: dict[str, Any], where: str) -> N
         else:
             ok = isinstance(value, type(default))
         if not ok:
-            raise RecipeError(f"{where}.estimator_options.{key} must be a {type(default).__name__} "
+            raise RecipeError(f"{where}.{key}.{option} must be a {type(default).__name__} "
                               f"(e.g. {default!r}), got {value!r}")
+        allowed = OPTION_RANGES.get((name, option))
+        if allowed is None:
+            continue
+        if isinstance(allowed[0], str):
+            if value not in allowed:
+                raise RecipeError(f"{where}.{key}.{option} must be one of {', '.join(allowed)}, got {value!r}")
+            continue
+        low, open_low, high = allowed
+        if (value <= low if open_low else value < low) or (high is not None and value > high):
+            span = f"{'(' if open_low else '['}{low:g}, {'∞)' if high is None else f'{high:g}]'}"
+            raise RecipeError(f"{where}.{key}.{option} of estimator {name!r} must be in {span}, got {value!r}")
 
 
 def estimate_range(name: str, x: torch.Tensor, spec: QuantSpec, signed: bool, **options: Any) -> Range:
     """Run a named estimator on a [rows, values] tensor; per-tensor results are scalars."""
     if name not in ESTIMATORS:
         raise RecipeError(f"unknown range estimator {name!r}; known: {sorted(ESTIMATORS) + sorted(DATA_FREE)}")
+    check_estimator_options(name, options, "estimate_range", "options")  # Python callers skip the recipe's check
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError("estimate_range expects a non-empty [rows, values] tensor")
     check_finite(x, "tensor to calibrate", extremes=torch.aminmax(x.float()))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import DataMismatchError
 from lowbit.quant.estimators import check_finite
 
 
@@ -45,7 +46,9 @@ class SampleObserver:
     def sample(self) -> torch.Tensor:
         """All kept values as a [1, N] row, with the exact extremes included."""
         if self.min is None:
-            raise RuntimeError(f"observer {self.name!r} saw no data: the layer never ran during calibration")
+            raise DataMismatchError(f"activation {self.name!r} saw no data: the calibration inputs never reach it "
+                                    "(a branch the data does not take?); calibrate with inputs that run it, or keep "
+                                    "the layer it feeds float (recipe `keep_float: [layer name]`)")
         values = torch.cat(self.chunks)
         if values.numel() > self.max_samples:
             idx = torch.randperm(values.numel(), generator=self.generator)[: self.max_samples]

@@ -197,6 +197,7 @@ class Recipe:
         if not isinstance(raw_steps, list) or not raw_steps:
             raise RecipeError(f"steps must be a non-empty list such as [calibrate], got {raw_steps!r}")
         steps = [_parse_step(s, i) for i, s in enumerate(raw_steps)]
+        _check_calibrate_options(steps, weights, acts)
         names = [n for n, _ in steps]
         check_layer_kinds({o["w_quantizer"] for o in overrides if "w_quantizer" in o}, names, "overrides")
         if weights.quantizer == "kmeans" and ("qat" not in names or "kmeans" not in names[:names.index("qat")]):
@@ -322,6 +323,20 @@ def _merge(base: dict[str, Any], top: dict[str, Any], top_level: bool = True) ->
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _check_calibrate_options(steps: list[tuple[str, dict[str, Any]]], weights: TensorRecipe,
+                             acts: TensorRecipe) -> None:
+    """A calibrate step's weight_options/act_options checked against the estimator they will go to (the step's,
+    else the recipe's), when the recipe is read."""
+    for i, (name, params) in enumerate(steps):
+        if name != "calibrate":
+            continue
+        for part, section in (("weight", weights), ("act", acts)):
+            if f"{part}_options" in params:
+                estimator = params.get(f"{part}_estimator") or section.estimator
+                check_estimator_options(estimator, params[f"{part}_options"], f"steps[{i}].calibrate",
+                                        f"{part}_options")
 
 
 def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ class Param:
     """One step parameter. ``low``/``high`` bound numbers (inclusive unless ``open_low``)."""
 
     name: str
-    kind: str  # "int" | "float" | "bool" | "str" | "shape" | "path"
+    kind: str  # "int" | "float" | "bool" | "str" | "shape" | "path" | "kd" | "options"
     default: Any = None
     low: float | None = None
     high: float | None = None
@@ -36,6 +36,8 @@ class Param:
             return "one of " + ", ".join(self.choices)
         if self.kind == "shape":
             return "a list of 3 positive integers [C, H, W]"
+        if self.kind == "options":
+            return "a mapping of option names to values"
         if self.kind == "kd":
             return ("a mapping {temperature: > 0, weight: 0..1, teacher: a zoo model name}, or {} to switch "
                     "distillation off")
@@ -77,6 +79,10 @@ class Param:
                 if key in value:
                     out[key] = Param(key, "float", low=low, high=high, open_low=key == "temperature").check(step, value[key])
             return out
+        if self.kind == "options":  # the values are checked against the estimator they go to (Recipe.from_dict)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise bad()
+            return dict(value)
         if self.kind == "shape":
             if (not isinstance(value, (list, tuple)) or len(value) != 3
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
@@ -186,6 +192,10 @@ def step_schemas() -> dict[str, list[Param]]:
         "calibrate": [
             Param("weight_estimator", "str", "", choices=weight_est, doc="default: the recipe's weights.estimator"),
             Param("act_estimator", "str", "", choices=act_est, doc="default: the recipe's activations.estimator"),
+            Param("weight_options", "options", None, doc="options of the weight estimator (default: the recipe's "
+                  "weights.estimator_options when the estimator is the recipe's, none otherwise)"),
+            Param("act_options", "options", None, doc="options of the activation estimator (default: the recipe's "
+                  "activations.estimator_options when the estimator is the recipe's, none otherwise)"),
             Param("observe", "str", "quantized_weights", choices=("quantized_weights", "float"),
                   doc="the network whose activations set the ranges: with the weights already quantized, "
                       "or the float network (as MCT and AIMET calibrate)"),
@@ -207,8 +217,8 @@ def step_schemas() -> dict[str, list[Param]]:
                   "the integer codes stay), not only its mean"),
             Param("samples", "int", 1024, low=1, doc="calibration images used"),
             Param("chunk", "int", 0, low=0, doc="images per pass (0: all of them while they hold at most 4M input "
-                  "values); one chunk is exact layer by layer, several bound memory (each corrected by its own "
-                  "statistics on the way, as BN in training mode)"),
+                  "values); one chunk runs once, several bound memory and give the same answer (each layer's "
+                  "statistics summed over all chunks before any moves past it: the chunks run once per layer)"),
             Param("max_ratio", "float", 2.0, low=1, doc="bound on a channel's scale change, either way"),
         ],
         "easyquant": [
