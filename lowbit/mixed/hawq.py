@@ -39,25 +39,41 @@ def hutchinson_traces(
     qm: QuantModel, x: torch.Tensor, y: torch.Tensor, samples: int = 32, batch_size: int = 256,
     seed: int = 0, progress: bool = True,
 ) -> dict[str, float]:
-    """Tr(H_i) of the cross-entropy loss w.r.t. each quantized layer's weight, on the float
-    network (``float_reference``): the mean of v^T H v over Rademacher vectors v, with H v
-    from double backpropagation. ``samples`` vectors, each on the whole of ``x``."""
+    """Tr(H_ii) of the cross-entropy loss w.r.t. each quantized layer's weight W_i, on the float
+    network (``float_reference``): HAWQ-V2's per-block trace, by Hutchinson's estimator
+    Tr(H_ii) = E[v_i^T H_ii v_i] over Rademacher vectors v_i, ``samples`` vectors per layer, each on
+    the whole of ``x``.
+
+    Each layer gets a vector of its own and its own block product H_ii v_i = d(g_i . v_i)/dW_i (one
+    double backward per layer): one vector over all layers with H v over all weights would add the
+    cross-terms v_i^T H_ij v_j of every other layer, which average to 0 but swamp a small block's
+    trace (often negative on a trained network). This costs one backward per layer per vector."""
     if samples < 1:
         raise LowbitError(f"Hutchinson needs at least one sample vector, got {samples}")
+    if torch.is_inference_mode_enabled():
+        raise LowbitError("HAWQ's Hutchinson traces differentiate the loss twice, which torch.inference_mode() "
+                          "forbids: call it outside inference_mode (torch.no_grad() is fine: it is lifted here)")
+    if x.is_inference():  # made under inference_mode: autograd cannot save it for the backward
+        x = x.clone()
     gen = torch.Generator().manual_seed(seed)
     names = [r.name for r in qm.layers]
     weights = [r.layer.weight for r in qm.layers]
     totals = np.zeros(len(names))
     chunks = [(x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, x.shape[0], batch_size)]
     bar = tqdm(total=samples, desc="hutchinson", unit="vector", disable=not progress, leave=False)
-    with qm.float_reference(), requires_grad(weights, True):
+    # (enable_grad: a caller's torch.no_grad() would otherwise leave the loss without a graph)
+    with torch.enable_grad(), qm.float_reference(), requires_grad(weights, True):
         for _ in range(samples):
-            vs = [torch.randint(0, 2, w.shape, generator=gen).float() * 2 - 1 for w in weights]
+            vs = [(torch.randint(0, 2, w.shape, generator=gen).float() * 2 - 1).to(w.device) for w in weights]
             for cx, cy in chunks:
                 loss = F.cross_entropy(qm(cx), cy) * (cx.shape[0] / x.shape[0])
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
-                hv = torch.autograd.grad(grads, weights, grad_outputs=vs)
-                totals += np.array([float((v * h).sum()) for v, h in zip(vs, hv)])
+                for i, (g, w, v) in enumerate(zip(grads, weights, vs)):
+                    if not g.requires_grad:  # the gradient does not depend on W_i: H_ii = 0
+                        continue
+                    (hv,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True, allow_unused=True)
+                    if hv is not None:
+                        totals[i] += float((v * hv).sum())
             bar.update(1)
     bar.close()
     return {n: float(t / samples) for n, t in zip(names, totals)}
@@ -130,6 +146,47 @@ def codebook_bits(layer: QuantLayer, bits: int, kind: str | None) -> int:
     return FLOAT_BITS * 2**bits * tables
 
 
+def effective_kind(recipe: Recipe, layer: QuantLayer, own: str | None, bits: int, kmeans_named: bool) -> str | None:
+    """The weight kind ``layer`` at ``bits`` deploys with when the search gives it no kind of its own (a bare
+    width), as ``quantize`` resolves it: the layer's own kind (an override's w_quantizer) first; else a
+    `kmeans` step's codebook below 8 bits (when some layer is named kmeans, the step clusters only those:
+    ``kmeans_named``); else the recipe's weights.quantizer where a `qat` step trains it. None: the uniform
+    grid, also where a QAT kind cannot take the layer at ``bits`` (LQ-Nets above 4 bits, binary/ternary kinds
+    at other widths, ...), which QAT then trains with LSQ on that grid (lowbit.qat.convert)."""
+    from lowbit.ptq.kmeans import CLUSTER_BELOW_BITS
+
+    if bits >= FLOAT_BITS:
+        return None
+    steps = [name for name, _ in recipe.steps]
+    if own == "kmeans":  # (a layer named kmeans is clustered at any width)
+        return own
+    if own:
+        kind = own
+    elif "kmeans" in steps and not kmeans_named and bits < CLUSTER_BELOW_BITS:
+        return "kmeans"
+    elif "qat" in steps and recipe.weights.quantizer != "kmeans":  # (kmeans fine-tunes the step's codebooks only)
+        kind = recipe.weights.quantizer
+    else:
+        return None
+    return kind if kind != "uniform" and _qat_takes(layer, bits, kind) else None
+
+
+def _qat_takes(layer: QuantLayer, bits: int, kind: str) -> bool:
+    """Whether QAT can give ``layer`` at ``bits`` weight kind ``kind``, or falls back to LSQ (it tries the
+    kind, as lowbit.qat.convert does: each kind has its own limits)."""
+    need = required_bits(kind)
+    if need is not None and bits != need:
+        return False
+    w = layer.weight.detach()
+    q = UniformQuantizer(spec_for_kind(kind, weight_spec_at(layer.base_weight_spec, bits)))
+    calibrate_weight_quantizer(q, w, "minmax")  # (the range does not decide: the kind's limits are on the grid)
+    try:
+        make_trainable(q, kind, "weights", weight=w)
+    except LowbitError:
+        return False
+    return True
+
+
 def check_size_reachable(space: SearchSpace, sizes: Sequence[Sequence[float]], budget: int,
                          options: Sequence[tuple[int, str | None]]) -> None:
     """Refuse, before the Hutchinson traces and the solver, a budget no allocation meets: every layer at its
@@ -175,7 +232,12 @@ def solve_allocation(
     if bops is not None and bops_budget is not None:
         constraints.append(LinearConstraint(np.concatenate([np.asarray(v, float) for v in bops])[None, :],
                                             -np.inf, bops_budget))
-    res = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, 1))
+    # HiGHS stops at a relative gap of 1e-4 and an absolute one of 1e-6 by default: HAWQ's Omega sum is ~1e-7..1e-5,
+    # so it stopped at nearly any feasible plan, and rescaled costs gave another plan. Divided by a lower bound
+    # of the optimum (each layer pays at least its cheapest option), the absolute gap is <= 1e-6 of the optimum;
+    # the relative gap is asked to be 0.
+    res = milp(c / _cost_scale(costs), constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, 1),
+               options={"mip_rel_gap": 0.0})
     if res.status != 0 or res.x is None:
         raise _unmet(res.status, budget, bops_budget if bops is not None else None, str(res.message))
     choice = [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(n_opts))]
@@ -194,6 +256,16 @@ def solve_allocation(
         for i, k in zip(flat, again):
             choice[i] = k
     return choice
+
+
+def _cost_scale(costs: Sequence[Sequence[float]]) -> float:
+    """A positive unit for the ILP's costs: the sum of each layer's cheapest option (a lower bound of any
+    allocation's cost), else the largest |cost| (every layer has a free option, or costs are negative), else 1."""
+    floor = float(sum(min(float(x) for x in v) for v in costs))
+    if floor > 0 and np.isfinite(floor):
+        return floor
+    top = float(max(abs(float(x)) for v in costs for x in v))
+    return top if top > 0 and np.isfinite(top) else 1.0
 
 
 MILP_INFEASIBLE = 2  # scipy.optimize.milp's status for "no solution satisfies the constraints"
@@ -225,27 +297,49 @@ def brute_force_allocation(
     return best
 
 
+DEFAULT_B_MIN, DEFAULT_B_MAX = 2, 8
+
+
+def _width_range(b_min: int | None, b_max: int | None,
+                 candidates: Sequence[tuple[int, str | None]] | None) -> tuple[int, int]:
+    """b_min..b_max (default 2..8), or the candidates' own range. Widths given with candidates would be
+    ignored (the candidates replace them), so they are refused; the defaults are let through, since the CLI
+    passes its --b-min/--b-max defaults (2, 8) whether or not the user typed them."""
+    if not candidates:
+        return (DEFAULT_B_MIN if b_min is None else b_min), (DEFAULT_B_MAX if b_max is None else b_max)
+    given = [f"{n}={v}" for n, v, default in (("b_min", b_min, DEFAULT_B_MIN), ("b_max", b_max, DEFAULT_B_MAX))
+             if v is not None and v != default]
+    if given:
+        raise LowbitError(f"{' and '.join(given)} given with candidates, which replace the widths b_min..b_max: "
+                          "give one or the other (the candidates' own widths set the range)")
+    check_candidates(candidates)
+    return min(b for b, _ in candidates), max(b for b, _ in candidates)
+
+
 def hawq_search(
     model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe, calib: tuple[torch.Tensor, torch.Tensor],
-    target_ratio: float | None = None, target_bits: float | None = None, b_max: int = 8, b_min: int = 2,
-    bops_ratio: float | None = None, samples: int = 32, trace_images: int = 256,
+    target_ratio: float | None = None, target_bits: float | None = None, b_max: int | None = None,
+    b_min: int | None = None, bops_ratio: float | None = None, samples: int = 32, trace_images: int = 256,
     traces: dict[str, float] | None = None, progress: bool = True,
     candidates: Sequence[tuple[int, str | None]] | None = None,
 ) -> SearchResult:
-    """Weight bits per searchable layer in [b_min, b_max] by ILP; activations keep the
+    """Weight bits per searchable layer in [b_min, b_max] (default 2..8) by ILP; activations keep the
     recipe's bits, and layers that first_last_bits or an override's w_bits fix keep theirs
     (counted in the size). ``bops_ratio`` also caps bit-operations (MACs x w_bits x a_bits) at
     the B_max model's BOPs divided by this ratio. ``traces`` reuses earlier estimates.
     ``candidates`` replaces the widths b_min..b_max by (bits, weight kind) options, so one
     plan may mix kinds (2-bit ternary here, 3-bit k-means there; kind None = the recipe's);
-    the plan names each layer's kind, and a codebook's centroids count in its size."""
+    the plan names each layer's kind. A bare width is sized and scored with the kind the layer
+    deploys with (``effective_kind``: an override's, a `kmeans` step's, the recipe's QAT kind), and a
+    codebook's centroids count in its size."""
     from lowbit.api import prepare
 
     start = time.perf_counter()
+    if torch.is_inference_mode_enabled():  # (torch.no_grad() is lifted for the traces; inference mode cannot be)
+        raise LowbitError("hawq_search differentiates the loss twice for its Hessian traces, which "
+                          "torch.inference_mode() forbids: call it outside inference_mode")
     r = load_recipe(recipe)
-    if candidates:
-        check_candidates(candidates)
-        b_min, b_max = min(b for b, _ in candidates), max(b for b, _ in candidates)
+    b_min, b_max = _width_range(b_min, b_max, candidates)
     space = SearchSpace.build(model, r, b_min, b_max, "weights")
     budget = space.budget(target_ratio, target_bits)
     top = space.start()                                          # every searchable layer at b_max
@@ -253,12 +347,19 @@ def hawq_search(
     options = list(candidates) if candidates else [(b, None) for b in range(b_min, b_max + 1)]
     for b, _ in options:
         check_plan_bits(b, "candidate bits")
-    layer_opts = [options if row.name in space.searchable
-                  else [(space.base.layers[row.name]["w_bits"], space.base.layers[row.name].get("w_quantizer"))]
+    layer_opts = [options if row.name in space.searchable else [(space.base.layers[row.name]["w_bits"], None)]
                   for row in qm.layers]
-    sizes = [[row.params * b + codebook_bits(row.layer, b, k) for b, k in opts]
-             for row, opts in zip(qm.layers, layer_opts)]
-    check_size_reachable(space, sizes, budget, options)
+    # the kind each option deploys with: a bare width is the layer's own, the kmeans step's or the recipe's kind,
+    # which its size (codebook tables) and its perturbation must count, not the plain uniform grid
+    kmeans_named = any(b.get("w_quantizer") == "kmeans" for b in space.base.layers.values())
+    kinds = [[k if k is not None else effective_kind(r, row.layer, space.base.layers[row.name].get("w_quantizer"), b,
+                                                     kmeans_named)
+              for b, k in opts] for row, opts in zip(qm.layers, layer_opts)]
+    sizes = [[row.params * b + codebook_bits(row.layer, b, k) for (b, _), k in zip(opts, ks)]
+             for row, opts, ks in zip(qm.layers, layer_opts, kinds)]
+    check_size_reachable(space, sizes, budget,
+                         sorted({(b, k) for opts, ks in zip(layer_opts, kinds) for (b, _), k in zip(opts, ks)},
+                                key=lambda o: (o[0], o[1] or "")))
     x, y = calib
     with torch.no_grad(), qm.float_reference():
         qm(x[:2])                                                # fills each layer's MAC count
@@ -273,11 +374,11 @@ def hawq_search(
                       "quantization error alone, with the budget the other layers leave (more "
                       "--hutchinson-samples or trace images give a better estimate)", stacklevel=2)
     costs, errors, bops = [], [], []
-    for row, opts in zip(qm.layers, layer_opts):
+    for row, opts, ks in zip(qm.layers, layer_opts, kinds):
         if row.name in space.searchable:
             # A small negative estimate is sampling noise around a flat direction: treat it as 0.
             curvature = max(traces[row.name], 0.0) / row.params
-            error = [perturbation(qm, row.name, b, estimator, k) for b, k in opts]
+            error = [perturbation(qm, row.name, b, estimator, k) for (b, _), k in zip(opts, ks)]
             omega = [curvature * e for e in error]
         else:
             omega = error = [0.0]
@@ -297,6 +398,12 @@ def hawq_search(
             plan = space.with_bits(plan, row.name, bits)
             if kind is not None:
                 plan.layers[row.name]["w_quantizer"] = kind
+    if not kmeans_named and any(b.get("w_quantizer") == "kmeans" for b in plan.layers.values()):
+        # a plan naming kmeans makes the `kmeans` step cluster only the layers named: name the ones it would
+        # have clustered too (costed and sized as codebooks above), else they would deploy on the uniform grid
+        for row, k, ks in zip(qm.layers, choice, kinds):
+            if ks[k] == "kmeans":
+                plan.layers[row.name]["w_quantizer"] = "kmeans"
     settings = {"method": "hawq", "recipe": r.to_dict(), "budget_bits": budget, "b_min": b_min, "b_max": b_max,
                 "bops_ratio": bops_ratio, "hutchinson_samples": samples,
                 "candidates": [f"{b}:{k}" if k else str(b) for b, k in options], "trace_images": min(trace_images, int(x.shape[0]))}

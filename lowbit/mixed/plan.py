@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lowbit.errors import BitsError, LowbitError, RecipeError
 from lowbit.model.layer_table import FLOAT_BITS, LayerTable
@@ -139,7 +139,9 @@ class Plan:
 
     def _check_shared_inputs(self, table: LayerTable) -> None:
         """Layers reading the same tensor share one activation quantizer (the integer graph
-        has one tensor): a plan that gives them different a_bits cannot be built."""
+        has one tensor): a plan that gives them different a_bits cannot be built, and one that
+        sets a_bits on some readers only would silently change the others' (as an override's
+        a_bits on part of them is refused), unless those already have these bits."""
         seen: dict[int, tuple[str, int]] = {}
         for name, bits in self.layers.items():
             q = table[name].input_quantizer
@@ -149,6 +151,14 @@ class Plan:
             if first[1] != bits["a_bits"]:
                 raise LowbitError(f"plan gives a_bits {first[1]} to {first[0]!r} and {bits['a_bits']} to {name!r}, "
                                   "but both read the same tensor through one activation quantizer; give them equal a_bits")
+        for first, a_bits in seen.values():
+            q = table[first].input_quantizer
+            others = [f"{r.name!r} (at {r.a_bits})" for r in table if r.input_quantizer is q
+                      and "a_bits" not in self.layers.get(r.name, {}) and r.a_bits != a_bits]
+            if others:
+                raise LowbitError(f"plan gives a_bits {a_bits} to {first!r}, but {', '.join(others)} read(s) the same "
+                                  "tensor through one activation quantizer and the plan gives it no a_bits, so it "
+                                  f"would silently change too: give every reader a_bits {a_bits} in the plan")
 
     def kinds(self) -> set[str]:
         """The per-layer weight kinds the plan names (k-means, binary, ... ; empty: the recipe's own)."""
@@ -169,10 +179,24 @@ def load_plan(source: "str | Path | Mapping[str, Any] | Plan") -> Plan:
     if not path.is_file():
         raise RecipeError(f"plan file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RecipeError(f"plan file {path} is not valid JSON: {err}") from None
     return Plan.from_mapping(data, where=f"plan {path.name}")
+
+
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A JSON object hook refusing a key written twice (a layer listed twice): json.loads keeps the last one
+    without a word, so the plan would silently apply whichever the editor put last."""
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise RecipeError(f"plan file {path}: key {key!r} appears twice in one object; give each layer "
+                                  "(and each of its keys) once")
+            out[key] = value
+        return out
+    return build
 
 
 def table_params(table: LayerTable) -> dict[str, int]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,12 @@ def overridden(table: LayerTable, recipe: Recipe, key: str) -> list[str]:
     return [n for n in table.names() if n in matched]
 
 
+def _floor(bits: float) -> int:
+    """floor(bits), forgiving float rounding: a target read off a plan (its own ratio 32 N / size, or mean bits
+    size / N) gives back size -+ a few ulps, and a plain floor then made the budget one bit below that plan."""
+    return math.floor(bits + max(1e-9, abs(bits) * 1e-12))
+
+
 @dataclass
 class SearchSpace:
     """Which layers a search may change and between which bit widths.
@@ -76,7 +84,8 @@ class SearchSpace:
     final: a plan would otherwise overrule it). Frozen layers stay in the budget at those bits
     (see ``budget``). ``lower`` is "weights" (activations keep the recipe's bits) or "both"
     (Algorithm 1 literally: a layer's weights and input activations move together, except
-    activations an override's ``a_bits`` fixes, ``fixed_a``).
+    activations an override's ``a_bits`` fixes and the inputs of frozen layers, ``fixed_a``: a
+    tensor one of them reads keeps its bits for every reader).
     """
 
     names: list[str]
@@ -88,7 +97,7 @@ class SearchSpace:
     lower: str = "weights"
     shared_inputs: list[list[str]] = field(default_factory=list)  # layers reading one tensor (one act. quantizer)
     fixed_w: list[str] = field(default_factory=list)   # w_bits set by a recipe override: not searched
-    fixed_a: set[str] = field(default_factory=set)     # a_bits set by an override
+    fixed_a: set[str] = field(default_factory=set)     # a_bits not searched: an override's, or a frozen layer's
 
     @classmethod
     def build(cls, model: nn.Module, recipe: Recipe, b_min: int, b_max: int, lower: str = "weights") -> "SearchSpace":
@@ -121,16 +130,21 @@ class SearchSpace:
                 groups.setdefault(id(r.input_quantizer), []).append(r.name)
         shared = [g for g in groups.values() if len(g) > 1]
         # (an override's a_bits covers every reader of a shared tensor: apply_bit_overrides refuses it otherwise)
-        fixed_a = set(overridden(table, recipe, "a_bits"))
+        # A frozen layer's input keeps its recipe bits too (the first layer's network input at first_last_bits),
+        # also where a searchable layer reads the same tensor.
+        fixed_a = set(overridden(table, recipe, "a_bits")) | (set(names) - set(searchable))
         return cls(names, {r.name: r.params for r in table}, Plan(base), searchable, b_min, b_max, lower, shared,
                    fixed_w, fixed_a)
 
     def _tie_shared_inputs(self, layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Under lower: both, layers that read one tensor share its activation quantizer, so they must share
-        a_bits: the tensor takes the lowest bits any of its readers asks for (a plan splitting them is refused)."""
+        a_bits: the tensor takes the lowest bits any of its readers asks for (a plan splitting them is refused),
+        unless a reader's a_bits are fixed (``fixed_a``): then that reader's bits, which the recipe gave the
+        one quantizer, hold for all."""
         if self.lower == "both":
             for group in self.shared_inputs:
-                bits = min(layers[n]["a_bits"] for n in group if "a_bits" in layers[n])
+                fixed = [layers[n]["a_bits"] for n in group if n in self.fixed_a and "a_bits" in layers[n]]
+                bits = fixed[0] if fixed else min(layers[n]["a_bits"] for n in group if "a_bits" in layers[n])
                 for n in group:
                     layers[n]["a_bits"] = bits
         return layers
@@ -164,14 +178,18 @@ class SearchSpace:
         model's mean (what ``summary`` reports), and fixed layers can make it unreachable up front."""
         if (target_ratio is None) == (target_bits is None):
             raise LowbitError("give exactly one of target_ratio (weight compression) or target_bits (mean weight bits)")
+        given = target_ratio if target_ratio is not None else target_bits
+        if isinstance(given, numbers.Real) and not math.isfinite(given):  # (floor of inf/nan raised a raw error)
+            raise LowbitError(f"{'target_ratio' if target_ratio is not None else 'target_bits'} must be a finite "
+                              f"number, got {given}")
         if target_ratio is not None:
             if target_ratio <= 0:
                 raise LowbitError(f"target_ratio must be positive, got {target_ratio}")
-            budget = int(FLOAT_BITS * self.total_params() // target_ratio)
+            budget = _floor(FLOAT_BITS * self.total_params() / target_ratio)
         else:
             if not target_bits or target_bits <= 0:
                 raise LowbitError(f"target_bits must be positive, got {target_bits}")
-            budget = int(target_bits * self.total_params())
+            budget = _floor(target_bits * self.total_params())
         smallest = self.weight_bits(self.uniform(self.b_min))
         if budget < smallest:
             raise LowbitError(
