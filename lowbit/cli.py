@@ -511,6 +511,10 @@ def _check_search_options(args: argparse.Namespace) -> None:
     if args.test_limit is not None and not args.evaluate:
         raise LowbitError("--test-limit limits the test images --evaluate scores; without --evaluate nothing is "
                           "scored, so it would be ignored")
+    typed = [o for o in ("--b-min", "--b-max") if _given(args.argv, o)]
+    if args.candidates and typed:  # (their defaults cannot tell whether they were typed: the argv can)
+        raise LowbitError(f"{' and '.join(typed)} given with --candidates, whose widths replace them: give one or "
+                          "the other")
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -157,3 +157,10 @@ def test_an_artifact_target_that_cannot_be_written_is_refused_before_any_work(tm
     assert main(argv) == 2
     assert f"refusing to overwrite {notes}" in capsys.readouterr().err
     assert notes.read_text() == "my notes" and not (tmp_path / "m.onnx").exists()
+
+
+def test_search_refuses_typed_widths_with_candidates(capsys):
+    """--b-min 2 --candidates 3,4 searched 3..4 bits; typing the default value is refused too (the argv says it was)."""
+    assert main(["search", "--method", "hawq", "--target-bits", "3", "--candidates", "3,4", "--b-min", "2",
+                 "--no-progress"]) == 2
+    assert "--b-min given with --candidates" in capsys.readouterr().err
