@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
         target = budgets[setting["bits"]] / space.total_params()
 
         msq_paths = {}
-        for variant in args.msq.split(","):
+        for variant in filter(None, args.msq.split(",")):  # (--msq "": HAWQ and uniform only)
             key = f"{name}/{variant}"
             if key not in res.data["searches"]:
                 suffix = "" if variant == "msq" else f"_{variant}"
