@@ -155,7 +155,7 @@ def test_format_2_files_still_load(small, tmp_path):
     model, x = small
     qm = lowbit.quantize(model, "w4a4", calib=x, progress=False)
     header, codes, floats = read_header(lowbit.save(qm, tmp_path / "new.lowbit"))
-    assert header["version"] == 3 and header["layout"][1]["offset"] > 0  # expanded on reading
+    assert header["version"] == 4 and header["layout"][1]["offset"] > 0  # expanded on reading
     old = dict(header, version=2)
     old["sha256"] = artifact._digest(codes, floats, old)
     blob = base64.b64encode(zlib.compress(json.dumps(old).encode(), 9)).decode()

@@ -24,11 +24,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lowbit.deploy import header_codec
 from lowbit.deploy.packing import pack_codes, packed_nbytes, unpack_codes
 from lowbit.errors import LowbitError
-from lowbit.model.quant_layer import QuantLayer
+from lowbit.model.quant_layer import QUANTIZABLE, QuantLayer
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
@@ -36,8 +37,11 @@ from lowbit.quant.spec import QuantSpec
 from lowbit.state_io import write_atomically
 
 FORMAT = "lowbit"
-FORMAT_VERSION = 3  # 2: the checksum covers the header; 3: header as a compressed tensor (1 and 2 still load)
-READABLE_VERSIONS = (1, 2, 3)
+# 2: the checksum covers the header; 3: header as a compressed tensor; 4: no scale/zero point stored for a
+# quantizer nothing reads (a disabled activation quantizer, a float layer's or codebook's placeholder), so a
+# lowbit that reads only 1-3 would find them missing: a new version tells it why (1-3 still load here)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 class ArtifactError(LowbitError):
@@ -54,12 +58,27 @@ def _packed_weights(qm: QuantModel) -> dict[str, QuantLayer]:
     return {f"{names[id(r.layer)]}.module.weight": r.layer for r in qm.layers if r.layer.quantize_weight}
 
 
+def _unread_quantizers(qm: QuantModel) -> set[str]:
+    """Quantizers whose scale and zero point no computation reads: a disabled activation quantizer (its
+    tensor stays float), the weight quantizer of a layer kept float, and a codebook (its centroids are
+    its grid; scale and zero point are placeholders). qm.size_bits() does not count them either."""
+    weight_quantizers = {id(r.layer.weight_quantizer) for r in qm.layers}
+    return {n for n, q in _quantizers(qm).items()
+            if isinstance(q, CodebookQuantizer)
+            or (not _quantizes_weight(qm, q) if id(q) in weight_quantizers else not q.enabled)}
+
+
+def _unread_keys(qm: QuantModel) -> set[str]:
+    return {f"{n}.{b}" for n in _unread_quantizers(qm) for b in ("scale", "zero_point")}
+
+
 def _stored_tensors(qm: QuantModel) -> tuple[dict[str, QuantLayer], dict[str, torch.Tensor]]:
     """(weights stored as codes, float tensors stored as float32): everything that
-    defines the quantized model's output, nothing that does not (integer BN counters)."""
+    defines the quantized model's output, nothing that does not (integer BN counters, the
+    placeholder scales of quantizers nothing reads: see _unread_quantizers)."""
     packed = _packed_weights(qm)
     # Zero points of symmetric grids are always 0: not stored.
-    constant = {f"{n}.zero_point" for n, q in _quantizers(qm).items() if q.spec.symmetric}
+    constant = {f"{n}.zero_point" for n, q in _quantizers(qm).items() if q.spec.symmetric} | _unread_keys(qm)
     floats = {key: t for key, t in qm.state_dict().items()
               if key not in packed and key not in constant and t.is_floating_point()}
     return packed, floats
@@ -108,6 +127,9 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
         raise ArtifactError("cannot save a QuantModel without a recipe (qm.meta['recipe'] is not set): load rebuilds "
                             "the network from it. Build the QuantModel with lowbit.prepare(model, recipe) or "
                             "lowbit.quantize(model, recipe, calib=...) instead of QuantModel(...)")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ArtifactError(f"metrics is a {type(metrics).__name__}; pass a dict of metric names to values")
+    saved_metrics = _json_metrics(metrics or qm.meta.get("metrics", {}))
     path = Path(path)
     check_target(path)
     arch = qm.meta.get("arch")
@@ -135,7 +157,8 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
                        for n, q in _quantizers(qm).items()},
         "float_weights": [r.name for r in qm.layers if not r.layer.quantize_weight],
         # in buffer order; offsets and counts follow from the shapes and bit widths
-        "layout": {"codes": code_layout, "floats": float_layout}, "metrics": metrics or qm.meta.get("metrics", {}),
+        "layout": {"codes": code_layout, "floats": float_layout},
+        "metrics": saved_metrics,
     }
     header["sha256"] = _digest(codes, floats_arr, header)
     blob = np.frombuffer(header_codec.encode(header), dtype=np.uint8)
@@ -148,6 +171,28 @@ def save(qm: QuantModel, path: str | Path, metrics: dict[str, Any] | None = None
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
         raise ArtifactError(f"cannot write {path}: {reason} (any previous file there is left as it was)") from None
     return path
+
+
+def _json_metrics(metrics: Any, where: str = "metrics") -> Any:
+    """``metrics`` as the JSON header holds them: a 0-d numpy or torch scalar (what an evaluation returns,
+    e.g. ``np.float32``) becomes its Python number; anything else JSON cannot hold is an ArtifactError naming
+    its key (it was a raw TypeError from deep inside the header encoder)."""
+    if isinstance(metrics, (np.generic, np.ndarray, torch.Tensor)):
+        if metrics.ndim != 0:
+            raise ArtifactError(f"{where} is a {type(metrics).__name__} of shape {list(metrics.shape)}; a saved "
+                                "metric is a number, a string or a list/dict of them")
+        return metrics.item()
+    if metrics is None or isinstance(metrics, (str, bool, int, float)):
+        return metrics
+    if isinstance(metrics, dict):
+        for key in metrics:
+            if not isinstance(key, str):
+                raise ArtifactError(f"{where} has the key {key!r}; metric names are strings")
+        return {k: _json_metrics(v, f"{where}[{k!r}]") for k, v in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return [_json_metrics(v, f"{where}[{i}]") for i, v in enumerate(metrics)]
+    raise ArtifactError(f"{where} is a {type(metrics).__name__}; a saved metric is a number, a string or a "
+                        "list/dict of them")
 
 
 def _builtin_description(name: Any) -> str | None:
@@ -203,7 +248,7 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarra
         if arr.dtype != dtype or arr.ndim != 1:
             raise ArtifactError(f"{path}: tensor {name!r} is {arr.dtype} of shape {list(arr.shape)}; a .lowbit file "
                                 f"stores it as 1-D {np.dtype(dtype).name}")
-    try:  # format 3 keeps the header as a tensor; 1 and 2 as base64 text in the metadata
+    try:  # formats 3 and 4 keep the header as a tensor; 1 and 2 as base64 text in the metadata
         header = header_codec.decode(blob) if blob is not None else header_codec.decode_legacy(meta["lowbit"])
     except (ValueError, zlib.error) as err:
         raise ArtifactError(f"{path}: the lowbit header is corrupt ({err})") from None
@@ -359,26 +404,20 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
     trained float model to run those on a loaded artifact; without one they are refused.
     """
     from lowbit.api import prepare
-    from lowbit.zoo import build
 
     header, codes, floats = read_header(path)
     given = model is not None
     if model is None:
-        arch = header.get("arch")
-        if not arch:
-            raise ArtifactError(f"{path} holds no architecture name: pass the float model, load(path, model=...)")
-        try:
-            model = build(arch["name"], **arch.get("kwargs", {}))
-        except TypeError as err:  # kwargs the architecture does not take
-            raise ArtifactError(f"{path}: architecture {arch['name']!r} cannot be built from the header ({err})") from None
+        model = _build_from_header(Path(path), header)
     qm = prepare(model, header["recipe"])
     if not given:  # the rebuilt network's own weights are its random initialisation, not a float reference
         qm.no_float_reference = (f"{Path(path).name} was loaded without its float model (an artifact stores the "
                                  "quantized weights only); load it with load(path, model=<the float model>) to "
                                  "correct, reconstruct, analyse or distil against the float network")
-    if qm.layers.names() != [r["name"] for r in header["layers"]]:
-        raise ArtifactError(f"{path}: its layers {[r['name'] for r in header['layers']]} do not match the model's "
-                            f"{qm.layers.names()}")
+    stored_layers = [r["name"] for r in header["layers"]]
+    if qm.layers.names() != stored_layers:
+        raise ArtifactError(f"{path}: its layers do not match the model's: "
+                            f"{_first_difference(stored_layers, qm.layers.names())}")
     _check_shapes(path, qm, header)
     for row in header["layers"]:
         rec = qm.layers[row["name"]]
@@ -413,6 +452,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
             quantizers[name] = book
         elif state.get("kind", "uniform") != "uniform":
             raise ArtifactError(f"{path}: quantizer {name!r} has kind {state['kind']!r}, which this lowbit does not know")
+    weight_quantizers = {id(r.layer.weight_quantizer) for r in qm.layers}
     for name, state in header["quantizers"].items():
         q = quantizers[name]
         try:
@@ -422,6 +462,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
             q.set_bits(state["bits"])
         except (LowbitError, TypeError) as err:
             raise ArtifactError(f"{path}: quantizer {name!r} has an invalid spec: {err}") from None
+        if q.spec.per_channel and id(q) not in weight_quantizers:
+            # recipes refuse per-channel activations and nothing runs them: such a file loaded, then failed
+            # at its first forward with a raw size mismatch
+            raise ArtifactError(f"{path}: activation quantizer {name!r} is per channel in the header (or has a "
+                                "per-channel codebook); activation quantizers are per tensor")
         q.signed, q.enabled = state["signed"], state["enabled"]
         q.method = str(state.get("method", "uniform"))
     _add_learned_biases(path, qm, entries)
@@ -433,9 +478,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
         start = entry["offset"]
         return torch.from_numpy(floats[start: start + entry["count"]].copy()).reshape(entry["shape"])
 
+    unread = _unread_quantizers(qm)
     with torch.no_grad():
         for name, q in quantizers.items():
-            if not header["quantizers"][name]["calibrated"]:
+            if name in unread and not isinstance(q, CodebookQuantizer):
+                # nothing reads its grid: left uncalibrated (re-enabling it then asks for a calibration
+                # instead of running a placeholder scale); files before this change stored one, ignored
+                q.calibrated = False
+                continue
+            if not header["quantizers"][name]["calibrated"] or name in unread:
                 continue
             scale = float_tensor(entries[f"{name}.scale"])
             zp_entry = entries.get(f"{name}.zero_point")
@@ -472,6 +523,108 @@ def load(path: str | Path, model: nn.Module | None = None) -> QuantModel:
     return qm
 
 
+def _first_difference(stored: list[str], built: list[str]) -> str:
+    """Where two layer lists part, in a line (a crafted depth listed every one of thousands of names)."""
+    i = next((i for i, (a, b) in enumerate(zip(stored, built)) if a != b), min(len(stored), len(built)))
+    at = lambda names: repr(names[i]) if i < len(names) else "nothing"  # noqa: E731
+    return (f"layer {i} is {at(stored)} in the file and {at(built)} in the model ({len(stored)} layers in the file, "
+            f"{len(built)} in the model)")
+
+
+class _ElementBudget(TorchFunctionMode):
+    """Counts the elements of the tensors factory functions create and stops past ``limit``: building a
+    header's architecture on the meta device costs no memory, but a crafted depth still made the
+    constructor create millions of modules (minutes of Python, gigabytes of objects) before any check."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.count = limit, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _FACTORIES and isinstance(out, torch.Tensor):
+            self.count += out.numel()
+            if self.count > self.limit:
+                raise _OverBudget
+        return out
+
+
+class _OverBudget(Exception):
+    """The architecture asks for more tensor elements than the file can account for."""
+
+
+_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint, torch.tensor,
+              torch.as_tensor, torch.arange, torch.empty_strided, torch.eye, torch.linspace}
+
+
+def _build_from_header(path: Path, header: dict[str, Any]) -> nn.Module:
+    """The zoo model the header's ``arch`` names. Built first on the meta device (no memory), under a
+    budget of tensor elements the file's stored values account for, and compared with the file's layout;
+    only a model that matches is then built for real. Without this, crafted kwargs (num_classes=10**12,
+    width=128, depth=2000) allocated gigabytes or ran for minutes before any check, or failed raw
+    (num_classes=-1: a RuntimeError)."""
+    from lowbit.zoo import build
+
+    arch = header.get("arch")
+    if not arch:
+        raise ArtifactError(f"{path} holds no architecture name: pass the float model, load(path, model=...)")
+    name, kwargs = arch["name"], arch.get("kwargs", {})
+    what = f"architecture {name!r}" + (f" with {kwargs!r:.200}" if kwargs else "")
+    stored = sum(e["count"] for e in header["layout"])
+    # A float network holds about what its artifact stores (a folded BN's four statistics per channel
+    # become a bias and a scale): 4x and a MiB of elements leave room, and still bound the work.
+    limit = 4 * stored + (1 << 20)
+    try:
+        with torch.device("meta"), _ElementBudget(limit):
+            shadow = build(name, **kwargs)
+    except _OverBudget:
+        raise ArtifactError(f"{path}: {what} would hold more than {limit} parameter values, far more than the "
+                            f"{stored} the file stores: the header was altered or belongs to another model") from None
+    except Exception as err:  # noqa: BLE001 - whatever the constructor raises on the header's kwargs
+        raise ArtifactError(f"{path}: {what} cannot be built from the header ({_reason(err)})") from None
+    _check_architecture(path, header, shadow, what)
+    try:
+        return build(name, **kwargs)
+    except Exception as err:  # noqa: BLE001 - as above, now allocating
+        raise ArtifactError(f"{path}: {what} cannot be built from the header ({_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _check_architecture(path: Path, header: dict[str, Any], model: nn.Module, what: str) -> None:
+    """Every Conv/Linear of ``model`` (on the meta device) has a stored weight, and every tensor of it
+    the layout names has the stored shape (in the QuantModel a wrapped layer's ``x.weight`` is
+    ``net.x.module.weight``, any other ``y`` is ``net.y``). Under a widening recipe (WRPN) the stored
+    layers are wider than the float model's, so only the names are compared."""
+    from lowbit.recipes.recipe import load_recipe
+
+    try:
+        widen = load_recipe(header["recipe"]).widen
+    except LowbitError:
+        widen = 1  # prepare names the recipe's problem
+    shapes = {e["key"]: e["shape"] for e in header["layout"]}
+    layers = {n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
+    differ: list[str] = []
+    unstored: list[str] = []
+    for key, t in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        stored = next((shapes[k] for k in (f"net.{owner}.module.{leaf}", f"net.{key}") if k in shapes), None)
+        if stored is None:
+            if owner in layers and leaf == "weight":
+                unstored.append(owner)
+        elif widen == 1 and list(t.shape) != stored:
+            differ.append(f"{key} is {list(t.shape)} in the model and {stored} in the file")
+    if unstored or differ:
+        first = (f"layer {unstored[0]!r}" + (f" and {len(unstored) - 1} more" if len(unstored) > 1 else "")
+                 + " of the model have no stored weight" if unstored
+                 else differ[0] + (f" ({len(differ) - 1} more tensors differ)" if len(differ) > 1 else ""))
+        raise ArtifactError(f"{path}: the header's {what} does not match the stored tensors: {first}; the header was "
+                            "altered or belongs to another model")
+
+
 def _quantizes_weight(qm: QuantModel, q: UniformQuantizer) -> bool:
     return any(r.layer.weight_quantizer is q and r.layer.quantize_weight for r in qm.layers)
 
@@ -496,9 +649,12 @@ def _check_entries(path: Path, qm: QuantModel, header: dict[str, Any], entries: 
     packed, stored_floats = _stored_tensors(qm)
     params = qm.state_dict()
     quantizer_params = {f"{n}.{b}" for n in _quantizers(qm) for b in ("scale", "zero_point")}  # see _check_scale
+    unread = _unread_keys(qm)  # stored by files written before they were left out: ignored
     for key, e in entries.items():
         if key not in params:
             raise ArtifactError(f"{path}: tensor {key!r} does not exist in the rebuilt model")
+        if e["store"] == "floats" and key in unread:
+            continue
         if e["store"] == "floats" and key not in stored_floats:
             raise ArtifactError(f"{path}: tensor {key!r} is stored as floats, but the model stores it "
                                 + ("as codes" if key in packed else "nowhere (it is constant or not a float tensor)"))
@@ -541,9 +697,8 @@ def _check_scale(path: Path, name: str, q: UniformQuantizer, scale: torch.Tensor
         channels = weight.shape[axis] if axis < weight.dim() else None
         fits = scale.numel() == 1 or (channels is not None and scale.numel() == channels)
         want = f"[] or [{channels}]" if channels is not None else "[]"
-    else:  # an activation quantizer: per tensor, or per channel when its spec says so
-        fits = scale.numel() == 1 or (q.spec.per_channel and scale.numel() > 0)
-        want = "[]" + (" or [C]" if q.spec.per_channel else "")
+    else:  # an activation quantizer: per tensor (load refuses a per-channel one)
+        fits, want = scale.numel() == 1, "[]"
     if not (one_axis and fits):
         raise ArtifactError(f"{path}: quantizer {name!r} has a scale of shape {list(scale.shape)}; it takes {want}")
     if not bool(torch.isfinite(zero_point).all()) or zero_point.numel() not in (1, scale.numel()) \

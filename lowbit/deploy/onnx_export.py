@@ -14,9 +14,10 @@ requantization rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,13 +28,18 @@ from torch.fx.passes.shape_prop import ShapeProp
 from lowbit.checks import probe_forward
 from lowbit.errors import LowbitError
 from lowbit.model.fold_bn import BN_TYPES
-from lowbit.model.graph import ADD_FUNCTIONS, RELU_FUNCTIONS, RELU_MODULES
+from lowbit.model.graph import ADD_FUNCTIONS, RELU_FUNCTIONS, RELU_MODULES, add_alpha
 from lowbit.model.quant_layer import QuantLayer, check_xnor_groups
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
+from lowbit.state_io import write_atomically
 
 INT64_MAX = np.iinfo(np.int64).max
+# QDQ with per-axis (per-channel) scales needs opset 13; the highest is what the installed onnx defines.
+MIN_OPSET = 13
+# From opset 18 on, ReduceMean takes its axes as an input, not an attribute.
+REDUCE_AXES_AS_INPUT = 18
 
 
 class ExportError(LowbitError):
@@ -73,12 +79,13 @@ def pool_attributes(node: fx.Node, max_pool: bool) -> dict[str, Any]:
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, opset: int) -> None:
         import onnx  # noqa: F401 - fail early with a clear message if missing
         from onnx import helper
 
         self.helper = helper
         self.gm = gm
+        self.opset = opset
         self.modules = dict(gm.named_modules())
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
@@ -192,7 +199,11 @@ class _Builder:
         if q is None or not q.enabled or getattr(q, "method", None) != "xnor":
             return None
         check_xnor_groups(layer)
-        a = self.op("ReduceMean", [self.op("Abs", [self.pre_quant[x]], "abs")], "abs_mean", axes=[1], keepdims=1)
+        magnitude = self.op("Abs", [self.pre_quant[x]], "abs")
+        if self.opset >= REDUCE_AXES_AS_INPUT:  # an axes attribute there makes the model invalid
+            a = self.op("ReduceMean", [magnitude, self.const("axis", np.array([1], np.int64))], "abs_mean", keepdims=1)
+        else:
+            a = self.op("ReduceMean", [magnitude], "abs_mean", axes=[1], keepdims=1)
         m = layer.module
         if isinstance(m, nn.Linear):
             return a
@@ -288,12 +299,12 @@ class _Builder:
         return codes.astype(np.int8), scale
 
     def bias(self, layer: QuantLayer, x_name: str, out_channels: int) -> str | None:
-        """int32 codes on the grid QuantLayer.quantized_bias simulates (same float32 maths)."""
+        """int32 codes on the grid QuantLayer.quantized_bias simulates (same float32 maths); a float
+        bias exactly where the model keeps it float (the one predicate both read)."""
         b = layer.bias
         if b is None:
             return None
-        if x_name not in self.act_scale or not layer.quantize_weight or isinstance(layer.weight_quantizer,
-                                                                                    CodebookQuantizer):
+        if x_name not in self.act_scale or not layer.bias_on_int32_grid():
             return self.const("bias", b.detach().numpy().astype(np.float32))
         with torch.no_grad():
             step = layer.input_ref[0].scale * layer.weight_step()
@@ -322,20 +333,28 @@ class _Builder:
                 core = self.op("Conv", [x, w], "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
                                pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
             out = self.op("Mul", [core, k], "xnor_scaled")
-            if not b:
-                return out
-            shape = [1, out_ch] + [1] * (len(self.shape(node.args[0])) - 2)
-            return self.op("Add", [out, self.op("Reshape", [b, self.const("shape", np.array(shape, np.int64))],
-                                                "bias")], "biased")
+            return self.add_bias(out, b, node) if b else out
+        # A float bias on a quantized input (the layer's own input quantizer off, its input quantized for
+        # another reader): inside the conv, ONNX Runtime's optimizer fuses DQ→Conv→Q into an integer kernel
+        # and rounds that bias to int32 itself, which the model does not; added after it, it stays float.
+        late = b if (b is not None and x in self.act_scale and not layer.bias_on_int32_grid()) else None
+        inner = [b] if b and late is None else []
         if isinstance(m, nn.Linear):
             if len(self.shape(node.args[0])) != 2:
                 raise ExportError(f"{layer.name}: Linear on a {len(self.shape(node.args[0]))}-D input is not exported (2-D only)")
-            return self.op("Gemm", [x, w] + ([b] if b else []), "gemm", transB=1)
-        if isinstance(m.padding, str) or m.padding_mode != "zeros":
-            raise ExportError(f"{layer.name}: padding={m.padding!r}, padding_mode={m.padding_mode!r} not exported")
-        pads = list(m.padding) * 2
-        return self.op("Conv", [x, w] + ([b] if b else []), "conv", kernel_shape=list(m.kernel_size),
-                       strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=m.groups)
+            out = self.op("Gemm", [x, w] + inner, "gemm", transB=1)
+        else:
+            if isinstance(m.padding, str) or m.padding_mode != "zeros":
+                raise ExportError(f"{layer.name}: padding={m.padding!r}, padding_mode={m.padding_mode!r} not exported")
+            out = self.op("Conv", [x, w] + inner, "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                          pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
+        return self.add_bias(out, late, node) if late else out
+
+    def add_bias(self, out: str, b: str, node: fx.Node) -> str:
+        """``out + b`` with the bias broadcast over the channel axis of the layer's output."""
+        shape = [1, -1] + [1] * (len(self.shape(node.args[0])) - 2)
+        return self.op("Add", [out, self.op("Reshape", [b, self.const("shape", np.array(shape, np.int64))], "bias")],
+                       "biased")
 
     def batchnorm(self, node: fx.Node, bn: nn.Module) -> str:
         arrays = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
@@ -378,12 +397,22 @@ class _Builder:
         arrays = [np.array(v, dtype=np.int64) for v in (starts, ends, axes, steps)]
         return self.on_codes(self.arg(x), "Slice", [self.const("slice", a) for a in arrays], "slice")
 
+    def add(self, node: fx.Node) -> str:
+        """a + alpha·b: torch.add's alpha as a Mul on b (written as a plain Add it was dropped)."""
+        a, b = self.arg(node.args[0]), self.arg(node.args[1])
+        alpha = add_alpha(node)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ExportError(f"{node.name}: torch.add with alpha={alpha!r} is not exported (a number only)")
+        if alpha != 1:
+            b = self.op("Mul", [b, self.const("alpha", np.array(alpha, np.float32))], "scaled")
+        return self.op("Add", [a, b], "add")
+
     def function(self, node: fx.Node) -> str:
         t = node.target
         if t in RELU_FUNCTIONS:
             return self.relu(self.arg(node.args[0]))
         if t in ADD_FUNCTIONS:
-            return self.op("Add", [self.arg(node.args[0]), self.arg(node.args[1])], "add")
+            return self.add(node)
         if t is F.hardtanh:
             lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
             hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
@@ -445,27 +474,100 @@ def _live_nodes(nodes: list[Any], outputs: list[str]) -> list[Any]:
     return live[::-1]
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode, each one's own mode back afterwards: the export's forwards on a
+    model in training mode updated its BN running statistics (the exported ones, and the model's own
+    outputs after it) and ran its quantizers' training paths."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check_opset(opset: Any) -> None:
+    import onnx
+
+    highest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
+        raise ExportError(f"opset={opset!r}: the exporter writes opsets {MIN_OPSET} to {highest} (per-channel "
+                          f"QuantizeLinear needs {MIN_OPSET}; {highest} is the newest the installed onnx "
+                          f"{onnx.__version__} defines)")
+
+
+def _check_target(path: Path) -> None:
+    """A file path to write: a directory, or a path inside a file, is refused before any work (they
+    failed as a raw IsADirectoryError / FileExistsError after it)."""
+    if path.is_dir():
+        raise ExportError(f"cannot export to {path}: it is a directory; give a file path such as "
+                          f"{path / 'model.onnx'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"cannot export to {path}: {parent} is a file, not a folder")
+            break
+
+
+def _write(model: Any, path: Path) -> None:
+    """Save atomically (lowbit.state_io: a file of its own beside the target, flushed, renamed over
+    it), so a killed export, or a second one writing the same path, never leaves half a model where a
+    good one was. A link's target is the file replaced (the link stays); a device or a pipe cannot be
+    renamed over, so it is written through."""
+    import onnx
+
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not target.is_file():
+            onnx.save(model, str(target))
+        else:
+            write_atomically(target, lambda tmp: onnx.save(model, str(tmp)))
+    except OSError as err:
+        raise ExportError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, opset: int = 17) -> Path:
     """Write ``qm`` as a QDQ ONNX model with a dynamic batch dimension; returns the path.
 
     Run inside ``qm.quantization(False, False)`` to export the float network (BN folded)
-    through the same code path, e.g. as a runtime baseline.
+    through the same code path, e.g. as a runtime baseline. The model is read in eval mode
+    (as it deploys) and left in the mode it was in.
     """
     try:
         import onnx
-        from onnx import TensorProto, helper
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install 'lowbit[deploy]'") from None
+    _check_opset(opset)
     if qm.mode != "graph":
         raise ExportError("ONNX export needs a traced model; this QuantModel runs in hook fallback mode")
     if not qm.calibrated:
         raise ExportError("calibrate the QuantModel before exporting it")
+    path = Path(path)
+    _check_target(path)
+    with _eval_mode(qm):
+        model = _build(qm, example_input, opset)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ExportError(f"the exported graph is not a valid ONNX model at opset {opset}: {first}") from None
+    _write(model, path)
+    return path
+
+
+def _build(qm: QuantModel, example_input: torch.Tensor, opset: int) -> Any:
+    """The ONNX ModelProto of ``qm`` (in eval mode: see export_onnx)."""
+    from onnx import TensorProto, helper
+
     gm: fx.GraphModule = qm.net
     probe_forward(qm, example_input, "the example input")
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
         expected = qm(example_input)
-    b = _Builder(gm)
+    b = _Builder(gm, opset)
     inputs, outputs = [], []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -487,22 +589,8 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
         elif node.op == "get_attr":
             raise ExportError(f"cannot export {node.name}: direct parameter access ({node.target}) is not supported")
     graph = helper.make_graph(_live_nodes(b.nodes, ["logits"]), "lowbit", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lowbit")
-    model.ir_version = min(model.ir_version, 9)
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # To a .part file beside the target, then renamed over it (as lowbit.state_io writes): a killed
-    # export never leaves half a model where a good one was. A link's target is the file replaced
-    # (the link stays); a device or pipe cannot be renamed over, so it is written through.
-    target = path.resolve() if path.is_symlink() else path
-    if target.exists() and not target.is_file():
-        onnx.save(model, str(target))
-        return path
-    part = target.with_name(target.name + ".part")
-    try:
-        onnx.save(model, str(part))
-        part.replace(target)
-    finally:
-        part.unlink(missing_ok=True)
-    return path
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="lowbit")
+    # IR 9 where the opset allows (older runtimes read it), the version a newer opset requires otherwise
+    model.ir_version = max(min(model.ir_version, 9), helper.find_min_ir_version_for(opsets))
+    return model

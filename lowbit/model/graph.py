@@ -114,6 +114,15 @@ def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)
 
 
+def add_alpha(node: fx.Node) -> object:
+    """The ``alpha`` of an add call: ``torch.add(a, b, alpha=k)`` computes a + k·b, so an add is a plain
+    sum only when this is 1 (an exporter writing it as one dropped the k). Read from the keyword (torch
+    takes no third positional argument, but a hand-built graph may hold one); 1 for ``operator.add``."""
+    if node.target is not torch.add:
+        return 1
+    return node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+
+
 def is_grid_preserving(node: fx.Node) -> bool:
     """Ops whose output values lie on their input's quantization grid: slicing, and
     padding with the constant 0 (every grid lowbit builds holds 0 exactly). A quantized

@@ -156,23 +156,33 @@ class QuantLayer(nn.Module):
         q = self.weight_quantizer
         return q.folded_step(self.bn.weight_factor()) if self.bn_factor_follows() else q.scale
 
+    def bias_on_int32_grid(self) -> bool:
+        """Whether this layer's bias (if it has one) lies on the int32 grid of step s_in·s_w: an
+        integer kernel runs the layer, so its input and weight grids are both in use and calibrated.
+
+        The one test both the fake-quant model (:meth:`quantized_bias`) and the ONNX exporter read:
+        the exporter once rounded a bias with a disabled input quantizer's placeholder scale 1.0,
+        which the model did not (ONNX and torch logits then differed by up to 0.015)."""
+        if not self.quantize_weight or not self.input_ref:
+            return False
+        q_in, q_w = self.input_ref[0], self.weight_quantizer
+        if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
+            return False
+        # binary or codebook inputs, or codebook weights: no integer kernel runs this layer (the
+        # exporter rebuilds a codebook weight in float), so its bias has no int32 grid either. 1-bit
+        # sign weights do run on one (int8 codes ±1, step s/2: ONNX Runtime fuses them into an integer
+        # conv and rounds a float bias itself), so theirs is on the grid like every integer layer's.
+        return bool(q_in.integer_kernel) and not isinstance(q_w, CodebookQuantizer) \
+            and not getattr(q_w, "deploys_to_codebook", False)
+
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias on the int32 grid of step s_in·s_w, as integer runtimes store it
         (QLinearConv, QDQ bias): without this, low-bit activations make the coarse
         accumulator step visible only at deployment."""
         b = self.bias
-        if b is None or not self.quantize_weight or not self.input_ref:
+        if b is None or not self.bias_on_int32_grid():
             return b
-        q_in, q_w = self.input_ref[0], self.weight_quantizer
-        if not (q_in.enabled and q_in.calibrated and q_w.calibrated):
-            return b
-        if not q_in.integer_kernel or isinstance(q_w, CodebookQuantizer) or getattr(q_w, "deploys_to_codebook", False):
-            # binary or codebook inputs, or codebook weights: no integer kernel runs this layer (the
-            # exporter rebuilds a codebook weight in float), so its bias has no int32 grid either. 1-bit
-            # sign weights do run on one (int8 codes ±1, step s/2: ONNX Runtime fuses them into an integer
-            # conv and rounds a float bias itself), so theirs is on the grid like every integer layer's.
-            return b
-        step = q_in.scale * self.weight_step()
+        step = self.input_ref[0].scale * self.weight_step()
         return round_ste(b / step) * step
 
     def xnor_input_scale(self) -> torch.Tensor | None:
