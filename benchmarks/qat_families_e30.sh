@@ -39,6 +39,7 @@ run w1a32-irnet builtin-bf16 "${BF16[@]}"   # Libra-PB + EDE at BinaryConnect's 
 run w1a1-bnn builtin-lr0.05-fz29 set:lr=0.05 set:freeze_bn_after=29
 run w1a1-xnor lr0.05-fz29-bf16 set:lr=0.05 set:freeze_bn_after=29 "${BF16[@]}"
 # (w1a1-bireal at its first lr 0.002 was stopped at epoch 11, held-out 41.48: not resumed)
+run w1a1-irnet builtin-bf16 "${BF16[@]}"   # IR-Net: Libra-PB weights, EDE on weights and activations, Bi-Real shortcuts
 # W2A32 ternary
 run w2a32-twn builtin set:snap_at_freeze=false                  # the built-in before snapping
 run w2a32-twn builtin-fz27 set:freeze_bn_after=27 set:snap_at_freeze=false

@@ -107,6 +107,35 @@ def test_the_qat_engine_anneals_irnet_by_the_epoch(mnist_cnn):
     assert sorted(set(seen)) == [0.0, 0.5]
 
 
+def test_binary_activations_take_irnets_annealed_tanh_gradient(mnist_cnn):
+    """bnn activations with ede: sign forward, k·t·(1 − tanh²(t·x/a)) backward in units of the level a;
+    the QAT engine anneals activation quantizers by the epoch as it does IR-Net's weights."""
+    from lowbit.quant.learned.binary import BNNActivationQuantizer, ede_factors
+    q = make_trainable(_calibrated(1, "midrise", per_channel=False, scale=0.5), "bnn", "activations", ede=True)
+    a = 0.25
+    q.anneal(0.75)
+    t, k = ede_factors(0.1, 10.0, 0.75)
+    x = torch.tensor([-0.6, -0.25, -0.1, 0.0, 0.1, 0.3, 2.0], requires_grad=True)
+    out = q(x)
+    assert torch.equal(out.detach(), torch.where(x.detach() >= 0, a, -a))
+    out.sum().backward()
+    u = x.detach() / a
+    assert torch.allclose(x.grad, k * t * (1 - torch.tanh(t * u) ** 2), rtol=1e-5)  # a · g'(x/a) / a
+    with pytest.raises(RecipeError, match="approx_sign and ede"):
+        make_trainable(_calibrated(1, "midrise", per_channel=False), "bnn", "activations", ede=True, approx_sign=True)
+    model, calib, test = mnist_cnn
+    recipe = {"extends": "w1a1-irnet", "steps": ["calibrate", {"qat": {"epochs": 2, "batch_size": 64, "lr": 0.002,
+                                                                      "val_samples": 100, "steps_per_epoch": 2}}]}
+    seen = []
+    original = BNNActivationQuantizer.anneal
+    try:
+        BNNActivationQuantizer.anneal = lambda self, progress: (seen.append(progress), original(self, progress))[1]
+        lowbit.quantize(model, recipe, calib=calib, train=(test[0][:300], test[1][:300]), progress=False)
+    finally:
+        BNNActivationQuantizer.anneal = original
+    assert seen and sorted(set(seen)) == [0.0, 0.5]
+
+
 def test_binaryconnect_deterministic_stochastic_and_the_latent_clip():
     torch.manual_seed(0)
     q = make_trainable(_calibrated(1, "midrise", scale=0.2, channels=2), "binaryconnect", "weights",

@@ -575,7 +575,9 @@ def train_qat(
             D.barrier()
     average = WeightAverage(qm, cfg.ema, state.ema) if cfg.ema > 0 else None
     constrained, scheduled = _layers_with_hook(qm, "project_"), _layers_with_hook(qm, "on_epoch_start")
-    annealed = _layers_with_hook(qm, "anneal")
+    annealed = [layer.weight_quantizer for layer in _layers_with_hook(qm, "anneal")] + [
+        q for q in qm.act_quantizers().values()
+        if isinstance(q, TrainableQuantizer) and type(q).anneal is not TrainableQuantizer.anneal]
     batchnorms = trained_batchnorms(model)
     dampened = dampened_layers(qm) if cfg.dampen > 0 else []
     frozen = not train_bn
@@ -593,8 +595,8 @@ def train_qat(
             for epoch in range(state.epoch, cfg.epochs):
                 for layer in scheduled:
                     layer.weight_quantizer.on_epoch_start(epoch, cfg.epochs, layer)
-                for layer in annealed:  # from the epoch alone, so a resumed run anneals as an uninterrupted one
-                    layer.weight_quantizer.anneal(epoch / cfg.epochs)
+                for quantizer in annealed:  # from the epoch alone, so a resumed run anneals as an uninterrupted one
+                    quantizer.anneal(epoch / cfg.epochs)
                 started = time.perf_counter()
                 model.train()
                 batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, cfg.steps_per_epoch)

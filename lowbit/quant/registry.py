@@ -128,6 +128,7 @@ def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
 
     lsq = [Param("grad_scale", "bool", True, doc="scale the step's gradient by 1/sqrt(N*Qp) (LSQ 2.2)")]
     approx = Param("approx_sign", "bool", False, doc="activations: Bi-Real's ApproxSign gradient 2-2|x| (eq. 8)")
+    ede = Param("ede", "bool", False, doc="activations: IR-Net's EDE gradient k*t*(1 - tanh^2(t*x)), t 0.1 -> 10")
     return {
         "lsq": lsq,
         "lsq+": lsq,
@@ -137,8 +138,8 @@ def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
                   Param("ede", "bool", True, doc="EDE backward k*t*(1 - tanh^2(t*x)), t annealed (IR-Net eq. 10-11)"),
                   Param("t_min", "float", 0.1, low=0, open_low=True, doc="EDE's t at the start of training"),
                   Param("t_max", "float", 10.0, low=0, open_low=True, doc="EDE's t at the end of training")],
-        "bnn": [approx],
-        "xnor": [approx] if role == "activations" else [],
+        "bnn": [approx, ede],
+        "xnor": [approx, ede] if role == "activations" else [],
         "hwgq": [Param("momentum", "float", 0.1, low=0, high=1, doc="running average of the half-wave sigma")],
         "lqnet": [Param("momentum", "float", 0.1, low=0, high=1, doc="moving average of the least-squares basis")]
         + ([Param("fit_fraction", "float", 0.25, low=0, open_low=True, high=1,

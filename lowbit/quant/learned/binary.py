@@ -19,6 +19,8 @@ what the latent float weights may do:
   multiplied by K = A ∗ k, A = mean_c |I| at every position and k the conv's box filter
   of 1/(w·h) (same stride and padding): the quantizer keeps A, QuantLayer applies K.
   K carries no gradient here (the paper gives none for it).
+- Either activation takes ``ede: true``: IR-Net's annealed tanh gradient (see IRNetWeightQuantizer), t from
+  0.1 to 10 over the epochs.
 - Either activation takes ``approx_sign: true``: Bi-Real Net's piecewise-quadratic gradient
   2 − 2|a| in place of the box (its eq. (8)); with ``shortcut: bireal`` this is Bi-Real Net.
 - **XNOR-Net weights** (Rastegari et al. 2016, sec. 3.1): W ≈ α·sign(W) with α = mean|W|
@@ -133,6 +135,9 @@ class BinaryConnectQuantizer(_BinaryWeights):
         return step, torch.zeros_like(step)
 
 
+EDE_T_MIN, EDE_T_MAX = 0.1, 10.0  # IR-Net's T_min = 10^-1, T_max = 10^1 (sec. 4)
+
+
 def ede_factors(t_min: float, t_max: float, progress: float) -> tuple[float, float]:
     """IR-Net's error decay estimator schedule (Qin et al. 2020, eq. 11): t = T_min·10^(p·log10(T_max/T_min))
     at the fraction p of training done, k = max(1/t, 1): g(x) = k·tanh(t·x) is ≈ the identity's slope at
@@ -159,7 +164,7 @@ class IRNetWeightQuantizer(BinaryConnectQuantizer):
     kind = "irnet"
 
     def __init__(self, source: UniformQuantizer, role: str, balance: bool = True, ede: bool = True,
-                 t_min: float = 0.1, t_max: float = 10.0) -> None:
+                 t_min: float = EDE_T_MIN, t_max: float = EDE_T_MAX) -> None:
         super().__init__(source, role)
         if not 0 < t_min <= t_max:
             raise RecipeError(f"irnet: need 0 < t_min <= t_max, got t_min={t_min}, t_max={t_max}")
@@ -231,16 +236,26 @@ class BNNActivationQuantizer(TrainableQuantizer):
     roles = ("activations",)
     grid_required = (1, "midrise")
 
-    def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False) -> None:
+    def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False, ede: bool = False) -> None:
         super().__init__(source, role)
+        if approx_sign and ede:
+            raise RecipeError(f"{self.kind} activations: approx_sign and ede are two backwards for sign; pick one")
         self.spec = source.spec.with_(signed=True, symmetric=True)
         self.signed = True
         self.register_buffer("level", (source.scale.detach() / 2).clamp_min(1e-12).clone())
         self._checked = False
-        self.approx_sign = bool(approx_sign)
+        self.approx_sign, self.ede = bool(approx_sign), bool(ede)
+        self.t, self.k = ede_factors(EDE_T_MIN, EDE_T_MAX, 0.0)
+
+    def anneal(self, progress: float) -> None:
+        if self.ede:
+            self.t, self.k = ede_factors(EDE_T_MIN, EDE_T_MAX, progress)
 
     def sign(self, x: torch.Tensor) -> torch.Tensor:
-        """sign(x) for x in units of the level, with the box STE or Bi-Real's ApproxSign."""
+        """sign(x) for x in units of the level, with the box STE, Bi-Real's ApproxSign or IR-Net's EDE."""
+        if self.ede:  # IR-Net eq. 10-11 on activations: backward k·t·(1 − tanh²(t·x)), t annealed
+            surrogate = self.k * torch.tanh(self.t * x)
+            return torch.where(x >= 0, 1.0, -1.0) + (surrogate - surrogate.detach())
         return approx_sign(x) if self.approx_sign else sign_ste(x, 1.0)
 
     def check_signed(self, x: torch.Tensor) -> None:
@@ -266,8 +281,8 @@ class XNORActivationQuantizer(BNNActivationQuantizer):
 
     kind = "xnor"
 
-    def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False) -> None:
-        super().__init__(source, role, approx_sign)
+    def __init__(self, source: UniformQuantizer, role: str, approx_sign: bool = False, ede: bool = False) -> None:
+        super().__init__(source, role, approx_sign, ede)
         # the STE's window: the calibrated binary level (a buffer, so it moves with the model; not saved:
         # it is rebuilt from the calibrated source, as the level is)
         self.register_buffer("window", self.level.clone(), persistent=False)
