@@ -39,7 +39,9 @@ run w1a32-irnet builtin-bf16 "${BF16[@]}"   # Libra-PB + EDE at BinaryConnect's 
 run w1a1-bnn builtin-lr0.05-fz29 set:lr=0.05 set:freeze_bn_after=29
 run w1a1-xnor lr0.05-fz29-bf16 set:lr=0.05 set:freeze_bn_after=29 "${BF16[@]}"
 # (w1a1-bireal at its first lr 0.002 was stopped at epoch 11, held-out 41.48: not resumed)
-run w1a1-irnet builtin-bf16 "${BF16[@]}"   # IR-Net: Libra-PB weights, EDE on weights and activations, Bi-Real shortcuts
+# IR-Net: Libra-PB weights, EDE on weights and activations, Bi-Real shortcuts. At w1a1-bnn's lr 0.05 it fell to chance
+# in its first epoch (train 19% at step 104, then 10%; 2026-12-07): lr 0.005, w1a32-irnet's
+run w1a1-irnet lr0.005-bf16 set:lr=0.005 "${BF16[@]}"
 # W2A32 ternary
 run w2a32-twn builtin set:snap_at_freeze=false                  # the built-in before snapping
 run w2a32-twn builtin-fz27 set:freeze_bn_after=27 set:snap_at_freeze=false
