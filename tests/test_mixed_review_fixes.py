@@ -19,31 +19,12 @@ from lowbit.mixed.msq import msq_search
 from lowbit.mixed.plan import Plan, load_plan
 from lowbit.mixed.search import SearchSpace
 from lowbit.recipes.recipe import load_recipe
-
-RECIPE = {"extends": "w4a8", "name": "tiny", "calibration": {"samples": 48, "batch_size": 48, "seed": 0},
-          "steps": ["calibrate"]}
+from tests.test_search_overrides import RECIPE, tiny_data, tiny_model
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def tiny_model() -> nn.Module:
-    """Layers 0, 2, 4, 6 (convs) and 10 (linear): 0 and 10 frozen by first_last_bits."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
-
-
-def tiny_data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = torch.arange(n) % 3
-    x[:, 0, :2, :2] += y[:, None, None].float() * 2
-    return x, y
 
 
 def unit_traces(model: nn.Module, recipe: dict) -> dict[str, float]:

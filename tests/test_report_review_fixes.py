@@ -7,7 +7,6 @@ import json
 import math
 import sqlite3
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -21,37 +20,14 @@ from lowbit.errors import LowbitError
 from lowbit.registry import Registry
 from lowbit.report.sources import ReportInputs, add_payload, add_run, collect
 from lowbit.zoo import build, save_weights, trained_here_path
+from tests.test_mlflow_log import _Recorder
 
 
-class _Mlflow(types.ModuleType):
-    """Stands in for the mlflow package (not a dependency): records every call."""
-
-    def __init__(self) -> None:
-        super().__init__("mlflow")
-        self.calls: list[tuple[str, tuple, dict]] = []
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
-
-    def start_run(self, **kwargs):
-        self.calls.append(("start_run", (), kwargs))
-        return _Ctx(types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1")))
+class _Mlflow(_Recorder):
+    """Stands in for the mlflow package (not a dependency): records every call, and reads them back by name."""
 
     def called(self, name: str) -> list[tuple]:
         return [args for n, args, _ in self.calls if n == name]
-
-
-class _Ctx:
-    def __init__(self, run):
-        self.run = run
-
-    def __enter__(self):
-        return self.run
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.fixture
