@@ -91,23 +91,26 @@ def test_irnet_weights_are_the_balanced_sign_with_the_annealed_tanh_gradient():
         load_recipe({"extends": "w1a32-irnet", "weights": {"quantizer_options": {"t_min": 0}}})
 
 
-def test_the_qat_engine_anneals_irnet_by_the_epoch(mnist_cnn):
-    """t follows epoch / epochs: after 2 epochs the last anneal was at progress 1/2 (t = 1)."""
+def _anneal_progress(mnist_cnn, monkeypatch, base: str, quantizer_class) -> list[float]:
+    """The progress values the QAT engine passes to ``quantizer_class.anneal`` over 2 epochs of ``base``."""
     model, calib, test = mnist_cnn
-    recipe = {"extends": "w1a32-irnet", "steps": ["calibrate", {"qat": {"epochs": 2, "batch_size": 64, "lr": 0.002,
-                                                                       "val_samples": 100, "steps_per_epoch": 2}}]}
-    seen = []
+    recipe = {"extends": base, "steps": ["calibrate", {"qat": {"epochs": 2, "batch_size": 64, "lr": 0.002,
+                                                              "val_samples": 100, "steps_per_epoch": 2}}]}
+    seen: list[float] = []
+    original = quantizer_class.anneal
+    monkeypatch.setattr(quantizer_class, "anneal",
+                        lambda self, progress: (seen.append(progress), original(self, progress))[1])
+    lowbit.quantize(model, recipe, calib=calib, train=(test[0][:300], test[1][:300]), progress=False)
+    return seen
+
+
+def test_the_qat_engine_anneals_irnet_by_the_epoch(mnist_cnn, monkeypatch):
+    """t follows epoch / epochs: after 2 epochs the last anneal was at progress 1/2 (t = 1)."""
     from lowbit.quant.learned.binary import IRNetWeightQuantizer
-    original = IRNetWeightQuantizer.anneal
-    try:
-        IRNetWeightQuantizer.anneal = lambda self, progress: (seen.append(progress), original(self, progress))[1]
-        lowbit.quantize(model, recipe, calib=calib, train=(test[0][:300], test[1][:300]), progress=False)
-    finally:
-        IRNetWeightQuantizer.anneal = original
-    assert sorted(set(seen)) == [0.0, 0.5]
+    assert sorted(set(_anneal_progress(mnist_cnn, monkeypatch, "w1a32-irnet", IRNetWeightQuantizer))) == [0.0, 0.5]
 
 
-def test_binary_activations_take_irnets_annealed_tanh_gradient(mnist_cnn):
+def test_binary_activations_take_irnets_annealed_tanh_gradient(mnist_cnn, monkeypatch):
     """bnn activations with ede: sign forward, k·t·(1 − tanh²(t·x/a)) backward in units of the level a;
     the QAT engine anneals activation quantizers by the epoch as it does IR-Net's weights."""
     from lowbit.quant.learned.binary import BNNActivationQuantizer, ede_factors
@@ -123,17 +126,7 @@ def test_binary_activations_take_irnets_annealed_tanh_gradient(mnist_cnn):
     assert torch.allclose(x.grad, k * t * (1 - torch.tanh(t * u) ** 2), rtol=1e-5)  # a · g'(x/a) / a
     with pytest.raises(RecipeError, match="approx_sign and ede"):
         make_trainable(_calibrated(1, "midrise", per_channel=False), "bnn", "activations", ede=True, approx_sign=True)
-    model, calib, test = mnist_cnn
-    recipe = {"extends": "w1a1-irnet", "steps": ["calibrate", {"qat": {"epochs": 2, "batch_size": 64, "lr": 0.002,
-                                                                      "val_samples": 100, "steps_per_epoch": 2}}]}
-    seen = []
-    original = BNNActivationQuantizer.anneal
-    try:
-        BNNActivationQuantizer.anneal = lambda self, progress: (seen.append(progress), original(self, progress))[1]
-        lowbit.quantize(model, recipe, calib=calib, train=(test[0][:300], test[1][:300]), progress=False)
-    finally:
-        BNNActivationQuantizer.anneal = original
-    assert seen and sorted(set(seen)) == [0.0, 0.5]
+    assert sorted(set(_anneal_progress(mnist_cnn, monkeypatch, "w1a1-irnet", BNNActivationQuantizer))) == [0.0, 0.5]
 
 
 def test_binaryconnect_deterministic_stochastic_and_the_latent_clip():
