@@ -38,6 +38,7 @@ run w2a2-lqnet lsq-acts activations.quantizer=lsq+ "$LQ_CAL"  # LQ-Nets weights,
 run w1a1-bnn ""  # sign weights and activations; every ReLU becomes hardtanh
 run w1a1-xnor ""  # XNOR-Net: alpha*sign weights, sign inputs, outputs scaled by K
 run w1a1-bireal ""  # Bi-Real Net: a real-valued shortcut around every conv, ApproxSign gradient
+run w1a1-irnet ""  # IR-Net: Libra-PB weights, EDE on weights and activations, Bi-Real shortcuts
 # the rest of the table: INQ at 3 bits, LQ-Nets W3A3, k-means at 2 and 4 bits, Hessian-weighted k-means fine-tuned
 run w5a32-inq w3 weights.bits=3  # 5 levels {0, ±2^n}
 run w3a3-lqnet ""
