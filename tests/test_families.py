@@ -113,29 +113,11 @@ def test_the_qat_engine_anneals_irnet_by_the_epoch(mnist_cnn, monkeypatch):
 def test_irnet_trained_with_batchnorm_evaluates_as_it_deploys():
     """The balanced sign of W·γ/σ (BN folded at deployment, its factor negative in some channels) is
     the sign the training forward took: logits equal after steps with BN training, then frozen."""
-    import copy
-
-    from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
-    from tests.test_family_fixes import _cnn, _images, _ptq
+    from lowbit.qat.convert import to_training_form
+    from tests.test_family_fixes import _cnn, _ptq, assert_evaluates_as_deployed
     qm = _ptq({"extends": "w1a32-irnet"}, _cnn(1, width=4))
     to_training_form(qm, "irnet", "lsq+", train_bn=True)
-    x, y = _images(256, 3), torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD([p for p in qm.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    qm.train()
-    for i in range(6):
-        if i == 3:
-            freeze_batchnorms(qm)
-        batch = slice((i % 4) * 64, (i % 4 + 1) * 64)
-        loss = torch.nn.functional.cross_entropy(qm(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    qm.eval()
-    deployed = copy.deepcopy(qm)
-    to_deployed_form(deployed)
-    probe = _images(512, 9)
-    with torch.no_grad():
-        assert torch.equal(qm(probe), deployed(probe))
+    assert_evaluates_as_deployed(qm, lr=0.05, steps=6, probes=512, freeze_at=3)
 
 
 def test_binary_activations_take_irnets_annealed_tanh_gradient(mnist_cnn, monkeypatch):

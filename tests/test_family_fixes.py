@@ -21,7 +21,7 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import RecipeError
-from lowbit.qat.convert import to_deployed_form, to_training_form
+from lowbit.qat.convert import freeze_batchnorms, to_deployed_form, to_training_form
 from lowbit.quant import functional as F
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.learned.base import grad_scale
@@ -170,18 +170,28 @@ def test_a_trained_lsq_model_evaluates_as_it_deploys(width, seed, act_kind):
     value an ulp from a rounding tie there takes the other code)."""
     qm = _ptq({"extends": "w4a4"}, _cnn(seed, width=width))
     to_training_form(qm, "lsq", act_kind, train_bn=False)
+    assert_evaluates_as_deployed(qm, lr=0.01, steps=4, probes=1024)
+
+
+def assert_evaluates_as_deployed(qm: lowbit.QuantModel, lr: float, steps: int, probes: int,
+                                 freeze_at: int | None = None) -> None:
+    """``steps`` SGD steps on batches of 64 random images (BN frozen before step ``freeze_at``), then the
+    training form's eval forward must equal the deployed model's on ``probes`` images, logit for logit."""
     x, y = _images(256, 3), torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD([p for p in qm.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD([p for p in qm.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     qm.train()
-    for i in range(4):
-        loss = nn.functional.cross_entropy(qm(x[i * 64:(i + 1) * 64]), y[i * 64:(i + 1) * 64])
+    for i in range(steps):
+        if i == freeze_at:
+            freeze_batchnorms(qm)
+        batch = slice((i % 4) * 64, (i % 4 + 1) * 64)
+        loss = nn.functional.cross_entropy(qm(x[batch]), y[batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
     qm.eval()
     deployed = copy.deepcopy(qm)
     to_deployed_form(deployed)
-    probe = _images(1024, 9)
+    probe = _images(probes, 9)
     with torch.no_grad():
         assert torch.equal(qm(probe), deployed(probe))
 
