@@ -19,11 +19,13 @@ BF16=(set:precision=bf16 set:channels_last=true)
 KD1='set:kd={temperature: 4.0, weight: 1.0}'
 GPTQ_START='steps=[calibrate, {gptq: {target: float, regrid: true}}, {qat: {}}]'
 HESSIAN='steps=[calibrate, {kmeans: {hessian: fisher}}, {qat: {epochs: 30, lr: 0.002, quantizer_lr: 1.0e-5, weight_decay: 5.0e-5, batch_size: 128}}]'
-run() {  # recipe tag [recipe edits key=value | set:qat_param=value]...
+run() {  # recipe tag [recipe edits key=value | set:qat_param=value | init:<checkpoint folder under RUNS>]...
   recipe=$1; tag=$2; shift 2
   if [ -n "$ONLY" ] && ! [[ "$recipe-$tag" =~ $ONLY ]]; then return; fi
   extra=()
-  for e in "$@"; do case $e in set:*) extra+=(--set "${e#set:}");; *) extra+=(--edit "$e");; esac; done
+  for e in "$@"; do
+    case $e in set:*) extra+=(--set "${e#set:}");; init:*) extra+=(--init-from "$RUNS/${e#init:}");; *) extra+=(--edit "$e");; esac
+  done
   $PY benchmarks/qat.py --data-dir ../shared/data --models-dir ../shared/models --recipes "$recipe" --epochs 30 \
     --set val_samples=5000 --tag "$tag" "${extra[@]}" "${EXTRA[@]}" --threads 1 --runs "$RUNS" --out "$OUT"
 }
@@ -42,6 +44,10 @@ run w1a1-xnor lr0.05-fz29-bf16 set:lr=0.05 set:freeze_bn_after=29 "${BF16[@]}"
 # IR-Net: Libra-PB weights, EDE on weights and activations, Bi-Real shortcuts. At w1a1-bnn's lr 0.05 it fell to chance
 # in its first epoch (train 19% at step 104, then 10%; 2026-12-07): lr 0.005, w1a32-irnet's
 run w1a1-irnet lr0.005-bf16 set:lr=0.005 "${BF16[@]}"
+# Two-stage (real-valued weights first, as ReActNet and Real-to-Binary train binary networks): the same 30 epochs split
+# 15 + 15, first with float weights and sign activations, then binary weights from that run's latent weights
+run w1a1-irnet twostage1-a1-lr0.005-bf16 set:epochs=15 set:lr=0.005 set:freeze_bn_after=14 'overrides=[{pattern: "*", w_bits: 32}]' "${BF16[@]}"
+run w1a1-irnet twostage2-lr0.005-bf16 set:epochs=15 set:lr=0.005 set:freeze_bn_after=14 init:resnet20-w1a1-irnet-twostage1-a1-lr0.005-bf16-e15 "${BF16[@]}"
 # W2A32 ternary
 run w2a32-twn builtin set:snap_at_freeze=false                  # the built-in before snapping
 run w2a32-twn builtin-fz27 set:freeze_bn_after=27 set:snap_at_freeze=false
