@@ -80,7 +80,6 @@ def main() -> None:
     model, train, test = model_and_data(args.model, args.data_dir, args.models_dir)
     test_batches = TensorBatches(test, 500)
     float_top1 = None
-    start_model = trained_float_model(args.init_from, model, train) if args.init_from else model
     for name in args.recipes.split(","):
         recipe = load_recipe(name)
         src = json.loads(json.dumps(recipe.source))
@@ -105,6 +104,9 @@ def main() -> None:
         if row_name in done:
             print(f"{row_name}: done already", flush=True)
             continue
+        # a progressive start: the finished run's float weights (for the graph this recipe builds)
+        start_model = trained_float_model(args.init_from, model, train, recipe=load_recipe(dict(src, steps=steps))) \
+            if args.init_from else model
         if qat["epochs"]:
             qat["checkpoint"] = str(Path(args.runs) / f"{args.model}-{row_name}")
         src["steps"] = steps

@@ -687,7 +687,7 @@ def _train_qat(args: argparse.Namespace) -> int:
     if args.init_from:  # progressive: the finished run's float weights are the start, the float model the teacher
         from lowbit.qat.warm_start import progressive_teacher, trained_float_model
 
-        start = trained_float_model(args.init_from, model, train)
+        start = trained_float_model(args.init_from, model, train, recipe=recipe)
         teacher = progressive_teacher(model, next(s["qat"] for s in source["steps"] if isinstance(s, dict) and "qat" in s))
     qm = quantize(start, source, calib=calibration_batches(train, recipe), train=train, device=device,
                   progress=not args.no_progress and D.rank() == 0, teacher=teacher)

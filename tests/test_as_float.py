@@ -219,3 +219,51 @@ def test_a_conv_subclass_followed_by_bn_is_folded_once_in_the_float_copy():
     with torch.no_grad(), qm.quantization(weights=True, activations=False):
         expected = qm(x)
     assert torch.allclose(copy(x), expected, atol=1e-5)
+
+
+def test_a_rewritten_graph_gives_its_weights_only_with_rewritten_true(mnist_cnn):
+    """relu: hardtanh changes the float function, so the copy is refused unless asked for as a start of a
+    recipe with the same rewrite; quantized again by that recipe it gives back the same weights."""
+    model, calib, _ = mnist_cnn
+    recipe = _w3a3(relu="hardtanh")
+    qm = lowbit.quantize(model, recipe, calib=calib, progress=False)
+    with pytest.raises(UnsupportedModelError, match="pass rewritten=True"):
+        lowbit.as_float_model(qm, model)
+    again = lowbit.quantize(lowbit.as_float_model(qm, model, rewritten=True), recipe, calib=calib, progress=False)
+    for first, second in zip(qm.layers, again.layers):
+        assert torch.allclose(first.layer.quantized_weight(), second.layer.quantized_weight(), atol=1e-6), first.name
+
+
+def test_a_binary_run_in_two_stages(mnist_cnn, mnist_train_small, data_dir, tmp_path, capsys):
+    """Sign activations with float weights first, then W1A1 from that run (`--init-from`); a start whose
+    graph rewrites differ from the next recipe's is refused with both named."""
+    from torch.utils.data import Subset
+
+    from lowbit.cli import main
+    from lowbit.data import load_dataset
+    from lowbit.qat.warm_start import trained_float_model
+    from lowbit.recipes.recipe import load_recipe
+    from lowbit.zoo import save_weights
+
+    model, _, _ = mnist_cnn
+    weights = save_weights(model, tmp_path / "float.safetensors")
+    common = ["--model", "small_cnn", "--weights", str(weights), "--epochs", "1", "--train-limit", "1500",
+              "--val-samples", "300", "--batch-size", "64", "--data-dir", str(data_dir), "--no-progress",
+              "--test-limit", "500"]
+    stage1 = {"extends": "w1a1-bnn", "name": "test-a1", "overrides": [{"pattern": "*", "w_bits": 32}]}
+    (tmp_path / "a1.yaml").write_text(json.dumps(stage1))
+    run = tmp_path / "a1"
+    assert main(["train", "--recipe", str(tmp_path / "a1.yaml"), "--checkpoint", str(run), *common]) == 0
+    train = Subset(load_dataset("mnist", "train", data_dir=data_dir, download=False), range(1500))
+    with pytest.raises(LowbitError, match=r"relu: hardtanh, shortcut: none\); .* and no recipe was given"):
+        trained_float_model(run, model, train)
+    with pytest.raises(LowbitError, match="recipe 'w2a2-lsq' has relu: keep"):
+        trained_float_model(run, model, train, recipe=load_recipe("w2a2-lsq"))
+    start = trained_float_model(run, model, train, recipe=load_recipe("w1a1-bnn"))
+    assert not torch.equal(start.conv2.weight, model.conv2.weight)  # stage 1 trained the weights
+    capsys.readouterr()
+    assert main(["train", "--recipe", "w1a1-bnn", "--init-from", str(run), "--checkpoint", str(tmp_path / "w1a1"),
+                 *common]) == 0
+    assert "small_cnn w1a1-bnn: test top-1" in capsys.readouterr().out
+    assert main(["train", "--recipe", "w2a2-lsq", "--init-from", str(run), *common]) == 2
+    assert "trained a rewritten graph" in capsys.readouterr().err

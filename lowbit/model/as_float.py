@@ -46,7 +46,7 @@ def _set_identity(bn: nn.Module, bias: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def as_float_model(qm: QuantModel, like: nn.Module, weights: str = "quantized") -> nn.Module:
+def as_float_model(qm: QuantModel, like: nn.Module, weights: str = "quantized", rewritten: bool = False) -> nn.Module:
     """A copy of ``like`` (the float model ``qm`` was made from, or one of its architecture)
     holding ``qm``'s quantized weights (``weights="latent"``: the float weights under its
     quantizers) and its layers' biases, with float activations. A layer that trains its BN
@@ -54,12 +54,19 @@ def as_float_model(qm: QuantModel, like: nn.Module, weights: str = "quantized") 
 
     Why: to quantize a trained low-bit network again at fewer bits, e.g.
     ``lowbit.quantize(as_float_model(qm_w3a3, model), "w2a2-lsq", calib, train=..., teacher=model)``.
+
+    ``rewritten=True`` accepts a QuantModel whose recipe rewrote the graph (``relu: hardtanh``,
+    ``shortcut: bireal``): the copy then holds the weights of the rewritten network's layers but
+    computes ``like``'s function, so it is only a start for a recipe that rewrites the graph the
+    same way (two-stage binary training: sign activations first, then binary weights).
     """
     if not isinstance(qm, QuantModel):
         raise LowbitError(f"as_float_model takes a QuantModel, got {type(qm).__name__}")
-    if qm.float_model is not None:
+    if qm.float_model is not None and not rewritten:
         raise UnsupportedModelError("this QuantModel's recipe rewrote the network's graph (relu: hardtanh or "
-                                    "shortcut: bireal), which the float architecture cannot hold")
+                                    "shortcut: bireal), which the float architecture cannot hold; pass "
+                                    "rewritten=True to take its weights as the start of a recipe that rewrites it "
+                                    "the same way")
     if weights not in ("quantized", "latent"):
         raise LowbitError(f"weights must be 'quantized' or 'latent', got {weights!r}")
     out = copy.deepcopy(like).eval()

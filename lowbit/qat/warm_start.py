@@ -27,11 +27,20 @@ def progressive_teacher(model: nn.Module, qat: dict[str, Any]) -> nn.Module | No
     return model if kd and not kd.get("teacher") else None
 
 
-def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weights: str = "latent") -> nn.Module:
+def _rewrites(recipe: Any) -> tuple[str, str]:
+    """The graph rewrites a recipe makes that change the float network's function."""
+    return recipe.relu, ("bireal" if recipe.shortcut == "bireal" else "none")
+
+
+def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weights: str = "latent",
+                        recipe: Any = None) -> nn.Module:
     """The float network of the finished QAT run in ``folder``, in ``model``'s architecture.
 
     ``model``: the float model that run started from; ``train``: its training split (the recipe's
-    calibration subset is drawn from it, as in that run); ``weights``: "latent" or "quantized".
+    calibration subset is drawn from it, as in that run); ``weights``: "latent" or "quantized";
+    ``recipe``: the recipe the result will be quantized with. A run whose recipe rewrote the graph
+    (``relu: hardtanh``, ``shortcut: bireal``) trained weights for the rewritten network, so it is
+    a start only for a recipe that makes the same rewrites (checked here).
     """
     from lowbit.api import quantize
     from lowbit.evaluation import calibration_batches
@@ -50,13 +59,20 @@ def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weight
     if int(summary["epoch"]) < int(qat["epochs"]):
         raise LowbitError(f"the run in {folder} stopped after epoch {summary['epoch']} of {qat['epochs']}: finish it "
                           "(rerun its command) before starting another run from it")
-    recipe = load_recipe(source)
+    run_recipe = load_recipe(source)
+    rewritten = _rewrites(run_recipe) != ("keep", "none")
+    if rewritten and (recipe is None or _rewrites(recipe) != _rewrites(run_recipe)):
+        relu, shortcut = _rewrites(run_recipe)
+        wanted = "no recipe was given" if recipe is None else \
+            f"recipe {recipe.name!r} has relu: {recipe.relu}, shortcut: {recipe.shortcut}"
+        raise LowbitError(f"the run in {folder} trained a rewritten graph (relu: {relu}, shortcut: {shortcut}); its "
+                          f"weights start only a recipe with the same rewrites, and {wanted}")
     before = [s for s in source["steps"] if not (isinstance(s, dict) and "qat" in s)]
-    calib = calibration_batches(train, recipe)
+    calib = calibration_batches(train, run_recipe)
     qm = quantize(model, dict(source, steps=before or ["calibrate"]), calib=calib, progress=False)
-    to_training_form(qm, recipe.weights.quantizer, recipe.activations.quantizer, recipe.weights.quantizer_options,
-                     recipe.activations.quantizer_options, calib, trains_batchnorms(qm, qat["train_bn"]),
-                     qat["bn_momentum"])
+    to_training_form(qm, run_recipe.weights.quantizer, run_recipe.activations.quantizer,
+                     run_recipe.weights.quantizer_options, run_recipe.activations.quantizer_options, calib,
+                     trains_batchnorms(qm, qat["train_bn"]), qat["bn_momentum"])
     try:
         best = load_file(str(folder / "best.safetensors"), device="cpu")
     except (OSError, ValueError, SafetensorError) as e:
@@ -66,4 +82,4 @@ def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weight
     except RuntimeError as e:
         raise LowbitError(f"the run in {folder} does not fit {type(model).__name__} "
                           f"({str(e).splitlines()[0]}): pass the model that run started from") from e
-    return as_float_model(qm.eval(), model, weights=weights)
+    return as_float_model(qm.eval(), model, weights=weights, rewritten=rewritten)
