@@ -354,6 +354,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (args.onnx or args.lowbit) and args.recipe:
         raise LowbitError(f"--recipe quantizes the float --model; {'--onnx' if args.onnx else '--lowbit'} scores a "
                           "model already quantized, so it would be ignored: drop one of them")
+    if not args.onnx and not args.lowbit and _given(args.argv, "--runtime"):
+        raise LowbitError("--runtime picks the runtime of an --onnx model; without --onnx the score comes from "
+                          "PyTorch, so it would be ignored: add --onnx FILE (from `lowbit export`) or drop --runtime")
+    if args.weights and args.onnx:
+        raise LowbitError("--weights loads float weights into --model; --onnx scores the exported model with the "
+                          "weights inside it, so --weights would be ignored: drop it")
+    if args.weights and args.lowbit and ":" not in args.model:
+        raise LowbitError("--weights is used with --lowbit only to rebuild the architecture of a --model "
+                          "pkg.module:factory; a .lowbit artifact holds its own weights and rebuilds its zoo model, "
+                          "so --weights would be ignored: drop it")
     if args.onnx or args.lowbit:
         return _eval_deployed(args)
     model, dataset = _load_model(args)
@@ -578,9 +588,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lowbit.deploy.bench import run_runtime_benchmark
 
+    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    if not recipes:  # before loading anything: an empty list ended in a raw IndexError after model and data
+        raise LowbitError(f"--recipe {args.recipe!r} names no recipe: give one or more, comma-separated (e.g. w8a8)")
     model, dataset = _load_model(args)
     train, test = _datasets(args, dataset)
-    out = run_runtime_benchmark(model, train, test, [r.strip() for r in args.recipe.split(",") if r.strip()], threads=args.threads or 2,
+    out = run_runtime_benchmark(model, train, test, recipes, threads=args.threads or 2,
                                 repeats=args.repeats, test_limit=args.test_limit, runtimes=args.runtime)
     print(f"{args.model}: {out['threads']} threads, {out['test_images']} test images")
     _emit(args, out, out["rows"])
@@ -594,20 +607,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lowbit.api import evaluate
     from lowbit.data import make_loader
     from lowbit.evaluation import TensorBatches
+    from lowbit.zoo.train import check_checkpoint_target
 
+    if args.weights:
+        raise LowbitError(f"--weights applies only with --recipe (QAT starts from those weights); without --recipe "
+                          f"`lowbit train` trains --model {args.model} from scratch and would ignore it: drop "
+                          "--weights, or add a QAT --recipe")
+    if args.checkpoint:  # before any data or epoch: a path that cannot be written was found after the first epoch
+        check_checkpoint_target(Path(args.checkpoint), "--checkpoint")
     info = zoo.model_info(args.model)
-    dataset = args.dataset or info.dataset
+    dataset = args.data or args.dataset or info.dataset  # what the weights were trained on, as the outputs say
     seed = args.seed if args.seed is not None else 0
     torch.manual_seed(seed)
     model = zoo.build(args.model)
     train, test = _datasets(args, dataset)
+    _check_fits(model, train, dataset)  # before any epoch: channels/size the model refuses, named
+    _check_labels_fit(model, train, test, dataset, args.model)
     if args.train_limit:
         from torch.utils.data import Subset
         train = Subset(train, range(min(args.train_limit, len(train))))
     epochs, lr, batch = args.epochs or 3, args.lr or 0.02, args.batch_size or 32
     loader = make_loader(train, batch_size=batch, shuffle=True, seed=seed)
+    labels = _labels_of(train)
+    # what a --checkpoint must match to be resumed, beside the schedule train_classifier compares itself
+    run = {"model": args.model, "dataset": _dataset_identity(dataset), "train_images": len(train),
+           "labels": tensors_digest([("labels", labels)]) if labels is not None else None,
+           "mean": args.mean, "std": args.std, "seed": seed, "batch_size": batch}
     zoo.train_classifier(model, loader, epochs=epochs, lr=lr, checkpoint=args.checkpoint,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, run=run)
     batches = TensorBatches(test, limit=args.test_limit)
     top1 = evaluate(model, batches)
     split = scored_on(test, args.test_limit)
@@ -625,6 +652,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     _emit(args, {"model": args.model, "dataset": dataset, "top1": top1, **split, "epochs": epochs,
                  "train_images": len(train), "weights": str(out)}, rows)
     return 0
+
+
+def _labels_of(dataset: Any) -> torch.Tensor | None:
+    """The labels of an ImageDataset, a TensorDataset or a Subset of one, without reading the images
+    (None for another kind of dataset)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from lowbit.data import ImageDataset
+
+    if isinstance(dataset, Subset):
+        inner = _labels_of(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    if isinstance(dataset, ImageDataset):
+        return dataset.labels
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1]
+    return None
+
+
+def _check_labels_fit(model: torch.nn.Module, train: Any, test: Any, source: str, name: str) -> None:
+    """Every label must be one of the model's outputs: a larger one ended training in a raw IndexError
+    (cross-entropy), and in the test split it could never be scored right."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = int(model(train[0][0].unsqueeze(0)).shape[-1])
+    finally:
+        model.train(was_training)
+    for split, data in (("training", train), ("test", test)):
+        labels = _labels_of(data)
+        if labels is not None and labels.numel() and int(labels.max()) >= outputs:
+            raise DataMismatchError(f"{source}: the {split} split has labels up to {int(labels.max())} "
+                                    f"({int(labels.max()) + 1} classes), but --model {name} has {outputs} outputs "
+                                    f"(classes 0..{outputs - 1}): use data of at most {outputs} classes, or "
+                                    "another model")
+
+
+def _dataset_identity(dataset: str) -> str:
+    """A dataset name, with a --data path made absolute: the same file from another directory is the same data."""
+    kind, sep, path = dataset.partition(":")
+    return f"{kind}:{os.path.abspath(path)}" if sep and path else dataset
 
 
 def _check_training_targets(args: argparse.Namespace) -> None:

@@ -16,6 +16,42 @@ from torch.utils.data import Dataset
 from lowbit.errors import LowbitError
 
 
+def _kind(values: np.ndarray | torch.Tensor) -> tuple[str, str]:
+    """(numpy kind letter, dtype name) of an array or tensor: "u"/"i" integer, "b" bool, "f" float, ..."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool:
+            return "b", str(values.dtype)
+        if values.is_floating_point() or values.is_complex():
+            return "f", str(values.dtype)
+        return ("u" if values.dtype == torch.uint8 else "i"), str(values.dtype)
+    dtype = np.asarray(values).dtype
+    return dtype.kind, str(dtype)
+
+
+def _pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 storage of ``images``. Why a check and not a cast: a cast turned float pixels in [0, 1] into
+    zeros and wrapped 16-bit values (300 -> 44), a silently wrong data set."""
+    kind, name = _kind(images)
+    if kind not in ("u", "i"):
+        raise LowbitError(f"images must be uint8 pixels 0..255, got dtype {name}; scale float images to 0..255 "
+                          "and convert them with .astype(np.uint8) (or pass normalised floats as a TensorDataset)")
+    if name in ("uint8", "torch.uint8"):
+        return torch.as_tensor(images)
+    a = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if a.size and (a.min() < 0 or a.max() > 255):
+        raise LowbitError(f"images of dtype {name} hold values {a.min()}..{a.max()}, outside the pixel range "
+                          "0..255: scale them to 8 bits first (16-bit images: value >> 8)")
+    return torch.from_numpy(a.astype(np.uint8))
+
+
+def _labels(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """int64 class indices; float labels were truncated (1.7 -> 1) by the cast, so they are refused."""
+    kind, name = _kind(labels)
+    if kind not in ("u", "i"):
+        raise LowbitError(f"labels must be integer class indices, got dtype {name}")
+    return torch.as_tensor(labels).to(torch.long)
+
+
 class ImageDataset(Dataset):
     """A labelled image split yielding ``(normalised float32 CHW tensor, int label)``."""
 
@@ -30,8 +66,8 @@ class ImageDataset(Dataset):
         split: str = "",
         classes: Sequence[str] = (),
     ) -> None:
-        self.images = torch.as_tensor(images, dtype=torch.uint8)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.images = _pixels(images)
+        self.labels = _labels(labels)
         if self.labels.ndim != 1:
             raise LowbitError(f"labels must be one class index per image, shape (N,), got {tuple(self.labels.shape)}")
         if self.images.ndim != 4 or self.images.shape[0] != self.labels.shape[0]:

@@ -15,12 +15,14 @@ import tarfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from tqdm import tqdm
 
 from lowbit.errors import ChecksumError, LowbitError
+from lowbit.state_io import write_atomically
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
@@ -105,35 +107,52 @@ def download_file(
 ) -> Path:
     """Download the first working mirror into ``dest`` and verify it.
 
-    Writes to ``dest.part`` and renames only after the checksum passed, so an interrupted or
-    corrupt download never looks like a valid file. If no mirror yields a valid file, raises
-    ChecksumError when one served bad bytes, else LowbitError listing the network errors.
+    Writes to a temporary file of its own beside ``dest`` (``<name>.<random>.part``) and renames it
+    only after the checksum passed, so an interrupted or corrupt download never looks like a valid
+    file. Why not one fixed ``<name>.part``: two processes fetching the same file (the ranks of a
+    torchrun job) wrote into it together and one renamed it from under the other (a raw
+    FileNotFoundError). If no mirror yields a valid file but another process has meanwhile put a
+    verified ``dest`` in place, that one is used. Otherwise raises ChecksumError when a mirror served
+    bad bytes, else LowbitError listing the network errors.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     failures: list[str] = []
     bad: ChecksumError | None = None
+
+    def fetch_verified(url: str) -> Callable[[Path], None]:
+        def write(part: Path) -> None:  # raising here removes the temporary file (write_atomically)
+            fetch_url(url, part, progress=progress)
+            verify_file(part, md5=md5, raw_md5=raw_md5, sha256=sha256, source=url)
+        return write
+
     for url in urls:
         try:
-            fetch_url(url, part, progress=progress)
-        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
-            # HTTPException: a connection dropped mid-response (IncompleteRead) is a network failure too
-            failures.append(f"{url}: {e}")
-            part.unlink(missing_ok=True)
-            continue
-        try:
-            verify_file(part, md5=md5, raw_md5=raw_md5, sha256=sha256, source=url)
+            write_atomically(dest, fetch_verified(url))
         except ChecksumError as e:
             bad = e
             failures.append(f"{url}: {e}")
-            part.unlink(missing_ok=True)
             continue
-        os.replace(part, dest)
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
+            # HTTPException: a connection dropped mid-response (IncompleteRead) is a network failure too
+            failures.append(f"{url}: {e}")
+            continue
         return dest
+    if (md5 or sha256) and dest.is_file():  # another process finished it meanwhile: fine if it verifies
+        try:
+            verify_file(dest, md5=md5, raw_md5=raw_md5, sha256=sha256)
+            return dest
+        except ChecksumError:
+            pass
     if bad is not None:
         raise ChecksumError(f"could not get a valid {dest.name}: " + "; ".join(failures)) from bad
     raise LowbitError(f"could not download {dest.name}: " + "; ".join(failures))
+
+
+def _copy_to(src: IO[bytes], part: Path) -> None:
+    """Copy an archive member's stream into ``part`` (the temporary file write_atomically renames)."""
+    with open(part, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -195,10 +214,8 @@ def safe_extract_tar(
                 src = tar.extractfile(m)
                 if src is None:  # pragma: no cover - isfile() members always have data
                     raise LowbitError(f"cannot read {m.name!r} from {archive}")
-                part = target.with_name(target.name + ".part")
-                with src, open(part, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
-                os.replace(part, target)
+                with src:  # a file of its own per writer: two processes extracting one archive (torchrun
+                    write_atomically(target, lambda part: _copy_to(src, part))  # ranks) shared a fixed .part
                 written.append(target)
     except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
         raise LowbitError(f"{archive}: corrupt or truncated archive ({e})") from e

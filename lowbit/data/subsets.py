@@ -52,11 +52,19 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Single-process DataLoader whose order depends only on ``seed`` (and the epoch)."""
+    """Single-process DataLoader whose order depends only on ``seed`` (and the epoch).
+
+    A shuffled (training) loader leaves out a final batch of a single sample: BatchNorm cannot
+    train on one value per channel (LeNet-5's BatchNorm1d raised a raw ValueError on it), and one
+    image differs each epoch. An unshuffled (evaluation) loader keeps every image.
+    """
     if batch_size <= 0:
         raise LowbitError(f"batch_size must be positive, got {batch_size}")
-    sampler = EpochSampler(len(dataset), seed) if shuffle else None  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=0)
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = EpochSampler(n, seed) if shuffle else None
+    drop_single = shuffle and n > 1 and n % batch_size == 1
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=0,
+                      drop_last=drop_single)
 
 
 def dataset_tensors(

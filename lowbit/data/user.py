@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -56,6 +58,11 @@ def _norm(channels: int, values: Sequence[float] | None, default: float, what: s
         raise LowbitError(f"--{what} gives {len(v)} values for images with {channels} channels")
     if what == "std" and any(x <= 0 for x in v):
         raise LowbitError(f"--std values must be positive, got {v}")
+    # pixels are scaled to [0, 1] before (x - mean) / std: a mean of 125.3 (0..255 units) maps every pixel
+    # near -2 and trains or scores on a blank image without a word
+    if (what == "mean" and not all(0.0 <= x <= 1.0 for x in v)) or (what == "std" and not all(x <= 1.0 for x in v)):
+        raise LowbitError(f"--{what} {','.join(f'{x:g}' for x in v)} is outside [0, 1]: pixels are scaled to [0, 1] "
+                          "first, so give the values in [0, 1] units (divide by 255)")
     return v
 
 
@@ -134,6 +141,8 @@ def _folder_mode(files: list[Path]) -> str:
             with Image.open(f) as im:  # reads the header only
                 if not _is_gray(im.mode):
                     return "RGB"
+        except Image.DecompressionBombError as err:
+            raise _too_large(f, err) from None
         except (UnidentifiedImageError, OSError) as err:
             raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
     return "L"
@@ -150,8 +159,16 @@ def _read_image(f: Path, mode: str, size: tuple[int, int] | None) -> tuple[np.nd
                 raise LowbitError(f"{f} is {im.size[0]}x{im.size[1]}, the first image was "
                                   f"{size[0]}x{size[1]}: every image must have one size")
             return _pixels(im, mode, f), size
+    except Image.DecompressionBombError as err:
+        raise _too_large(f, err) from None
     except (UnidentifiedImageError, OSError) as err:
         raise LowbitError(f"{f} is not an image Pillow can read: {err}") from None
+
+
+def _too_large(f: Path, err: Exception) -> LowbitError:
+    """Pillow refuses an image over its pixel limit (a decompression bomb: a few KB on disk, GBs in memory)."""
+    return LowbitError(f"{f} is too large to read ({err}); the images of one data set must share one (small) "
+                       "size: resize it")
 
 
 def _is_wide_gray(pil_mode: str) -> bool:
@@ -176,12 +193,15 @@ def _pixels(im: PILImage, mode: str, f: Path) -> np.ndarray:
 
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError)  # what a cut-off or bit-flipped .npz raises in numpy
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """The four arrays of ``path``, read without pickle; each way the file can be wrong is named."""
     try:
         data = np.load(path, allow_pickle=False)  # no pickle: a file from someone else runs no code
+    except _DAMAGED as err:  # BadZipFile: a cut-off copy (the zip directory is at the end)
+        raise LowbitError(f"{path} is truncated or corrupt ({_why(err)}); copy or save it again") from None
     except (ValueError, OSError) as err:
         raise LowbitError(f"{path} is not a readable .npz of arrays: {err}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
@@ -195,10 +215,21 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         for k in _NPZ_KEYS:
             try:
                 arrays[k] = data[k]
-            except ValueError as err:  # object arrays need pickle, which is refused
-                raise LowbitError(f"{path}: {k} is an object array ({err}); save plain numeric arrays "
-                                  "(uint8 or float pixels, integer labels)") from None
+            except ValueError as err:
+                if "pickle" in str(err):  # object arrays need pickle, which is refused
+                    raise LowbitError(f"{path}: {k} is an object array ({err}); save plain numeric arrays "
+                                      "(uint8 or float pixels, integer labels)") from None
+                raise LowbitError(f"{path} is truncated or corrupt: its array {k} cannot be read ({err}); copy "
+                                  "or save it again") from None
+            except (*_DAMAGED, OSError) as err:  # flipped bytes in a member: zlib.error, a bad CRC, a short read
+                raise LowbitError(f"{path} is truncated or corrupt: its array {k} cannot be read ({_why(err)}); "
+                                  "copy or save it again") from None
     return arrays
+
+
+def _why(err: BaseException) -> str:
+    """An exception's message, or its name when it has none (EOFError)."""
+    return str(err) or type(err).__name__
 
 
 def _check_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -239,6 +270,11 @@ def _npz(path: Path, mean, std) -> tuple[Dataset, Dataset]:
             if mean is not None or std is not None:
                 raise LowbitError(f"{path}: x_{split} is float (taken as already normalised); --mean/--std "
                                   "apply to uint8 pixels only")
+            bad = x.size - int(np.isfinite(x).sum())
+            if bad:  # a NaN image gives NaN logits, scored as class 0, and NaN training losses
+                raise LowbitError(f"{path}: x_{split} holds {bad} NaN or infinite pixel value(s) (in "
+                                  f"{int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())} image(s)); "
+                                  "every pixel must be a finite number")
             out.append(TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)))
         else:
             raise LowbitError(f"{path}: x_{split} must be uint8 pixels or floats, got {x.dtype}")

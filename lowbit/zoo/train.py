@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,8 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, m
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, settings: dict[str, Any]) -> int:
     """Restore model/optimizer/RNG from ``path``; returns the number of finished epochs. A checkpoint
     written with other ``settings`` (the schedule and the update depend on them: epochs, lr, weight
-    decay, optimizer, momentum, batches per epoch) is refused; one from before a setting was kept
-    does not say, and resumes."""
+    decay, optimizer, momentum, batches per epoch; and the run's identity the caller passes: model,
+    dataset, seed, batch size) is refused; one from before a setting was kept does not say, and resumes."""
     from safetensors import safe_open
 
     side_path = _sidecar(path)
@@ -92,6 +92,19 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
     return int(side["epoch"])
 
 
+def check_checkpoint_target(path: Path, what: str = "checkpoint") -> None:
+    """Refuse a checkpoint path that can never be written, before any training: found at the
+    first save, it cost an epoch and ended in a raw FileExistsError or "No such device"."""
+    if path.is_dir():
+        raise LowbitError(f"{what} {path} is a directory; training writes one state file there: give a "
+                          f"file path, e.g. {path / 'train.safetensors'}")
+    blocker = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise LowbitError(f"{what} {path} cannot be created: {blocker} is a file, not a folder")
+    if _sidecar(path).is_dir():
+        raise LowbitError(f"{what} {path} cannot be written: its sidecar {_sidecar(path)} is a directory")
+
+
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     """Cosine decay from ``base_lr`` to 0 over ``total_steps`` (per-step, no restarts)."""
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
@@ -108,22 +121,26 @@ def train_classifier(
     *,
     optimizer: str = "sgd",
     momentum: float = 0.9,
+    run: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Train with cross-entropy, SGD+Nesterov momentum (or Adam) and a per-step cosine schedule.
 
     If ``checkpoint`` is given, state is saved there after every epoch and, when the file
-    already exists, training resumes after its last finished epoch. Returns the model in
-    eval mode.
+    already exists, training resumes after its last finished epoch. ``run`` names what else
+    the checkpoint must match to be resumed (e.g. model, dataset, seed, batch size: JSON values);
+    a checkpoint that does not say (written without them) resumes. Returns the model in eval mode.
     """
     if epochs < 0:
         raise LowbitError(f"epochs must be >= 0, got {epochs}")
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None:
+        check_checkpoint_target(ckpt)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
         raise LowbitError("train_loader yields no batches")
     device = next(model.parameters()).device
     opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer,
+    settings = {**dict(run or {}), "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer,
                 "momentum": momentum, "steps_per_epoch": steps_per_epoch}
     start = 0
     if ckpt is not None and ckpt.exists():

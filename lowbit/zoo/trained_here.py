@@ -47,11 +47,24 @@ def trained_here(name: str, data_dir: str | os.PathLike[str] | None = None, epoc
         path = Path(cache) if cache else trained_here_path(name, epochs, seed)
         if path.is_file():
             return _load_cached(model, name, path)
+        if path.suffix != ".safetensors":  # refused before minutes of training, not after them
+            raise LowbitError(f"cache={str(path)!r}: the float baseline is written as safetensors; use a "
+                              ".safetensors file name")
         dataset = model_info(name).dataset
         train = load_dataset(dataset, "train", data_dir=data_dir, download=download)
-        train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress)
+        checkpoint = training_checkpoint_path(path)  # a killed run resumes where it stopped
+        train_classifier(model, make_loader(train, 128, shuffle=True, seed=seed), epochs, lr=0.05, progress=progress,
+                         checkpoint=checkpoint, run={"model": name, "dataset": dataset, "seed": seed,
+                                                     "batch_size": 128, "train_images": len(train)})
     save_weights(model, path, {"model": name, "dataset": dataset, "epochs": str(epochs), "seed": str(seed)})
+    for done in (checkpoint, checkpoint.with_name(checkpoint.name + ".json")):  # the baseline is saved: not needed
+        done.unlink(missing_ok=True)
     return model.eval()
+
+
+def training_checkpoint_path(cache: Path) -> Path:
+    """Where ``trained_here`` keeps its training state while the baseline at ``cache`` is trained (beside it)."""
+    return cache.with_name(cache.name[: -len(".safetensors")] + ".training.safetensors")
 
 
 def _load_cached(model: nn.Module, name: str, path: Path) -> nn.Module:

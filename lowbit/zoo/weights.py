@@ -8,6 +8,8 @@ names the missing / unexpected / wrongly shaped keys instead of a bare RuntimeEr
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +35,19 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
+def _unpickling_message(p: Path, err: pickle.UnpicklingError) -> str:
+    """Why the weights-only unpickler refused ``p``, in one line: torch's own message is a page of
+    advice to unpickle with code execution, which lowbit never does."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:  # a pickled object, most often the whole model (torch.save(model))
+        return (f"{p} holds pickled Python objects ({found.group(1)}), not a state dict of tensors: it looks like "
+                "a whole model saved with torch.save(model); save model.state_dict() instead (or a .safetensors "
+                "file), which loads without running code from the file")
+    reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(err))
+    first = (reason.group(1) if reason else str(err).strip().split("\n")[0] or type(err).__name__)[:200]
+    return f"{p}: cannot read weights ({first}); it is not a weights checkpoint, or it is damaged"
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a weights-only torch checkpoint.
 
@@ -42,15 +57,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise LowbitError(f"weights file {p} does not exist")
+    if p.suffix != ".safetensors" and p.suffix not in _TORCH_SUFFIXES:
+        raise LowbitError(f"{p}: unknown weights format {p.suffix!r}; use .safetensors or {'/'.join(_TORCH_SUFFIXES)}")
     try:
         if p.suffix == ".safetensors":
             obj: object = load_file(str(p), device="cpu")
-        elif p.suffix in _TORCH_SUFFIXES:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
         else:
-            raise LowbitError(f"{p}: unknown weights format {p.suffix!r}; use .safetensors or {'/'.join(_TORCH_SUFFIXES)}")
-    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
-        raise LowbitError(f"{p}: cannot read weights ({e})") from e
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise LowbitError(_unpickling_message(p, e)) from e
+    except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError, AttributeError, IndexError,
+            TypeError) as e:  # a non-checkpoint fed to the unpickler fails in any of these (KeyError: a text file)
+        raise LowbitError(f"{p}: cannot read weights ({type(e).__name__}: {str(e)[:200]}); it is not a weights "
+                          "checkpoint, or it is damaged") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
