@@ -65,7 +65,11 @@ class Registry:
         self.path = Path(path) if path is not None else default_path()
         if self.path.is_dir():
             raise LowbitError(f"run registry {self.path} is a directory; give a file path (e.g. {self.path}/runs.sqlite3)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a parent that is a file (or unwritable) is the user's path problem, not a lowbit bug
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            why = _not_a_folder(self.path.parent, err)
+            raise LowbitError(f"run registry {self.path} cannot be created: {why}") from None
         try:
             self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -115,6 +119,14 @@ class Registry:
     def list(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_decode(r) for r in rows]
+
+
+def _not_a_folder(parent: Path, err: OSError) -> str:
+    """Why ``parent`` cannot hold the registry, naming the path component that is a file if there is one."""
+    for p in (parent, *parent.parents):
+        if p.exists():
+            return f"{p} is not a folder" if not p.is_dir() else f"cannot create {parent} ({err.strerror or err})"
+    return f"cannot create {parent} ({err.strerror or err})"
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

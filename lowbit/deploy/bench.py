@@ -4,7 +4,10 @@ ONNX, and ONNX Runtime's own ``quantize_static`` (the peer) on the same float mo
 Accuracy on the test split; lowbit and the peer calibrate on the same training images.
 Latency at batch 1 and throughput at batch 64 (the whole test split when it holds fewer
 images; the payload's ``throughput_batch``): warm-up runs, then the median of repeated
-timed runs, with intra-op threads fixed for every engine.
+timed runs, with intra-op threads fixed for every engine. ``repeats`` is the exact number of
+timed batch-64 runs per engine (batch 1 gets four times as many, being cheaper), spread over
+up to ten interleaved rounds; the payload records both counts (``timed_runs_b64``,
+``timed_runs_b1``) next to the ``repeats`` asked for.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -62,17 +65,32 @@ def ort_quantize_static(float_path: Path, out: Path, calib: list[torch.Tensor], 
     return out
 
 
-def time_engines(engines: dict[str, nn.Module], x1: torch.Tensor, x64: torch.Tensor, repeats: int,
-                 rounds: int = 10) -> dict[str, tuple[float, float]]:
-    """(batch-1 latency, batch-64 time) per engine: ``rounds`` interleaved rounds, each a
-    median of timed runs, and the median over rounds, so a slow spell of the machine
-    falls on every engine alike instead of on whichever ran then."""
-    per = max(1, repeats // rounds)
-    seen: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in engines}
+B1_RUNS_PER_REPEAT = 4  # batch-1 runs are cheap and noisier: four timed ones per timed batch-64 run
+
+
+def split_repeats(repeats: int, rounds: int = 10) -> list[int]:
+    """Timed batch-64 runs per round, summing to exactly ``repeats`` (at most ``rounds``
+    rounds, none empty), so every ``repeats`` value times as many runs as it says."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise LowbitError(f"bench: repeats must be a whole number of timed runs >= 1, not {repeats!r}")
+    n = max(1, min(rounds, repeats))
+    q, extra = divmod(repeats, n)
+    return [q + (1 if i < extra else 0) for i in range(n)]
+
+
+def time_engines(engines: dict[Hashable, nn.Module], x1: torch.Tensor, x64: torch.Tensor, repeats: int,
+                 rounds: int = 10) -> dict[Hashable, tuple[float, float]]:
+    """(batch-1 latency, batch-64 time) per engine: up to ``rounds`` interleaved rounds, each
+    a median of timed runs, and the median over rounds, so a slow spell of the machine
+    falls on every engine alike instead of on whichever ran then. Each engine gets exactly
+    ``repeats`` timed batch-64 runs and ``B1_RUNS_PER_REPEAT * repeats`` timed batch-1 runs."""
+    plan = split_repeats(repeats, rounds)
+    seen: dict[Hashable, tuple[list[float], list[float]]] = {k: ([], []) for k in engines}
     with torch.no_grad():
-        for r in range(rounds):
+        for r, per in enumerate(plan):
             for name, engine in engines.items():
-                seen[name][0].append(median_seconds(lambda: engine(x1), warmup=20 if r == 0 else 2, repeats=4 * per))
+                seen[name][0].append(median_seconds(lambda: engine(x1), warmup=20 if r == 0 else 2,
+                                                    repeats=B1_RUNS_PER_REPEAT * per))
                 seen[name][1].append(median_seconds(lambda: engine(x64), warmup=5 if r == 0 else 1, repeats=per))
     return {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in seen.items()}
 
@@ -85,7 +103,12 @@ def run_runtime_benchmark(
     """One row per (engine, runtime): PyTorch float, the float ONNX model, lowbit's ONNX
     per recipe, ORT ``quantize_static`` on the same calibration images, and any ``peers``
     given as (name, model file, runtimes it runs in, its quantization seconds). Ratios
-    are to the float ONNX model in ONNX Runtime and, when timed, in OpenVINO."""
+    are to the float ONNX model in ONNX Runtime and, when timed, in OpenVINO. ``repeats``:
+    timed batch-64 runs per engine (see the module docstring)."""
+    recipes = list(recipes)  # (a generator would be spent by the check)
+    if not recipes:  # checked before any work: an empty list used to die at its first recipe's calibration
+        raise LowbitError("bench: name at least one recipe")
+    split_repeats(repeats)  # a bad count is refused before minutes of quantizing, not after
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -147,17 +170,20 @@ def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, run
     test_batches = TensorBatches(test, limit=test_limit)
     x1, _ = next(iter(TensorBatches(test, batch_size=1)))
     x64, _ = next(iter(TensorBatches(test, batch_size=64)))
-    engines: dict[str, nn.Module] = {"float|pytorch": model}
-    info: dict[str, tuple[Path, float | None, Path | None]] = {}
+    # keyed by (engine name, runtime): a recipe name may hold any character, "|" included
+    engines: dict[tuple[str, str], nn.Module] = {("float", "pytorch"): model}
+    info: dict[tuple[str, str], tuple[Path, float | None, Path | None]] = {}
     for name, path, rts, seconds, artifact in files:
         for rt in rts:
-            engines[f"{name}|{rt}"] = OnnxModel(path, threads=threads, runtime=rt)
-            info[f"{name}|{rt}"] = (path, seconds, artifact)
-    timing = time_engines(engines, x1, x64, repeats)
+            engines[(name, rt)] = OnnxModel(path, threads=threads, runtime=rt)
+            info[(name, rt)] = (path, seconds, artifact)
+    # time_engines sees "name|runtime" labels (what its callers and tests print); they are only looked up,
+    # never split, and stay distinct because no runtime name holds a "|"
+    timing = time_engines({_label(k): e for k, e in engines.items()}, x1, x64, repeats)
     rows = []
     for key, engine in engines.items():
-        name, rt = key.split("|")
-        lat1, lat_batch = timing[key]
+        name, rt = key
+        lat1, lat_batch = timing[_label(key)]
         path, seconds, artifact = info.get(key, (None, None, None))
         row = {"engine": name, "runtime": rt, "top1": round(100 * evaluate(engine, test_batches), 2),
                "latency_b1_ms": round(1000 * lat1, 3),
@@ -175,9 +201,15 @@ def _run(model, train, test, recipes, threads, repeats, test_limit, workdir, run
         for row in rows:
             row[f"b64_vs_float_{rt}"] = round(row["throughput_b64_img_s"] / base["throughput_b64_img_s"], 2)
             row[f"b1_vs_float_{rt}"] = round(base["latency_b1_ms"] / row["latency_b1_ms"], 2)
-    return {"recipes": [r.name for r in loaded], "threads": threads, "repeats": repeats, "runtimes": runtimes,
+    return {"recipes": [r.name for r in loaded], "threads": threads, "repeats": repeats,
+            "timed_runs_b64": repeats, "timed_runs_b1": B1_RUNS_PER_REPEAT * repeats, "runtimes": runtimes,
             "test_images": len(test_batches.indices), "calibration_images": sum(len(b) for b in calib),
             "throughput_batch": len(x64), "rows": rows}
+
+
+def _label(key: tuple[str, str]) -> str:
+    """An engine's "name|runtime" label; unique per (name, runtime) since runtime names hold no "|"."""
+    return f"{key[0]}|{key[1]}"
 
 
 def _recipe_calibration(train: Dataset, recipe: Any, ready: list[torch.Tensor] | None) -> list[torch.Tensor] | None:

@@ -13,14 +13,30 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 def pack_codes(codes: np.ndarray, bits: int, qmin: int) -> np.ndarray:
     """Codes in [qmin, qmin + 2^bits − 1] → uint8 bytes holding ``bits`` bits each."""
-    if not 1 <= bits <= 8:
-        raise BitsError(f"cannot pack {bits}-bit codes: widths 1..8 are supported")
-    shifted = codes.astype(np.int64).reshape(-1) - qmin
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise BitsError(f"cannot pack {bits!r}-bit codes: widths 1..8 are supported")
+    shifted = _as_int64(codes).reshape(-1) - qmin
     if shifted.size and (shifted.min() < 0 or shifted.max() >= 2**bits):
         raise LowbitError(f"codes outside [{qmin}, {qmin + 2**bits - 1}] cannot be packed in {bits} bits")
     as_bytes = shifted.astype(np.uint8)[:, None]
     bit_planes = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
     return np.packbits(bit_planes.reshape(-1), bitorder="little")
+
+
+def _as_int64(codes: np.ndarray) -> np.ndarray:
+    """``codes`` as int64, refusing what a cast would silently change: ``astype`` truncates
+    floats toward zero, so -0.9 and 3.9 would pass a 2-bit range check as 0 and 3."""
+    codes = np.asarray(codes)
+    if codes.dtype == np.bool_ or np.issubdtype(codes.dtype, np.integer):
+        return codes.astype(np.int64)
+    if np.issubdtype(codes.dtype, np.floating):
+        with np.errstate(invalid="ignore"):
+            whole = np.isfinite(codes) & (codes == np.round(codes))
+        if whole.all():
+            return codes.astype(np.int64)
+        bad = codes[~whole].reshape(-1)[:3].tolist()
+        raise LowbitError(f"codes must be integers; got {codes.dtype} values that are not whole numbers, e.g. {bad}")
+    raise LowbitError(f"codes must be integers, got an array of {codes.dtype}")
 
 
 def unpack_codes(packed: np.ndarray, count: int, bits: int, qmin: int) -> np.ndarray:

@@ -36,13 +36,29 @@ def check_input_shape(x_shape: tuple[int, ...], expected: tuple[int | None, ...]
                                 f"{tuple(x_shape)}")
 
 
+# Input element types OnnxModel can feed, by their ONNX Runtime ("tensor(float)") and OpenVINO ("f32") names.
+_ORT_DTYPES = {"float": np.float32, "float16": np.float16, "double": np.float64, "uint8": np.uint8, "int8": np.int8,
+               "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+_OPENVINO_DTYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "u8": np.uint8, "i8": np.int8,
+                    "u16": np.uint16, "i16": np.int16, "i32": np.int32, "i64": np.int64, "boolean": np.bool_}
+
+
+def _input_dtype(declared: str, table: dict[str, Any], path: Path, name: str) -> np.dtype:
+    """The numpy dtype of the model's declared input type: inputs are cast to it (a float16
+    model gets float16), never blindly to float32."""
+    if declared not in table:
+        raise LowbitError(f"ONNX model {path} declares input {name!r} of type {declared}, which lowbit cannot "
+                          f"feed from a tensor (it feeds float16/32/64 and integer inputs)")
+    return np.dtype(table[declared])
+
+
 def _static(dim: Any) -> int | None:
     """An ONNX Runtime dimension: an int where fixed, a name or None where dynamic."""
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
 def _ort_runner(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], str,
-                                                          tuple[int | None, ...] | None]:
+                                                          tuple[int | None, ...] | None, np.dtype]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -59,7 +75,10 @@ def _ort_runner(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray],
     first = session.get_inputs()[0]
     name = first.name
     shape = tuple(_static(d) for d in first.shape) if isinstance(first.shape, (list, tuple)) else None
-    return (lambda x: session.run(None, {name: x})[0]), name, shape
+    declared = str(first.type)
+    declared = declared[len("tensor("):-1] if declared.startswith("tensor(") and declared.endswith(")") else declared
+    dtype = _input_dtype(declared, _ORT_DTYPES, path, name)
+    return (lambda x: session.run(None, {name: x})[0]), name, shape, dtype
 
 
 class _OpenVinoRunner:
@@ -78,6 +97,8 @@ class _OpenVinoRunner:
             raise LowbitError(f"OpenVINO cannot read {path}: {err}") from None
         self.input_name = self.model.inputs[0].get_any_name()
         self.input_shape = self._declared_shape()
+        self.input_dtype = _input_dtype(self.model.inputs[0].get_element_type().get_type_name(), _OPENVINO_DTYPES,
+                                        path, self.input_name)
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if precision != "auto":
             # On a CPU with bf16 units the plugin runs every float op in bf16 unless told otherwise: a codebook
@@ -136,14 +157,36 @@ class OnnxModel(nn.Module):
             raise LowbitError(f"threads must be a positive integer, got {threads!r}")
         self.path = path
         if self.runtime == "ort":
-            self._run, self.input_name, self.input_shape = _ort_runner(path, threads)
+            self._run, self.input_name, self.input_shape, self.input_dtype = _ort_runner(path, threads)
         else:
             runner = _OpenVinoRunner(path, threads, openvino_precision)
             self._run, self.input_name, self.input_shape = runner, runner.input_name, runner.input_shape
+            self.input_dtype = runner.input_dtype
+
+    def _fit_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in the model's declared input type. Refused, not cast: integer data for a float
+        input (raw uint8 pixels would run unnormalised and score garbage) and an empty batch
+        (ONNX Runtime returned an empty output, OpenVINO failed to compile: one answer for both)."""
+        if x.ndim and x.shape[0] == 0:
+            raise DataMismatchError(f"ONNX model {self.path}: input {self.input_name!r} of shape {tuple(x.shape)} "
+                                    "holds no samples; give at least one")
+        want = self.input_dtype
+        if np.issubdtype(want, np.floating):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise DataMismatchError(f"ONNX model {self.path} expects input {self.input_name!r} as {want.name} "
+                                        f"(floating point), got {x.dtype}: convert the data to float (normalised "
+                                        "as for training) first")
+        elif x.dtype != want:  # an integer input: casting floats or other integers to it could silently wrap
+            raise DataMismatchError(f"ONNX model {self.path} expects input {self.input_name!r} as {want.name}, "
+                                    f"got {x.dtype}")
+        return np.ascontiguousarray(x, dtype=want)
 
     def run_numpy(self, x: np.ndarray) -> np.ndarray:
         check_input_shape(tuple(x.shape), self.input_shape, self.path, self.input_name)
-        return self._run(np.ascontiguousarray(x, dtype=np.float32))
+        return self._run(self._fit_input(np.asarray(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run_numpy(x.detach().cpu().numpy()))
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:  # numpy has no bfloat16; widening to float32 is exact
+            x = x.float()
+        return torch.from_numpy(self.run_numpy(x.numpy()))

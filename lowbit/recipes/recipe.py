@@ -346,13 +346,15 @@ def _parse_step(step: Any, i: int) -> tuple[str, dict[str, Any]]:
         name, params = step, {}
     elif isinstance(step, dict) and len(step) == 1:
         name, params = next(iter(step.items()))
-        params = params or {}
+        if params is None:  # YAML `- calibrate:` (no parameters written); only None: `false`/`0`/`[]` are not "none"
+            params = {}
     else:
         raise RecipeError(f"steps[{i}] must be a step name or {{name: {{params}}}}, got {step!r}")
     if name not in STEPS:
         raise RecipeError(f"steps[{i}]: unknown step {name!r}; known steps: {sorted(STEPS)}")
     if not isinstance(params, dict):
-        raise RecipeError(f"steps[{i}] ({name}) parameters must be a mapping")
+        raise RecipeError(f"steps[{i}] ({name}) parameters must be a mapping, got {params!r}; to turn the "
+                          "step off, delete it from the steps list")
     return name, check_step_params(name, params)  # fail at load time, not after minutes of calibration
 
 
