@@ -46,8 +46,8 @@ run w1a1-xnor lr0.05-fz29-bf16 set:lr=0.05 set:freeze_bn_after=29 "${BF16[@]}"
 run w1a1-irnet lr0.005-bf16 set:lr=0.005 "${BF16[@]}"
 # Two-stage (real-valued weights first, as ReActNet and Real-to-Binary train binary networks): the same 30 epochs split
 # 15 + 15, first with float weights and sign activations, then binary weights from that run's latent weights
-# (stage 1 was stopped after 4 of its 15 epochs, 2026-12-07: held-out 26.3, 38.9, 40.7, 47.2 against the one-stage
-#  run's 31.8, 38.1, 40.6, ... at the same epochs, so float weights did not make sign activations train faster; on
+# (stage 1 was stopped after 4 of its 15 epochs, 2026-12-07: train top-1 24.1, 35.1, 41.2, 47.2 against the one-stage
+#  run's 25.4, 36.5, 43.6, 49.2 at the same epochs, so float weights did not make sign activations train faster; on
 #  LeNet-5, 1 + 1 epochs in two stages scored 96.32 against 96.42 for 2 in one: benchmarks/results/qat_w1a1_lenet5_stages.json)
 ONLY_TWO_STAGE=${ONLY_TWO_STAGE:-}
 if [ -n "$ONLY_TWO_STAGE" ]; then
