@@ -98,4 +98,30 @@ def as_float_model(qm: QuantModel, like: nn.Module, weights: str = "quantized", 
             target.bias.copy_(bias.to(target.bias))
         elif bool(bias.ne(0).any()):
             target.bias = nn.Parameter(bias.to(target.weight).clone())
+    _keep_float_folds(qm, modules, folded_into)
     return out
+
+
+def _keep_float_folds(qm: QuantModel, modules: dict[str, nn.Module], folded_into: dict[str, str]) -> None:
+    """A ``keep_float`` layer whose BN quantization folded: the state dict loaded its folded weight
+    (same key), so its BN, still live in the copy, would apply a second time; it becomes the identity
+    carrying the folded bias, like a quantized layer's."""
+    layers = set(qm.layers.names())
+    for name, bn_name in folded_into.items():
+        if name in layers:
+            continue
+        try:
+            src = qm.net.get_submodule(name)
+        except AttributeError:
+            raise UnsupportedModelError(f"layer {name!r} is not in the QuantModel: pass the float model it was "
+                                        "quantized from") from None
+        target = modules[name]
+        if tuple(src.weight.shape) != tuple(target.weight.shape):
+            raise UnsupportedModelError(f"layer {name!r}: the QuantModel's weight is {tuple(src.weight.shape)}, the "
+                                        f"copy's {tuple(target.weight.shape)}: pass the float model it was quantized "
+                                        "from")
+        target.weight.copy_(src.weight.detach().to(target.weight))
+        bias = src.bias.detach() if src.bias is not None else torch.zeros(src.weight.shape[0])
+        _set_identity(modules[bn_name], bias.to(target.weight))
+        if target.bias is not None:
+            target.bias.zero_()

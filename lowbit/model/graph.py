@@ -45,6 +45,83 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def depends_on_training(model: nn.Module, eval_graph: fx.GraphModule) -> bool:
+    """Whether ``model`` (in eval mode) traces to other code in training mode.
+
+    Why: the tracer runs ``forward`` once, so ``F.dropout(x, training=self.training)`` or an
+    ``if self.training:`` branch is frozen at the eval-mode value, and QAT would train without it.
+    Modules the tracer keeps as calls (nn.Dropout, BatchNorm) switch at run time and do not count."""
+    model.train()
+    try:
+        train_code = trace(model).code
+    except Exception:  # noqa: BLE001 - training mode does not even trace: it differs
+        return True
+    finally:
+        model.eval()
+    return train_code != eval_graph.code
+
+
+def weights_read_not_called(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """Conv/Linear modules of ``model`` that ``gm`` never calls but whose parameters it reads
+    (``F.linear(h, self.fc.weight)``, ``self.fc.forward(h)``): they stay float, as lowbit quantizes
+    a layer where it is called."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    read = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    return [name for name, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE) and name not in called and name in read]
+
+
+def _plain(module: nn.Module | None, kinds: tuple[type, ...]) -> bool:
+    """Exactly one of ``kinds`` (not a subclass computing its own op) and without hooks."""
+    return type(module) in kinds and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def normalize_spellings(gm: fx.GraphModule) -> int:
+    """Rewrite ``a.add(b)`` (and ``a.add_(b)`` where nothing else reads ``a``) as ``a + b``, and
+    ``nn.AvgPool2d`` / ``nn.AdaptiveAvgPool2d`` modules as their ``F.`` calls; returns how many.
+
+    Why: add and pool detection (``quantize_adds``, Bi-Real's block adds, the exporter) read the
+    functional form; another spelling of the same op left its inputs unquantized (``add_bits``
+    never applied) and gave a Bi-Real block a second identity path. Each rewrite computes the same."""
+    modules = dict(gm.named_modules())
+    count = pools = 0
+    for node in list(gm.graph.nodes):
+        new_target, args, kwargs = None, (), {}
+        if node.op == "call_method" and node.target in ("add", "add_") and node.args:
+            other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+            alpha = node.kwargs.get("alpha", 1)
+            if (len(node.args) > 2 or set(node.kwargs) - {"other", "alpha"} or other is None
+                    or (node.target == "add_" and not (isinstance(node.args[0], fx.Node)
+                                                        and len(node.args[0].users) == 1))):
+                continue
+            new_target, args = (operator.add, (node.args[0], other)) if alpha == 1 else \
+                (torch.add, (node.args[0], other))
+            kwargs = {} if alpha == 1 else {"alpha": alpha}
+        elif node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            m = modules.get(str(node.target))
+            if _plain(m, (nn.AdaptiveAvgPool2d,)):
+                new_target, args = F.adaptive_avg_pool2d, (node.args[0], m.output_size)
+            elif _plain(m, (nn.AvgPool2d,)):
+                new_target, args = F.avg_pool2d, (node.args[0], m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                                  m.count_include_pad, m.divisor_override)
+            else:
+                continue
+            pools += 1
+        else:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(new_target, args, kwargs)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        if pools:
+            gm.delete_all_unused_submodules()
+        gm.recompile()
+    return count
+
+
 def layer_input(node: fx.Node) -> fx.Node | None:
     """The tensor a Conv/Linear call reads, passed by position or as ``input=``; the call is rewritten to
     pass it by position, the form every graph pass reads (``node.args[0]``). None: no tensor input."""

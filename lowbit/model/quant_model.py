@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import itertools
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -21,12 +22,61 @@ from lowbit.quant.spec import QuantSpec
 from lowbit.recipes.recipe import SHORTCUT_KINDS
 
 # Layers whose parameters stay float by design (they fold away or are cheap).
-FLOAT_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+FLOAT_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.PReLU)
+
+
+def _hook_name(hook: object) -> str:
+    """A hook as a message names it: its function, or the class of a hook object (WeightNorm, L1Unstructured)."""
+    return getattr(hook, "__name__", type(hook).__name__)
+
+
+def check_layer_state(model: nn.Module, keep_float: list[str]) -> None:
+    """Refuse layers whose weight is not yet, or not only, the parameter lowbit reads.
+
+    Lazy layers have no weight before their first forward pass (torch's own error named no layer).
+    A forward pre-hook (old-style ``torch.nn.utils.weight_norm``, ``torch.nn.utils.prune``) recomputes
+    ``weight`` before each call; a quantized layer reads ``weight`` directly and never runs it, so it
+    quantized a stale weight, or failed to copy the model at all."""
+    lazy = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules()
+            if any(nn.parameter.is_lazy(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
+    if lazy:
+        raise UnsupportedModelError(f"layers {', '.join(lazy)} are not initialised yet (lazy parameters have no "
+                                    "shape or values): run one forward pass first to initialise lazy layers, "
+                                    "then quantize the model")
+    hooked = [f"{n or '<root>'} ({type(m).__name__}, hook {', '.join(map(_hook_name, m._forward_pre_hooks.values()))})"
+              for n, m in model.named_modules()
+              if isinstance(m, QUANTIZABLE) and m._forward_pre_hooks
+              and not any(fnmatch.fnmatchcase(n, p) for p in keep_float)]
+    if hooked:
+        raise UnsupportedModelError(
+            f"layers {', '.join(hooked)} have a forward pre-hook, which recomputes their weight before each call; a "
+            "quantized layer reads the weight itself and never runs it. Make the weight a plain parameter first: "
+            "torch.nn.utils.remove_weight_norm(module) after weight_norm, torch.nn.utils.prune.remove(module, "
+            "'weight') after pruning (torch.nn.utils.parametrize is not supported either: "
+            "parametrize.remove_parametrizations(module, 'weight', leave_parametrized=True)); or list the layers "
+            "under `keep_float` to keep them float")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, or an error naming the tensors that stop it: torch copies only leaf tensors,
+    and a module holding one computed with autograd (e.g. a pruned weight) raised torch's RuntimeError."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as err:
+        computed = [f"{n + '.' if n else ''}{k}" for n, m in model.named_modules() for k, v in vars(m).items()
+                    if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.grad_fn is not None]
+        raise UnsupportedModelError(
+            f"cannot copy {type(model).__name__}: "
+            + (f"{', '.join(computed)} are tensors computed with autograd (not parameters or buffers), which torch "
+               "cannot copy: compute them in forward or detach them (after torch.nn.utils.prune, call "
+               "prune.remove(module, 'weight'))" if computed else str(err).splitlines()[0])
+        ) from None
 
 
 def check_supported(model: nn.Module, keep_float: list[str]) -> None:
     """Refuse models with weights lowbit cannot quantize, instead of leaving them float."""
+    check_layer_state(model, keep_float)
     weighted = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     names = [n for n, _ in weighted if n]
     for pattern in keep_float:
@@ -78,7 +128,7 @@ class QuantModel(nn.Module):
         super().__init__()
         keep_float = list(keep_float or [])
         check_supported(model, keep_float)
-        net = copy.deepcopy(model).eval()
+        net = copy_model(model).eval()
         self.bn_priors: dict[str, tuple[BNPrior, bool]] = {}
         self.fold_bn = fold_bn
         self.trace_error: str | None = None
@@ -94,6 +144,15 @@ class QuantModel(nn.Module):
                     "hook fallback: each layer quantizes its own input and BatchNorm is not folded",
                     stacklevel=2,
                 )
+        functional: list[str] = []
+        if gm is not None:
+            if G.depends_on_training(net, gm):
+                warnings.warn(f"{type(model).__name__}.forward depends on self.training (e.g. F.dropout(x, "
+                              "training=self.training) or `if self.training:`): its traced code differs between "
+                              "train and eval mode, and lowbit uses the eval-mode graph, so QAT trains without the "
+                              "train-mode code. Use modules (nn.Dropout, ...) for what should switch", stacklevel=2)
+            functional = [n for n in G.weights_read_not_called(net, gm) if not self._skip(n, keep_float)]
+            G.normalize_spellings(gm)
         if relu not in ("keep", "hardtanh"):
             raise RecipeError(f"relu must be 'keep' or 'hardtanh', got {relu!r}")
         if relu == "hardtanh":
@@ -119,11 +178,20 @@ class QuantModel(nn.Module):
             self.fold_bn = False
             self.layer_bn = {}
             self.net, records = self._build_hooks(net, weights, activations, keep_float)
+        used_through_weights = (f"{', '.join(functional)} are used through their weights (F.linear(x, self.fc.weight), "
+                                "self.fc.forward(x), ...), not called as modules, and lowbit quantizes a layer where "
+                                "it is called")
         if not records:
+            if functional:
+                raise UnsupportedModelError(f"{type(model).__name__} calls no Conv1d/Conv2d/Linear layer: layers "
+                                            f"{used_through_weights}. Call them (self.fc(x)) to quantize them")
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer to quantize"
                 + (" outside `keep_float`" if keep_float else "")
             )
+        if functional:
+            warnings.warn(f"layers {used_through_weights}: they stay float. Call them (self.fc(x)) to quantize them, "
+                          "or list them under `keep_float` to keep them float without this warning", stacklevel=2)
         self.layers = LayerTable(records)
         self.meta: dict[str, Any] = {}
         # The float network as built (BN folded), kept so algorithms that edit weights or
@@ -153,6 +221,7 @@ class QuantModel(nn.Module):
         layer_nodes = [n for n in G.quantizable_nodes(gm) if not self._skip(str(n.target), keep_float)]
         inputs = {node: self._layer_input(node) for node in layer_nodes}
         group = self._input_groups(layer_nodes, inputs)
+        names = self._free_names(gm)
         act_for: dict[fx.Node, UniformQuantizer] = {}
         group_quantizer: dict[fx.Node, tuple[str, UniformQuantizer]] = {}
         quant_source: dict[fx.Node, fx.Node] = {}
@@ -169,7 +238,7 @@ class QuantModel(nn.Module):
             if inp not in act_for:
                 root = group[inp]
                 if root not in group_quantizer:
-                    key = f"act_quant_{len(group_quantizer)}"
+                    key = next(names)
                     q = UniformQuantizer(activations, name=f"input of {name}")
                     gm.add_submodule(key, q)
                     group_quantizer[root] = (key, q)
@@ -192,10 +261,18 @@ class QuantModel(nn.Module):
         if shortcut == "bireal":
             S.add_bireal_shortcuts(gm, layer_nodes, quant_source)
         if quantize_adds:
-            self._quantize_add_inputs(gm, activations, len(group_quantizer), set(quant_source))
+            self._quantize_add_inputs(gm, activations, names, set(quant_source))
         gm.graph.lint()
         gm.recompile()
         return gm, list(records.values())
+
+    @staticmethod
+    def _free_names(gm: fx.GraphModule) -> Iterator[str]:
+        """``act_quant_0``, ``act_quant_1``, ...: names for new activation quantizers, skipping any the
+        model already uses (the first quantizer replaced a user's submodule called ``act_quant_0``)."""
+        for i in itertools.count():
+            if not hasattr(gm, f"act_quant_{i}"):
+                yield f"act_quant_{i}"
 
     @staticmethod
     def _layer_input(node: fx.Node) -> fx.Node:
@@ -222,12 +299,11 @@ class QuantModel(nn.Module):
             parent[root(inputs[node])] = root(first.setdefault(str(node.target), inputs[node]))
         return {t: root(t) for t in parent}
 
-    def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, first_index: int,
+    def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, names: Iterator[str],
                              quantized: set[fx.Node]) -> None:
         """Put a quantizer on every input of a residual add or a pooling op that is not
         already a quantized tensor, so an integer runtime can run the add, the pooling and
         the conv before them in int8 instead of falling back to float around them."""
-        count = first_index
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -235,13 +311,15 @@ class QuantModel(nn.Module):
                 args = node.args[:2]
             elif node.target in G.POOL_FUNCTIONS:
                 args = node.args[:1]
+                if isinstance(args[0], fx.Node) and args[0].meta.get(S.SHORTCUT_PAD):
+                    args = args[0].args[:1]  # a Bi-Real shortcut pads its input: quantize that input, the padded
+                    # zeros stay exact (where the quantizer sat before the pad was added, the same numbers)
             else:
                 continue
             for arg in args:
                 if not isinstance(arg, fx.Node) or G.quantized_through_grid_ops(arg, quantized):
                     continue
-                key = f"act_quant_{count}"
-                count += 1
+                key = next(names)
                 gm.add_submodule(key, UniformQuantizer(activations, name=f"add input {arg.name}"))
                 with gm.graph.inserting_after(G.insertion_point(gm.graph, arg)):
                     qnode = gm.graph.call_module(key, (arg,))

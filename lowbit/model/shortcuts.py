@@ -13,7 +13,9 @@ carries only signs down its residual stream. Binary networks keep the stream rea
   ends a residual block, its add's shortcut operand becomes this conv's input: the block's
   shortcut is the per-conv one of its last conv. A stride-s conv's shortcut averages s×s
   windows; extra output channels get zeros (the option-A shortcut of CIFAR ResNets), so no
-  weight is added.
+  weight is added. On an odd-sized map the conv's padding adds a last, partial window, and so
+  does the shortcut: it pads s − 1 zeros on the right and bottom before averaging (dropped
+  again by the pooling on even sizes, where the result is unchanged).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from lowbit.errors import RecipeError
 from lowbit.model import graph as G
 from lowbit.model.fold_bn import BN_TYPES
 from lowbit.model.quant_layer import QuantLayer
+
+# node.meta key of the zero pad in front of a shortcut's pooling: the pool's input is the node before it
+SHORTCUT_PAD = "lowbit_shortcut_pad"
 
 
 def read_real_values(gm: fx.GraphModule, quant_source: dict[fx.Node, fx.Node]) -> int:
@@ -68,10 +73,17 @@ def _check_geometry(name: str, conv: nn.Conv2d) -> None:
 
 
 def _shortcut(gm: fx.GraphModule, x: fx.Node, conv: nn.Conv2d) -> fx.Node:
-    """Nodes computing the parameter-free shortcut of ``conv`` from its real input ``x``."""
+    """Nodes computing the parameter-free shortcut of ``conv`` from its real input ``x``.
+
+    The pooling's output must have the conv's size, ceil(H/s) (padding (k−1)/2): plain pooling gives
+    floor(H/s), so the input is first zero-padded by s − 1 (not ``ceil_mode``, which the ONNX export
+    refuses). On even sizes the pooling never reads that column and the numbers are the same; at an odd
+    edge the last window averages the padded zeros too, as the conv's own window there reads its padding."""
     out = x
     stride = tuple(conv.stride)
     if stride != (1, 1):
+        out = gm.graph.call_function(F.pad, (out, (0, stride[1] - 1, 0, stride[0] - 1)))
+        out.meta[SHORTCUT_PAD] = True
         out = gm.graph.call_function(F.avg_pool2d, (out, stride, stride))
     extra = conv.out_channels - conv.in_channels
     if extra:
