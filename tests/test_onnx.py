@@ -55,6 +55,33 @@ def test_low_bit_export_clips_to_the_codes_range(resnet20, cifar_slices, tmp_pat
     assert agree >= 0.97
 
 
+def test_low_bit_activations_keep_every_conv_in_integer_kernels(resnet20, cifar_slices, tmp_path):
+    """The b-bit clip acts on the codes after QuantizeLinear, so ORT still fuses Conv -> Q at 4 bits
+    (a float Clip between them had left 10 of ResNet-20's 19 convs in float), and it changes nothing:
+    the codes never leave [qmin, qmax] in either runtime."""
+    import onnxruntime as ort
+
+    calib, test = cifar_slices
+    qm = lowbit.quantize(resnet20, "w4a4", calib=calib, progress=False)
+    path = export_onnx(qm, tmp_path / "w4a4.onnx", calib[:1])
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    clips = [n for n in graph.node if n.op_type == "Clip"]
+    assert clips and all(producers[n.input[0]].op_type == "QuantizeLinear" for n in clips)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 19 and "Conv" not in ops and "FusedConv" not in ops
+    x = test[0][:200]
+    with torch.no_grad():
+        ours = qm(x)
+    for runtime in ("ort", "openvino"):
+        theirs = OnnxModel(path, runtime=runtime)(x)
+        assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.97, runtime
+
+
 def test_full_range_weights_export_their_extra_code(resnet20, cifar_slices, tmp_path):
     calib, test = cifar_slices
     recipe = {"extends": "w4a4", "weights": {"narrow_range": False}}

@@ -5,8 +5,8 @@ int8 otherwise); every quantized weight is stored as int8 codes with its per-cha
 scales behind a DequantizeLinear; biases are stored as int32 at scale s_in·s_w (the
 integer-runtime convention), so ONNX Runtime can fuse DQ→Conv→Q into QLinearConv. Codes
 below 8 bits are stored as int8 values inside their clipped range; activations below 8
-bits get a Clip to their b-bit range before QuantizeLinear so the runtime cannot use
-codes the fake-quant model never produces.
+bits get a Clip of their codes to the b-bit range after QuantizeLinear, so the runtime cannot
+use codes the fake-quant model never produces and still fuses Conv → Q.
 
 Differences from the fake-quant model, by construction: the int32 bias rounding (at most
 half a step of s_in·s_w per channel) and the runtime's own integer accumulation and
@@ -153,12 +153,14 @@ class _Builder:
             # Relu is dropped and the runtime sees Conv -> Q, which it fuses (as ORT's own
             # quantizer lays the graph out); dead-node removal deletes the Relu.
             x = self.relu_input[x]
-        if (qmin, qmax) != (info.min, info.max):
-            lo = np.float32((qmin - float(zp)) * float(scale))
-            hi = np.float32((qmax - float(zp)) * float(scale))
-            x = self.op("Clip", [x, self.const("clip_lo", lo), self.const("clip_hi", hi)], "clipped")
         s_name, z_name = self.const("act_scale", scale), self.const("act_zp", zp)
         qx = self.op("QuantizeLinear", [x, s_name, z_name], "q")
+        if (qmin, qmax) != (info.min, info.max):
+            # Clip the codes, not the float input: Q is monotone and (qmin − zp)·s lands exactly on
+            # qmin, so clip(Q(x)) == Q(clip(x)); a float Clip between Conv and Q kept ONNX Runtime from
+            # fusing DQ→Conv→Q into QLinearConv (ResNet-20 W4A4: 9 of 19 convs fused, now 19)
+            qx = self.op("Clip", [qx, self.const("code_lo", np.array(qmin, dtype)),
+                                  self.const("code_hi", np.array(qmax, dtype))], "q_clipped")
         out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
         self.act_scale[out] = (scale, q)
         self.dq_source[out] = (qx, s_name, z_name)
