@@ -187,6 +187,28 @@ def test_the_analyzers_result_goes_to_the_report_and_to_json(tmp_path):
     assert json.loads(json.dumps(analysis_payload(result)))["layers"][0]["name"] == result["layers"][0].name
 
 
+def test_html_report_takes_the_analyzers_result_as_it_is(tmp_path):
+    """As the README says: `lowbit.html_report(result, ...)`, alone or beside other sources; anything that
+    is neither a source nor an analysis is refused by name (a dict had been read as a run id, a list item
+    as a file name)."""
+    torch.manual_seed(0)
+    model = build("small_cnn").eval()
+    x = torch.randn(96, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    qm = lowbit.quantize(model, {"extends": "w4a4", "calibration": {"samples": 64, "batch_size": 32}}, calib=x[:64],
+                         progress=False)
+    result = lowbit.analyze(qm, [(x[64:], y[64:])], progress=False)
+    for sources in (result, [result]):
+        text = lowbit.html_report(sources, tmp_path / "a.html", model=model).read_text()
+        table = text[text.index('id="table-analysis"'):]
+        assert table[:table.index("</table>")].count("<tr>") == 1 + len(result["layers"])
+    with pytest.raises(lowbit.LowbitError, match="shows one lowbit.analyze result, got 2"):
+        lowbit.html_report([result, result], tmp_path / "b.html")
+    with pytest.raises(lowbit.LowbitError, match="got float 1.5"):
+        lowbit.html_report([1.5], tmp_path / "c.html")
+
+
 # 5. train from scratch accepted --json, --test-limit and --mlflow and did nothing with them
 def test_training_from_scratch_honours_json_test_limit_and_mlflow(tmp_path, fashion, fake_mlflow, monkeypatch,
                                                                    capsys):

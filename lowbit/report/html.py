@@ -11,7 +11,7 @@ import base64
 import datetime
 import html
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -195,7 +195,27 @@ def html_report(sources: str | Path | Sequence[str | Path] | ReportInputs, path:
     if model is not None and not isinstance(model, nn.Module):
         raise LowbitError(f"html_report's model is the float network itself (a torch.nn.Module), got "
                           f"{type(model).__name__} {model!r:.60}; for a zoo model pass lowbit.zoo.pretrained(name)")
-    if isinstance(sources, (str, Path)):  # one source: not a sequence of its characters
+    if isinstance(sources, ReportInputs):
+        return write_report(sources, path, model, title)
+    if isinstance(sources, (str, Path)) or _is_analysis(sources):  # one source, not a sequence of its parts
         sources = [sources]
-    inputs = sources if isinstance(sources, ReportInputs) else collect([str(s) for s in sources], registry)
+    if not isinstance(sources, Sequence):
+        raise LowbitError(f"html_report's sources are run ids, file paths, lowbit.analyze results or a ReportInputs, "
+                          f"got {type(sources).__name__}")
+    analyses = [s for s in sources if _is_analysis(s)]
+    if len(analyses) > 1:
+        raise LowbitError(f"html_report shows one lowbit.analyze result, got {len(analyses)}: make one report each")
+    others = [s for s in sources if not _is_analysis(s)]
+    for s in others:
+        if not isinstance(s, (str, Path, int)) or isinstance(s, bool):
+            raise LowbitError(f"html_report's sources are run ids, file paths, lowbit.analyze results or a "
+                              f"ReportInputs, got {type(s).__name__} {s!r:.60}")
+    inputs = collect([str(s) for s in others], registry) if others else ReportInputs()
+    if analyses:
+        inputs.analysis = analyses[0]
     return write_report(inputs, path, model, title)
+
+
+def _is_analysis(source: Any) -> bool:
+    """``lowbit.analyze``'s result (or its JSON form): a mapping with the layers and both top-1s."""
+    return isinstance(source, Mapping) and {"layers", "float_top1", "quantized_top1"} <= set(source)
