@@ -578,7 +578,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         out = compare_recipes(model, [recipe, planned], train, test, test_limit=args.test_limit,
                               progress=not args.no_progress)
         payload["evaluation"] = {**out, "results": [r.row() for r in out["results"]]}
-        print(f"float top-1 {100 * out['float_top1']:.2f}%")
+        note = "full test split" if out["full_test_split"] else \
+            f"first {out['test_images']} test images (NOT the full split)"
+        print(f"float top-1 {100 * out['float_top1']:.2f}% ({note})")
         from lowbit.report.tables import format_table
         print(format_table(payload["evaluation"]["results"]))
     _emit(args, payload, rows)

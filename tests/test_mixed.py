@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -360,7 +361,9 @@ def test_cli_search_writes_a_plan_that_quantize_accepts(tmp_path, data_dir, mode
     assert "target unreachable" in capsys.readouterr().err
     hawq = tmp_path / "hawq.json"
     assert main(["search", *common, "--method", "hawq", "--recipe", str(recipe), "--b-max", "6",
-                 "--target-ratio", "8", "--hutchinson-samples", "1", "--out", str(hawq)]) == 0
+                 "--target-ratio", "8", "--hutchinson-samples", "1", "--out", str(hawq), "--evaluate",
+                 "--test-limit", "200"]) == 0
+    assert re.search(r"float top-1 [\d.]+% \(first 200 test images \(NOT the full split\)\)", capsys.readouterr().out)
     meta = json.loads(hawq.read_text())["meta"]
     assert meta["method"] == "hawq" and meta["weight_compression"] >= 8
 
