@@ -57,8 +57,9 @@ def test_low_bit_export_clips_to_the_codes_range(resnet20, cifar_slices, tmp_pat
 
 def test_low_bit_activations_keep_every_conv_in_integer_kernels(resnet20, cifar_slices, tmp_path):
     """The b-bit clip acts on the codes after QuantizeLinear, so ORT still fuses Conv -> Q at 4 bits
-    (a float Clip between them had left 10 of ResNet-20's 19 convs in float), and it changes nothing:
-    the codes never leave [qmin, qmax] in either runtime."""
+    (a float Clip between them had left 10 of ResNet-20's 19 convs in float), and both runtimes compute
+    the model's function: a conv's quantized output entering an add is quantized once more, which ORT
+    removes and OpenVINO keeps (it fused the add and dropped the first quantizer's rounding)."""
     import onnxruntime as ort
 
     calib, test = cifar_slices
@@ -79,7 +80,9 @@ def test_low_bit_activations_keep_every_conv_in_integer_kernels(resnet20, cifar_
         ours = qm(x)
     for runtime in ("ort", "openvino"):
         theirs = OnnxModel(path, runtime=runtime)(x)
-        assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.97, runtime
+        # OpenVINO once skipped the rounding of each conv's 8-bit quantizer before the residual add (0.82 off)
+        assert float((ours - theirs).abs().mean()) < 0.01, runtime
+        assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.99, runtime
 
 
 def test_full_range_weights_export_their_extra_code(resnet20, cifar_slices, tmp_path):

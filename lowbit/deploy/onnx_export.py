@@ -98,6 +98,8 @@ class _Builder:
         # Relu output -> Relu input, so a quantizer whose grid starts at 0 can absorb it
         self.relu_input: dict[str, str] = {}
         self.pre_quant: dict[str, str] = {}  # a binary activation's output -> its input
+        self.layer_outputs: set[str] = set()  # Conv/Gemm outputs (before any quantizer)
+        self.from_layer: set[str] = set()  # DequantizeLinear outputs whose QuantizeLinear reads a layer output
         # quantizer nodes already applied in front of a flatten / max pool (see quantize_early)
         self.applied_early: set[fx.Node] = set()
 
@@ -163,6 +165,21 @@ class _Builder:
                                   self.const("code_hi", np.array(qmax, dtype))], "q_clipped")
         out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
         self.act_scale[out] = (scale, q)
+        self.dq_source[out] = (qx, s_name, z_name)
+        if x in self.layer_outputs:
+            self.from_layer.add(out)
+        return out
+
+    def requantize(self, x: str) -> str:
+        """Q → DQ again on ``x``'s own grid: the identity (``x`` is on the grid and in range), which ONNX
+        Runtime removes. OpenVINO's CPU plugin fuses Conv → Q → DQ → Add(shortcut) → Q into one int8
+        convolution and drops the rounding of its first quantizer when a sum and another quantizer follow
+        it (it computed Q(conv + shortcut) for Q(Q(conv) + shortcut): ResNet-20 W4A4 logits 0.82 off the
+        model's on average, 3.3% of top-1s changed); the second quantizer is kept and rounds."""
+        _, s_name, z_name = self.dq_source[x]
+        qx = self.op("QuantizeLinear", [x, s_name, z_name], "rq")
+        out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
+        self.act_scale[out] = self.act_scale[x]
         self.dq_source[out] = (qx, s_name, z_name)
         return out
 
@@ -350,7 +367,9 @@ class _Builder:
                 raise ExportError(f"{layer.name}: padding={m.padding!r}, padding_mode={m.padding_mode!r} not exported")
             out = self.op("Conv", [x, w] + inner, "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
                           pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
-        return self.add_bias(out, late, node) if late else out
+        out = self.add_bias(out, late, node) if late else out
+        self.layer_outputs.add(out)
+        return out
 
     def add_bias(self, out: str, b: str, node: fx.Node) -> str:
         """``out + b`` with the bias broadcast over the channel axis of the layer's output."""
@@ -401,7 +420,8 @@ class _Builder:
 
     def add(self, node: fx.Node) -> str:
         """a + alpha·b: torch.add's alpha as a Mul on b (written as a plain Add it was dropped)."""
-        a, b = self.arg(node.args[0]), self.arg(node.args[1])
+        # a layer's quantized output entering an add is quantized once more on its grid (see requantize)
+        a, b = (self.requantize(v) if v in self.from_layer else v for v in (self.arg(node.args[0]), self.arg(node.args[1])))
         alpha = add_alpha(node)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise ExportError(f"{node.name}: torch.add with alpha={alpha!r} is not exported (a number only)")
