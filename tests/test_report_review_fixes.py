@@ -168,8 +168,8 @@ def test_cli_results_record_how_many_test_images_they_counted(tmp_path, fashion,
     assert inputs.accuracy[0]["note"].endswith("first 40 test images, not the full split")
 
 
-# 4. lowbit.analyze's result (LayerSensitivity objects) crashed html_report; json needs plain rows
-def test_the_analyzers_result_goes_to_the_report_and_to_json(tmp_path):
+def _small_cnn_analysis():
+    """An untrained small CNN at W4A4 and lowbit.analyze's result on random images it labels itself."""
     torch.manual_seed(0)
     model = build("small_cnn").eval()
     x = torch.randn(96, 1, 28, 28)
@@ -178,6 +178,12 @@ def test_the_analyzers_result_goes_to_the_report_and_to_json(tmp_path):
     qm = lowbit.quantize(model, {"extends": "w4a4", "calibration": {"samples": 64, "batch_size": 32}}, calib=x[:64],
                          progress=False)
     result = lowbit.analyze(qm, [(x[64:], y[64:])], progress=False)
+    return model, result
+
+
+# 4. lowbit.analyze's result (LayerSensitivity objects) crashed html_report; json needs plain rows
+def test_the_analyzers_result_goes_to_the_report_and_to_json(tmp_path):
+    model, result = _small_cnn_analysis()
     out = lowbit.html_report(ReportInputs(analysis=result, sources=["api"]), tmp_path / "a.html")
     text = out.read_text()
     assert 'id="fig-analysis"' in text
@@ -191,14 +197,7 @@ def test_html_report_takes_the_analyzers_result_as_it_is(tmp_path):
     """As the README says: `lowbit.html_report(result, ...)`, alone or beside other sources; anything that
     is neither a source nor an analysis is refused by name (a dict had been read as a run id, a list item
     as a file name)."""
-    torch.manual_seed(0)
-    model = build("small_cnn").eval()
-    x = torch.randn(96, 1, 28, 28)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    qm = lowbit.quantize(model, {"extends": "w4a4", "calibration": {"samples": 64, "batch_size": 32}}, calib=x[:64],
-                         progress=False)
-    result = lowbit.analyze(qm, [(x[64:], y[64:])], progress=False)
+    model, result = _small_cnn_analysis()
     for sources in (result, [result]):
         text = lowbit.html_report(sources, tmp_path / "a.html", model=model).read_text()
         table = text[text.index('id="table-analysis"'):]
