@@ -219,3 +219,16 @@ def test_integer_codes_and_whole_float_codes_still_pack():  # guards against ove
     codes = np.array([-2, -1, 0, 1], dtype=np.int32)  # what artifact.save passes
     assert np.array_equal(unpack_codes(pack_codes(codes, 2, -2), 4, 2, -2), codes)
     assert np.array_equal(unpack_codes(pack_codes(codes.astype(np.float32), 2, -2), 4, 2, -2), codes)
+
+
+def test_unpack_refuses_a_width_or_count_it_cannot_mean():
+    """A crafted header's count or width reached numpy as a negative reshape or a 9-bit plane."""
+    from lowbit.deploy.packing import pack_codes, unpack_codes
+    from lowbit.errors import BitsError
+
+    packed = pack_codes(np.arange(4), 2, 0)
+    assert unpack_codes(packed, 4, 2, 0).tolist() == [0, 1, 2, 3]
+    with pytest.raises(BitsError, match="cannot unpack 9-bit codes"):
+        unpack_codes(packed, 1, 9, 0)
+    with pytest.raises(LowbitError, match="cannot unpack -1 codes"):
+        unpack_codes(np.zeros(0, np.uint8), -1, 8, 0)

@@ -11,10 +11,14 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+def _check_bits(bits: object, what: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise BitsError(f"cannot {what} {bits!r}-bit codes: widths 1..8 are supported")
+
+
 def pack_codes(codes: np.ndarray, bits: int, qmin: int) -> np.ndarray:
     """Codes in [qmin, qmin + 2^bits − 1] → uint8 bytes holding ``bits`` bits each."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
-        raise BitsError(f"cannot pack {bits!r}-bit codes: widths 1..8 are supported")
+    _check_bits(bits, "pack")
     shifted = _as_int64(codes).reshape(-1) - qmin
     if shifted.size and (shifted.min() < 0 or shifted.max() >= 2**bits):
         raise LowbitError(f"codes outside [{qmin}, {qmin + 2**bits - 1}] cannot be packed in {bits} bits")
@@ -41,6 +45,9 @@ def _as_int64(codes: np.ndarray) -> np.ndarray:
 
 def unpack_codes(packed: np.ndarray, count: int, bits: int, qmin: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: ``count`` codes as int32."""
+    _check_bits(bits, "unpack")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise LowbitError(f"cannot unpack {count!r} codes: the count must be a whole number ≥ 0")
     if packed.size != packed_nbytes(count, bits):
         raise LowbitError(f"packed buffer holds {packed.size} bytes; {count} {bits}-bit codes need "
                           f"{packed_nbytes(count, bits)}")
