@@ -171,6 +171,8 @@ FAMILY_TABLE = [
      "w1a1-irnet at lr 0.005, bf16)", "W1A1", None, None, (E30, "w1a1-irnet-lr0.005-bf16-e30"), IRNET_W1A1),
     ("IR-Net, the same with Adam at lr 5e-4, no weight decay (bf16)", "W1A1", None, None,
      (E30, "w1a1-irnet-adam-lr5e-4-bf16-e30"), IRNET_W1A1),
+    ("IR-Net at lr 0.005, distilled from the float model (KD weight 1, T 4; bf16)", "W1A1", None, None,
+     (E30, "w1a1-irnet-lr0.005-kd1-bf16-e30"), IRNET_W1A1),
     ("TWN", "W2A32", None, (GPTQ_E1, "w2a32-twn-gptq-regrid-kd1-e1"), (E30, "w2a32-twn-builtin-e30"), TTQ),
     ("TWN, BN frozen after epoch 27", "W2A32", None, None, (E30, "w2a32-twn-builtin-fz27-e30"), TTQ),
     ("TWN, snapped at the BN freeze (w2a32-twn)", "W2A32", None, None, (E30, "w2a32-twn-builtin-snap-e30"), TTQ),
