@@ -76,37 +76,18 @@ def as_float_model(qm: QuantModel, like: nn.Module, weights: str = "quantized", 
                          if k in own and own[k].shape == v.shape}, strict=False)
     modules = dict(out.named_modules())
     folded_into = _batchnorm_after(out) if qm.fold_bn and qm.mode == "graph" else {}
+    layers = set(qm.layers.names())
     for r in qm.layers:
         target = modules.get(r.name)
         if not isinstance(target, QUANTIZABLE):
             raise UnsupportedModelError(f"layer {r.name!r} of the QuantModel is not a Conv/Linear layer of "
                                         f"{type(like).__name__}: pass the float model it was quantized from")
-        weight = (r.layer.quantized_weight() if weights == "quantized" else r.layer.weight).detach()
-        if tuple(weight.shape) != tuple(target.weight.shape):
-            raise UnsupportedModelError(f"layer {r.name!r}: the QuantModel's weight is {tuple(weight.shape)}, "
-                                        f"{type(like).__name__}'s {tuple(target.weight.shape)}: pass the float model "
-                                        "it was quantized from (widened, for a widening recipe)")
-        target.weight.copy_(weight.to(target.weight))
-        bias = r.layer.bias  # float: its int32 grid belongs to quantized inputs, which the copy drops
-        bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+        weight = r.layer.quantized_weight() if weights == "quantized" else r.layer.weight
+        # its bias is float: its int32 grid belongs to quantized inputs, which the copy drops
         bn_name = folded_into.get(r.name)
-        if bn_name is not None:
-            _set_identity(modules[bn_name], bias.to(target.weight))
-            if target.bias is not None:
-                target.bias.zero_()
-        elif target.bias is not None:
-            target.bias.copy_(bias.to(target.bias))
-        elif bool(bias.ne(0).any()):
-            target.bias = nn.Parameter(bias.to(target.weight).clone())
-    _keep_float_folds(qm, modules, folded_into)
-    return out
-
-
-def _keep_float_folds(qm: QuantModel, modules: dict[str, nn.Module], folded_into: dict[str, str]) -> None:
-    """A ``keep_float`` layer whose BN quantization folded: the state dict loaded its folded weight
-    (same key), so its BN, still live in the copy, would apply a second time; it becomes the identity
-    carrying the folded bias, like a quantized layer's."""
-    layers = set(qm.layers.names())
+        _place(target, r.name, weight, r.layer.bias, modules[bn_name] if bn_name else None, like)
+    # A keep_float layer whose BN quantization folded: the state dict loaded its folded weight (same key),
+    # so its BN, still live in the copy, would apply a second time; it carries the folded bias instead.
     for name, bn_name in folded_into.items():
         if name in layers:
             continue
@@ -115,13 +96,26 @@ def _keep_float_folds(qm: QuantModel, modules: dict[str, nn.Module], folded_into
         except AttributeError:
             raise UnsupportedModelError(f"layer {name!r} is not in the QuantModel: pass the float model it was "
                                         "quantized from") from None
-        target = modules[name]
-        if tuple(src.weight.shape) != tuple(target.weight.shape):
-            raise UnsupportedModelError(f"layer {name!r}: the QuantModel's weight is {tuple(src.weight.shape)}, the "
-                                        f"copy's {tuple(target.weight.shape)}: pass the float model it was quantized "
-                                        "from")
-        target.weight.copy_(src.weight.detach().to(target.weight))
-        bias = src.bias.detach() if src.bias is not None else torch.zeros(src.weight.shape[0])
-        _set_identity(modules[bn_name], bias.to(target.weight))
+        _place(modules[name], name, src.weight, src.bias, modules[bn_name], like)
+    return out
+
+
+def _place(target: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module | None,
+           like: nn.Module) -> None:
+    """``target`` (a layer of the copy) computes ``weight``·x + ``bias``: through ``bn`` made the identity
+    carrying the bias where quantization folded that BN into the layer, else through its own bias."""
+    weight = weight.detach()
+    if tuple(weight.shape) != tuple(target.weight.shape):
+        raise UnsupportedModelError(f"layer {name!r}: the QuantModel's weight is {tuple(weight.shape)}, "
+                                    f"{type(like).__name__}'s {tuple(target.weight.shape)}: pass the float model "
+                                    "it was quantized from (widened, for a widening recipe)")
+    target.weight.copy_(weight.to(target.weight))
+    bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+    if bn is not None:
+        _set_identity(bn, bias.to(target.weight))
         if target.bias is not None:
             target.bias.zero_()
+    elif target.bias is not None:
+        target.bias.copy_(bias.to(target.bias))
+    elif bool(bias.ne(0).any()):
+        target.bias = nn.Parameter(bias.to(target.weight).clone())
