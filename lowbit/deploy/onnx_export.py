@@ -177,11 +177,7 @@ class _Builder:
         it (it computed Q(conv + shortcut) for Q(Q(conv) + shortcut): ResNet-20 W4A4 logits 0.82 off the
         model's on average, 3.3% of top-1s changed); the second quantizer is kept and rounds."""
         _, s_name, z_name = self.dq_source[x]
-        qx = self.op("QuantizeLinear", [x, s_name, z_name], "rq")
-        out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
-        self.act_scale[out] = self.act_scale[x]
-        self.dq_source[out] = (qx, s_name, z_name)
-        return out
+        return self.dequantize_like(x, self.op("QuantizeLinear", [x, s_name, z_name], "rq"))
 
     def binary_activation(self, x: str, q: UniformQuantizer) -> str:
         """A 1-bit mid-rise activation (BNN's sign, ±s/2, zero to +): Where(x ≥ 0, s/2, −s/2).
@@ -240,12 +236,16 @@ class _Builder:
         with the zero point), so the runtime sees DQ right before the next layer and fuses it."""
         if x not in self.dq_source:
             return self.op(op_type, [x] + extra, stem, **attrs)
-        qx, s_name, z_name = self.dq_source[x]
+        qx, _, z_name = self.dq_source[x]
         inputs = [qx] + extra + ([z_name] if pad_codes else [])
-        moved = self.op(op_type, inputs, f"{stem}_q", **attrs)
-        out = self.op("DequantizeLinear", [moved, s_name, z_name], "dq")
+        return self.dequantize_like(x, self.op(op_type, inputs, f"{stem}_q", **attrs))
+
+    def dequantize_like(self, x: str, codes: str) -> str:
+        """DequantizeLinear of ``codes`` on the grid of the dequantized tensor ``x``, recorded like ``x``."""
+        _, s_name, z_name = self.dq_source[x]
+        out = self.op("DequantizeLinear", [codes, s_name, z_name], "dq")
         self.act_scale[out] = self.act_scale[x]
-        self.dq_source[out] = (moved, s_name, z_name)
+        self.dq_source[out] = (codes, s_name, z_name)
         return out
 
     def quantize_early(self, node: fx.Node, x: str) -> str:
