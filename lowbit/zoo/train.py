@@ -33,6 +33,12 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a finished training's checkpoint and its JSON sidecar (absent ones are fine)."""
+    for f in (path, _sidecar(path)):
+        f.unlink(missing_ok=True)
+
+
 def _make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":

@@ -34,7 +34,7 @@ def trained_here(name: str, data_dir: str | os.PathLike[str] | None = None, epoc
     """
     from lowbit.data import load_dataset, make_loader
     from lowbit.zoo.registry import ARCHITECTURES, build, model_info
-    from lowbit.zoo.train import train_classifier
+    from lowbit.zoo.train import remove_checkpoint, train_classifier
     from lowbit.zoo.weights import save_weights
 
     with torch.random.fork_rng(devices=[]):  # CPU RNG only: the model is built and trained on the CPU
@@ -57,8 +57,7 @@ def trained_here(name: str, data_dir: str | os.PathLike[str] | None = None, epoc
                          checkpoint=checkpoint, run={"model": name, "dataset": dataset, "seed": seed,
                                                      "batch_size": 128, "train_images": len(train)})
     save_weights(model, path, {"model": name, "dataset": dataset, "epochs": str(epochs), "seed": str(seed)})
-    for done in (checkpoint, checkpoint.with_name(checkpoint.name + ".json")):  # the baseline is saved: not needed
-        done.unlink(missing_ok=True)
+    remove_checkpoint(checkpoint)  # the baseline is saved: not needed
     return model.eval()
 
 
