@@ -51,9 +51,9 @@ def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
-def probe_forward(model: nn.Module, x: Any, what: str) -> None:
-    """Run ``model`` on the first sample of ``x``; any failure becomes a DataMismatchError
-    naming ``what``, the shape, and the layer that failed with what it expects."""
+def probe_forward(model: nn.Module, x: Any, what: str) -> Any:
+    """Run ``model`` on the first sample of ``x`` and return its output; any failure becomes a
+    DataMismatchError naming ``what``, the shape, and the layer that failed with what it expects."""
     if not isinstance(x, torch.Tensor):
         raise DataMismatchError(f"{what} is a {type(x).__name__}, not a tensor")
     if x.dim() == 0 or x.shape[0] == 0:
@@ -86,7 +86,7 @@ def probe_forward(model: nn.Module, x: Any, what: str) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(sample)
+            output = model(sample)
     except LowbitError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here is the data not fitting
@@ -113,3 +113,4 @@ def probe_forward(model: nn.Module, x: Any, what: str) -> None:
         for h in handles:
             h.remove()
         model.train(was_training)
+    return output

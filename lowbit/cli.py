@@ -244,13 +244,14 @@ def _datasets(args: argparse.Namespace, dataset: str):
     return train, test
 
 
-def _check_fits(model: torch.nn.Module | None, train: Any, source: str) -> None:
+def _check_fits(model: torch.nn.Module | None, train: Any, source: str) -> Any:
     """Run the model on one training sample, so a shape it refuses is named here (with the data's
-    source and the layer that refused it), not deep in a step."""
+    source and the layer that refused it), not deep in a step; returns the model's output on it."""
     if model is not None:
         from lowbit.checks import probe_forward
 
-        probe_forward(model, train[0][0].unsqueeze(0), f"the model refuses the images of {source}: the first")
+        return probe_forward(model, train[0][0].unsqueeze(0), f"the model refuses the images of {source}: the first")
+    return None
 
 
 def strict_json(value: Any) -> Any:
@@ -609,6 +610,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lowbit.api import evaluate
     from lowbit.data import make_loader
     from lowbit.evaluation import TensorBatches
+    from lowbit.qat.labels import dataset_labels
     from lowbit.zoo.train import check_checkpoint_target
 
     if args.weights:
@@ -623,14 +625,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(seed)
     model = zoo.build(args.model)
     train, test = _datasets(args, dataset)
-    _check_fits(model, train, dataset)  # before any epoch: channels/size the model refuses, named
-    _check_labels_fit(model, train, test, dataset, args.model)
+    # before any epoch: channels/size the model refuses, and labels beyond its outputs, named
+    outputs = int(_check_fits(model, train, dataset).shape[-1])
+    _check_labels_fit(outputs, train, test, dataset, args.model)
     if args.train_limit:
         from torch.utils.data import Subset
         train = Subset(train, range(min(args.train_limit, len(train))))
     epochs, lr, batch = args.epochs or 3, args.lr or 0.02, args.batch_size or 32
     loader = make_loader(train, batch_size=batch, shuffle=True, seed=seed)
-    labels = _labels_of(train)
+    labels = dataset_labels(train)
     # what a --checkpoint must match to be resumed, beside the schedule train_classifier compares itself
     run = {"model": args.model, "dataset": _dataset_identity(dataset), "train_images": len(train),
            "labels": tensors_digest([("labels", labels)]) if labels is not None else None,
@@ -656,35 +659,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels_of(dataset: Any) -> torch.Tensor | None:
-    """The labels of an ImageDataset, a TensorDataset or a Subset of one, without reading the images
-    (None for another kind of dataset)."""
-    from torch.utils.data import Subset, TensorDataset
-
-    from lowbit.data import ImageDataset
-
-    if isinstance(dataset, Subset):
-        inner = _labels_of(dataset.dataset)
-        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
-    if isinstance(dataset, ImageDataset):
-        return dataset.labels
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        return dataset.tensors[1]
-    return None
-
-
-def _check_labels_fit(model: torch.nn.Module, train: Any, test: Any, source: str, name: str) -> None:
-    """Every label must be one of the model's outputs: a larger one ended training in a raw IndexError
+def _check_labels_fit(outputs: int, train: Any, test: Any, source: str, name: str) -> None:
+    """Every label must be one of the model's ``outputs``: a larger one ended training in a raw IndexError
     (cross-entropy), and in the test split it could never be scored right."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = int(model(train[0][0].unsqueeze(0)).shape[-1])
-    finally:
-        model.train(was_training)
+    from lowbit.qat.labels import dataset_labels
+
     for split, data in (("training", train), ("test", test)):
-        labels = _labels_of(data)
+        labels = dataset_labels(data)
         if labels is not None and labels.numel() and int(labels.max()) >= outputs:
             raise DataMismatchError(f"{source}: the {split} split has labels up to {int(labels.max())} "
                                     f"({int(labels.max()) + 1} classes), but --model {name} has {outputs} outputs "
