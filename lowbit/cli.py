@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit.errors import DataMismatchError, LowbitError, RecipeError
-from lowbit.state_io import tensors_digest
+from lowbit.state_io import blocking_file, tensors_digest
 
 # The main job shows lowbit at its best in a few minutes: plain calibration at 8 bits, the plain
 # W4A4 flow ending with match_moments (90.49 on ResNet-20 over 3 seeds, 9 s quiet) and at 2-bit weights
@@ -69,18 +69,12 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def _blocking_file(path: Path) -> Path | None:
-    """The regular file among ``path``'s parents, if any: a path under it can never be written,
-    and found only when the results are written, it lost a whole search or quantization."""
-    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-
-
 def output_file(text: str) -> Path:
     """argparse type: a file to write; an existing directory there, or a file among its parents, is refused."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is an existing directory; give a file path")
-    blocker = _blocking_file(path)
+    blocker = blocking_file(path)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text} cannot be written: {blocker} is a file, not a folder")
     return path
@@ -99,7 +93,7 @@ def output_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is an existing file; give a directory")
-    blocker = _blocking_file(path)
+    blocker = blocking_file(path)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text} cannot be made: {blocker} is a file, not a folder")
     return path
@@ -445,7 +439,7 @@ def _check_artifact_targets(paths: list[Path]) -> None:
     from lowbit.deploy.artifact import check_target
 
     for path in paths:
-        blocker = _blocking_file(path)
+        blocker = blocking_file(path)
         if blocker is not None:
             raise LowbitError(f"cannot write {path}: {blocker} is a file, not a folder")
         check_target(path)
@@ -690,7 +684,7 @@ def _check_training_targets(args: argparse.Namespace) -> None:
         folder = Path(args.checkpoint)
         if folder.exists() and not folder.is_dir():
             raise LowbitError(f"--checkpoint {folder} is an existing file; QAT writes a folder there")
-        blocker = _blocking_file(folder)
+        blocker = blocking_file(folder)
         if blocker is not None:
             raise LowbitError(f"--checkpoint {folder} cannot be made: {blocker} is a file, not a folder")
 

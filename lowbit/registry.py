@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.state_io import blocking_file
 
 STATUSES = ("running", "done", "failed", "interrupted")
 
@@ -68,7 +69,8 @@ class Registry:
         try:  # a parent that is a file (or unwritable) is the user's path problem, not a lowbit bug
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            why = _not_a_folder(self.path.parent, err)
+            blocker = blocking_file(self.path)
+            why = f"{blocker} is not a folder" if blocker else f"cannot create {self.path.parent} ({err.strerror or err})"
             raise LowbitError(f"run registry {self.path} cannot be created: {why}") from None
         try:
             self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
@@ -119,14 +121,6 @@ class Registry:
     def list(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_decode(r) for r in rows]
-
-
-def _not_a_folder(parent: Path, err: OSError) -> str:
-    """Why ``parent`` cannot hold the registry, naming the path component that is a file if there is one."""
-    for p in (parent, *parent.parents):
-        if p.exists():
-            return f"{p} is not a folder" if not p.is_dir() else f"cannot create {parent} ({err.strerror or err})"
-    return f"cannot create {parent} ({err.strerror or err})"
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

@@ -14,6 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 
+def blocking_file(path: Path) -> Path | None:
+    """The regular file among ``path``'s parents, if any: a path under it can never be written, and
+    found only when the results are written, it lost the work before (a search, an epoch, an export)."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def usual_permissions(path: Path) -> None:
     """Give a file the mode a plain ``open()`` would (0666 minus the umask): safetensors
     creates its files 0600, which hides a saved model from everyone else on a shared machine."""

@@ -33,7 +33,7 @@ from lowbit.model.quant_layer import QuantLayer, check_xnor_groups
 from lowbit.model.quant_model import QuantModel
 from lowbit.quant.codebook import CodebookQuantizer
 from lowbit.quant.quantizer import UniformQuantizer
-from lowbit.state_io import write_atomically
+from lowbit.state_io import blocking_file, write_atomically
 
 INT64_MAX = np.iinfo(np.int64).max
 # QDQ with per-axis (per-channel) scales needs opset 13; the highest is what the installed onnx defines.
@@ -526,11 +526,9 @@ def _check_target(path: Path) -> None:
     if path.is_dir():
         raise ExportError(f"cannot export to {path}: it is a directory; give a file path such as "
                           f"{path / 'model.onnx'}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportError(f"cannot export to {path}: {parent} is a file, not a folder")
-            break
+    blocker = blocking_file(path)
+    if blocker is not None:
+        raise ExportError(f"cannot export to {path}: {blocker} is a file, not a folder")
 
 
 def _write(model: Any, path: Path) -> None:

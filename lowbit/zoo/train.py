@@ -23,7 +23,8 @@ from torch import nn
 from tqdm import tqdm  # std: tqdm.auto calls iter() twice on loaders
 
 from lowbit.errors import LowbitError, NumericalError
-from lowbit.state_io import atomic_save_tensors, atomic_write_text, optimizer_state, optimizer_tensors
+from lowbit.state_io import (atomic_save_tensors, atomic_write_text, blocking_file, optimizer_state,
+                             optimizer_tensors)
 
 _FORMAT = "lowbit-train-checkpoint"
 _VERSION = 1
@@ -104,7 +105,7 @@ def check_checkpoint_target(path: Path, what: str = "checkpoint") -> None:
     if path.is_dir():
         raise LowbitError(f"{what} {path} is a directory; training writes one state file there: give a "
                           f"file path, e.g. {path / 'train.safetensors'}")
-    blocker = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+    blocker = blocking_file(path)
     if blocker is not None:
         raise LowbitError(f"{what} {path} cannot be created: {blocker} is a file, not a folder")
     if _sidecar(path).is_dir():
