@@ -399,15 +399,29 @@ def _eval_deployed(args: argparse.Namespace) -> int:
         # an artifact of the user's own architecture (pkg.module:factory) names none: it is rebuilt from --model
         float_model = _load_model(args)[0] if ":" in args.model else None
         model, source = load(args.lowbit, model=float_model), str(args.lowbit)
-    arch = (model.meta.get("arch") or {}).get("name") if args.lowbit else None  # an artifact names its model
-    if arch:  # the artifact rebuilds its own network: --model cannot choose another, and the registry records it
+    onnx_meta: dict[str, str] = {}
+    if args.onnx:  # lowbit's export names the network and the dataset in the file
+        from lowbit.deploy.runtime import onnx_metadata
+
+        onnx_meta = onnx_metadata(args.onnx)
+        arch = onnx_meta.get("lowbit.arch")
+    else:  # an artifact names its model
+        arch = (model.meta.get("arch") or {}).get("name")
+    if arch:  # the file holds its own network: --model cannot choose another, and the registry records it
         if _given(args.argv, "--model") and args.model != arch:
-            raise LowbitError(f"{args.lowbit} holds a {arch}, not the --model {args.model}: drop --model (an "
-                              "artifact rebuilds its own network)")
-        _record(args, model=arch, artifacts=[str(args.lowbit)])
-    elif args.lowbit:
+            where = "an artifact rebuilds its own network" if args.lowbit else "the ONNX file holds its own network"
+            raise LowbitError(f"{args.lowbit or args.onnx} holds a {arch}, not the --model {args.model}: drop "
+                              f"--model ({where})")
+        _record(args, model=arch)
+    elif args.onnx and not _given(args.argv, "--model"):
+        _record(args, model=None)  # unknown (a file from another tool): not the --model default
+    if args.lowbit:
         _record(args, artifacts=[str(args.lowbit)])
-    dataset = args.data or args.dataset or zoo.model_info(arch or args.model).dataset
+    known = args.data or args.dataset or onnx_meta.get("lowbit.dataset")
+    if not known and args.onnx and not arch and not _given(args.argv, "--model"):
+        raise LowbitError(f"{args.onnx} does not say which model or dataset it holds (a file from another tool or "
+                          "an older lowbit): give --dataset NAME, --data DIR or the --model it was exported from")
+    dataset = known or zoo.model_info(arch or args.model).dataset
     _record(args, dataset=dataset)
     _, test = _datasets(args, dataset)
     batches = TensorBatches(test, limit=args.test_limit)
@@ -453,7 +467,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         _check_artifact_targets([Path(args.lowbit)])
     qm, _, train, calib = _quantize_first_recipe(args)
     example = calib[0][:1] if calib else train[0][0].unsqueeze(0)
-    out = export_onnx(qm, args.out, example)
+    out = export_onnx(qm, args.out, example, dataset=(getattr(args, "_resolved", None) or {}).get("dataset"))
     print(f"wrote {out} (QDQ ONNX, dynamic batch)")
     if args.lowbit:
         print(f"wrote {save(qm, args.lowbit)}")
@@ -553,7 +567,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         from lowbit.mixed.hawq import hawq_search
 
         calib = search_calibration(train, recipe)  # HAWQ validates nothing: no validation subset to draw
-        result = hawq_search(model, recipe, calib, **target, b_max=args.b_max, b_min=args.b_min,
+        typed = {o: getattr(args, o) for o in ("b_min", "b_max") if _given(args.argv, "--" + o.replace("_", "-"))}
+        result = hawq_search(model, recipe, calib, **target, **typed,
                              bops_ratio=args.bops_ratio,
                              samples=32 if args.hutchinson_samples is None else args.hutchinson_samples,
                              candidates=candidates, progress=not args.no_progress)
@@ -1135,7 +1150,7 @@ def _log_mlflow(args: argparse.Namespace, argv: list[str], status: str, started:
     if args.command == "eval":  # eval's --lowbit and --onnx are the files it read, not ones it wrote
         artifacts = {k: v for k, v in artifacts.items() if k not in ("lowbit", "onnx")}
     resolved = getattr(args, "_resolved", None) or {}  # what the command worked out, beside what was typed
-    params = {"model": resolved.get("model") or getattr(args, "model", None),
+    params = {"model": resolved["model"] if "model" in resolved else getattr(args, "model", None),
               "recipe": getattr(args, "recipe", None),
               "dataset": resolved.get("dataset") or getattr(args, "dataset", None) or getattr(args, "data", None)}
     run_id = log_run(uri, args.command, argv, status=status, seconds=time.perf_counter() - started,

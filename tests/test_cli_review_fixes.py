@@ -76,6 +76,37 @@ def test_eval_of_an_artifact_refuses_another_model_and_records_its_own(tmp_path,
     assert last["command"] == "eval" and last["model"] == "small_cnn"  # the registry said resnet20, the default
 
 
+def test_eval_of_an_onnx_file_reads_its_model_and_dataset_from_the_file(tmp_path, capsys, data_dir,
+                                                                         small_cnn_weights):
+    """`eval --onnx` had scored every file on --model's default dataset (CIFAR-10) and recorded resnet20."""
+    import onnx
+
+    from lowbit.registry import Registry
+
+    exported = tmp_path / "m.onnx"
+    assert main(["export", "--model", "small_cnn", "--weights", str(small_cnn_weights), "--recipe", "w8a8",
+                 "--data-dir", str(data_dir), "--out", str(exported), "--no-progress"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    assert meta == {"lowbit.arch": "small_cnn", "lowbit.dataset": "mnist"}
+    args = ["eval", "--data-dir", str(data_dir), "--test-limit", "20", "--no-progress"]
+    assert main([*args, "--onnx", str(exported), "--model", "lenet5"]) == 2
+    assert f"{exported} holds a small_cnn, not the --model lenet5" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*args, "--onnx", str(exported)]) == 0  # MNIST from the file: CIFAR-10 would not fit
+    last = Registry().list(limit=1)[0]
+    assert last["model"] == "small_cnn" and last["dataset"] == "mnist"
+    # a file that names nothing (another tool's) needs the dataset said, and records no model
+    bare = onnx.load(str(exported))
+    del bare.metadata_props[:]
+    anonymous = tmp_path / "bare.onnx"
+    onnx.save(bare, str(anonymous))
+    assert main([*args, "--onnx", str(anonymous)]) == 2
+    assert "does not say which model or dataset it holds" in capsys.readouterr().err
+    assert main([*args, "--onnx", str(anonymous), "--dataset", "mnist"]) == 0
+    last = Registry().list(limit=1)[0]
+    assert last["model"] is None and last["dataset"] == "mnist"
+
+
 def test_recipes_lists_float_activations_as_float_and_show_prints_only_the_recipe(capsys):
     assert main(["recipes"]) == 0
     table = capsys.readouterr().out

@@ -461,3 +461,22 @@ def test_download_into_a_symlinked_dataset_folder(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(LowbitError, match="would land outside"):
         dl.safe_extract_tar(evil, cache, only_under="cifar-10-batches-bin")
     assert not any(outside.iterdir())
+
+
+def test_epoch_sampler_orders_of_two_seeds_share_no_epoch() -> None:
+    """seed + epoch had made seed 1's epoch k the shuffle of seed 0's epoch k + 1."""
+    from lowbit.data import EpochSampler
+
+    def orders(seed: int) -> list[list[int]]:
+        s = EpochSampler(50, seed=seed)
+        out = []
+        for epoch in range(4):
+            s.set_epoch(epoch)
+            out.append(list(s))
+        return out
+
+    zero, one = orders(0), orders(1)
+    assert not any(a == b for a in zero for b in one)
+    # seed 0 keeps the orders it always had (the zoo's trained-here baselines use it)
+    assert zero[2] == torch.randperm(50, generator=torch.Generator().manual_seed(2)).tolist()
+    assert sorted(one[0]) == list(range(50))

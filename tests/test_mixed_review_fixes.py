@@ -257,16 +257,16 @@ def test_hawq_refuses_widths_that_candidates_would_override(monkeypatch):
     model, (x, y) = tiny_model(), tiny_data()
     monkeypatch.setattr(hawq, "hutchinson_traces", too_late)
     candidates = [(2, None), (3, "kmeans"), (4, None)]
-    for widths, named in (({"b_min": 3}, "b_min=3"), ({"b_max": 6}, "b_max=6"), ({"b_min": 1, "b_max": 3}, "b_min=1")):
+    for widths, named in (({"b_min": 3}, "b_min=3"), ({"b_max": 6}, "b_max=6"), ({"b_min": 1, "b_max": 3}, "b_min=1"),
+                          ({"b_min": 2, "b_max": 8}, "b_min=2 and b_max=8")):  # the defaults, typed, are ignored too
         with pytest.raises(LowbitError, match=f"{named}.* given with candidates"):
             hawq_search(model, RECIPE, (x[:48], y[:48]), target_bits=4.0, candidates=candidates, progress=False,
                         **widths)
-    # the defaults (what the CLI passes when --b-min/--b-max are not typed) and none at all still search
+    # no widths: the candidates' own range
     traces = unit_traces(model, RECIPE)
-    for widths in ({}, {"b_min": 2, "b_max": 8}):
-        res = hawq_search(model, RECIPE, (x[:48], y[:48]), target_bits=4.0, candidates=candidates, traces=traces,
-                          progress=False, **widths)
-        assert (res.settings["b_min"], res.settings["b_max"]) == (2, 4)
+    res = hawq_search(model, RECIPE, (x[:48], y[:48]), target_bits=4.0, candidates=candidates, traces=traces,
+                      progress=False)
+    assert (res.settings["b_min"], res.settings["b_max"]) == (2, 4)
     res = hawq_search(model, RECIPE, (x[:48], y[:48]), target_bits=4.0, traces=traces, progress=False)
     assert (res.settings["b_min"], res.settings["b_max"]) == (2, 8)
 

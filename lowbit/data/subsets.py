@@ -11,6 +11,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from lowbit.errors import LowbitError
 
 
+def run_seed(seed: int, index: int) -> int:
+    """Seed of the ``index``-th draw (epoch, step) of a run seeded ``seed``.
+
+    ``seed + index`` made seed s's epoch k the same shuffle as seed 0's epoch k + s, so runs of
+    "different" seeds shared all but one epoch's orders; spacing seeds by a prime larger than any
+    epoch or step count keeps them apart, and leaves seed 0's draws as they were.
+    """
+    return int(seed) * 1000003 + int(index)
+
+
 def calibration_subset(dataset: Dataset, n: int = 1024, seed: int = 0) -> Subset:
     """``n`` distinct samples of ``dataset`` chosen by ``seed`` (pass the TRAIN split).
 
@@ -28,7 +38,7 @@ def calibration_subset(dataset: Dataset, n: int = 1024, seed: int = 0) -> Subset
 
 
 class EpochSampler(Sampler[int]):
-    """Random permutation seeded by ``seed + epoch``.
+    """Random permutation seeded by (``seed``, epoch) through ``run_seed``.
 
     Unlike RandomSampler with a shared generator, the order of epoch k does not depend on how
     many epochs ran before in this process, so a resumed training run sees the same batches.
@@ -44,7 +54,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(run_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:

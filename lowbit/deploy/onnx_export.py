@@ -549,12 +549,15 @@ def _write(model: Any, path: Path) -> None:
         raise ExportError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, opset: int = 17) -> Path:
+def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, opset: int = 17,
+                dataset: str | None = None) -> Path:
     """Write ``qm`` as a QDQ ONNX model with a dynamic batch dimension; returns the path.
 
     Run inside ``qm.quantization(False, False)`` to export the float network (BN folded)
     through the same code path, e.g. as a runtime baseline. The model is read in eval mode
-    (as it deploys) and left in the mode it was in.
+    (as it deploys) and left in the mode it was in. The file's metadata names the zoo
+    architecture (``lowbit.arch``) and, when given, the ``dataset`` it was quantized for
+    (``lowbit.dataset``), so ``lowbit eval --onnx`` scores it on the right test split.
     """
     try:
         import onnx
@@ -569,6 +572,7 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
     _check_target(path)
     with _eval_mode(qm):
         model = _build(qm, example_input, opset)
+    _describe(model, qm, dataset)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
@@ -576,6 +580,18 @@ def export_onnx(qm: QuantModel, path: str | Path, example_input: torch.Tensor, o
         raise ExportError(f"the exported graph is not a valid ONNX model at opset {opset}: {first}") from None
     _write(model, path)
     return path
+
+
+METADATA_ARCH, METADATA_DATASET = "lowbit.arch", "lowbit.dataset"
+
+
+def _describe(model: Any, qm: QuantModel, dataset: str | None) -> None:
+    """Record what the file holds in its metadata_props (read back by ``runtime.onnx_metadata``)."""
+    from onnx import helper
+
+    arch = qm.meta.get("arch") or {}
+    fields = {METADATA_ARCH: arch.get("name"), METADATA_DATASET: dataset}
+    helper.set_model_props(model, {k: str(v) for k, v in fields.items() if v})
 
 
 def _build(qm: QuantModel, example_input: torch.Tensor, opset: int) -> Any:

@@ -135,6 +135,19 @@ class _OpenVinoRunner:
 OPENVINO_PRECISIONS = ("f32", "bf16", "auto")
 
 
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The key/value metadata of an ONNX file (``lowbit.arch``, ``lowbit.dataset`` from lowbit's
+    export; empty for files from other tools or older lowbit versions). Reads the graph, not
+    external weight files."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # a damaged file: named here, as the runtimes name it
+        raise LowbitError(f"cannot read ONNX model {path}: {err}") from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
 class OnnxModel(nn.Module):
     """An exported ONNX model as an nn.Module, so ``lowbit.evaluate`` and the benchmarks
     treat it like any model. ``runtime`` is ``"ort"`` (ONNX Runtime, CPU provider) or

@@ -302,13 +302,12 @@ DEFAULT_B_MIN, DEFAULT_B_MAX = 2, 8
 
 def _width_range(b_min: int | None, b_max: int | None,
                  candidates: Sequence[tuple[int, str | None]] | None) -> tuple[int, int]:
-    """b_min..b_max (default 2..8), or the candidates' own range. Widths given with candidates would be
-    ignored (the candidates replace them), so they are refused; the defaults are let through, since the CLI
-    passes its --b-min/--b-max defaults (2, 8) whether or not the user typed them."""
+    """b_min..b_max (default 2..8), or the candidates' own range. A width given beside candidates would be
+    ignored (the candidates replace them), so it is refused, also when it equals the default: the CLI
+    passes --b-min/--b-max only when they were typed."""
     if not candidates:
         return (DEFAULT_B_MIN if b_min is None else b_min), (DEFAULT_B_MAX if b_max is None else b_max)
-    given = [f"{n}={v}" for n, v, default in (("b_min", b_min, DEFAULT_B_MIN), ("b_max", b_max, DEFAULT_B_MAX))
-             if v is not None and v != default]
+    given = [f"{n}={v}" for n, v in (("b_min", b_min), ("b_max", b_max)) if v is not None]
     if given:
         raise LowbitError(f"{' and '.join(given)} given with candidates, which replace the widths b_min..b_max: "
                           "give one or the other (the candidates' own widths set the range)")

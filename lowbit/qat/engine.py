@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from lowbit.data.augment import random_crop_flip
-from lowbit.data.subsets import dataset_tensors
+from lowbit.data.subsets import dataset_tensors, run_seed
 from lowbit.errors import LowbitError, NumericalError, RecipeError
 from lowbit.model.quant_model import QuantModel
 from lowbit.qat import distributed as D
@@ -161,7 +161,7 @@ def _augmenter(mode: str, sample: torch.Tensor) -> Callable[[torch.Tensor, torch
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, limit: int = 0) -> list[torch.Tensor]:
     """Global index batches of one epoch: the permutation depends only on (seed, epoch), so
     a resumed run sees the same batches."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(run_seed(seed, epoch)))
     steps = n // batch_size  # drop the ragged last batch: every step has the same global size
     if limit:
         steps = min(steps, limit)
@@ -613,8 +613,8 @@ def train_qat(
                                 snap_latent_weights(qm)
                                 if average is not None:  # the average is what is kept: snap its latents too
                                     average.transform(qm, snap_latent_weights)
-                        weight_draws.manual_seed(cfg.seed * 1000003 + step)
-                        torch.manual_seed(D.rank_seed(cfg.seed * 1000003 + step))
+                        weight_draws.manual_seed(run_seed(cfg.seed, step))
+                        torch.manual_seed(D.rank_seed(run_seed(cfg.seed, step)))
                         factor = lr_factor(cfg, step, total, per_epoch)
                         for g in opt.param_groups:
                             g["lr"] = g["base_lr"] * factor
