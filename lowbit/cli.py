@@ -417,7 +417,11 @@ def _eval_deployed(args: argparse.Namespace) -> int:
         _record(args, model=None)  # unknown (a file from another tool): not the --model default
     if args.lowbit:
         _record(args, artifacts=[str(args.lowbit)])
-    known = args.data or args.dataset or onnx_meta.get("lowbit.dataset")
+    recorded = onnx_meta.get("lowbit.dataset")
+    if recorded and ":" in recorded and not (args.data or args.dataset):  # a tensors:/imagefolder: spec
+        raise LowbitError(f"{args.onnx} was quantized on your own data ({recorded}): give --data with it (and the "
+                          "--mean/--std it was normalised with)")
+    known = args.data or args.dataset or recorded
     if not known and args.onnx and not arch and not _given(args.argv, "--model"):
         raise LowbitError(f"{args.onnx} does not say which model or dataset it holds (a file from another tool or "
                           "an older lowbit): give --dataset NAME, --data DIR or the --model it was exported from")
@@ -467,7 +471,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         _check_artifact_targets([Path(args.lowbit)])
     qm, _, train, calib = _quantize_first_recipe(args)
     example = calib[0][:1] if calib else train[0][0].unsqueeze(0)
-    out = export_onnx(qm, args.out, example, dataset=(getattr(args, "_resolved", None) or {}).get("dataset"))
+    dataset = (getattr(args, "_resolved", None) or {}).get("dataset")
+    out = export_onnx(qm, args.out, example, dataset=_dataset_identity(dataset) if dataset else None)
     print(f"wrote {out} (QDQ ONNX, dynamic batch)")
     if args.lowbit:
         print(f"wrote {save(qm, args.lowbit)}")
@@ -922,9 +927,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes options only as spelled in full: argparse's prefix matching let
+    `--b-mi 4` set --b-min, which the checks of what was typed (``_given``, reading the argv) missed,
+    so an option they refuse, or whose default they tell apart, slipped through."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize trained PyTorch networks.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lowbit", description="Quantize trained PyTorch networks.")
+    sub = parser.add_subparsers(dest="command", required=True)  # sub-parsers are _Parsers too (parser_class)
     q = sub.add_parser("quantize", help="quantize a model with one or more recipes; float vs quantized table")
     _add_common(q)
     q.add_argument("--recipe", default=DEFAULT_RECIPES, help=f"comma-separated built-in names or recipe files (default {DEFAULT_RECIPES})")

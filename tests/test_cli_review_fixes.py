@@ -195,3 +195,10 @@ def test_search_refuses_typed_widths_with_candidates(capsys):
     assert main(["search", "--method", "hawq", "--target-bits", "3", "--candidates", "3,4", "--b-min", "2",
                  "--no-progress"]) == 2
     assert "--b-min given with --candidates" in capsys.readouterr().err
+
+
+def test_abbreviated_options_are_refused(capsys):
+    """`--b-mi 4` was taken as --b-min by argparse's prefix matching, unseen by the checks that read the argv."""
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--method", "hawq", "--target-bits", "3", "--candidates", "3,4", "--b-mi", "4"])
+    assert exc.value.code == 2 and "unrecognized arguments: --b-mi 4" in capsys.readouterr().err

@@ -480,3 +480,18 @@ def test_epoch_sampler_orders_of_two_seeds_share_no_epoch() -> None:
     # seed 0 keeps the orders it always had (the zoo's trained-here baselines use it)
     assert zero[2] == torch.randperm(50, generator=torch.Generator().manual_seed(2)).tolist()
     assert sorted(one[0]) == list(range(50))
+
+
+def test_seeds_the_schema_allows_draw_without_overflow() -> None:
+    """seed * 1000003 + index passed torch's 64-bit seed range for seeds over ~1.8e13 (raw ValueError)."""
+    from lowbit.data import EpochSampler
+    from lowbit.data.subsets import run_seed
+    from lowbit.qat.engine import epoch_batches
+    from lowbit.recipes.schema import MAX_SEED
+
+    for seed in (10**14, MAX_SEED):
+        s = EpochSampler(20, seed=seed)
+        s.set_epoch(3)
+        assert sorted(s) == list(range(20))
+        assert sum(len(b) for b in epoch_batches(20, 5, seed, 7)) == 20
+    assert run_seed(0, 5) == 5 and run_seed(2, 1) == 2 * 1000003 + 1

@@ -96,6 +96,11 @@ def test_a_new_users_session_end_to_end(user_project, tmp_path, capsys):
     onnx = tmp_path / "mynet.onnx"
     assert main(["export", "--recipe", "w8a8", "--out", str(onnx), *own]) == 0 and onnx.exists()
     capsys.readouterr()
+    # the file records the user's data (absolute): scoring it needs that data said again, not the zoo's
+    assert main(["eval", "--onnx", str(onnx), "--no-progress", "--no-registry"]) == 2
+    assert f"was quantized on your own data (imagefolder:{root / 'images'})" in capsys.readouterr().err
+    assert main(["eval", "--onnx", str(onnx), *own[4:10], "--no-progress", "--no-registry"]) == 0
+    assert "top1" in capsys.readouterr().out
     assert main(["runs", "--registry", str(reg)]) == 0
     listing = capsys.readouterr().out
     assert listing.count("mynet:build") == 3 and "export" in listing

@@ -16,9 +16,11 @@ def run_seed(seed: int, index: int) -> int:
 
     ``seed + index`` made seed s's epoch k the same shuffle as seed 0's epoch k + s, so runs of
     "different" seeds shared all but one epoch's orders; spacing seeds by a prime larger than any
-    epoch or step count keeps them apart, and leaves seed 0's draws as they were.
+    epoch or step count a run reaches (below 10⁶ no two (seed, index) pairs meet), and leaves seed
+    0's draws as they were. Reduced modulo 2⁶⁴, the range torch's generators take (a seed the schema
+    allows, up to 2⁶³ − 1, overflowed it).
     """
-    return int(seed) * 1000003 + int(index)
+    return (int(seed) * 1000003 + int(index)) % 2**64
 
 
 def calibration_subset(dataset: Dataset, n: int = 1024, seed: int = 0) -> Subset:

@@ -623,7 +623,7 @@ def train_qat(
                         x, y = dataset_tensors(train_ds, idx.tolist())
                         if labels["train"] is None:
                             check_batch_labels(y, classes, "train", idx if caller_ids is None else caller_ids[idx])
-                        x = augment(x, torch.Generator().manual_seed(cfg.seed * 7777 + step * 131))
+                        x = augment(x, torch.Generator().manual_seed(run_seed(cfg.seed, 131 * step)))  # seed 0: as before
                         mixed = None
                         if cfg.mix != "none":  # on the global batch too, so that pairs cross the processes' shares
                             x, y_other, lam = mix_batch(x, y, cfg.mix, cfg.mix_alpha, cfg.seed * 5557 + step)

@@ -28,8 +28,10 @@ def progressive_teacher(model: nn.Module, qat: dict[str, Any]) -> nn.Module | No
 
 
 def _rewrites(recipe: Any) -> tuple[str, str]:
-    """The graph rewrites a recipe makes that change the float network's function."""
-    return recipe.relu, ("bireal" if recipe.shortcut == "bireal" else "none")
+    """The graph rewrites a recipe makes that change the float network's function: its ReLU
+    replacement, and its shortcut when that is Bi-Real's (``real`` and the default leave the
+    float network as it is)."""
+    return recipe.relu, recipe.shortcut if recipe.shortcut == "bireal" else "unchanged"
 
 
 def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weights: str = "latent",
@@ -60,9 +62,10 @@ def trained_float_model(folder: str | Path, model: nn.Module, train: Any, weight
         raise LowbitError(f"the run in {folder} stopped after epoch {summary['epoch']} of {qat['epochs']}: finish it "
                           "(rerun its command) before starting another run from it")
     run_recipe = load_recipe(source)
-    rewritten = _rewrites(run_recipe) != ("keep", "none")
+    recipe = None if recipe is None else load_recipe(recipe)  # a name or a dict, as everywhere else
+    rewritten = _rewrites(run_recipe) != ("keep", "unchanged")
     if rewritten and (recipe is None or _rewrites(recipe) != _rewrites(run_recipe)):
-        relu, shortcut = _rewrites(run_recipe)
+        relu, shortcut = run_recipe.relu, run_recipe.shortcut
         wanted = "no recipe was given" if recipe is None else \
             f"recipe {recipe.name!r} has relu: {recipe.relu}, shortcut: {recipe.shortcut}"
         raise LowbitError(f"the run in {folder} trained a rewritten graph (relu: {relu}, shortcut: {shortcut}); its "
