@@ -6,7 +6,9 @@ scales behind a DequantizeLinear; biases are stored as int32 at scale s_in·s_w 
 integer-runtime convention), so ONNX Runtime can fuse DQ→Conv→Q into QLinearConv. Codes
 below 8 bits are stored as int8 values inside their clipped range; activations below 8
 bits get a Clip of their codes to the b-bit range after QuantizeLinear, so the runtime cannot
-use codes the fake-quant model never produces and still fuses Conv → Q.
+use codes the fake-quant model never produces and still fuses Conv → Q. A layer whose weight stays
+float (a ``keep_float`` layer, 32-bit weights) is a float Conv / Gemm on its initializer, reading a
+quantized input through a per-channel DequantizeLinear that ONNX Runtime's optimizer leaves alone.
 
 Differences from the fake-quant model, by construction: the int32 bias rounding (at most
 half a step of s_in·s_w per channel) and the runtime's own integer accumulation and
@@ -89,6 +91,7 @@ class _Builder:
         self.modules = dict(gm.named_modules())
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self.values: dict[str, np.ndarray] = {}  # each initializer's array, by name (read back by requantize)
         self.names: dict[fx.Node, str] = {}
         self.counter = 0
         # scale of the quantized tensor each node produces (for int32 bias scales)
@@ -111,7 +114,8 @@ class _Builder:
         from onnx import numpy_helper
 
         name = self.fresh(stem)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        self.values[name] = np.asarray(array)
+        self.inits.append(numpy_helper.from_array(self.values[name], name))
         return name
 
     def op(self, op_type: str, inputs: list[str], stem: str, **attrs: Any) -> str:
@@ -171,13 +175,41 @@ class _Builder:
         return out
 
     def requantize(self, x: str) -> str:
-        """Q → DQ again on ``x``'s own grid: the identity (``x`` is on the grid and in range), which ONNX
-        Runtime removes. OpenVINO's CPU plugin fuses Conv → Q → DQ → Add(shortcut) → Q into one int8
-        convolution and drops the rounding of its first quantizer when a sum and another quantizer follow
-        it (it computed Q(conv + shortcut) for Q(Q(conv) + shortcut): ResNet-20 W4A4 logits 0.82 off the
-        model's on average, 3.3% of top-1s changed); the second quantizer is kept and rounds."""
+        """Q → DQ again on ``x``'s own grid: the identity, as ``x`` is on the grid and in range. OpenVINO's CPU
+        plugin fuses Conv → Q → DQ → Add(shortcut) → Q into one int8 convolution and drops the rounding of
+        the conv's quantizer when a sum and another quantizer follow it (it computed Q(conv + shortcut) for
+        Q(Q(conv) + shortcut): ResNet-20 W4A4 logits 0.82 off the model's on average, 3.3% of top-1s
+        changed); this second quantizer is kept and rounds. On a grid that starts at 0.0 (uint8, zero point
+        0: unsigned symmetric activations, or a ReLU before the add) the same pair did nothing (OpenVINO
+        still computed Q(max(conv, 0) + shortcut): W4A4 logits 0.43 off), so there its codes are held by the
+        other 8-bit type (other_type_zero_point), where it rounds. Only there: on other grids the other type
+        moved OpenVINO's results where float layers feed adds (ResNet-20 W4A4, layer1's weights in float:
+        logits 0.027 off instead of 0.0003)."""
         _, s_name, z_name = self.dq_source[x]
-        return self.dequantize_like(x, self.op("QuantizeLinear", [x, s_name, z_name], "rq"))
+        if self.starts_at_zero(x):
+            z_name = self.const("rq_zp", self.other_type_zero_point(x))
+        return self.dequantize_like(x, self.op("QuantizeLinear", [x, s_name, z_name], "rq"), z_name)
+
+    def starts_at_zero(self, x: str) -> bool:
+        """Whether the grid of the dequantized ``x`` starts at 0.0 (its lowest code is the zero point), as a
+        quantizer's after a ReLU: where OpenVINO ignored a requantize on the same type (see requantize)."""
+        qmin, _ = self.act_scale[x][1].code_range()
+        return bool(np.all(self.values[self.dq_source[x][2]].astype(np.int32) == qmin))
+
+    def other_type_zero_point(self, x: str) -> np.ndarray:
+        """The zero point that holds the codes of the dequantized ``x`` on the other 8-bit type, same grid:
+        z − 128 on int8 for uint8 codes, z + 128 on uint8 for int8 codes. Every code c moves by the same
+        128, so each value (c − z)·s is unchanged, provided the new type holds every code of the
+        quantizer's range (clipped below 8 bits or not), which is checked rather than assumed."""
+        _, _, z_name = self.dq_source[x]
+        zp = self.values[z_name]
+        shift, target = (128, np.uint8) if zp.dtype == np.int8 else (-128, np.int8)
+        qmin, qmax = self.act_scale[x][1].code_range()
+        info = np.iinfo(target)
+        if not info.min <= qmin + shift <= qmax + shift <= info.max:
+            raise ExportError(f"{x}: codes {qmin}..{qmax} of {zp.dtype} do not fit {np.dtype(target)} shifted by "
+                              f"{shift}; the requantize before a residual add needs them to")
+        return (zp.astype(np.int32) + shift).astype(target)
 
     def binary_activation(self, x: str, q: UniformQuantizer) -> str:
         """A 1-bit mid-rise activation (BNN's sign, ±s/2, zero to +): Where(x ≥ 0, s/2, −s/2).
@@ -240,9 +272,11 @@ class _Builder:
         inputs = [qx] + extra + ([z_name] if pad_codes else [])
         return self.dequantize_like(x, self.op(op_type, inputs, f"{stem}_q", **attrs))
 
-    def dequantize_like(self, x: str, codes: str) -> str:
-        """DequantizeLinear of ``codes`` on the grid of the dequantized tensor ``x``, recorded like ``x``."""
-        _, s_name, z_name = self.dq_source[x]
+    def dequantize_like(self, x: str, codes: str, z_name: str | None = None) -> str:
+        """DequantizeLinear of ``codes`` on the grid of the dequantized tensor ``x``, recorded like ``x``
+        (``z_name``: the zero point of codes held by another type, the same grid)."""
+        _, s_name, own_zero = self.dq_source[x]
+        z_name = z_name or own_zero
         out = self.op("DequantizeLinear", [codes, s_name, z_name], "dq")
         self.act_scale[out] = self.act_scale[x]
         self.dq_source[out] = (codes, s_name, z_name)
@@ -265,6 +299,26 @@ class _Builder:
 
     def flatten(self, x: str, axis: int) -> str:
         return self.on_codes(x, "Flatten", [], "flatten", axis=axis)
+
+    def float_input(self, node: fx.Node, x: str) -> str:
+        """The input of a layer whose weight stays float. Where it is a per-tensor DequantizeLinear output, the
+        same codes are dequantized again with the scale and zero point repeated per channel (the same values):
+        ONNX Runtime's WeightBiasQuantization pass (in its default ORT_ENABLE_ALL session) re-quantized a float
+        weight between a per-tensor DequantizeLinear and a QuantizeLinear to per-tensor int8, which the model
+        does not (ResNet-20 W32A4 logits 0.74 off on average, 1.6% of top-1s changed), and it reads only a
+        per-tensor input. The weight stays a constant initializer the runtimes can prepack: fed as
+        Mul(W, DequantizeLinear(1)) instead (ORT never folds a DequantizeLinear), OpenVINO's CPU plugin took
+        it for a compressed weight (W as the scale of a uint8 code 1) and failed to compile a float Linear."""
+        if x not in self.dq_source:
+            return x
+        codes, s_name, z_name = self.dq_source[x]
+        scale, zp = self.values[s_name], self.values[z_name]
+        if scale.ndim:  # already per channel: the pass leaves the layer alone
+            return x
+        channels = self.shape(node.args[0])[1]
+        return self.op("DequantizeLinear", [codes, self.const("act_scale_c", np.full(channels, scale, np.float32)),
+                                            self.const("act_zp_c", np.full(channels, zp, zp.dtype))],
+                       "dq_float_layer", axis=1)
 
     def weight(self, layer: QuantLayer) -> str:
         w = layer.weight.detach()
@@ -346,30 +400,42 @@ class _Builder:
         b = self.bias(layer, x, out_ch)
         k = self.xnor_scale(layer, x)
         if k is not None:  # (sign(I) ⊛ W) ⊙ K + b, as QuantLayer.forward
-            if isinstance(m, nn.Linear):
-                core = self.op("Gemm", [x, w], "gemm", transB=1)
-            else:
-                core = self.op("Conv", [x, w], "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                               pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
-            out = self.op("Mul", [core, k], "xnor_scaled")
+            out = self.op("Mul", [self.conv_or_gemm(node, m, layer.name, [x, w]), k], "xnor_scaled")
             return self.add_bias(out, b, node) if b else out
         # A float bias on a quantized input (the layer's own input quantizer off, its input quantized for
         # another reader): inside the conv, ONNX Runtime's optimizer fuses DQ→Conv→Q into an integer kernel
         # and rounds that bias to int32 itself, which the model does not; added after it, it stays float.
         late = b if (b is not None and x in self.act_scale and not layer.bias_on_int32_grid()) else None
         inner = [b] if b and late is None else []
-        if isinstance(m, nn.Linear):
-            if len(self.shape(node.args[0])) != 2:
-                raise ExportError(f"{layer.name}: Linear on a {len(self.shape(node.args[0]))}-D input is not exported (2-D only)")
-            out = self.op("Gemm", [x, w] + inner, "gemm", transB=1)
-        else:
-            if isinstance(m.padding, str) or m.padding_mode != "zeros":
-                raise ExportError(f"{layer.name}: padding={m.padding!r}, padding_mode={m.padding_mode!r} not exported")
-            out = self.op("Conv", [x, w] + inner, "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                          pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
+        x_in = x if layer.quantize_weight else self.float_input(node, x)
+        out = self.conv_or_gemm(node, m, layer.name, [x_in, w] + inner)
         out = self.add_bias(out, late, node) if late else out
         self.layer_outputs.add(out)
         return out
+
+    def float_layer(self, node: fx.Node, m: nn.Conv2d | nn.Linear) -> str:
+        """A layer the recipe keeps float (``keep_float``): a plain nn.Conv2d / nn.Linear in the traced graph,
+        its BN folded into it or exported as a BatchNormalization of its own, so Conv / Gemm on its own float
+        weight and bias computes it, on a quantized input too (float_input)."""
+        x = self.float_input(node, self.arg(node.args[0]))
+        inputs = [x, self.const("weight", m.weight.detach().numpy().astype(np.float32))]
+        if m.bias is not None:  # no integer kernel reads this layer (float_input), so its bias stays inside
+            inputs.append(self.const("bias", m.bias.detach().numpy().astype(np.float32)))
+        out = self.conv_or_gemm(node, m, str(node.target), inputs)
+        self.layer_outputs.add(out)
+        return out
+
+    def conv_or_gemm(self, node: fx.Node, m: nn.Conv2d | nn.Linear, name: str, inputs: list[str]) -> str:
+        """Gemm (transB) for a Linear, Conv for a Conv2d, on ``inputs`` = [x, w(, b)]; what the ONNX op
+        cannot say the same way (a Linear on a non-2-D input, string or non-zero padding) is refused."""
+        if isinstance(m, nn.Linear):
+            if len(self.shape(node.args[0])) != 2:
+                raise ExportError(f"{name}: Linear on a {len(self.shape(node.args[0]))}-D input is not exported (2-D only)")
+            return self.op("Gemm", inputs, "gemm", transB=1)
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            raise ExportError(f"{name}: padding={m.padding!r}, padding_mode={m.padding_mode!r} not exported")
+        return self.op("Conv", inputs, "conv", kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                       pads=list(m.padding) * 2, dilations=list(m.dilation), group=m.groups)
 
     def add_bias(self, out: str, b: str, node: fx.Node) -> str:
         """``out + b`` with the bias broadcast over the channel axis of the layer's output."""
@@ -477,6 +543,8 @@ class _Builder:
             return self.fake_quant(x, m) if m.enabled else x
         if isinstance(m, QuantLayer):
             return self.layer(node, m)
+        if type(m) in (nn.Conv2d, nn.Linear):  # exactly these: a subclass may compute something else in forward
+            return self.float_layer(node, m)
         if isinstance(m, RELU_MODULES) and isinstance(m, nn.ReLU):
             return self.relu(self.arg(node.args[0]))
         if isinstance(m, BN_TYPES):
