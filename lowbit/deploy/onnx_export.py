@@ -1,7 +1,8 @@
 """ONNX export of a QuantModel as a standard QDQ graph.
 
 Every activation quantizer becomes QuantizeLinear → DequantizeLinear (uint8 after ReLU,
-int8 otherwise); every quantized weight is stored as int8 codes with its per-channel
+int8 otherwise; a grid starting at 0.0 is stored as uint8 codes with zero point 0 whatever its
+signedness, see stored_codes); every quantized weight is stored as int8 codes with its per-channel
 scales behind a DequantizeLinear; biases are stored as int32 at scale s_in·s_w (the
 integer-runtime convention), so ONNX Runtime can fuse DQ→Conv→Q into QLinearConv. Codes
 below 8 bits are stored as int8 values inside their clipped range; activations below 8
@@ -12,7 +13,12 @@ quantized input through a per-channel DequantizeLinear that ONNX Runtime's optim
 
 Differences from the fake-quant model, by construction: the int32 bias rounding (at most
 half a step of s_in·s_w per channel) and the runtime's own integer accumulation and
-requantization rounding.
+requantization rounding. Min/max ranges make s_in·s_w/s_out a ratio of small integers, so a conv's
+exact output can land on a rounding tie, which float32 scales move by ~1e-6 of a step; the model and
+ONNX Runtime round that, OpenVINO's code is as if a non-zero output zero point were added first
+(156.5000019 is 156.5 in float32, rounded to even): ResNet-20 W4A4 with min/max ranges, 54 of 0.5M
+codes of one 8-bit residual-add input, logits 0.045 off on average over 200 images. No 8-bit type
+holds an 8-bit affine grid with zero point 0, so the layout cannot avoid it.
 """
 from __future__ import annotations
 
@@ -98,6 +104,8 @@ class _Builder:
         self.act_scale: dict[str, tuple[np.ndarray, UniformQuantizer]] = {}
         # DequantizeLinear output -> (its integer input, scale name, zero-point name)
         self.dq_source: dict[str, tuple[str, str, str]] = {}
+        # DequantizeLinear output -> the (lowest, highest) code its integer input holds, as stored
+        self.code_bounds: dict[str, tuple[int, int]] = {}
         # Relu output -> Relu input, so a quantizer whose grid starts at 0 can absorb it
         self.relu_input: dict[str, str] = {}
         self.pre_quant: dict[str, str] = {}  # a binary activation's output -> its input
@@ -149,10 +157,8 @@ class _Builder:
         if not q.integer_kernel:
             return self.binary_activation(x, q)
         self.check_grid(q)
-        dtype = self.quant_dtype(q)
-        qmin, qmax = q.code_range()
+        dtype, qmin, qmax, zp = self.stored_codes(q)
         scale = q.scale.detach().numpy().astype(np.float32)
-        zp = q.zero_point.detach().numpy().astype(dtype)
         info = np.iinfo(dtype)
         if x in self.relu_input and qmin - float(zp) >= 0:
             # Q(relu(x)) == Q(x) when the grid's lowest value is >= 0 (Q clamps there), so the
@@ -170,9 +176,27 @@ class _Builder:
         out = self.op("DequantizeLinear", [qx, s_name, z_name], "dq")
         self.act_scale[out] = (scale, q)
         self.dq_source[out] = (qx, s_name, z_name)
+        self.code_bounds[out] = (qmin, qmax)
         if x in self.layer_outputs:
             self.from_layer.add(out)
         return out
+
+    def stored_codes(self, q: UniformQuantizer) -> tuple[type, int, int, np.ndarray]:
+        """(type, lowest code, highest code, zero point) of the codes ``q``'s QuantizeLinear stores. A grid
+        starting at 0.0 (zero point == lowest code: a signed affine grid after a ReLU, -8..7 with zero point
+        -8 at 4 bits) is stored as the unsigned one, codes c - qmin on uint8 with zero point 0: the same
+        values. OpenVINO's CPU plugin (2026.4, f32) rounded near-ties of an int8 conv the other way when its
+        input and output zero points were both non-zero (ResNet-20 W4A4 signed affine, the first 4-bit conv
+        alone: 490 of 1M codes; conv/s_out = 13.4999944 exactly, OpenVINO's code 14, the model's 13; none
+        with either zero point 0), and through the 4-bit layers the logits were 0.51 off on average (4.5% of
+        top-1s changed); with zero point 0, 0.001. uint8 also lets ONNX Runtime 1.32 fuse
+        each conv into QLinearConv (with int8 inputs it fused none of ResNet-20's 19 on an x86 CPU)."""
+        dtype = self.quant_dtype(q)
+        qmin, qmax = q.code_range()
+        zp = q.zero_point.detach().numpy()
+        if np.all(zp == qmin) and qmax - qmin <= np.iinfo(np.uint8).max:
+            return np.uint8, 0, qmax - qmin, np.zeros_like(zp, dtype=np.uint8)
+        return dtype, qmin, qmax, zp.astype(dtype)
 
     def requantize(self, x: str) -> str:
         """Q → DQ again on ``x``'s own grid: the identity, as ``x`` is on the grid and in range. OpenVINO's CPU
@@ -193,7 +217,7 @@ class _Builder:
     def starts_at_zero(self, x: str) -> bool:
         """Whether the grid of the dequantized ``x`` starts at 0.0 (its lowest code is the zero point), as a
         quantizer's after a ReLU: where OpenVINO ignored a requantize on the same type (see requantize)."""
-        qmin, _ = self.act_scale[x][1].code_range()
+        qmin, _ = self.code_bounds[x]
         return bool(np.all(self.values[self.dq_source[x][2]].astype(np.int32) == qmin))
 
     def other_type_zero_point(self, x: str) -> np.ndarray:
@@ -204,7 +228,7 @@ class _Builder:
         _, _, z_name = self.dq_source[x]
         zp = self.values[z_name]
         shift, target = (128, np.uint8) if zp.dtype == np.int8 else (-128, np.int8)
-        qmin, qmax = self.act_scale[x][1].code_range()
+        qmin, qmax = self.code_bounds[x]
         info = np.iinfo(target)
         if not info.min <= qmin + shift <= qmax + shift <= info.max:
             raise ExportError(f"{x}: codes {qmin}..{qmax} of {zp.dtype} do not fit {np.dtype(target)} shifted by "
@@ -280,6 +304,9 @@ class _Builder:
         out = self.op("DequantizeLinear", [codes, s_name, z_name], "dq")
         self.act_scale[out] = self.act_scale[x]
         self.dq_source[out] = (codes, s_name, z_name)
+        # codes on another type's zero point (requantize) are x's codes moved by the zero points' difference
+        shift = int(self.values[z_name].astype(np.int32).flat[0]) - int(self.values[own_zero].astype(np.int32).flat[0])
+        self.code_bounds[out] = (self.code_bounds[x][0] + shift, self.code_bounds[x][1] + shift)
         return out
 
     def quantize_early(self, node: fx.Node, x: str) -> str:
