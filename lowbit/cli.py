@@ -399,12 +399,13 @@ def _eval_deployed(args: argparse.Namespace) -> int:
         # an artifact of the user's own architecture (pkg.module:factory) names none: it is rebuilt from --model
         float_model = _load_model(args)[0] if ":" in args.model else None
         model, source = load(args.lowbit, model=float_model), str(args.lowbit)
-    onnx_meta: dict[str, str] = {}
+    recorded = None  # the dataset an ONNX file names
     if args.onnx:  # lowbit's export names the network and the dataset in the file
+        from lowbit.deploy.onnx_export import METADATA_ARCH, METADATA_DATASET
         from lowbit.deploy.runtime import onnx_metadata
 
         onnx_meta = onnx_metadata(args.onnx)
-        arch = onnx_meta.get("lowbit.arch")
+        arch, recorded = onnx_meta.get(METADATA_ARCH), onnx_meta.get(METADATA_DATASET)
     else:  # an artifact names its model
         arch = (model.meta.get("arch") or {}).get("name")
     if arch:  # the file holds its own network: --model cannot choose another, and the registry records it
@@ -417,7 +418,6 @@ def _eval_deployed(args: argparse.Namespace) -> int:
         _record(args, model=None)  # unknown (a file from another tool): not the --model default
     if args.lowbit:
         _record(args, artifacts=[str(args.lowbit)])
-    recorded = onnx_meta.get("lowbit.dataset")
     if recorded and ":" in recorded and not (args.data or args.dataset):  # a tensors:/imagefolder: spec
         raise LowbitError(f"{args.onnx} was quantized on your own data ({recorded}): give --data with it (and the "
                           "--mean/--std it was normalised with)")
