@@ -44,18 +44,23 @@ MOMENT_METHODS = ["moment matching (float-observed ranges)", "moment matching (f
                   "gptq (float-observed ranges)+moment matching",
                   "gptq (float target; float-observed ranges)+moment matching",
                   "gptq (float target output grid; float-observed ranges)+moment matching"]
+# the same flows with the residual stream kept at 8 bits (`shortcut: stream`)
+STREAM_METHODS = ["gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction",
+                  "gptq (float target; float-observed ranges; 8-bit residual stream)+bias correction",
+                  "gptq (float target output grid; float-observed ranges; 8-bit residual stream)",
+                  "moment matching (float-observed ranges; 8-bit residual stream)"]
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {
     "w4a4": ["bias correction (weights)", "seed002 bn+cosine+teacher-student", "gptq+bias correction", "adaquant",
              "gptq (float-observed ranges; full-range grid)+bias correction",
              "gptq+usp", "gptq (float target)+bias correction", "gptq (float target regridded)",
-             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS, *MOMENT_METHODS],
+             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS, *MOMENT_METHODS, *STREAM_METHODS],
     "w3a3": ["bias correction (weights)", "adaquant", "gptq+usp", "gptq+usp+bias correction",
              "gptq (float target)+bias correction", "gptq (float target regridded)",
-             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS, *MOMENT_METHODS],
+             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS, *MOMENT_METHODS, *STREAM_METHODS],
     "w2a4": ["bias correction (weights)", "adaround+usp", "gptq+usp", "gptq+usp+bias correction",
              "gptq (float target)", "gptq (float target regridded)",
-             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS, *MOMENT_METHODS],
+             "gptq (float target output grid)", *FLOAT_OBSERVED_METHODS, *MOMENT_METHODS, *STREAM_METHODS],
 }
 BUDGETS = (10, 60, 180, 600)  # seconds: "about 5 s, 30 s, 2 min" as ceilings (60 s and 3 min are the goals' limits); 600 s shows the peers' longer flows
 

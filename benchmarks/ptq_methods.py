@@ -88,6 +88,18 @@ METHODS: dict[str, tuple[dict, bool]] = {
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges)": (
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
+    # `shortcut: stream`: residual adds read the block input's 8-bit quantization, which the block's first conv
+    # requantizes to its own bits (the default rounds the residual stream to the activations' bits at every block)
+    "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction": (
+        {"shortcut": "stream", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]},
+        True),
+    "gptq (float target; float-observed ranges; 8-bit residual stream)+bias correction": (
+        {"shortcut": "stream", "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
+    "gptq (float target output grid; float-observed ranges; 8-bit residual stream)": (
+        {"shortcut": "stream",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
+    "moment matching (float-observed ranges; 8-bit residual stream)": (
+        {"shortcut": "stream", "steps": [FLOAT_OBSERVED, "match_moments"]}, True),
     # seed 004's USP in folded form (match_moments): each layer's channel mean and variance set to the float one's
     "moment matching (float-observed ranges)": ({"steps": [FLOAT_OBSERVED, "match_moments"]}, True),
     "moment matching (float-observed ranges; peer grid)": (

@@ -496,3 +496,28 @@ def test_fisher_kmeans_takes_a_frozen_model_and_clusters_a_layer_asked_for_at_8_
     assert set(qm.meta["kmeans"]) == set(qm.layers.names())  # the 8-bit first and last layers too
     assert qm.meta["kmeans"]["linear"] == 256
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_inq_least_squares_top_level_beats_the_max_rule_where_one_weight_sets_it():
+    """``top_level: mse`` picks the n1 whose level set rounds the tensor with the least squared error
+    (checked against every candidate by brute force); eq. 2's n1 follows the single largest weight."""
+    from lowbit.quant.learned.inq import _level_set, nearest_levels, power_of_two_levels
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 9) * 0.05
+    w[0, 0] = 0.5  # one outlier: eq. 2 gives n1 = floor(log2(2/3)) = -1, levels {0, ±0.25, ±0.5}
+    by_max = power_of_two_levels(w, 3, "max")
+    assert by_max.tolist() == [-0.5, -0.25, 0.0, 0.25, 0.5]
+    assert float((nearest_levels(w, by_max) == 0).float().mean()) > 0.95  # nearly everything rounds to zero
+    by_mse = power_of_two_levels(w, 3, "mse")
+    errors = {n1: float((nearest_levels(w, _level_set(n1, 3, w.device)) - w).square().sum()) for n1 in range(-13, 0)}
+    best = min(errors, key=errors.get)
+    assert by_mse.tolist() == _level_set(best, 3, w.device).tolist() and best < -1
+    assert errors[best] < 0.5 * errors[-1]
+    # the option reaches the quantizer through the recipe's quantizer_options
+    src = UniformQuantizer(QuantSpec(bits=3, per_channel=False))
+    src.signed = True
+    src.set_params(torch.tensor(0.1), torch.tensor(0.0))
+    assert torch.equal(make_trainable(src, "inq", "weights", weight=w, top_level="mse").levels, by_mse)
+    with pytest.raises(RecipeError, match="top_level"):
+        power_of_two_levels(w, 3, "min")

@@ -261,7 +261,7 @@ class QuantModel(nn.Module):
         if shortcut == "bireal":
             S.add_bireal_shortcuts(gm, layer_nodes, quant_source)
         if quantize_adds:
-            self._quantize_add_inputs(gm, activations, names, set(quant_source))
+            self._quantize_add_inputs(gm, activations, names, set(quant_source), chain=shortcut == "stream")
         gm.graph.lint()
         gm.recompile()
         return gm, list(records.values())
@@ -300,7 +300,7 @@ class QuantModel(nn.Module):
         return {t: root(t) for t in parent}
 
     def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, names: Iterator[str],
-                             quantized: set[fx.Node]) -> None:
+                             quantized: set[fx.Node], chain: bool = False) -> None:
         """Put a quantizer on every input of a residual add or a pooling op that is not
         already a quantized tensor, so an integer runtime can run the add, the pooling and
         the conv before them in int8 instead of falling back to float around them."""
@@ -324,10 +324,12 @@ class QuantModel(nn.Module):
                 with gm.graph.inserting_after(G.insertion_point(gm.graph, arg)):
                     qnode = gm.graph.call_module(key, (arg,))
                 # Another quantizer reading ``arg`` (a layer's input, where adds read real values)
-                # keeps reading it: rewired, it would round the 8-bit values again, a double
-                # rounding whose exact ties the runtime breaks differently from torch.
-                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q and not (
-                    user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), UniformQuantizer)))
+                # keeps reading it under ``real``: rewired, it would round the 8-bit values again, a
+                # double rounding whose exact ties a runtime may break differently from torch.
+                # ``stream`` (``chain``) rewires it: the layer requantizes the 8-bit residual stream,
+                # so the add runs on the integer tensor the conv reads too (one QLinearAdd per block).
+                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q and (chain or not (
+                    user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), UniformQuantizer))))
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
 

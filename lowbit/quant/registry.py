@@ -145,6 +145,8 @@ def kind_options_schema(kind: str, role: str = "weights") -> list[Any]:
         + ([Param("fit_fraction", "float", 0.25, low=0, open_low=True, high=1,
                   doc="share of a batch's images the basis is fitted on (1: the whole batch, as Algorithm 1)")]
            if role == "activations" else []),
+        "inq": [Param("top_level", "str", "max", choices=("max", "mse"),
+                      doc="largest level 2^n1: from max|W| (INQ eq. 2) or the n1 with the least squared error")],
         "ttq": [Param("threshold", "float", 0.05, low=0, high=1, doc="t: zero where |w| <= t*max|w| (TTQ eq. 6)")],
     }.get(kind, [])
 

@@ -26,7 +26,7 @@ SPEC_KEYS = set(QuantSpec.__dataclass_fields__)
 TENSOR_KEYS = SPEC_KEYS | {"estimator", "estimator_options", "quantizer", "quantizer_options"}
 OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "w_quantizer", "w_quantizer_options"}
 CALIBRATION_KEYS = {"samples", "batch_size", "seed"}
-SHORTCUT_KINDS = ("shared", "real", "bireal")
+SHORTCUT_KINDS = ("shared", "real", "bireal", "stream")
 
 WEIGHT_DEFAULTS = {"bits": 8, "signed": True, "symmetric": True, "per_channel": True, "estimator": "mse"}
 # The integer-runtime layout is the default: uint8 activations (affine where a tensor is
@@ -129,7 +129,9 @@ class Recipe:
     relu: str = "keep"  # "hardtanh": every ReLU becomes hardtanh, so binary activations see signed inputs
     # What a residual add reads of a tensor that also feeds a quantized layer (lowbit.model.shortcuts):
     # "shared" its quantized value (one QDQ per tensor, as integer runtimes do), "real" the value
-    # before the quantizer, "bireal" that plus a real-valued shortcut around every conv (Bi-Real Net).
+    # before the quantizer, "bireal" that plus a real-valued shortcut around every conv (Bi-Real Net),
+    # "stream" the add inputs' own (add_bits) grid, from which the layer's quantizer requantizes: the
+    # residual stream stays at 8 bits while the convs read 4 (needs quantize_adds).
     shortcut: str = "shared"
     source: dict[str, Any] = field(default_factory=dict)
 
@@ -229,6 +231,10 @@ class Recipe:
         if shortcut not in SHORTCUT_KINDS:
             raise RecipeError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)} (what residual adds read), "
                               f"got {shortcut!r}")
+        if shortcut == "stream" and not quantize_adds:
+            raise RecipeError("shortcut: stream keeps the residual stream on the grid of the add inputs' quantizers, "
+                              "which quantize_adds: false removes; set quantize_adds: true, or shortcut: real for "
+                              "float adds")
         return cls(name=str(data.get("name", "custom")), description=str(data.get("description", "")),
                    weights=weights, activations=acts, fold_bn=fold_bn, quantize_adds=quantize_adds, add_bits=add_bits,
                    first_last_bits=fl,
