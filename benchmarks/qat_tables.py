@@ -91,6 +91,8 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_ema.json", "w4a4-gptq-lsq-ema0.998-e5")},
     "the same, full-range 4-bit weight grid ([−8, 7])": {
         0: ("qat_resnet20_w4a4_fullrange.json", "w4a4-gptq-lsq-fullrange-e5")},
+    "the same, residual adds reading the 8-bit stream (shortcut: stream)": {
+        0: ("qat_resnet20_w4a4_stream.json", "w4a4-gptq-lsq-stream-e5")},
     "the same, distillation temperature 1 (not 4)": {0: ("qat_resnet20_w4a4_kdT1.json", "w4a4-gptq-lsq-kdT1-e5")},
     "the same, distillation temperature 8 (not 4)": {0: ("qat_resnet20_w4a4_kdT8.json", "w4a4-gptq-lsq-kdT8-e5")},
     "the same, temperature 8, at the epoch within_error keeps (5; before: 4)": {
@@ -204,6 +206,8 @@ FAMILY_TABLE = [
      (E30, "w5a32-inq-w3-nofold-e30"), "—"),
     ("INQ, 3 bits (BN kept apart), frozen weights holding their levels", "W3A32", None, None,
      (E30, "w5a32-inq-w3-nofold-held-e30"), "—"),
+    ("INQ, 3 bits (BN kept apart), frozen weights holding their levels, least-squares top level (top_level: mse)",
+     "W3A32", None, None, (E30, "w5a32-inq-w3-nofold-held-mse-e30"), "—"),
     ("HWGQ activations, XNOR weights", "W1A2", None, (GPTQ_E1, "w1a2-hwgq-gptq-regrid-kd1-e1"),
      (E30, "w1a2-hwgq-gptq-regrid-kd1-bf16-e30"), "—"),
     ("HWGQ activations, XNOR weights, retrained after the 1-bit bias fix (bf16)", "W1A2", None, None,
