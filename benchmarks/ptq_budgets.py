@@ -48,7 +48,8 @@ MOMENT_METHODS = ["moment matching (float-observed ranges)", "moment matching (f
 STREAM_METHODS = ["gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction",
                   "gptq (float target; float-observed ranges; 8-bit residual stream)+bias correction",
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream)",
-                  "moment matching (float-observed ranges; 8-bit residual stream)"]
+                  "moment matching (float-observed ranges; 8-bit residual stream)",
+                  "gptq (float-observed ranges; full-range grid; adds read real values)+bias correction"]
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {
     "w4a4": ["bias correction (weights)", "seed002 bn+cosine+teacher-student", "gptq+bias correction", "adaquant",

@@ -100,6 +100,11 @@ METHODS: dict[str, tuple[dict, bool]] = {
          "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
     "moment matching (float-observed ranges; 8-bit residual stream)": (
         {"shortcut": "stream", "steps": [FLOAT_OBSERVED, "match_moments"]}, True),
+    # `shortcut: real`: the adds read the block input before any quantizer (their own 8-bit one rounds it; float adds
+    # in ONNX Runtime, 1 of 9 fused)
+    "gptq (float-observed ranges; full-range grid; adds read real values)+bias correction": (
+        {"shortcut": "real", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]},
+        True),
     # seed 004's USP in folded form (match_moments): each layer's channel mean and variance set to the float one's
     "moment matching (float-observed ranges)": ({"steps": [FLOAT_OBSERVED, "match_moments"]}, True),
     "moment matching (float-observed ranges; peer grid)": (

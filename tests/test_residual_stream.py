@@ -79,3 +79,24 @@ def test_stream_is_closer_to_float_than_a_4_bit_stream_and_runs_as_the_model(res
 def test_stream_needs_quantized_adds():
     with pytest.raises(RecipeError, match="shortcut: stream .* quantize_adds: false"):
         load_recipe({**W4A4, "shortcut": "stream", "quantize_adds": False})
+
+
+def test_a_model_trained_with_the_8_bit_stream_runs_as_trained_in_onnx_runtime(resnet20, data_dir, tmp_path):
+    """QAT keeps the layout: LSQ steps on the 4-bit requantizers, the add inputs' 8-bit ones, BN folded at the end;
+    the exported file computes the trained model."""
+    from lowbit.data import dataset_tensors, load_dataset
+
+    train = load_dataset("cifar10", "train", data_dir=data_dir, download=False)
+    x, y = dataset_tensors(train, torch.arange(640))
+    recipe = {**W4A4, "shortcut": "stream", "weights": {"bits": 4, "quantizer": "lsq"},
+              "activations": {"bits": 4, "quantizer": "lsq+"},
+              "steps": ["calibrate", {"qat": {"epochs": 1, "batch_size": 64, "lr": 0.001, "val_samples": 128}}]}
+    qm = lowbit.quantize(resnet20, recipe, calib=x[:64], train=(x, y), progress=False)
+    assert qm.meta["qat"]["history"][0]["epoch"] == 1
+    path = export_onnx(qm, tmp_path / "qat-stream.onnx", x[:1])
+    test_x = x[-100:]
+    with torch.no_grad():
+        ours = qm(test_x)
+    theirs = _logits(path, "ort", test_x)
+    assert float((ours - theirs).abs().mean()) < 0.01
+    assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.99
