@@ -48,6 +48,7 @@ MOMENT_METHODS = ["moment matching (float-observed ranges)", "moment matching (f
 STREAM_METHODS = ["gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction",
                   "gptq (float target; float-observed ranges; 8-bit residual stream)+bias correction",
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream)",
+                  "gptq (float target output grid; float-observed ranges; 8-bit residual stream)+bias correction",
                   "moment matching (float-observed ranges; 8-bit residual stream)",
                   "gptq (float-observed ranges; full-range grid; adds read real values)+bias correction"]
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes

@@ -98,6 +98,10 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream)": (
         {"shortcut": "stream",
          "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
+    "gptq (float target output grid; float-observed ranges; 8-bit residual stream)+bias correction": (
+        {"shortcut": "stream",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
+                   "bias_correction"]}, True),
     "moment matching (float-observed ranges; 8-bit residual stream)": (
         {"shortcut": "stream", "steps": [FLOAT_OBSERVED, "match_moments"]}, True),
     # `shortcut: real`: the adds read the block input before any quantizer (their own 8-bit one rounds it; float adds

@@ -47,6 +47,12 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
     """First/last layer bits, then name-pattern overrides (later entries win), then the
     recipe's mixed-precision plan, which names layers exactly and so has the last word."""
     table = qm.layers
+    if recipe.add_bits is not None:
+        # Residual-add and pooling inputs stay at add_bits (8) however low the layers go, as
+        # integer hardware keeps them: they carry the whole signal of a residual network.
+        # (First: under shortcut: stream a layer's input cannot be wider than them.)
+        for key in qm.tensor_quantizers:
+            qm.net.get_submodule(key).set_bits(recipe.add_bits)
     if recipe.first_last_bits is not None and len(table) > 0:
         first, last = table[0], table[len(table) - 1]
         for r in (first, last):
@@ -70,11 +76,6 @@ def apply_bit_overrides(qm: QuantModel, recipe: Recipe) -> None:
     if recipe.plan is not None:
         recipe.plan.apply(table)
     _integer_grid_at_8_bits(table)
-    if recipe.add_bits is not None:
-        # Residual-add and pooling inputs stay at add_bits (8) however low the layers go, as
-        # integer hardware keeps them: they carry the whole signal of a residual network.
-        for key in qm.tensor_quantizers:
-            qm.net.get_submodule(key).set_bits(recipe.add_bits)
 
 
 def prepare(model: nn.Module, recipe: str | Path | dict[str, Any] | Recipe = "w8a8") -> QuantModel:

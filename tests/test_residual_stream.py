@@ -100,3 +100,30 @@ def test_a_model_trained_with_the_8_bit_stream_runs_as_trained_in_onnx_runtime(r
     theirs = _logits(path, "ort", test_x)
     assert float((ours - theirs).abs().mean()) < 0.01
     assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.99
+
+
+def test_stream_refusals_name_the_problem(resnet20, cifar_slices):
+    """Found in review: a layer set to float (or wider than add_bits) under stream would still read the 8-bit
+    stream while the table said float; QuantModel itself built `real` when quantize_adds was off; add_bits: null
+    made the stream 4-bit again."""
+    calib, _ = cifar_slices
+    with pytest.raises(lowbit.LowbitError, match=r"layer1.1.conv1.*residual stream at 8 bits.*32 bits \(float\)"):
+        lowbit.quantize(resnet20, {**W4A4, "shortcut": "stream",
+                                   "overrides": [{"pattern": "layer1.1.conv1", "a_bits": 32}]}, calib=calib[:64],
+                        progress=False)
+    qm = lowbit.quantize(resnet20, {**W4A4, "shortcut": "stream", "overrides": [{"pattern": "layer1.1.conv1",
+                                                                                 "a_bits": 8}]},
+                         calib=calib[:64], progress=False)  # as wide as the stream: allowed
+    assert qm.layers["layer1.1.conv1"].a_bits == 8 and qm.layers["layer1.1.conv1"].stream_quantizer.bits == 8
+    with pytest.raises(lowbit.LowbitError, match="cannot have 16 bits"):
+        qm.layers["layer1.1.conv1"].a_bits = 16
+    qm.layers["layer1.1.conv1"].a_bits = 2
+    assert qm.layers["layer1.1.conv1"].a_bits == 2
+    assert qm.layers["conv1"].stream_quantizer is None  # the stem conv reads the image
+    from lowbit.model.quant_model import QuantModel
+    from lowbit.quant.spec import QuantSpec
+
+    with pytest.raises(RecipeError, match="shortcut: stream .* quantize_adds=False"):
+        QuantModel(resnet20, QuantSpec(bits=4), QuantSpec(bits=4), shortcut="stream")
+    with pytest.raises(RecipeError, match="add_bits: null"):
+        load_recipe({**W4A4, "shortcut": "stream", "add_bits": None})

@@ -21,6 +21,8 @@ class LayerRecord:
     name: str
     layer: QuantLayer
     input_quantizer: UniformQuantizer | None
+    # under ``shortcut: stream``: the residual add's 8-bit quantizer this layer's input quantizer reads
+    stream_quantizer: UniformQuantizer | None = None
 
     @property
     def kind(self) -> str:
@@ -56,6 +58,11 @@ class LayerRecord:
         q = self.input_quantizer
         if q is None:
             raise LowbitError(f"layer {self.name!r} has no input quantizer")
+        stream = self.stream_quantizer
+        if stream is not None and bits > stream.bits:
+            raise LowbitError(f"layer {self.name!r} reads the residual stream at {stream.bits} bits (shortcut: stream: "
+                              f"its input is requantized from the add's), so its input cannot have {bits} bits"
+                              f"{' (float)' if bits >= FLOAT_BITS else ''}; use shortcut: real for wider inputs")
         if bits >= FLOAT_BITS:
             q.enabled = False
             return

@@ -162,6 +162,10 @@ class QuantModel(nn.Module):
             G.replace_relus_with_hardtanh(gm)
         if shortcut not in SHORTCUT_KINDS:
             raise RecipeError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)}, got {shortcut!r}")
+        if shortcut == "stream" and not quantize_adds:
+            raise RecipeError("shortcut: stream keeps the residual stream on the grid of the add inputs' quantizers, "
+                              "which quantize_adds=False leaves out; pass quantize_adds=True, or shortcut='real' "
+                              "for float adds")
         if shortcut != "shared" and gm is None:
             raise UnsupportedModelError(f"shortcut: {shortcut} rewrites the traced graph, and {type(model).__name__} "
                                         f"could not be traced ({self.trace_error})")
@@ -261,7 +265,11 @@ class QuantModel(nn.Module):
         if shortcut == "bireal":
             S.add_bireal_shortcuts(gm, layer_nodes, quant_source)
         if quantize_adds:
-            self._quantize_add_inputs(gm, activations, names, set(quant_source), chain=shortcut == "stream")
+            chained = self._quantize_add_inputs(gm, activations, names, set(quant_source), chain=shortcut == "stream")
+            for record in records.values():  # the layers whose quantizer requantizes the 8-bit residual stream
+                key = chained.get(id(record.input_quantizer))
+                if key is not None:
+                    record.stream_quantizer = gm.get_submodule(key)
         gm.graph.lint()
         gm.recompile()
         return gm, list(records.values())
@@ -300,10 +308,12 @@ class QuantModel(nn.Module):
         return {t: root(t) for t in parent}
 
     def _quantize_add_inputs(self, gm: fx.GraphModule, activations: QuantSpec, names: Iterator[str],
-                             quantized: set[fx.Node], chain: bool = False) -> None:
+                             quantized: set[fx.Node], chain: bool = False) -> dict[int, str]:
         """Put a quantizer on every input of a residual add or a pooling op that is not
         already a quantized tensor, so an integer runtime can run the add, the pooling and
-        the conv before them in int8 instead of falling back to float around them."""
+        the conv before them in int8 instead of falling back to float around them. Returns,
+        with ``chain``, id(layer input quantizer) -> the key of the add quantizer it now reads."""
+        chained: dict[int, str] = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -328,10 +338,15 @@ class QuantModel(nn.Module):
                 # double rounding whose exact ties a runtime may break differently from torch.
                 # ``stream`` (``chain``) rewires it: the layer requantizes the 8-bit residual stream,
                 # so the add runs on the integer tensor the conv reads too (one QLinearAdd per block).
+                readers = [gm.get_submodule(str(u.target)) for u in arg.users if u is not qnode and
+                           u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), UniformQuantizer)]
                 arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q and (chain or not (
                     user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), UniformQuantizer))))
+                if chain:
+                    chained.update({id(r): key for r in readers})
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
+        return chained
 
     def _build_hooks(self, net, weights, activations, keep_float):
         records: list[LayerRecord] = []

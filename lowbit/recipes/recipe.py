@@ -231,6 +231,10 @@ class Recipe:
         if shortcut not in SHORTCUT_KINDS:
             raise RecipeError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)} (what residual adds read), "
                               f"got {shortcut!r}")
+        if shortcut == "stream" and add_bits is None:
+            raise RecipeError("shortcut: stream keeps the residual stream at add_bits while the layers read fewer; "
+                              "add_bits: null puts the adds at the activations' bits, the stream `shared` already "
+                              "gives: set add_bits (e.g. 8)")
         if shortcut == "stream" and not quantize_adds:
             raise RecipeError("shortcut: stream keeps the residual stream on the grid of the add inputs' quantizers, "
                               "which quantize_adds: false removes; set quantize_adds: true, or shortcut: real for "

@@ -75,7 +75,8 @@ def _batches(data: Iterable[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _only(qm: QuantModel, record: Any, on: bool) -> Iterator[None]:
     """``on``: only this layer quantized, every other layer the original float one; else: this
     layer the original float one (weights and bias as built, before any step edited them), the
-    rest as quantized."""
+    rest as quantized. Under ``shortcut: stream`` "float" switches off the layer's own requantizer
+    only: its input stays on the 8-bit residual stream the block's add reads too."""
     layer, q = record.layer, record.input_quantizer
     own = {id(t) for t in [*layer.parameters(), *layer.buffers()]}
     originals = [(t, f) for t, f in qm._float_copy if id(t) in own]
