@@ -93,6 +93,8 @@ MATRIX = {
         0: ("qat_resnet20_w4a4_fullrange.json", "w4a4-gptq-lsq-fullrange-e5")},
     "the same, residual adds reading the 8-bit stream (shortcut: stream)": {
         0: ("qat_resnet20_w4a4_stream.json", "w4a4-gptq-lsq-stream-e5")},
+    "the same with the 8-bit stream, second seed": {0: ("qat_resnet20_w4a4_stream.json", "w4a4-gptq-lsq-stream-seed1-e5")},
+    "the same with the 8-bit stream, third seed": {0: ("qat_resnet20_w4a4_stream.json", "w4a4-gptq-lsq-stream-seed2-e5")},
     "the same, distillation temperature 1 (not 4)": {0: ("qat_resnet20_w4a4_kdT1.json", "w4a4-gptq-lsq-kdT1-e5")},
     "the same, distillation temperature 8 (not 4)": {0: ("qat_resnet20_w4a4_kdT8.json", "w4a4-gptq-lsq-kdT8-e5")},
     "the same, temperature 8, at the epoch within_error keeps (5; before: 4)": {
