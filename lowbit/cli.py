@@ -438,15 +438,18 @@ def _eval_deployed(args: argparse.Namespace) -> int:
 
 
 def _quantize_first_recipe(args: argparse.Namespace) -> tuple[Any, Any, Any, list[torch.Tensor] | None]:
-    """Model and training split from the arguments, quantized with the first --recipe:
+    """Model and training split from the arguments, quantized with the one --recipe:
     (QuantModel, recipe, training split, calibration batches or None for data-free recipes)."""
     from lowbit.api import quantize
     from lowbit.evaluation import calibration_batches
     from lowbit.recipes.recipe import load_recipe
 
+    recipes = _recipes(args)
+    if len(recipes) != 1:  # export and analyze make one model: a second recipe would be ignored
+        raise LowbitError(f"--recipe names {len(recipes)} recipes ({args.recipe!r}); lowbit {args.command} takes one")
     model, dataset = _load_model(args)
     train, _ = _datasets(args, dataset)
-    recipe = load_recipe(_recipes(args)[0])
+    recipe = load_recipe(recipes[0])
     calib = None if recipe.data_free else calibration_batches(train, recipe)
     return quantize(model, recipe, calib=calib, progress=not args.no_progress), recipe, train, calib
 
@@ -984,15 +987,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_search)
     x = sub.add_parser("export", help="quantize and write a QDQ ONNX model (and optionally a .lowbit file)")
     _add_common(x)
-    x.add_argument("--recipe", default="w8a8")
-    x.add_argument("--out", type=output_file, default=Path("model.onnx"))
+    x.add_argument("--recipe", default="w8a8", help="one built-in name or recipe file (default w8a8)")
+    x.add_argument("--out", type=output_file, default=Path("model.onnx"), help="the ONNX file (default model.onnx)")
     x.add_argument("--lowbit", type=output_file, help="also save the bit-packed artifact here")
     x.add_argument("--plan", type=existing_file, help="mixed-precision plan JSON (from `lowbit search`) applied to the recipe")
     x.set_defaults(func=cmd_export)
     a = sub.add_parser("analyze", help="per-layer sensitivity: weight/output SQNR, top-1 with only this layer "
                                        "quantized and with only this layer float; ranked")
     _add_common(a)
-    a.add_argument("--recipe", default="w4a4")
+    a.add_argument("--recipe", default="w4a4", help="one built-in name or recipe file (default w4a4)")
     a.add_argument("--samples", type=positive_int, default=2000,
                    help="training-split images to score on, disjoint from the calibration set (default 2000)")
     a.add_argument("--plan", type=existing_file, help="mixed-precision plan JSON applied to the recipe")

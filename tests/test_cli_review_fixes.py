@@ -202,3 +202,13 @@ def test_abbreviated_options_are_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["search", "--method", "hawq", "--target-bits", "3", "--candidates", "3,4", "--b-mi", "4"])
     assert exc.value.code == 2 and "unrecognized arguments: --b-mi 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "analyze"])
+def test_one_model_commands_refuse_a_second_recipe(tmp_path, capsys, command):
+    """export and analyze make one model from the first --recipe: a second one was silently ignored."""
+    out = ["--out", str(tmp_path / "m.onnx")] if command == "export" else []
+    code = main([command, "--recipe", "w4a4,w8a8", *out, "--no-progress", "--no-registry"])
+    assert code != 0
+    assert "--recipe names 2 recipes ('w4a4,w8a8'); lowbit " + command + " takes one" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
