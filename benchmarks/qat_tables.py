@@ -108,6 +108,8 @@ MATRIX = {
         2: ("qat_resnet20_w2a2_gptq.json", "w2a2-lsq-gptq-float-kd1-e30")},
     "the same from the float-observed float-target GPTQ + bias correction start (w3a3-gptq-affine's steps, symmetric)": {
         1: ("qat_resnet20_w3a3_gptq.json", "w3a3-lsq-gptq-float-fobs-kd1-e30")},
+    "the same on the 8-bit residual stream (shortcut: stream)": {
+        1: ("qat_resnet20_w3a3_gptq.json", "w3a3-lsq-gptq-float-fobs-kd1-stream-e30")},
     "W2A2 from the W3A3 row above's latent weights (progressive; the pretrained model stays the teacher), bf16": {
         2: ("qat_resnet20_w2a2_progressive.json", "w2a2-lsq-gptq-float-kd1-from-w3a3-latent-bf16-e30")},
     "WRPN: every conv 2× wider, then w4a4-gptq-lsq (bf16)": {0: ("qat_resnet20_wrpn.json", "w4a4-gptq-lsq-wrpn2-bf16-e5")},
