@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from lowbit.quant.learned.inq import power_of_two_levels
+from lowbit.quant.learned.inq import nearest_levels, power_of_two_levels
 from lowbit.zoo import pretrained
 
 
@@ -25,8 +25,7 @@ def conv_bn_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Conv2d, torch.n
 
 
 def zero_share_and_error(w: torch.Tensor, bits: int) -> tuple[float, float]:
-    levels = power_of_two_levels(w, bits)
-    q = levels[torch.bucketize(w, (levels[1:] + levels[:-1]) / 2)]
+    q = nearest_levels(w, power_of_two_levels(w, bits))
     return float((q == 0).float().mean()), float((q - w).norm() / w.norm())
 
 

@@ -338,12 +338,12 @@ class QuantModel(nn.Module):
                 # double rounding whose exact ties a runtime may break differently from torch.
                 # ``stream`` (``chain``) rewires it: the layer requantizes the 8-bit residual stream,
                 # so the add runs on the integer tensor the conv reads too (one QLinearAdd per block).
-                readers = [gm.get_submodule(str(u.target)) for u in arg.users if u is not qnode and
-                           u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), UniformQuantizer)]
-                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q and (chain or not (
-                    user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), UniformQuantizer))))
+                readers = {u for u in arg.users if u is not qnode and u.op == "call_module"
+                           and isinstance(gm.get_submodule(str(u.target)), UniformQuantizer)}
+                arg.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode, keep=readers: user is not q and (
+                    chain or user not in keep))
                 if chain:
-                    chained.update({id(r): key for r in readers})
+                    chained.update({id(gm.get_submodule(str(u.target))): key for u in readers})
                 quantized.add(qnode)
                 self.tensor_quantizers.append(key)
         return chained

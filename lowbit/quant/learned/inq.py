@@ -50,9 +50,14 @@ def _level_set(n1: int, bits: int, dev: torch.device) -> torch.Tensor:
     return torch.cat([-pos.flip(0), torch.zeros(1, device=dev), pos])
 
 
+def level_indices(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each entry's nearest level's index in the sorted ``levels`` (INQ eq. 3: thresholds at the midpoints)."""
+    return torch.bucketize(x.detach().contiguous(), (levels[1:] + levels[:-1]) / 2)
+
+
 def nearest_levels(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Each entry's nearest level (INQ eq. 3: thresholds at the midpoints)."""
-    return levels[torch.bucketize(x.detach().contiguous(), (levels[1:] + levels[:-1]) / 2)]
+    """Each entry's nearest level (INQ eq. 3)."""
+    return levels[level_indices(x, levels)]
 
 
 def power_of_two_levels(weight: torch.Tensor, bits: int, top_level: str = "max") -> torch.Tensor:
@@ -134,12 +139,11 @@ class INQQuantizer(TrainableQuantizer):
 
     def level_index(self, x: torch.Tensor) -> torch.Tensor:
         """Each weight's nearest level's index in ``levels`` (INQ eq. 3: thresholds at the midpoints)."""
-        c = self.levels
-        return torch.bucketize(x.detach().contiguous(), (c[1:] + c[:-1]) / 2)
+        return level_indices(x, self.levels)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Each weight's nearest level (INQ eq. 3)."""
-        return self.levels[self.level_index(x)]
+        return nearest_levels(x, self.levels)
 
     @torch.no_grad()
     def held_levels(self, x: torch.Tensor) -> torch.Tensor:
