@@ -89,7 +89,7 @@ run w5a32-inq w3-nofold weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_
 run w5a32-inq w5-nofold-held fold_bn=false set:lr=0.002 set:quantizer_lr=0
 run w5a32-inq w3-nofold-held weights.bits=3 fold_bn=false set:lr=0.002 set:quantizer_lr=0
 # 3 bits with the least-squares top level (weights.quantizer_options.top_level: mse): eq. 2's n1 follows each layer's
-# largest weight and sends 87% of the conv weights to zero (relative error 0.74); the least-squares n1, 38% (0.36)
+# largest weight and sends 87% of the conv weights to zero (relative error 0.74); the least-squares n1, 43% (0.36)
 run w5a32-inq w3-nofold-held-mse weights.bits=3 fold_bn=false 'weights.quantizer_options={top_level: mse}' \
   set:lr=0.002 set:quantizer_lr=0
 # HWGQ activations, from the float-target GPTQ start, distilled

@@ -8,7 +8,7 @@ thresholds are the midpoints, 3β/2 between β and 2β, β/2 between 0 and the s
 ``top_level: mse`` (an option, not the paper's) lowers n1 to the power of two whose level set
 has the least squared error on the tensor: with only two magnitudes at 3 bits, eq. 2's n1
 (set by the one largest weight) sends 87% of ResNet-20's conv weights to zero (relative error
-0.74); the least-squares n1, two powers lower in most layers, 38% (0.36), clipping the few
+0.74); the least-squares n1, two powers lower in most layers, 43% (0.36), clipping the few
 largest weights to 2^n1. At 5 bits the two choices agree on every ResNet-20 conv.
 
 Not all at once: the weights are partitioned by magnitude, and at each stage the largest
