@@ -95,6 +95,19 @@ def test_conv_hessian_is_the_im2col_gram_matrix():
     x = torch.randn(3, 8, 4, 4)
     cols = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 72).double()
     assert cols.shape[0] == 12 and torch.allclose(layer_hessians(small, x)[0], 2 * cols.T @ cols / 12, atol=1e-5)
+    # dilation with an uneven kernel and stride, and a Conv1d: still the unfold Gram matrix
+    odd = lowbit.model.quant_layer.QuantLayer(torch.nn.Conv2d(3, 4, (2, 3), stride=(2, 1), padding=(1, 2),
+                                                              dilation=(1, 2), bias=False),
+                                              lowbit.quant.spec.QuantSpec(bits=4), "d")
+    x = torch.randn(2, 3, 7, 6)
+    cols = torch.nn.functional.unfold(x, (2, 3), dilation=(1, 2), padding=(1, 2), stride=(2, 1))
+    cols = cols.transpose(1, 2).reshape(-1, 18).double()
+    assert torch.allclose(layer_hessians(odd, x)[0], 2 * cols.T @ cols / cols.shape[0], atol=1e-5)
+    line = lowbit.model.quant_layer.QuantLayer(torch.nn.Conv1d(2, 3, 3, padding=1, bias=False),
+                                               lowbit.quant.spec.QuantSpec(bits=4), "l")
+    x = torch.randn(2, 2, 5)
+    cols = torch.nn.functional.unfold(x.unsqueeze(2), (1, 3), padding=(0, 1)).transpose(1, 2).reshape(-1, 6).double()
+    assert torch.allclose(layer_hessians(line, x)[0], 2 * cols.T @ cols / cols.shape[0], atol=1e-5)
 
 
 def test_gptq_step_beats_rounding_and_deploys(mnist_cnn, tmp_path):
