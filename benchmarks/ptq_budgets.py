@@ -50,6 +50,8 @@ STREAM_METHODS = ["gptq (float-observed ranges; full-range grid; 8-bit residual 
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream)",
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream)+bias correction",
                   "moment matching (float-observed ranges; 8-bit residual stream)",
+                  "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 2048 images)+bias correction",
+                  "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+moment matching",
                   "gptq (float-observed ranges; full-range grid; adds read real values)+bias correction"]
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {

@@ -102,6 +102,13 @@ METHODS: dict[str, tuple[dict, bool]] = {
         {"shortcut": "stream",
          "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
                    "bias_correction"]}, True),
+    "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 2048 images)+bias correction": (
+        {"shortcut": "stream", "calibration": {"samples": 2048},
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
+                   {"bias_correction": {"samples": 2048}}]}, True),
+    "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+moment matching": (
+        {"shortcut": "stream", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "match_moments"]},
+        True),
     "moment matching (float-observed ranges; 8-bit residual stream)": (
         {"shortcut": "stream", "steps": [FLOAT_OBSERVED, "match_moments"]}, True),
     # `shortcut: real`: the adds read the block input before any quantizer (their own 8-bit one rounds it; float adds
@@ -186,6 +193,7 @@ def run(args: argparse.Namespace) -> None:
                            "recipe": recipe.to_dict(),
                            "top1": 100 * top1, "drop_pt": 100 * (data["float"][model_name] - top1),
                            "quant_seconds": qm.meta["quantize_seconds"],
+                           "step_seconds": qm.meta.get("step_seconds"),
                            "eval_seconds": time.perf_counter() - start,
                            "calibration_images": 0 if data_free else qm.meta["calibration_samples"]}
                     # re-read first: another lane (ptq_budgets' peers) may have added rows since

@@ -164,15 +164,19 @@ def quantize(
     torch.manual_seed(r.calibration["seed"])
     if has_qat:
         qm.qat_data = {"train": train, "val": val, "device": device, "teacher": teacher}
+    step_seconds: list[list] = []  # [step, seconds] in recipe order: which step a budget goes to
     try:
         for name, params in r.steps:
+            began = time.perf_counter()
             run_step(name, params, qm, batches, r, progress)
+            step_seconds.append([name, round(time.perf_counter() - began, 3)])
     finally:
         qm.__dict__.pop("qat_data", None)
     if not qm.calibrated:
         raise LowbitError(f"recipe {r.name!r} finished without calibrating every quantizer: "
                           "its steps must include `calibrate`")
     qm.meta["quantize_seconds"] = time.perf_counter() - start
+    qm.meta["step_seconds"] = step_seconds
     qm.meta["calibration_samples"] = sum(b.shape[0] for b in batches)
     return qm
 

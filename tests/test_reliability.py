@@ -234,6 +234,9 @@ def test_data_forms_accepted_or_refused_by_name(cifar_slices):
     recipe = {"extends": "w8a8", "calibration": {"samples": 32, "batch_size": 16}}
     qm = lowbit.quantize(model, recipe, calib=ds, progress=False)  # a map-style Dataset: stacked
     assert qm.meta["calibration_samples"] == 32
+    # each step's own time, in recipe order, within the whole quantize call's
+    assert [name for name, _ in qm.meta["step_seconds"]] == ["calibrate"]
+    assert 0 <= sum(s for _, s in qm.meta["step_seconds"]) <= qm.meta["quantize_seconds"]
     loader = torch.utils.data.DataLoader(ds, batch_size=10)
     assert lowbit.quantize(model, recipe, calib=loader, progress=False).meta["calibration_samples"] == 32
     with pytest.raises(DataMismatchError, match=r"calibration batch 1 has shape \(4, 3, 6, 6\)"):
