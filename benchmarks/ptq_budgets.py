@@ -46,6 +46,7 @@ MOMENT_METHODS = ["moment matching (float-observed ranges)", "moment matching (f
                   "gptq (float target output grid; float-observed ranges)+moment matching"]
 # the same flows with the residual stream kept at 8 bits (`shortcut: stream`)
 STREAM_METHODS = ["gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction",
+                  "gptq (float-observed ranges; full-range grid; 8-bit residual stream)",
                   "gptq (float target; float-observed ranges; 8-bit residual stream)+bias correction",
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream)",
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream)+bias correction",

@@ -93,6 +93,8 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction": (
         {"shortcut": "stream", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "bias_correction"]},
         True),
+    "gptq (float-observed ranges; full-range grid; 8-bit residual stream)": (
+        {"shortcut": "stream", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq"]}, True),
     "gptq (float target; float-observed ranges; 8-bit residual stream)+bias correction": (
         {"shortcut": "stream", "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream)": (

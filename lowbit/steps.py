@@ -160,7 +160,8 @@ def _kmeans(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", pro
 
 def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progress: bool, damp: float = 0.01,
           block_size: int = 128, act_order: bool = False, recalibrate_activations: bool = False,
-          target: str = "quantized", regrid: bool = False, grid_objective: str = "weights") -> None:
+          target: str = "quantized", regrid: bool = False, grid_objective: str = "weights",
+          rows_per_column: int | None = None) -> None:
     """GPTQ rounding of every layer's weights (lowbit.ptq.gptq); optionally re-fit the activation
     ranges to the rounded network."""
     from lowbit.ptq.calibrate import calibrated_weight_estimator, recalibrate_activations as refit_activations
@@ -171,7 +172,7 @@ def _gptq(qm: "QuantModel", batches: list[torch.Tensor], recipe: "Recipe", progr
         grid_fit = ((OUTPUT_GRID, {}) if grid_objective == "output"
                     else calibrated_weight_estimator(qm, recipe.weights.estimator, recipe.weights.estimator_options))
     gptq(qm, batches, damp=damp, block_size=block_size, act_order=act_order, progress=progress, target=target,
-         regrid=grid_fit)
+         regrid=grid_fit, rows_per_column=rows_per_column)
     if recalibrate_activations:
         refit_activations(qm, batches, recipe.activations.estimator, recipe.activations.estimator_options,
                           seed=recipe.calibration["seed"], progress=progress)

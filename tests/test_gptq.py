@@ -5,7 +5,8 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError, RecipeError
 from lowbit.ptq.calibrate import calibrate_weight_quantizer
-from lowbit.ptq.gptq import gptq_layer, gptq_round, layer_hessians, retarget
+import lowbit.ptq.gptq as gptq_module
+from lowbit.ptq.gptq import gptq_layer, gptq_round, images_for_rows, layer_hessians, retarget
 from lowbit.recipes.recipe import load_recipe
 from tests.conftest import batches
 
@@ -129,6 +130,37 @@ def test_gptq_step_beats_rounding_and_deploys(mnist_cnn, tmp_path):
         load_recipe({**base, "steps": ["calibrate", {"gptq": {"damp": 0}}]})
     with pytest.raises(LowbitError, match="put `calibrate` before it"):
         lowbit.quantize(model, {**base, "steps": ["gptq", "calibrate"]}, calib=calib, progress=False)
+
+
+def test_rows_per_column_takes_each_layers_first_images(mnist_cnn, monkeypatch):
+    conv = lowbit.model.quant_layer.QuantLayer(torch.nn.Conv2d(16, 8, 3, padding=1), lowbit.quant.spec.QuantSpec(bits=4),
+                                               "c")
+    one = torch.zeros(1, 16, 32, 32)  # 144 columns, 1,024 positions per image
+    assert images_for_rows(conv, one, 1024, 512) == 72 and images_for_rows(conv, one, 50, 512) == 50
+    assert images_for_rows(conv, one, 1024, None) == 1024 and images_for_rows(conv, one, 1024, 1) == 1
+    model, calib, _ = mnist_cnn
+    seen: dict[str, tuple[int, int | None]] = {}
+    real = gptq_module.gptq_layer
+
+    def spy(layer, x, *args):
+        seen[layer.name] = (x.shape[0], None if args[3] is None else args[3].shape[0])
+        return real(layer, x, *args)
+
+    monkeypatch.setattr(gptq_module, "gptq_layer", spy)
+    base = {"extends": "w4a4", "calibration": {"samples": 64}}
+    step = {"target": "float", "regrid": True, "grid_objective": "output"}
+    every = lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": step}]}, calib=calib, progress=False)
+    assert set(seen.values()) == {(64, 64)}  # no cap: every calibration image, float and quantized alike
+    capped = lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {**step, "rows_per_column": 20}}]},
+                             calib=calib, progress=False)
+    # the wide early maps take few images, layers with few positions per column every one
+    assert all(q == f for q, f in seen.values()) and seen["conv1"][0] < seen["conv2"][0] < 64 == seen["linear"][0]
+    assert any(not torch.equal(a, b) for a, b in zip(every.parameters(), capped.parameters()))
+    huge = lowbit.quantize(model, {**base, "steps": ["calibrate", {"gptq": {**step, "rows_per_column": 10**9}}]},
+                           calib=calib, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(every.parameters(), huge.parameters()))
+    with pytest.raises(RecipeError, match="rows_per_column"):
+        load_recipe({**base, "steps": ["calibrate", {"gptq": {"rows_per_column": 0}}]})
 
 
 def test_float_target_retargets_to_the_least_squares_weights():

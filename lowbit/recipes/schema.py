@@ -254,6 +254,9 @@ def step_schemas() -> dict[str, list[Param]]:
             Param("grid_objective", "str", "weights", choices=("weights", "output"),
                   doc="regrid's score: weights = the recipe's weight estimator on the refitted weights; "
                       "output = each row's rounding error weighted by the layer's input Hessian"),
+            Param("rows_per_column", "int", None, low=1,
+                  doc="each layer's Hessian from only the first calibration images giving it about this many "
+                      "input positions per weight column (speed; null: every image)"),
         ],
         "qat": _qat_schema(),
     }
