@@ -210,7 +210,7 @@ FAMILY_TABLE = [
      (E30, "w5a32-inq-w3-nofold-e30"), "—"),
     ("INQ, 3 bits (BN kept apart), frozen weights holding their levels", "W3A32", None, None,
      (E30, "w5a32-inq-w3-nofold-held-e30"), "—"),
-    ("INQ, 3 bits (BN kept apart), frozen weights holding their levels, least-squares top level (top_level: mse)",
+    ("INQ, 3 bits (BN kept apart), frozen weights holding their levels, least-squares top level (top_level: mse; w3a32-inq)",
      "W3A32", None, None, (E30, "w5a32-inq-w3-nofold-held-mse-e30"), "—"),
     ("HWGQ activations, XNOR weights", "W1A2", None, (GPTQ_E1, "w1a2-hwgq-gptq-regrid-kd1-e1"),
      (E30, "w1a2-hwgq-gptq-regrid-kd1-bf16-e30"), "—"),
