@@ -53,6 +53,13 @@ STREAM_METHODS = ["gptq (float-observed ranges; full-range grid; 8-bit residual 
                   "moment matching (float-observed ranges; 8-bit residual stream)",
                   "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 2048 images)+bias correction",
                   "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+moment matching",
+                  "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 512 rows per column)",
+                  "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 1024 rows per column)",
+                  "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 512 rows per column)+bias correction",
+                  "gptq (float target output grid; float-observed ranges; adds read real values; 512 rows per column)",
+                  "gptq (float-observed ranges; full-range grid; 8-bit residual stream; 512 rows per column)",
+                  "gptq (float-observed ranges; full-range grid; 8-bit residual stream; 512 rows per column)+bias correction",
+                  "gptq (float target; float-observed ranges; 8-bit residual stream; 512 rows per column)+bias correction",
                   "gptq (float-observed ranges; full-range grid; adds read real values)+bias correction"]
 # lowbit's candidates per bit width: the plain built-in, and the methods that fit in minutes
 LOWBIT_METHODS = {
@@ -147,7 +154,8 @@ def table(data: dict, model: str) -> str:
                 if not fits:
                     cells.append("—")
                     continue
-                mean, m, v = max(fits, key=lambda t: t[0])
+                most = max(v["n"] for _, _, v in fits)  # a one-seed probe never outranks a 3-seed mean
+                mean, m, v = max((f for f in fits if f[2]["n"] == most), key=lambda t: t[0])
                 spread = f" ± {v['sd']:.2f} ({v['n']} seeds)" if v["n"] > 1 else " (1 seed)"
                 cells.append(f"{mean:.2f}{spread} {m.removeprefix(tool + ' ')}, {v['seconds']:.0f} s")
             best = max((float(c.split()[0]) for c in cells if c != "—"), default=None)

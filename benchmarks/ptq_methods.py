@@ -111,6 +111,32 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+moment matching": (
         {"shortcut": "stream", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "match_moments"]},
         True),
+    # `rows_per_column`: each layer's Hessians from only as many images as give it that many positions per column
+    "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 512 rows per column)": (
+        {"shortcut": "stream",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
+                                             "rows_per_column": 512}}]}, True),
+    "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 512 rows per column)+bias correction": (
+        {"shortcut": "stream",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
+                                             "rows_per_column": 512}}, "bias_correction"]}, True),
+    "gptq (float target output grid; float-observed ranges; adds read real values; 512 rows per column)": (
+        {"shortcut": "real",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
+                                             "rows_per_column": 512}}]}, True),
+    "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 1024 rows per column)": (
+        {"shortcut": "stream",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
+                                             "rows_per_column": 1024}}]}, True),
+    "gptq (float-observed ranges; full-range grid; 8-bit residual stream; 512 rows per column)": (
+        {"shortcut": "stream", "weights": {"narrow_range": False},
+         "steps": [FLOAT_OBSERVED, {"gptq": {"rows_per_column": 512}}]}, True),
+    "gptq (float-observed ranges; full-range grid; 8-bit residual stream; 512 rows per column)+bias correction": (
+        {"shortcut": "stream", "weights": {"narrow_range": False},
+         "steps": [FLOAT_OBSERVED, {"gptq": {"rows_per_column": 512}}, "bias_correction"]}, True),
+    "gptq (float target; float-observed ranges; 8-bit residual stream; 512 rows per column)+bias correction": (
+        {"shortcut": "stream",
+         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "rows_per_column": 512}}, "bias_correction"]}, True),
     "moment matching (float-observed ranges; 8-bit residual stream)": (
         {"shortcut": "stream", "steps": [FLOAT_OBSERVED, "match_moments"]}, True),
     # `shortcut: real`: the adds read the block input before any quantizer (their own 8-bit one rounds it; float adds
