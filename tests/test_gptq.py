@@ -138,6 +138,10 @@ def test_rows_per_column_takes_each_layers_first_images(mnist_cnn, monkeypatch):
     one = torch.zeros(1, 16, 32, 32)  # 144 columns, 1,024 positions per image
     assert images_for_rows(conv, one, 1024, 512) == 72 and images_for_rows(conv, one, 50, 512) == 50
     assert images_for_rows(conv, one, 1024, None) == 1024 and images_for_rows(conv, one, 1024, 1) == 1
+    same = lowbit.model.quant_layer.QuantLayer(torch.nn.Conv2d(16, 8, 3, padding="same"),
+                                               lowbit.quant.spec.QuantSpec(bits=4), "same")
+    with pytest.raises(LowbitError, match="'same' uses padding='same'.*only explicit zero padding"):
+        images_for_rows(same, one, 1024, 512)  # named, not a shape error from building its columns
     model, calib, _ = mnist_cnn
     seen: dict[str, tuple[int, int | None]] = {}
     real = gptq_module.gptq_layer

@@ -88,11 +88,16 @@ def _gram(layer: QuantLayer, x: torch.Tensor, group: int, y: torch.Tensor | None
     return u @ (u if y is None else _columns(layer, y, group)).T
 
 
-def _check_layer(layer: QuantLayer) -> None:
+def _check_padding(layer: QuantLayer) -> None:
+    """The Hessians' columns are built for explicit zero padding only."""
     m = layer.module
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
         raise LowbitError(f"gptq: layer {layer.name!r} uses padding={m.padding!r}, padding_mode={m.padding_mode!r}; "
                           "only explicit zero padding is supported")
+
+
+def _check_layer(layer: QuantLayer) -> None:
+    _check_padding(layer)
     q = layer.weight_quantizer
     if type(q) is not UniformQuantizer or not q.calibrated:
         raise LowbitError(f"gptq: layer {layer.name!r} has a {getattr(q, 'method', type(q).__name__)} weight "
@@ -256,6 +261,7 @@ def images_for_rows(layer: QuantLayer, one_input: torch.Tensor, images: int, row
     GPTQ's time) and leaves the narrow ones whole."""
     if rows_per_column is None:
         return images
+    _check_padding(layer)  # named here, not a shape error from building its columns
     k, per_image = _columns(layer, one_input[:1].float(), 0).shape
     return max(1, min(images, -(-rows_per_column * k // per_image)))
 
