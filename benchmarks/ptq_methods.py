@@ -45,6 +45,12 @@ FLOAT_OBSERVED = {"calibrate": {"observe": "float"}}
 # weights, the .lowbit artifact stores either.
 CONFIG_FIELDS = {"w3a3": {"weights": {"symmetric": False}}, "w2a4": {"weights": {"symmetric": False}}}
 
+
+def output_grid_gptq(**extra) -> dict:
+    """The `gptq` step aimed at the float network's output with each grid re-fitted by its output error
+    (a fresh dict per method, plus any further gptq options)."""
+    return {"gptq": {"target": "float", "regrid": True, "grid_objective": "output", **extra}}
+
 # name -> (recipe fields added to the bit-width built-in, seed-dependent?). Every data-based row depends on
 # its seed's calibration draw; the False rows were once run at seed 0 only, as if they drew nothing, and the
 # plain rows the budget table compares with the peers' (which run every seed) are now True.
@@ -71,8 +77,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target)+bias correction": ({"steps": ["calibrate", {"gptq": {"target": "float"}}, "bias_correction"]},
                                             True),
     "gptq (float target regridded)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True}}]}, True),
-    "gptq (float target output grid)": ({"steps": ["calibrate", {"gptq": {"target": "float", "regrid": True,
-                                                                          "grid_objective": "output"}}]}, True),
+    "gptq (float target output grid)": ({"steps": ["calibrate", output_grid_gptq()]}, True),
     # activation ranges observed on the float network (calibrate's `observe: float`, issue 16 part 1)
     "bias correction (weights; float-observed ranges)": (
         {"steps": [FLOAT_OBSERVED, {"bias_correction": {"source": "weights"}}]}, True),
@@ -87,7 +92,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target; float-observed ranges)+bias correction": (
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges)": (
-        {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
+        {"steps": [FLOAT_OBSERVED, output_grid_gptq()]}, True),
     # `shortcut: stream`: residual adds read the block input's 8-bit quantization, which the block's first conv
     # requantizes to its own bits (the default rounds the residual stream to the activations' bits at every block)
     "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+bias correction": (
@@ -99,35 +104,29 @@ METHODS: dict[str, tuple[dict, bool]] = {
         {"shortcut": "stream", "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream)": (
         {"shortcut": "stream",
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}}]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq()]}, True),
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream)+bias correction": (
         {"shortcut": "stream",
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
-                   "bias_correction"]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq(), "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 2048 images)+bias correction": (
         {"shortcut": "stream", "calibration": {"samples": 2048},
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
-                   {"bias_correction": {"samples": 2048}}]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq(), {"bias_correction": {"samples": 2048}}]}, True),
     "gptq (float-observed ranges; full-range grid; 8-bit residual stream)+moment matching": (
         {"shortcut": "stream", "weights": {"narrow_range": False}, "steps": [FLOAT_OBSERVED, "gptq", "match_moments"]},
         True),
     # `rows_per_column`: each layer's Hessians from only as many images as give it that many positions per column
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 512 rows per column)": (
         {"shortcut": "stream",
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
-                                             "rows_per_column": 512}}]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq(rows_per_column=512)]}, True),
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 512 rows per column)+bias correction": (
         {"shortcut": "stream",
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
-                                             "rows_per_column": 512}}, "bias_correction"]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq(rows_per_column=512), "bias_correction"]}, True),
     "gptq (float target output grid; float-observed ranges; adds read real values; 512 rows per column)": (
         {"shortcut": "real",
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
-                                             "rows_per_column": 512}}]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq(rows_per_column=512)]}, True),
     "gptq (float target output grid; float-observed ranges; 8-bit residual stream; 1024 rows per column)": (
         {"shortcut": "stream",
-         "steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output",
-                                             "rows_per_column": 1024}}]}, True),
+         "steps": [FLOAT_OBSERVED, output_grid_gptq(rows_per_column=1024)]}, True),
     "gptq (float-observed ranges; full-range grid; 8-bit residual stream; 512 rows per column)": (
         {"shortcut": "stream", "weights": {"narrow_range": False},
          "steps": [FLOAT_OBSERVED, {"gptq": {"rows_per_column": 512}}]}, True),
@@ -156,8 +155,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "gptq (float target; float-observed ranges)+moment matching": (
         {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float"}}, "match_moments"]}, True),
     "gptq (float target output grid; float-observed ranges)+moment matching": (
-        {"steps": [FLOAT_OBSERVED, {"gptq": {"target": "float", "regrid": True, "grid_objective": "output"}},
-                   "match_moments"]}, True),
+        {"steps": [FLOAT_OBSERVED, output_grid_gptq(), "match_moments"]}, True),
     "usp+gptq": ({"fold_bn": False, "steps": ["calibrate", USP, "gptq"]}, True),
     "gptq+usp+bias correction": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP, "bias_correction"]}, True),
     "gptq+usp": ({"fold_bn": False, "steps": ["calibrate", "gptq", USP]}, True),
